@@ -1,0 +1,17 @@
+//! The sans-IO protocol core of grinta.
+//!
+//! grinta is a network fabric for async Rust: a task holds a named endpoint, any task in the cluster
+//! dials that name and gets a flow, an ordered, back-pressured, bidirectional message channel. This crate
+//! holds the protocol state machines. They never read the clock, never touch a socket, never spawn and
+//! take all randomness from a seed: time and packets go in as explicit inputs, packets, deadlines and
+//! events come out. Runtime adapters (`grinta-tokio`, `grinta-async-std`) and the deterministic simulator
+//! drive them.
+//!
+//! Modules follow the protocol boundaries:
+//! - [`wire`]: the `grinta.v1` wire types generated from `proto/grinta/v1/*.proto`, and the varint
+//!   length-prefixed framing used on streams.
+//! - [`membership`]: SWIM with Lifeguard over abstract members and opaque datagrams.
+#![forbid(unsafe_code)]
+
+pub mod membership;
+pub mod wire;
