@@ -1,0 +1,469 @@
+//! Unit tests on exact messages and timers.
+
+use super::*;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn node(name: &str, port: u16, t0: Instant) -> Membership {
+    Membership::new(Config::lan(), name, addr(port), u64::from(port), t0).expect("valid config")
+}
+
+fn drain(m: &mut Membership) -> Vec<Transmit> {
+    std::iter::from_fn(|| m.poll_transmit()).collect()
+}
+
+fn events(m: &mut Membership) -> Vec<Event> {
+    std::iter::from_fn(|| m.poll_event()).collect()
+}
+
+fn decode_packet(t: &Transmit) -> wire::Packet {
+    assert_eq!(t.channel, Channel::Datagram);
+    wire::Packet::decode(&t.payload[..]).expect("valid packet")
+}
+
+/// Joins `b` to `a` by delivering the push-pull exchange by hand.
+fn join_pair(a: &mut Membership, b: &mut Membership, now: Instant) {
+    b.join(now, &[a.local_addr()]);
+    let req = drain(b);
+    assert_eq!(req.len(), 1);
+    a.handle_stream(now, b.local_addr(), &req[0].payload);
+    let reply = drain(a);
+    assert_eq!(reply.len(), 1);
+    b.handle_stream(now, a.local_addr(), &reply[0].payload);
+}
+
+fn suspect_broadcast(node: &str, incarnation: u64, from: &str) -> Vec<u8> {
+    wire::Packet {
+        sender: from.into(),
+        message: None,
+        broadcasts: vec![wire::Broadcast {
+            kind: Some(wire::broadcast::Kind::Suspect(wire::Suspect {
+                node: node.into(),
+                incarnation,
+                from: from.into(),
+            })),
+        }],
+    }
+    .encode_to_vec()
+}
+
+#[test]
+fn join_exchanges_full_state_both_ways() {
+    let t0 = Instant::now();
+    let mut a = node("a", 1, t0);
+    let mut b = node("b", 2, t0);
+    join_pair(&mut a, &mut b, t0);
+    assert_eq!(a.member("b").map(|m| m.state), Some(MemberState::Alive));
+    assert_eq!(b.member("a").map(|m| m.state), Some(MemberState::Alive));
+    assert!(b.is_joined());
+    assert!(events(&mut b).contains(&Event::Joined));
+    assert!(a.member("a").is_none(), "a node never lists itself");
+}
+
+#[test]
+fn join_retries_with_backoff_until_a_seed_answers() {
+    let t0 = Instant::now();
+    let mut b = node("b", 2, t0);
+    b.join(t0, &[addr(1)]);
+    assert_eq!(drain(&mut b).len(), 1);
+    let mut attempts = vec![];
+    let mut now;
+    loop {
+        now = b.poll_timeout().expect("a deadline");
+        if now >= t0 + Duration::from_secs(10) {
+            break;
+        }
+        b.handle_timeout(now);
+        for t in drain(&mut b) {
+            if t.channel == Channel::Stream && t.dst == addr(1) {
+                attempts.push(now - t0);
+            }
+        }
+    }
+    // 0.5 s, then 1 s, 2 s, 4 s between attempts (the reconnect timer may add seed attempts too).
+    for expected in [500u64, 1500, 3500, 7500] {
+        assert!(
+            attempts.contains(&Duration::from_millis(expected)),
+            "attempt at {expected} ms missing from {attempts:?}"
+        );
+    }
+}
+
+#[test]
+fn probe_ping_ack_keeps_health_at_zero() {
+    let t0 = Instant::now();
+    let mut a = node("a", 1, t0);
+    let mut b = node("b", 2, t0);
+    join_pair(&mut a, &mut b, t0);
+    let mut pings = 0;
+    for _ in 0..200 {
+        let now = a.poll_timeout().unwrap().min(b.poll_timeout().unwrap());
+        a.handle_timeout(now);
+        b.handle_timeout(now);
+        // Deliver everything instantly, both ways, until quiet.
+        loop {
+            let ta = drain(&mut a);
+            let tb = drain(&mut b);
+            if ta.is_empty() && tb.is_empty() {
+                break;
+            }
+            for t in ta {
+                if t.channel == Channel::Datagram {
+                    if matches!(
+                        decode_packet(&t).message,
+                        Some(wire::packet::Message::Ping(_))
+                    ) {
+                        pings += 1;
+                    }
+                    b.handle_datagram(now, a.local_addr(), &t.payload);
+                } else {
+                    b.handle_stream(now, a.local_addr(), &t.payload);
+                }
+            }
+            for t in tb {
+                if t.channel == Channel::Datagram {
+                    a.handle_datagram(now, b.local_addr(), &t.payload);
+                } else {
+                    a.handle_stream(now, b.local_addr(), &t.payload);
+                }
+            }
+        }
+    }
+    assert!(pings > 5, "a probed b {pings} times");
+    assert_eq!(a.local_health(), 0);
+    assert_eq!(a.stats().probes_failed, 0);
+    assert_eq!(a.member("b").unwrap().state, MemberState::Alive);
+}
+
+#[test]
+fn suspicion_of_self_is_refuted_with_a_higher_incarnation() {
+    let t0 = Instant::now();
+    let mut a = node("a", 1, t0);
+    let mut b = node("b", 2, t0);
+    join_pair(&mut a, &mut b, t0);
+    drain(&mut a);
+    events(&mut a);
+    a.handle_datagram(t0, addr(2), &suspect_broadcast("a", 5, "b"));
+    assert_eq!(a.incarnation(), 6, "max(own + 1, accused + 1)");
+    assert_eq!(events(&mut a), vec![Event::Refuted { incarnation: 6 }]);
+    assert_eq!(a.local_health(), 1, "a refutation costs one health point");
+    // The refutation rides on the next packet.
+    a.handle_timeout(a.next_gossip);
+    let packets = drain(&mut a);
+    let alive = packets
+        .iter()
+        .flat_map(|t| decode_packet(t).broadcasts)
+        .find_map(|b| match b.kind {
+            Some(wire::broadcast::Kind::Alive(a)) if a.node == "a" => Some(a.incarnation),
+            _ => None,
+        });
+    assert_eq!(alive, Some(6));
+}
+
+#[test]
+fn stale_suspicion_is_ignored_and_equal_incarnation_overrides_alive() {
+    let t0 = Instant::now();
+    let mut a = node("a", 1, t0);
+    let mut b = node("b", 2, t0);
+    let mut c = node("c", 3, t0);
+    join_pair(&mut a, &mut b, t0);
+    join_pair(&mut a, &mut c, t0);
+    events(&mut a);
+    // c is known at incarnation 1; a suspicion at 0 is ignored.
+    a.handle_datagram(t0, addr(2), &suspect_broadcast("c", 0, "b"));
+    assert_eq!(a.member("c").unwrap().state, MemberState::Alive);
+    a.handle_datagram(t0, addr(2), &suspect_broadcast("c", 1, "b"));
+    assert_eq!(a.member("c").unwrap().state, MemberState::Suspect);
+    assert_eq!(
+        events(&mut a),
+        vec![Event::MemberSuspect {
+            name: "c".into(),
+            incarnation: 1
+        }]
+    );
+    // Unknown members are ignored.
+    a.handle_datagram(t0, addr(2), &suspect_broadcast("zed", 1, "b"));
+    assert!(a.member("zed").is_none());
+}
+
+#[test]
+fn suspicion_times_out_into_dead_at_the_formula_deadline() {
+    let t0 = Instant::now();
+    let mut a = node("a", 1, t0);
+    let mut b = node("b", 2, t0);
+    join_pair(&mut a, &mut b, t0);
+    events(&mut a);
+    // n = 2: min = 4 s, k = 0 (n - 2 < 2), so the timer is 4 s.
+    a.handle_datagram(t0, addr(3), &suspect_broadcast("b", 1, "x"));
+    let deadline = t0 + Duration::from_secs(4);
+    a.handle_timeout(deadline - Duration::from_millis(1));
+    assert_eq!(a.member("b").unwrap().state, MemberState::Suspect);
+    a.handle_timeout(deadline);
+    assert_eq!(a.member("b").unwrap().state, MemberState::Dead);
+    assert!(events(&mut a).contains(&Event::MemberDead {
+        name: "b".into(),
+        incarnation: 1
+    }));
+}
+
+#[test]
+fn helper_nacks_at_eight_tenths_of_the_budget() {
+    let t0 = Instant::now();
+    let mut h = node("h", 1, t0);
+    let req = wire::Packet {
+        sender: "p".into(),
+        message: Some(wire::packet::Message::IndirectPing(wire::IndirectPing {
+            seq_no: 42,
+            target: "t".into(),
+            target_addr: Some(encode_addr(addr(9))),
+            budget_micros: 500_000,
+            want_nack: true,
+            source_addr: Some(encode_addr(addr(2))),
+        })),
+        broadcasts: vec![],
+    };
+    h.handle_datagram(t0, addr(2), &req.encode_to_vec());
+    let out = drain(&mut h);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].dst, addr(9));
+    assert!(matches!(
+        decode_packet(&out[0]).message,
+        Some(wire::packet::Message::Ping(_))
+    ));
+    assert!(h.poll_timeout() <= Some(t0 + Duration::from_millis(400)));
+    h.handle_timeout(t0 + Duration::from_millis(399));
+    assert!(drain(&mut h).iter().all(|t| !matches!(
+        decode_packet(t).message,
+        Some(wire::packet::Message::Nack(_))
+    )));
+    h.handle_timeout(t0 + Duration::from_millis(400));
+    let nack = drain(&mut h)
+        .into_iter()
+        .find_map(|t| match decode_packet(&t).message {
+            Some(wire::packet::Message::Nack(n)) => Some((t.dst, n.seq_no)),
+            _ => None,
+        });
+    assert_eq!(nack, Some((addr(2), 42)));
+}
+
+#[test]
+fn helper_forwards_the_targets_ack_to_the_prober() {
+    let t0 = Instant::now();
+    let mut h = node("h", 1, t0);
+    let mut t = node("t", 9, t0);
+    let req = wire::Packet {
+        sender: "p".into(),
+        message: Some(wire::packet::Message::IndirectPing(wire::IndirectPing {
+            seq_no: 7,
+            target: "t".into(),
+            target_addr: Some(encode_addr(addr(9))),
+            budget_micros: 500_000,
+            want_nack: true,
+            source_addr: Some(encode_addr(addr(2))),
+        })),
+        broadcasts: vec![],
+    };
+    h.handle_datagram(t0, addr(2), &req.encode_to_vec());
+    let ping = drain(&mut h).remove(0);
+    t.handle_datagram(t0, addr(1), &ping.payload);
+    let ack = drain(&mut t).remove(0);
+    h.handle_datagram(t0, addr(9), &ack.payload);
+    let fwd = drain(&mut h).remove(0);
+    assert_eq!(fwd.dst, addr(2));
+    assert_eq!(
+        decode_packet(&fwd).message,
+        Some(wire::packet::Message::Ack(wire::Ack { seq_no: 7 }))
+    );
+}
+
+#[test]
+fn graceful_leave_is_recorded_as_left() {
+    let t0 = Instant::now();
+    let mut a = node("a", 1, t0);
+    let mut b = node("b", 2, t0);
+    join_pair(&mut a, &mut b, t0);
+    events(&mut a);
+    b.leave(t0);
+    for t in drain(&mut b) {
+        a.handle_datagram(t0, addr(2), &t.payload);
+    }
+    assert_eq!(a.member("b").unwrap().state, MemberState::Left);
+    assert!(events(&mut a).contains(&Event::MemberLeft {
+        name: "b".into(),
+        incarnation: 1
+    }));
+    // b finishes leaving once its announcement was sent enough times (or on timeout).
+    let mut now = t0;
+    while !b.has_left() {
+        now = b.poll_timeout().unwrap();
+        b.handle_timeout(now);
+        drain(&mut b);
+    }
+    assert!(now <= t0 + b.config().leave_timeout);
+    assert!(events(&mut b).contains(&Event::LeaveComplete));
+}
+
+#[test]
+fn garbage_never_panics_nor_changes_state() {
+    let t0 = Instant::now();
+    let mut a = node("a", 1, t0);
+    let mut b = node("b", 2, t0);
+    join_pair(&mut a, &mut b, t0);
+    events(&mut a);
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    for len in 0..2000usize {
+        let bytes: Vec<u8> = (0..len % 300).map(|_| rng.random()).collect();
+        a.handle_datagram(t0, addr(2), &bytes);
+        a.handle_stream(t0, addr(2), &bytes);
+    }
+    assert!(a.stats().packets_invalid > 0);
+    assert_eq!(a.members().count(), 1);
+    assert_eq!(a.member("b").unwrap().state, MemberState::Alive);
+    assert_eq!(a.incarnation(), 1);
+}
+
+#[test]
+fn bad_addresses_and_names_are_dropped() {
+    let t0 = Instant::now();
+    let mut a = node("a", 1, t0);
+    let alive = |node: &str, ip: Vec<u8>, port: u32| wire::Packet {
+        sender: "x".into(),
+        message: None,
+        broadcasts: vec![wire::Broadcast {
+            kind: Some(wire::broadcast::Kind::Alive(wire::Alive {
+                node: node.into(),
+                incarnation: 1,
+                addr: Some(wire::SocketAddress {
+                    ip: ip.into(),
+                    port,
+                }),
+                meta: Bytes::new(),
+            })),
+        }],
+    };
+    a.handle_datagram(
+        t0,
+        addr(2),
+        &alive("ok", vec![127, 0, 0, 2], 70_000).encode_to_vec(),
+    );
+    a.handle_datagram(
+        t0,
+        addr(2),
+        &alive("ok", vec![127, 0, 0], 7000).encode_to_vec(),
+    );
+    a.handle_datagram(
+        t0,
+        addr(2),
+        &alive("bad name", vec![127, 0, 0, 2], 7000).encode_to_vec(),
+    );
+    assert_eq!(a.members().count(), 0);
+    a.handle_datagram(t0, addr(2), &alive("v6", vec![0; 16], 7000).encode_to_vec());
+    assert_eq!(
+        a.member("v6").map(|m| m.addr),
+        Some("[::]:7000".parse().unwrap())
+    );
+}
+
+#[test]
+fn member_table_is_bounded() {
+    let t0 = Instant::now();
+    let config = Config {
+        max_members: 3,
+        ..Config::lan()
+    };
+    let mut a = Membership::new(config, "a", addr(1), 1, t0).unwrap();
+    for i in 0..10u16 {
+        let p = wire::Packet {
+            sender: "x".into(),
+            message: None,
+            broadcasts: vec![wire::Broadcast {
+                kind: Some(wire::broadcast::Kind::Alive(wire::Alive {
+                    node: format!("n{i}"),
+                    incarnation: 1,
+                    addr: Some(encode_addr(addr(100 + i))),
+                    meta: Bytes::new(),
+                })),
+            }],
+        };
+        a.handle_datagram(t0, addr(2), &p.encode_to_vec());
+    }
+    assert_eq!(a.members().count(), 3);
+    assert_eq!(a.stats().dropped_for_limits, 7);
+}
+
+#[test]
+fn invalid_settings_are_refused_with_clear_errors() {
+    let t0 = Instant::now();
+    let bad = Config {
+        probe_timeout: Duration::from_secs(2),
+        ..Config::lan()
+    };
+    let err = Membership::new(bad, "a", addr(1), 1, t0).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "probe_timeout (2s) must be shorter than probe_interval (1s)"
+    );
+    let bad = Config {
+        max_packet_size: 100,
+        ..Config::lan()
+    };
+    assert!(matches!(
+        bad.validate(),
+        Err(ConfigError::PacketTooSmall {
+            max_packet_size: 100,
+            ..
+        })
+    ));
+    assert!(matches!(
+        Membership::new(Config::lan(), "", addr(1), 1, t0),
+        Err(Error::Name(NameError::Length { len: 0 }))
+    ));
+    for profile in [Config::lan(), Config::wan(), Config::local()] {
+        profile.validate().expect("profiles are valid");
+    }
+}
+
+#[test]
+fn app_broadcasts_get_their_share_of_a_full_packet() {
+    let t0 = Instant::now();
+    let mut a = node("a", 1, t0);
+    let mut b = node("b", 2, t0);
+    join_pair(&mut a, &mut b, t0);
+    drain(&mut a);
+    // Flood the member queue with news about many members.
+    for i in 0..200u16 {
+        let p = wire::Packet {
+            sender: "x".into(),
+            message: None,
+            broadcasts: vec![wire::Broadcast {
+                kind: Some(wire::broadcast::Kind::Alive(wire::Alive {
+                    node: format!("member-{i}"),
+                    incarnation: 1,
+                    addr: Some(encode_addr(addr(1000 + i))),
+                    meta: Bytes::new(),
+                })),
+            }],
+        };
+        a.handle_datagram(t0, addr(2), &p.encode_to_vec());
+    }
+    a.broadcast_app(
+        Bytes::from_static(b"endpoint/x"),
+        Bytes::from_static(b"record"),
+    )
+    .unwrap();
+    a.handle_timeout(a.next_gossip);
+    let packets = drain(&mut a);
+    assert!(!packets.is_empty());
+    for t in &packets {
+        assert!(t.payload.len() <= a.config().max_packet_size);
+        let p = decode_packet(t);
+        assert!(
+            p.broadcasts
+                .iter()
+                .any(|b| matches!(b.kind, Some(wire::broadcast::Kind::App(_)))),
+            "every gossip packet carries the application item"
+        );
+    }
+}
