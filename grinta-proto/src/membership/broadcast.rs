@@ -36,6 +36,8 @@ pub(crate) struct BroadcastQueue {
     next_id: u64,
     capacity: usize,
     dropped: u64,
+    /// Sum of the framed sizes of the queued items.
+    framed_bytes: usize,
 }
 
 /// Bytes a broadcast of `len` encoded bytes takes inside a `Packet` (`repeated Broadcast broadcasts = 6`).
@@ -51,14 +53,14 @@ impl BroadcastQueue {
             next_id: 0,
             capacity: capacity.max(1),
             dropped: 0,
+            framed_bytes: 0,
         }
     }
 
     /// Queues `encoded` (an encoded `grinta.v1.Broadcast`), replacing any item with the same key.
     pub(crate) fn push(&mut self, key: BroadcastKey, encoded: Bytes) {
-        if let Some(rank) = self.by_key.remove(&key) {
-            self.order.remove(&rank);
-        }
+        self.remove(&key);
+        self.framed_bytes += framed_broadcast_len(encoded.len());
         let rank = (0, Reverse(encoded.len()), Reverse(self.next_id));
         self.next_id += 1;
         self.by_key.insert(key.clone(), rank);
@@ -67,6 +69,7 @@ impl BroadcastQueue {
             // The last item is the most sent, smallest and oldest: the least valuable.
             if let Some((_, item)) = self.order.pop_last() {
                 self.by_key.remove(&item.key);
+                self.framed_bytes -= framed_broadcast_len(item.encoded.len());
                 self.dropped += 1;
             }
         }
@@ -92,8 +95,15 @@ impl BroadcastQueue {
     /// Removes the item with this key, if queued.
     pub(crate) fn remove(&mut self, key: &BroadcastKey) {
         if let Some(rank) = self.by_key.remove(key) {
-            self.order.remove(&rank);
+            if let Some(item) = self.order.remove(&rank) {
+                self.framed_bytes -= framed_broadcast_len(item.encoded.len());
+            }
         }
+    }
+
+    /// Bytes all queued items would take in a packet.
+    pub(crate) fn framed_bytes(&self) -> usize {
+        self.framed_bytes
     }
 
     /// Takes items in queue order that fit in `budget` bytes (as framed inside a packet), counts one
@@ -125,6 +135,7 @@ impl BroadcastQueue {
             let transmits = rank.0 + 1;
             if transmits >= limit {
                 self.by_key.remove(&item.key);
+                self.framed_bytes -= framed_broadcast_len(item.encoded.len());
             } else {
                 let new_rank = (transmits, rank.1, rank.2);
                 self.by_key.insert(item.key.clone(), new_rank);

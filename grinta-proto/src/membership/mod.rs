@@ -743,13 +743,15 @@ impl Membership {
             self.stats.packets_invalid += 1;
             return;
         }
-        if let Some(message) = packet.message {
-            self.handle_message(now, from, &packet.sender, message);
-        }
+        // Broadcasts first: a refutation they trigger then rides on the ack to this very packet's
+        // ping, which is how a suspected member answers the buddy system at once.
         for b in packet.broadcasts {
             if let Some(kind) = b.kind {
                 self.handle_broadcast(now, kind);
             }
+        }
+        if let Some(message) = packet.message {
+            self.handle_message(now, from, &packet.sender, message);
         }
     }
 
@@ -849,11 +851,17 @@ impl Membership {
         for name in reap {
             self.remove_member(&name);
         }
+        let last = self.probe_order.last().cloned();
         self.probe_order = self.members.iter().map(|e| e.member.name.clone()).collect();
         // Fisher-Yates with our seeded generator.
         for i in (1..self.probe_order.len()).rev() {
             let j = self.rng.random_range(0..=i);
             self.probe_order.swap(i, j);
+        }
+        // Never probe the same member twice in a row across the wrap-around.
+        if self.probe_order.len() > 1 && self.probe_order.first() == last.as_ref() {
+            let j = self.rng.random_range(1..self.probe_order.len());
+            self.probe_order.swap(0, j);
         }
         self.probe_cursor = 0;
     }
@@ -880,7 +888,7 @@ impl Membership {
         };
         let seq = self.next_seq();
         let target = self.members[i].member.clone();
-        let buddy = if target.state == MemberState::Suspect {
+        let buddy = if target.state == MemberState::Suspect && self.config.lifeguard {
             // Buddy system: tell the target it is suspected so it can refute at once.
             Some(
                 wire::Broadcast {
@@ -1136,6 +1144,20 @@ impl Membership {
         }
     }
 
+    /// Someone suspects this node or declares it dead at `accused`. At or above the current
+    /// incarnation, refute. Below it, the accuser holds stale news and missed an earlier refutation:
+    /// re-announce the current incarnation (no increment) so it catches up.
+    fn answer_accusation(&mut self, accused: u64) {
+        if !matches!(self.lifecycle, Lifecycle::Running) {
+            return;
+        }
+        if accused >= self.incarnation {
+            self.refute(accused);
+        } else {
+            self.broadcast_self_alive();
+        }
+    }
+
     fn refute(&mut self, accused: u64) {
         if !matches!(self.lifecycle, Lifecycle::Running) {
             return;
@@ -1257,9 +1279,7 @@ impl Membership {
             return;
         }
         if s.node == self.name {
-            if s.incarnation >= self.incarnation {
-                self.refute(s.incarnation);
-            }
+            self.answer_accusation(s.incarnation);
             return;
         }
         let n = self.cluster_size();
@@ -1303,9 +1323,7 @@ impl Membership {
             return;
         }
         if d.node == self.name {
-            if matches!(self.lifecycle, Lifecycle::Running) && d.incarnation >= self.incarnation {
-                self.refute(d.incarnation);
-            }
+            self.answer_accusation(d.incarnation);
             return;
         }
         let Some(&i) = self.index.get(&d.node) else {
@@ -1560,13 +1578,14 @@ impl Membership {
             }
         }
         let limit = self.retransmit_limit();
-        // Application items get a guaranteed share, member news the rest, then either fills what is left.
+        // Application items get a guaranteed share: member news may use everything but that share
+        // (or less, if fewer application bytes are waiting); application items then take whatever
+        // member news left.
         let app_share = budget * usize::from(self.config.app_broadcast_share_percent) / 100;
-        let used = self.app_queue.fill(app_share, limit, &mut broadcasts);
-        let used = used
-            + self
-                .member_queue
-                .fill(budget - used, limit, &mut broadcasts);
+        let reserved = app_share.min(self.app_queue.framed_bytes());
+        let used = self
+            .member_queue
+            .fill(budget - reserved, limit, &mut broadcasts);
         self.app_queue.fill(budget - used, limit, &mut broadcasts);
         if !has_message && broadcasts.is_empty() {
             return false;

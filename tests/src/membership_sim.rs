@@ -1,0 +1,409 @@
+//! The membership simulator: [`Membership`] state machines on the deterministic [`engine`].
+//!
+//! Each node is a [`MemberNode`]: the state machine plus a compact log of what it observed (first
+//! time it saw each member Dead, Left, Suspect, ...), a toy versioned key-value application riding on
+//! the application-payload interface, and continuous invariant checks (no node lists itself,
+//! incarnations never go backwards while a member is known).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use grinta_proto::membership::{Config, Event, MemberState, Membership};
+use grinta_proto::wire::framing;
+use hashbrown::HashMap;
+
+use crate::engine::{NetConfig, Sim, SimNode, SimTransmit};
+
+/// The simulated address of node number `i`: distinct loopback addresses, one port.
+pub fn node_addr(i: usize) -> SocketAddr {
+    let i = i as u32 + 2;
+    SocketAddr::from((
+        Ipv4Addr::new(127, (i >> 16) as u8, (i >> 8) as u8, i as u8),
+        7946,
+    ))
+}
+
+/// The name of node number `i`.
+pub fn node_name(i: usize) -> String {
+    format!("node-{i}")
+}
+
+/// What a node observed, with the virtual time it happened.
+#[derive(Debug, Default)]
+pub struct Observations {
+    /// First time each member was seen Dead (reset when it comes back).
+    pub dead: HashMap<String, Instant>,
+    /// First time each member was seen Left.
+    pub left: HashMap<String, Instant>,
+    /// Every suspicion event: (time, member).
+    pub suspects: Vec<(Instant, String)>,
+    /// Every "alive again" after a suspicion: (time, member, incarnation).
+    pub alive_again: Vec<(Instant, String, u64)>,
+    /// Every Dead event: (time, member).
+    pub dead_events: Vec<(Instant, String)>,
+    /// Refutations of suspicions about this node.
+    pub refutations: Vec<(Instant, u64)>,
+    /// When the join completed.
+    pub joined_at: Option<Instant>,
+    /// When the leave completed.
+    pub leave_complete_at: Option<Instant>,
+}
+
+/// A toy application on the membership's application-payload interface: a versioned key-value map.
+/// An entry with a higher version replaces a lower one; new knowledge is re-broadcast (epidemic).
+#[derive(Debug, Default)]
+pub struct VersionedKv {
+    /// key -> (version, first time seen here).
+    pub entries: HashMap<Bytes, (u64, Instant)>,
+}
+
+impl VersionedKv {
+    fn merge(&mut self, key: Bytes, version: u64, now: Instant) -> bool {
+        match self.entries.get(&key) {
+            Some((v, _)) if *v >= version => false,
+            _ => {
+                self.entries.insert(key, (version, now));
+                true
+            }
+        }
+    }
+
+    fn encode(&self) -> Bytes {
+        let mut keys: Vec<_> = self.entries.iter().collect();
+        keys.sort_by(|a, b| a.0.cmp(b.0));
+        let mut out = Vec::new();
+        for (key, (version, _)) in keys {
+            framing::encode_frame(key, &mut out);
+            framing::encode_frame(&version.to_be_bytes(), &mut out);
+        }
+        out.into()
+    }
+}
+
+/// One simulated node.
+#[derive(Debug)]
+pub struct MemberNode {
+    /// The state machine under test.
+    pub membership: Membership,
+    /// What it observed.
+    pub seen: Observations,
+    /// The toy application.
+    pub kv: VersionedKv,
+    /// Highest incarnation seen per member while it is known.
+    incarnations: HashMap<String, u64>,
+    /// Set when an invariant broke; checked by [`Cluster::check_invariants`].
+    pub violation: Option<String>,
+}
+
+impl MemberNode {
+    /// A node named `name` at `addr`.
+    pub fn new(config: Config, name: &str, addr: SocketAddr, seed: u64, now: Instant) -> Self {
+        Self {
+            membership: Membership::new(config, name, addr, seed, now)
+                .expect("simulation configs are valid"),
+            seen: Observations::default(),
+            kv: VersionedKv::default(),
+            incarnations: HashMap::new(),
+            violation: None,
+        }
+    }
+
+    /// Publishes `key` at `version` through the application interface.
+    pub fn publish(&mut self, key: &[u8], version: u64, now: Instant) {
+        let key = Bytes::copy_from_slice(key);
+        if self.kv.merge(key.clone(), version, now) {
+            self.rebroadcast(key, version);
+        }
+    }
+
+    fn rebroadcast(&mut self, key: Bytes, version: u64) {
+        self.membership
+            .broadcast_app(key, Bytes::copy_from_slice(&version.to_be_bytes()))
+            .expect("toy items are small");
+        self.membership.set_app_state(self.kv.encode());
+    }
+
+    fn check_incarnation(&mut self, name: &str, incarnation: u64, rejoined: bool) {
+        let last = self.incarnations.entry(name.to_owned()).or_insert(0);
+        if incarnation < *last && !rejoined && self.violation.is_none() {
+            self.violation = Some(format!(
+                "{}: incarnation of {name} went back from {last} to {incarnation}",
+                self.membership.local_name()
+            ));
+        }
+        *last = if rejoined {
+            incarnation
+        } else {
+            (*last).max(incarnation)
+        };
+    }
+}
+
+impl SimNode for MemberNode {
+    fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        self.membership.handle_datagram(now, from, data);
+    }
+
+    fn handle_stream(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        self.membership.handle_stream(now, from, data);
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        self.membership.handle_timeout(now);
+    }
+
+    fn poll_transmit(&mut self, _now: Instant) -> Option<SimTransmit> {
+        self.membership.poll_transmit().map(|t| SimTransmit {
+            dst: t.dst,
+            reliable: t.channel == grinta_proto::membership::Channel::Stream,
+            payload: t.payload,
+        })
+    }
+
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        self.membership.poll_timeout()
+    }
+
+    fn drain_events(&mut self, now: Instant) {
+        while let Some(event) = self.membership.poll_event() {
+            match event {
+                Event::MemberJoined(m) => {
+                    self.seen.dead.remove(&m.name);
+                    self.check_incarnation(&m.name, m.incarnation, true);
+                }
+                Event::MemberUpdated(m) => self.check_incarnation(&m.name, m.incarnation, false),
+                Event::MemberAlive(m) => {
+                    self.check_incarnation(&m.name, m.incarnation, false);
+                    self.seen.alive_again.push((now, m.name, m.incarnation));
+                }
+                Event::MemberSuspect { name, incarnation } => {
+                    self.check_incarnation(&name, incarnation, false);
+                    self.seen.suspects.push((now, name));
+                }
+                Event::MemberDead { name, incarnation } => {
+                    self.check_incarnation(&name, incarnation, false);
+                    self.seen.dead.entry(name.clone()).or_insert(now);
+                    self.seen.dead_events.push((now, name));
+                }
+                Event::MemberLeft { name, incarnation } => {
+                    self.check_incarnation(&name, incarnation, false);
+                    self.seen.left.entry(name).or_insert(now);
+                }
+                Event::Refuted { incarnation } => self.seen.refutations.push((now, incarnation)),
+                Event::Joined => {
+                    self.seen.joined_at.get_or_insert(now);
+                }
+                Event::LeaveComplete => self.seen.leave_complete_at = Some(now),
+                Event::AppBroadcast { key, payload } => {
+                    let Ok(bytes) = <[u8; 8]>::try_from(&payload[..]) else {
+                        continue;
+                    };
+                    let version = u64::from_be_bytes(bytes);
+                    if self.kv.merge(key.clone(), version, now) {
+                        self.rebroadcast(key, version);
+                    }
+                }
+                Event::AppState { state, .. } => {
+                    let mut decoder = framing::FrameDecoder::new(1 << 16);
+                    decoder.extend(&state);
+                    let mut changed = false;
+                    while let (Ok(Some(key)), Ok(Some(version))) =
+                        (decoder.next_frame(), decoder.next_frame())
+                    {
+                        let Ok(bytes) = <[u8; 8]>::try_from(&version[..]) else {
+                            break;
+                        };
+                        changed |= self.kv.merge(key, u64::from_be_bytes(bytes), now);
+                    }
+                    if changed {
+                        self.membership.set_app_state(self.kv.encode());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A simulated cluster of [`MemberNode`]s.
+pub struct Cluster {
+    /// The engine.
+    pub sim: Sim<MemberNode>,
+    /// The configuration every node was created with.
+    pub config: Config,
+    seed: u64,
+}
+
+impl Cluster {
+    /// `n` nodes with `config`, not yet joined, on a network with `net`.
+    pub fn new(seed: u64, n: usize, config: Config, net: NetConfig) -> Self {
+        let mut sim = Sim::new(seed, net);
+        let now = sim.now();
+        for i in 0..n {
+            let node = MemberNode::new(
+                config.clone(),
+                &node_name(i),
+                node_addr(i),
+                node_seed(seed, i, 0),
+                now,
+            );
+            sim.add_node(node_addr(i), node);
+        }
+        Self { sim, config, seed }
+    }
+
+    /// `n` nodes that join through node 0, spread over the first `spread`, then run until every view
+    /// holds every node (at most `limit`). Returns the virtual time the formation took.
+    pub fn formed(seed: u64, n: usize, config: Config, net: NetConfig, spread: Duration) -> Self {
+        let mut cluster = Self::new(seed, n, config, net);
+        let start = cluster.sim.now();
+        for i in 1..n {
+            let at = start + spread.mul_f64(i as f64 / n as f64);
+            cluster.sim.run_until(at);
+            cluster
+                .sim
+                .with_node(i, |node, now| node.membership.join(now, &[node_addr(0)]));
+        }
+        let limit = Duration::from_secs(120);
+        let formed_at = cluster.run_until(limit, |c| c.converged());
+        assert!(
+            formed_at.is_some(),
+            "cluster of {n} did not converge within {limit:?} (seed {seed})"
+        );
+        cluster
+    }
+
+    /// Runs until `done` holds (checked every 50 ms of virtual time) or `limit` passes; checks the
+    /// invariants as it goes. Returns the virtual time it took, `None` if `limit` passed.
+    pub fn run_until(
+        &mut self,
+        limit: Duration,
+        mut done: impl FnMut(&Self) -> bool,
+    ) -> Option<Duration> {
+        let start = self.sim.now();
+        let step = Duration::from_millis(50);
+        while self.sim.now() < start + limit {
+            if done(self) {
+                return Some(self.sim.now() - start);
+            }
+            self.sim.run_for(step);
+            self.check_invariants();
+        }
+        done(self).then(|| self.sim.now() - start)
+    }
+
+    /// Runs for `d` of virtual time, checking invariants every second.
+    pub fn run_for(&mut self, d: Duration) {
+        let end = self.sim.now() + d;
+        while self.sim.now() < end {
+            let step = (end - self.sim.now()).min(Duration::from_secs(1));
+            self.sim.run_for(step);
+            self.check_invariants();
+        }
+    }
+
+    /// Panics if any node broke an invariant: listing itself, or an incarnation going backwards.
+    pub fn check_invariants(&self) {
+        for i in 0..self.sim.len() {
+            if !self.sim.is_up(i) {
+                continue;
+            }
+            let node = self.sim.node(i);
+            if let Some(v) = &node.violation {
+                panic!("invariant broken (seed {}): {v}", self.seed);
+            }
+            let me = node.membership.local_name();
+            assert!(
+                node.membership.member(me).is_none(),
+                "{me} lists itself (seed {})",
+                self.seed
+            );
+        }
+    }
+
+    /// Whether every up node sees exactly the other up nodes as Alive, and every down node as gone
+    /// (Dead, Left, or forgotten).
+    pub fn converged(&self) -> bool {
+        let up: Vec<usize> = (0..self.sim.len()).filter(|&i| self.sim.is_up(i)).collect();
+        up.iter().all(|&i| {
+            let m = &self.sim.node(i).membership;
+            let alive = m
+                .members()
+                .filter(|x| x.state == MemberState::Alive)
+                .count();
+            alive == up.len() - 1
+                && m.members().all(|x| {
+                    let up_peer = name_index(&x.name).is_some_and(|j| self.sim.is_up(j));
+                    (x.state == MemberState::Alive) == up_peer
+                })
+        })
+    }
+
+    /// Crashes node `i` (no goodbye).
+    pub fn kill(&mut self, i: usize) {
+        self.sim.crash(i);
+    }
+
+    /// Restarts node `i` as a fresh process (`generation` > 0 gives it new randomness), at its old
+    /// address or at `addr`, and joins it through `seed_node`.
+    pub fn restart(
+        &mut self,
+        i: usize,
+        generation: u64,
+        addr: Option<SocketAddr>,
+        seed_node: usize,
+    ) {
+        let now = self.sim.now();
+        let at = addr.unwrap_or(node_addr(i));
+        let node = MemberNode::new(
+            self.config.clone(),
+            &node_name(i),
+            at,
+            node_seed(self.seed, i, generation),
+            now,
+        );
+        self.sim.restart(i, node, addr);
+        let seed_addr = self.sim.addr(seed_node);
+        self.sim
+            .with_node(i, |n, now| n.membership.join(now, &[seed_addr]));
+    }
+
+    /// For each up node other than `victim`, how long after `since` it first saw `victim` Dead
+    /// (`None` if it has not).
+    pub fn detection_times(&self, victim: usize, since: Instant) -> Vec<Option<Duration>> {
+        let name = node_name(victim);
+        (0..self.sim.len())
+            .filter(|&i| i != victim && self.sim.is_up(i))
+            .map(|i| {
+                self.sim
+                    .node(i)
+                    .seen
+                    .dead
+                    .get(&name)
+                    .map(|t| t.saturating_duration_since(since))
+            })
+            .collect()
+    }
+}
+
+/// The node index in a name made by [`node_name`].
+pub fn name_index(name: &str) -> Option<usize> {
+    name.strip_prefix("node-")?.parse().ok()
+}
+
+fn node_seed(seed: u64, i: usize, generation: u64) -> u64 {
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add((i as u64) << 20)
+        .wrapping_add(generation)
+}
+
+/// Quantile `q` (0..=1) of durations, by nearest rank; `None` for an empty list.
+pub fn quantile(values: &[Duration], q: f64) -> Option<Duration> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_unstable();
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    Some(v[rank - 1])
+}
