@@ -488,13 +488,15 @@ fn graceful_leave_is_left_everywhere_within_3s() {
             .filter(|&i| i != leaver)
             .all(|i| c.sim.node(i).seen.left.contains_key(&node_name(leaver)))
     });
-    let complete = c.sim.node(leaver).seen.leave_complete_at.map(|t| t - t0);
     c.run_for(Duration::from_secs(10));
+    let complete = c.sim.node(leaver).seen.leave_complete_at.map(|t| t - t0);
     let deaths: usize = (0..n).map(|i| c.sim.node(i).seen.dead_events.len()).sum();
     println!("graceful leave: Left everywhere after {took:?}, leaver done after {complete:?}");
     let took = took.expect("leave spread");
     assert!(took <= Duration::from_secs(3), "{took:?} (seed {seed})");
     assert_eq!(deaths, 0, "recorded as Left, not Dead (seed {seed})");
+    let complete = complete.expect("the leaver finished leaving");
+    assert!(complete <= c.config.leave_timeout, "leave took {complete:?} (seed {seed})");
 }
 
 #[test]

@@ -294,6 +294,8 @@ pub struct Stats {
     pub dropped_for_limits: u64,
     /// Reconnection attempts towards failed members and seeds.
     pub reconnect_attempts: u64,
+    /// Packets sent to a peer that gossiped stale accusations, carrying the newer alive news.
+    pub corrections_sent: u64,
 }
 
 #[derive(Debug)]
@@ -378,7 +380,12 @@ pub struct Membership {
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     stats: Stats,
+    /// Corrections for the sender of the packet being processed (see `correct_stale_sender`).
+    corrections: Vec<Bytes>,
 }
+
+/// Most stale-news corrections gathered from one packet.
+const MAX_CORRECTIONS: usize = 8;
 
 /// Largest datagram accepted from the network, whatever the local budget.
 const MAX_RECEIVED_PACKET: usize = 64 * 1024;
@@ -435,6 +442,7 @@ impl Membership {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: Stats::default(),
+            corrections: Vec::new(),
         })
     }
 
@@ -747,8 +755,13 @@ impl Membership {
         // ping, which is how a suspected member answers the buddy system at once.
         for b in packet.broadcasts {
             if let Some(kind) = b.kind {
-                self.handle_broadcast(now, kind);
+                self.handle_broadcast(now, kind, Some(from));
             }
+        }
+        if !self.corrections.is_empty() {
+            let corrections = std::mem::take(&mut self.corrections);
+            self.stats.corrections_sent += 1;
+            self.send_packet(from, Some(packet.sender.clone()), None, &corrections);
         }
         if let Some(message) = packet.message {
             self.handle_message(now, from, &packet.sender, message);
@@ -888,7 +901,8 @@ impl Membership {
         };
         let seq = self.next_seq();
         let target = self.members[i].member.clone();
-        let buddy = if target.state == MemberState::Suspect && self.config.lifeguard {
+        let buddy: Option<Bytes> = if target.state == MemberState::Suspect && self.config.lifeguard
+        {
             // Buddy system: tell the target it is suspected so it can refute at once.
             Some(
                 wire::Broadcast {
@@ -910,7 +924,12 @@ impl Membership {
             source_addr: Some(encode_addr(self.addr)),
         });
         self.stats.pings_sent += 1;
-        self.send_packet(target.addr, Some(target.name.clone()), Some(ping), buddy);
+        self.send_packet(
+            target.addr,
+            Some(target.name.clone()),
+            Some(ping),
+            buddy.as_slice(),
+        );
         self.probe = Some(Probe {
             target: target.name,
             addr: target.addr,
@@ -950,7 +969,7 @@ impl Membership {
                 source_addr: Some(encode_addr(self.addr)),
             });
             self.stats.indirect_pings_sent += 1;
-            self.send_packet(helper_addr, Some(helper_name), Some(msg), None);
+            self.send_packet(helper_addr, Some(helper_name), Some(msg), &[]);
         }
         if let Some(p) = self.probe.as_mut() {
             p.expected_nacks = if want_nack { helpers.len() as u32 } else { 0 };
@@ -987,7 +1006,7 @@ impl Membership {
         if m.state == MemberState::Alive {
             self.stats.suspicions_raised += 1;
         }
-        self.apply_suspect(now, msg);
+        self.apply_suspect(now, msg, None);
     }
 
     fn handle_message(
@@ -1007,7 +1026,7 @@ impl Membership {
                 let ack = M::Ack(wire::Ack {
                     seq_no: ping.seq_no,
                 });
-                self.send_packet(from, Some(sender.to_owned()), Some(ack), None);
+                self.send_packet(from, Some(sender.to_owned()), Some(ack), &[]);
             }
             M::IndirectPing(req) => {
                 let Some(target_addr) = req.target_addr.as_ref().and_then(decode_addr) else {
@@ -1044,7 +1063,7 @@ impl Membership {
                     source_addr: Some(encode_addr(self.addr)),
                 });
                 self.stats.pings_sent += 1;
-                self.send_packet(target_addr, Some(req.target), Some(ping), None);
+                self.send_packet(target_addr, Some(req.target), Some(ping), &[]);
             }
             M::Ack(ack) => {
                 if let Some(p) = self.probe.as_mut() {
@@ -1059,7 +1078,7 @@ impl Membership {
                     let msg = M::Ack(wire::Ack {
                         seq_no: fwd.origin_seq,
                     });
-                    self.send_packet(fwd.origin, Some(fwd.origin_name), Some(msg), None);
+                    self.send_packet(fwd.origin, Some(fwd.origin_name), Some(msg), &[]);
                 }
             }
             M::Nack(nack) => {
@@ -1090,7 +1109,7 @@ impl Membership {
                 let (origin, name, origin_seq) = (f.origin, f.origin_name.clone(), f.origin_seq);
                 self.stats.nacks_sent += 1;
                 let msg = wire::packet::Message::Nack(wire::Nack { seq_no: origin_seq });
-                self.send_packet(origin, Some(name), Some(msg), None);
+                self.send_packet(origin, Some(name), Some(msg), &[]);
             }
             if self.indirect.get(&seq).is_some_and(|f| now >= f.expire_at) {
                 self.indirect.remove(&seq);
@@ -1121,16 +1140,43 @@ impl Membership {
                 incarnation,
                 from: self.name.clone(),
             };
-            self.apply_dead(now, msg);
+            self.apply_dead(now, msg, None);
         }
     }
 
-    fn handle_broadcast(&mut self, now: Instant, kind: wire::broadcast::Kind) {
+    /// A packet from `from` accused member `i` at an incarnation older than the one we know alive:
+    /// its sender missed a refutation, and gossip about the stale incarnation dies out without
+    /// reaching the member. Tell the sender directly (collected per packet, one answer per packet).
+    fn correct_stale_sender(&mut self, i: usize, from: Option<SocketAddr>) {
+        let m = &self.members[i].member;
+        if from.is_none()
+            || m.state != MemberState::Alive
+            || self.corrections.len() >= MAX_CORRECTIONS
+        {
+            return;
+        }
+        let alive = wire::Broadcast {
+            kind: Some(wire::broadcast::Kind::Alive(wire::Alive {
+                node: m.name.clone(),
+                incarnation: m.incarnation,
+                addr: Some(encode_addr(m.addr)),
+                meta: m.meta.clone(),
+            })),
+        };
+        self.corrections.push(alive.encode_to_vec().into());
+    }
+
+    fn handle_broadcast(
+        &mut self,
+        now: Instant,
+        kind: wire::broadcast::Kind,
+        from: Option<SocketAddr>,
+    ) {
         use wire::broadcast::Kind;
         match kind {
             Kind::Alive(a) => self.apply_alive(now, a),
-            Kind::Suspect(s) => self.apply_suspect(now, s),
-            Kind::Dead(d) => self.apply_dead(now, d),
+            Kind::Suspect(s) => self.apply_suspect(now, s, from),
+            Kind::Dead(d) => self.apply_dead(now, d, from),
             Kind::App(app) => {
                 if app.key.len() + app.payload.len() > self.config.max_app_broadcast_size {
                     self.stats.packets_invalid += 1;
@@ -1273,7 +1319,7 @@ impl Membership {
         self.queue_member_broadcast(a.node.clone(), wire::broadcast::Kind::Alive(a));
     }
 
-    fn apply_suspect(&mut self, now: Instant, s: wire::Suspect) {
+    fn apply_suspect(&mut self, now: Instant, s: wire::Suspect, from: Option<SocketAddr>) {
         if validate_node_name(&s.from).is_err() {
             self.stats.packets_invalid += 1;
             return;
@@ -1287,7 +1333,11 @@ impl Membership {
             return;
         };
         let entry = &mut self.members[i];
-        if s.incarnation < entry.member.incarnation || entry.member.state.is_gone() {
+        if s.incarnation < entry.member.incarnation {
+            self.correct_stale_sender(i, from);
+            return;
+        }
+        if entry.member.state.is_gone() {
             return;
         }
         if entry.member.state == MemberState::Suspect {
@@ -1317,7 +1367,7 @@ impl Membership {
         self.queue_member_broadcast(node.clone(), wire::broadcast::Kind::Suspect(s));
     }
 
-    fn apply_dead(&mut self, now: Instant, d: wire::Dead) {
+    fn apply_dead(&mut self, now: Instant, d: wire::Dead, from: Option<SocketAddr>) {
         if validate_node_name(&d.from).is_err() {
             self.stats.packets_invalid += 1;
             return;
@@ -1330,7 +1380,11 @@ impl Membership {
             return;
         };
         let entry = &mut self.members[i];
-        if d.incarnation < entry.member.incarnation || entry.member.state.is_gone() {
+        if d.incarnation < entry.member.incarnation {
+            self.correct_stale_sender(i, from);
+            return;
+        }
+        if entry.member.state.is_gone() {
             return;
         }
         let left = d.node == d.from;
@@ -1400,6 +1454,7 @@ impl Membership {
                         incarnation: e.incarnation,
                         from: e.node.clone(),
                     },
+                    None,
                 ),
                 // Never trust a remote "dead": it becomes a local suspicion that the member can refute.
                 wire::MemberState::Dead | wire::MemberState::Suspect => self.apply_suspect(
@@ -1409,6 +1464,7 @@ impl Membership {
                         incarnation: e.incarnation,
                         from: pp.sender.clone(),
                     },
+                    None,
                 ),
                 wire::MemberState::Unspecified => {}
             }
@@ -1545,7 +1601,7 @@ impl Membership {
                 self.members[i].member.addr,
                 self.members[i].member.name.clone(),
             );
-            if self.send_packet(addr, Some(name), None, None) {
+            if self.send_packet(addr, Some(name), None, &[]) {
                 self.stats.gossip_packets_sent += 1;
             }
         }
@@ -1559,7 +1615,7 @@ impl Membership {
         dst: SocketAddr,
         dst_name: Option<String>,
         message: Option<wire::packet::Message>,
-        first: Option<Bytes>,
+        first: &[Bytes],
     ) -> bool {
         let has_message = message.is_some();
         let header = wire::Packet {
@@ -1570,11 +1626,11 @@ impl Membership {
         let mut payload = header.encode_to_vec();
         let mut budget = self.config.max_packet_size.saturating_sub(payload.len());
         let mut broadcasts: Vec<Bytes> = Vec::new();
-        if let Some(first) = first {
-            let need = framed_broadcast_len(first.len());
+        for item in first {
+            let need = framed_broadcast_len(item.len());
             if need <= budget {
                 budget -= need;
-                broadcasts.push(first);
+                broadcasts.push(item.clone());
             }
         }
         let limit = self.retransmit_limit();
