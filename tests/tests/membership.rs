@@ -496,7 +496,10 @@ fn graceful_leave_is_left_everywhere_within_3s() {
     assert!(took <= Duration::from_secs(3), "{took:?} (seed {seed})");
     assert_eq!(deaths, 0, "recorded as Left, not Dead (seed {seed})");
     let complete = complete.expect("the leaver finished leaving");
-    assert!(complete <= c.config.leave_timeout, "leave took {complete:?} (seed {seed})");
+    assert!(
+        complete <= c.config.leave_timeout,
+        "leave took {complete:?} (seed {seed})"
+    );
 }
 
 #[test]

@@ -138,7 +138,9 @@ impl BroadcastQueue {
                 self.framed_bytes -= framed_broadcast_len(item.encoded.len());
             } else {
                 let new_rank = (transmits, rank.1, rank.2);
-                self.by_key.insert(item.key.clone(), new_rank);
+                if let Some(r) = self.by_key.get_mut(&item.key) {
+                    *r = new_rank;
+                }
                 self.order.insert(new_rank, item);
             }
         }

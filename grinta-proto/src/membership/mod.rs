@@ -1337,10 +1337,15 @@ impl Membership {
             self.correct_stale_sender(i, from);
             return;
         }
-        if entry.member.state.is_gone() {
-            return;
+        // Left is final until the member itself announces a newer incarnation. A Dead member is
+        // suspected again only at a newer incarnation: someone saw it refute after it was declared.
+        let same = s.incarnation == entry.member.incarnation;
+        match entry.member.state {
+            MemberState::Left => return,
+            MemberState::Dead if same => return,
+            _ => {}
         }
-        if entry.member.state == MemberState::Suspect {
+        if entry.member.state == MemberState::Suspect && same {
             if let Some(timer) = self.suspicions.get_mut(&s.node) {
                 if timer.confirm(&s.from) {
                     let node = s.node.clone();
@@ -1384,10 +1389,21 @@ impl Membership {
             self.correct_stale_sender(i, from);
             return;
         }
-        if entry.member.state.is_gone() {
-            return;
-        }
         let left = d.node == d.from;
+        match entry.member.state {
+            MemberState::Left => return,
+            MemberState::Dead if !left => {
+                // Already dead: only remember a newer incarnation, so views converge whatever the
+                // order in which the news arrived.
+                if d.incarnation > entry.member.incarnation {
+                    entry.member.incarnation = d.incarnation;
+                    let name = d.node.clone();
+                    self.queue_member_broadcast(name, wire::broadcast::Kind::Dead(d));
+                }
+                return;
+            }
+            _ => {}
+        }
         entry.member.incarnation = d.incarnation;
         entry.member.state = if left {
             MemberState::Left
@@ -1404,6 +1420,7 @@ impl Membership {
             }
         }
         if left {
+            self.failed.retain(|f| f.name != name);
             self.events.push_back(Event::MemberLeft {
                 name: name.clone(),
                 incarnation: d.incarnation,
