@@ -1,4 +1,4 @@
-//! The membership simulator: [`Membership`] state machines on the deterministic [`engine`].
+//! The membership simulator: [`Membership`] state machines on the deterministic [`engine`](crate::engine).
 //!
 //! Each node is a [`MemberNode`]: the state machine plus a compact log of what it observed (first
 //! time it saw each member Dead, Left, Suspect, ...), a toy versioned key-value application riding on
