@@ -11,7 +11,14 @@
 //! - [`wire`]: the `grinta.v1` wire types generated from `proto/grinta/v1/*.proto`, and the varint
 //!   length-prefixed framing used on streams.
 //! - [`membership`]: SWIM with Lifeguard over abstract members and opaque datagrams.
+//! - [`transport`]: QUIC connections between nodes (quinn-proto), connected on demand.
+//! - [`node`]: the [`node::Node`] that composes membership and transport for adapters.
+//! - [`tls`]: mutual TLS material and configuration (rustls with ring; dev certificates behind the
+//!   `dev-certs` feature).
 #![forbid(unsafe_code)]
 
 pub mod membership;
+pub mod node;
+pub mod tls;
+pub mod transport;
 pub mod wire;

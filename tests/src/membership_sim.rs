@@ -48,6 +48,64 @@ pub struct Observations {
     pub joined_at: Option<Instant>,
     /// When the leave completed.
     pub leave_complete_at: Option<Instant>,
+    /// Highest incarnation seen per member while it is known.
+    incarnations: HashMap<String, u64>,
+}
+
+impl Observations {
+    /// Records one membership event seen at `now`. Returns an error if it breaks an invariant
+    /// (an incarnation going backwards while the member is known).
+    pub fn record(&mut self, now: Instant, event: &Event) -> Result<(), String> {
+        match event {
+            Event::MemberJoined(m) => {
+                self.dead.remove(&m.name);
+                self.incarnations.insert(m.name.clone(), m.incarnation);
+                Ok(())
+            }
+            Event::MemberUpdated(m) => self.check_incarnation(&m.name, m.incarnation),
+            Event::MemberAlive(m) => {
+                self.alive_again.push((now, m.name.clone(), m.incarnation));
+                self.check_incarnation(&m.name, m.incarnation)
+            }
+            Event::MemberSuspect { name, incarnation } => {
+                self.suspects.push((now, name.clone()));
+                self.check_incarnation(name, *incarnation)
+            }
+            Event::MemberDead { name, incarnation } => {
+                self.dead.entry(name.clone()).or_insert(now);
+                self.dead_events.push((now, name.clone()));
+                self.check_incarnation(name, *incarnation)
+            }
+            Event::MemberLeft { name, incarnation } => {
+                self.left.entry(name.clone()).or_insert(now);
+                self.check_incarnation(name, *incarnation)
+            }
+            Event::Refuted { incarnation } => {
+                self.refutations.push((now, *incarnation));
+                Ok(())
+            }
+            Event::Joined => {
+                self.joined_at.get_or_insert(now);
+                Ok(())
+            }
+            Event::LeaveComplete => {
+                self.leave_complete_at = Some(now);
+                Ok(())
+            }
+            Event::AppBroadcast { .. } | Event::AppState { .. } => Ok(()),
+        }
+    }
+
+    fn check_incarnation(&mut self, name: &str, incarnation: u64) -> Result<(), String> {
+        let last = self.incarnations.entry(name.to_owned()).or_insert(0);
+        if incarnation < *last {
+            return Err(format!(
+                "incarnation of {name} went back from {last} to {incarnation}"
+            ));
+        }
+        *last = incarnation;
+        Ok(())
+    }
 }
 
 /// A toy application on the membership's application-payload interface: a versioned key-value map.
@@ -90,8 +148,6 @@ pub struct MemberNode {
     pub seen: Observations,
     /// The toy application.
     pub kv: VersionedKv,
-    /// Highest incarnation seen per member while it is known.
-    incarnations: HashMap<String, u64>,
     /// Set when an invariant broke; checked by [`Cluster::check_invariants`].
     pub violation: Option<String>,
 }
@@ -104,7 +160,6 @@ impl MemberNode {
                 .expect("simulation configs are valid"),
             seen: Observations::default(),
             kv: VersionedKv::default(),
-            incarnations: HashMap::new(),
             violation: None,
         }
     }
@@ -122,21 +177,6 @@ impl MemberNode {
             .broadcast_app(key, Bytes::copy_from_slice(&version.to_be_bytes()))
             .expect("toy items are small");
         self.membership.set_app_state(self.kv.encode());
-    }
-
-    fn check_incarnation(&mut self, name: &str, incarnation: u64, rejoined: bool) {
-        let last = self.incarnations.entry(name.to_owned()).or_insert(0);
-        if incarnation < *last && !rejoined && self.violation.is_none() {
-            self.violation = Some(format!(
-                "{}: incarnation of {name} went back from {last} to {incarnation}",
-                self.membership.local_name()
-            ));
-        }
-        *last = if rejoined {
-            incarnation
-        } else {
-            (*last).max(incarnation)
-        };
     }
 }
 
@@ -156,7 +196,7 @@ impl SimNode for MemberNode {
     fn poll_transmit(&mut self, _now: Instant) -> Option<SimTransmit> {
         self.membership.poll_transmit().map(|t| SimTransmit {
             dst: t.dst,
-            reliable: t.channel == grinta_proto::membership::Channel::Stream,
+            reliable: t.channel.is_reliable(),
             payload: t.payload,
         })
     }
@@ -168,33 +208,6 @@ impl SimNode for MemberNode {
     fn drain_events(&mut self, now: Instant) {
         while let Some(event) = self.membership.poll_event() {
             match event {
-                Event::MemberJoined(m) => {
-                    self.seen.dead.remove(&m.name);
-                    self.check_incarnation(&m.name, m.incarnation, true);
-                }
-                Event::MemberUpdated(m) => self.check_incarnation(&m.name, m.incarnation, false),
-                Event::MemberAlive(m) => {
-                    self.check_incarnation(&m.name, m.incarnation, false);
-                    self.seen.alive_again.push((now, m.name, m.incarnation));
-                }
-                Event::MemberSuspect { name, incarnation } => {
-                    self.check_incarnation(&name, incarnation, false);
-                    self.seen.suspects.push((now, name));
-                }
-                Event::MemberDead { name, incarnation } => {
-                    self.check_incarnation(&name, incarnation, false);
-                    self.seen.dead.entry(name.clone()).or_insert(now);
-                    self.seen.dead_events.push((now, name));
-                }
-                Event::MemberLeft { name, incarnation } => {
-                    self.check_incarnation(&name, incarnation, false);
-                    self.seen.left.entry(name).or_insert(now);
-                }
-                Event::Refuted { incarnation } => self.seen.refutations.push((now, incarnation)),
-                Event::Joined => {
-                    self.seen.joined_at.get_or_insert(now);
-                }
-                Event::LeaveComplete => self.seen.leave_complete_at = Some(now),
                 Event::AppBroadcast { key, payload } => {
                     let Ok(bytes) = <[u8; 8]>::try_from(&payload[..]) else {
                         continue;
@@ -220,57 +233,129 @@ impl SimNode for MemberNode {
                         self.membership.set_app_state(self.kv.encode());
                     }
                 }
+                other => {
+                    if let Err(v) = self.seen.record(now, &other) {
+                        self.violation
+                            .get_or_insert(format!("{}: {v}", self.membership.local_name()));
+                    }
+                }
             }
         }
     }
 }
 
-/// A simulated cluster of [`MemberNode`]s.
-pub struct Cluster {
-    /// The engine.
-    pub sim: Sim<MemberNode>,
-    /// The configuration every node was created with.
-    pub config: Config,
-    seed: u64,
+/// What the cluster helpers need from a simulated node, whatever carries its membership.
+pub trait ClusterNode: SimNode {
+    /// The node's membership state machine.
+    fn membership(&self) -> &Membership;
+    /// What it observed.
+    fn observations(&self) -> &Observations;
+    /// The first invariant it broke, if any.
+    fn violation(&self) -> Option<&str>;
+    /// Starts joining through `seeds`.
+    fn join(&mut self, now: Instant, seeds: &[SocketAddr]);
 }
 
-impl Cluster {
-    /// `n` nodes with `config`, not yet joined, on a network with `net`.
+impl ClusterNode for MemberNode {
+    fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    fn observations(&self) -> &Observations {
+        &self.seen
+    }
+
+    fn violation(&self) -> Option<&str> {
+        self.violation.as_deref()
+    }
+
+    fn join(&mut self, now: Instant, seeds: &[SocketAddr]) {
+        self.membership.join(now, seeds);
+    }
+}
+
+/// Makes node `i` (restart `generation`, 0 for the first start) at `addr`.
+pub type NodeFactory<N> = Box<dyn Fn(usize, u64, SocketAddr, Instant) -> N>;
+
+/// A simulated cluster.
+pub struct Cluster<N: ClusterNode> {
+    /// The engine.
+    pub sim: Sim<N>,
+    /// The membership configuration every node was created with.
+    pub config: Config,
+    seed: u64,
+    factory: NodeFactory<N>,
+}
+
+impl Cluster<MemberNode> {
+    /// `n` membership-only nodes with `config`, not yet joined, on a network with `net`.
     pub fn new(seed: u64, n: usize, config: Config, net: NetConfig) -> Self {
+        let c = config.clone();
+        let factory: NodeFactory<MemberNode> = Box::new(move |i, generation, addr, now| {
+            MemberNode::new(
+                c.clone(),
+                &node_name(i),
+                addr,
+                node_seed(seed, i, generation),
+                now,
+            )
+        });
+        Self::with_factory(seed, n, config, net, factory)
+    }
+
+    /// `n` membership-only nodes joined through node 0 (see [`Cluster::form`]).
+    pub fn formed(seed: u64, n: usize, config: Config, net: NetConfig, spread: Duration) -> Self {
+        let mut cluster = Self::new(seed, n, config, net);
+        cluster.form(spread);
+        cluster
+    }
+}
+
+impl<N: ClusterNode> Cluster<N> {
+    /// `n` nodes made by `factory` at [`node_addr`]`(i)`, not yet joined.
+    pub fn with_factory(
+        seed: u64,
+        n: usize,
+        config: Config,
+        net: NetConfig,
+        factory: NodeFactory<N>,
+    ) -> Self {
         let mut sim = Sim::new(seed, net);
         let now = sim.now();
         for i in 0..n {
-            let node = MemberNode::new(
-                config.clone(),
-                &node_name(i),
-                node_addr(i),
-                node_seed(seed, i, 0),
-                now,
-            );
-            sim.add_node(node_addr(i), node);
+            sim.add_node(node_addr(i), factory(i, 0, node_addr(i), now));
         }
-        Self { sim, config, seed }
+        Self {
+            sim,
+            config,
+            seed,
+            factory,
+        }
     }
 
-    /// `n` nodes that join through node 0, spread over the first `spread`, then run until every view
-    /// holds every node (at most `limit`). Returns the virtual time the formation took.
-    pub fn formed(seed: u64, n: usize, config: Config, net: NetConfig, spread: Duration) -> Self {
-        let mut cluster = Self::new(seed, n, config, net);
-        let start = cluster.sim.now();
+    /// The seed of this run.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Joins every node through node 0, spread over `spread`, then runs until every view holds every
+    /// node (at most 120 s); panics otherwise.
+    pub fn form(&mut self, spread: Duration) {
+        let n = self.sim.len();
+        let start = self.sim.now();
         for i in 1..n {
             let at = start + spread.mul_f64(i as f64 / n as f64);
-            cluster.sim.run_until(at);
-            cluster
-                .sim
-                .with_node(i, |node, now| node.membership.join(now, &[node_addr(0)]));
+            self.sim.run_until(at);
+            self.sim
+                .with_node(i, |node, now| node.join(now, &[node_addr(0)]));
         }
         let limit = Duration::from_secs(120);
-        let formed_at = cluster.run_until(limit, |c| c.converged());
+        let formed_at = self.run_until(limit, |c| c.converged());
         assert!(
             formed_at.is_some(),
-            "cluster of {n} did not converge within {limit:?} (seed {seed})"
+            "cluster of {n} did not converge within {limit:?} (seed {})",
+            self.seed
         );
-        cluster
     }
 
     /// Runs until `done` holds (checked every 50 ms of virtual time) or `limit` passes; checks the
@@ -309,12 +394,12 @@ impl Cluster {
                 continue;
             }
             let node = self.sim.node(i);
-            if let Some(v) = &node.violation {
+            if let Some(v) = node.violation() {
                 panic!("invariant broken (seed {}): {v}", self.seed);
             }
-            let me = node.membership.local_name();
+            let me = node.membership().local_name();
             assert!(
-                node.membership.member(me).is_none(),
+                node.membership().member(me).is_none(),
                 "{me} lists itself (seed {})",
                 self.seed
             );
@@ -325,18 +410,21 @@ impl Cluster {
     /// (Dead, Left, or forgotten).
     pub fn converged(&self) -> bool {
         let up: Vec<usize> = (0..self.sim.len()).filter(|&i| self.sim.is_up(i)).collect();
-        up.iter().all(|&i| {
-            let m = &self.sim.node(i).membership;
-            let alive = m
-                .members()
-                .filter(|x| x.state == MemberState::Alive)
-                .count();
-            alive == up.len() - 1
-                && m.members().all(|x| {
-                    let up_peer = name_index(&x.name).is_some_and(|j| self.sim.is_up(j));
-                    (x.state == MemberState::Alive) == up_peer
-                })
-        })
+        up.iter().all(|&i| self.view_is_exact(i, &up))
+    }
+
+    /// Whether node `i` sees exactly `up` (minus itself) as Alive.
+    fn view_is_exact(&self, i: usize, up: &[usize]) -> bool {
+        let m = self.sim.node(i).membership();
+        let alive = m
+            .members()
+            .filter(|x| x.state == MemberState::Alive)
+            .count();
+        alive == up.len() - 1
+            && m.members().all(|x| {
+                let up_peer = name_index(&x.name).is_some_and(|j| up.contains(&j));
+                (x.state == MemberState::Alive) == up_peer
+            })
     }
 
     /// Crashes node `i` (no goodbye).
@@ -355,17 +443,10 @@ impl Cluster {
     ) {
         let now = self.sim.now();
         let at = addr.unwrap_or(node_addr(i));
-        let node = MemberNode::new(
-            self.config.clone(),
-            &node_name(i),
-            at,
-            node_seed(self.seed, i, generation),
-            now,
-        );
+        let node = (self.factory)(i, generation, at, now);
         self.sim.restart(i, node, addr);
         let seed_addr = self.sim.addr(seed_node);
-        self.sim
-            .with_node(i, |n, now| n.membership.join(now, &[seed_addr]));
+        self.sim.with_node(i, |n, now| n.join(now, &[seed_addr]));
     }
 
     /// For each up node other than `victim`, how long after `since` it first saw `victim` Dead
@@ -377,7 +458,7 @@ impl Cluster {
             .map(|i| {
                 self.sim
                     .node(i)
-                    .seen
+                    .observations()
                     .dead
                     .get(&name)
                     .map(|t| t.saturating_duration_since(since))
@@ -391,7 +472,8 @@ pub fn name_index(name: &str) -> Option<usize> {
     name.strip_prefix("node-")?.parse().ok()
 }
 
-fn node_seed(seed: u64, i: usize, generation: u64) -> u64 {
+/// The seed of node `i` in its `generation`-th start, derived from the run's seed.
+pub fn node_seed(seed: u64, i: usize, generation: u64) -> u64 {
     seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
         .wrapping_add((i as u64) << 20)
         .wrapping_add(generation)

@@ -182,8 +182,20 @@ pub struct Member {
 pub enum Channel {
     /// Unreliable datagram (a QUIC DATAGRAM frame); at most `max_packet_size` bytes.
     Datagram,
-    /// Reliable, ordered message (push-pull on a QUIC stream); at most `max_push_pull_size` bytes.
+    /// Reliable, ordered message that opens an exchange (a push-pull request on a new QUIC stream);
+    /// at most `max_push_pull_size` bytes.
     Stream,
+    /// Reliable answer to the [`Stream`](Channel::Stream) message just handed to
+    /// [`Membership::handle_stream`] from `dst`: a transport sends it back on the same stream.
+    /// It is produced only during that call.
+    StreamReply,
+}
+
+impl Channel {
+    /// Whether the transmit needs a reliable stream.
+    pub fn is_reliable(self) -> bool {
+        !matches!(self, Self::Datagram)
+    }
 }
 
 /// Bytes the membership wants sent.
@@ -732,21 +744,28 @@ impl Membership {
     ///
     /// Anything that does not decode or is invalid is dropped and counted; nothing panics.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
-        self.stats.packets_received += 1;
-        if !matches!(self.lifecycle, Lifecycle::Running)
-            && !matches!(self.lifecycle, Lifecycle::Leaving { .. })
-        {
-            return;
-        }
         if data.len() > MAX_RECEIVED_PACKET {
+            self.stats.packets_received += 1;
             self.stats.packets_invalid += 1;
             return;
         }
-        let Ok(packet) = wire::Packet::decode(data) else {
-            self.stats.packets_invalid += 1;
-            trace!(%from, "dropping undecodable membership packet");
+        match wire::Packet::decode(data) {
+            Ok(packet) => self.handle_packet(now, from, packet),
+            Err(_) => {
+                self.stats.packets_received += 1;
+                self.stats.packets_invalid += 1;
+                trace!(%from, "dropping undecodable membership packet");
+            }
+        }
+    }
+
+    /// Processes an already decoded membership packet from `from` (a transport that had to read the
+    /// sender name to authenticate it uses this to avoid decoding twice).
+    pub fn handle_packet(&mut self, now: Instant, from: SocketAddr, packet: wire::Packet) {
+        self.stats.packets_received += 1;
+        if matches!(self.lifecycle, Lifecycle::Left) {
             return;
-        };
+        }
         if validate_node_name(&packet.sender).is_err() {
             self.stats.packets_invalid += 1;
             return;
@@ -770,17 +789,22 @@ impl Membership {
 
     /// Processes a reliable stream message (an encoded `grinta.v1.PushPull`) received from `from`.
     pub fn handle_stream(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
-        if !matches!(self.lifecycle, Lifecycle::Running) {
-            return;
-        }
         if data.len() > self.config.max_push_pull_size {
             self.stats.packets_invalid += 1;
             return;
         }
-        let Ok(pp) = wire::PushPull::decode(data) else {
-            self.stats.packets_invalid += 1;
+        match wire::PushPull::decode(data) {
+            Ok(pp) => self.handle_push_pull(now, from, pp),
+            Err(_) => self.stats.packets_invalid += 1,
+        }
+    }
+
+    /// Processes an already decoded push-pull message from `from`. A request produces its reply as a
+    /// [`Channel::StreamReply`] transmit during this call.
+    pub fn handle_push_pull(&mut self, now: Instant, from: SocketAddr, pp: wire::PushPull) {
+        if !matches!(self.lifecycle, Lifecycle::Running) {
             return;
-        };
+        }
         if pp.protocol_version != wire::PROTOCOL_VERSION || validate_node_name(&pp.sender).is_err()
         {
             self.stats.packets_invalid += 1;
@@ -794,19 +818,13 @@ impl Membership {
                 state: pp.app_state.clone(),
             });
         }
-        if pp.reply {
-            if !self.joined {
-                self.joined = true;
-                self.join_retry = None;
-                self.events.push_back(Event::Joined);
-            }
-        } else {
-            // Being contacted by the cluster counts as joined: stop retrying seeds.
-            if !self.joined {
-                self.joined = true;
-                self.join_retry = None;
-                self.events.push_back(Event::Joined);
-            }
+        // An answer to our join, or being contacted by the cluster: either way this node is in.
+        if !self.joined {
+            self.joined = true;
+            self.join_retry = None;
+            self.events.push_back(Event::Joined);
+        }
+        if !pp.reply {
             self.send_push_pull(from, Some(pp.sender.clone()), false, true);
         }
     }
@@ -1540,7 +1558,11 @@ impl Membership {
         self.transmits.push_back(Transmit {
             dst,
             dst_name,
-            channel: Channel::Stream,
+            channel: if reply {
+                Channel::StreamReply
+            } else {
+                Channel::Stream
+            },
             payload,
         });
     }

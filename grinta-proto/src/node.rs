@@ -1,0 +1,435 @@
+//! A grinta node: membership carried over QUIC with mutual TLS, as one sans-IO state machine.
+//!
+//! [`Node`] follows the contract of quinn-proto and str0m: feed it UDP datagrams
+//! ([`handle_datagram`](Node::handle_datagram)), timeouts ([`handle_timeout`](Node::handle_timeout))
+//! and commands ([`join`](Node::join), [`leave`](Node::leave)); after every input drain
+//! [`poll_transmit`](Node::poll_transmit), read [`poll_timeout`](Node::poll_timeout), drain
+//! [`poll_event`](Node::poll_event). It never reads the clock, never touches a socket and never
+//! spawns. Protocol randomness comes from the seed given to [`Node::new`]; cryptographic randomness
+//! (TLS key shares, QUIC connection IDs and reset keys) comes from the configured crypto provider's
+//! secure random source, so a simulator that plugs in a seeded provider replays byte for byte.
+//!
+//! ```no_run
+//! # #[cfg(feature = "dev-certs")] {
+//! use grinta_proto::node::{Node, NodeConfig};
+//! use grinta_proto::tls::dev::DevCa;
+//! use std::time::Instant;
+//!
+//! let ca = DevCa::new()?;
+//! let config = NodeConfig::new("node-a", "127.0.0.1:7001".parse()?, ca.issue("node-a")?);
+//! let now = Instant::now(); // the adapter's clock, not the node's
+//! let mut node = Node::new(config, 42, now)?;
+//! node.join(now, &["127.0.0.1:7002".parse()?]);
+//! while let Some(t) = node.poll_transmit() {
+//!     // socket.send_to(&t.contents, t.destination)
+//!     # let _ = t;
+//! }
+//! # }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use prost::Message;
+use rustls::crypto::CryptoProvider;
+use rustls::time_provider::TimeProvider;
+use tracing::{debug, trace};
+
+use crate::membership::{self, Channel, Membership};
+use crate::tls::{self, TlsConfig};
+use crate::transport::{Transport, TransportError, TransportEvent, TransportLimits};
+use crate::wire;
+
+pub use crate::transport::{Transmit, TransportStats};
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The node's name: the DNS SAN of its certificate, 1..=128 bytes of `[A-Za-z0-9._-]`.
+    pub name: String,
+    /// The local address the adapter binds its UDP socket to.
+    pub bind: SocketAddr,
+    /// The address other nodes reach this one at; defaults to `bind`. Must be a concrete address.
+    pub advertise: Option<SocketAddr>,
+    /// Seed addresses to join through (see [`Node::join`]).
+    pub seeds: Vec<SocketAddr>,
+    /// The node's TLS material.
+    pub tls: TlsConfig,
+    /// Membership profile and limits.
+    pub membership: membership::Config,
+    /// Transport limits.
+    pub transport: TransportLimits,
+    /// The crypto provider (rustls with ring, see [`tls::crypto_provider`]). Simulations replace it
+    /// with one whose randomness is seeded.
+    pub crypto_provider: Arc<CryptoProvider>,
+    /// The wall clock rustls checks certificate validity against ([`tls::system_time`] by default).
+    /// Simulations replace it with a fixed clock.
+    pub time_provider: Arc<dyn TimeProvider>,
+}
+
+impl NodeConfig {
+    /// A configuration with LAN membership defaults, default limits and no seeds.
+    pub fn new(name: &str, bind: SocketAddr, tls: TlsConfig) -> Self {
+        let mut membership = membership::Config::lan();
+        membership.max_packet_size = DEFAULT_MAX_PACKET_SIZE;
+        Self {
+            name: name.to_owned(),
+            bind,
+            advertise: None,
+            seeds: Vec::new(),
+            tls,
+            membership,
+            transport: TransportLimits::default(),
+            crypto_provider: tls::crypto_provider(),
+            time_provider: tls::system_time(),
+        }
+    }
+
+    /// The address other nodes reach this one at.
+    pub fn advertise_addr(&self) -> SocketAddr {
+        self.advertise.unwrap_or(self.bind)
+    }
+
+    /// Checks the configuration; [`Node::new`] calls it too.
+    pub fn validate(&self) -> Result<(), NodeConfigError> {
+        membership::validate_node_name(&self.name)?;
+        self.membership.validate()?;
+        let advertise = self.advertise_addr();
+        if advertise.ip().is_unspecified() || advertise.port() == 0 {
+            return Err(NodeConfigError::Advertise { addr: advertise });
+        }
+        if self.membership.max_packet_size > MAX_QUIC_DATAGRAM {
+            return Err(NodeConfigError::PacketBudget {
+                max_packet_size: self.membership.max_packet_size,
+                limit: MAX_QUIC_DATAGRAM,
+            });
+        }
+        if let Some(seed) = self
+            .seeds
+            .iter()
+            .find(|s| s.ip().is_unspecified() || s.port() == 0)
+        {
+            return Err(NodeConfigError::Seed { addr: *seed });
+        }
+        Ok(())
+    }
+}
+
+/// Membership packet budget of a node: what a QUIC DATAGRAM frame holds on a 1200-byte path (the
+/// QUIC minimum) with room for the packet header and frame overhead.
+pub const DEFAULT_MAX_PACKET_SIZE: usize = 1100;
+
+/// The largest membership packet budget a node accepts: a DATAGRAM frame on a 1200-byte path.
+pub const MAX_QUIC_DATAGRAM: usize = 1150;
+
+/// A node configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeConfigError {
+    /// The node name is invalid.
+    #[error(transparent)]
+    Name(#[from] membership::NameError),
+    /// The membership settings are invalid.
+    #[error(transparent)]
+    Membership(#[from] membership::ConfigError),
+    /// The advertised address cannot be reached by others.
+    #[error(
+        "advertise address {addr} is not reachable by other nodes: set `advertise` to a concrete IP and port when binding a wildcard address or port 0"
+    )]
+    Advertise {
+        /// The refused address.
+        addr: SocketAddr,
+    },
+    /// A seed address is a wildcard or has port 0.
+    #[error("seed address {addr} must be a concrete IP and port")]
+    Seed {
+        /// The refused address.
+        addr: SocketAddr,
+    },
+    /// The membership packet budget exceeds what a QUIC datagram carries.
+    #[error(
+        "membership max_packet_size {max_packet_size} exceeds the {limit} bytes a QUIC datagram carries"
+    )]
+    PacketBudget {
+        /// The configured budget.
+        max_packet_size: usize,
+        /// The largest allowed.
+        limit: usize,
+    },
+}
+
+/// Why a node could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] NodeConfigError),
+    /// The TLS material is unusable.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The QUIC setup failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The membership state machine refused the settings.
+    #[error(transparent)]
+    Membership(#[from] membership::Error),
+}
+
+/// Something that happened, for the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A membership event.
+    Membership(membership::Event),
+    /// A QUIC connection to a peer ended (idle, closed or failed).
+    ConnectionLost {
+        /// The peer's name, if the connection was bound to one.
+        name: Option<String>,
+        /// The peer's address.
+        addr: SocketAddr,
+        /// Whether it ended before the handshake completed (for example a certificate from another
+        /// CA, or a name that did not match).
+        handshake_failed: bool,
+    },
+}
+
+/// Node counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    /// Membership counters.
+    pub membership: membership::Stats,
+    /// Transport counters.
+    pub transport: TransportStats,
+    /// Membership messages dropped because they did not decode.
+    pub undecodable: u64,
+}
+
+/// One grinta node.
+#[derive(Debug)]
+pub struct Node {
+    membership: Membership,
+    transport: Transport,
+    seeds: Vec<SocketAddr>,
+    events: VecDeque<Event>,
+    undecodable: u64,
+}
+
+impl Node {
+    /// Creates a node; it knows nobody until it [`join`](Self::join)s or is contacted.
+    pub fn new(config: NodeConfig, seed: u64, now: Instant) -> Result<Self, NodeError> {
+        config.validate()?;
+        let transport = Transport::new(
+            &config.name,
+            &config.tls,
+            config.crypto_provider.clone(),
+            config.time_provider.clone(),
+            config.transport.clone(),
+        )?;
+        let membership = Membership::new(
+            config.membership.clone(),
+            &config.name,
+            config.advertise_addr(),
+            seed,
+            now,
+        )?;
+        Ok(Self {
+            membership,
+            transport,
+            seeds: config.seeds,
+            events: VecDeque::new(),
+            undecodable: 0,
+        })
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        self.membership.local_name()
+    }
+
+    /// The address other nodes reach this node at.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.membership.local_addr()
+    }
+
+    /// The membership view.
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> NodeStats {
+        NodeStats {
+            membership: self.membership.stats(),
+            transport: self.transport.stats.clone(),
+            undecodable: self.undecodable,
+        }
+    }
+
+    /// Open QUIC connections (in any state).
+    pub fn connection_count(&self) -> usize {
+        self.transport.connection_count()
+    }
+
+    /// Joins the cluster through the configured seeds plus `extra_seeds`.
+    pub fn join(&mut self, now: Instant, extra_seeds: &[SocketAddr]) {
+        let mut seeds = self.seeds.clone();
+        seeds.extend_from_slice(extra_seeds);
+        self.membership.join(now, &seeds);
+        self.pump(now);
+    }
+
+    /// Leaves the cluster gracefully; connections close once the announcement has spread
+    /// ([`membership::Event::LeaveComplete`]).
+    pub fn leave(&mut self, now: Instant) {
+        self.membership.leave(now);
+        self.pump(now);
+    }
+
+    /// Processes one UDP datagram received from `from`. Nothing a peer sends can make this panic.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        self.transport.handle_udp(now, from, data);
+        self.pump(now);
+    }
+
+    /// Runs every timer due at `now`; spurious calls are harmless.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.transport.handle_timeout(now);
+        if self.membership.poll_timeout().is_some_and(|t| t <= now) {
+            self.membership.handle_timeout(now);
+        }
+        self.pump(now);
+    }
+
+    /// The next UDP datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transport.poll_transmit()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must next be called.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        match (
+            self.membership.poll_timeout(),
+            self.transport.poll_timeout(),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Moves messages between the transport and membership until both are quiet.
+    fn pump(&mut self, now: Instant) {
+        loop {
+            let mut progressed = false;
+            while let Some(event) = self.transport.poll_event() {
+                progressed = true;
+                self.handle_transport_event(now, event);
+            }
+            while let Some(t) = self.membership.poll_transmit() {
+                progressed = true;
+                self.route(now, t);
+            }
+            while let Some(event) = self.membership.poll_event() {
+                progressed = true;
+                if event == membership::Event::LeaveComplete {
+                    self.transport.close_all(now);
+                }
+                self.events.push_back(Event::Membership(event));
+            }
+            self.transport.flush(now);
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    fn route(&mut self, now: Instant, t: membership::Transmit) {
+        match t.channel {
+            Channel::Datagram => self.transport.send_datagram(
+                now,
+                t.dst_name.as_deref(),
+                t.dst,
+                Bytes::from(t.payload),
+            ),
+            Channel::Stream => {
+                self.transport
+                    .send_request(now, t.dst_name.as_deref(), t.dst, &t.payload)
+            }
+            // Replies are routed in `handle_transport_event`, right after the request.
+            Channel::StreamReply => trace!("dropping a push-pull reply with no request stream"),
+        }
+    }
+
+    fn handle_transport_event(&mut self, now: Instant, event: TransportEvent) {
+        match event {
+            TransportEvent::Datagram { conn, data } => {
+                let Ok(packet) = wire::Packet::decode(data) else {
+                    self.undecodable += 1;
+                    return;
+                };
+                // First-hand rule: a peer speaks only for itself.
+                if !self.transport.authenticate(conn, &packet.sender) {
+                    debug!(claimed = %packet.sender, "dropping a packet whose sender is not the authenticated peer");
+                    return;
+                }
+                let Some((_, addr)) = self.transport.peer_of(conn) else {
+                    return;
+                };
+                self.membership.handle_packet(now, addr, packet);
+            }
+            TransportEvent::StreamRequest { conn, stream, data } => {
+                let Ok(pp) = wire::PushPull::decode(data) else {
+                    self.undecodable += 1;
+                    return;
+                };
+                if !self.transport.authenticate(conn, &pp.sender) {
+                    return;
+                }
+                let Some((_, addr)) = self.transport.peer_of(conn) else {
+                    return;
+                };
+                self.membership.handle_push_pull(now, addr, pp);
+                // The reply is produced during that call; send it back on the request's stream.
+                let mut others = Vec::new();
+                while let Some(t) = self.membership.poll_transmit() {
+                    if t.channel == Channel::StreamReply {
+                        self.transport.send_reply(conn, stream, &t.payload);
+                    } else {
+                        others.push(t);
+                    }
+                }
+                for t in others {
+                    self.route(now, t);
+                }
+            }
+            TransportEvent::StreamReply { conn, data } => {
+                let Ok(pp) = wire::PushPull::decode(data) else {
+                    self.undecodable += 1;
+                    return;
+                };
+                if !self.transport.authenticate(conn, &pp.sender) {
+                    return;
+                }
+                let Some((_, addr)) = self.transport.peer_of(conn) else {
+                    return;
+                };
+                self.membership.handle_push_pull(now, addr, pp);
+            }
+            TransportEvent::Lost {
+                name,
+                addr,
+                handshake_failed,
+            } => self.events.push_back(Event::ConnectionLost {
+                name,
+                addr,
+                handshake_failed,
+            }),
+        }
+    }
+}

@@ -1,0 +1,404 @@
+//! Mutual TLS between nodes: the cluster CA, node certificates and the rustls configurations.
+//!
+//! Every node holds a certificate signed by the cluster CA whose DNS SAN is its node name. Dialling
+//! node `n` verifies that the peer's certificate is valid for `n`; the acceptor verifies the dialler's
+//! client certificate against the same CA and binds the connection to the node name that certificate
+//! is valid for (checked on the first message that names the sender). TLS 1.3 only, ALPN `grinta/1`.
+//!
+//! The crypto provider is a single choice, made in [`crypto_provider`]: rustls with `ring`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::time_provider::TimeProvider;
+
+use crate::wire::ALPN;
+
+/// The crypto provider every node uses: rustls with `ring` (it builds with a C compiler alone).
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The time source rustls checks certificate validity against: the system clock. This is the one
+/// place grinta lets a library read the wall clock; simulations substitute a fixed clock
+/// ([`crate::node::NodeConfig::time_provider`]).
+pub fn system_time() -> Arc<dyn TimeProvider> {
+    Arc::new(rustls::time_provider::DefaultTimeProvider)
+}
+
+/// A node's TLS material: the cluster CA certificates it trusts, its own certificate chain (leaf
+/// first, valid for its node name) and the leaf's private key.
+#[derive(Debug)]
+pub struct TlsConfig {
+    /// Certificates of the cluster CA (more than one while rotating CAs).
+    pub ca_certs: Vec<CertificateDer<'static>>,
+    /// The node's certificate chain, leaf first.
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    /// The private key of the leaf certificate.
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Clone for TlsConfig {
+    fn clone(&self) -> Self {
+        Self {
+            ca_certs: self.ca_certs.clone(),
+            cert_chain: self.cert_chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+/// TLS material that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read.
+    #[error("cannot read {what} from {path}: {source}")]
+    Read {
+        /// Which material.
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// The I/O or PEM error.
+        source: rustls::pki_types::pem::Error,
+    },
+    /// PEM data held nothing of the expected kind.
+    #[error("no {what} found in the PEM data")]
+    Missing {
+        /// Which material.
+        what: &'static str,
+    },
+    /// PEM data could not be parsed.
+    #[error("invalid PEM {what}: {source}")]
+    Pem {
+        /// Which material.
+        what: &'static str,
+        /// The PEM error.
+        source: rustls::pki_types::pem::Error,
+    },
+    /// The node certificate is not valid for the node's name.
+    #[error(
+        "the node certificate is not valid for node name {name:?} (its DNS SAN must be the node name)"
+    )]
+    NameMismatch {
+        /// The node name.
+        name: String,
+    },
+    /// The node certificate could not be parsed.
+    #[error("the node certificate is not a valid X.509 certificate: {0}")]
+    BadCertificate(String),
+    /// rustls refused the material (for example a key that does not match the certificate).
+    #[error("TLS configuration refused: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// A CA certificate could not be added to the trust store.
+    #[error("invalid CA certificate: {0}")]
+    BadCa(String),
+}
+
+impl TlsConfig {
+    /// Loads the material from PEM files: the CA certificate(s), the node certificate chain and its
+    /// private key (PKCS#8, PKCS#1 or SEC1).
+    pub fn from_pem_files(
+        ca: impl AsRef<Path>,
+        cert_chain: impl AsRef<Path>,
+        key: impl AsRef<Path>,
+    ) -> Result<Self, TlsError> {
+        let read_certs =
+            |what: &'static str, path: &Path| -> Result<Vec<CertificateDer<'static>>, TlsError> {
+                let err = |source| TlsError::Read {
+                    what,
+                    path: path.display().to_string(),
+                    source,
+                };
+                let certs = CertificateDer::pem_file_iter(path)
+                    .map_err(err)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(err)?;
+                if certs.is_empty() {
+                    return Err(TlsError::Missing { what });
+                }
+                Ok(certs)
+            };
+        let key_path = key.as_ref();
+        Ok(Self {
+            ca_certs: read_certs("CA certificates", ca.as_ref())?,
+            cert_chain: read_certs("node certificate chain", cert_chain.as_ref())?,
+            key: PrivateKeyDer::from_pem_file(key_path).map_err(|source| TlsError::Read {
+                what: "private key",
+                path: key_path.display().to_string(),
+                source,
+            })?,
+        })
+    }
+
+    /// Parses the material from PEM bytes.
+    pub fn from_pem(ca: &[u8], cert_chain: &[u8], key: &[u8]) -> Result<Self, TlsError> {
+        let certs =
+            |what: &'static str, data: &[u8]| -> Result<Vec<CertificateDer<'static>>, TlsError> {
+                let certs = CertificateDer::pem_slice_iter(data)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|source| TlsError::Pem { what, source })?;
+                if certs.is_empty() {
+                    return Err(TlsError::Missing { what });
+                }
+                Ok(certs)
+            };
+        Ok(Self {
+            ca_certs: certs("CA certificates", ca)?,
+            cert_chain: certs("node certificate chain", cert_chain)?,
+            key: PrivateKeyDer::from_pem_slice(key).map_err(|source| TlsError::Pem {
+                what: "private key",
+                source,
+            })?,
+        })
+    }
+}
+
+/// The rustls configurations of one node.
+#[derive(Debug, Clone)]
+pub(crate) struct NodeTls {
+    pub(crate) server: Arc<rustls::ServerConfig>,
+    pub(crate) client: Arc<rustls::ClientConfig>,
+}
+
+/// Builds the server (acceptor) and client (dialler) configurations of node `name`.
+pub(crate) fn build(
+    tls: &TlsConfig,
+    name: &str,
+    provider: Arc<CryptoProvider>,
+    time_provider: Arc<dyn TimeProvider>,
+) -> Result<NodeTls, TlsError> {
+    let leaf = tls.cert_chain.first().ok_or(TlsError::Missing {
+        what: "node certificate chain",
+    })?;
+    if !certificate_is_valid_for(leaf, name)? {
+        return Err(TlsError::NameMismatch {
+            name: name.to_owned(),
+        });
+    }
+    if tls.ca_certs.is_empty() {
+        return Err(TlsError::Missing {
+            what: "CA certificates",
+        });
+    }
+    let mut roots = RootCertStore::empty();
+    for ca in &tls.ca_certs {
+        roots
+            .add(ca.clone())
+            .map_err(|e| TlsError::BadCa(e.to_string()))?;
+    }
+    let roots = Arc::new(roots);
+
+    let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots.clone(),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| TlsError::BadCa(e.to_string()))?;
+    let mut server =
+        rustls::ServerConfig::builder_with_details(provider.clone(), time_provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(client_verifier)
+            .with_single_cert(tls.cert_chain.clone(), tls.key.clone_key())?;
+    server.alpn_protocols = vec![ALPN.to_vec()];
+    server.max_early_data_size = 0;
+
+    let mut client = rustls::ClientConfig::builder_with_details(provider, time_provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(tls.cert_chain.clone(), tls.key.clone_key())?;
+    client.alpn_protocols = vec![ALPN.to_vec()];
+    client.enable_early_data = false;
+
+    Ok(NodeTls {
+        server: Arc::new(server),
+        client: Arc::new(client),
+    })
+}
+
+/// Whether `cert` carries a DNS SAN valid for `name`.
+pub(crate) fn certificate_is_valid_for(
+    cert: &CertificateDer<'_>,
+    name: &str,
+) -> Result<bool, TlsError> {
+    let parsed = webpki::EndEntityCert::try_from(cert)
+        .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+    let Ok(server_name) = ServerName::try_from(name) else {
+        return Ok(false);
+    };
+    Ok(parsed
+        .verify_is_valid_for_subject_name(&server_name)
+        .is_ok())
+}
+
+/// Development certificates: a throw-away cluster CA and node certificates, in memory or on disk.
+///
+/// Keys are Ed25519 (deterministic signatures, small certificates). Never use them in production:
+/// the CA key lives in memory and is not protected.
+///
+/// ```
+/// use grinta_proto::tls::dev::DevCa;
+///
+/// let ca = DevCa::new()?;
+/// let node_a = ca.issue("node-a")?;
+/// assert_eq!(node_a.ca_certs.len(), 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[cfg(feature = "dev-certs")]
+pub mod dev {
+    use std::path::Path;
+
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+        PKCS_ED25519,
+    };
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    use super::TlsConfig;
+
+    /// Failure to make or write development certificates.
+    #[derive(Debug, thiserror::Error)]
+    pub enum DevCertError {
+        /// rcgen could not make a key or certificate (for example an invalid name).
+        #[error("cannot generate a development certificate: {0}")]
+        Generate(#[from] rcgen::Error),
+        /// Writing the files failed.
+        #[error("cannot write development certificates: {0}")]
+        Io(#[from] std::io::Error),
+    }
+
+    /// A development cluster CA.
+    pub struct DevCa {
+        cert: CertificateDer<'static>,
+        cert_pem: String,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    impl std::fmt::Debug for DevCa {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("DevCa").finish_non_exhaustive()
+        }
+    }
+
+    impl DevCa {
+        /// Makes a new CA with a fresh Ed25519 key.
+        pub fn new() -> Result<Self, DevCertError> {
+            let key = KeyPair::generate_for(&PKCS_ED25519)?;
+            let mut params = CertificateParams::new(Vec::<String>::new())?;
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(DnType::CommonName, "grinta development CA");
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let cert = params.self_signed(&key)?;
+            Ok(Self {
+                cert_pem: cert.pem(),
+                cert: cert.der().clone(),
+                issuer: Issuer::new(params, key),
+            })
+        }
+
+        /// The CA certificate.
+        pub fn certificate(&self) -> &CertificateDer<'static> {
+            &self.cert
+        }
+
+        /// Issues the TLS material of node `name` (DNS SAN = `name`).
+        pub fn issue(&self, name: &str) -> Result<TlsConfig, DevCertError> {
+            let (cert, key) = self.issue_raw(name)?;
+            Ok(TlsConfig {
+                ca_certs: vec![self.cert.clone()],
+                cert_chain: vec![cert.der().clone()],
+                key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            })
+        }
+
+        fn issue_raw(&self, name: &str) -> Result<(rcgen::Certificate, KeyPair), DevCertError> {
+            let key = KeyPair::generate_for(&PKCS_ED25519)?;
+            let mut params = CertificateParams::new(vec![name.to_owned()])?;
+            params.distinguished_name.push(DnType::CommonName, name);
+            let cert = params.signed_by(&key, &self.issuer)?;
+            Ok((cert, key))
+        }
+
+        /// Writes `ca.pem`, then `<name>.pem` and `<name>.key` for each node, into `dir`.
+        pub fn write_to_dir(
+            &self,
+            dir: impl AsRef<Path>,
+            names: &[&str],
+        ) -> Result<(), DevCertError> {
+            let dir = dir.as_ref();
+            std::fs::create_dir_all(dir)?;
+            std::fs::write(dir.join("ca.pem"), &self.cert_pem)?;
+            for name in names {
+                let (cert, key) = self.issue_raw(name)?;
+                std::fs::write(dir.join(format!("{name}.pem")), cert.pem())?;
+                std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem())?;
+            }
+            Ok(())
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn issued_material_builds_and_names_match() {
+            let ca = DevCa::new().unwrap();
+            let tls = ca.issue("node-a").unwrap();
+            assert!(
+                super::super::build(
+                    &tls,
+                    "node-a",
+                    super::super::crypto_provider(),
+                    super::super::system_time()
+                )
+                .is_ok()
+            );
+            let err = super::super::build(
+                &tls,
+                "node-b",
+                super::super::crypto_provider(),
+                super::super::system_time(),
+            )
+            .unwrap_err();
+            assert!(
+                matches!(err, super::super::TlsError::NameMismatch { .. }),
+                "{err}"
+            );
+        }
+
+        #[test]
+        fn pem_files_round_trip() {
+            let ca = DevCa::new().unwrap();
+            let dir = std::env::temp_dir().join(format!("grinta-dev-certs-{}", std::process::id()));
+            ca.write_to_dir(&dir, &["node-a"]).unwrap();
+            let tls = TlsConfig::from_pem_files(
+                dir.join("ca.pem"),
+                dir.join("node-a.pem"),
+                dir.join("node-a.key"),
+            )
+            .unwrap();
+            assert!(
+                super::super::build(
+                    &tls,
+                    "node-a",
+                    super::super::crypto_provider(),
+                    super::super::system_time()
+                )
+                .is_ok()
+            );
+            let missing = TlsConfig::from_pem_files(
+                dir.join("nope.pem"),
+                dir.join("node-a.pem"),
+                dir.join("node-a.key"),
+            );
+            assert!(missing.unwrap_err().to_string().contains("nope.pem"));
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+}

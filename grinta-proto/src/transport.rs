@@ -1,0 +1,973 @@
+//! QUIC between nodes: one `quinn_proto::Endpoint` per node, one `quinn_proto::Connection` per peer.
+//!
+//! Connections are opened on demand, the first time something is sent to a peer; datagrams and stream
+//! messages wait (bounded) while the handshake runs and are dropped with a counter if it fails.
+//! Membership packets travel as QUIC DATAGRAM frames; push-pull exchanges travel on a bidirectional
+//! stream (request, then the reply on the same stream). Connections that carry nothing for
+//! `idle_timeout` are closed by QUIC's idle timer.
+//!
+//! Identity: a connection is bound to the node name its certificate proves. A dialler that knows the
+//! name it means to reach has TLS verify it (SAN check); a connection accepted from a peer, or dialled
+//! to a seed known only by address, is bound on its first message, to the sender name that message
+//! claims, only if the peer's certificate is valid for that name. From then on every message must
+//! claim that same name.
+//!
+//! Two nodes that dial each other at once end up with two connections. Both stay usable; each side
+//! sends on the connection dialled by the node with the lower name once it is established, and the
+//! other one idles out.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use hashbrown::HashMap;
+use quinn_proto::{
+    ClientConfig, ConnectionHandle, ConnectionId, ConnectionIdGenerator, DatagramEvent, Dir,
+    Endpoint, EndpointConfig, ServerConfig, StreamEvent, StreamId, TimeSource, TransportConfig,
+    VarInt,
+};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::CertificateDer;
+use rustls::time_provider::TimeProvider;
+use tracing::{debug, trace};
+
+use crate::tls::{self, NodeTls};
+use crate::wire::framing::{self, FrameDecoder};
+use crate::wire::{ConnectionCloseCode, StreamErrorCode};
+
+/// Transport limits and timers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportLimits {
+    /// Most QUIC connections open at once; further incoming connections are refused.
+    pub max_connections: usize,
+    /// Datagrams queued per connection while its handshake runs; beyond it they are dropped.
+    pub max_queued_datagrams: usize,
+    /// Stream messages (push-pull) queued per connection while its handshake runs.
+    pub max_queued_stream_messages: usize,
+    /// Largest stream message (push-pull) accepted, in bytes.
+    pub max_stream_message_size: usize,
+    /// A connection that carries nothing this long is closed.
+    pub idle_timeout: Duration,
+    /// Most concurrent bidirectional streams a peer may open on one connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            max_queued_datagrams: 64,
+            max_queued_stream_messages: 8,
+            max_stream_message_size: 8 << 20,
+            idle_timeout: Duration::from_secs(30),
+            max_concurrent_streams: 64,
+        }
+    }
+}
+
+/// Transport counters; they only grow.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TransportStats {
+    /// Connections this node dialled.
+    pub connections_dialled: u64,
+    /// Connections this node accepted.
+    pub connections_accepted: u64,
+    /// Incoming connections refused (limit reached or handshake refused).
+    pub connections_refused: u64,
+    /// Connections whose handshake failed (bad certificate, wrong name, timeout).
+    pub handshakes_failed: u64,
+    /// Datagrams dropped: queue full while handshaking, handshake failure, or too large.
+    pub datagrams_dropped: u64,
+    /// Stream messages dropped (queue full, handshake failure, stream error, too large).
+    pub stream_messages_dropped: u64,
+    /// Messages dropped because the sender name was not the one the certificate proves.
+    pub identity_rejections: u64,
+    /// UDP datagrams received.
+    pub udp_received: u64,
+    /// UDP datagrams sent.
+    pub udp_sent: u64,
+}
+
+/// What the transport delivers to the node.
+#[derive(Debug)]
+pub(crate) enum TransportEvent {
+    /// A DATAGRAM frame from an established connection.
+    Datagram { conn: ConnectionHandle, data: Bytes },
+    /// A complete stream message that opens an exchange (the peer waits for a reply).
+    StreamRequest {
+        conn: ConnectionHandle,
+        stream: StreamId,
+        data: Bytes,
+    },
+    /// A complete reply on a stream this node opened.
+    StreamReply { conn: ConnectionHandle, data: Bytes },
+    /// A connection lost (closed, idle, failed); `name` if it was bound.
+    Lost {
+        name: Option<String>,
+        addr: SocketAddr,
+        handshake_failed: bool,
+    },
+}
+
+/// A UDP datagram to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Destination address.
+    pub destination: SocketAddr,
+    /// The UDP payload.
+    pub contents: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct OutStream {
+    data: Bytes,
+    written: usize,
+}
+
+struct Conn {
+    conn: quinn_proto::Connection,
+    addr: SocketAddr,
+    /// The node name this connection is bound to.
+    peer: Option<String>,
+    /// Whether this node dialled it.
+    dialled: bool,
+    established: bool,
+    queued_datagrams: VecDeque<Bytes>,
+    /// Stream messages waiting for the handshake: (framed bytes, is a reply to this stream).
+    queued_requests: VecDeque<Bytes>,
+    /// Incoming stream data being reassembled.
+    inbound: HashMap<StreamId, FrameDecoder>,
+    /// Streams this node opened (a message on them is a reply).
+    opened: hashbrown::HashSet<StreamId>,
+    /// Outgoing stream data not yet accepted by flow control.
+    outbound: BTreeMap<StreamId, OutStream>,
+}
+
+/// One node's QUIC endpoint and connections.
+pub(crate) struct Transport {
+    endpoint: Endpoint,
+    client: ClientConfig,
+    /// Client configuration for dialling seeds known only by address (name checked on first message).
+    client_any_name: ClientConfig,
+    conns: BTreeMap<ConnectionHandle, Conn>,
+    by_name: HashMap<String, ConnectionHandle>,
+    local_name: String,
+    limits: TransportLimits,
+    outgoing: VecDeque<Transmit>,
+    events: VecDeque<TransportEvent>,
+    dirty: std::collections::BTreeSet<ConnectionHandle>,
+    buf: Vec<u8>,
+    pub(crate) stats: TransportStats,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("local_name", &self.local_name)
+            .field("connections", &self.conns.len())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Connection IDs drawn from a generator seeded with cryptographic randomness.
+struct SeededCidGenerator(ChaCha8Rng);
+
+impl ConnectionIdGenerator for SeededCidGenerator {
+    fn generate_cid(&mut self) -> ConnectionId {
+        let mut bytes = [0u8; CID_LEN];
+        self.0.fill_bytes(&mut bytes);
+        ConnectionId::new(&bytes)
+    }
+
+    fn cid_len(&self) -> usize {
+        CID_LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
+const CID_LEN: usize = 8;
+
+/// grinta never issues address-validation tokens, so quinn never needs the wall clock; this source
+/// keeps it from reading it anyway.
+struct NoWallClock;
+
+impl TimeSource for NoWallClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH
+    }
+}
+
+fn random_bytes<const N: usize>(provider: &CryptoProvider) -> Result<[u8; N], rustls::Error> {
+    let mut out = [0u8; N];
+    provider
+        .secure_random
+        .fill(&mut out)
+        .map_err(|_| rustls::Error::FailedToGetRandomBytes)?;
+    Ok(out)
+}
+
+/// Accepts any certificate chained to the cluster CA whatever its name: used only to dial seeds known
+/// by address; the connection is then bound on its first message to a name the certificate proves.
+#[derive(Debug)]
+struct AnyNameVerifier(Arc<dyn rustls::client::danger::ServerCertVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyNameVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError;
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// Why the transport could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The TLS material is unusable.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// rustls or quinn refused the configuration.
+    #[error("QUIC configuration refused: {0}")]
+    Config(String),
+}
+
+impl Transport {
+    pub(crate) fn new(
+        local_name: &str,
+        tls: &tls::TlsConfig,
+        provider: Arc<CryptoProvider>,
+        time_provider: Arc<dyn TimeProvider>,
+        limits: TransportLimits,
+    ) -> Result<Self, TransportError> {
+        let NodeTls { server, client } =
+            tls::build(tls, local_name, provider.clone(), time_provider)?;
+        let cfg = |e: &dyn std::fmt::Display| TransportError::Config(e.to_string());
+
+        let mut transport = TransportConfig::default();
+        transport
+            .max_idle_timeout(Some(
+                VarInt::from_u64(limits.idle_timeout.as_millis() as u64)
+                    .map_err(|e| cfg(&e))?
+                    .into(),
+            ))
+            .max_concurrent_bidi_streams(VarInt::from_u32(limits.max_concurrent_streams))
+            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            .datagram_receive_buffer_size(Some(256 * 1024))
+            .datagram_send_buffer_size(256 * 1024)
+            // Paths on loopback and LANs; mtu discovery is a later optimisation.
+            .mtu_discovery_config(None);
+        let transport = Arc::new(transport);
+
+        let quic_server =
+            quinn_proto::crypto::rustls::QuicServerConfig::try_from(server).map_err(|e| cfg(&e))?;
+        let token_key = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[])
+            .extract(&random_bytes::<32>(&provider).map_err(|e| cfg(&e))?);
+        let mut server_config = ServerConfig::new(Arc::new(quic_server), Arc::new(token_key));
+        server_config.transport_config(transport.clone());
+        server_config.time_source(Arc::new(NoWallClock));
+        let mut tokens = quinn_proto::ValidationTokenConfig::default();
+        tokens.sent(0).log(Arc::new(quinn_proto::NoneTokenLog));
+        server_config.validation_token_config(tokens);
+        server_config.migration(false);
+
+        let quic_client = quinn_proto::crypto::rustls::QuicClientConfig::try_from(client.clone())
+            .map_err(|e| cfg(&e))?;
+        // Initial destination connection IDs from the provider's secure randomness (quinn's default
+        // reads the thread's RNG), and no address-validation tokens.
+        let dcid_rng = Arc::new(Mutex::new(ChaCha8Rng::from_seed(
+            random_bytes::<32>(&provider).map_err(|e| cfg(&e))?,
+        )));
+        let initial_dcid = move || {
+            let mut bytes = [0u8; 20];
+            if let Ok(mut rng) = dcid_rng.lock() {
+                rng.fill_bytes(&mut bytes);
+            }
+            ConnectionId::new(&bytes)
+        };
+        let initial_dcid: Arc<dyn Fn() -> ConnectionId + Send + Sync> = Arc::new(initial_dcid);
+        let mut client_config = ClientConfig::new(Arc::new(quic_client));
+        client_config
+            .transport_config(transport.clone())
+            .initial_dst_cid_provider(initial_dcid.clone())
+            .token_store(Arc::new(quinn_proto::NoneTokenStore));
+
+        // The same client, but accepting any name the CA vouches for (seeds known by address).
+        let mut any = (*client).clone();
+        let roots = any_name_roots(tls)?;
+        let inner =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+                .build()
+                .map_err(|e| cfg(&e))?;
+        any.dangerous()
+            .set_certificate_verifier(Arc::new(AnyNameVerifier(inner)));
+        let quic_any = quinn_proto::crypto::rustls::QuicClientConfig::try_from(Arc::new(any))
+            .map_err(|e| cfg(&e))?;
+        let mut client_any_name = ClientConfig::new(Arc::new(quic_any));
+        client_any_name
+            .transport_config(transport)
+            .initial_dst_cid_provider(initial_dcid)
+            .token_store(Arc::new(quinn_proto::NoneTokenStore));
+
+        let reset_key = ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            &random_bytes::<32>(&provider).map_err(|e| cfg(&e))?,
+        );
+        let mut endpoint_config = EndpointConfig::new(Arc::new(reset_key));
+        let cid_seed = random_bytes::<32>(&provider).map_err(|e| cfg(&e))?;
+        let cid_rng = Mutex::new(ChaCha8Rng::from_seed(cid_seed));
+        endpoint_config.cid_generator(move || {
+            // Each generator gets its own stream, derived from the shared seeded generator.
+            let seed = cid_rng
+                .lock()
+                .map(|mut rng| {
+                    let mut s = [0u8; 32];
+                    rng.fill_bytes(&mut s);
+                    s
+                })
+                .unwrap_or([7u8; 32]);
+            Box::new(SeededCidGenerator(ChaCha8Rng::from_seed(seed)))
+        });
+        endpoint_config.rng_seed(Some(random_bytes::<32>(&provider).map_err(|e| cfg(&e))?));
+        let endpoint = Endpoint::new(
+            Arc::new(endpoint_config),
+            Some(Arc::new(server_config)),
+            false,
+            None,
+        );
+        Ok(Self {
+            endpoint,
+            client: client_config,
+            client_any_name,
+            conns: BTreeMap::new(),
+            by_name: HashMap::new(),
+            local_name: local_name.to_owned(),
+            limits,
+            outgoing: VecDeque::new(),
+            events: VecDeque::new(),
+            dirty: Default::default(),
+            buf: Vec::with_capacity(1500),
+            stats: TransportStats::default(),
+        })
+    }
+
+    pub(crate) fn peer_of(&self, conn: ConnectionHandle) -> Option<(&str, SocketAddr)> {
+        let c = self.conns.get(&conn)?;
+        Some((c.peer.as_deref()?, c.addr))
+    }
+
+    /// Binds `conn` to `name` if the peer's certificate proves it, or checks the existing binding.
+    /// Returns whether messages claiming `name` may be accepted from this connection.
+    pub(crate) fn authenticate(&mut self, conn: ConnectionHandle, name: &str) -> bool {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return false;
+        };
+        let ok = match &c.peer {
+            Some(bound) => bound == name,
+            None => {
+                let proven = c
+                    .conn
+                    .crypto_session()
+                    .peer_identity()
+                    .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+                    .and_then(|chain| chain.first().cloned())
+                    .is_some_and(|leaf| {
+                        tls::certificate_is_valid_for(&leaf, name).unwrap_or(false)
+                    });
+                if proven && name != self.local_name {
+                    c.peer = Some(name.to_owned());
+                    self.bind_name(conn, name);
+                }
+                proven && name != self.local_name
+            }
+        };
+        if !ok {
+            self.stats.identity_rejections += 1;
+        }
+        ok
+    }
+
+    /// Makes `conn` the connection used for `name`, unless a preferred one already exists.
+    fn bind_name(&mut self, conn: ConnectionHandle, name: &str) {
+        match self.by_name.get(name) {
+            Some(&existing) if existing != conn => {
+                if self.preferred(existing, conn, name) == conn {
+                    self.by_name.insert(name.to_owned(), conn);
+                }
+            }
+            Some(_) => {}
+            None => {
+                self.by_name.insert(name.to_owned(), conn);
+            }
+        }
+    }
+
+    /// Of two connections to `name`, the one both sides agree on: established first, then the one
+    /// dialled by the node with the lower name.
+    fn preferred(&self, a: ConnectionHandle, b: ConnectionHandle, name: &str) -> ConnectionHandle {
+        let (Some(ca), Some(cb)) = (self.conns.get(&a), self.conns.get(&b)) else {
+            return if self.conns.contains_key(&a) { a } else { b };
+        };
+        if ca.established != cb.established {
+            return if ca.established { a } else { b };
+        }
+        let lower_dials = self.local_name.as_str() < name;
+        // The canonical connection is the one dialled by the lower name.
+        if ca.dialled == lower_dials { a } else { b }
+    }
+
+    /// The connection to use for `name` at `addr`, dialling one if needed.
+    fn connection_for(
+        &mut self,
+        now: Instant,
+        name: Option<&str>,
+        addr: SocketAddr,
+    ) -> Option<ConnectionHandle> {
+        if let Some(name) = name {
+            if let Some(&ch) = self.by_name.get(name) {
+                if self.conns.get(&ch).is_some_and(|c| c.addr == addr) {
+                    return Some(ch);
+                }
+            }
+        } else if let Some((&ch, _)) = self.conns.iter().find(|(_, c)| c.addr == addr) {
+            return Some(ch);
+        }
+        if self.conns.len() >= self.limits.max_connections {
+            return None;
+        }
+        let (config, server_name) = match name {
+            Some(n) => (self.client.clone(), n.to_owned()),
+            None => (
+                self.client_any_name.clone(),
+                "seed.grinta.invalid".to_owned(),
+            ),
+        };
+        match self.endpoint.connect(now, config, addr, &server_name) {
+            Ok((ch, conn)) => {
+                self.stats.connections_dialled += 1;
+                debug!(peer = ?name, %addr, "dialling");
+                self.conns.insert(
+                    ch,
+                    Conn {
+                        conn,
+                        addr,
+                        peer: name.map(str::to_owned),
+                        dialled: true,
+                        established: false,
+                        queued_datagrams: VecDeque::new(),
+                        queued_requests: VecDeque::new(),
+                        inbound: HashMap::new(),
+                        opened: Default::default(),
+                        outbound: BTreeMap::new(),
+                    },
+                );
+                if let Some(n) = name {
+                    self.bind_name(ch, n);
+                }
+                self.dirty.insert(ch);
+                Some(ch)
+            }
+            Err(e) => {
+                debug!(%addr, error = %e, "cannot dial");
+                None
+            }
+        }
+    }
+
+    /// Sends a membership packet as a DATAGRAM frame, connecting first if needed.
+    pub(crate) fn send_datagram(
+        &mut self,
+        now: Instant,
+        name: Option<&str>,
+        addr: SocketAddr,
+        data: Bytes,
+    ) {
+        let Some(ch) = self.connection_for(now, name, addr) else {
+            self.stats.datagrams_dropped += 1;
+            return;
+        };
+        let limit = self.limits.max_queued_datagrams;
+        let Some(c) = self.conns.get_mut(&ch) else {
+            return;
+        };
+        if c.established {
+            if c.conn.datagrams().send(data, true).is_err() {
+                self.stats.datagrams_dropped += 1;
+            }
+        } else if c.queued_datagrams.len() < limit {
+            c.queued_datagrams.push_back(data);
+        } else {
+            self.stats.datagrams_dropped += 1;
+        }
+        self.dirty.insert(ch);
+    }
+
+    /// Opens a stream to the peer and sends `data` as one framed message on it.
+    pub(crate) fn send_request(
+        &mut self,
+        now: Instant,
+        name: Option<&str>,
+        addr: SocketAddr,
+        data: &[u8],
+    ) {
+        let Some(ch) = self.connection_for(now, name, addr) else {
+            self.stats.stream_messages_dropped += 1;
+            return;
+        };
+        let mut framed = Vec::with_capacity(framing::framed_len(data.len()));
+        framing::encode_frame(data, &mut framed);
+        let limit = self.limits.max_queued_stream_messages;
+        let Some(c) = self.conns.get_mut(&ch) else {
+            return;
+        };
+        if c.established {
+            Self::open_and_write(c, framed.into(), &mut self.stats);
+        } else if c.queued_requests.len() < limit {
+            c.queued_requests.push_back(framed.into());
+        } else {
+            self.stats.stream_messages_dropped += 1;
+        }
+        self.dirty.insert(ch);
+    }
+
+    /// Sends `data` as the reply on `stream`, then finishes it.
+    pub(crate) fn send_reply(&mut self, conn: ConnectionHandle, stream: StreamId, data: &[u8]) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            self.stats.stream_messages_dropped += 1;
+            return;
+        };
+        let mut framed = Vec::with_capacity(framing::framed_len(data.len()));
+        framing::encode_frame(data, &mut framed);
+        c.outbound.insert(
+            stream,
+            OutStream {
+                data: framed.into(),
+                written: 0,
+            },
+        );
+        Self::flush_stream(c, stream, &mut self.stats);
+        self.dirty.insert(conn);
+    }
+
+    fn open_and_write(c: &mut Conn, framed: Bytes, stats: &mut TransportStats) {
+        let Some(id) = c.conn.streams().open(Dir::Bi) else {
+            // The peer's stream limit is reached: drop; membership retries later.
+            stats.stream_messages_dropped += 1;
+            return;
+        };
+        c.opened.insert(id);
+        c.outbound.insert(
+            id,
+            OutStream {
+                data: framed,
+                written: 0,
+            },
+        );
+        Self::flush_stream(c, id, stats);
+    }
+
+    fn flush_stream(c: &mut Conn, id: StreamId, stats: &mut TransportStats) {
+        let Some(out) = c.outbound.get_mut(&id) else {
+            return;
+        };
+        let mut send = c.conn.send_stream(id);
+        while out.written < out.data.len() {
+            match send.write(&out.data[out.written..]) {
+                Ok(n) => out.written += n,
+                Err(quinn_proto::WriteError::Blocked) => return,
+                Err(_) => {
+                    stats.stream_messages_dropped += 1;
+                    c.outbound.remove(&id);
+                    return;
+                }
+            }
+        }
+        let _ = send.finish();
+        c.outbound.remove(&id);
+    }
+
+    /// Processes one UDP datagram from the socket.
+    pub(crate) fn handle_udp(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        self.stats.udp_received += 1;
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        let event = self
+            .endpoint
+            .handle(now, from, None, None, BytesMut::from(data), &mut buf);
+        match event {
+            Some(DatagramEvent::ConnectionEvent(ch, event)) => {
+                if let Some(c) = self.conns.get_mut(&ch) {
+                    c.conn.handle_event(event);
+                    self.dirty.insert(ch);
+                }
+            }
+            Some(DatagramEvent::NewConnection(incoming)) => {
+                if self.conns.len() >= self.limits.max_connections {
+                    self.stats.connections_refused += 1;
+                    let t = self.endpoint.refuse(incoming, &mut buf);
+                    self.queue_quinn_transmit(&t, &buf);
+                } else {
+                    match self.endpoint.accept(incoming, now, &mut buf, None) {
+                        Ok((ch, conn)) => {
+                            self.stats.connections_accepted += 1;
+                            self.conns.insert(
+                                ch,
+                                Conn {
+                                    conn,
+                                    addr: from,
+                                    peer: None,
+                                    dialled: false,
+                                    established: false,
+                                    queued_datagrams: VecDeque::new(),
+                                    queued_requests: VecDeque::new(),
+                                    inbound: HashMap::new(),
+                                    opened: Default::default(),
+                                    outbound: BTreeMap::new(),
+                                },
+                            );
+                            self.dirty.insert(ch);
+                        }
+                        Err(e) => {
+                            self.stats.connections_refused += 1;
+                            if let Some(t) = e.response {
+                                self.queue_quinn_transmit(&t, &buf);
+                            }
+                        }
+                    }
+                }
+            }
+            Some(DatagramEvent::Response(t)) => self.queue_quinn_transmit(&t, &buf),
+            None => {}
+        }
+        self.buf = buf;
+        self.drive(now);
+    }
+
+    fn queue_quinn_transmit(&mut self, t: &quinn_proto::Transmit, buf: &[u8]) {
+        let size = t.size.min(buf.len());
+        self.stats.udp_sent += 1;
+        self.outgoing.push_back(Transmit {
+            destination: t.destination,
+            contents: buf[..size].to_vec(),
+        });
+    }
+
+    /// Runs connection timers due at `now`.
+    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        let due: Vec<ConnectionHandle> = self
+            .conns
+            .iter_mut()
+            .filter_map(|(&ch, c)| {
+                c.conn
+                    .poll_timeout()
+                    .is_some_and(|t| t <= now)
+                    .then_some(ch)
+            })
+            .collect();
+        for ch in due {
+            if let Some(c) = self.conns.get_mut(&ch) {
+                c.conn.handle_timeout(now);
+                self.dirty.insert(ch);
+            }
+        }
+        self.drive(now);
+    }
+
+    /// The earliest connection deadline.
+    pub(crate) fn poll_timeout(&mut self) -> Option<Instant> {
+        self.conns
+            .values_mut()
+            .filter_map(|c| c.conn.poll_timeout())
+            .min()
+    }
+
+    pub(crate) fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.outgoing.pop_front()
+    }
+
+    pub(crate) fn poll_event(&mut self) -> Option<TransportEvent> {
+        self.events.pop_front()
+    }
+
+    /// Closes every connection (the node is leaving).
+    pub(crate) fn close_all(&mut self, now: Instant) {
+        for (ch, c) in self.conns.iter_mut() {
+            c.conn.close(
+                now,
+                VarInt::from_u32(ConnectionCloseCode::ShuttingDown as u32),
+                Bytes::from_static(b"node shutting down"),
+            );
+            self.dirty.insert(*ch);
+        }
+        self.drive(now);
+    }
+
+    /// Number of connections open (in any state).
+    pub(crate) fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Processes every connection touched since the last call: endpoint events, connection events,
+    /// then its packets.
+    pub(crate) fn flush(&mut self, now: Instant) {
+        self.drive(now);
+    }
+
+    fn drive(&mut self, now: Instant) {
+        while let Some(ch) = self.dirty.pop_first() {
+            self.drive_one(now, ch);
+        }
+    }
+
+    fn drive_one(&mut self, now: Instant, ch: ConnectionHandle) {
+        let mut buf = std::mem::take(&mut self.buf);
+        while let Some(c) = self.conns.get_mut(&ch) {
+            let mut progressed = false;
+            while let Some(ev) = c.conn.poll_endpoint_events() {
+                progressed = true;
+                if let Some(back) = self.endpoint.handle_event(ch, ev) {
+                    c.conn.handle_event(back);
+                }
+            }
+            while let Some(ev) = self.conns.get_mut(&ch).and_then(|c| c.conn.poll()) {
+                progressed = true;
+                self.handle_conn_event(now, ch, ev);
+            }
+            let Some(c) = self.conns.get_mut(&ch) else {
+                break;
+            };
+            buf.clear();
+            while let Some(t) = c.conn.poll_transmit(now, 1, &mut buf) {
+                progressed = true;
+                let size = t.size.min(buf.len());
+                self.stats.udp_sent += 1;
+                self.outgoing.push_back(Transmit {
+                    destination: t.destination,
+                    contents: buf[..size].to_vec(),
+                });
+                buf.clear();
+            }
+            if c.conn.is_drained() {
+                self.remove_conn(ch);
+                break;
+            }
+            if !progressed {
+                break;
+            }
+        }
+        self.buf = buf;
+    }
+
+    fn remove_conn(&mut self, ch: ConnectionHandle) {
+        let Some(c) = self.conns.remove(&ch) else {
+            return;
+        };
+        if let Some(name) = &c.peer {
+            if self.by_name.get(name) == Some(&ch) {
+                self.by_name.remove(name);
+                // Fall back to another connection to the same peer, if any.
+                if let Some((&other, _)) = self
+                    .conns
+                    .iter()
+                    .find(|(_, o)| o.peer.as_deref() == Some(name.as_str()))
+                {
+                    self.by_name.insert(name.clone(), other);
+                }
+            }
+        }
+    }
+
+    fn handle_conn_event(&mut self, now: Instant, ch: ConnectionHandle, ev: quinn_proto::Event) {
+        use quinn_proto::Event;
+        let Some(c) = self.conns.get_mut(&ch) else {
+            return;
+        };
+        match ev {
+            Event::HandshakeDataReady => {}
+            Event::Connected => {
+                c.established = true;
+                trace!(peer = ?c.peer, addr = %c.addr, "connected");
+                while let Some(d) = c.queued_datagrams.pop_front() {
+                    if c.conn.datagrams().send(d, true).is_err() {
+                        self.stats.datagrams_dropped += 1;
+                    }
+                }
+                while let Some(m) = c.queued_requests.pop_front() {
+                    Self::open_and_write(c, m, &mut self.stats);
+                }
+                if let Some(name) = c.peer.clone() {
+                    self.bind_name(ch, &name);
+                }
+            }
+            Event::ConnectionLost { reason } => {
+                let handshake_failed = !c.established;
+                if handshake_failed {
+                    self.stats.handshakes_failed += 1;
+                }
+                self.stats.datagrams_dropped += c.queued_datagrams.len() as u64;
+                self.stats.stream_messages_dropped += c.queued_requests.len() as u64;
+                c.queued_datagrams.clear();
+                c.queued_requests.clear();
+                debug!(peer = ?c.peer, addr = %c.addr, %reason, "connection lost");
+                self.events.push_back(TransportEvent::Lost {
+                    name: c.peer.clone(),
+                    addr: c.addr,
+                    handshake_failed,
+                });
+                if let Some(name) = c.peer.clone() {
+                    if self.by_name.get(&name) == Some(&ch) {
+                        self.by_name.remove(&name);
+                    }
+                }
+            }
+            Event::DatagramReceived => {
+                while let Some(data) = c.conn.datagrams().recv() {
+                    self.events
+                        .push_back(TransportEvent::Datagram { conn: ch, data });
+                }
+            }
+            Event::DatagramsUnblocked => {}
+            Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
+                let mut accepted = Vec::new();
+                while let Some(id) = c.conn.streams().accept(Dir::Bi) {
+                    c.inbound
+                        .insert(id, FrameDecoder::new(self.limits.max_stream_message_size));
+                    accepted.push(id);
+                }
+                for id in accepted {
+                    self.read_stream(now, ch, id);
+                }
+            }
+            Event::Stream(StreamEvent::Opened { dir: Dir::Uni }) => {
+                // grinta uses no unidirectional streams (and allows the peer none).
+            }
+            Event::Stream(StreamEvent::Readable { id }) => self.read_stream(now, ch, id),
+            Event::Stream(StreamEvent::Writable { id }) => {
+                Self::flush_stream(c, id, &mut self.stats);
+            }
+            Event::Stream(StreamEvent::Finished { .. })
+            | Event::Stream(StreamEvent::Stopped { .. })
+            | Event::Stream(StreamEvent::Available { .. }) => {}
+        }
+    }
+
+    fn read_stream(&mut self, _now: Instant, ch: ConnectionHandle, id: StreamId) {
+        let max = self.limits.max_stream_message_size;
+        let Some(c) = self.conns.get_mut(&ch) else {
+            return;
+        };
+        let is_reply = c.opened.contains(&id);
+        let decoder = c
+            .inbound
+            .entry(id)
+            .or_insert_with(|| FrameDecoder::new(max));
+        let mut failed = false;
+        let mut finished = false;
+        match c.conn.recv_stream(id).read(true) {
+            Ok(mut chunks) => {
+                loop {
+                    match chunks.next(usize::MAX) {
+                        Ok(Some(chunk)) => decoder.extend(&chunk.bytes),
+                        Ok(None) => {
+                            finished = true;
+                            break;
+                        }
+                        Err(quinn_proto::ReadError::Blocked) => break,
+                        Err(quinn_proto::ReadError::Reset(_)) => {
+                            failed = true;
+                            break;
+                        }
+                    }
+                }
+                let _ = chunks.finalize();
+            }
+            Err(_) => failed = true,
+        }
+        let message = match decoder.next_frame() {
+            Ok(m) => m,
+            Err(e) => {
+                debug!(error = %e, "bad stream message");
+                failed = true;
+                None
+            }
+        };
+        if let Some(data) = message {
+            c.inbound.remove(&id);
+            self.events.push_back(if is_reply {
+                TransportEvent::StreamReply { conn: ch, data }
+            } else {
+                TransportEvent::StreamRequest {
+                    conn: ch,
+                    stream: id,
+                    data,
+                }
+            });
+            if is_reply {
+                c.opened.remove(&id);
+            }
+            return;
+        }
+        if failed || finished {
+            self.stats.stream_messages_dropped += 1;
+            c.inbound.remove(&id);
+            c.opened.remove(&id);
+            let code = VarInt::from_u32(StreamErrorCode::ProtocolViolation as u32);
+            let _ = c.conn.recv_stream(id).stop(code);
+            if !is_reply {
+                let _ = c.conn.send_stream(id).reset(code);
+            }
+        }
+    }
+}
+
+fn any_name_roots(tls: &tls::TlsConfig) -> Result<Arc<rustls::RootCertStore>, TransportError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in &tls.ca_certs {
+        roots
+            .add(ca.clone())
+            .map_err(|e| TransportError::Config(e.to_string()))?;
+    }
+    Ok(Arc::new(roots))
+}

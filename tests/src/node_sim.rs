@@ -1,0 +1,159 @@
+//! The whole-node simulator: real [`Node`]s (quinn-proto, rustls, mutual TLS) on the deterministic
+//! engine, sharing the cluster helpers of the membership simulator.
+//!
+//! Every node gets the seeded crypto provider of [`det_crypto`](crate::det_crypto) and a fixed wall
+//! clock, so two runs of one seed (with the same certificates) produce byte-identical packets.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use grinta_proto::membership::{Config, Membership};
+use grinta_proto::node::{Event, Node, NodeConfig};
+use grinta_proto::tls::TlsConfig;
+use grinta_proto::tls::dev::DevCa;
+
+use crate::det_crypto::{FixedClock, deterministic_provider};
+use crate::engine::{NetConfig, SimNode, SimTransmit};
+use crate::membership_sim::{
+    Cluster, ClusterNode, NodeFactory, Observations, node_name, node_seed,
+};
+
+/// One simulated node: a real [`Node`] plus what it observed.
+#[derive(Debug)]
+pub struct SimulatedNode {
+    /// The node under test.
+    pub node: Node,
+    /// Membership events it saw.
+    pub seen: Observations,
+    /// Connections that ended: (time, peer name, handshake failed).
+    pub connections_lost: Vec<(Instant, Option<String>, bool)>,
+    violation: Option<String>,
+}
+
+impl SimulatedNode {
+    /// Wraps a node.
+    pub fn new(node: Node) -> Self {
+        Self {
+            node,
+            seen: Observations::default(),
+            connections_lost: Vec::new(),
+            violation: None,
+        }
+    }
+}
+
+impl SimNode for SimulatedNode {
+    fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        self.node.handle_datagram(now, from, data);
+    }
+
+    fn handle_stream(&mut self, _now: Instant, _from: SocketAddr, _data: &[u8]) {
+        // Nodes speak only UDP; QUIC provides the reliable streams.
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        self.node.handle_timeout(now);
+    }
+
+    fn poll_transmit(&mut self, _now: Instant) -> Option<SimTransmit> {
+        self.node.poll_transmit().map(|t| SimTransmit {
+            dst: t.destination,
+            reliable: false,
+            payload: t.contents,
+        })
+    }
+
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        self.node.poll_timeout()
+    }
+
+    fn drain_events(&mut self, now: Instant) {
+        while let Some(event) = self.node.poll_event() {
+            match event {
+                Event::Membership(e) => {
+                    if let Err(v) = self.seen.record(now, &e) {
+                        self.violation
+                            .get_or_insert(format!("{}: {v}", self.node.name()));
+                    }
+                }
+                Event::ConnectionLost {
+                    name,
+                    handshake_failed,
+                    ..
+                } => self.connections_lost.push((now, name, handshake_failed)),
+            }
+        }
+    }
+}
+
+impl ClusterNode for SimulatedNode {
+    fn membership(&self) -> &Membership {
+        self.node.membership()
+    }
+
+    fn observations(&self) -> &Observations {
+        &self.seen
+    }
+
+    fn violation(&self) -> Option<&str> {
+        self.violation.as_deref()
+    }
+
+    fn join(&mut self, now: Instant, seeds: &[SocketAddr]) {
+        self.node.join(now, seeds);
+    }
+}
+
+/// TLS material for `n` nodes named [`node_name`]`(i)`, from one development CA. Make it once and
+/// share it between runs that must replay byte for byte (certificate keys are random).
+pub fn certificates(ca: &DevCa, n: usize) -> Arc<Vec<TlsConfig>> {
+    Arc::new(
+        (0..n)
+            .map(|i| ca.issue(&node_name(i)).expect("development certificates"))
+            .collect(),
+    )
+}
+
+/// The configuration of simulated node `i` at `addr`, with the seeded provider and fixed clock.
+pub fn sim_node_config(
+    seed: u64,
+    i: usize,
+    generation: u64,
+    addr: SocketAddr,
+    tls: TlsConfig,
+    membership: Config,
+) -> NodeConfig {
+    let mut config = NodeConfig::new(&node_name(i), addr, tls);
+    config.membership = membership;
+    config.crypto_provider = deterministic_provider(node_seed(seed, i, generation) ^ 0xC0FFEE);
+    config.time_provider = Arc::new(FixedClock::default());
+    config
+}
+
+impl Cluster<SimulatedNode> {
+    /// `n` real nodes with certificates `certs[i]`, not yet joined.
+    pub fn nodes(
+        seed: u64,
+        net: NetConfig,
+        membership: Config,
+        certs: Arc<Vec<TlsConfig>>,
+    ) -> Self {
+        let n = certs.len();
+        let m = membership.clone();
+        let factory: NodeFactory<SimulatedNode> = Box::new(move |i, generation, addr, now| {
+            let config = sim_node_config(seed, i, generation, addr, certs[i].clone(), m.clone());
+            let node = Node::new(config, node_seed(seed, i, generation), now)
+                .expect("simulated node configuration is valid");
+            SimulatedNode::new(node)
+        });
+        Self::with_factory(seed, n, membership, net, factory)
+    }
+}
+
+/// The membership settings whole-node simulations use: LAN defaults with the node packet budget.
+pub fn node_membership_config() -> Config {
+    let mut c = Config::lan();
+    c.max_packet_size = grinta_proto::node::DEFAULT_MAX_PACKET_SIZE;
+    c
+}
