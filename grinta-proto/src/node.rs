@@ -287,6 +287,21 @@ impl Node {
         self.pump(now);
     }
 
+    /// Sends `payload` as a raw membership datagram to node `name` at `addr`, bypassing the
+    /// membership state machine. It exists so tests and tools can check what peers do with crafted
+    /// or hostile packets; an application never needs it.
+    #[doc(hidden)]
+    pub fn send_raw_membership_datagram(
+        &mut self,
+        now: Instant,
+        name: &str,
+        addr: SocketAddr,
+        payload: Bytes,
+    ) {
+        self.transport.send_datagram(now, Some(name), addr, payload);
+        self.pump(now);
+    }
+
     /// Processes one UDP datagram received from `from`. Nothing a peer sends can make this panic.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
         self.transport.handle_udp(now, from, data);

@@ -161,6 +161,8 @@ pub(crate) struct Transport {
     events: VecDeque<TransportEvent>,
     dirty: std::collections::BTreeSet<ConnectionHandle>,
     buf: Vec<u8>,
+    /// False once the node has left: incoming connections are refused.
+    accepting: bool,
     pub(crate) stats: TransportStats,
 }
 
@@ -389,6 +391,7 @@ impl Transport {
             events: VecDeque::new(),
             dirty: Default::default(),
             buf: Vec::with_capacity(1500),
+            accepting: true,
             stats: TransportStats::default(),
         })
     }
@@ -471,10 +474,20 @@ impl Transport {
                     return Some(ch);
                 }
             }
-        } else if let Some((&ch, _)) = self.conns.iter().find(|(_, c)| c.addr == addr) {
+        }
+        // Any live connection to that address that is (or may become) the named peer: one still
+        // handshaking, or the peer moved and a connection to its new address is already open.
+        if let Some((&ch, _)) = self.conns.iter().find(|(_, c)| {
+            c.addr == addr
+                && !c.conn.is_closed()
+                && match name {
+                    Some(n) => c.peer.as_deref() == Some(n),
+                    None => true,
+                }
+        }) {
             return Some(ch);
         }
-        if self.conns.len() >= self.limits.max_connections {
+        if !self.accepting || self.conns.len() >= self.limits.max_connections {
             return None;
         }
         let (config, server_name) = match name {
@@ -644,7 +657,7 @@ impl Transport {
                 }
             }
             Some(DatagramEvent::NewConnection(incoming)) => {
-                if self.conns.len() >= self.limits.max_connections {
+                if !self.accepting || self.conns.len() >= self.limits.max_connections {
                     self.stats.connections_refused += 1;
                     let t = self.endpoint.refuse(incoming, &mut buf);
                     self.queue_quinn_transmit(&t, &buf);
@@ -731,8 +744,9 @@ impl Transport {
         self.events.pop_front()
     }
 
-    /// Closes every connection (the node is leaving).
+    /// Closes every connection and refuses new ones (the node has left).
     pub(crate) fn close_all(&mut self, now: Instant) {
+        self.accepting = false;
         for (ch, c) in self.conns.iter_mut() {
             c.conn.close(
                 now,
