@@ -448,3 +448,126 @@ impl Node {
         }
     }
 }
+
+#[cfg(all(test, feature = "dev-certs"))]
+mod tests {
+    use super::*;
+    use crate::tls::dev::DevCa;
+    use std::time::Duration;
+
+    fn config(name: &str, bind: &str) -> NodeConfig {
+        let ca = DevCa::new().unwrap();
+        NodeConfig::new(name, bind.parse().unwrap(), ca.issue(name).unwrap())
+    }
+
+    #[test]
+    fn invalid_configurations_are_typed_errors() {
+        let now = Instant::now();
+        let c = config("node-a", "0.0.0.0:7000");
+        let err = Node::new(c, 1, now).unwrap_err();
+        assert!(
+            matches!(err, NodeError::Config(NodeConfigError::Advertise { .. })),
+            "{err}"
+        );
+
+        let mut c = config("node-a", "0.0.0.0:7000");
+        c.advertise = Some("10.1.2.3:7000".parse().unwrap());
+        assert!(
+            c.validate().is_ok(),
+            "a wildcard bind with a concrete advertise address"
+        );
+
+        let c = config("node-a", "127.0.0.1:0");
+        assert!(matches!(
+            c.validate(),
+            Err(NodeConfigError::Advertise { .. })
+        ));
+
+        let mut c = config("node-a", "127.0.0.1:7000");
+        c.seeds = vec!["0.0.0.0:7001".parse().unwrap()];
+        assert!(matches!(c.validate(), Err(NodeConfigError::Seed { .. })));
+
+        let mut c = config("node-a", "127.0.0.1:7000");
+        c.membership.max_packet_size = 1400;
+        assert!(matches!(
+            c.validate(),
+            Err(NodeConfigError::PacketBudget {
+                max_packet_size: 1400,
+                ..
+            })
+        ));
+
+        let mut c = config("node-a", "[::1]:7000");
+        c.name = "node-b".into();
+        let err = Node::new(c, 1, now).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                NodeError::Transport(TransportError::Tls(tls::TlsError::NameMismatch { .. }))
+            ),
+            "{err}"
+        );
+
+        let c = config("bad name", "127.0.0.1:7000");
+        assert!(matches!(c.validate(), Err(NodeConfigError::Name(_))));
+    }
+
+    #[test]
+    fn ipv6_nodes_work() {
+        let now = Instant::now();
+        let c = config("node-a", "[::1]:7000");
+        let mut node = Node::new(c, 1, now).unwrap();
+        assert_eq!(node.local_addr(), "[::1]:7000".parse().unwrap());
+        node.join(now, &["[::1]:7001".parse().unwrap()]);
+        let t = node
+            .poll_transmit()
+            .expect("a QUIC Initial towards the seed");
+        assert_eq!(t.destination, "[::1]:7001".parse().unwrap());
+        assert!(
+            t.contents.len() >= 1200,
+            "QUIC Initials are padded to 1200 bytes"
+        );
+    }
+
+    #[test]
+    fn datagrams_queue_while_handshaking_and_drop_with_a_counter() {
+        let now = Instant::now();
+        let mut node = Node::new(config("node-a", "127.0.0.1:7000"), 1, now).unwrap();
+        let peer: SocketAddr = "127.0.0.1:7999".parse().unwrap();
+        let limit = TransportLimits::default().max_queued_datagrams;
+        for _ in 0..limit + 10 {
+            node.send_raw_membership_datagram(now, "node-b", peer, Bytes::from_static(b"x"));
+        }
+        assert_eq!(
+            node.connection_count(),
+            1,
+            "one connection dialled, not one per datagram"
+        );
+        assert_eq!(
+            node.stats().transport.datagrams_dropped,
+            10,
+            "beyond the queue bound"
+        );
+        // Nobody answers: the handshake times out and the queued datagrams are dropped and counted.
+        let mut t = now;
+        while node.connection_count() > 0 && t < now + Duration::from_secs(600) {
+            t = node
+                .poll_timeout()
+                .unwrap_or(t + Duration::from_secs(1))
+                .max(t);
+            node.handle_timeout(t);
+            while node.poll_transmit().is_some() {}
+        }
+        assert_eq!(node.connection_count(), 0);
+        let stats = node.stats().transport;
+        assert_eq!(stats.datagrams_dropped, limit as u64 + 10);
+        assert_eq!(stats.handshakes_failed, 1);
+        assert!(std::iter::from_fn(|| node.poll_event()).any(|e| matches!(
+            e,
+            Event::ConnectionLost {
+                handshake_failed: true,
+                ..
+            }
+        )));
+    }
+}

@@ -63,7 +63,7 @@ impl Default for TransportLimits {
             max_queued_datagrams: 64,
             max_queued_stream_messages: 8,
             max_stream_message_size: 8 << 20,
-            idle_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(120),
             max_concurrent_streams: 64,
         }
     }

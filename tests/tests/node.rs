@@ -405,8 +405,10 @@ fn simultaneous_dials_between_two_nodes_are_handled() {
     let (seed, _g) = seed(10);
     let mut c = cluster(seed, 2);
     // Both nodes dial each other at the same instant.
-    c.sim.with_node(0, |node, now| node.node.join(now, &[node_addr(1)]));
-    c.sim.with_node(1, |node, now| node.node.join(now, &[node_addr(0)]));
+    c.sim
+        .with_node(0, |node, now| node.node.join(now, &[node_addr(1)]));
+    c.sim
+        .with_node(1, |node, now| node.node.join(now, &[node_addr(0)]));
     let formed = c.run_until(Duration::from_secs(10), |c| c.converged());
     assert!(formed.is_some(), "seed {seed}");
     c.run_for(Duration::from_secs(60));
@@ -417,6 +419,9 @@ fn simultaneous_dials_between_two_nodes_are_handled() {
         assert_eq!(stats.transport.connections_accepted, 1, "node {i}");
         assert_eq!(stats.transport.identity_rejections, 0, "node {i}");
         assert_eq!(stats.membership.probes_failed, 0, "node {i}: {stats:?}");
-        assert!(stats.membership.acks_sent >= 50, "node {i} kept answering probes");
+        assert!(
+            stats.membership.acks_sent >= 50,
+            "node {i} kept answering probes"
+        );
     }
 }
