@@ -287,6 +287,15 @@ impl Node {
         self.pump(now);
     }
 
+    /// Keeps the QUIC connection to node `name` open while held, even when membership has nothing to
+    /// say to it (flows hold the connection they run on). Each call with `hold = true` must be
+    /// matched by one with `false`. Returns false if there is no connection to `name` yet.
+    pub fn hold_connection(&mut self, now: Instant, name: &str, hold: bool) -> bool {
+        let held = self.transport.hold(now, name, hold);
+        self.pump(now);
+        held
+    }
+
     /// Sends `payload` as a raw membership datagram to node `name` at `addr`, bypassing the
     /// membership state machine. It exists so tests and tools can check what peers do with crafted
     /// or hostile packets; an application never needs it.
@@ -527,6 +536,69 @@ mod tests {
             t.contents.len() >= 1200,
             "QUIC Initials are padded to 1200 bytes"
         );
+    }
+
+    /// Delivers every packet between two nodes instantly until `until`, following their timers.
+    fn run_pair(a: &mut Node, b: &mut Node, mut now: Instant, until: Instant) -> Instant {
+        loop {
+            let mut moved = false;
+            while let Some(t) = a.poll_transmit() {
+                moved = true;
+                if t.destination == b.local_addr() {
+                    b.handle_datagram(now, a.local_addr(), &t.contents);
+                }
+            }
+            while let Some(t) = b.poll_transmit() {
+                moved = true;
+                if t.destination == a.local_addr() {
+                    a.handle_datagram(now, b.local_addr(), &t.contents);
+                }
+            }
+            if moved {
+                continue;
+            }
+            let next = [a.poll_timeout(), b.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .min();
+            match next {
+                Some(t) if t <= until => {
+                    now = t.max(now);
+                    a.handle_timeout(now);
+                    b.handle_timeout(now);
+                }
+                _ => return until,
+            }
+        }
+    }
+
+    #[test]
+    fn idle_connections_close_and_held_ones_stay_open() {
+        let ca = DevCa::new().unwrap();
+        let t0 = Instant::now();
+        let make = |name: &str, port: u16| {
+            let c = NodeConfig::new(
+                name,
+                SocketAddr::from(([127, 0, 0, 1], port)),
+                ca.issue(name).unwrap(),
+            );
+            Node::new(c, u64::from(port), t0).unwrap()
+        };
+        let idle = TransportLimits::default().idle_timeout;
+        for hold in [false, true] {
+            let (mut a, mut b) = (make("node-a", 7001), make("node-b", 7002));
+            // A connection with no membership traffic on it: raw bytes B's membership ignores.
+            a.send_raw_membership_datagram(t0, "node-b", b.local_addr(), Bytes::from_static(b"?"));
+            let now = run_pair(&mut a, &mut b, t0, t0 + Duration::from_secs(1));
+            assert_eq!((a.connection_count(), b.connection_count()), (1, 1));
+            if hold {
+                assert!(a.hold_connection(now, "node-b", true));
+            }
+            run_pair(&mut a, &mut b, now, now + idle * 3);
+            let expected = usize::from(hold);
+            assert_eq!(a.connection_count(), expected, "hold = {hold}");
+            assert_eq!(b.connection_count(), expected, "hold = {hold}");
+        }
     }
 
     #[test]

@@ -145,6 +145,10 @@ struct Conn {
     opened: hashbrown::HashSet<StreamId>,
     /// Outgoing stream data not yet accepted by flow control.
     outbound: BTreeMap<StreamId, OutStream>,
+    /// While positive, the connection is kept open with PINGs even when nothing else flows.
+    holds: u32,
+    /// When the last keep-alive PING was sent (or the hold began).
+    last_keep_alive: Instant,
 }
 
 /// One node's QUIC endpoint and connections.
@@ -514,6 +518,8 @@ impl Transport {
                         inbound: HashMap::new(),
                         opened: Default::default(),
                         outbound: BTreeMap::new(),
+                        holds: 0,
+                        last_keep_alive: now,
                     },
                 );
                 if let Some(n) = name {
@@ -678,6 +684,8 @@ impl Transport {
                                     inbound: HashMap::new(),
                                     opened: Default::default(),
                                     outbound: BTreeMap::new(),
+                                    holds: 0,
+                                    last_keep_alive: now,
                                 },
                             );
                             self.dirty.insert(ch);
@@ -707,8 +715,41 @@ impl Transport {
         });
     }
 
+    /// Keeps the connection to `name` open while held (`hold = true` adds a hold, `false` releases
+    /// one): held connections send a PING every third of the idle timeout. Returns false if there is
+    /// no connection to `name`.
+    pub(crate) fn hold(&mut self, now: Instant, name: &str, hold: bool) -> bool {
+        let Some(&ch) = self.by_name.get(name) else {
+            return false;
+        };
+        let Some(c) = self.conns.get_mut(&ch) else {
+            return false;
+        };
+        if hold {
+            if c.holds == 0 {
+                c.last_keep_alive = now;
+            }
+            c.holds += 1;
+        } else {
+            c.holds = c.holds.saturating_sub(1);
+        }
+        true
+    }
+
+    fn keep_alive_interval(&self) -> Duration {
+        self.limits.idle_timeout / 3
+    }
+
     /// Runs connection timers due at `now`.
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        let interval = self.keep_alive_interval();
+        for (ch, c) in self.conns.iter_mut() {
+            if c.holds > 0 && c.established && now >= c.last_keep_alive + interval {
+                c.conn.ping();
+                c.last_keep_alive = now;
+                self.dirty.insert(*ch);
+            }
+        }
         let due: Vec<ConnectionHandle> = self
             .conns
             .iter_mut()
@@ -728,11 +769,17 @@ impl Transport {
         self.drive(now);
     }
 
-    /// The earliest connection deadline.
+    /// The earliest connection deadline (QUIC timers and keep-alives of held connections).
     pub(crate) fn poll_timeout(&mut self) -> Option<Instant> {
+        let interval = self.keep_alive_interval();
         self.conns
             .values_mut()
-            .filter_map(|c| c.conn.poll_timeout())
+            .flat_map(|c| {
+                let keep_alive =
+                    (c.holds > 0 && c.established).then(|| c.last_keep_alive + interval);
+                [c.conn.poll_timeout(), keep_alive]
+            })
+            .flatten()
             .min()
     }
 
