@@ -11,6 +11,7 @@
 //! - [`wire`]: the `grinta.v1` wire types generated from `proto/grinta/v1/*.proto`, and the varint
 //!   length-prefixed framing used on streams.
 //! - [`membership`]: SWIM with Lifeguard over abstract members and opaque datagrams.
+//! - [`registry`]: the endpoint-name directory (owner-versioned records, conflict resolution).
 //! - [`transport`]: QUIC connections between nodes (quinn-proto), connected on demand.
 //! - [`node`]: the [`node::Node`] that composes membership and transport for adapters.
 //! - [`tls`]: mutual TLS material and configuration (rustls with ring; dev certificates behind the
@@ -19,6 +20,7 @@
 
 pub mod membership;
 pub mod node;
+pub mod registry;
 pub mod tls;
 pub mod transport;
 pub mod wire;

@@ -1,0 +1,646 @@
+//! The endpoint-name directory: which nodes serve which names.
+//!
+//! Every node owns the records of its own endpoints: `(name, owner, owner incarnation, version,
+//! claimed | withdrawn, exclusive | group)`, versioned by the owner's Lamport clock. For one
+//! `(name, owner)` key the record with the highest version wins, so [`Registry::merge`] is
+//! commutative, associative and idempotent and every node converges on the same table whatever the
+//! order in which gossip (deltas) and push-pull (the full table) arrive. Unregistering leaves a
+//! tombstone (a withdrawn record) that is collected after `tombstone_ttl`.
+//!
+//! **Exclusive** names (the default) have at most one owner. Concurrent claims are resolved from the
+//! records alone, with no vote: the claim with the lowest `(version, owner)` wins; an owner whose
+//! claim loses withdraws it and its endpoint ends with a name conflict. **Group** names are shared
+//! by any number of owners; a dial picks one.
+//!
+//! When membership declares a node Dead or Left, [`Registry::drop_owner`] removes every record it
+//! owns; records of that owner's past incarnations are refused afterwards.
+//!
+//! ```
+//! use grinta_proto::registry::{EndpointKind, Registry, RegistryLimits};
+//! use std::time::Instant;
+//!
+//! let now = Instant::now();
+//! let mut a = Registry::new("node-a", RegistryLimits::default());
+//! let mut b = Registry::new("node-b", RegistryLimits::default());
+//! let delta = a.register("billing", EndpointKind::Exclusive, now)?;
+//! assert!(b.merge(delta, now));
+//! assert_eq!(b.owners("billing"), vec!["node-a"]);
+//! # Ok::<(), grinta_proto::registry::RegistryError>(())
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use hashbrown::HashMap;
+
+use crate::wire;
+
+/// Longest endpoint name, in bytes.
+pub const MAX_ENDPOINT_NAME_LEN: usize = 128;
+
+/// Whether a name has one owner or many.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EndpointKind {
+    /// At most one owner cluster-wide (the default).
+    Exclusive,
+    /// Shared by many owners; a dial picks one.
+    Group,
+}
+
+impl EndpointKind {
+    fn to_wire(self) -> wire::EndpointKind {
+        match self {
+            Self::Exclusive => wire::EndpointKind::Exclusive,
+            Self::Group => wire::EndpointKind::Group,
+        }
+    }
+}
+
+/// One `(name, owner)` record.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Record {
+    /// Endpoint name.
+    pub name: String,
+    /// Owner node name.
+    pub owner: String,
+    /// Owner's membership incarnation when it wrote the record.
+    pub owner_incarnation: u64,
+    /// Owner's Lamport clock when it wrote the record.
+    pub version: u64,
+    /// Claimed (true) or withdrawn (a tombstone).
+    pub claimed: bool,
+    /// Exclusive or group.
+    pub kind: EndpointKind,
+}
+
+impl Record {
+    /// The wire form.
+    pub fn to_wire(&self) -> wire::EndpointRecord {
+        wire::EndpointRecord {
+            name: self.name.clone(),
+            owner: self.owner.clone(),
+            owner_incarnation: self.owner_incarnation,
+            version: self.version,
+            state: if self.claimed {
+                wire::RecordState::Claimed as i32
+            } else {
+                wire::RecordState::Withdrawn as i32
+            },
+            kind: self.kind.to_wire() as i32,
+        }
+    }
+
+    /// Reads a wire record; `None` if a field is invalid (bad name, unknown state or kind).
+    pub fn from_wire(r: &wire::EndpointRecord) -> Option<Self> {
+        validate_endpoint_name(&r.name).ok()?;
+        crate::membership::validate_node_name(&r.owner).ok()?;
+        let claimed = match wire::RecordState::try_from(r.state).ok()? {
+            wire::RecordState::Claimed => true,
+            wire::RecordState::Withdrawn => false,
+            wire::RecordState::Unspecified => return None,
+        };
+        let kind = match wire::EndpointKind::try_from(r.kind).ok()? {
+            wire::EndpointKind::Exclusive => EndpointKind::Exclusive,
+            wire::EndpointKind::Group => EndpointKind::Group,
+            wire::EndpointKind::Unspecified => return None,
+        };
+        Some(Self {
+            name: r.name.clone(),
+            owner: r.owner.clone(),
+            owner_incarnation: r.owner_incarnation,
+            version: r.version,
+            claimed,
+            kind,
+        })
+    }
+
+    /// The gossip key of this record: replace-by-key in the dissemination queue.
+    pub fn gossip_key(&self) -> Vec<u8> {
+        let mut key = Vec::with_capacity(self.name.len() + self.owner.len() + 3);
+        key.extend_from_slice(b"r/");
+        key.extend_from_slice(self.name.as_bytes());
+        key.push(b'/');
+        key.extend_from_slice(self.owner.as_bytes());
+        key
+    }
+
+    /// Which of two records for the same key wins: the higher version, then (so that the order is
+    /// total and merges commute even on inconsistent input) withdrawn over claimed, the higher
+    /// owner incarnation, group over exclusive.
+    fn supersedes(&self, other: &Record) -> bool {
+        (self.version, !self.claimed, self.owner_incarnation, self.kind)
+            > (other.version, !other.claimed, other.owner_incarnation, other.kind)
+    }
+}
+
+/// Checks an endpoint name: 1..=128 bytes of `[A-Za-z0-9._-]`.
+///
+/// ```
+/// use grinta_proto::registry::validate_endpoint_name;
+/// assert!(validate_endpoint_name("billing.v2").is_ok());
+/// assert!(validate_endpoint_name("bad/name").is_err());
+/// ```
+pub fn validate_endpoint_name(name: &str) -> Result<(), RegistryError> {
+    if name.is_empty() || name.len() > MAX_ENDPOINT_NAME_LEN {
+        return Err(RegistryError::InvalidName {
+            name: name.chars().take(MAX_ENDPOINT_NAME_LEN + 8).collect(),
+            reason: "an endpoint name is 1..=128 bytes long",
+        });
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(RegistryError::InvalidName {
+            name: name.to_owned(),
+            reason: "an endpoint name may only hold A-Z, a-z, 0-9, '.', '_' and '-'",
+        });
+    }
+    Ok(())
+}
+
+/// Registry limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryLimits {
+    /// Most records (claims and tombstones, all owners) kept; records beyond it are refused.
+    pub max_records: usize,
+    /// Most endpoints this node may register.
+    pub max_local_endpoints: usize,
+    /// How long a withdrawn record is kept before it is collected.
+    pub tombstone_ttl: Duration,
+}
+
+impl Default for RegistryLimits {
+    fn default() -> Self {
+        Self {
+            max_records: 65_536,
+            max_local_endpoints: 1024,
+            tombstone_ttl: Duration::from_secs(600),
+        }
+    }
+}
+
+/// A registry operation that cannot be done.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// The name is not a valid endpoint name.
+    #[error("invalid endpoint name {name:?}: {reason}")]
+    InvalidName {
+        /// The refused name (truncated if very long).
+        name: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// This node already serves that name.
+    #[error("endpoint {name:?} is already registered on this node")]
+    AlreadyRegistered {
+        /// The name.
+        name: String,
+    },
+    /// Another node already owns that exclusive name.
+    #[error("endpoint {name:?} is already owned by node {owner:?}")]
+    NameTaken {
+        /// The name.
+        name: String,
+        /// Its current owner.
+        owner: String,
+    },
+    /// The name exists with the other kind (exclusive vs group).
+    #[error(
+        "endpoint {name:?} exists as a {existing:?} endpoint; it cannot be registered as {requested:?}"
+    )]
+    KindMismatch {
+        /// The name.
+        name: String,
+        /// The kind it has.
+        existing: EndpointKind,
+        /// The kind asked for.
+        requested: EndpointKind,
+    },
+    /// This node serves no endpoint of that name.
+    #[error("endpoint {name:?} is not registered on this node")]
+    NotRegistered {
+        /// The name.
+        name: String,
+    },
+    /// A table limit was reached.
+    #[error("{what} limit of {limit} reached")]
+    LimitReached {
+        /// Which limit.
+        what: &'static str,
+        /// Its value.
+        limit: usize,
+    },
+}
+
+/// A change of the directory, as seen by this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryEvent {
+    /// A name gained its first live owner.
+    NameAdded {
+        /// The name.
+        name: String,
+    },
+    /// A name lost its last live owner.
+    NameRemoved {
+        /// The name.
+        name: String,
+    },
+    /// This node's claim on an exclusive name lost to another owner's; the claim was withdrawn.
+    NameConflict {
+        /// The name.
+        name: String,
+        /// The owner that keeps it.
+        winner: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    record: Record,
+    /// When a tombstone was first seen here (for collection).
+    withdrawn_at: Option<Instant>,
+}
+
+/// The directory as known by one node.
+#[derive(Debug)]
+pub struct Registry {
+    local: String,
+    local_incarnation: u64,
+    clock: u64,
+    limits: RegistryLimits,
+    /// `(name, owner)` -> record.
+    records: BTreeMap<(String, String), Entry>,
+    /// Owners declared gone, with the incarnation they were gone at.
+    gone: HashMap<String, u64>,
+    events: VecDeque<RegistryEvent>,
+    /// Local records that changed and must be gossiped.
+    outbox: VecDeque<Record>,
+}
+
+impl Registry {
+    /// An empty directory for node `local`.
+    pub fn new(local: &str, limits: RegistryLimits) -> Self {
+        Self {
+            local: local.to_owned(),
+            local_incarnation: 1,
+            clock: 0,
+            limits,
+            records: BTreeMap::new(),
+            gone: HashMap::new(),
+            events: VecDeque::new(),
+            outbox: VecDeque::new(),
+        }
+    }
+
+    /// The live owners of `name`, sorted.
+    pub fn owners(&self, name: &str) -> Vec<&str> {
+        self.claims(name).map(|r| r.owner.as_str()).collect()
+    }
+
+    /// The kind of `name`, if it has a live owner.
+    pub fn kind(&self, name: &str) -> Option<EndpointKind> {
+        self.claims(name).next().map(|r| r.kind)
+    }
+
+    /// Names with at least one live owner that start with `prefix`, sorted.
+    pub fn names(&self, prefix: &str) -> Vec<&str> {
+        let mut out: Vec<&str> = self
+            .records
+            .range((prefix.to_owned(), String::new())..)
+            .take_while(|((n, _), _)| n.starts_with(prefix))
+            .filter(|(_, e)| e.record.claimed)
+            .map(|((n, _), _)| n.as_str())
+            .collect();
+        out.dedup();
+        out
+    }
+
+    /// Whether this node holds a live claim on `name`.
+    pub fn is_local(&self, name: &str) -> bool {
+        self.records
+            .get(&(name.to_owned(), self.local.clone()))
+            .is_some_and(|e| e.record.claimed)
+    }
+
+    /// Every record (claims and tombstones), sorted by (name, owner).
+    pub fn records(&self) -> impl Iterator<Item = &Record> {
+        self.records.values().map(|e| &e.record)
+    }
+
+    /// Number of records held.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<RegistryEvent> {
+        self.events.pop_front()
+    }
+
+    /// The next local record to gossip, if any.
+    pub fn poll_outgoing(&mut self) -> Option<Record> {
+        self.outbox.pop_front()
+    }
+
+    /// Live claims on `name`, sorted by owner.
+    fn claims<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a Record> + use<'a> {
+        let name = name.to_owned();
+        self.records
+            .range((name.clone(), String::new())..)
+            .take_while(move |((n, _), _)| *n == name)
+            .map(|(_, e)| &e.record)
+            .filter(|r| r.claimed)
+    }
+
+    /// The claim that keeps an exclusive name: the lowest (version, owner). For a group name, every
+    /// claim of the winner's kind stays; claims of the other kind lose.
+    fn winner(&self, name: &str) -> Option<&Record> {
+        self.claims(name)
+            .min_by(|a, b| (a.version, &a.owner).cmp(&(b.version, &b.owner)))
+    }
+
+    /// Claims `name` for this node. Returns the record to disseminate.
+    pub fn register(
+        &mut self,
+        name: &str,
+        kind: EndpointKind,
+        now: Instant,
+    ) -> Result<Record, RegistryError> {
+        validate_endpoint_name(name)?;
+        if self.is_local(name) {
+            return Err(RegistryError::AlreadyRegistered {
+                name: name.to_owned(),
+            });
+        }
+        if let Some(existing) = self.winner(name) {
+            if existing.kind != kind {
+                return Err(RegistryError::KindMismatch {
+                    name: name.to_owned(),
+                    existing: existing.kind,
+                    requested: kind,
+                });
+            }
+            if kind == EndpointKind::Exclusive {
+                return Err(RegistryError::NameTaken {
+                    name: name.to_owned(),
+                    owner: existing.owner.clone(),
+                });
+            }
+        }
+        let local = self
+            .records
+            .values()
+            .filter(|e| e.record.owner == self.local && e.record.claimed)
+            .count();
+        if local >= self.limits.max_local_endpoints {
+            return Err(RegistryError::LimitReached {
+                what: "max_local_endpoints",
+                limit: self.limits.max_local_endpoints,
+            });
+        }
+        let key = (name.to_owned(), self.local.clone());
+        if !self.records.contains_key(&key) && self.records.len() >= self.limits.max_records {
+            return Err(RegistryError::LimitReached {
+                what: "max_records",
+                limit: self.limits.max_records,
+            });
+        }
+        self.clock += 1;
+        let record = Record {
+            name: name.to_owned(),
+            owner: self.local.clone(),
+            owner_incarnation: self.local_incarnation,
+            version: self.clock,
+            claimed: true,
+            kind,
+        };
+        self.apply(record.clone(), now);
+        Ok(record)
+    }
+
+    /// Withdraws this node's claim on `name`. Returns the tombstone to disseminate.
+    pub fn unregister(&mut self, name: &str, now: Instant) -> Result<Record, RegistryError> {
+        let key = (name.to_owned(), self.local.clone());
+        let Some(entry) = self.records.get(&key).filter(|e| e.record.claimed) else {
+            return Err(RegistryError::NotRegistered {
+                name: name.to_owned(),
+            });
+        };
+        self.clock += 1;
+        let record = Record {
+            claimed: false,
+            version: self.clock,
+            owner_incarnation: self.local_incarnation,
+            ..entry.record.clone()
+        };
+        self.apply(record.clone(), now);
+        Ok(record)
+    }
+
+    /// The membership incarnation of this node changed: re-issue its claims under it, so records of
+    /// the previous life cannot be confused with them. The re-issued records go to the outbox.
+    pub fn set_local_incarnation(&mut self, incarnation: u64, now: Instant) {
+        if incarnation <= self.local_incarnation {
+            return;
+        }
+        self.local_incarnation = incarnation;
+        let mine: Vec<Record> = self
+            .records
+            .values()
+            .filter(|e| e.record.owner == self.local)
+            .map(|e| e.record.clone())
+            .collect();
+        for r in mine {
+            self.clock += 1;
+            let record = Record {
+                version: self.clock,
+                owner_incarnation: incarnation,
+                ..r
+            };
+            self.apply(record.clone(), now);
+            self.outbox.push_back(record);
+        }
+    }
+
+    /// Merges a record learnt from a peer. Returns whether the table changed (and so whether the
+    /// record is worth passing on).
+    pub fn merge(&mut self, record: Record, now: Instant) -> bool {
+        if self
+            .gone
+            .get(&record.owner)
+            .is_some_and(|&inc| record.owner_incarnation <= inc)
+        {
+            return false;
+        }
+        self.clock = self.clock.max(record.version);
+        if record.owner == self.local {
+            // News about our own records that we did not write: a previous life of this node.
+            // Out-write it with the current state.
+            let current = self.records.get(&(record.name.clone(), self.local.clone()));
+            if current.is_none_or(|c| record.supersedes(&c.record)) {
+                self.clock += 1;
+                let corrected = Record {
+                    claimed: current.is_some_and(|c| c.record.claimed),
+                    version: self.clock,
+                    owner_incarnation: self.local_incarnation,
+                    kind: current.map_or(record.kind, |c| c.record.kind),
+                    ..record
+                };
+                self.apply(corrected.clone(), now);
+                self.outbox.push_back(corrected);
+            }
+            return false;
+        }
+        let key = (record.name.clone(), record.owner.clone());
+        match self.records.get(&key) {
+            Some(existing) if !record.supersedes(&existing.record) => false,
+            None if self.records.len() >= self.limits.max_records => false,
+            _ => {
+                self.apply(record, now);
+                true
+            }
+        }
+    }
+
+    /// Removes every record of `owner` (declared Dead or Left at `incarnation`) and refuses its
+    /// records of that incarnation or older from now on.
+    pub fn drop_owner(&mut self, owner: &str, incarnation: u64) {
+        if owner == self.local {
+            return;
+        }
+        let names: Vec<String> = self
+            .records
+            .keys()
+            .filter(|(_, o)| o == owner)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let gone = self.gone.entry(owner.to_owned()).or_insert(0);
+        *gone = (*gone).max(incarnation);
+        for name in names {
+            let before = self.claims(&name).next().is_some();
+            self.records.remove(&(name.clone(), owner.to_owned()));
+            self.after_change(&name, before);
+        }
+    }
+
+    /// `owner` is alive again at `incarnation` (it refuted or rejoined): accept its newer records.
+    pub fn owner_alive(&mut self, owner: &str, incarnation: u64) {
+        if self.gone.get(owner).is_some_and(|&inc| incarnation > inc) {
+            self.gone.remove(owner);
+        }
+    }
+
+    /// Collects tombstones older than `tombstone_ttl`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let ttl = self.limits.tombstone_ttl;
+        self.records.retain(|_, e| {
+            e.withdrawn_at
+                .is_none_or(|t| now.saturating_duration_since(t) < ttl)
+        });
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) has work to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.records
+            .values()
+            .filter_map(|e| e.withdrawn_at)
+            .min()
+            .map(|t| t + self.limits.tombstone_ttl)
+    }
+
+    /// The full table in wire form, for push-pull.
+    pub fn to_wire(&self) -> wire::RegistryState {
+        wire::RegistryState {
+            records: self.records.values().map(|e| e.record.to_wire()).collect(),
+        }
+    }
+
+    fn apply(&mut self, record: Record, now: Instant) {
+        let name = record.name.clone();
+        let before = self.claims(&name).next().is_some();
+        let withdrawn_at = (!record.claimed).then_some(now);
+        self.records.insert(
+            (record.name.clone(), record.owner.clone()),
+            Entry {
+                record,
+                withdrawn_at,
+            },
+        );
+        self.after_change(&name, before);
+    }
+
+    /// Emits name events and resolves conflicts on `name` after its records changed.
+    fn after_change(&mut self, name: &str, had_owner: bool) {
+        // A local claim that loses to another owner's is withdrawn.
+        if let Some(winner) = self.winner(name).cloned() {
+            let mine = self
+                .records
+                .get(&(name.to_owned(), self.local.clone()))
+                .filter(|e| e.record.claimed)
+                .map(|e| e.record.clone());
+            if let Some(mine) = mine {
+                let loses = winner.owner != self.local
+                    && (winner.kind != mine.kind || mine.kind == EndpointKind::Exclusive);
+                if loses {
+                    self.clock += 1;
+                    let tombstone = Record {
+                        claimed: false,
+                        version: self.clock,
+                        ..mine
+                    };
+                    self.records.insert(
+                        (name.to_owned(), self.local.clone()),
+                        Entry {
+                            record: tombstone.clone(),
+                            withdrawn_at: None,
+                        },
+                    );
+                    self.outbox.push_back(tombstone);
+                    self.events.push_back(RegistryEvent::NameConflict {
+                        name: name.to_owned(),
+                        winner: winner.owner.clone(),
+                    });
+                }
+            }
+        }
+        let has_owner = self.claims(name).next().is_some();
+        match (had_owner, has_owner) {
+            (false, true) => self.events.push_back(RegistryEvent::NameAdded {
+                name: name.to_owned(),
+            }),
+            (true, false) => self.events.push_back(RegistryEvent::NameRemoved {
+                name: name.to_owned(),
+            }),
+            _ => {}
+        }
+    }
+
+    /// Live owners of `name` that win it: the single winner of an exclusive name, every claim of
+    /// the winning kind for a group name.
+    pub fn resolve(&self, name: &str) -> Vec<&str> {
+        let Some(winner) = self.winner(name) else {
+            return Vec::new();
+        };
+        match winner.kind {
+            EndpointKind::Exclusive => vec![winner.owner.as_str()],
+            EndpointKind::Group => {
+                let kind = winner.kind;
+                let set: BTreeSet<&str> = self
+                    .claims(name)
+                    .filter(|r| r.kind == kind)
+                    .map(|r| r.owner.as_str())
+                    .collect();
+                set.into_iter().collect()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

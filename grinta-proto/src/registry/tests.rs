@@ -1,0 +1,292 @@
+//! Registry unit tests and merge properties.
+
+use super::*;
+use proptest::prelude::*;
+
+fn reg(name: &str) -> Registry {
+    Registry::new(name, RegistryLimits::default())
+}
+
+fn drain(r: &mut Registry) -> Vec<RegistryEvent> {
+    std::iter::from_fn(|| r.poll_event()).collect()
+}
+
+#[test]
+fn register_spreads_and_unregister_leaves_a_tombstone() {
+    let now = Instant::now();
+    let mut a = reg("a");
+    let mut b = reg("b");
+    let claim = a.register("svc", EndpointKind::Exclusive, now).unwrap();
+    assert!(b.merge(claim.clone(), now));
+    assert!(!b.merge(claim, now), "merging twice changes nothing");
+    assert_eq!(b.owners("svc"), vec!["a"]);
+    assert_eq!(
+        drain(&mut b),
+        vec![RegistryEvent::NameAdded { name: "svc".into() }]
+    );
+    let tomb = a.unregister("svc", now).unwrap();
+    assert!(!tomb.claimed);
+    assert!(b.merge(tomb, now));
+    assert!(b.owners("svc").is_empty());
+    assert_eq!(
+        drain(&mut b),
+        vec![RegistryEvent::NameRemoved { name: "svc".into() }]
+    );
+    assert_eq!(b.len(), 1, "the tombstone stays for a while");
+    b.handle_timeout(now + RegistryLimits::default().tombstone_ttl);
+    assert!(b.is_empty(), "then it is collected");
+}
+
+#[test]
+fn names_are_validated() {
+    let now = Instant::now();
+    let mut a = reg("a");
+    for bad in ["", "a/b", "sp ace", "é", &"x".repeat(129)] {
+        assert!(matches!(
+            a.register(bad, EndpointKind::Exclusive, now),
+            Err(RegistryError::InvalidName { .. })
+        ));
+    }
+    assert!(
+        a.register(&"x".repeat(128), EndpointKind::Exclusive, now)
+            .is_ok()
+    );
+}
+
+#[test]
+fn taken_names_and_kind_mismatches_are_refused() {
+    let now = Instant::now();
+    let mut a = reg("a");
+    let mut b = reg("b");
+    b.merge(
+        a.register("svc", EndpointKind::Exclusive, now).unwrap(),
+        now,
+    );
+    assert_eq!(
+        b.register("svc", EndpointKind::Exclusive, now),
+        Err(RegistryError::NameTaken {
+            name: "svc".into(),
+            owner: "a".into()
+        })
+    );
+    assert!(matches!(
+        b.register("svc", EndpointKind::Group, now),
+        Err(RegistryError::KindMismatch { .. })
+    ));
+    assert_eq!(
+        a.register("svc", EndpointKind::Exclusive, now),
+        Err(RegistryError::AlreadyRegistered { name: "svc".into() })
+    );
+    assert_eq!(
+        a.unregister("nope", now),
+        Err(RegistryError::NotRegistered {
+            name: "nope".into()
+        })
+    );
+}
+
+#[test]
+fn concurrent_exclusive_claims_resolve_to_the_lowest_version_and_the_loser_is_told() {
+    let now = Instant::now();
+    let mut a = reg("a");
+    let mut b = reg("b");
+    // b has a higher Lamport clock, so its claim is newer.
+    b.register("warmup", EndpointKind::Group, now).unwrap();
+    let ca = a.register("svc", EndpointKind::Exclusive, now).unwrap();
+    let cb = b.register("svc", EndpointKind::Exclusive, now).unwrap();
+    assert!(ca.version < cb.version);
+    drain(&mut a);
+    drain(&mut b);
+    b.merge(ca.clone(), now);
+    a.merge(cb.clone(), now);
+    assert_eq!(a.resolve("svc"), vec!["a"]);
+    assert_eq!(b.resolve("svc"), vec!["a"]);
+    assert!(!b.is_local("svc"), "the loser withdrew its claim");
+    assert_eq!(
+        drain(&mut b),
+        vec![RegistryEvent::NameConflict {
+            name: "svc".into(),
+            winner: "a".into()
+        }]
+    );
+    assert!(drain(&mut a).is_empty(), "the winner is not disturbed");
+    // The loser's tombstone spreads; the winner ends with a single owner too.
+    let tomb = b.poll_outgoing().expect("tombstone to gossip");
+    a.merge(tomb, now);
+    assert_eq!(a.owners("svc"), vec!["a"]);
+}
+
+#[test]
+fn group_names_have_many_owners() {
+    let now = Instant::now();
+    let mut a = reg("a");
+    let mut b = reg("b");
+    let mut c = reg("c");
+    let ra = a.register("workers", EndpointKind::Group, now).unwrap();
+    let rb = b.register("workers", EndpointKind::Group, now).unwrap();
+    c.merge(ra, now);
+    c.merge(rb, now);
+    assert_eq!(c.resolve("workers"), vec!["a", "b"]);
+    c.drop_owner("a", 1);
+    assert_eq!(c.resolve("workers"), vec!["b"]);
+}
+
+#[test]
+fn records_of_a_gone_owner_are_dropped_and_refused_until_it_returns() {
+    let now = Instant::now();
+    let mut a = reg("a");
+    let mut c = reg("c");
+    let r = a.register("svc", EndpointKind::Exclusive, now).unwrap();
+    c.merge(r.clone(), now);
+    c.drop_owner("a", 1);
+    assert!(c.owners("svc").is_empty());
+    assert!(!c.merge(r, now), "a stale copy does not bring it back");
+    // a refutes (incarnation 2) and re-issues its records.
+    a.set_local_incarnation(2, now);
+    c.owner_alive("a", 2);
+    let reissued = a.poll_outgoing().unwrap();
+    assert_eq!(reissued.owner_incarnation, 2);
+    assert!(c.merge(reissued, now));
+    assert_eq!(c.owners("svc"), vec!["a"]);
+}
+
+#[test]
+fn stale_records_about_ourselves_are_out_written() {
+    let now = Instant::now();
+    let mut a = reg("a");
+    // A previous life of `a` claimed "old" at version 7.
+    let stale = Record {
+        name: "old".into(),
+        owner: "a".into(),
+        owner_incarnation: 1,
+        version: 7,
+        claimed: true,
+        kind: EndpointKind::Exclusive,
+    };
+    assert!(!a.merge(stale, now));
+    let fix = a.poll_outgoing().expect("a correction");
+    assert!(!fix.claimed && fix.version > 7, "{fix:?}");
+    assert!(!a.is_local("old"));
+}
+
+#[test]
+fn limits_are_enforced() {
+    let now = Instant::now();
+    let mut a = Registry::new(
+        "a",
+        RegistryLimits {
+            max_records: 3,
+            max_local_endpoints: 2,
+            ..RegistryLimits::default()
+        },
+    );
+    a.register("e1", EndpointKind::Exclusive, now).unwrap();
+    a.register("e2", EndpointKind::Exclusive, now).unwrap();
+    assert_eq!(
+        a.register("e3", EndpointKind::Exclusive, now),
+        Err(RegistryError::LimitReached {
+            what: "max_local_endpoints",
+            limit: 2
+        })
+    );
+    let foreign = |n: &str| Record {
+        name: n.into(),
+        owner: "z".into(),
+        owner_incarnation: 1,
+        version: 1,
+        claimed: true,
+        kind: EndpointKind::Group,
+    };
+    assert!(a.merge(foreign("f1"), now));
+    assert!(!a.merge(foreign("f2"), now), "table full");
+    assert_eq!(a.len(), 3);
+}
+
+#[test]
+fn prefix_listing() {
+    let now = Instant::now();
+    let mut a = reg("a");
+    for n in ["app.one", "app.two", "apple", "db"] {
+        a.register(n, EndpointKind::Exclusive, now).unwrap();
+    }
+    assert_eq!(a.names("app."), vec!["app.one", "app.two"]);
+    assert_eq!(a.names("app").len(), 3);
+    assert_eq!(a.names("").len(), 4);
+}
+
+fn arb_record() -> impl Strategy<Value = Record> {
+    (
+        0u8..4,
+        0u8..4,
+        1u64..3,
+        1u64..6,
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(n, o, inc, version, claimed, group)| Record {
+            name: format!("n{n}"),
+            owner: format!("o{o}"),
+            owner_incarnation: inc,
+            version,
+            claimed,
+            kind: if group {
+                EndpointKind::Group
+            } else {
+                EndpointKind::Exclusive
+            },
+        })
+}
+
+fn table(r: &Registry) -> Vec<Record> {
+    r.records().cloned().collect()
+}
+
+fn merged(records: &[Record]) -> Registry {
+    let now = Instant::now();
+    let mut r = reg("observer");
+    for rec in records {
+        r.merge(rec.clone(), now);
+    }
+    r
+}
+
+proptest! {
+    /// Order does not matter (commutativity), repeating does not matter (idempotence).
+    #[test]
+    fn merge_is_commutative_and_idempotent(
+        records in proptest::collection::vec(arb_record(), 0..24),
+        seed in any::<u64>(),
+    ) {
+        let mut shuffled = records.clone();
+        let mut x = seed | 1;
+        for i in (1..shuffled.len()).rev() {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+            shuffled.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        let mut doubled = shuffled.clone();
+        doubled.extend(records.iter().cloned());
+        prop_assert_eq!(table(&merged(&records)), table(&merged(&shuffled)));
+        prop_assert_eq!(table(&merged(&records)), table(&merged(&doubled)));
+    }
+
+    /// Merging states in any grouping gives the same state (associativity).
+    #[test]
+    fn merge_is_associative(
+        a in proptest::collection::vec(arb_record(), 0..12),
+        b in proptest::collection::vec(arb_record(), 0..12),
+        c in proptest::collection::vec(arb_record(), 0..12),
+    ) {
+        let now = Instant::now();
+        let state = |r: &Registry| table(r);
+        // (a + b) + c
+        let mut ab = merged(&a);
+        for rec in state(&merged(&b)) { ab.merge(rec, now); }
+        for rec in state(&merged(&c)) { ab.merge(rec, now); }
+        // a + (b + c)
+        let mut bc = merged(&b);
+        for rec in state(&merged(&c)) { bc.merge(rec, now); }
+        let mut a_bc = merged(&a);
+        for rec in state(&bc) { a_bc.merge(rec, now); }
+        prop_assert_eq!(state(&ab), state(&a_bc));
+    }
+}
