@@ -40,6 +40,9 @@ use rustls::time_provider::TimeProvider;
 use tracing::{debug, trace};
 
 use crate::membership::{self, Channel, Membership};
+use crate::registry::{
+    EndpointKind, Record, Registry, RegistryError, RegistryEvent, RegistryLimits,
+};
 use crate::tls::{self, TlsConfig};
 use crate::transport::{Transport, TransportError, TransportEvent, TransportLimits};
 use crate::wire;
@@ -63,6 +66,8 @@ pub struct NodeConfig {
     pub membership: membership::Config,
     /// Transport limits.
     pub transport: TransportLimits,
+    /// Endpoint-directory limits.
+    pub registry: RegistryLimits,
     /// The crypto provider (rustls with ring, see [`tls::crypto_provider`]). Simulations replace it
     /// with one whose randomness is seeded.
     pub crypto_provider: Arc<CryptoProvider>,
@@ -84,6 +89,7 @@ impl NodeConfig {
             tls,
             membership,
             transport: TransportLimits::default(),
+            registry: RegistryLimits::default(),
             crypto_provider: tls::crypto_provider(),
             time_provider: tls::system_time(),
         }
@@ -183,6 +189,8 @@ pub enum NodeError {
 pub enum Event {
     /// A membership event.
     Membership(membership::Event),
+    /// A change of the endpoint directory.
+    Registry(RegistryEvent),
     /// A QUIC connection to a peer ended (idle, closed or failed).
     ConnectionLost {
         /// The peer's name, if the connection was bound to one.
@@ -210,6 +218,9 @@ pub struct NodeStats {
 #[derive(Debug)]
 pub struct Node {
     membership: Membership,
+    registry: Registry,
+    /// The registry changed since the push-pull state was last encoded.
+    registry_dirty: bool,
     transport: Transport,
     seeds: Vec<SocketAddr>,
     events: VecDeque<Event>,
@@ -236,6 +247,8 @@ impl Node {
         )?;
         Ok(Self {
             membership,
+            registry: Registry::new(&config.name, config.registry.clone()),
+            registry_dirty: false,
             transport,
             seeds: config.seeds,
             events: VecDeque::new(),
@@ -256,6 +269,100 @@ impl Node {
     /// The membership view.
     pub fn membership(&self) -> &Membership {
         &self.membership
+    }
+
+    /// The endpoint directory.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Registers endpoint `name` on this node and announces it to the cluster.
+    pub fn register_endpoint(
+        &mut self,
+        now: Instant,
+        name: &str,
+        kind: EndpointKind,
+    ) -> Result<(), RegistryError> {
+        let record = self.registry.register(name, kind, now)?;
+        self.announce(&record);
+        self.pump(now);
+        Ok(())
+    }
+
+    /// Unregisters endpoint `name` and announces it (the record becomes a tombstone).
+    pub fn unregister_endpoint(&mut self, now: Instant, name: &str) -> Result<(), RegistryError> {
+        let record = self.registry.unregister(name, now)?;
+        self.announce(&record);
+        self.pump(now);
+        Ok(())
+    }
+
+    /// Queues a registry record for gossip, keyed so that a newer record replaces it.
+    fn announce(&mut self, record: &Record) {
+        let delta = wire::RegistryDelta {
+            records: vec![record.to_wire()],
+        };
+        // A record is at most two 128-byte names and a few integers: far below the broadcast limit.
+        let _ = self.membership.broadcast_app(
+            Bytes::from(record.gossip_key()),
+            Bytes::from(delta.encode_to_vec()),
+        );
+        self.registry_dirty = true;
+    }
+
+    fn handle_registry_gossip(&mut self, now: Instant, key: Bytes, payload: Bytes) {
+        if !key.starts_with(b"r/") {
+            return;
+        }
+        let Ok(delta) = wire::RegistryDelta::decode(payload.clone()) else {
+            self.undecodable += 1;
+            return;
+        };
+        let mut changed = false;
+        for r in &delta.records {
+            if let Some(record) = Record::from_wire(r) {
+                changed |= self.registry.merge(record, now);
+            }
+        }
+        if changed {
+            // Epidemic spread: pass on what was news here.
+            let _ = self.membership.broadcast_app(key, payload);
+            self.registry_dirty = true;
+        }
+    }
+
+    fn handle_registry_state(&mut self, now: Instant, state: Bytes) {
+        let Ok(state) = wire::RegistryState::decode(state) else {
+            self.undecodable += 1;
+            return;
+        };
+        for r in &state.records {
+            if let Some(record) = Record::from_wire(r) {
+                self.registry_dirty |= self.registry.merge(record, now);
+            }
+        }
+    }
+
+    /// Reacts to membership news in the directory, then passes the event on.
+    fn handle_membership_event(&mut self, now: Instant, event: membership::Event) {
+        use membership::Event as M;
+        match &event {
+            M::LeaveComplete => self.transport.close_all(now),
+            M::MemberDead { name, incarnation } | M::MemberLeft { name, incarnation } => {
+                self.registry.drop_owner(name, *incarnation);
+                self.registry_dirty = true;
+            }
+            M::MemberJoined(m) | M::MemberAlive(m) | M::MemberUpdated(m) => {
+                self.registry.owner_alive(&m.name, m.incarnation);
+            }
+            M::Refuted { incarnation } => self.registry.set_local_incarnation(*incarnation, now),
+            M::AppBroadcast { key, payload } => {
+                return self.handle_registry_gossip(now, key.clone(), payload.clone());
+            }
+            M::AppState { state, .. } => return self.handle_registry_state(now, state.clone()),
+            _ => {}
+        }
+        self.events.push_back(Event::Membership(event));
     }
 
     /// Counters.
@@ -320,6 +427,10 @@ impl Node {
     /// Runs every timer due at `now`; spurious calls are harmless.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.transport.handle_timeout(now);
+        if self.registry.poll_timeout().is_some_and(|t| t <= now) {
+            self.registry.handle_timeout(now);
+            self.registry_dirty = true;
+        }
         if self.membership.poll_timeout().is_some_and(|t| t <= now) {
             self.membership.handle_timeout(now);
         }
@@ -333,13 +444,14 @@ impl Node {
 
     /// When [`handle_timeout`](Self::handle_timeout) must next be called.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
-        match (
+        [
             self.membership.poll_timeout(),
             self.transport.poll_timeout(),
-        ) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+            self.registry.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// The next event.
@@ -361,10 +473,19 @@ impl Node {
             }
             while let Some(event) = self.membership.poll_event() {
                 progressed = true;
-                if event == membership::Event::LeaveComplete {
-                    self.transport.close_all(now);
-                }
-                self.events.push_back(Event::Membership(event));
+                self.handle_membership_event(now, event);
+            }
+            while let Some(record) = self.registry.poll_outgoing() {
+                progressed = true;
+                self.announce(&record);
+            }
+            while let Some(event) = self.registry.poll_event() {
+                self.events.push_back(Event::Registry(event));
+            }
+            if self.registry_dirty {
+                self.registry_dirty = false;
+                self.membership
+                    .set_app_state(Bytes::from(self.registry.to_wire().encode_to_vec()));
             }
             self.transport.flush(now);
             if !progressed {

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use grinta_proto::membership::{Config, Membership};
 use grinta_proto::node::{Event, Node, NodeConfig};
+use grinta_proto::registry::RegistryEvent;
 use grinta_proto::tls::TlsConfig;
 use grinta_proto::tls::dev::DevCa;
 
@@ -28,6 +29,10 @@ pub struct SimulatedNode {
     pub seen: Observations,
     /// Connections that ended: (time, peer name, handshake failed).
     pub connections_lost: Vec<(Instant, Option<String>, bool)>,
+    /// Directory events: (time, event).
+    pub registry_events: Vec<(Instant, RegistryEvent)>,
+    /// Names the directory held when the join completed.
+    pub names_at_join: Option<Vec<String>>,
     violation: Option<String>,
 }
 
@@ -38,6 +43,8 @@ impl SimulatedNode {
             node,
             seen: Observations::default(),
             connections_lost: Vec::new(),
+            registry_events: Vec::new(),
+            names_at_join: None,
             violation: None,
         }
     }
@@ -72,6 +79,11 @@ impl SimNode for SimulatedNode {
         while let Some(event) = self.node.poll_event() {
             match event {
                 Event::Membership(e) => {
+                    if e == grinta_proto::membership::Event::Joined && self.names_at_join.is_none()
+                    {
+                        let names = self.node.registry().names("");
+                        self.names_at_join = Some(names.into_iter().map(str::to_owned).collect());
+                    }
                     if let Err(v) = self.seen.record(now, &e) {
                         self.violation
                             .get_or_insert(format!("{}: {v}", self.node.name()));
@@ -82,6 +94,7 @@ impl SimNode for SimulatedNode {
                     handshake_failed,
                     ..
                 } => self.connections_lost.push((now, name, handshake_failed)),
+                Event::Registry(e) => self.registry_events.push((now, e)),
             }
         }
     }

@@ -128,8 +128,17 @@ impl Record {
     /// total and merges commute even on inconsistent input) withdrawn over claimed, the higher
     /// owner incarnation, group over exclusive.
     fn supersedes(&self, other: &Record) -> bool {
-        (self.version, !self.claimed, self.owner_incarnation, self.kind)
-            > (other.version, !other.claimed, other.owner_incarnation, other.kind)
+        (
+            self.version,
+            !self.claimed,
+            self.owner_incarnation,
+            self.kind,
+        ) > (
+            other.version,
+            !other.claimed,
+            other.owner_incarnation,
+            other.kind,
+        )
     }
 }
 
