@@ -11,6 +11,7 @@
 //! - [`wire`]: the `grinta.v1` wire types generated from `proto/grinta/v1/*.proto`, and the varint
 //!   length-prefixed framing used on streams.
 //! - [`membership`]: SWIM with Lifeguard over abstract members and opaque datagrams.
+//! - [`flow`]: flows over QUIC streams (open/accept/reject, messages, finish, reset, back-pressure).
 //! - [`registry`]: the endpoint-name directory (owner-versioned records, conflict resolution).
 //! - [`transport`]: QUIC connections between nodes (quinn-proto), connected on demand.
 //! - [`node`]: the [`node::Node`] that composes membership and transport for adapters.
@@ -18,6 +19,7 @@
 //!   `dev-certs` feature).
 #![forbid(unsafe_code)]
 
+pub mod flow;
 pub mod membership;
 pub mod node;
 pub mod registry;

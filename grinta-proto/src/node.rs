@@ -35,11 +35,14 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use prost::Message;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use rustls::crypto::CryptoProvider;
 use rustls::time_provider::TimeProvider;
 use tracing::{debug, trace};
 
-use crate::membership::{self, Channel, Membership};
+use crate::flow::{FlowError, FlowEvent, FlowId, FlowLimits, Flows, Recv, ResetCode};
+use crate::membership::{self, Channel, MemberState, Membership};
 use crate::registry::{
     EndpointKind, Record, Registry, RegistryError, RegistryEvent, RegistryLimits,
 };
@@ -68,6 +71,8 @@ pub struct NodeConfig {
     pub transport: TransportLimits,
     /// Endpoint-directory limits.
     pub registry: RegistryLimits,
+    /// Flow limits (message size, buffers, backlog, dial timeout).
+    pub flows: FlowLimits,
     /// The crypto provider (rustls with ring, see [`tls::crypto_provider`]). Simulations replace it
     /// with one whose randomness is seeded.
     pub crypto_provider: Arc<CryptoProvider>,
@@ -90,6 +95,7 @@ impl NodeConfig {
             membership,
             transport: TransportLimits::default(),
             registry: RegistryLimits::default(),
+            flows: FlowLimits::default(),
             crypto_provider: tls::crypto_provider(),
             time_provider: tls::system_time(),
         }
@@ -191,6 +197,8 @@ pub enum Event {
     Membership(membership::Event),
     /// A change of the endpoint directory.
     Registry(RegistryEvent),
+    /// Something happened to a flow.
+    Flow(FlowEvent),
     /// A QUIC connection to a peer ended (idle, closed or failed).
     ConnectionLost {
         /// The peer's name, if the connection was bound to one.
@@ -219,6 +227,8 @@ pub struct NodeStats {
 pub struct Node {
     membership: Membership,
     registry: Registry,
+    flows: Flows,
+    rng: ChaCha8Rng,
     /// The registry changed since the push-pull state was last encoded.
     registry_dirty: bool,
     transport: Transport,
@@ -248,6 +258,8 @@ impl Node {
         Ok(Self {
             membership,
             registry: Registry::new(&config.name, config.registry.clone()),
+            flows: Flows::new(&config.name, config.flows.clone()),
+            rng: ChaCha8Rng::seed_from_u64(seed ^ 0x666c_6f77),
             registry_dirty: false,
             transport,
             seeds: config.seeds,
@@ -289,12 +301,137 @@ impl Node {
         Ok(())
     }
 
-    /// Unregisters endpoint `name` and announces it (the record becomes a tombstone).
+    /// Unregisters endpoint `name` and announces it (the record becomes a tombstone). Flows
+    /// waiting in its accept backlog are reset; accepted flows carry on.
     pub fn unregister_endpoint(&mut self, now: Instant, name: &str) -> Result<(), RegistryError> {
         let record = self.registry.unregister(name, now)?;
+        self.flows
+            .on_endpoint_closed(&mut self.transport, name, ResetCode::EndpointClosed);
         self.announce(&record);
         self.pump(now);
         Ok(())
+    }
+
+    /// Where a dial of `endpoint` would go: this node if it serves the endpoint (local first),
+    /// otherwise a random live owner, skipping owners membership does not see alive.
+    pub fn resolve(&mut self, endpoint: &str) -> Result<Target, FlowError> {
+        let owners = self.registry.resolve(endpoint);
+        if owners.iter().any(|o| *o == self.membership.local_name()) {
+            return Ok(Target::Local);
+        }
+        let live: Vec<&str> = owners
+            .iter()
+            .copied()
+            .filter(|o| {
+                self.membership
+                    .member(o)
+                    .is_some_and(|m| m.state == MemberState::Alive)
+            })
+            .collect();
+        // Suspected owners are a last resort: they may still answer.
+        let candidates = if live.is_empty() {
+            owners
+                .iter()
+                .copied()
+                .filter(|o| {
+                    self.membership
+                        .member(o)
+                        .is_some_and(|m| !matches!(m.state, MemberState::Dead | MemberState::Left))
+                })
+                .collect()
+        } else {
+            live
+        };
+        if candidates.is_empty() {
+            return Err(FlowError::NoSuchEndpoint {
+                name: endpoint.to_owned(),
+            });
+        }
+        let pick = candidates[self.rng.random_range(0..candidates.len())];
+        Ok(Target::Remote {
+            node: pick.to_owned(),
+        })
+    }
+
+    /// Dials `endpoint` on a remote owner (see [`resolve`](Self::resolve)); the flow is usable after
+    /// [`FlowEvent::Opened`], or fails with [`FlowEvent::DialFailed`]. An endpoint served by this
+    /// node is connected in-process by the adapters: here it is [`FlowError::LocalEndpoint`].
+    pub fn dial(&mut self, now: Instant, endpoint: &str) -> Result<FlowId, FlowError> {
+        let node = match self.resolve(endpoint)? {
+            Target::Local => {
+                return Err(FlowError::LocalEndpoint {
+                    name: endpoint.to_owned(),
+                });
+            }
+            Target::Remote { node } => node,
+        };
+        let addr = self
+            .membership
+            .member(&node)
+            .map(|m| m.addr)
+            .ok_or_else(|| FlowError::NoSuchEndpoint {
+                name: endpoint.to_owned(),
+            })?;
+        let flow = self
+            .flows
+            .dial(now, &mut self.transport, endpoint, &node, addr)?;
+        self.pump(now);
+        Ok(flow)
+    }
+
+    /// Takes the next flow waiting in the accept backlog of local endpoint `endpoint`.
+    pub fn accept(&mut self, endpoint: &str) -> Option<FlowId> {
+        self.flows.accept(endpoint)
+    }
+
+    /// Sends one message on an open flow. [`FlowError::WouldBlock`] means the send buffer is full:
+    /// retry after [`FlowEvent::Writable`].
+    pub fn send(&mut self, now: Instant, flow: FlowId, message: Bytes) -> Result<(), FlowError> {
+        let r = self.flows.send(&mut self.transport, flow, message, true);
+        self.pump(now);
+        r
+    }
+
+    /// Sends a message without checking the peer's announced maximum size, so tests can check that
+    /// the receiver enforces it. Applications use [`send`](Self::send).
+    #[doc(hidden)]
+    pub fn send_unchecked(
+        &mut self,
+        now: Instant,
+        flow: FlowId,
+        message: Bytes,
+    ) -> Result<(), FlowError> {
+        let r = self.flows.send(&mut self.transport, flow, message, false);
+        self.pump(now);
+        r
+    }
+
+    /// Takes the next message of a flow.
+    pub fn recv(&mut self, now: Instant, flow: FlowId) -> Result<Recv, FlowError> {
+        let r = self
+            .flows
+            .recv(now, &mut self.transport, &self.registry, flow);
+        self.pump(now);
+        r
+    }
+
+    /// Finishes the sending side: everything sent is delivered, then the other side sees the end.
+    pub fn finish(&mut self, now: Instant, flow: FlowId) -> Result<(), FlowError> {
+        let r = self.flows.finish(&mut self.transport, flow);
+        self.pump(now);
+        r
+    }
+
+    /// Aborts a flow both ways; the other side sees `ResetCode::Application(code)`.
+    pub fn reset(&mut self, now: Instant, flow: FlowId, code: u32) -> Result<(), FlowError> {
+        let r = self.flows.reset(&mut self.transport, flow, code);
+        self.pump(now);
+        r
+    }
+
+    /// Flows open on this node.
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
     }
 
     /// Queues a registry record for gossip, keyed so that a newer record replaces it.
@@ -351,6 +488,7 @@ impl Node {
             M::MemberDead { name, incarnation } | M::MemberLeft { name, incarnation } => {
                 self.registry.drop_owner(name, *incarnation);
                 self.registry_dirty = true;
+                self.flows.on_peer_gone(&mut self.transport, name);
             }
             M::MemberJoined(m) | M::MemberAlive(m) | M::MemberUpdated(m) => {
                 self.registry.owner_alive(&m.name, m.incarnation);
@@ -390,6 +528,7 @@ impl Node {
     /// Leaves the cluster gracefully; connections close once the announcement has spread
     /// ([`membership::Event::LeaveComplete`]).
     pub fn leave(&mut self, now: Instant) {
+        self.flows.shut_down(&mut self.transport);
         self.membership.leave(now);
         self.pump(now);
     }
@@ -427,6 +566,7 @@ impl Node {
     /// Runs every timer due at `now`; spurious calls are harmless.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.transport.handle_timeout(now);
+        self.flows.handle_timeout(now, &mut self.transport);
         if self.registry.poll_timeout().is_some_and(|t| t <= now) {
             self.registry.handle_timeout(now);
             self.registry_dirty = true;
@@ -448,6 +588,7 @@ impl Node {
             self.membership.poll_timeout(),
             self.transport.poll_timeout(),
             self.registry.poll_timeout(),
+            self.flows.poll_timeout(),
         ]
         .into_iter()
         .flatten()
@@ -480,7 +621,17 @@ impl Node {
                 self.announce(&record);
             }
             while let Some(event) = self.registry.poll_event() {
+                if let RegistryEvent::NameConflict { name, .. } = &event {
+                    self.flows.on_endpoint_closed(
+                        &mut self.transport,
+                        name,
+                        ResetCode::NameConflict,
+                    );
+                }
                 self.events.push_back(Event::Registry(event));
+            }
+            while let Some(event) = self.flows.poll_event() {
+                self.events.push_back(Event::Flow(event));
             }
             if self.registry_dirty {
                 self.registry_dirty = false;
@@ -566,17 +717,57 @@ impl Node {
                 };
                 self.membership.handle_push_pull(now, addr, pp);
             }
+            TransportEvent::FlowStreamOpened {
+                token,
+                conn,
+                stream,
+            } => self
+                .flows
+                .on_stream_opened(now, &mut self.transport, token, conn, stream),
+            TransportEvent::FlowStreamOpenFailed { token } => self.flows.on_open_failed(token),
+            TransportEvent::FlowIncoming { conn, stream } => {
+                self.flows.on_incoming(&mut self.transport, conn, stream);
+                self.flows
+                    .on_readable(now, &mut self.transport, &self.registry, conn, stream);
+            }
+            TransportEvent::FlowReadable { conn, stream } => {
+                self.flows
+                    .on_readable(now, &mut self.transport, &self.registry, conn, stream)
+            }
+            TransportEvent::FlowWritable { conn, stream } => {
+                self.flows.on_writable(&mut self.transport, conn, stream)
+            }
+            TransportEvent::FlowStopped { conn, stream, code } => {
+                self.flows
+                    .on_stopped(&mut self.transport, conn, stream, code)
+            }
             TransportEvent::Lost {
+                conn,
                 name,
                 addr,
                 handshake_failed,
-            } => self.events.push_back(Event::ConnectionLost {
-                name,
-                addr,
-                handshake_failed,
-            }),
+            } => {
+                self.flows.on_connection_lost(&mut self.transport, conn);
+                self.events.push_back(Event::ConnectionLost {
+                    name,
+                    addr,
+                    handshake_failed,
+                });
+            }
         }
     }
+}
+
+/// Where a dial goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// This node serves the endpoint: connect in-process.
+    Local,
+    /// A remote owner.
+    Remote {
+        /// The owner's node name.
+        node: String,
+    },
 }
 
 #[cfg(all(test, feature = "dev-certs"))]

@@ -64,7 +64,7 @@ impl Default for TransportLimits {
             max_queued_stream_messages: 8,
             max_stream_message_size: 8 << 20,
             idle_timeout: Duration::from_secs(120),
-            max_concurrent_streams: 64,
+            max_concurrent_streams: 256,
         }
     }
 }
@@ -105,8 +105,38 @@ pub(crate) enum TransportEvent {
     },
     /// A complete reply on a stream this node opened.
     StreamReply { conn: ConnectionHandle, data: Bytes },
+    /// A flow stream this node asked for (token from `open_flow_stream`) is open.
+    FlowStreamOpened {
+        token: u64,
+        conn: ConnectionHandle,
+        stream: StreamId,
+    },
+    /// A flow stream could not be opened (connection failed or limit reached).
+    FlowStreamOpenFailed { token: u64 },
+    /// A peer opened a flow stream; its bytes follow the kind byte.
+    FlowIncoming {
+        conn: ConnectionHandle,
+        stream: StreamId,
+    },
+    /// A flow stream has data (or its end, or a reset) to read.
+    FlowReadable {
+        conn: ConnectionHandle,
+        stream: StreamId,
+    },
+    /// A flow stream accepts more data.
+    FlowWritable {
+        conn: ConnectionHandle,
+        stream: StreamId,
+    },
+    /// The peer asked us to stop sending on a flow stream.
+    FlowStopped {
+        conn: ConnectionHandle,
+        stream: StreamId,
+        code: u64,
+    },
     /// A connection lost (closed, idle, failed); `name` if it was bound.
     Lost {
+        conn: ConnectionHandle,
         name: Option<String>,
         addr: SocketAddr,
         handshake_failed: bool,
@@ -145,6 +175,10 @@ struct Conn {
     opened: hashbrown::HashSet<StreamId>,
     /// Outgoing stream data not yet accepted by flow control.
     outbound: BTreeMap<StreamId, OutStream>,
+    /// Streams that carry flows (their bytes belong to the flow layer).
+    flow_streams: hashbrown::HashSet<StreamId>,
+    /// Flow streams asked for while the handshake runs (tokens).
+    pending_flow_opens: VecDeque<u64>,
     /// While positive, the connection is kept open with PINGs even when nothing else flows.
     holds: u32,
     /// When the last keep-alive PING was sent (or the hold began).
@@ -200,6 +234,22 @@ impl ConnectionIdGenerator for SeededCidGenerator {
 }
 
 const CID_LEN: usize = 8;
+
+/// First byte of a stream that carries a push-pull exchange.
+pub(crate) const STREAM_KIND_PUSH_PULL: u8 = 1;
+/// First byte of a stream that carries a flow.
+pub(crate) const STREAM_KIND_FLOW: u8 = 2;
+
+/// What reading a flow stream gave.
+#[derive(Debug, Default)]
+pub(crate) struct FlowRead {
+    /// Bytes read, in order.
+    pub(crate) data: Vec<Bytes>,
+    /// The peer finished its side and everything was read.
+    pub(crate) finished: bool,
+    /// The peer reset its side with this code.
+    pub(crate) reset: Option<u64>,
+}
 
 /// grinta never issues address-validation tokens, so quinn never needs the wall clock; this source
 /// keeps it from reading it anyway.
@@ -518,6 +568,8 @@ impl Transport {
                         inbound: HashMap::new(),
                         opened: Default::default(),
                         outbound: BTreeMap::new(),
+                        flow_streams: Default::default(),
+                        pending_flow_opens: VecDeque::new(),
                         holds: 0,
                         last_keep_alive: now,
                     },
@@ -575,7 +627,8 @@ impl Transport {
             self.stats.stream_messages_dropped += 1;
             return;
         };
-        let mut framed = Vec::with_capacity(framing::framed_len(data.len()));
+        let mut framed = Vec::with_capacity(1 + framing::framed_len(data.len()));
+        framed.push(STREAM_KIND_PUSH_PULL);
         framing::encode_frame(data, &mut framed);
         let limit = self.limits.max_queued_stream_messages;
         let Some(c) = self.conns.get_mut(&ch) else {
@@ -589,6 +642,160 @@ impl Transport {
             self.stats.stream_messages_dropped += 1;
         }
         self.dirty.insert(ch);
+    }
+
+    /// Asks for a new flow stream to node `name` at `addr`; the answer comes as
+    /// [`TransportEvent::FlowStreamOpened`] or [`TransportEvent::FlowStreamOpenFailed`] with `token`.
+    pub(crate) fn open_flow_stream(
+        &mut self,
+        now: Instant,
+        name: &str,
+        addr: SocketAddr,
+        token: u64,
+    ) {
+        let Some(ch) = self.connection_for(now, Some(name), addr) else {
+            self.events
+                .push_back(TransportEvent::FlowStreamOpenFailed { token });
+            return;
+        };
+        let Some(c) = self.conns.get_mut(&ch) else {
+            return;
+        };
+        c.pending_flow_opens.push_back(token);
+        if c.established {
+            Self::open_pending_flows(c, ch, &mut self.events);
+        }
+        self.dirty.insert(ch);
+    }
+
+    /// Opens waiting flow streams while the peer's stream limit allows; the rest wait for
+    /// `StreamEvent::Available`.
+    fn open_pending_flows(
+        c: &mut Conn,
+        ch: ConnectionHandle,
+        events: &mut VecDeque<TransportEvent>,
+    ) {
+        while let Some(&token) = c.pending_flow_opens.front() {
+            match Self::open_flow_on(c, ch, token) {
+                Some(event) => {
+                    c.pending_flow_opens.pop_front();
+                    events.push_back(event);
+                }
+                None => break,
+            }
+        }
+    }
+
+    fn open_flow_on(c: &mut Conn, ch: ConnectionHandle, token: u64) -> Option<TransportEvent> {
+        let id = c.conn.streams().open(Dir::Bi)?;
+        c.flow_streams.insert(id);
+        // One byte always fits a fresh stream's window.
+        let _ = c.conn.send_stream(id).write(&[STREAM_KIND_FLOW]);
+        Some(TransportEvent::FlowStreamOpened {
+            token,
+            conn: ch,
+            stream: id,
+        })
+    }
+
+    /// Writes as much of `data` as flow control allows; returns the bytes taken, or `None` if the
+    /// stream is gone (stopped, reset or its connection closed).
+    pub(crate) fn flow_write(
+        &mut self,
+        conn: ConnectionHandle,
+        stream: StreamId,
+        data: &[u8],
+    ) -> Option<usize> {
+        let c = self.conns.get_mut(&conn)?;
+        self.dirty.insert(conn);
+        match c.conn.send_stream(stream).write(data) {
+            Ok(n) => Some(n),
+            Err(quinn_proto::WriteError::Blocked) => Some(0),
+            Err(_) => None,
+        }
+    }
+
+    /// Finishes the sending side of a flow stream (after everything written).
+    pub(crate) fn flow_finish(&mut self, conn: ConnectionHandle, stream: StreamId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            let _ = c.conn.send_stream(stream).finish();
+            self.dirty.insert(conn);
+        }
+    }
+
+    /// Aborts a flow stream both ways with `code`.
+    pub(crate) fn flow_reset(&mut self, conn: ConnectionHandle, stream: StreamId, code: u64) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            let code = VarInt::from_u64(code).unwrap_or(VarInt::MAX);
+            let _ = c.conn.send_stream(stream).reset(code);
+            let _ = c.conn.recv_stream(stream).stop(code);
+            c.flow_streams.remove(&stream);
+            self.dirty.insert(conn);
+        }
+    }
+
+    /// Forgets a flow stream that ended cleanly both ways.
+    pub(crate) fn flow_forget(&mut self, conn: ConnectionHandle, stream: StreamId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.flow_streams.remove(&stream);
+        }
+    }
+
+    /// Reads up to `max` bytes from a flow stream.
+    pub(crate) fn flow_read(
+        &mut self,
+        conn: ConnectionHandle,
+        stream: StreamId,
+        max: usize,
+    ) -> FlowRead {
+        let mut out = FlowRead::default();
+        let Some(c) = self.conns.get_mut(&conn) else {
+            out.reset = Some(StreamErrorCode::ShuttingDown as u64);
+            return out;
+        };
+        self.dirty.insert(conn);
+        let mut budget = max;
+        match c.conn.recv_stream(stream).read(true) {
+            Ok(mut chunks) => {
+                while budget > 0 {
+                    match chunks.next(budget) {
+                        Ok(Some(chunk)) => {
+                            budget -= chunk.bytes.len();
+                            out.data.push(chunk.bytes);
+                        }
+                        Ok(None) => {
+                            out.finished = true;
+                            break;
+                        }
+                        Err(quinn_proto::ReadError::Blocked) => break,
+                        Err(quinn_proto::ReadError::Reset(code)) => {
+                            out.reset = Some(code.into_inner());
+                            break;
+                        }
+                    }
+                }
+                let _ = chunks.finalize();
+            }
+            Err(_) => out.finished = true,
+        }
+        out
+    }
+
+    /// Holds the connection a flow runs on (keep-alive while held).
+    pub(crate) fn hold_conn(&mut self, now: Instant, conn: ConnectionHandle) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if c.holds == 0 {
+                c.last_keep_alive = now;
+            }
+            c.holds += 1;
+        }
+    }
+
+    /// Releases one hold on a connection.
+    pub(crate) fn release_conn(&mut self, conn: ConnectionHandle) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.holds = c.holds.saturating_sub(1);
+        }
     }
 
     /// Sends `data` as the reply on `stream`, then finishes it.
@@ -684,6 +891,8 @@ impl Transport {
                                     inbound: HashMap::new(),
                                     opened: Default::default(),
                                     outbound: BTreeMap::new(),
+                                    flow_streams: Default::default(),
+                                    pending_flow_opens: VecDeque::new(),
                                     holds: 0,
                                     last_keep_alive: now,
                                 },
@@ -722,16 +931,10 @@ impl Transport {
         let Some(&ch) = self.by_name.get(name) else {
             return false;
         };
-        let Some(c) = self.conns.get_mut(&ch) else {
-            return false;
-        };
         if hold {
-            if c.holds == 0 {
-                c.last_keep_alive = now;
-            }
-            c.holds += 1;
+            self.hold_conn(now, ch);
         } else {
-            c.holds = c.holds.saturating_sub(1);
+            self.release_conn(ch);
         }
         true
     }
@@ -898,6 +1101,7 @@ impl Transport {
                 while let Some(m) = c.queued_requests.pop_front() {
                     Self::open_and_write(c, m, &mut self.stats);
                 }
+                Self::open_pending_flows(c, ch, &mut self.events);
                 if let Some(name) = c.peer.clone() {
                     self.bind_name(ch, &name);
                 }
@@ -912,7 +1116,12 @@ impl Transport {
                 c.queued_datagrams.clear();
                 c.queued_requests.clear();
                 debug!(peer = ?c.peer, addr = %c.addr, %reason, "connection lost");
+                for token in c.pending_flow_opens.drain(..) {
+                    self.events
+                        .push_back(TransportEvent::FlowStreamOpenFailed { token });
+                }
                 self.events.push_back(TransportEvent::Lost {
+                    conn: ch,
                     name: c.peer.clone(),
                     addr: c.addr,
                     handshake_failed,
@@ -933,8 +1142,6 @@ impl Transport {
             Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
                 let mut accepted = Vec::new();
                 while let Some(id) = c.conn.streams().accept(Dir::Bi) {
-                    c.inbound
-                        .insert(id, FrameDecoder::new(self.limits.max_stream_message_size));
                     accepted.push(id);
                 }
                 for id in accepted {
@@ -944,9 +1151,33 @@ impl Transport {
             Event::Stream(StreamEvent::Opened { dir: Dir::Uni }) => {
                 // grinta uses no unidirectional streams (and allows the peer none).
             }
+            Event::Stream(StreamEvent::Readable { id }) if c.flow_streams.contains(&id) => {
+                self.events.push_back(TransportEvent::FlowReadable {
+                    conn: ch,
+                    stream: id,
+                });
+            }
+            Event::Stream(StreamEvent::Writable { id }) if c.flow_streams.contains(&id) => {
+                self.events.push_back(TransportEvent::FlowWritable {
+                    conn: ch,
+                    stream: id,
+                });
+            }
+            Event::Stream(StreamEvent::Stopped { id, error_code })
+                if c.flow_streams.contains(&id) =>
+            {
+                self.events.push_back(TransportEvent::FlowStopped {
+                    conn: ch,
+                    stream: id,
+                    code: error_code.into_inner(),
+                });
+            }
             Event::Stream(StreamEvent::Readable { id }) => self.read_stream(now, ch, id),
             Event::Stream(StreamEvent::Writable { id }) => {
                 Self::flush_stream(c, id, &mut self.stats);
+            }
+            Event::Stream(StreamEvent::Available { dir: Dir::Bi }) => {
+                Self::open_pending_flows(c, ch, &mut self.events);
             }
             Event::Stream(StreamEvent::Finished { .. })
             | Event::Stream(StreamEvent::Stopped { .. })
@@ -960,6 +1191,41 @@ impl Transport {
             return;
         };
         let is_reply = c.opened.contains(&id);
+        if !is_reply && !c.inbound.contains_key(&id) {
+            // First bytes of a stream the peer opened: its kind.
+            let kind = match c.conn.recv_stream(id).read(true) {
+                Ok(mut chunks) => {
+                    let kind = match chunks.next(1) {
+                        Ok(Some(chunk)) => chunk.bytes.first().copied(),
+                        _ => None,
+                    };
+                    let _ = chunks.finalize();
+                    kind
+                }
+                Err(_) => None,
+            };
+            match kind {
+                None => return, // nothing yet
+                Some(STREAM_KIND_FLOW) => {
+                    c.flow_streams.insert(id);
+                    self.events.push_back(TransportEvent::FlowIncoming {
+                        conn: ch,
+                        stream: id,
+                    });
+                    return;
+                }
+                Some(STREAM_KIND_PUSH_PULL) => {
+                    c.inbound.insert(id, FrameDecoder::new(max));
+                }
+                Some(_) => {
+                    self.stats.stream_messages_dropped += 1;
+                    let code = VarInt::from_u32(StreamErrorCode::ProtocolViolation as u32);
+                    let _ = c.conn.recv_stream(id).stop(code);
+                    let _ = c.conn.send_stream(id).reset(code);
+                    return;
+                }
+            }
+        }
         let decoder = c
             .inbound
             .entry(id)

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use grinta_proto::flow::FlowEvent;
 use grinta_proto::membership::{Config, Membership};
 use grinta_proto::node::{Event, Node, NodeConfig};
 use grinta_proto::registry::RegistryEvent;
@@ -20,8 +21,14 @@ use crate::membership_sim::{
     Cluster, ClusterNode, NodeFactory, Observations, node_name, node_seed,
 };
 
+/// Application logic that reacts to a node's flow events inside the simulation (an echo server, a
+/// sink, a sender...). It may call any `Node` method.
+pub trait FlowApp {
+    /// Called for every flow event, in order, at virtual time `now`.
+    fn on_event(&mut self, node: &mut Node, now: Instant, event: &FlowEvent);
+}
+
 /// One simulated node: a real [`Node`] plus what it observed.
-#[derive(Debug)]
 pub struct SimulatedNode {
     /// The node under test.
     pub node: Node,
@@ -33,6 +40,10 @@ pub struct SimulatedNode {
     pub registry_events: Vec<(Instant, RegistryEvent)>,
     /// Names the directory held when the join completed.
     pub names_at_join: Option<Vec<String>>,
+    /// Flow events: (time, event).
+    pub flow_events: Vec<(Instant, FlowEvent)>,
+    /// The application driving this node's flows, if any.
+    pub app: Option<Box<dyn FlowApp>>,
     violation: Option<String>,
 }
 
@@ -45,8 +56,19 @@ impl SimulatedNode {
             connections_lost: Vec::new(),
             registry_events: Vec::new(),
             names_at_join: None,
+            flow_events: Vec::new(),
+            app: None,
             violation: None,
         }
+    }
+}
+
+impl std::fmt::Debug for SimulatedNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimulatedNode")
+            .field("node", &self.node)
+            .field("app", &self.app.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -95,6 +117,12 @@ impl SimNode for SimulatedNode {
                     ..
                 } => self.connections_lost.push((now, name, handshake_failed)),
                 Event::Registry(e) => self.registry_events.push((now, e)),
+                Event::Flow(e) => {
+                    if let Some(app) = self.app.as_mut() {
+                        app.on_event(&mut self.node, now, &e);
+                    }
+                    self.flow_events.push((now, e));
+                }
             }
         }
     }
@@ -152,10 +180,23 @@ impl Cluster<SimulatedNode> {
         membership: Config,
         certs: Arc<Vec<TlsConfig>>,
     ) -> Self {
+        Self::nodes_with(seed, net, membership, certs, |_| {})
+    }
+
+    /// Like [`nodes`](Self::nodes), with `tweak` applied to every node's configuration.
+    pub fn nodes_with(
+        seed: u64,
+        net: NetConfig,
+        membership: Config,
+        certs: Arc<Vec<TlsConfig>>,
+        tweak: impl Fn(&mut NodeConfig) + 'static,
+    ) -> Self {
         let n = certs.len();
         let m = membership.clone();
         let factory: NodeFactory<SimulatedNode> = Box::new(move |i, generation, addr, now| {
-            let config = sim_node_config(seed, i, generation, addr, certs[i].clone(), m.clone());
+            let mut config =
+                sim_node_config(seed, i, generation, addr, certs[i].clone(), m.clone());
+            tweak(&mut config);
             let node = Node::new(config, node_seed(seed, i, generation), now)
                 .expect("simulated node configuration is valid");
             SimulatedNode::new(node)

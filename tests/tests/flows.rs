@@ -206,3 +206,603 @@ fn exclusive_claims_on_both_sides_of_a_partition_resolve_to_one_owner() {
     assert!(told, "the loser was told (seed {seed})");
     assert!(!c.sim.node(loser).node.registry().is_local("leader"));
 }
+
+// ----- flows -----------------------------------------------------------------------------------
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use grinta_proto::flow::{FlowError, FlowEvent, FlowId, Recv, ResetCode};
+use grinta_proto::node::Node;
+use grinta_tests::node_sim::FlowApp;
+
+/// What a sink received.
+#[derive(Default, Debug)]
+struct SinkLog {
+    messages: HashMap<FlowId, Vec<Bytes>>,
+    peers: HashMap<FlowId, String>,
+    finished: Vec<FlowId>,
+    closed: Vec<(FlowId, FlowError)>,
+}
+
+/// Accepts every flow of its endpoints and reads everything.
+struct Sink {
+    log: Rc<RefCell<SinkLog>>,
+    /// Accept flows (false: let the backlog fill).
+    accept: bool,
+}
+
+impl Sink {
+    fn drain(&self, node: &mut Node, now: Instant, flow: FlowId) {
+        loop {
+            match node.recv(now, flow) {
+                Ok(Recv::Message(m)) => self
+                    .log
+                    .borrow_mut()
+                    .messages
+                    .entry(flow)
+                    .or_default()
+                    .push(m),
+                Ok(Recv::Finished) => {
+                    let mut log = self.log.borrow_mut();
+                    if !log.finished.contains(&flow) {
+                        log.finished.push(flow);
+                        drop(log);
+                        // Half-close done on the other side: close ours too.
+                        let _ = node.finish(now, flow);
+                    }
+                    return;
+                }
+                Ok(Recv::Pending) => return,
+                Err(e) => {
+                    self.log.borrow_mut().closed.push((flow, e));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl FlowApp for Sink {
+    fn on_event(&mut self, node: &mut Node, now: Instant, event: &FlowEvent) {
+        match event {
+            FlowEvent::Incoming { endpoint, .. } if self.accept => {
+                while let Some(flow) = node.accept(endpoint) {
+                    self.log.borrow_mut().messages.entry(flow).or_default();
+                    self.drain(node, now, flow);
+                }
+            }
+            FlowEvent::Incoming { flow, peer, .. } => {
+                self.log.borrow_mut().peers.insert(*flow, peer.clone());
+            }
+            FlowEvent::Readable { flow } if self.log.borrow().messages.contains_key(flow) => {
+                self.drain(node, now, *flow)
+            }
+            FlowEvent::Closed { flow, error } => {
+                self.log.borrow_mut().closed.push((*flow, error.clone()))
+            }
+            _ => {}
+        }
+    }
+}
+
+/// What a sender saw.
+#[derive(Default, Debug)]
+struct SenderLog {
+    /// Messages still to send, per flow (filled by the test right after dialling).
+    pending: HashMap<FlowId, VecDeque<Bytes>>,
+    /// Finish each flow once its messages are queued.
+    finish: bool,
+    opened: Vec<FlowId>,
+    dial_failed: Vec<(FlowId, FlowError)>,
+    closed: Vec<(Instant, FlowId, FlowError)>,
+    finished: Vec<FlowId>,
+    would_block: u64,
+}
+
+struct Sender {
+    log: Rc<RefCell<SenderLog>>,
+}
+
+impl Sender {
+    fn pump(&self, node: &mut Node, now: Instant, flow: FlowId) {
+        loop {
+            let next = self
+                .log
+                .borrow_mut()
+                .pending
+                .get_mut(&flow)
+                .and_then(|q| q.front().cloned());
+            let Some(message) = next else {
+                let mut log = self.log.borrow_mut();
+                if log.finish && !log.finished.contains(&flow) && log.opened.contains(&flow) {
+                    log.finished.push(flow);
+                    drop(log);
+                    let _ = node.finish(now, flow);
+                }
+                return;
+            };
+            match node.send(now, flow, message) {
+                Ok(()) => {
+                    self.log
+                        .borrow_mut()
+                        .pending
+                        .get_mut(&flow)
+                        .map(|q| q.pop_front());
+                }
+                Err(FlowError::WouldBlock) => {
+                    self.log.borrow_mut().would_block += 1;
+                    return;
+                }
+                Err(e) => {
+                    self.log.borrow_mut().closed.push((now, flow, e));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl FlowApp for Sender {
+    fn on_event(&mut self, node: &mut Node, now: Instant, event: &FlowEvent) {
+        match event {
+            FlowEvent::Opened { flow, .. } => {
+                self.log.borrow_mut().opened.push(*flow);
+                self.pump(node, now, *flow);
+            }
+            FlowEvent::Writable { flow } => self.pump(node, now, *flow),
+            FlowEvent::DialFailed { flow, error, .. } => self
+                .log
+                .borrow_mut()
+                .dial_failed
+                .push((*flow, error.clone())),
+            FlowEvent::Closed { flow, error } => {
+                self.log
+                    .borrow_mut()
+                    .closed
+                    .push((now, *flow, error.clone()))
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Makes node `i` a sink of endpoint `name` and returns its log.
+fn sink(
+    c: &mut Cluster<SimulatedNode>,
+    i: usize,
+    name: &str,
+    accept: bool,
+) -> Rc<RefCell<SinkLog>> {
+    register(c, i, name, EndpointKind::Exclusive);
+    let log = Rc::new(RefCell::new(SinkLog::default()));
+    c.sim.node_mut(i).app = Some(Box::new(Sink {
+        log: log.clone(),
+        accept,
+    }));
+    log
+}
+
+/// Makes node `i` a sender and returns its log.
+fn sender(c: &mut Cluster<SimulatedNode>, i: usize, finish: bool) -> Rc<RefCell<SenderLog>> {
+    let log = Rc::new(RefCell::new(SenderLog {
+        finish,
+        ..SenderLog::default()
+    }));
+    c.sim.node_mut(i).app = Some(Box::new(Sender { log: log.clone() }));
+    log
+}
+
+/// Dials `endpoint` from node `i` and queues `messages` on the new flow.
+fn dial_with(
+    c: &mut Cluster<SimulatedNode>,
+    i: usize,
+    log: &Rc<RefCell<SenderLog>>,
+    endpoint: &str,
+    messages: Vec<Bytes>,
+) -> FlowId {
+    let flow = c
+        .sim
+        .with_node(i, |n, now| n.node.dial(now, endpoint))
+        .expect("dial starts");
+    log.borrow_mut().pending.insert(flow, messages.into());
+    flow
+}
+
+fn random_messages(c: &mut Cluster<SimulatedNode>, total: usize, max: usize) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut sum = 0;
+    while sum < total {
+        let len = c.sim.rng().random_range(1..=max);
+        let bytes: Vec<u8> = (0..len).map(|_| c.sim.rng().random()).collect();
+        sum += len;
+        out.push(Bytes::from(bytes));
+    }
+    out
+}
+
+#[test]
+fn ten_megabytes_arrive_exact_and_in_order_over_a_lossy_reordering_link() {
+    let (seed, _g) = seed(10);
+    let mut c = formed(seed, 3);
+    let received = sink(&mut c, 2, "store", true);
+    let sent = sender(&mut c, 0, true);
+    c.run_for(Duration::from_secs(2));
+    // 5% loss and up to 4 ms of jitter (reordering) on the path between sender and receiver.
+    let lossy = NetConfig {
+        latency: Duration::from_micros(500),
+        jitter: Duration::from_millis(4),
+        loss: 0.05,
+        duplicate: 0.0,
+    };
+    c.sim.set_link(0, 2, lossy);
+    c.sim.set_link(2, 0, lossy);
+    let messages = random_messages(&mut c, 10 << 20, 1 << 20);
+    let total: usize = messages.iter().map(Bytes::len).sum();
+    let flow = dial_with(&mut c, 0, &sent, "store", messages.clone());
+    let took = c.run_until(Duration::from_secs(300), |_| {
+        received.borrow().finished.len() == 1
+    });
+    println!(
+        "{} messages, {total} bytes over 5% loss: delivered in {took:?} of virtual time (flow {flow})",
+        messages.len()
+    );
+    assert!(took.is_some(), "the flow finished (seed {seed})");
+    let log = received.borrow();
+    let got = log.messages.values().next().expect("one flow");
+    assert_eq!(got.len(), messages.len(), "seed {seed}");
+    assert!(got == &messages, "byte-exact and in order (seed {seed})");
+    assert!(log.closed.is_empty(), "{:?}", log.closed);
+}
+
+#[test]
+fn finish_delivers_everything_before_the_end() {
+    let (seed, _g) = seed(11);
+    let mut c = formed(seed, 3);
+    let received = sink(&mut c, 1, "log", true);
+    let sent = sender(&mut c, 0, true);
+    c.run_for(Duration::from_secs(2));
+    let messages: Vec<Bytes> = (0..2000u32)
+        .map(|i| Bytes::from(i.to_be_bytes().to_vec()))
+        .collect();
+    dial_with(&mut c, 0, &sent, "log", messages.clone());
+    c.run_until(Duration::from_secs(30), |_| {
+        received.borrow().finished.len() == 1
+    })
+    .expect("finished");
+    let log = received.borrow();
+    assert_eq!(
+        log.messages.values().next().unwrap(),
+        &messages,
+        "all 2000, in order, before the end"
+    );
+    assert!(sent.borrow().closed.is_empty());
+}
+
+#[test]
+fn reset_is_seen_on_both_sides() {
+    let (seed, _g) = seed(12);
+    let mut c = formed(seed, 3);
+    let received = sink(&mut c, 1, "svc", true);
+    let sent = sender(&mut c, 0, false);
+    c.run_for(Duration::from_secs(2));
+    let flow = dial_with(&mut c, 0, &sent, "svc", vec![Bytes::from_static(b"hello")]);
+    c.run_until(Duration::from_secs(5), |_| {
+        received.borrow().messages.values().any(|m| !m.is_empty())
+    })
+    .expect("first message arrived");
+    c.sim
+        .with_node(0, |n, now| n.node.reset(now, flow, 42))
+        .unwrap();
+    c.run_until(Duration::from_secs(5), |_| {
+        !received.borrow().closed.is_empty()
+    })
+    .expect("the receiver saw the reset");
+    assert_eq!(
+        received.borrow().closed[0].1,
+        FlowError::Reset {
+            code: ResetCode::Application(42)
+        }
+    );
+    let after = c.sim.with_node(0, |n, now| {
+        n.node.send(now, flow, Bytes::from_static(b"late"))
+    });
+    assert!(matches!(after, Err(FlowError::Reset { .. })), "{after:?}");
+
+    // And the other way: the acceptor resets, the dialler sees it.
+    let flow2 = dial_with(&mut c, 0, &sent, "svc", vec![Bytes::from_static(b"x")]);
+    c.run_until(Duration::from_secs(5), |_| {
+        received.borrow().messages.len() >= 2
+    })
+    .expect("second flow accepted");
+    let accepted = *received.borrow().messages.keys().max().unwrap();
+    c.sim
+        .with_node(1, |n, now| n.node.reset(now, accepted, 7))
+        .unwrap();
+    c.run_until(Duration::from_secs(5), |_| {
+        sent.borrow().closed.iter().any(|(_, f, _)| *f == flow2)
+    })
+    .expect("the dialler saw the reset");
+    let err = sent
+        .borrow()
+        .closed
+        .iter()
+        .find(|(_, f, _)| *f == flow2)
+        .unwrap()
+        .2
+        .clone();
+    assert_eq!(
+        err,
+        FlowError::Reset {
+            code: ResetCode::Application(7)
+        }
+    );
+}
+
+#[test]
+fn an_oversized_message_resets_only_its_flow() {
+    let (seed, _g) = seed(13);
+    let mut c = formed(seed, 3);
+    let received = sink(&mut c, 1, "svc", true);
+    let sent = sender(&mut c, 0, false);
+    c.run_for(Duration::from_secs(2));
+    let limit = grinta_proto::flow::FlowLimits::default().max_message_size;
+    let good = dial_with(&mut c, 0, &sent, "svc", vec![Bytes::from_static(b"before")]);
+    let bad = dial_with(&mut c, 0, &sent, "svc", vec![]);
+    c.run_until(Duration::from_secs(5), |_| sent.borrow().opened.len() == 2)
+        .expect("both open");
+    // The API refuses it with a typed error...
+    let refused = c.sim.with_node(0, |n, now| {
+        n.node.send(now, bad, Bytes::from(vec![0u8; limit + 1]))
+    });
+    assert_eq!(
+        refused,
+        Err(FlowError::MessageTooLarge {
+            size: limit as u64 + 1,
+            limit: limit as u64
+        })
+    );
+    // ...and a peer that ignores the limit gets its flow reset by the receiver.
+    c.sim
+        .with_node(0, |n, now| {
+            n.node
+                .send_unchecked(now, bad, Bytes::from(vec![0u8; limit + 1]))
+        })
+        .unwrap();
+    c.run_until(Duration::from_secs(10), |_| {
+        sent.borrow().closed.iter().any(|(_, f, _)| *f == bad)
+            && !received.borrow().closed.is_empty()
+    })
+    .expect("both sides saw the reset");
+    let sender_err = sent
+        .borrow()
+        .closed
+        .iter()
+        .find(|(_, f, _)| *f == bad)
+        .unwrap()
+        .2
+        .clone();
+    assert!(
+        matches!(sender_err, FlowError::MessageTooLarge { .. }),
+        "{sender_err}"
+    );
+    let receiver_err = received.borrow().closed[0].1.clone();
+    assert!(
+        matches!(receiver_err, FlowError::MessageTooLarge { .. }),
+        "{receiver_err}"
+    );
+    // The other flow on the same connection is untouched.
+    sent.borrow_mut()
+        .pending
+        .insert(good, vec![Bytes::from_static(b"after")].into());
+    c.sim
+        .with_node(0, |n, now| {
+            let _ = n.node.send(now, good, Bytes::from_static(b"after"));
+            n.node.finish(now, good)
+        })
+        .unwrap();
+    c.run_until(Duration::from_secs(5), |_| {
+        !received.borrow().finished.is_empty()
+    })
+    .expect("good flow finished");
+    let log = received.borrow();
+    let msgs = log.messages.get(&log.finished[0]).unwrap();
+    assert_eq!(
+        msgs,
+        &vec![Bytes::from_static(b"before"), Bytes::from_static(b"after")]
+    );
+    assert!(!sent.borrow().closed.iter().any(|(_, f, _)| *f == good));
+}
+
+#[test]
+fn a_flow_whose_peer_is_killed_fails_within_the_detection_bound() {
+    let (seed, _g) = seed(14);
+    let mut c = formed(seed, 5);
+    let _received = sink(&mut c, 3, "svc", true);
+    let sent = sender(&mut c, 0, false);
+    c.run_for(Duration::from_secs(2));
+    let flow = dial_with(&mut c, 0, &sent, "svc", vec![Bytes::from_static(b"hi")]);
+    c.run_until(Duration::from_secs(5), |_| {
+        sent.borrow().opened.contains(&flow)
+    })
+    .expect("open");
+    c.kill(3);
+    let t0 = c.sim.now();
+    let failed = c.run_until(Duration::from_secs(60), |_| {
+        !sent.borrow().closed.is_empty()
+    });
+    println!("flow to a killed peer failed after {failed:?}");
+    let failed = failed.expect("the flow failed");
+    assert!(
+        failed <= Duration::from_secs(11),
+        "{failed:?} (seed {seed})"
+    );
+    let (at, f, err) = sent.borrow().closed[0].clone();
+    assert_eq!(f, flow);
+    assert!(at >= t0);
+    assert!(
+        matches!(
+            err,
+            FlowError::PeerGone { .. } | FlowError::ConnectionLost { .. }
+        ),
+        "{err}"
+    );
+    // A new dial fails cleanly: the name is gone with its owner.
+    let again = c.sim.with_node(0, |n, now| n.node.dial(now, "svc"));
+    assert_eq!(again, Err(FlowError::NoSuchEndpoint { name: "svc".into() }));
+}
+
+#[test]
+fn dial_errors_are_clear() {
+    let (seed, _g) = seed(15);
+    let ca = DevCa::new().unwrap();
+    let mut c = Cluster::nodes_with(
+        seed,
+        lan(),
+        node_membership_config(),
+        certificates(&ca, 4),
+        |cfg| {
+            cfg.flows.dial_timeout = Duration::from_secs(2);
+        },
+    );
+    c.form(Duration::from_millis(200));
+    let never = sink(&mut c, 1, "busy", false);
+    let sent = sender(&mut c, 0, false);
+    c.run_for(Duration::from_secs(2));
+    // Unknown name.
+    let unknown = c.sim.with_node(0, |n, now| n.node.dial(now, "nobody"));
+    assert_eq!(
+        unknown,
+        Err(FlowError::NoSuchEndpoint {
+            name: "nobody".into()
+        })
+    );
+    // A full backlog: the sink never accepts.
+    let backlog = grinta_proto::flow::FlowLimits::default().accept_backlog;
+    for _ in 0..backlog + 5 {
+        dial_with(&mut c, 0, &sent, "busy", vec![]);
+    }
+    c.run_until(Duration::from_secs(5), |_| {
+        sent.borrow().dial_failed.len() >= 5
+    })
+    .expect("rejections");
+    assert_eq!(sent.borrow().opened.len(), backlog);
+    assert!(sent.borrow().dial_failed.iter().all(|(_, e)| matches!(
+        e,
+        FlowError::Rejected {
+            reason: grinta_proto::flow::RejectReason::BacklogFull,
+            ..
+        }
+    )));
+    assert_eq!(never.borrow().peers.len(), backlog);
+    // The owner unregistered the name but the dialler does not know yet.
+    register(&mut c, 2, "moving", EndpointKind::Exclusive);
+    c.run_for(Duration::from_secs(2));
+    c.sim
+        .with_node(2, |n, now| n.node.unregister_endpoint(now, "moving"))
+        .unwrap();
+    dial_with(&mut c, 0, &sent, "moving", vec![]);
+    c.run_until(Duration::from_secs(5), |_| {
+        sent.borrow().dial_failed.len() >= 6
+    })
+    .expect("rejected");
+    assert!(matches!(
+        sent.borrow().dial_failed.last().unwrap().1,
+        FlowError::Rejected {
+            reason: grinta_proto::flow::RejectReason::NoSuchEndpoint,
+            ..
+        }
+    ));
+    // An owner that never answers: the dial times out.
+    register(&mut c, 3, "silent", EndpointKind::Exclusive);
+    c.run_for(Duration::from_secs(2));
+    c.sim.partition(&[vec![3]]);
+    dial_with(&mut c, 0, &sent, "silent", vec![]);
+    let t0 = c.sim.now();
+    c.run_until(Duration::from_secs(15), |_| {
+        sent.borrow().dial_failed.len() >= 7
+    })
+    .expect("timed out");
+    assert!(matches!(
+        sent.borrow().dial_failed.last().unwrap().1,
+        FlowError::DialTimeout { .. }
+    ));
+    assert!(c.sim.now() - t0 <= Duration::from_millis(2100));
+}
+
+#[test]
+fn a_thousand_concurrent_flows_across_five_nodes_all_complete() {
+    let (seed, _g) = seed(16);
+    let n = 5;
+    let mut c = formed(seed, n);
+    // Every node is both a sink (endpoint "sink-i") and a sender.
+    type Logs = (Rc<RefCell<SinkLog>>, Rc<RefCell<SenderLog>>);
+    let logs: Vec<Logs> = (0..n)
+        .map(|i| {
+            register(&mut c, i, &format!("sink-{i}"), EndpointKind::Exclusive);
+            let sink = Rc::new(RefCell::new(SinkLog::default()));
+            let send = Rc::new(RefCell::new(SenderLog {
+                finish: true,
+                ..SenderLog::default()
+            }));
+            c.sim.node_mut(i).app = Some(Box::new(Both {
+                sink: Sink {
+                    log: sink.clone(),
+                    accept: true,
+                },
+                sender: Sender { log: send.clone() },
+            }));
+            (sink, send)
+        })
+        .collect();
+    c.run_for(Duration::from_secs(2));
+    let mut expected = 0usize;
+    for k in 0..1000usize {
+        let from = k % n;
+        let to = (from + 1 + c.sim.rng().random_range(0..n - 1)) % n;
+        let messages = vec![
+            Bytes::from(format!("{k}-a")),
+            Bytes::from(format!("{k}-b")),
+            Bytes::from(format!("{k}-c")),
+        ];
+        dial_with(&mut c, from, &logs[from].1, &format!("sink-{to}"), messages);
+        expected += 1;
+    }
+    let done = c.run_until(Duration::from_secs(120), |_| {
+        logs.iter()
+            .map(|(s, _)| s.borrow().finished.len())
+            .sum::<usize>()
+            == expected
+    });
+    println!("1000 concurrent flows completed after {done:?}");
+    assert!(done.is_some(), "seed {seed}");
+    for (sink, send) in &logs {
+        let s = sink.borrow();
+        assert!(s.closed.is_empty(), "{:?}", s.closed.first());
+        assert!(s.finished.iter().all(|f| s.messages[f].len() == 3));
+        assert!(send.borrow().dial_failed.is_empty());
+    }
+    for i in 0..n {
+        assert_eq!(
+            c.sim.node(i).node.flow_count(),
+            0,
+            "every flow cleaned up on node {i}"
+        );
+    }
+}
+
+/// Sink and sender on one node.
+struct Both {
+    sink: Sink,
+    sender: Sender,
+}
+
+impl FlowApp for Both {
+    fn on_event(&mut self, node: &mut Node, now: Instant, event: &FlowEvent) {
+        self.sink.on_event(node, now, event);
+        self.sender.on_event(node, now, event);
+    }
+}

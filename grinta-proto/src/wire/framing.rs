@@ -137,6 +137,12 @@ impl FrameDecoder {
         self.max_frame_len
     }
 
+    /// Changes the maximum frame size (for example after a small control frame, for the messages
+    /// that follow it). Bytes already buffered are kept.
+    pub fn set_max_frame_len(&mut self, max_frame_len: usize) {
+        self.max_frame_len = max_frame_len;
+    }
+
     /// Appends bytes received from the stream.
     pub fn extend(&mut self, data: &[u8]) {
         self.buf.extend_from_slice(data);

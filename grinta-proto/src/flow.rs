@@ -1,0 +1,1155 @@
+//! Flows: ordered, back-pressured, bidirectional message channels over QUIC streams.
+//!
+//! A dial opens a bidirectional stream to the endpoint's owner and sends a length-prefixed
+//! `FlowOpen`; it completes only when the owner answers `FlowAccept`, or fails with the
+//! `FlowReject` reason or a timeout. The acceptor learns the dialler's node name (checked against its
+//! certificate). After that each message is a varint length prefix plus payload. The receiver
+//! enforces its maximum message size: a larger message resets that stream (both ways, code
+//! `MESSAGE_TOO_LARGE`) and nothing else. `finish` delivers everything sent, then the end of the
+//! flow; `reset` aborts both ways with a code. Sending is refused with
+//! [`FlowError::WouldBlock`] once `send_buffer` bytes wait, and a [`FlowEvent::Writable`] follows when
+//! there is room again; received messages are read from QUIC only while fewer than `recv_buffer`
+//! bytes wait for the application, so a slow reader slows its writer through QUIC flow control.
+//! Flows to a peer that membership declares Dead or Left fail at once.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hashbrown::HashMap;
+use prost::Message;
+use quinn_proto::{ConnectionHandle, StreamId};
+
+use crate::registry::Registry;
+use crate::transport::Transport;
+use crate::wire::framing::{self, FrameDecoder, FrameError};
+use crate::wire::{self, StreamErrorCode};
+
+/// Identifies a flow on one node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowId(pub u64);
+
+impl std::fmt::Display for FlowId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "flow#{}", self.0)
+    }
+}
+
+/// Flow limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowLimits {
+    /// Largest message this node accepts on a flow (and announces to the other side).
+    pub max_message_size: usize,
+    /// Bytes a flow may hold waiting to be sent before `send` answers `WouldBlock`.
+    pub send_buffer: usize,
+    /// Bytes of received messages a flow holds for the application before it stops reading.
+    pub recv_buffer: usize,
+    /// Accepted flows waiting for [`accept`](crate::node::Node::accept) per endpoint; beyond it
+    /// dials are rejected with `BACKLOG_FULL`.
+    pub accept_backlog: usize,
+    /// How long a dial waits for the owner's answer.
+    pub dial_timeout: Duration,
+    /// Most flows open at once on this node (all peers).
+    pub max_flows: usize,
+}
+
+impl Default for FlowLimits {
+    fn default() -> Self {
+        Self {
+            max_message_size: 4 << 20,
+            send_buffer: 1 << 20,
+            recv_buffer: 1 << 20,
+            accept_backlog: 64,
+            dial_timeout: Duration::from_secs(10),
+            max_flows: 10_000,
+        }
+    }
+}
+
+/// Why the owner refused a dial.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// The owner has no endpoint of that name (any more).
+    NoSuchEndpoint,
+    /// The endpoint's accept backlog is full.
+    BacklogFull,
+    /// The owner is shutting down.
+    ShuttingDown,
+    /// The endpoint lost a name conflict.
+    NameConflict,
+    /// The owner speaks another protocol version.
+    VersionMismatch,
+    /// A flow limit of the owner was reached.
+    LimitExceeded,
+    /// A reason this version does not know.
+    Unknown,
+}
+
+impl RejectReason {
+    fn from_wire(code: i32) -> Self {
+        use wire::FlowRejectReason as R;
+        match R::try_from(code) {
+            Ok(R::NoSuchEndpoint) => Self::NoSuchEndpoint,
+            Ok(R::BacklogFull) => Self::BacklogFull,
+            Ok(R::ShuttingDown) => Self::ShuttingDown,
+            Ok(R::NameConflict) => Self::NameConflict,
+            Ok(R::VersionMismatch) => Self::VersionMismatch,
+            Ok(R::LimitExceeded) => Self::LimitExceeded,
+            _ => Self::Unknown,
+        }
+    }
+
+    fn to_wire(self) -> wire::FlowRejectReason {
+        use wire::FlowRejectReason as R;
+        match self {
+            Self::NoSuchEndpoint => R::NoSuchEndpoint,
+            Self::BacklogFull => R::BacklogFull,
+            Self::ShuttingDown => R::ShuttingDown,
+            Self::NameConflict => R::NameConflict,
+            Self::VersionMismatch => R::VersionMismatch,
+            Self::LimitExceeded => R::LimitExceeded,
+            Self::Unknown => R::Unspecified,
+        }
+    }
+}
+
+/// The code a flow was reset with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetCode {
+    /// The application reset the flow with its own code.
+    Application(u32),
+    /// A message exceeded the receiver's maximum size.
+    MessageTooLarge,
+    /// The stream carried bytes that are not valid grinta frames.
+    ProtocolViolation,
+    /// The endpoint holding the flow was closed or unregistered.
+    EndpointClosed,
+    /// The node holding the other end is shutting down.
+    ShuttingDown,
+    /// The endpoint lost a name conflict.
+    NameConflict,
+    /// The other end dropped the flow without finishing it.
+    Dropped,
+    /// A code this version does not know.
+    Unknown(u64),
+}
+
+/// Application reset codes travel as `APP_CODE_BASE + code`; smaller codes are grinta's own
+/// (`grinta.v1.StreamErrorCode`).
+pub const APP_CODE_BASE: u64 = 0x100;
+
+impl ResetCode {
+    /// The QUIC application error code.
+    pub fn to_quic(self) -> u64 {
+        match self {
+            Self::Application(c) => APP_CODE_BASE + u64::from(c),
+            Self::MessageTooLarge => StreamErrorCode::MessageTooLarge as u64,
+            Self::ProtocolViolation => StreamErrorCode::ProtocolViolation as u64,
+            Self::EndpointClosed => StreamErrorCode::EndpointClosed as u64,
+            Self::ShuttingDown => StreamErrorCode::ShuttingDown as u64,
+            Self::NameConflict => StreamErrorCode::NameConflict as u64,
+            Self::Dropped => StreamErrorCode::Dropped as u64,
+            Self::Unknown(c) => c,
+        }
+    }
+
+    /// Reads a QUIC application error code.
+    pub fn from_quic(code: u64) -> Self {
+        if code >= APP_CODE_BASE {
+            return u32::try_from(code - APP_CODE_BASE)
+                .map_or(Self::Unknown(code), Self::Application);
+        }
+        match i32::try_from(code)
+            .ok()
+            .and_then(|c| StreamErrorCode::try_from(c).ok())
+        {
+            Some(StreamErrorCode::MessageTooLarge) => Self::MessageTooLarge,
+            Some(StreamErrorCode::ProtocolViolation) => Self::ProtocolViolation,
+            Some(StreamErrorCode::EndpointClosed) => Self::EndpointClosed,
+            Some(StreamErrorCode::ShuttingDown) => Self::ShuttingDown,
+            Some(StreamErrorCode::NameConflict) => Self::NameConflict,
+            Some(StreamErrorCode::Dropped) => Self::Dropped,
+            Some(StreamErrorCode::ResetByApplication) => Self::Application(0),
+            _ => Self::Unknown(code),
+        }
+    }
+}
+
+/// What went wrong with a flow or a flow operation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FlowError {
+    /// No live node serves the endpoint.
+    #[error("no node serves endpoint {name:?}")]
+    NoSuchEndpoint {
+        /// The endpoint.
+        name: String,
+    },
+    /// The owner refused the dial.
+    #[error("the owner of {endpoint:?} refused the flow: {reason:?} ({detail})")]
+    Rejected {
+        /// The endpoint.
+        endpoint: String,
+        /// Why.
+        reason: RejectReason,
+        /// The owner's explanation.
+        detail: String,
+    },
+    /// The owner did not answer in time.
+    #[error("dial to {endpoint:?} timed out after {after:?}")]
+    DialTimeout {
+        /// The endpoint.
+        endpoint: String,
+        /// The timeout.
+        after: Duration,
+    },
+    /// The connection to the peer failed or closed.
+    #[error("the connection to node {peer:?} was lost")]
+    ConnectionLost {
+        /// The peer.
+        peer: String,
+    },
+    /// Membership declared the peer Dead or Left.
+    #[error("node {peer:?} left or was declared dead")]
+    PeerGone {
+        /// The peer.
+        peer: String,
+    },
+    /// A message exceeds the receiver's maximum size.
+    #[error("message of {size} bytes exceeds the maximum message size of {limit} bytes")]
+    MessageTooLarge {
+        /// The message size.
+        size: u64,
+        /// The receiver's limit.
+        limit: u64,
+    },
+    /// The flow was reset (by either side) with this code.
+    #[error("flow reset: {code:?}")]
+    Reset {
+        /// The code.
+        code: ResetCode,
+    },
+    /// `send` after `finish`.
+    #[error("the flow was finished; nothing more can be sent")]
+    Finished,
+    /// The send buffer is full: wait for [`FlowEvent::Writable`].
+    #[error("the flow's send buffer is full; wait until it is writable")]
+    WouldBlock,
+    /// The flow is not open yet (the dial has not completed).
+    #[error("the flow is not open yet")]
+    NotOpen,
+    /// No such flow (it ended long ago, or never existed).
+    #[error("unknown flow")]
+    UnknownFlow,
+    /// A flow limit was reached.
+    #[error("{what} limit of {limit} reached")]
+    LimitReached {
+        /// Which limit.
+        what: &'static str,
+        /// Its value.
+        limit: usize,
+    },
+    /// This node is shutting down.
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    /// The endpoint is served by this node: connect to it in-process.
+    #[error("endpoint {name:?} is served by this node; connect in-process")]
+    LocalEndpoint {
+        /// The endpoint.
+        name: String,
+    },
+}
+
+/// Something that happened to a flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FlowEvent {
+    /// A dial completed: the owner accepted.
+    Opened {
+        /// The flow.
+        flow: FlowId,
+        /// The endpoint dialled.
+        endpoint: String,
+        /// The owner node.
+        peer: String,
+    },
+    /// A dial failed.
+    DialFailed {
+        /// The flow the dial would have been.
+        flow: FlowId,
+        /// The endpoint dialled.
+        endpoint: String,
+        /// Why.
+        error: FlowError,
+    },
+    /// A flow was accepted for a local endpoint and waits in its backlog.
+    Incoming {
+        /// The flow.
+        flow: FlowId,
+        /// The local endpoint.
+        endpoint: String,
+        /// The dialling node.
+        peer: String,
+    },
+    /// Messages (or the end of the flow) can be read.
+    Readable {
+        /// The flow.
+        flow: FlowId,
+    },
+    /// The send buffer has room again after a `WouldBlock`.
+    Writable {
+        /// The flow.
+        flow: FlowId,
+    },
+    /// The other side finished: after the buffered messages, `recv` reports the end.
+    Finished {
+        /// The flow.
+        flow: FlowId,
+    },
+    /// The flow ended abnormally (reset by either side, too-large message, peer gone).
+    Closed {
+        /// The flow.
+        flow: FlowId,
+        /// Why.
+        error: FlowError,
+    },
+}
+
+/// What [`recv`](crate::node::Node::recv) found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recv {
+    /// The next message.
+    Message(Bytes),
+    /// Nothing yet; a [`FlowEvent::Readable`] will follow.
+    Pending,
+    /// The other side finished and every message was delivered.
+    Finished,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Dialler: waiting for the stream, then for the owner's answer.
+    Dialing { deadline: Instant },
+    /// Acceptor: waiting for `FlowOpen`.
+    AwaitOpen,
+    /// Messages flow.
+    Open,
+}
+
+#[derive(Debug)]
+struct Flow {
+    endpoint: String,
+    peer: String,
+    stream: Option<(ConnectionHandle, StreamId)>,
+    phase: Phase,
+    decoder: FrameDecoder,
+    recv_queue: VecDeque<Bytes>,
+    recv_bytes: usize,
+    remote_finished: bool,
+    send_queue: VecDeque<Bytes>,
+    send_bytes: usize,
+    finish_requested: bool,
+    fin_sent: bool,
+    peer_max_message: u64,
+    writer_blocked: bool,
+    held: bool,
+}
+
+/// Largest control message (`FlowOpen`, `FlowResponse`) accepted.
+const MAX_CONTROL_MESSAGE: usize = 2048;
+
+/// How many ended flows remember why they ended (so a late `recv` still gets the reason).
+const ENDED_MEMORY: usize = 1024;
+
+/// Every flow of one node.
+#[derive(Debug)]
+pub(crate) struct Flows {
+    limits: FlowLimits,
+    local_name: String,
+    next_id: u64,
+    flows: BTreeMap<FlowId, Flow>,
+    by_stream: HashMap<(ConnectionHandle, StreamId), FlowId>,
+    backlogs: HashMap<String, VecDeque<FlowId>>,
+    ended: VecDeque<(FlowId, Result<(), FlowError>)>,
+    events: VecDeque<FlowEvent>,
+    shutting_down: bool,
+}
+
+impl Flows {
+    pub(crate) fn new(local_name: &str, limits: FlowLimits) -> Self {
+        Self {
+            limits,
+            local_name: local_name.to_owned(),
+            next_id: 1,
+            flows: BTreeMap::new(),
+            by_stream: HashMap::new(),
+            backlogs: HashMap::new(),
+            ended: VecDeque::new(),
+            events: VecDeque::new(),
+            shutting_down: false,
+        }
+    }
+
+    pub(crate) fn poll_event(&mut self) -> Option<FlowEvent> {
+        self.events.pop_front()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        self.flows
+            .values()
+            .filter_map(|f| match f.phase {
+                Phase::Dialing { deadline } => Some(deadline),
+                _ => None,
+            })
+            .min()
+    }
+
+    fn new_flow(
+        &mut self,
+        endpoint: &str,
+        peer: &str,
+        phase: Phase,
+        decoder_limit: usize,
+    ) -> FlowId {
+        let id = FlowId(self.next_id);
+        self.next_id += 1;
+        self.flows.insert(
+            id,
+            Flow {
+                endpoint: endpoint.to_owned(),
+                peer: peer.to_owned(),
+                stream: None,
+                phase,
+                decoder: FrameDecoder::new(decoder_limit),
+                recv_queue: VecDeque::new(),
+                recv_bytes: 0,
+                remote_finished: false,
+                send_queue: VecDeque::new(),
+                send_bytes: 0,
+                finish_requested: false,
+                fin_sent: false,
+                peer_max_message: 0,
+                writer_blocked: false,
+                held: false,
+            },
+        );
+        id
+    }
+
+    /// Starts a dial of `endpoint` at node `peer` (at `addr`).
+    pub(crate) fn dial(
+        &mut self,
+        now: Instant,
+        transport: &mut Transport,
+        endpoint: &str,
+        peer: &str,
+        addr: std::net::SocketAddr,
+    ) -> Result<FlowId, FlowError> {
+        if self.shutting_down {
+            return Err(FlowError::ShuttingDown);
+        }
+        if self.flows.len() >= self.limits.max_flows {
+            return Err(FlowError::LimitReached {
+                what: "max_flows",
+                limit: self.limits.max_flows,
+            });
+        }
+        let deadline = now + self.limits.dial_timeout;
+        let id = self.new_flow(
+            endpoint,
+            peer,
+            Phase::Dialing { deadline },
+            MAX_CONTROL_MESSAGE,
+        );
+        transport.open_flow_stream(now, peer, addr, id.0);
+        Ok(id)
+    }
+
+    pub(crate) fn on_stream_opened(
+        &mut self,
+        now: Instant,
+        transport: &mut Transport,
+        token: u64,
+        conn: ConnectionHandle,
+        stream: StreamId,
+    ) {
+        let id = FlowId(token);
+        let Some(flow) = self.flows.get_mut(&id) else {
+            // The dial already failed (timeout): abandon the stream.
+            transport.flow_reset(conn, stream, ResetCode::Dropped.to_quic());
+            return;
+        };
+        flow.stream = Some((conn, stream));
+        flow.held = true;
+        transport.hold_conn(now, conn);
+        self.by_stream.insert((conn, stream), id);
+        let open = wire::FlowOpen {
+            protocol_version: wire::PROTOCOL_VERSION,
+            endpoint: flow.endpoint.clone(),
+            source_node: self.local_name.clone(),
+            max_message_size: self.limits.max_message_size as u64,
+        };
+        let mut buf = Vec::new();
+        framing::encode_message(&open, &mut buf);
+        flow.send_bytes += buf.len();
+        flow.send_queue.push_back(buf.into());
+        self.flush(transport, id);
+    }
+
+    pub(crate) fn on_open_failed(&mut self, token: u64) {
+        let id = FlowId(token);
+        if let Some(flow) = self.flows.get(&id) {
+            let error = FlowError::ConnectionLost {
+                peer: flow.peer.clone(),
+            };
+            let endpoint = flow.endpoint.clone();
+            self.end(id, Err(error.clone()));
+            self.events.push_back(FlowEvent::DialFailed {
+                flow: id,
+                endpoint,
+                error,
+            });
+        }
+    }
+
+    pub(crate) fn on_incoming(
+        &mut self,
+        transport: &mut Transport,
+        conn: ConnectionHandle,
+        stream: StreamId,
+    ) {
+        if self.flows.len() >= self.limits.max_flows {
+            transport.flow_reset(conn, stream, StreamErrorCode::ShuttingDown as u64);
+            return;
+        }
+        let id = self.new_flow("", "", Phase::AwaitOpen, MAX_CONTROL_MESSAGE);
+        if let Some(flow) = self.flows.get_mut(&id) {
+            flow.stream = Some((conn, stream));
+        }
+        self.by_stream.insert((conn, stream), id);
+    }
+
+    pub(crate) fn on_readable(
+        &mut self,
+        now: Instant,
+        transport: &mut Transport,
+        registry: &Registry,
+        conn: ConnectionHandle,
+        stream: StreamId,
+    ) {
+        if let Some(&id) = self.by_stream.get(&(conn, stream)) {
+            self.read(now, transport, registry, id);
+        }
+    }
+
+    /// Reads what the flow has room for and processes the frames.
+    fn read(&mut self, now: Instant, transport: &mut Transport, registry: &Registry, id: FlowId) {
+        loop {
+            let Some(flow) = self.flows.get_mut(&id) else {
+                return;
+            };
+            let Some((conn, stream)) = flow.stream else {
+                return;
+            };
+            let room = self.limits.recv_buffer.saturating_sub(flow.recv_bytes);
+            if room == 0 || flow.remote_finished {
+                return;
+            }
+            let read = transport.flow_read(conn, stream, room.min(64 * 1024));
+            let got = read.data.iter().map(Bytes::len).sum::<usize>();
+            for chunk in &read.data {
+                flow.decoder.extend(chunk);
+            }
+            if let Err(e) = self.process_frames(now, transport, registry, id) {
+                return self.fail_with_reset(transport, id, e);
+            }
+            if let Some(code) = read.reset {
+                let code = ResetCode::from_quic(code);
+                let error = match code {
+                    ResetCode::MessageTooLarge => FlowError::MessageTooLarge {
+                        size: 0,
+                        limit: self.flows.get(&id).map_or(0, |f| f.peer_max_message),
+                    },
+                    _ => FlowError::Reset { code },
+                };
+                return self.close(transport, id, error, None);
+            }
+            if read.finished {
+                self.on_remote_finished(transport, id);
+                return;
+            }
+            if got == 0 {
+                return;
+            }
+        }
+    }
+
+    fn on_remote_finished(&mut self, transport: &mut Transport, id: FlowId) {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        if flow.decoder.buffered() > 0 {
+            return self.fail_with_reset(
+                transport,
+                id,
+                FlowError::Reset {
+                    code: ResetCode::ProtocolViolation,
+                },
+            );
+        }
+        match flow.phase {
+            Phase::Open => {
+                flow.remote_finished = true;
+                self.events.push_back(FlowEvent::Finished { flow: id });
+                self.events.push_back(FlowEvent::Readable { flow: id });
+                self.maybe_done(transport, id);
+            }
+            Phase::Dialing { .. } => {
+                let endpoint = flow.endpoint.clone();
+                let error = FlowError::Reset {
+                    code: ResetCode::ProtocolViolation,
+                };
+                self.close(transport, id, error.clone(), None);
+                self.events
+                    .retain(|e| !matches!(e, FlowEvent::Closed { flow, .. } if *flow == id));
+                self.events.push_back(FlowEvent::DialFailed {
+                    flow: id,
+                    endpoint,
+                    error,
+                });
+            }
+            Phase::AwaitOpen => self.forget(transport, id),
+        }
+    }
+
+    /// Decodes complete frames according to the flow's phase.
+    fn process_frames(
+        &mut self,
+        now: Instant,
+        transport: &mut Transport,
+        registry: &Registry,
+        id: FlowId,
+    ) -> Result<(), FlowError> {
+        loop {
+            let Some(flow) = self.flows.get_mut(&id) else {
+                return Ok(());
+            };
+            let frame = match flow.decoder.next_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Ok(()),
+                Err(FrameError::TooLarge { size, limit }) => {
+                    return Err(FlowError::MessageTooLarge {
+                        size,
+                        limit: limit as u64,
+                    });
+                }
+                Err(_) => {
+                    return Err(FlowError::Reset {
+                        code: ResetCode::ProtocolViolation,
+                    });
+                }
+            };
+            match flow.phase {
+                Phase::Open => {
+                    let was_empty = flow.recv_queue.is_empty();
+                    flow.recv_bytes += frame.len();
+                    flow.recv_queue.push_back(frame);
+                    if was_empty {
+                        self.events.push_back(FlowEvent::Readable { flow: id });
+                    }
+                }
+                Phase::Dialing { .. } => {
+                    let response =
+                        wire::FlowResponse::decode(frame).map_err(|_| FlowError::Reset {
+                            code: ResetCode::ProtocolViolation,
+                        })?;
+                    match response.result {
+                        Some(wire::flow_response::Result::Accept(accept)) => {
+                            flow.phase = Phase::Open;
+                            flow.peer_max_message = accept.max_message_size;
+                            flow.decoder.set_max_frame_len(self.limits.max_message_size);
+                            self.events.push_back(FlowEvent::Opened {
+                                flow: id,
+                                endpoint: flow.endpoint.clone(),
+                                peer: flow.peer.clone(),
+                            });
+                        }
+                        Some(wire::flow_response::Result::Reject(reject)) => {
+                            let error = FlowError::Rejected {
+                                endpoint: flow.endpoint.clone(),
+                                reason: RejectReason::from_wire(reject.reason),
+                                detail: reject.detail,
+                            };
+                            let endpoint = flow.endpoint.clone();
+                            self.forget(transport, id);
+                            self.remember(id, Err(error.clone()));
+                            self.events.push_back(FlowEvent::DialFailed {
+                                flow: id,
+                                endpoint,
+                                error,
+                            });
+                            return Ok(());
+                        }
+                        None => {
+                            return Err(FlowError::Reset {
+                                code: ResetCode::ProtocolViolation,
+                            });
+                        }
+                    }
+                }
+                Phase::AwaitOpen => {
+                    let open = wire::FlowOpen::decode(frame).map_err(|_| FlowError::Reset {
+                        code: ResetCode::ProtocolViolation,
+                    })?;
+                    let (conn, _) = flow.stream.ok_or(FlowError::UnknownFlow)?;
+                    if !transport.authenticate(conn, &open.source_node) {
+                        return Err(FlowError::Reset {
+                            code: ResetCode::ProtocolViolation,
+                        });
+                    }
+                    let backlog = self.backlogs.get(&open.endpoint).map_or(0, VecDeque::len);
+                    let refusal = if open.protocol_version != wire::PROTOCOL_VERSION {
+                        Some(RejectReason::VersionMismatch)
+                    } else if self.shutting_down {
+                        Some(RejectReason::ShuttingDown)
+                    } else if !registry.is_local(&open.endpoint) {
+                        Some(RejectReason::NoSuchEndpoint)
+                    } else if backlog >= self.limits.accept_backlog {
+                        Some(RejectReason::BacklogFull)
+                    } else {
+                        None
+                    };
+                    let flow = self.flows.get_mut(&id).ok_or(FlowError::UnknownFlow)?;
+                    flow.endpoint = open.endpoint.clone();
+                    flow.peer = open.source_node.clone();
+                    let response = match refusal {
+                        Some(reason) => wire::flow_response::Result::Reject(wire::FlowReject {
+                            reason: reason.to_wire() as i32,
+                            detail: format!("{reason:?}"),
+                        }),
+                        None => wire::flow_response::Result::Accept(wire::FlowAccept {
+                            max_message_size: self.limits.max_message_size as u64,
+                        }),
+                    };
+                    let mut buf = Vec::new();
+                    framing::encode_message(
+                        &wire::FlowResponse {
+                            result: Some(response),
+                        },
+                        &mut buf,
+                    );
+                    flow.send_bytes += buf.len();
+                    flow.send_queue.push_back(buf.into());
+                    if refusal.is_some() {
+                        flow.finish_requested = true;
+                        flow.remote_finished = true;
+                        self.flush(transport, id);
+                        self.forget_soft(id);
+                        return Ok(());
+                    }
+                    flow.phase = Phase::Open;
+                    flow.peer_max_message = open.max_message_size;
+                    flow.decoder.set_max_frame_len(self.limits.max_message_size);
+                    flow.held = true;
+                    transport.hold_conn(now, conn);
+                    let (endpoint, peer) = (flow.endpoint.clone(), flow.peer.clone());
+                    self.flush(transport, id);
+                    self.backlogs
+                        .entry(endpoint.clone())
+                        .or_default()
+                        .push_back(id);
+                    self.events.push_back(FlowEvent::Incoming {
+                        flow: id,
+                        endpoint,
+                        peer,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Takes the next flow waiting in `endpoint`'s backlog.
+    pub(crate) fn accept(&mut self, endpoint: &str) -> Option<FlowId> {
+        self.backlogs.get_mut(endpoint)?.pop_front()
+    }
+
+    /// Queues `message` for sending. `check_size` false skips the peer's size limit (tests of the
+    /// receiver's enforcement only).
+    pub(crate) fn send(
+        &mut self,
+        transport: &mut Transport,
+        id: FlowId,
+        message: Bytes,
+        check_size: bool,
+    ) -> Result<(), FlowError> {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return Err(self.ended_error(id));
+        };
+        if flow.phase != Phase::Open {
+            return Err(FlowError::NotOpen);
+        }
+        if flow.finish_requested {
+            return Err(FlowError::Finished);
+        }
+        if check_size && message.len() as u64 > flow.peer_max_message {
+            return Err(FlowError::MessageTooLarge {
+                size: message.len() as u64,
+                limit: flow.peer_max_message,
+            });
+        }
+        // One message may always be queued on an empty buffer, whatever its size.
+        if flow.send_bytes > 0 && flow.send_bytes + message.len() > self.limits.send_buffer {
+            flow.writer_blocked = true;
+            return Err(FlowError::WouldBlock);
+        }
+        let mut prefix = Vec::with_capacity(framing::MAX_VARINT_LEN);
+        prost::encoding::encode_varint(message.len() as u64, &mut prefix);
+        flow.send_bytes += prefix.len() + message.len();
+        flow.send_queue.push_back(prefix.into());
+        if !message.is_empty() {
+            flow.send_queue.push_back(message);
+        }
+        self.flush(transport, id);
+        Ok(())
+    }
+
+    /// Takes the next received message.
+    pub(crate) fn recv(
+        &mut self,
+        now: Instant,
+        transport: &mut Transport,
+        registry: &Registry,
+        id: FlowId,
+    ) -> Result<Recv, FlowError> {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return match self.ended.iter().find(|(f, _)| *f == id) {
+                Some((_, Ok(()))) => Ok(Recv::Finished),
+                Some((_, Err(e))) => Err(e.clone()),
+                None => Err(FlowError::UnknownFlow),
+            };
+        };
+        if let Some(message) = flow.recv_queue.pop_front() {
+            let was_full = flow.recv_bytes >= self.limits.recv_buffer;
+            flow.recv_bytes -= message.len();
+            if was_full || flow.recv_queue.is_empty() {
+                // Room again: pull more from QUIC (which reopens the peer's flow-control window).
+                self.read(now, transport, registry, id);
+            }
+            return Ok(Recv::Message(message));
+        }
+        if flow.remote_finished {
+            self.maybe_done(transport, id);
+            return Ok(Recv::Finished);
+        }
+        Ok(Recv::Pending)
+    }
+
+    /// Finishes the sending side once everything queued is sent.
+    pub(crate) fn finish(
+        &mut self,
+        transport: &mut Transport,
+        id: FlowId,
+    ) -> Result<(), FlowError> {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return Err(self.ended_error(id));
+        };
+        if flow.phase != Phase::Open {
+            return Err(FlowError::NotOpen);
+        }
+        flow.finish_requested = true;
+        self.flush(transport, id);
+        Ok(())
+    }
+
+    /// Aborts the flow both ways with `code`.
+    pub(crate) fn reset(
+        &mut self,
+        transport: &mut Transport,
+        id: FlowId,
+        code: u32,
+    ) -> Result<(), FlowError> {
+        if !self.flows.contains_key(&id) {
+            return Err(self.ended_error(id));
+        }
+        let code = ResetCode::Application(code);
+        self.close(transport, id, FlowError::Reset { code }, Some(code));
+        // The local side knows it reset; no event for it.
+        self.events
+            .retain(|e| !matches!(e, FlowEvent::Closed { flow, .. } if *flow == id));
+        Ok(())
+    }
+
+    pub(crate) fn on_writable(
+        &mut self,
+        transport: &mut Transport,
+        conn: ConnectionHandle,
+        stream: StreamId,
+    ) {
+        if let Some(&id) = self.by_stream.get(&(conn, stream)) {
+            self.flush(transport, id);
+        }
+    }
+
+    pub(crate) fn on_stopped(
+        &mut self,
+        transport: &mut Transport,
+        conn: ConnectionHandle,
+        stream: StreamId,
+        code: u64,
+    ) {
+        if let Some(&id) = self.by_stream.get(&(conn, stream)) {
+            let code = ResetCode::from_quic(code);
+            let error = match code {
+                ResetCode::MessageTooLarge => FlowError::MessageTooLarge {
+                    size: 0,
+                    limit: self.flows.get(&id).map_or(0, |f| f.peer_max_message),
+                },
+                _ => FlowError::Reset { code },
+            };
+            self.close(transport, id, error, Some(code));
+        }
+    }
+
+    /// Every flow on a lost connection fails.
+    pub(crate) fn on_connection_lost(&mut self, transport: &mut Transport, conn: ConnectionHandle) {
+        let ids: Vec<FlowId> = self
+            .by_stream
+            .iter()
+            .filter(|((c, _), _)| *c == conn)
+            .map(|(_, id)| *id)
+            .collect();
+        let mut ids = ids;
+        ids.sort();
+        for id in ids {
+            let peer = self
+                .flows
+                .get(&id)
+                .map(|f| f.peer.clone())
+                .unwrap_or_default();
+            self.fail(transport, id, FlowError::ConnectionLost { peer });
+        }
+    }
+
+    /// Every flow with `peer` fails: membership declared it Dead or Left.
+    pub(crate) fn on_peer_gone(&mut self, transport: &mut Transport, peer: &str) {
+        let ids: Vec<FlowId> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| f.peer == peer)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.fail(
+                transport,
+                id,
+                FlowError::PeerGone {
+                    peer: peer.to_owned(),
+                },
+            );
+        }
+    }
+
+    /// An endpoint stopped being served here: flows waiting in its backlog are reset.
+    pub(crate) fn on_endpoint_closed(
+        &mut self,
+        transport: &mut Transport,
+        endpoint: &str,
+        code: ResetCode,
+    ) {
+        if let Some(backlog) = self.backlogs.remove(endpoint) {
+            for id in backlog {
+                self.close(transport, id, FlowError::Reset { code }, Some(code));
+                self.events
+                    .retain(|e| !matches!(e, FlowEvent::Closed { flow, .. } if *flow == id));
+            }
+        }
+    }
+
+    /// Fails dials whose owner did not answer in time.
+    pub(crate) fn handle_timeout(&mut self, now: Instant, transport: &mut Transport) {
+        let due: Vec<FlowId> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| matches!(f.phase, Phase::Dialing { deadline } if now >= deadline))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            let endpoint = self
+                .flows
+                .get(&id)
+                .map(|f| f.endpoint.clone())
+                .unwrap_or_default();
+            let error = FlowError::DialTimeout {
+                endpoint: endpoint.clone(),
+                after: self.limits.dial_timeout,
+            };
+            self.close(transport, id, error.clone(), Some(ResetCode::Dropped));
+            self.events
+                .retain(|e| !matches!(e, FlowEvent::Closed { flow, .. } if *flow == id));
+            self.events.push_back(FlowEvent::DialFailed {
+                flow: id,
+                endpoint,
+                error,
+            });
+        }
+    }
+
+    /// Refuses new flows from now on and resets the open ones.
+    pub(crate) fn shut_down(&mut self, transport: &mut Transport) {
+        self.shutting_down = true;
+        let ids: Vec<FlowId> = self.flows.keys().copied().collect();
+        for id in ids {
+            self.close(
+                transport,
+                id,
+                FlowError::ShuttingDown,
+                Some(ResetCode::ShuttingDown),
+            );
+        }
+    }
+
+    fn flush(&mut self, transport: &mut Transport, id: FlowId) {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        let Some((conn, stream)) = flow.stream else {
+            return;
+        };
+        while let Some(front) = flow.send_queue.front_mut() {
+            match transport.flow_write(conn, stream, front) {
+                None => {
+                    // The stream is gone; the stop or reset event tells why.
+                    return;
+                }
+                Some(0) => break,
+                Some(n) => {
+                    flow.send_bytes -= n;
+                    if n == front.len() {
+                        flow.send_queue.pop_front();
+                    } else {
+                        let _ = front.split_to(n);
+                    }
+                }
+            }
+        }
+        if flow.send_queue.is_empty() && flow.finish_requested && !flow.fin_sent {
+            flow.fin_sent = true;
+            transport.flow_finish(conn, stream);
+        }
+        if flow.writer_blocked && flow.send_bytes < self.limits.send_buffer {
+            flow.writer_blocked = false;
+            self.events.push_back(FlowEvent::Writable { flow: id });
+        }
+        self.maybe_done(transport, id);
+    }
+
+    /// A flow whose both sides finished and whose messages were all read is done.
+    fn maybe_done(&mut self, transport: &mut Transport, id: FlowId) {
+        let done = self.flows.get(&id).is_some_and(|f| {
+            f.fin_sent && f.remote_finished && f.recv_queue.is_empty() && f.send_queue.is_empty()
+        });
+        if done {
+            self.forget(transport, id);
+            self.remember(id, Ok(()));
+        }
+    }
+
+    /// Resets the flow because of what the peer sent (`error`), telling the peer why.
+    fn fail_with_reset(&mut self, transport: &mut Transport, id: FlowId, error: FlowError) {
+        let code = match &error {
+            FlowError::MessageTooLarge { .. } => ResetCode::MessageTooLarge,
+            _ => ResetCode::ProtocolViolation,
+        };
+        self.close(transport, id, error, Some(code));
+    }
+
+    fn fail(&mut self, transport: &mut Transport, id: FlowId, error: FlowError) {
+        let dialing = self
+            .flows
+            .get(&id)
+            .is_some_and(|f| matches!(f.phase, Phase::Dialing { .. }));
+        let endpoint = self
+            .flows
+            .get(&id)
+            .map(|f| f.endpoint.clone())
+            .unwrap_or_default();
+        self.close(transport, id, error.clone(), Some(ResetCode::Dropped));
+        if dialing {
+            self.events
+                .retain(|e| !matches!(e, FlowEvent::Closed { flow, .. } if *flow == id));
+            self.events.push_back(FlowEvent::DialFailed {
+                flow: id,
+                endpoint,
+                error,
+            });
+        }
+    }
+
+    /// Ends the flow with `error`; `reset` aborts the stream with that code.
+    fn close(
+        &mut self,
+        transport: &mut Transport,
+        id: FlowId,
+        error: FlowError,
+        reset: Option<ResetCode>,
+    ) {
+        if !self.flows.contains_key(&id) {
+            return;
+        }
+        if let (Some(code), Some((conn, stream))) =
+            (reset, self.flows.get(&id).and_then(|f| f.stream))
+        {
+            transport.flow_reset(conn, stream, code.to_quic());
+        }
+        self.forget(transport, id);
+        self.remember(id, Err(error.clone()));
+        self.events.push_back(FlowEvent::Closed { flow: id, error });
+    }
+
+    fn end(&mut self, id: FlowId, result: Result<(), FlowError>) {
+        self.flows.remove(&id);
+        self.remember(id, result);
+    }
+
+    /// Drops the flow's state (the stream is finished or reset already).
+    fn forget(&mut self, transport: &mut Transport, id: FlowId) {
+        if let Some(flow) = self.flows.remove(&id) {
+            if let Some((conn, stream)) = flow.stream {
+                self.by_stream.remove(&(conn, stream));
+                transport.flow_forget(conn, stream);
+                if flow.held {
+                    transport.release_conn(conn);
+                }
+            }
+            if let Some(backlog) = self.backlogs.get_mut(&flow.endpoint) {
+                backlog.retain(|f| *f != id);
+            }
+        }
+    }
+
+    /// Drops a refused incoming flow once its answer is queued.
+    fn forget_soft(&mut self, id: FlowId) {
+        if let Some(flow) = self.flows.remove(&id) {
+            if let Some(key) = flow.stream {
+                self.by_stream.remove(&key);
+            }
+        }
+    }
+
+    fn remember(&mut self, id: FlowId, result: Result<(), FlowError>) {
+        if self.ended.len() >= ENDED_MEMORY {
+            self.ended.pop_front();
+        }
+        self.ended.push_back((id, result));
+    }
+
+    fn ended_error(&self, id: FlowId) -> FlowError {
+        match self.ended.iter().find(|(f, _)| *f == id) {
+            Some((_, Ok(()))) => FlowError::Finished,
+            Some((_, Err(e))) => e.clone(),
+            None => FlowError::UnknownFlow,
+        }
+    }
+}
