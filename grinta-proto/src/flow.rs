@@ -313,6 +313,17 @@ pub enum FlowEvent {
     },
 }
 
+/// Counters and buffer levels of one flow.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    /// Bytes queued for sending, not yet taken by QUIC.
+    pub send_queued_bytes: usize,
+    /// Bytes of received messages waiting for `recv`.
+    pub recv_queued_bytes: usize,
+    /// Messages waiting for `recv`.
+    pub recv_queued_messages: usize,
+}
+
 /// What [`recv`](crate::node::Node::recv) found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Recv {
@@ -394,6 +405,14 @@ impl Flows {
 
     pub(crate) fn len(&self) -> usize {
         self.flows.len()
+    }
+
+    pub(crate) fn stats(&self, id: FlowId) -> Option<FlowStats> {
+        self.flows.get(&id).map(|f| FlowStats {
+            send_queued_bytes: f.send_bytes,
+            recv_queued_bytes: f.recv_bytes,
+            recv_queued_messages: f.recv_queue.len(),
+        })
     }
 
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {

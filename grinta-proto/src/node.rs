@@ -41,7 +41,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::time_provider::TimeProvider;
 use tracing::{debug, trace};
 
-use crate::flow::{FlowError, FlowEvent, FlowId, FlowLimits, Flows, Recv, ResetCode};
+use crate::flow::{FlowError, FlowEvent, FlowId, FlowLimits, FlowStats, Flows, Recv, ResetCode};
 use crate::membership::{self, Channel, MemberState, Membership};
 use crate::registry::{
     EndpointKind, Record, Registry, RegistryError, RegistryEvent, RegistryLimits,
@@ -432,6 +432,11 @@ impl Node {
     /// Flows open on this node.
     pub fn flow_count(&self) -> usize {
         self.flows.len()
+    }
+
+    /// Buffer levels of one flow (`None` once it ended).
+    pub fn flow_stats(&self, flow: FlowId) -> Option<FlowStats> {
+        self.flows.stats(flow)
     }
 
     /// Queues a registry record for gossip, keyed so that a newer record replaces it.

@@ -650,7 +650,8 @@ fn a_flow_whose_peer_is_killed_fails_within_the_detection_bound() {
         ),
         "{err}"
     );
-    // A new dial fails cleanly: the name is gone with its owner.
+    // A new dial fails cleanly: the name is gone with its owner (the group test below covers
+    // dials that pick another owner).
     let again = c.sim.with_node(0, |n, now| n.node.dial(now, "svc"));
     assert_eq!(again, Err(FlowError::NoSuchEndpoint { name: "svc".into() }));
 }
@@ -698,6 +699,10 @@ fn dial_errors_are_clear() {
         }
     )));
     assert_eq!(never.borrow().peers.len(), backlog);
+    assert!(
+        never.borrow().peers.values().all(|p| *p == node_name(0)),
+        "the acceptor learns the dialler's name"
+    );
     // The owner unregistered the name but the dialler does not know yet.
     register(&mut c, 2, "moving", EndpointKind::Exclusive);
     c.run_for(Duration::from_secs(2));
@@ -805,4 +810,90 @@ impl FlowApp for Both {
         self.sink.on_event(node, now, event);
         self.sender.on_event(node, now, event);
     }
+}
+
+#[test]
+fn a_group_dial_skips_a_crashed_owner() {
+    let (seed, _g) = seed(17);
+    let mut c = formed(seed, 5);
+    for owner in [2, 3] {
+        register(&mut c, owner, "workers", EndpointKind::Group);
+        let log = Rc::new(RefCell::new(SinkLog::default()));
+        c.sim.node_mut(owner).app = Some(Box::new(Sink { log, accept: true }));
+    }
+    let sent = sender(&mut c, 0, true);
+    c.run_for(Duration::from_secs(2));
+    c.kill(2);
+    // Right after the crash the dead owner may still be picked; once membership has declared it
+    // dead, every dial goes to the survivor.
+    let t0 = c.sim.now();
+    c.run_until(Duration::from_secs(30), |c| {
+        c.detection_times(2, t0).iter().all(Option::is_some)
+    })
+    .expect("owner declared dead");
+    for _ in 0..10 {
+        dial_with(
+            &mut c,
+            0,
+            &sent,
+            "workers",
+            vec![Bytes::from_static(b"job")],
+        );
+    }
+    c.run_until(Duration::from_secs(5), |_| sent.borrow().opened.len() == 10)
+        .expect("all opened");
+    assert!(sent.borrow().dial_failed.is_empty());
+    for (_, e) in c.sim.node(0).flow_events.iter() {
+        if let FlowEvent::Opened { peer, .. } = e {
+            assert_eq!(peer, &node_name(3));
+        }
+    }
+}
+
+#[test]
+fn a_slow_reader_slows_its_writer() {
+    let (seed, _g) = seed(18);
+    let mut c = formed(seed, 3);
+    // The reader accepts but never reads.
+    register(&mut c, 1, "slow", EndpointKind::Exclusive);
+    let sent = sender(&mut c, 0, true);
+    c.run_for(Duration::from_secs(2));
+    let messages = random_messages(&mut c, 32 << 20, 64 << 10);
+    let flow = dial_with(&mut c, 0, &sent, "slow", messages);
+    c.run_until(Duration::from_secs(5), |c| {
+        c.sim
+            .node(1)
+            .flow_events
+            .iter()
+            .any(|(_, e)| matches!(e, FlowEvent::Incoming { .. }))
+    })
+    .expect("incoming");
+    let accepted = c
+        .sim
+        .with_node(1, |n, _| n.node.accept("slow"))
+        .expect("accepted");
+    c.run_for(Duration::from_secs(30));
+    let limits = grinta_proto::flow::FlowLimits::default();
+    let reader = c.sim.node(1).node.flow_stats(accepted).expect("open");
+    let writer = c.sim.node(0).node.flow_stats(flow).expect("open");
+    let pending: usize = sent.borrow().pending[&flow].iter().map(Bytes::len).sum();
+    println!(
+        "slow reader: {} B buffered at the reader, {} B queued at the writer, {pending} B not yet sent, {} WouldBlock",
+        reader.recv_queued_bytes,
+        writer.send_queued_bytes,
+        sent.borrow().would_block
+    );
+    assert!(
+        reader.recv_queued_bytes <= limits.recv_buffer + (64 << 10),
+        "the reader's buffer is bounded"
+    );
+    assert!(
+        writer.send_queued_bytes <= limits.send_buffer + (64 << 10),
+        "the writer's buffer is bounded"
+    );
+    assert!(
+        pending > 16 << 20,
+        "most of the 32 MiB is still with the application"
+    );
+    assert!(sent.borrow().would_block > 0, "the writer was told to wait");
 }
