@@ -733,6 +733,8 @@ impl Flows {
                         Some(RejectReason::VersionMismatch)
                     } else if self.shutting_down {
                         Some(RejectReason::ShuttingDown)
+                    } else if registry.lost_conflict(&open.endpoint) {
+                        Some(RejectReason::NameConflict)
                     } else if !registry.is_local(&open.endpoint) {
                         Some(RejectReason::NoSuchEndpoint)
                     } else if backlog >= self.limits.accept_backlog {

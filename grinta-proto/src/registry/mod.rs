@@ -285,6 +285,8 @@ pub struct Registry {
     events: VecDeque<RegistryEvent>,
     /// Local records that changed and must be gossiped.
     outbox: VecDeque<Record>,
+    /// Names whose local claim lost a conflict (until registered again).
+    lost: BTreeSet<String>,
 }
 
 impl Registry {
@@ -299,6 +301,7 @@ impl Registry {
             gone: HashMap::new(),
             events: VecDeque::new(),
             outbox: VecDeque::new(),
+            lost: BTreeSet::new(),
         }
     }
 
@@ -330,6 +333,11 @@ impl Registry {
         self.records
             .get(&(name.to_owned(), self.local.clone()))
             .is_some_and(|e| e.record.claimed)
+    }
+
+    /// Whether this node's claim on `name` lost a conflict (and it has not registered it again).
+    pub fn lost_conflict(&self, name: &str) -> bool {
+        self.lost.contains(name)
     }
 
     /// Every record (claims and tombstones), sorted by (name, owner).
@@ -420,6 +428,7 @@ impl Registry {
                 limit: self.limits.max_records,
             });
         }
+        self.lost.remove(name);
         self.clock += 1;
         let record = Record {
             name: name.to_owned(),
@@ -611,6 +620,7 @@ impl Registry {
                         },
                     );
                     self.outbox.push_back(tombstone);
+                    self.lost.insert(name.to_owned());
                     self.events.push_back(RegistryEvent::NameConflict {
                         name: name.to_owned(),
                         winner: winner.owner.clone(),

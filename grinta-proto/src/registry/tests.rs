@@ -102,6 +102,7 @@ fn concurrent_exclusive_claims_resolve_to_the_lowest_version_and_the_loser_is_to
     assert_eq!(a.resolve("svc"), vec!["a"]);
     assert_eq!(b.resolve("svc"), vec!["a"]);
     assert!(!b.is_local("svc"), "the loser withdrew its claim");
+    assert!(b.lost_conflict("svc") && !a.lost_conflict("svc"));
     assert_eq!(
         drain(&mut b),
         vec![RegistryEvent::NameConflict {
