@@ -351,7 +351,7 @@ struct Flow {
     peer: String,
     stream: Option<(ConnectionHandle, StreamId)>,
     phase: Phase,
-    decoder: FrameDecoder,
+    parser: FlowStreamParser,
     recv_queue: VecDeque<Bytes>,
     recv_bytes: usize,
     remote_finished: bool,
@@ -362,6 +362,105 @@ struct Flow {
     peer_max_message: u64,
     writer_blocked: bool,
     held: bool,
+}
+
+/// One item of a flow stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FlowFrame {
+    /// The dialler's opening message (first frame towards the acceptor).
+    Open(wire::FlowOpen),
+    /// The acceptor's answer (first frame towards the dialler).
+    Response(wire::FlowResponse),
+    /// An application message.
+    Message(Bytes),
+}
+
+/// Parses the bytes one side of a flow stream carries: one control message first (`FlowOpen`
+/// towards the acceptor, `FlowResponse` towards the dialler), then length-prefixed messages of at
+/// most `max_message` bytes. Incremental: feed any split of the bytes; never panics.
+///
+/// ```
+/// use grinta_proto::flow::{FlowFrame, FlowStreamParser};
+/// use grinta_proto::wire::{self, framing};
+///
+/// let mut bytes = Vec::new();
+/// framing::encode_message(&wire::FlowResponse { result: None }, &mut bytes);
+/// framing::encode_frame(b"hello", &mut bytes);
+/// let mut parser = FlowStreamParser::for_dialler(1024);
+/// parser.push(&bytes);
+/// assert!(matches!(parser.next_frame(), Ok(Some(FlowFrame::Response(_)))));
+/// assert_eq!(parser.next_frame(), Ok(Some(FlowFrame::Message("hello".into()))));
+/// assert_eq!(parser.next_frame(), Ok(None));
+/// ```
+#[derive(Debug)]
+pub struct FlowStreamParser {
+    decoder: FrameDecoder,
+    /// The control message still expected, if any: true for `FlowOpen`, false for `FlowResponse`.
+    expect_open: Option<bool>,
+    max_message: usize,
+}
+
+impl FlowStreamParser {
+    /// The parser of the bytes an acceptor receives (`FlowOpen`, then messages).
+    pub fn for_acceptor(max_message: usize) -> Self {
+        Self::new(Some(true), max_message)
+    }
+
+    /// The parser of the bytes a dialler receives (`FlowResponse`, then messages).
+    pub fn for_dialler(max_message: usize) -> Self {
+        Self::new(Some(false), max_message)
+    }
+
+    fn new(expect_open: Option<bool>, max_message: usize) -> Self {
+        Self {
+            decoder: FrameDecoder::new(MAX_CONTROL_MESSAGE),
+            expect_open,
+            max_message,
+        }
+    }
+
+    /// Appends received bytes.
+    pub fn push(&mut self, data: &[u8]) {
+        self.decoder.extend(data);
+    }
+
+    /// Bytes received but not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.decoder.buffered()
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<FlowFrame>, FlowError> {
+        let violation = || FlowError::Reset {
+            code: ResetCode::ProtocolViolation,
+        };
+        let frame = match self.decoder.next_frame() {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return Ok(None),
+            Err(FrameError::TooLarge { size, limit }) => {
+                return Err(FlowError::MessageTooLarge {
+                    size,
+                    limit: limit as u64,
+                });
+            }
+            Err(_) => return Err(violation()),
+        };
+        match self.expect_open.take() {
+            None => Ok(Some(FlowFrame::Message(frame))),
+            Some(open) => {
+                self.decoder.set_max_frame_len(self.max_message);
+                if open {
+                    wire::FlowOpen::decode(frame)
+                        .map(|o| Some(FlowFrame::Open(o)))
+                        .map_err(|_| violation())
+                } else {
+                    wire::FlowResponse::decode(frame)
+                        .map(|r| Some(FlowFrame::Response(r)))
+                        .map_err(|_| violation())
+                }
+            }
+        }
+    }
 }
 
 /// Largest control message (`FlowOpen`, `FlowResponse`) accepted.
@@ -430,7 +529,7 @@ impl Flows {
         endpoint: &str,
         peer: &str,
         phase: Phase,
-        decoder_limit: usize,
+        parser: FlowStreamParser,
     ) -> FlowId {
         let id = FlowId(self.next_id);
         self.next_id += 1;
@@ -441,7 +540,7 @@ impl Flows {
                 peer: peer.to_owned(),
                 stream: None,
                 phase,
-                decoder: FrameDecoder::new(decoder_limit),
+                parser,
                 recv_queue: VecDeque::new(),
                 recv_bytes: 0,
                 remote_finished: false,
@@ -476,12 +575,8 @@ impl Flows {
             });
         }
         let deadline = now + self.limits.dial_timeout;
-        let id = self.new_flow(
-            endpoint,
-            peer,
-            Phase::Dialing { deadline },
-            MAX_CONTROL_MESSAGE,
-        );
+        let parser = FlowStreamParser::for_dialler(self.limits.max_message_size);
+        let id = self.new_flow(endpoint, peer, Phase::Dialing { deadline }, parser);
         transport.open_flow_stream(now, peer, addr, id.0);
         Ok(id)
     }
@@ -543,7 +638,8 @@ impl Flows {
             transport.flow_reset(conn, stream, StreamErrorCode::ShuttingDown as u64);
             return;
         }
-        let id = self.new_flow("", "", Phase::AwaitOpen, MAX_CONTROL_MESSAGE);
+        let parser = FlowStreamParser::for_acceptor(self.limits.max_message_size);
+        let id = self.new_flow("", "", Phase::AwaitOpen, parser);
         if let Some(flow) = self.flows.get_mut(&id) {
             flow.stream = Some((conn, stream));
         }
@@ -579,7 +675,7 @@ impl Flows {
             let read = transport.flow_read(conn, stream, room.min(64 * 1024));
             let got = read.data.iter().map(Bytes::len).sum::<usize>();
             for chunk in &read.data {
-                flow.decoder.extend(chunk);
+                flow.parser.push(chunk);
             }
             if let Err(e) = self.process_frames(now, transport, registry, id) {
                 return self.fail_with_reset(transport, id, e);
@@ -609,7 +705,7 @@ impl Flows {
         let Some(flow) = self.flows.get_mut(&id) else {
             return;
         };
-        if flow.decoder.buffered() > 0 {
+        if flow.parser.buffered() > 0 {
             return self.fail_with_reset(
                 transport,
                 id,
@@ -655,23 +751,14 @@ impl Flows {
             let Some(flow) = self.flows.get_mut(&id) else {
                 return Ok(());
             };
-            let frame = match flow.decoder.next_frame() {
-                Ok(Some(frame)) => frame,
-                Ok(None) => return Ok(()),
-                Err(FrameError::TooLarge { size, limit }) => {
-                    return Err(FlowError::MessageTooLarge {
-                        size,
-                        limit: limit as u64,
-                    });
-                }
-                Err(_) => {
-                    return Err(FlowError::Reset {
-                        code: ResetCode::ProtocolViolation,
-                    });
-                }
+            let Some(frame) = flow.parser.next_frame()? else {
+                return Ok(());
             };
-            match flow.phase {
-                Phase::Open => {
+            let violation = FlowError::Reset {
+                code: ResetCode::ProtocolViolation,
+            };
+            match (flow.phase, frame) {
+                (Phase::Open, FlowFrame::Message(frame)) => {
                     let was_empty = flow.recv_queue.is_empty();
                     flow.recv_bytes += frame.len();
                     flow.recv_queue.push_back(frame);
@@ -679,49 +766,39 @@ impl Flows {
                         self.events.push_back(FlowEvent::Readable { flow: id });
                     }
                 }
-                Phase::Dialing { .. } => {
-                    let response =
-                        wire::FlowResponse::decode(frame).map_err(|_| FlowError::Reset {
-                            code: ResetCode::ProtocolViolation,
-                        })?;
-                    match response.result {
-                        Some(wire::flow_response::Result::Accept(accept)) => {
-                            flow.phase = Phase::Open;
-                            flow.peer_max_message = accept.max_message_size;
-                            flow.decoder.set_max_frame_len(self.limits.max_message_size);
-                            self.events.push_back(FlowEvent::Opened {
-                                flow: id,
-                                endpoint: flow.endpoint.clone(),
-                                peer: flow.peer.clone(),
-                            });
-                        }
-                        Some(wire::flow_response::Result::Reject(reject)) => {
-                            let error = FlowError::Rejected {
-                                endpoint: flow.endpoint.clone(),
-                                reason: RejectReason::from_wire(reject.reason),
-                                detail: reject.detail,
-                            };
-                            let endpoint = flow.endpoint.clone();
-                            self.forget(transport, id);
-                            self.remember(id, Err(error.clone()));
-                            self.events.push_back(FlowEvent::DialFailed {
-                                flow: id,
-                                endpoint,
-                                error,
-                            });
-                            return Ok(());
-                        }
-                        None => {
-                            return Err(FlowError::Reset {
-                                code: ResetCode::ProtocolViolation,
-                            });
-                        }
+                (Phase::Dialing { .. }, FlowFrame::Response(response)) => match response.result {
+                    Some(wire::flow_response::Result::Accept(accept)) => {
+                        flow.phase = Phase::Open;
+                        flow.peer_max_message = accept.max_message_size;
+                        self.events.push_back(FlowEvent::Opened {
+                            flow: id,
+                            endpoint: flow.endpoint.clone(),
+                            peer: flow.peer.clone(),
+                        });
                     }
-                }
-                Phase::AwaitOpen => {
-                    let open = wire::FlowOpen::decode(frame).map_err(|_| FlowError::Reset {
-                        code: ResetCode::ProtocolViolation,
-                    })?;
+                    Some(wire::flow_response::Result::Reject(reject)) => {
+                        let error = FlowError::Rejected {
+                            endpoint: flow.endpoint.clone(),
+                            reason: RejectReason::from_wire(reject.reason),
+                            detail: reject.detail,
+                        };
+                        let endpoint = flow.endpoint.clone();
+                        self.forget(transport, id);
+                        self.remember(id, Err(error.clone()));
+                        self.events.push_back(FlowEvent::DialFailed {
+                            flow: id,
+                            endpoint,
+                            error,
+                        });
+                        return Ok(());
+                    }
+                    None => {
+                        return Err(FlowError::Reset {
+                            code: ResetCode::ProtocolViolation,
+                        });
+                    }
+                },
+                (Phase::AwaitOpen, FlowFrame::Open(open)) => {
                     let (conn, _) = flow.stream.ok_or(FlowError::UnknownFlow)?;
                     if !transport.authenticate(conn, &open.source_node) {
                         return Err(FlowError::Reset {
@@ -772,7 +849,6 @@ impl Flows {
                     }
                     flow.phase = Phase::Open;
                     flow.peer_max_message = open.max_message_size;
-                    flow.decoder.set_max_frame_len(self.limits.max_message_size);
                     flow.held = true;
                     transport.hold_conn(now, conn);
                     let (endpoint, peer) = (flow.endpoint.clone(), flow.peer.clone());
@@ -787,6 +863,9 @@ impl Flows {
                         peer,
                     });
                 }
+                // A frame the phase does not allow (the parser only yields the control message
+                // first, so this is a message on a flow that was refused).
+                _ => return Err(violation),
             }
         }
     }
