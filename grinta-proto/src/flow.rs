@@ -51,6 +51,11 @@ pub struct FlowLimits {
     pub dial_timeout: Duration,
     /// Most flows open at once on this node (all peers).
     pub max_flows: usize,
+    /// Most flows open at once with one peer (both directions); beyond it dials to that peer fail
+    /// and its dials here are rejected with `LIMIT_EXCEEDED`.
+    pub max_flows_per_peer: usize,
+    /// Most dials waiting for an answer at once.
+    pub max_pending_dials: usize,
 }
 
 impl Default for FlowLimits {
@@ -62,6 +67,8 @@ impl Default for FlowLimits {
             accept_backlog: 64,
             dial_timeout: Duration::from_secs(10),
             max_flows: 10_000,
+            max_flows_per_peer: 1024,
+            max_pending_dials: 256,
         }
     }
 }
@@ -514,6 +521,11 @@ impl Flows {
         })
     }
 
+    /// Flows open (or opening) with `peer`.
+    fn flows_with(&self, peer: &str) -> usize {
+        self.flows.values().filter(|f| f.peer == peer).count()
+    }
+
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         self.flows
             .values()
@@ -572,6 +584,23 @@ impl Flows {
             return Err(FlowError::LimitReached {
                 what: "max_flows",
                 limit: self.limits.max_flows,
+            });
+        }
+        let pending = self
+            .flows
+            .values()
+            .filter(|f| matches!(f.phase, Phase::Dialing { .. }))
+            .count();
+        if pending >= self.limits.max_pending_dials {
+            return Err(FlowError::LimitReached {
+                what: "max_pending_dials",
+                limit: self.limits.max_pending_dials,
+            });
+        }
+        if self.flows_with(peer) >= self.limits.max_flows_per_peer {
+            return Err(FlowError::LimitReached {
+                what: "max_flows_per_peer",
+                limit: self.limits.max_flows_per_peer,
             });
         }
         let deadline = now + self.limits.dial_timeout;
@@ -816,6 +845,8 @@ impl Flows {
                         Some(RejectReason::NoSuchEndpoint)
                     } else if backlog >= self.limits.accept_backlog {
                         Some(RejectReason::BacklogFull)
+                    } else if self.flows_with(&open.source_node) >= self.limits.max_flows_per_peer {
+                        Some(RejectReason::LimitExceeded)
                     } else {
                         None
                     };

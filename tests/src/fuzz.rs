@@ -1,0 +1,458 @@
+//! The bodies of the fuzz targets in `fuzz/`, shared with `tests/tests/fuzz_corpus.rs` so that the
+//! checked-in corpora replay under a plain `cargo test` on stable.
+//!
+//! Each function takes the raw fuzzer input, must never panic on any input, and panics only when a
+//! property of the code under test is broken.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use arbitrary::{Arbitrary, Unstructured};
+use bytes::Bytes;
+use grinta_proto::flow::{FlowFrame, FlowId, FlowStreamParser};
+use grinta_proto::node::{Event, Node, NodeConfig};
+use grinta_proto::registry::{EndpointKind, Record, Registry, RegistryLimits};
+use grinta_proto::tls::TlsConfig;
+use grinta_proto::tls::dev::DevCa;
+use grinta_proto::wire::{self, framing};
+use prost::Message;
+
+use crate::det_crypto::{FixedClock, deterministic_provider};
+
+/// Every wire message decoder: the first byte picks the message type. Whatever decodes must
+/// re-encode to something that decodes to the same value.
+pub fn wire_messages(data: &[u8]) {
+    let Some((&kind, bytes)) = data.split_first() else {
+        return;
+    };
+    fn round_trip<M: Message + Default + PartialEq + std::fmt::Debug>(bytes: &[u8]) {
+        if let Ok(m) = M::decode(bytes) {
+            let again =
+                M::decode(m.encode_to_vec().as_slice()).expect("re-encoded message decodes");
+            assert_eq!(again, m, "decode(encode(m)) == m");
+        }
+    }
+    match kind % 8 {
+        0 => round_trip::<wire::Packet>(bytes),
+        1 => round_trip::<wire::PushPull>(bytes),
+        2 => round_trip::<wire::RegistryState>(bytes),
+        3 => round_trip::<wire::RegistryDelta>(bytes),
+        4 => round_trip::<wire::FlowOpen>(bytes),
+        5 => round_trip::<wire::FlowResponse>(bytes),
+        6 => round_trip::<wire::EndpointRecord>(bytes),
+        _ => round_trip::<wire::Broadcast>(bytes),
+    }
+}
+
+/// The stream framing decoder, fed in pieces whose size the first byte picks.
+pub fn wire_framing(data: &[u8]) {
+    let Some((&split, rest)) = data.split_first() else {
+        return;
+    };
+    let max = 4096;
+    let mut decoder = framing::FrameDecoder::new(max);
+    let mut whole = framing::FrameDecoder::new(max);
+    whole.extend(rest);
+    for piece in rest.chunks(usize::from(split).max(1)) {
+        decoder.extend(piece);
+        loop {
+            match decoder.next_frame() {
+                Ok(Some(frame)) => {
+                    assert!(frame.len() <= max);
+                    // Splitting the input never changes what decodes.
+                    assert_eq!(whole.next_frame(), Ok(Some(frame)));
+                }
+                Ok(None) => break,
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// The flow stream parser, fed in pieces: never panics, never yields a message above its limit,
+/// yields the control message first.
+pub fn flow_stream(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let max = 1024;
+    let mut parser = if mode & 1 == 0 {
+        FlowStreamParser::for_acceptor(max)
+    } else {
+        FlowStreamParser::for_dialler(max)
+    };
+    let mut first = true;
+    for piece in rest.chunks(usize::from(mode >> 1).max(1)) {
+        parser.push(piece);
+        loop {
+            match parser.next_frame() {
+                Ok(Some(frame)) => {
+                    match &frame {
+                        FlowFrame::Message(m) => {
+                            assert!(!first, "a message before the control frame");
+                            assert!(m.len() <= max);
+                        }
+                        FlowFrame::Open(_) => assert!(first && mode & 1 == 0),
+                        FlowFrame::Response(_) => assert!(first && mode & 1 == 1),
+                    }
+                    first = false;
+                }
+                Ok(None) => break,
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+#[derive(Debug, Arbitrary)]
+struct ArbRecord {
+    name: u8,
+    owner: u8,
+    owner_incarnation: u8,
+    version: u8,
+    claimed: bool,
+    group: bool,
+}
+
+impl ArbRecord {
+    fn record(&self) -> Record {
+        Record {
+            name: format!("n{}", self.name % 8),
+            owner: format!("o{}", self.owner % 6),
+            owner_incarnation: u64::from(self.owner_incarnation % 4),
+            version: u64::from(self.version % 16),
+            claimed: self.claimed,
+            kind: if self.group {
+                EndpointKind::Group
+            } else {
+                EndpointKind::Exclusive
+            },
+        }
+    }
+}
+
+/// Registry merge: arbitrary records, merged forwards and backwards, give the same table; a
+/// registry of its own records and foreign ones never breaks its limits or panics.
+pub fn registry_merge(data: &[u8]) {
+    let mut u = Unstructured::new(data);
+    let Ok(records) = Vec::<ArbRecord>::arbitrary(&mut u) else {
+        return;
+    };
+    let now = Instant::now();
+    let limits = RegistryLimits {
+        max_records: 32,
+        ..RegistryLimits::default()
+    };
+    let mut forward = Registry::new("observer", limits.clone());
+    let mut backward = Registry::new("observer", limits.clone());
+    for r in &records {
+        forward.merge(r.record(), now);
+    }
+    for r in records.iter().rev() {
+        backward.merge(r.record(), now);
+    }
+    if records.len() <= 32 {
+        let a: Vec<_> = forward.records().cloned().collect();
+        let b: Vec<_> = backward.records().cloned().collect();
+        assert_eq!(a, b, "merge order changed the table");
+    }
+    assert!(forward.len() <= 32);
+    // A node that owns some of the names sees conflicts resolved, never twice the same claim.
+    let mut owner = Registry::new("o1", limits);
+    for (i, r) in records.iter().enumerate() {
+        if i % 3 == 0 {
+            let _ = owner.register(&format!("n{}", r.name % 8), EndpointKind::Exclusive, now);
+        }
+        owner.merge(r.record(), now);
+        for name in owner.names("") {
+            let owners = owner.resolve(name);
+            assert!(!owners.is_empty());
+        }
+    }
+}
+
+/// TLS material for the fuzzed node and its peer, made once per process.
+fn certificates() -> &'static (TlsConfig, TlsConfig) {
+    static CERTS: OnceLock<(TlsConfig, TlsConfig)> = OnceLock::new();
+    CERTS.get_or_init(|| {
+        let ca = DevCa::new().expect("development CA");
+        (
+            ca.issue("target").expect("certificate"),
+            ca.issue("peer").expect("certificate"),
+        )
+    })
+}
+
+fn fuzz_node(name: &str, port: u16, tls: &TlsConfig, now: Instant) -> Node {
+    let mut config = NodeConfig::new(name, SocketAddr::from(([127, 0, 0, 1], port)), tls.clone());
+    config.crypto_provider = deterministic_provider(u64::from(port));
+    config.time_provider = Arc::new(FixedClock::default());
+    config.membership = grinta_proto::membership::Config::local();
+    config.membership.max_packet_size = grinta_proto::node::DEFAULT_MAX_PACKET_SIZE;
+    Node::new(config, u64::from(port), now).expect("valid fuzz configuration")
+}
+
+#[derive(Debug, Arbitrary)]
+enum Op {
+    /// Arbitrary bytes from an arbitrary loopback address.
+    Garbage {
+        from: u8,
+        bytes: Vec<u8>,
+    },
+    /// Deliver pending traffic between the node and its real peer; `flip` mutates the next packet
+    /// from the peer (position, xor) and `truncate` cuts it.
+    Exchange {
+        flip: Option<(u16, u8)>,
+        truncate: Option<u16>,
+    },
+    /// Let virtual time pass.
+    Advance {
+        millis: u16,
+    },
+    /// Register or unregister an endpoint on the node or on the peer.
+    Register {
+        on_peer: bool,
+        name: u8,
+        group: bool,
+    },
+    Unregister {
+        on_peer: bool,
+        name: u8,
+    },
+    /// Join the peer (or be joined by it).
+    Join {
+        from_peer: bool,
+    },
+    /// Dial an endpoint, send on, read, finish or reset a flow.
+    Dial {
+        from_peer: bool,
+        name: u8,
+    },
+    Send {
+        from_peer: bool,
+        flow: u8,
+        len: u16,
+    },
+    Recv {
+        from_peer: bool,
+        flow: u8,
+    },
+    Finish {
+        from_peer: bool,
+        flow: u8,
+    },
+    Reset {
+        from_peer: bool,
+        flow: u8,
+        code: u8,
+    },
+    Accept {
+        on_peer: bool,
+        name: u8,
+    },
+    /// Leave the cluster.
+    Leave {
+        peer: bool,
+    },
+}
+
+/// A node fed an arbitrary sequence of datagrams (garbage, or real traffic from a real peer,
+/// possibly mangled), time advances and API commands. Nothing panics; the node never lists itself;
+/// its tables stay within their limits.
+pub fn node(data: &[u8]) {
+    let mut u = Unstructured::new(data);
+    let Ok(ops) = Vec::<Op>::arbitrary(&mut u) else {
+        return;
+    };
+    let (target_tls, peer_tls) = certificates();
+    let t0 = Instant::now();
+    let mut now = t0;
+    let mut target = fuzz_node("target", 7001, target_tls, now);
+    let mut peer = fuzz_node("peer", 7002, peer_tls, now);
+    let mut flows: [Vec<FlowId>; 2] = [Vec::new(), Vec::new()];
+    let name = |n: u8| format!("ep{}", n % 4);
+    for op in ops.into_iter().take(256) {
+        match op {
+            Op::Garbage { from, bytes } => {
+                let addr = SocketAddr::from(([127, 0, 0, from.max(1)], 9000));
+                target.handle_datagram(now, addr, &bytes);
+            }
+            Op::Exchange { flip, truncate } => {
+                let mut mangle = (flip, truncate);
+                for _ in 0..64 {
+                    let mut moved = false;
+                    while let Some(t) = target.poll_transmit() {
+                        moved = true;
+                        if t.destination == peer.local_addr() {
+                            peer.handle_datagram(now, target.local_addr(), &t.contents);
+                        }
+                    }
+                    while let Some(t) = peer.poll_transmit() {
+                        moved = true;
+                        let mut bytes = t.contents;
+                        if let Some((pos, xor)) = mangle.0.take() {
+                            if !bytes.is_empty() {
+                                let i = usize::from(pos) % bytes.len();
+                                bytes[i] ^= xor;
+                            }
+                        }
+                        if let Some(len) = mangle.1.take() {
+                            bytes.truncate(usize::from(len));
+                        }
+                        target.handle_datagram(now, peer.local_addr(), &bytes);
+                    }
+                    if !moved {
+                        break;
+                    }
+                }
+            }
+            Op::Advance { millis } => {
+                let until = now + Duration::from_millis(u64::from(millis));
+                while let Some(t) = [target.poll_timeout(), peer.poll_timeout()]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .filter(|t| *t <= until)
+                {
+                    now = now.max(t);
+                    target.handle_timeout(now);
+                    peer.handle_timeout(now);
+                    while target.poll_transmit().is_some() {}
+                    while peer.poll_transmit().is_some() {}
+                }
+                now = until;
+            }
+            Op::Register {
+                on_peer,
+                name: n,
+                group,
+            } => {
+                let kind = if group {
+                    EndpointKind::Group
+                } else {
+                    EndpointKind::Exclusive
+                };
+                let node = if on_peer { &mut peer } else { &mut target };
+                let _ = node.register_endpoint(now, &name(n), kind);
+            }
+            Op::Unregister { on_peer, name: n } => {
+                let node = if on_peer { &mut peer } else { &mut target };
+                let _ = node.unregister_endpoint(now, &name(n));
+            }
+            Op::Join { from_peer } => {
+                if from_peer {
+                    let addr = target.local_addr();
+                    peer.join(now, &[addr]);
+                } else {
+                    let addr = peer.local_addr();
+                    target.join(now, &[addr]);
+                }
+            }
+            Op::Dial { from_peer, name: n } => {
+                let (node, list) = if from_peer {
+                    (&mut peer, &mut flows[1])
+                } else {
+                    (&mut target, &mut flows[0])
+                };
+                if let Ok(f) = node.dial(now, &name(n)) {
+                    list.push(f);
+                }
+            }
+            Op::Accept { on_peer, name: n } => {
+                let (node, list) = if on_peer {
+                    (&mut peer, &mut flows[1])
+                } else {
+                    (&mut target, &mut flows[0])
+                };
+                if let Some(f) = node.accept(&name(n)) {
+                    list.push(f);
+                }
+            }
+            Op::Send {
+                from_peer,
+                flow,
+                len,
+            } => {
+                let i = usize::from(from_peer);
+                if let Some(&f) = pick(&flows[i], flow) {
+                    let node = if from_peer { &mut peer } else { &mut target };
+                    let _ = node.send(now, f, Bytes::from(vec![7u8; usize::from(len)]));
+                }
+            }
+            Op::Recv { from_peer, flow } => {
+                let i = usize::from(from_peer);
+                if let Some(&f) = pick(&flows[i], flow) {
+                    let node = if from_peer { &mut peer } else { &mut target };
+                    let _ = node.recv(now, f);
+                }
+            }
+            Op::Finish { from_peer, flow } => {
+                let i = usize::from(from_peer);
+                if let Some(&f) = pick(&flows[i], flow) {
+                    let node = if from_peer { &mut peer } else { &mut target };
+                    let _ = node.finish(now, f);
+                }
+            }
+            Op::Reset {
+                from_peer,
+                flow,
+                code,
+            } => {
+                let i = usize::from(from_peer);
+                if let Some(&f) = pick(&flows[i], flow) {
+                    let node = if from_peer { &mut peer } else { &mut target };
+                    let _ = node.reset(now, f, u32::from(code));
+                }
+            }
+            Op::Leave { peer: on_peer } => {
+                if on_peer {
+                    peer.leave(now);
+                } else {
+                    target.leave(now);
+                }
+            }
+        }
+        while let Some(e) = target.poll_event() {
+            if let Event::Flow(grinta_proto::flow::FlowEvent::Incoming { flow, .. }) = e {
+                flows[0].push(flow);
+            }
+        }
+        while let Some(e) = peer.poll_event() {
+            if let Event::Flow(grinta_proto::flow::FlowEvent::Incoming { flow, .. }) = e {
+                flows[1].push(flow);
+            }
+        }
+        for node in [&target, &peer] {
+            assert!(
+                node.membership().member(node.name()).is_none(),
+                "a node lists itself"
+            );
+            assert!(
+                node.membership().members().count() <= 1,
+                "only one other node exists"
+            );
+            assert!(node.connection_count() <= 64, "connections stay bounded");
+        }
+    }
+}
+
+fn pick(list: &[FlowId], i: u8) -> Option<&FlowId> {
+    if list.is_empty() {
+        None
+    } else {
+        list.get(usize::from(i) % list.len())
+    }
+}
+
+/// The body of one fuzz target.
+pub type Target = fn(&[u8]);
+
+/// Every fuzz target by name, for the corpus replay.
+pub const TARGETS: &[(&str, Target)] = &[
+    ("wire_messages", wire_messages),
+    ("wire_framing", wire_framing),
+    ("flow_stream", flow_stream),
+    ("registry_merge", registry_merge),
+    ("node", node),
+];

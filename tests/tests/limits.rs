@@ -1,0 +1,249 @@
+//! Limits: exceeding each one yields a clear error or rejection while the node keeps serving
+//! everyone else. (Other limits are tested where they live: accept backlog and message size in
+//! flows.rs, datagram queue while handshaking in grinta-proto's node tests, members, endpoints per
+//! node and name length in the membership and registry unit tests.)
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use grinta_proto::flow::{FlowError, FlowEvent, FlowId, RejectReason};
+use grinta_proto::node::Node;
+use grinta_proto::registry::{EndpointKind, RegistryError};
+use grinta_proto::tls::dev::DevCa;
+use grinta_tests::engine::{NetConfig, SeedGuard, env_u64};
+use grinta_tests::membership_sim::{Cluster, node_addr};
+use grinta_tests::node_sim::{FlowApp, SimulatedNode, certificates, node_membership_config};
+
+fn lan() -> NetConfig {
+    NetConfig {
+        latency: Duration::from_micros(500),
+        jitter: Duration::from_millis(1),
+        ..NetConfig::default()
+    }
+}
+
+fn seed(default: u64) -> (u64, SeedGuard) {
+    let seed = env_u64("SEED", default);
+    (seed, SeedGuard(seed))
+}
+
+/// Accepts everything on every endpoint and records opened/failed dials.
+#[derive(Default)]
+struct Log {
+    accepted: Vec<FlowId>,
+    opened: Vec<FlowId>,
+    failed: Vec<FlowError>,
+}
+
+struct AcceptAll(Rc<RefCell<Log>>);
+
+impl FlowApp for AcceptAll {
+    fn on_event(&mut self, node: &mut Node, _now: Instant, event: &FlowEvent) {
+        let mut log = self.0.borrow_mut();
+        match event {
+            FlowEvent::Incoming { endpoint, .. } => {
+                while let Some(f) = node.accept(endpoint) {
+                    log.accepted.push(f);
+                }
+            }
+            FlowEvent::Opened { flow, .. } => log.opened.push(*flow),
+            FlowEvent::DialFailed { error, .. } => log.failed.push(error.clone()),
+            _ => {}
+        }
+    }
+}
+
+fn app(c: &mut Cluster<SimulatedNode>, i: usize) -> Rc<RefCell<Log>> {
+    let log = Rc::new(RefCell::new(Log::default()));
+    c.sim.node_mut(i).app = Some(Box::new(AcceptAll(log.clone())));
+    log
+}
+
+#[test]
+fn connections_beyond_the_limit_are_refused_and_the_others_still_served() {
+    let (seed, _g) = seed(1);
+    let ca = DevCa::new().unwrap();
+    let mut c = Cluster::nodes_with(
+        seed,
+        lan(),
+        node_membership_config(),
+        certificates(&ca, 3),
+        |cfg| {
+            if cfg.name == "node-0" {
+                cfg.transport.max_connections = 1;
+            }
+        },
+    );
+    let served = app(&mut c, 0);
+    let client = app(&mut c, 1);
+    c.sim
+        .with_node(1, |n, now| n.node.join(now, &[node_addr(0)]));
+    c.run_for(Duration::from_secs(2));
+    c.sim
+        .with_node(2, |n, now| n.node.join(now, &[node_addr(0)]));
+    c.run_for(Duration::from_secs(5));
+    let stats = c.sim.node(0).node.stats().transport;
+    assert!(
+        stats.connections_refused > 0,
+        "the third node was refused: {stats:?}"
+    );
+    assert_eq!(c.sim.node(0).node.connection_count(), 1);
+    assert!(
+        c.sim.node(2).node.membership().member("node-0").is_none(),
+        "node 2 never got in"
+    );
+    // Node 0 keeps serving node 1.
+    c.sim
+        .with_node(0, |n, now| {
+            n.node
+                .register_endpoint(now, "svc", EndpointKind::Exclusive)
+        })
+        .unwrap();
+    c.run_for(Duration::from_secs(2));
+    c.sim
+        .with_node(1, |n, now| n.node.dial(now, "svc"))
+        .unwrap();
+    c.run_for(Duration::from_secs(2));
+    assert_eq!(client.borrow().opened.len(), 1);
+    assert_eq!(served.borrow().accepted.len(), 1);
+}
+
+#[test]
+fn flows_per_peer_beyond_the_limit_are_rejected_and_other_peers_still_served() {
+    let (seed, _g) = seed(2);
+    let ca = DevCa::new().unwrap();
+    let mut c = Cluster::nodes_with(
+        seed,
+        lan(),
+        node_membership_config(),
+        certificates(&ca, 3),
+        |cfg| {
+            if cfg.name == "node-0" {
+                cfg.flows.max_flows_per_peer = 3;
+            }
+        },
+    );
+    c.form(Duration::from_millis(200));
+    let served = app(&mut c, 0);
+    let greedy = app(&mut c, 1);
+    let polite = app(&mut c, 2);
+    c.sim
+        .with_node(0, |n, now| {
+            n.node
+                .register_endpoint(now, "svc", EndpointKind::Exclusive)
+        })
+        .unwrap();
+    c.run_for(Duration::from_secs(2));
+    for _ in 0..5 {
+        c.sim
+            .with_node(1, |n, now| n.node.dial(now, "svc"))
+            .unwrap();
+    }
+    c.run_for(Duration::from_secs(2));
+    assert_eq!(greedy.borrow().opened.len(), 3);
+    assert_eq!(greedy.borrow().failed.len(), 2);
+    assert!(greedy.borrow().failed.iter().all(|e| matches!(
+        e,
+        FlowError::Rejected {
+            reason: RejectReason::LimitExceeded,
+            ..
+        }
+    )));
+    c.sim
+        .with_node(2, |n, now| n.node.dial(now, "svc"))
+        .unwrap();
+    c.run_for(Duration::from_secs(2));
+    assert_eq!(
+        polite.borrow().opened.len(),
+        1,
+        "another peer is still served"
+    );
+    assert_eq!(served.borrow().accepted.len(), 4);
+}
+
+#[test]
+fn pending_dials_beyond_the_limit_fail_at_once() {
+    let (seed, _g) = seed(3);
+    let ca = DevCa::new().unwrap();
+    let mut c = Cluster::nodes_with(
+        seed,
+        lan(),
+        node_membership_config(),
+        certificates(&ca, 2),
+        |cfg| {
+            cfg.flows.max_pending_dials = 2;
+        },
+    );
+    c.form(Duration::from_millis(100));
+    let _served = app(&mut c, 1);
+    let dialer = app(&mut c, 0);
+    c.sim
+        .with_node(1, |n, now| {
+            n.node
+                .register_endpoint(now, "svc", EndpointKind::Exclusive)
+        })
+        .unwrap();
+    c.run_for(Duration::from_secs(2));
+    let results: Vec<_> = (0..3)
+        .map(|_| c.sim.with_node(0, |n, now| n.node.dial(now, "svc")))
+        .collect();
+    assert!(results[0].is_ok() && results[1].is_ok());
+    assert_eq!(
+        results[2],
+        Err(FlowError::LimitReached {
+            what: "max_pending_dials",
+            limit: 2
+        })
+    );
+    c.run_for(Duration::from_secs(1));
+    assert_eq!(dialer.borrow().opened.len(), 2);
+    // Once answered, dials are possible again.
+    assert!(c.sim.with_node(0, |n, now| n.node.dial(now, "svc")).is_ok());
+}
+
+#[test]
+fn endpoints_per_node_and_name_length_are_typed_errors() {
+    let (seed, _g) = seed(4);
+    let ca = DevCa::new().unwrap();
+    let mut c = Cluster::nodes_with(
+        seed,
+        lan(),
+        node_membership_config(),
+        certificates(&ca, 2),
+        |cfg| {
+            cfg.registry.max_local_endpoints = 2;
+        },
+    );
+    c.form(Duration::from_millis(100));
+    let served = app(&mut c, 0);
+    let client = app(&mut c, 1);
+    let reg = |c: &mut Cluster<SimulatedNode>, name: &str| {
+        c.sim.with_node(0, |n, now| {
+            n.node.register_endpoint(now, name, EndpointKind::Exclusive)
+        })
+    };
+    reg(&mut c, "a").unwrap();
+    reg(&mut c, "b").unwrap();
+    assert_eq!(
+        reg(&mut c, "c"),
+        Err(RegistryError::LimitReached {
+            what: "max_local_endpoints",
+            limit: 2
+        })
+    );
+    let long = "x".repeat(129);
+    assert!(matches!(
+        reg(&mut c, &long),
+        Err(RegistryError::InvalidName { .. })
+    ));
+    c.run_for(Duration::from_secs(2));
+    c.sim.with_node(1, |n, now| n.node.dial(now, "b")).unwrap();
+    c.run_for(Duration::from_secs(1));
+    assert_eq!(
+        client.borrow().opened.len(),
+        1,
+        "existing endpoints keep serving"
+    );
+    assert_eq!(served.borrow().accepted.len(), 1);
+}
