@@ -11,6 +11,8 @@
 //! - [`wire`]: the `grinta.v1` wire types generated from `proto/grinta/v1/*.proto`, and the varint
 //!   length-prefixed framing used on streams.
 //! - [`membership`]: SWIM with Lifeguard over abstract members and opaque datagrams.
+//! - [`fabric`]: the user API (`Fabric`, `Endpoint`, `Flow`), runtime-independent; the adapters
+//!   plug in a socket, a timer and a spawner.
 //! - [`flow`]: flows over QUIC streams (open/accept/reject, messages, finish, reset, back-pressure).
 //! - [`registry`]: the endpoint-name directory (owner-versioned records, conflict resolution).
 //! - [`transport`]: QUIC connections between nodes (quinn-proto), connected on demand.
@@ -19,6 +21,7 @@
 //!   `dev-certs` feature).
 #![forbid(unsafe_code)]
 
+pub mod fabric;
 pub mod flow;
 pub mod membership;
 pub mod node;

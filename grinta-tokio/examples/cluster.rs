@@ -1,0 +1,116 @@
+//! A 3-node cluster on 127.0.0.1 with development certificates: the nodes find each other, one
+//! serves an endpoint, the others dial it and exchange messages, then that node is killed (no
+//! goodbye) and the others detect it and see their flows fail. Exits 0 when everything happened as
+//! expected.
+//!
+//! Run: `cargo run -p grinta-tokio --example cluster`
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use grinta_proto::membership::{self, Config};
+use grinta_proto::node::{DEFAULT_MAX_PACKET_SIZE, NodeConfig};
+use grinta_proto::tls::dev::DevCa;
+use grinta_tokio::Fabric;
+
+/// A free UDP port on 127.0.0.1.
+fn free_addr() -> std::io::Result<SocketAddr> {
+    UdpSocket::bind("127.0.0.1:0")?.local_addr()
+}
+
+async fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Result<Duration, String> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if done() {
+            return Ok(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(format!("timed out waiting for {what}"))
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let ca = DevCa::new()?;
+    let names = ["node-a", "node-b", "node-c"];
+    let addrs = [free_addr()?, free_addr()?, free_addr()?];
+    let mut fabrics: Vec<Fabric> = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let mut config = NodeConfig::new(name, addrs[i], ca.issue(name)?);
+        // Loopback profile: fast probes, so the demo shows failure detection in seconds.
+        config.membership = Config::local();
+        config.membership.max_packet_size = DEFAULT_MAX_PACKET_SIZE;
+        if i > 0 {
+            config.seeds = vec![addrs[0]];
+        }
+        fabrics.push(grinta_tokio::start(config)?);
+        println!("started {name} on {}", addrs[i]);
+    }
+
+    let formed = wait_for("the cluster to form", Duration::from_secs(20), || {
+        fabrics.iter().all(|f| f.alive_members().len() == 2)
+    })
+    .await?;
+    println!("cluster formed in {formed:?}: every node sees the other two");
+
+    // node-c serves "greeter": it echoes every message in upper case.
+    let greeter = fabrics[2].endpoint("greeter")?;
+    tokio::spawn(async move {
+        while let Ok(mut flow) = greeter.accept().await {
+            tokio::spawn(async move {
+                while let Ok(Some(message)) = flow.recv().await {
+                    let reply = String::from_utf8_lossy(&message).to_uppercase();
+                    if flow.send(reply.into_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = flow.finish().await;
+            });
+        }
+    });
+    wait_for("the name to spread", Duration::from_secs(10), || {
+        fabrics[..2].iter().all(|f| f.endpoints("greet") == ["greeter"])
+    })
+    .await?;
+    println!("node-a and node-b resolve \"greeter\"");
+
+    let mut from_a = fabrics[0].dial("greeter").await?;
+    from_a.send(b"hello from node-a".to_vec()).await?;
+    let reply = from_a.recv().await?.ok_or("flow ended early")?;
+    println!("node-a got: {}", String::from_utf8_lossy(&reply));
+    let mut from_b = fabrics[1].dial("greeter").await?;
+    from_b.send(b"hello from node-b".to_vec()).await?;
+    let reply = from_b.recv().await?.ok_or("flow ended early")?;
+    println!("node-b got: {}", String::from_utf8_lossy(&reply));
+
+    println!("killing node-c (no goodbye)");
+    let killed = Instant::now();
+    fabrics[2].abort();
+    let mut dead = 0;
+    for f in &fabrics[..2] {
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(30), f.next_member_event()).await??;
+            if let membership::Event::MemberDead { name, .. } = event {
+                if name == "node-c" {
+                    println!("{} declared node-c dead after {:?}", f.name(), killed.elapsed());
+                    dead += 1;
+                    break;
+                }
+            }
+        }
+    }
+    let failed = tokio::time::timeout(Duration::from_secs(10), from_b.recv()).await?;
+    match failed {
+        Err(e) => println!("node-b's flow to node-c failed: {e}"),
+        Ok(m) => return Err(format!("flow to a dead node did not fail: {m:?}").into()),
+    }
+    if from_a.send(b"anyone?".to_vec()).await.is_ok() {
+        return Err("sending to a dead node's flow succeeded".into());
+    }
+    println!("node-a's flow to node-c failed too");
+    assert_eq!(dead, 2);
+    fabrics[0].shutdown().await;
+    fabrics[1].shutdown().await;
+    println!("done");
+    Ok(())
+}
