@@ -18,7 +18,11 @@ fn free_addr() -> std::io::Result<SocketAddr> {
     UdpSocket::bind("127.0.0.1:0")?.local_addr()
 }
 
-async fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Result<Duration, String> {
+async fn wait_for(
+    what: &str,
+    limit: Duration,
+    mut done: impl FnMut() -> bool,
+) -> Result<Duration, String> {
     let start = Instant::now();
     while start.elapsed() < limit {
         if done() {
@@ -69,7 +73,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     });
     wait_for("the name to spread", Duration::from_secs(10), || {
-        fabrics[..2].iter().all(|f| f.endpoints("greet") == ["greeter"])
+        fabrics[..2]
+            .iter()
+            .all(|f| f.endpoints("greet") == ["greeter"])
     })
     .await?;
     println!("node-a and node-b resolve \"greeter\"");
@@ -89,10 +95,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut dead = 0;
     for f in &fabrics[..2] {
         loop {
-            let event = tokio::time::timeout(Duration::from_secs(30), f.next_member_event()).await??;
+            let event =
+                tokio::time::timeout(Duration::from_secs(30), f.next_member_event()).await??;
             if let membership::Event::MemberDead { name, .. } = event {
                 if name == "node-c" {
-                    println!("{} declared node-c dead after {:?}", f.name(), killed.elapsed());
+                    println!(
+                        "{} declared node-c dead after {:?}",
+                        f.name(),
+                        killed.elapsed()
+                    );
                     dead += 1;
                     break;
                 }
