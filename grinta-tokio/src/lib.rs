@@ -109,3 +109,8 @@ fn protocol_seed() -> u64 {
     h.write_u32(std::process::id());
     h.finish()
 }
+
+/// The README's example, compiled as a doctest so that it stays true.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
