@@ -1,0 +1,100 @@
+//! Flexible topology: 15 endpoints spread over 3 nodes; every endpoint sends messages to random
+//! other endpoints by name, wherever they live, and counts what it receives.
+//!
+//! Run: `cargo run -p grinta-tokio --example flexible-topology`
+
+use std::net::UdpSocket;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use grinta_proto::membership::Config;
+use grinta_proto::node::{DEFAULT_MAX_PACKET_SIZE, NodeConfig};
+use grinta_proto::tls::dev::DevCa;
+
+const ENDPOINTS: usize = 15;
+const MESSAGES_EACH: usize = 20;
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let ca = DevCa::new()?;
+    let addrs = [
+        UdpSocket::bind("127.0.0.1:0")?.local_addr()?,
+        UdpSocket::bind("127.0.0.1:0")?.local_addr()?,
+        UdpSocket::bind("127.0.0.1:0")?.local_addr()?,
+    ];
+    let mut fabrics = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let name = format!("node-{i}");
+        let mut c = NodeConfig::new(&name, *addr, ca.issue(&name)?);
+        c.membership = Config::local();
+        c.membership.max_packet_size = DEFAULT_MAX_PACKET_SIZE;
+        if i > 0 {
+            c.seeds = vec![addrs[0]];
+        }
+        fabrics.push(grinta_tokio::start(c)?);
+    }
+    let received = Arc::new(AtomicUsize::new(0));
+    for e in 0..ENDPOINTS {
+        let fabric = fabrics[e % 3].clone();
+        let endpoint = fabric.endpoint(&format!("ep-{e}"))?;
+        let received = received.clone();
+        tokio::spawn(async move {
+            while let Ok(mut flow) = endpoint.accept().await {
+                let received = received.clone();
+                tokio::spawn(async move {
+                    while let Ok(Some(_)) = flow.recv().await {
+                        received.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+    }
+    while !fabrics
+        .iter()
+        .all(|f| f.endpoints("ep-").len() == ENDPOINTS)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("{ENDPOINTS} endpoints on 3 nodes, visible everywhere");
+    let mut tasks = Vec::new();
+    for e in 0..ENDPOINTS {
+        let fabric = fabrics[e % 3].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut sent = 0;
+            for m in 0..MESSAGES_EACH {
+                // A cheap, deterministic spread over the other endpoints.
+                let target = (e + 1 + (m * 7 + e * 3) % (ENDPOINTS - 1)) % ENDPOINTS;
+                let target_node = target % 3;
+                if target_node == e % 3 {
+                    continue; // same node: in-process flows are not in this version yet
+                }
+                let mut flow = fabric.dial(&format!("ep-{target}")).await?;
+                flow.send(format!("ep-{e} says hi #{m}").into_bytes())
+                    .await?;
+                flow.finish().await?;
+                sent += 1;
+            }
+            Ok::<usize, grinta_tokio::Error>(sent)
+        }));
+    }
+    let mut sent = 0;
+    for t in tasks {
+        sent += t.await??;
+    }
+    for _ in 0..500 {
+        if received.load(Ordering::Relaxed) == sent {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "sent {sent} messages between endpoints, received {}",
+        received.load(Ordering::Relaxed)
+    );
+    assert_eq!(received.load(Ordering::Relaxed), sent);
+    for f in &fabrics {
+        f.shutdown().await;
+    }
+    Ok(())
+}
