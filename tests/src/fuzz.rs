@@ -184,9 +184,18 @@ fn certificates() -> &'static (TlsConfig, TlsConfig) {
     })
 }
 
+/// One seeded crypto provider per fuzzed node, made once per process: the provider's `&'static`
+/// parts are leaked by design, and one leak per run would drown LeakSanitizer's real findings.
+fn provider(port: u16) -> Arc<rustls::crypto::CryptoProvider> {
+    static TARGET: OnceLock<Arc<rustls::crypto::CryptoProvider>> = OnceLock::new();
+    static PEER: OnceLock<Arc<rustls::crypto::CryptoProvider>> = OnceLock::new();
+    let cell = if port == 7001 { &TARGET } else { &PEER };
+    cell.get_or_init(|| deterministic_provider(u64::from(port))).clone()
+}
+
 fn fuzz_node(name: &str, port: u16, tls: &TlsConfig, now: Instant) -> Node {
     let mut config = NodeConfig::new(name, SocketAddr::from(([127, 0, 0, 1], port)), tls.clone());
-    config.crypto_provider = deterministic_provider(u64::from(port));
+    config.crypto_provider = provider(port);
     config.time_provider = Arc::new(FixedClock::default());
     config.membership = grinta_proto::membership::Config::local();
     config.membership.max_packet_size = grinta_proto::node::DEFAULT_MAX_PACKET_SIZE;
