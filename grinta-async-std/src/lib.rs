@@ -119,13 +119,5 @@ pub use grinta_proto::fabric::Error;
 
 /// Starts a node: binds its socket, starts its driver thread and joins the configured seeds.
 pub fn start(config: NodeConfig) -> Result<Fabric, Error> {
-    Fabric::start(config, protocol_seed())
-}
-
-/// A seed for the node's protocol randomness; cryptographic randomness comes from the TLS provider.
-fn protocol_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.finish()
+    Fabric::start(config)
 }

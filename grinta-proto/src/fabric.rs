@@ -210,8 +210,18 @@ impl<R: Runtime> std::fmt::Debug for Fabric<R> {
 }
 
 impl<R: Runtime> Fabric<R> {
-    /// Binds the socket, starts the node and spawns its driver; joins the configured seeds.
-    pub fn start(config: NodeConfig, seed: u64) -> Result<Self, Error> {
+    /// Like [`start_with_seed`](Self::start_with_seed), with a fresh seed for the protocol's
+    /// randomness (it need not be secret: cryptographic randomness comes from the TLS provider).
+    pub fn start(config: NodeConfig) -> Result<Self, Error> {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        Self::start_with_seed(config, h.finish())
+    }
+
+    /// Binds the socket, starts the node and spawns its driver; joins the configured seeds. `seed`
+    /// drives the protocol's randomness (probe order, gossip targets).
+    pub fn start_with_seed(config: NodeConfig, seed: u64) -> Result<Self, Error> {
         let socket = R::bind(config.bind).map_err(|source| Error::Bind {
             addr: config.bind,
             source,

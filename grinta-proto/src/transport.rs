@@ -185,6 +185,33 @@ struct Conn {
     last_keep_alive: Instant,
 }
 
+impl Conn {
+    fn new(
+        conn: quinn_proto::Connection,
+        addr: SocketAddr,
+        peer: Option<String>,
+        dialled: bool,
+        now: Instant,
+    ) -> Self {
+        Self {
+            conn,
+            addr,
+            peer,
+            dialled,
+            established: false,
+            queued_datagrams: VecDeque::new(),
+            queued_requests: VecDeque::new(),
+            inbound: HashMap::new(),
+            opened: Default::default(),
+            outbound: BTreeMap::new(),
+            flow_streams: Default::default(),
+            pending_flow_opens: VecDeque::new(),
+            holds: 0,
+            last_keep_alive: now,
+        }
+    }
+}
+
 /// One node's QUIC endpoint and connections.
 pub(crate) struct Transport {
     endpoint: Endpoint,
@@ -557,22 +584,7 @@ impl Transport {
                 debug!(peer = ?name, %addr, "dialling");
                 self.conns.insert(
                     ch,
-                    Conn {
-                        conn,
-                        addr,
-                        peer: name.map(str::to_owned),
-                        dialled: true,
-                        established: false,
-                        queued_datagrams: VecDeque::new(),
-                        queued_requests: VecDeque::new(),
-                        inbound: HashMap::new(),
-                        opened: Default::default(),
-                        outbound: BTreeMap::new(),
-                        flow_streams: Default::default(),
-                        pending_flow_opens: VecDeque::new(),
-                        holds: 0,
-                        last_keep_alive: now,
-                    },
+                    Conn::new(conn, addr, name.map(str::to_owned), true, now),
                 );
                 if let Some(n) = name {
                     self.bind_name(ch, n);
@@ -878,25 +890,8 @@ impl Transport {
                     match self.endpoint.accept(incoming, now, &mut buf, None) {
                         Ok((ch, conn)) => {
                             self.stats.connections_accepted += 1;
-                            self.conns.insert(
-                                ch,
-                                Conn {
-                                    conn,
-                                    addr: from,
-                                    peer: None,
-                                    dialled: false,
-                                    established: false,
-                                    queued_datagrams: VecDeque::new(),
-                                    queued_requests: VecDeque::new(),
-                                    inbound: HashMap::new(),
-                                    opened: Default::default(),
-                                    outbound: BTreeMap::new(),
-                                    flow_streams: Default::default(),
-                                    pending_flow_opens: VecDeque::new(),
-                                    holds: 0,
-                                    last_keep_alive: now,
-                                },
-                            );
+                            self.conns
+                                .insert(ch, Conn::new(conn, from, None, false, now));
                             self.dirty.insert(ch);
                         }
                         Err(e) => {

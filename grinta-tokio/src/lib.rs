@@ -97,17 +97,7 @@ pub use grinta_proto::fabric::Error;
 /// Starts a node on the current tokio runtime: binds its socket, spawns its driver and joins the
 /// configured seeds. Must be called from within a tokio runtime.
 pub fn start(config: NodeConfig) -> Result<Fabric, Error> {
-    Fabric::start(config, protocol_seed())
-}
-
-/// A seed for the node's protocol randomness (probe order, gossip targets). It need not be secret:
-/// cryptographic randomness comes from the TLS provider.
-fn protocol_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
-    h.write_u32(std::process::id());
-    h.finish()
+    Fabric::start(config)
 }
 
 /// The README's example, compiled as a doctest so that it stays true.

@@ -190,7 +190,8 @@ fn provider(port: u16) -> Arc<rustls::crypto::CryptoProvider> {
     static TARGET: OnceLock<Arc<rustls::crypto::CryptoProvider>> = OnceLock::new();
     static PEER: OnceLock<Arc<rustls::crypto::CryptoProvider>> = OnceLock::new();
     let cell = if port == 7001 { &TARGET } else { &PEER };
-    cell.get_or_init(|| deterministic_provider(u64::from(port))).clone()
+    cell.get_or_init(|| deterministic_provider(u64::from(port)))
+        .clone()
 }
 
 fn fuzz_node(name: &str, port: u16, tls: &TlsConfig, now: Instant) -> Node {

@@ -14,3 +14,22 @@ pub mod engine;
 pub mod fuzz;
 pub mod membership_sim;
 pub mod node_sim;
+
+use std::time::Duration;
+
+/// The network most scenarios use: a LAN with 0.5 ms one way plus up to 1 ms of jitter (which also
+/// reorders packets), no loss.
+pub fn lan() -> engine::NetConfig {
+    engine::NetConfig {
+        latency: Duration::from_micros(500),
+        jitter: Duration::from_millis(1),
+        ..engine::NetConfig::default()
+    }
+}
+
+/// The seed of a scenario: `SEED` from the environment, else `default`; the guard prints it if the
+/// scenario fails.
+pub fn seed(default: u64) -> (u64, engine::SeedGuard) {
+    let seed = engine::env_u64("SEED", default);
+    (seed, engine::SeedGuard(seed))
+}

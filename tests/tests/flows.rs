@@ -4,23 +4,11 @@ use std::time::Duration;
 
 use grinta_proto::registry::{EndpointKind, RegistryEvent};
 use grinta_proto::tls::dev::DevCa;
-use grinta_tests::engine::{NetConfig, SeedGuard, env_u64};
+use grinta_tests::engine::NetConfig;
 use grinta_tests::membership_sim::{Cluster, node_addr, node_name, quantile};
 use grinta_tests::node_sim::{SimulatedNode, certificates, node_membership_config};
+use grinta_tests::{lan, seed};
 use rand::Rng;
-
-fn lan() -> NetConfig {
-    NetConfig {
-        latency: Duration::from_micros(500),
-        jitter: Duration::from_millis(1),
-        ..NetConfig::default()
-    }
-}
-
-fn seed(default: u64) -> (u64, SeedGuard) {
-    let seed = env_u64("SEED", default);
-    (seed, SeedGuard(seed))
-}
 
 fn formed(seed: u64, n: usize) -> Cluster<SimulatedNode> {
     let ca = DevCa::new().expect("dev CA");

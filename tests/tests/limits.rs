@@ -11,22 +11,9 @@ use grinta_proto::flow::{FlowError, FlowEvent, FlowId, RejectReason};
 use grinta_proto::node::Node;
 use grinta_proto::registry::{EndpointKind, RegistryError};
 use grinta_proto::tls::dev::DevCa;
-use grinta_tests::engine::{NetConfig, SeedGuard, env_u64};
 use grinta_tests::membership_sim::{Cluster, node_addr};
 use grinta_tests::node_sim::{FlowApp, SimulatedNode, certificates, node_membership_config};
-
-fn lan() -> NetConfig {
-    NetConfig {
-        latency: Duration::from_micros(500),
-        jitter: Duration::from_millis(1),
-        ..NetConfig::default()
-    }
-}
-
-fn seed(default: u64) -> (u64, SeedGuard) {
-    let seed = env_u64("SEED", default);
-    (seed, SeedGuard(seed))
-}
+use grinta_tests::{lan, seed};
 
 /// Accepts everything on every endpoint and records opened/failed dials.
 #[derive(Default)]

@@ -10,27 +10,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use grinta_proto::membership::{Config, MemberState};
 use grinta_proto::wire;
-use grinta_tests::engine::{NetConfig, SeedGuard, env_u64};
+use grinta_tests::engine::{NetConfig, env_u64};
 use grinta_tests::membership_sim::{Cluster, node_addr, node_name, quantile};
+use grinta_tests::{lan, seed};
 use prost::Message;
 use rand::Rng;
 
-/// A LAN: 0.5 ms one way plus up to 1 ms of jitter (which also reorders packets).
-fn lan() -> NetConfig {
-    NetConfig {
-        latency: Duration::from_micros(500),
-        jitter: Duration::from_millis(1),
-        ..NetConfig::default()
-    }
-}
-
 fn lossy(loss: f64) -> NetConfig {
     NetConfig { loss, ..lan() }
-}
-
-fn seed(default: u64) -> (u64, SeedGuard) {
-    let seed = env_u64("SEED", default);
-    (seed, SeedGuard(seed))
 }
 
 fn secs(d: Duration) -> f64 {

@@ -9,26 +9,14 @@ use grinta_proto::membership::MemberState;
 use grinta_proto::node::Node;
 use grinta_proto::tls::dev::DevCa;
 use grinta_proto::wire;
-use grinta_tests::engine::{NetConfig, SeedGuard, env_u64};
+use grinta_tests::engine::{NetConfig, env_u64};
 use grinta_tests::membership_sim::{Cluster, node_addr, node_name, quantile};
 use grinta_tests::node_sim::{
     SimulatedNode, certificates, node_membership_config, sim_node_config,
 };
+use grinta_tests::{lan, seed};
 use prost::Message;
 use rand::Rng;
-
-fn lan() -> NetConfig {
-    NetConfig {
-        latency: Duration::from_micros(500),
-        jitter: Duration::from_millis(1),
-        ..NetConfig::default()
-    }
-}
-
-fn seed(default: u64) -> (u64, SeedGuard) {
-    let seed = env_u64("SEED", default);
-    (seed, SeedGuard(seed))
-}
 
 fn cluster(seed: u64, n: usize) -> Cluster<SimulatedNode> {
     let ca = DevCa::new().expect("dev CA");
