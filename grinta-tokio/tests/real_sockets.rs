@@ -143,3 +143,54 @@ async fn graceful_shutdown_shows_as_left_and_ends_flows() {
     assert!(r.is_err(), "the flow to the node that left ended: {r:?}");
     assert!(matches!(fabrics[1].dial("svc").await, Err(Error::Shutdown)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_peer_is_reached_again() {
+    let ca = DevCa::new().unwrap();
+    let addrs: Vec<SocketAddr> = (0..2).map(|_| free_addr()).collect();
+    let make = |i: usize| {
+        let name = format!("node-{i}");
+        let mut config = NodeConfig::new(&name, addrs[i], ca.issue(&name).unwrap());
+        config.membership = Config::local();
+        config.membership.max_packet_size = DEFAULT_MAX_PACKET_SIZE;
+        config.seeds = vec![addrs[1 - i]];
+        config
+    };
+    let stable = grinta_tokio::start(make(0)).unwrap();
+    let first = grinta_tokio::start(make(1)).unwrap();
+    let _ep = first.endpoint("svc").unwrap();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while stable.endpoints("svc").is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("name spread");
+    first.abort();
+    member_event(
+        &stable,
+        |e| matches!(e, membership::Event::MemberDead { name, .. } if name == "node-1"),
+    )
+    .await;
+    // The same node comes back at the same address, as a new process would.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = grinta_tokio::start(make(1)).unwrap();
+    let ep = second.endpoint("svc").unwrap();
+    tokio::spawn(async move {
+        while let Ok(mut flow) = ep.accept().await {
+            while let Ok(Some(m)) = flow.recv().await {
+                let _ = flow.send(m).await;
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !(stable.alive_members() == ["node-1"] && stable.endpoints("svc") == ["svc"]) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the restarted node is alive again with its endpoint");
+    let mut flow = stable.dial("svc").await.unwrap();
+    flow.send(b"again".to_vec()).await.unwrap();
+    assert_eq!(flow.recv().await.unwrap().as_deref(), Some(&b"again"[..]));
+}
