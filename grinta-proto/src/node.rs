@@ -494,6 +494,7 @@ impl Node {
                 self.registry.drop_owner(name, *incarnation);
                 self.registry_dirty = true;
                 self.flows.on_peer_gone(&mut self.transport, name);
+                self.transport.close_peer(now, name);
             }
             M::MemberJoined(m) | M::MemberAlive(m) | M::MemberUpdated(m) => {
                 self.registry.owner_alive(&m.name, m.incarnation);

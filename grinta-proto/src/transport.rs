@@ -989,6 +989,25 @@ impl Transport {
         self.events.pop_front()
     }
 
+    /// Closes every connection to node `name` (membership declared it Dead or Left). If it comes
+    /// back, perhaps restarted at the same address, a fresh connection is dialled instead of
+    /// sending into one the restarted process cannot know.
+    pub(crate) fn close_peer(&mut self, now: Instant, name: &str) {
+        self.by_name.remove(name);
+        for (ch, c) in self.conns.iter_mut() {
+            if c.peer.as_deref() == Some(name) {
+                c.conn.close(
+                    now,
+                    VarInt::from_u32(ConnectionCloseCode::Idle as u32),
+                    Bytes::from_static(b"peer declared gone"),
+                );
+                c.peer = None;
+                self.dirty.insert(*ch);
+            }
+        }
+        self.drive(now);
+    }
+
     /// Closes every connection and refuses new ones (the node has left).
     pub(crate) fn close_all(&mut self, now: Instant) {
         self.accepting = false;
