@@ -20,6 +20,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use hashbrown::HashMap;
 
+use crate::codec::{Codec, CodecError};
 use crate::flow::{FlowError, FlowEvent, FlowId, Recv};
 use crate::membership::{Member, MemberState};
 use crate::node::{Event, Node, NodeConfig, NodeError};
@@ -91,6 +92,9 @@ pub enum Error {
     /// The fabric was shut down.
     #[error("the fabric is shut down")]
     Shutdown,
+    /// A typed flow received a message that is not a value of its type (or could not encode one).
+    #[error(transparent)]
+    Codec(#[from] CodecError),
 }
 
 #[derive(Default)]
@@ -376,6 +380,7 @@ impl<R: Runtime> Fabric<R> {
         Ok(Flow {
             fabric: self.clone(),
             id: flow,
+            finished: false,
         })
     }
 
@@ -456,6 +461,7 @@ impl<R: Runtime> Endpoint<R> {
                 return Poll::Ready(Ok(Flow {
                     fabric: self.fabric.clone(),
                     id,
+                    finished: false,
                 }));
             }
             inner
@@ -480,9 +486,22 @@ impl<R: Runtime> Drop for Endpoint<R> {
 }
 
 /// An ordered, back-pressured, bidirectional message channel.
+///
+/// Dropping a flow that was not finished aborts it: the other side sees `ResetCode::Dropped`. A
+/// finished flow still delivers everything it sent after it is dropped.
 pub struct Flow<R: Runtime> {
     fabric: Fabric<R>,
     id: FlowId,
+    finished: bool,
+}
+
+impl<R: Runtime> Drop for Flow<R> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let id = self.id;
+            self.fabric.with(|inner, now| inner.node.drop_flow(now, id));
+        }
+    }
 }
 
 impl<R: Runtime> std::fmt::Debug for Flow<R> {
@@ -547,6 +566,7 @@ impl<R: Runtime> Flow<R> {
     /// Finishes the sending side: everything sent is delivered, then the other side reads the end.
     pub async fn finish(&mut self) -> Result<(), Error> {
         let id = self.id;
+        self.finished = true;
         self.fabric
             .with(|inner, now| inner.node.finish(now, id))
             .map_err(Error::from)
@@ -555,9 +575,80 @@ impl<R: Runtime> Flow<R> {
     /// Aborts the flow both ways with an application `code`.
     pub fn reset(&mut self, code: u32) -> Result<(), Error> {
         let id = self.id;
+        self.finished = true;
         self.fabric
             .with(|inner, now| inner.node.reset(now, id, code))
             .map_err(Error::from)
+    }
+}
+
+impl<R: Runtime> Flow<R> {
+    /// This flow, carrying values of `T` encoded with `codec`.
+    ///
+    /// ```no_run
+    /// # async fn demo<R: grinta_proto::fabric::Runtime>(flow: grinta_proto::fabric::Flow<R>) -> Result<(), grinta_proto::fabric::Error> {
+    /// use grinta_proto::codec::ProstCodec;
+    /// use grinta_proto::wire::Ack;
+    ///
+    /// let mut acks = flow.typed(ProstCodec::<Ack>::default());
+    /// acks.send(&Ack { seq_no: 1 }).await?;
+    /// let reply: Option<Ack> = acks.recv().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn typed<T, C: Codec<T>>(self, codec: C) -> TypedFlow<R, T, C> {
+        TypedFlow {
+            flow: self,
+            codec,
+            _values: std::marker::PhantomData,
+        }
+    }
+}
+
+/// A [`Flow`] carrying values of `T`, encoded by a [`Codec`]. A message that does not decode as a
+/// `T` is [`Error::Codec`]; the flow stays usable.
+pub struct TypedFlow<R: Runtime, T, C> {
+    flow: Flow<R>,
+    codec: C,
+    _values: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<R: Runtime, T, C> std::fmt::Debug for TypedFlow<R, T, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TypedFlow")
+            .field("flow", &self.flow)
+            .field("type", &std::any::type_name::<T>())
+            .finish()
+    }
+}
+
+impl<R: Runtime, T, C: Codec<T>> TypedFlow<R, T, C> {
+    /// Sends one value.
+    pub async fn send(&mut self, value: &T) -> Result<(), Error> {
+        let message = self.codec.encode(value)?;
+        self.flow.send(message).await
+    }
+
+    /// Receives the next value; `Ok(None)` at the end of the flow.
+    pub async fn recv(&mut self) -> Result<Option<T>, Error> {
+        match self.flow.recv().await? {
+            Some(message) => Ok(Some(self.codec.decode(message)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Finishes the sending side.
+    pub async fn finish(&mut self) -> Result<(), Error> {
+        self.flow.finish().await
+    }
+
+    /// Aborts the flow both ways with an application `code`.
+    pub fn reset(&mut self, code: u32) -> Result<(), Error> {
+        self.flow.reset(code)
+    }
+
+    /// The untyped flow underneath.
+    pub fn into_inner(self) -> Flow<R> {
+        self.flow
     }
 }
 

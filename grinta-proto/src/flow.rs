@@ -999,12 +999,11 @@ impl Flows {
         &mut self,
         transport: &mut Transport,
         id: FlowId,
-        code: u32,
+        code: ResetCode,
     ) -> Result<(), FlowError> {
         if !self.flows.contains_key(&id) {
             return Err(self.ended_error(id));
         }
-        let code = ResetCode::Application(code);
         self.close(transport, id, FlowError::Reset { code }, Some(code));
         // The local side knows it reset; no event for it.
         self.events

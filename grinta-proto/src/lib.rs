@@ -11,6 +11,7 @@
 //! - [`wire`]: the `grinta.v1` wire types generated from `proto/grinta/v1/*.proto`, and the varint
 //!   length-prefixed framing used on streams.
 //! - [`membership`]: SWIM with Lifeguard over abstract members and opaque datagrams.
+//! - [`codec`]: codecs for typed flows (bytes, prost, serde JSON behind the `json` feature).
 //! - [`fabric`]: the user API (`Fabric`, `Endpoint`, `Flow`), runtime-independent; the adapters
 //!   plug in a socket, a timer and a spawner.
 //! - [`flow`]: flows over QUIC streams (open/accept/reject, messages, finish, reset, back-pressure).
@@ -21,6 +22,7 @@
 //!   `dev-certs` feature).
 #![forbid(unsafe_code)]
 
+pub mod codec;
 pub mod fabric;
 pub mod flow;
 pub mod membership;

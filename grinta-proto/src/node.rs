@@ -424,9 +424,20 @@ impl Node {
 
     /// Aborts a flow both ways; the other side sees `ResetCode::Application(code)`.
     pub fn reset(&mut self, now: Instant, flow: FlowId, code: u32) -> Result<(), FlowError> {
-        let r = self.flows.reset(&mut self.transport, flow, code);
+        let r = self
+            .flows
+            .reset(&mut self.transport, flow, ResetCode::Application(code));
         self.pump(now);
         r
+    }
+
+    /// Aborts a flow the application dropped without finishing it: the other side sees
+    /// `ResetCode::Dropped`.
+    pub fn drop_flow(&mut self, now: Instant, flow: FlowId) {
+        let _ = self
+            .flows
+            .reset(&mut self.transport, flow, ResetCode::Dropped);
+        self.pump(now);
     }
 
     /// Flows open on this node.

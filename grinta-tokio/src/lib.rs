@@ -20,8 +20,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Status: remote flows over QUIC work; in-process flows (an endpoint dialled from its own node),
-//! typed codecs, `Stream`/`Sink` and GSO/GRO through quinn-udp are not there yet.
+//! Status: remote flows over QUIC work, untyped or typed through a codec
+//! ([`grinta_proto::codec`]); in-process flows (an endpoint dialled from its own node),
+//! `Stream`/`Sink` and GSO/GRO through quinn-udp are not there yet.
 
 use std::future::Future;
 use std::io;
@@ -91,6 +92,8 @@ pub type Fabric = fabric::Fabric<Tokio>;
 pub type Endpoint = fabric::Endpoint<Tokio>;
 /// A flow on a tokio fabric.
 pub type Flow = fabric::Flow<Tokio>;
+/// A typed flow on a tokio fabric.
+pub type TypedFlow<T, C> = fabric::TypedFlow<Tokio, T, C>;
 /// Errors of the user API.
 pub use grinta_proto::fabric::Error;
 

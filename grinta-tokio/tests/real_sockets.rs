@@ -194,3 +194,67 @@ async fn a_restarted_peer_is_reached_again() {
     flow.send(b"again".to_vec()).await.unwrap();
     assert_eq!(flow.recv().await.unwrap().as_deref(), Some(&b"again"[..]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_flows_carry_values_and_report_type_mismatches() {
+    use grinta_proto::codec::ProstCodec;
+    use grinta_proto::wire::Ack;
+    let fabrics = cluster(2).await;
+    let ep = fabrics[1].endpoint("acks").unwrap();
+    let (seen_tx, seen_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut seen_tx = Some(seen_tx);
+        while let Ok(flow) = ep.accept().await {
+            let mut acks = flow.typed(ProstCodec::<Ack>::default());
+            loop {
+                match acks.recv().await {
+                    Ok(Some(ack)) => acks
+                        .send(&Ack {
+                            seq_no: ack.seq_no + 1,
+                        })
+                        .await
+                        .unwrap(),
+                    Ok(None) => break,
+                    Err(e) => {
+                        if let Some(tx) = seen_tx.take() {
+                            let _ = tx.send(e.to_string());
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while fabrics[0].endpoints("acks").is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let mut acks = fabrics[0]
+        .dial("acks")
+        .await
+        .unwrap()
+        .typed(ProstCodec::<Ack>::default());
+    for i in 0..10 {
+        acks.send(&Ack { seq_no: i }).await.unwrap();
+        assert_eq!(acks.recv().await.unwrap(), Some(Ack { seq_no: i + 1 }));
+    }
+    // Bytes that are not an Ack: the receiving typed flow reports a codec error naming the type.
+    let mut raw = acks.into_inner();
+    raw.send(vec![0xffu8, 0xff, 0xff]).await.unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(10), seen_rx)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        seen.starts_with("cannot decode a ") && seen.contains("Ack"),
+        "{seen}"
+    );
+    // The server dropped its end without finishing: this side sees the flow end, not a hang.
+    let end = tokio::time::timeout(Duration::from_secs(10), raw.recv())
+        .await
+        .expect("no hang");
+    assert!(end.is_err(), "{end:?}");
+}
