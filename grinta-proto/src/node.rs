@@ -679,6 +679,28 @@ impl Node {
         }
     }
 
+    /// Decodes a push-pull message from `conn`, checks that its sender is the connection's
+    /// authenticated peer, and hands it to membership. Returns whether it was delivered.
+    fn deliver_push_pull(
+        &mut self,
+        now: Instant,
+        conn: quinn_proto::ConnectionHandle,
+        data: Bytes,
+    ) -> bool {
+        let Ok(pp) = wire::PushPull::decode(data) else {
+            self.undecodable += 1;
+            return false;
+        };
+        if !self.transport.authenticate(conn, &pp.sender) {
+            return false;
+        }
+        let Some((_, addr)) = self.transport.peer_of(conn) else {
+            return false;
+        };
+        self.membership.handle_push_pull(now, addr, pp);
+        true
+    }
+
     fn handle_transport_event(&mut self, now: Instant, event: TransportEvent) {
         match event {
             TransportEvent::Datagram { conn, data } => {
@@ -697,17 +719,9 @@ impl Node {
                 self.membership.handle_packet(now, addr, packet);
             }
             TransportEvent::StreamRequest { conn, stream, data } => {
-                let Ok(pp) = wire::PushPull::decode(data) else {
-                    self.undecodable += 1;
-                    return;
-                };
-                if !self.transport.authenticate(conn, &pp.sender) {
+                if !self.deliver_push_pull(now, conn, data) {
                     return;
                 }
-                let Some((_, addr)) = self.transport.peer_of(conn) else {
-                    return;
-                };
-                self.membership.handle_push_pull(now, addr, pp);
                 // The reply is produced during that call; send it back on the request's stream.
                 let mut others = Vec::new();
                 while let Some(t) = self.membership.poll_transmit() {
@@ -722,17 +736,7 @@ impl Node {
                 }
             }
             TransportEvent::StreamReply { conn, data } => {
-                let Ok(pp) = wire::PushPull::decode(data) else {
-                    self.undecodable += 1;
-                    return;
-                };
-                if !self.transport.authenticate(conn, &pp.sender) {
-                    return;
-                }
-                let Some((_, addr)) = self.transport.peer_of(conn) else {
-                    return;
-                };
-                self.membership.handle_push_pull(now, addr, pp);
+                self.deliver_push_pull(now, conn, data);
             }
             TransportEvent::FlowStreamOpened {
                 token,
