@@ -6,20 +6,21 @@
 //! which needs no executor of its own.
 //!
 //! ```no_run
-//! use grinta_proto::node::NodeConfig;
-//! use grinta_proto::tls::dev::DevCa;
+//! use grinta_async_std::Fabric;
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! let ca = DevCa::new()?;
-//! let config = NodeConfig::new("node-a", "127.0.0.1:7001".parse()?, ca.issue("node-a")?);
-//! let fabric = grinta_async_std::start(config)?;
+//! let fabric = Fabric::builder("node-a")
+//!     .bind("127.0.0.1:7001".parse()?)
+//!     .seed("127.0.0.1:7000".parse()?)
+//!     .tls_pem_files("certs/ca.pem", "certs/node-a.pem", "certs/node-a.key")
+//!     .start()?;
 //! let mut flow = fabric.dial("greeter").await?;
 //! flow.send(b"hello".to_vec()).await?;
 //! # Ok(()) }
 //! ```
 //!
-//! Status: the same API as `grinta-tokio` (remote flows over QUIC); in-process flows, codecs and
-//! `Stream`/`Sink` are not there yet.
+//! The API is the same as `grinta-tokio`'s: both adapters declare their types with
+//! [`grinta_proto::runtime_aliases`].
 
 use std::future::Future;
 use std::io;
@@ -30,7 +31,7 @@ use std::time::Instant;
 
 use async_io::{Async, Timer};
 pub use grinta_proto as proto;
-use grinta_proto::fabric::{self, Runtime};
+use grinta_proto::fabric::Runtime;
 use grinta_proto::node::NodeConfig;
 
 /// The async-io runtime for grinta (async-std, smol).
@@ -108,14 +109,7 @@ impl Runtime for AsyncIo {
     }
 }
 
-/// A node of the fabric on async-io.
-pub type Fabric = fabric::Fabric<AsyncIo>;
-/// An endpoint served by an async-io fabric.
-pub type Endpoint = fabric::Endpoint<AsyncIo>;
-/// A flow on an async-io fabric.
-pub type Flow = fabric::Flow<AsyncIo>;
-/// Errors of the user API.
-pub use grinta_proto::fabric::Error;
+grinta_proto::runtime_aliases!(AsyncIo);
 
 /// Starts a node: binds its socket, starts its driver thread and joins the configured seeds.
 pub fn start(config: NodeConfig) -> Result<Fabric, Error> {

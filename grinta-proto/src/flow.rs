@@ -56,6 +56,9 @@ pub struct FlowLimits {
     pub max_flows_per_peer: usize,
     /// Most dials waiting for an answer at once.
     pub max_pending_dials: usize,
+    /// Messages an in-process flow (both ends on this node) holds per direction before `send`
+    /// waits; such a flow is also bounded by `recv_buffer` bytes, like a remote one.
+    pub local_capacity: usize,
 }
 
 impl Default for FlowLimits {
@@ -69,6 +72,7 @@ impl Default for FlowLimits {
             max_flows: 10_000,
             max_flows_per_peer: 1024,
             max_pending_dials: 256,
+            local_capacity: 256,
         }
     }
 }
@@ -329,6 +333,14 @@ pub struct FlowStats {
     pub recv_queued_bytes: usize,
     /// Messages waiting for `recv`.
     pub recv_queued_messages: usize,
+    /// Messages accepted by `send`.
+    pub messages_sent: u64,
+    /// Bytes of the messages accepted by `send` (message bodies, without framing).
+    pub bytes_sent: u64,
+    /// Messages returned by `recv`.
+    pub messages_received: u64,
+    /// Bytes of the messages returned by `recv`.
+    pub bytes_received: u64,
 }
 
 /// What [`recv`](crate::node::Node::recv) found.
@@ -369,6 +381,13 @@ struct Flow {
     peer_max_message: u64,
     writer_blocked: bool,
     held: bool,
+    /// The application dropped its handle after finishing: what still arrives is read and
+    /// discarded so the peer never stalls, and the flow ends when the peer finishes.
+    released: bool,
+    messages_sent: u64,
+    bytes_sent: u64,
+    messages_received: u64,
+    bytes_received: u64,
 }
 
 /// One item of a flow stream.
@@ -505,6 +524,10 @@ impl Flows {
         }
     }
 
+    pub(crate) fn limits(&self) -> &FlowLimits {
+        &self.limits
+    }
+
     pub(crate) fn poll_event(&mut self) -> Option<FlowEvent> {
         self.events.pop_front()
     }
@@ -518,6 +541,10 @@ impl Flows {
             send_queued_bytes: f.send_bytes,
             recv_queued_bytes: f.recv_bytes,
             recv_queued_messages: f.recv_queue.len(),
+            messages_sent: f.messages_sent,
+            bytes_sent: f.bytes_sent,
+            messages_received: f.messages_received,
+            bytes_received: f.bytes_received,
         })
     }
 
@@ -563,6 +590,11 @@ impl Flows {
                 peer_max_message: 0,
                 writer_blocked: false,
                 held: false,
+                released: false,
+                messages_sent: 0,
+                bytes_sent: 0,
+                messages_received: 0,
+                bytes_received: 0,
             },
         );
         id
@@ -787,6 +819,7 @@ impl Flows {
                 code: ResetCode::ProtocolViolation,
             };
             match (flow.phase, frame) {
+                (Phase::Open, FlowFrame::Message(_)) if flow.released => {}
                 (Phase::Open, FlowFrame::Message(frame)) => {
                     let was_empty = flow.recv_queue.is_empty();
                     flow.recv_bytes += frame.len();
@@ -938,6 +971,8 @@ impl Flows {
         let mut prefix = Vec::with_capacity(framing::MAX_VARINT_LEN);
         prost::encoding::encode_varint(message.len() as u64, &mut prefix);
         flow.send_bytes += prefix.len() + message.len();
+        flow.messages_sent += 1;
+        flow.bytes_sent += message.len() as u64;
         flow.send_queue.push_back(prefix.into());
         if !message.is_empty() {
             flow.send_queue.push_back(message);
@@ -964,6 +999,8 @@ impl Flows {
         if let Some(message) = flow.recv_queue.pop_front() {
             let was_full = flow.recv_bytes >= self.limits.recv_buffer;
             flow.recv_bytes -= message.len();
+            flow.messages_received += 1;
+            flow.bytes_received += message.len() as u64;
             if was_full || flow.recv_queue.is_empty() {
                 // Room again: pull more from QUIC (which reopens the peer's flow-control window).
                 self.read(now, transport, registry, id);
@@ -992,6 +1029,25 @@ impl Flows {
         flow.finish_requested = true;
         self.flush(transport, id);
         Ok(())
+    }
+
+    /// The application dropped a finished flow: stop delivering to it (what arrives is read and
+    /// discarded) and let the flow end once the peer finishes.
+    pub(crate) fn release(
+        &mut self,
+        now: Instant,
+        transport: &mut Transport,
+        registry: &Registry,
+        id: FlowId,
+    ) {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        flow.released = true;
+        flow.recv_queue.clear();
+        flow.recv_bytes = 0;
+        self.read(now, transport, registry, id);
+        self.maybe_done(transport, id);
     }
 
     /// Aborts the flow both ways with `code`.

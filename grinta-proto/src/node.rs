@@ -440,6 +440,20 @@ impl Node {
         self.pump(now);
     }
 
+    /// Releases a flow the application dropped after finishing it: what it sent is still
+    /// delivered, what still arrives is read and discarded, and the flow ends when the peer
+    /// finishes.
+    pub fn release_flow(&mut self, now: Instant, flow: FlowId) {
+        self.flows
+            .release(now, &mut self.transport, &self.registry, flow);
+        self.pump(now);
+    }
+
+    /// The flow limits this node runs with.
+    pub fn flow_limits(&self) -> &FlowLimits {
+        self.flows.limits()
+    }
+
     /// Flows open on this node.
     pub fn flow_count(&self) -> usize {
         self.flows.len()

@@ -5,13 +5,13 @@
 //! protocol, the API types) lives in `grinta-proto`.
 //!
 //! ```no_run
-//! use grinta_proto::node::NodeConfig;
-//! use grinta_proto::tls::dev::DevCa;
+//! use grinta_tokio::Fabric;
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! let ca = DevCa::new()?;
-//! let config = NodeConfig::new("node-a", "127.0.0.1:7001".parse()?, ca.issue("node-a")?);
-//! let fabric = grinta_tokio::start(config)?;
+//! let fabric = Fabric::builder("node-a")
+//!     .bind("127.0.0.1:7001".parse()?)
+//!     .tls_pem_files("certs/ca.pem", "certs/node-a.pem", "certs/node-a.key")
+//!     .start()?;
 //! let greeter = fabric.endpoint("greeter")?;
 //! let mut flow = greeter.accept().await?;
 //! while let Some(message) = flow.recv().await? {
@@ -20,9 +20,8 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Status: remote flows over QUIC work, untyped or typed through a codec
-//! ([`grinta_proto::codec`]); in-process flows (an endpoint dialled from its own node),
-//! `Stream`/`Sink` and GSO/GRO through quinn-udp are not there yet.
+//! A flow to an endpoint of the same node is an in-process channel; any other flow runs over
+//! QUIC. Both behave the same (see [`grinta_proto::fabric::Flow`]).
 
 use std::future::Future;
 use std::io;
@@ -32,7 +31,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 pub use grinta_proto as proto;
-use grinta_proto::fabric::{self, Runtime};
+use grinta_proto::fabric::Runtime;
 use grinta_proto::node::NodeConfig;
 
 /// The tokio runtime for grinta.
@@ -86,16 +85,7 @@ impl Runtime for Tokio {
     }
 }
 
-/// A node of the fabric on tokio.
-pub type Fabric = fabric::Fabric<Tokio>;
-/// An endpoint served by a tokio fabric.
-pub type Endpoint = fabric::Endpoint<Tokio>;
-/// A flow on a tokio fabric.
-pub type Flow = fabric::Flow<Tokio>;
-/// A typed flow on a tokio fabric.
-pub type TypedFlow<T, C> = fabric::TypedFlow<Tokio, T, C>;
-/// Errors of the user API.
-pub use grinta_proto::fabric::Error;
+grinta_proto::runtime_aliases!(Tokio);
 
 /// Starts a node on the current tokio runtime: binds its socket, spawns its driver and joins the
 /// configured seeds. Must be called from within a tokio runtime.

@@ -209,7 +209,7 @@ async fn typed_flows_carry_values_and_report_type_mismatches() {
             loop {
                 match acks.recv().await {
                     Ok(Some(ack)) => acks
-                        .send(&Ack {
+                        .send(Ack {
                             seq_no: ack.seq_no + 1,
                         })
                         .await
@@ -238,7 +238,7 @@ async fn typed_flows_carry_values_and_report_type_mismatches() {
         .unwrap()
         .typed(ProstCodec::<Ack>::default());
     for i in 0..10 {
-        acks.send(&Ack { seq_no: i }).await.unwrap();
+        acks.send(Ack { seq_no: i }).await.unwrap();
         assert_eq!(acks.recv().await.unwrap(), Some(Ack { seq_no: i + 1 }));
     }
     // Bytes that are not an Ack: the receiving typed flow reports a codec error naming the type.

@@ -13,18 +13,29 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
-use bytes::Bytes;
 use hashbrown::HashMap;
 
-use crate::codec::{Codec, CodecError};
-use crate::flow::{FlowError, FlowEvent, FlowId, Recv};
+use crate::codec::CodecError;
+use crate::flow::{FlowError, FlowEvent, FlowId, RejectReason, ResetCode};
 use crate::membership::{Member, MemberState};
 use crate::node::{Event, Node, NodeConfig, NodeError};
 use crate::registry::{EndpointKind, RegistryError, RegistryEvent};
+
+mod builder;
+mod driver;
+mod flow;
+mod local;
+
+pub use builder::{FabricBuilder, Profile};
+pub use flow::{Flow, FlowReceiver, FlowSender, TypedFlow};
+
+use driver::Driver;
+use flow::Route;
+use local::{Closed, LocalEnd, LocalFlow};
 
 /// Datagrams the driver receives, and sends, per wake before yielding.
 pub const DRIVER_BUDGET: usize = 64;
@@ -95,6 +106,17 @@ pub enum Error {
     /// A typed flow received a message that is not a value of its type (or could not encode one).
     #[error(transparent)]
     Codec(#[from] CodecError),
+    /// The builder was given no TLS material.
+    #[error(
+        "no TLS material: give the builder a TlsConfig (`tls`), PEM files (`tls_pem_files`) or development certificates (`dev_certificates`)"
+    )]
+    NoTls,
+    /// Development certificates could not be made.
+    #[error("cannot make development certificates: {reason}")]
+    Certificates {
+        /// What failed.
+        reason: String,
+    },
 }
 
 #[derive(Default)]
@@ -107,34 +129,72 @@ struct Waiters {
     members: Vec<Waker>,
 }
 
-struct Inner {
-    node: Node,
+pub(crate) struct Inner {
+    pub(crate) node: Node,
     waiters: Waiters,
     dials: HashMap<FlowId, Option<Result<(), FlowError>>>,
-    /// Terminal state of flows (finished or closed), for waiters.
-    closed: HashMap<FlowId, FlowError>,
     conflicts: HashMap<String, String>,
     member_events: VecDeque<crate::membership::Event>,
+    /// In-process flows dialled to local endpoints, waiting for `accept`.
+    local_backlogs: HashMap<String, VecDeque<LocalEnd>>,
+    /// Every in-process flow, to close them at shutdown (pruned as they end).
+    local_flows: Vec<Weak<LocalFlow>>,
     driver: Option<Waker>,
     shutdown: bool,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     inner: Mutex<Inner>,
+    local_addr: SocketAddr,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock is a bug in grinta; the state is still usable.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl Inner {
-    fn wake_driver(&mut self) {
+    pub(crate) fn wake_driver(&mut self) {
         if let Some(w) = self.driver.take() {
             w.wake();
         }
+    }
+
+    /// Registers the task to wake when something happens to remote flow `flow`.
+    pub(crate) fn wait_flow(&mut self, flow: FlowId, cx: &Context<'_>) {
+        let waiters = self.waiters.flows.entry(flow).or_default();
+        if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            waiters.push(cx.waker().clone());
+        }
+    }
+
+    /// Closes the in-process flows waiting in `endpoint`'s backlog.
+    fn close_local_backlog(&mut self, endpoint: &str, code: ResetCode) {
+        for end in self.local_backlogs.remove(endpoint).unwrap_or_default() {
+            end.flow().close(Closed::Reset(code));
+        }
+    }
+
+    /// Ends every in-process flow (the fabric is shut down).
+    fn close_local_flows(&mut self) {
+        for flow in self.local_flows.drain(..).filter_map(|f| f.upgrade()) {
+            flow.close(Closed::Shutdown);
+        }
+        self.local_backlogs.clear();
+    }
+
+    /// Wakes every task waiting on this fabric (it is shut down).
+    fn wake_all(&mut self) {
+        self.wake_driver();
+        for (_, ws) in self.waiters.flows.drain() {
+            ws.into_iter().for_each(Waker::wake);
+        }
+        for (_, ws) in self.waiters.endpoints.drain() {
+            ws.into_iter().for_each(Waker::wake);
+        }
+        self.waiters.members.drain(..).for_each(Waker::wake);
     }
 
     fn wake_flow(&mut self, flow: FlowId) {
@@ -164,12 +224,10 @@ impl Inner {
                     FlowEvent::Readable { flow }
                     | FlowEvent::Writable { flow }
                     | FlowEvent::Finished { flow } => self.wake_flow(flow),
-                    FlowEvent::Closed { flow, error } => {
-                        self.closed.insert(flow, error);
-                        self.wake_flow(flow);
-                    }
+                    FlowEvent::Closed { flow, .. } => self.wake_flow(flow),
                 },
                 Event::Registry(RegistryEvent::NameConflict { name, winner }) => {
+                    self.close_local_backlog(&name, ResetCode::NameConflict);
                     for w in self.waiters.endpoints.remove(&name).unwrap_or_default() {
                         w.wake();
                     }
@@ -192,7 +250,7 @@ impl Inner {
 
 /// A node of the fabric, driven by a runtime `R`. Cheap to clone; every clone is the same node.
 pub struct Fabric<R: Runtime> {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     _runtime: std::marker::PhantomData<fn() -> R>,
 }
 
@@ -214,6 +272,11 @@ impl<R: Runtime> std::fmt::Debug for Fabric<R> {
 }
 
 impl<R: Runtime> Fabric<R> {
+    /// A builder for a node named `name` (see [`FabricBuilder`]).
+    pub fn builder(name: &str) -> FabricBuilder<R> {
+        FabricBuilder::new(name)
+    }
+
     /// Like [`start_with_seed`](Self::start_with_seed), with a fresh seed for the protocol's
     /// randomness (it need not be secret: cryptographic randomness comes from the TLS provider).
     pub fn start(config: NodeConfig) -> Result<Self, Error> {
@@ -225,11 +288,19 @@ impl<R: Runtime> Fabric<R> {
 
     /// Binds the socket, starts the node and spawns its driver; joins the configured seeds. `seed`
     /// drives the protocol's randomness (probe order, gossip targets).
-    pub fn start_with_seed(config: NodeConfig, seed: u64) -> Result<Self, Error> {
+    ///
+    /// Binding port 0 picks a free port; with no `advertise` address the node then advertises the
+    /// bound address (which must not be a wildcard IP).
+    pub fn start_with_seed(mut config: NodeConfig, seed: u64) -> Result<Self, Error> {
         let socket = R::bind(config.bind).map_err(|source| Error::Bind {
             addr: config.bind,
             source,
         })?;
+        let local_addr = R::local_addr(&socket).map_err(|source| Error::Bind {
+            addr: config.bind,
+            source,
+        })?;
+        config.bind = local_addr;
         let now = R::now();
         let mut node = Node::new(config, seed, now)?;
         node.join(now, &[]);
@@ -238,28 +309,23 @@ impl<R: Runtime> Fabric<R> {
                 node,
                 waiters: Waiters::default(),
                 dials: HashMap::new(),
-                closed: HashMap::new(),
                 conflicts: HashMap::new(),
                 member_events: VecDeque::new(),
+                local_backlogs: HashMap::new(),
+                local_flows: Vec::new(),
                 driver: None,
                 shutdown: false,
             }),
+            local_addr,
         });
-        R::spawn(Box::pin(Driver::<R> {
-            shared: shared.clone(),
-            socket,
-            sleep: None,
-            sleep_at: None,
-            outbox: VecDeque::new(),
-            buf: vec![0u8; 65_536],
-        }));
+        R::spawn(Box::pin(Driver::<R>::new(shared.clone(), socket)));
         Ok(Self {
             shared,
             _runtime: std::marker::PhantomData,
         })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Inner, Instant) -> T) -> T {
+    pub(crate) fn with<T>(&self, f: impl FnOnce(&mut Inner, Instant) -> T) -> T {
         let mut inner = self.shared.lock();
         let t = f(&mut inner, R::now());
         inner.dispatch();
@@ -270,6 +336,11 @@ impl<R: Runtime> Fabric<R> {
     /// This node's name.
     pub fn name(&self) -> String {
         self.shared.lock().node.name().to_owned()
+    }
+
+    /// The address the node's UDP socket is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local_addr
     }
 
     /// The members this node knows (itself excluded).
@@ -295,7 +366,8 @@ impl<R: Runtime> Fabric<R> {
             .collect()
     }
 
-    /// The next membership event (joined, suspect, dead, left...).
+    /// The next membership event (joined, suspect, dead, left...). Events are kept (up to 1024,
+    /// oldest dropped first) until read; [`Error::Shutdown`] once the fabric is shut down.
     pub async fn next_member_event(&self) -> Result<crate::membership::Event, Error> {
         std::future::poll_fn(|cx| {
             let mut inner = self.shared.lock();
@@ -323,12 +395,16 @@ impl<R: Runtime> Fabric<R> {
             .collect()
     }
 
-    /// Registers an exclusive endpoint named `name`.
+    /// Registers an exclusive endpoint named `name`: dials of `name` from anywhere reach it.
+    ///
+    /// Fails with [`Error::Registry`] if the name is invalid (1..=128 bytes of
+    /// `[A-Za-z0-9._-]`), already served here, or owned by another node.
     pub fn endpoint(&self, name: &str) -> Result<Endpoint<R>, Error> {
         self.register(name, EndpointKind::Exclusive)
     }
 
-    /// Registers this node as one owner of group endpoint `name`.
+    /// Registers this node as one owner of group endpoint `name`: a dial reaches this node if it
+    /// comes from this node, otherwise a random live owner.
     pub fn group_endpoint(&self, name: &str) -> Result<Endpoint<R>, Error> {
         self.register(name, EndpointKind::Group)
     }
@@ -348,15 +424,34 @@ impl<R: Runtime> Fabric<R> {
     }
 
     /// Dials endpoint `name` anywhere in the cluster; completes when the owner accepted.
+    ///
+    /// An endpoint served by this node gives an in-process flow at once (queued for its
+    /// `accept`). Errors: [`Error::Registry`] for an invalid name, `FlowError::NoSuchEndpoint` (no live node serves the name),
+    /// `FlowError::Rejected` (the owner refused: backlog full, endpoint gone, limits),
+    /// `FlowError::DialTimeout`, `FlowError::PeerGone` / `ConnectionLost`, [`Error::Shutdown`].
     pub async fn dial(&self, name: &str) -> Result<Flow<R>, Error> {
-        let flow = self.with(|inner, now| {
+        enum Dialled {
+            Local(LocalEnd),
+            Remote(FlowId),
+        }
+        crate::registry::validate_endpoint_name(name)?;
+        let dialled = self.with(|inner, now| {
             if inner.shutdown {
                 return Err(Error::Shutdown);
             }
-            let flow = inner.node.dial(now, name)?;
-            inner.dials.insert(flow, None);
-            Ok(flow)
+            match inner.node.dial(now, name) {
+                Ok(flow) => {
+                    inner.dials.insert(flow, None);
+                    Ok(Dialled::Remote(flow))
+                }
+                Err(FlowError::LocalEndpoint { .. }) => inner.dial_local(name).map(Dialled::Local),
+                Err(e) => Err(e.into()),
+            }
         })?;
+        let flow = match dialled {
+            Dialled::Local(end) => return Ok(Flow::new(Route::Local(end))),
+            Dialled::Remote(flow) => flow,
+        };
         std::future::poll_fn(|cx| {
             let mut inner = self.shared.lock();
             match inner.dials.get(&flow) {
@@ -366,22 +461,16 @@ impl<R: Runtime> Fabric<R> {
                 }
                 _ if inner.shutdown => Poll::Ready(Err(Error::Shutdown)),
                 _ => {
-                    inner
-                        .waiters
-                        .flows
-                        .entry(flow)
-                        .or_default()
-                        .push(cx.waker().clone());
+                    inner.wait_flow(flow, cx);
                     Poll::Pending
                 }
             }
         })
         .await?;
-        Ok(Flow {
+        Ok(Flow::new(Route::Remote {
             fabric: self.clone(),
             id: flow,
-            finished: false,
-        })
+        }))
     }
 
     /// Counters of the node.
@@ -389,22 +478,22 @@ impl<R: Runtime> Fabric<R> {
         self.shared.lock().node.stats()
     }
 
-    /// Leaves the cluster gracefully (withdraws names, closes flows), then stops the driver.
+    /// Leaves the cluster gracefully, then stops the driver: names are withdrawn, remote flows
+    /// are reset with `ResetCode::ShuttingDown` (their other ends see it), in-process flows and
+    /// every pending call on this fabric end with [`Error::Shutdown`]. Waits at most the
+    /// membership profile's leave timeout for the announcement to spread.
+    ///
+    /// Dropping every handle without calling `shutdown` does not leave: the driver keeps the node
+    /// running while any `Fabric`, `Endpoint` or `Flow` handle exists, and once the last one is
+    /// gone the driver stops on its next wake and the cluster sees the node fail.
     pub async fn shutdown(&self) {
         self.with(|inner, now| inner.node.leave(now));
-        // Wait (bounded by the leave timeout) until the announcement has spread.
         std::future::poll_fn(|cx| {
             let mut inner = self.shared.lock();
             if inner.node.membership().has_left() {
                 inner.shutdown = true;
-                inner.wake_driver();
-                for (_, ws) in inner.waiters.flows.drain() {
-                    ws.into_iter().for_each(Waker::wake);
-                }
-                for (_, ws) in inner.waiters.endpoints.drain() {
-                    ws.into_iter().for_each(Waker::wake);
-                }
-                inner.waiters.members.drain(..).for_each(Waker::wake);
+                inner.close_local_flows();
+                inner.wake_all();
                 return Poll::Ready(());
             }
             inner.waiters.members.push(cx.waker().clone());
@@ -419,11 +508,44 @@ impl<R: Runtime> Fabric<R> {
     pub fn abort(&self) {
         let mut inner = self.shared.lock();
         inner.shutdown = true;
-        inner.wake_driver();
+        inner.close_local_flows();
+        inner.wake_all();
     }
 }
 
-/// A named endpoint served by this node.
+impl Inner {
+    /// Connects a dial to an endpoint of this node in-process, queueing the acceptor's end.
+    fn dial_local(&mut self, name: &str) -> Result<LocalEnd, Error> {
+        let limits = self.node.flow_limits().clone();
+        let backlog = self.local_backlogs.entry(name.to_owned()).or_default();
+        if backlog.len() >= limits.accept_backlog {
+            return Err(FlowError::Rejected {
+                endpoint: name.to_owned(),
+                reason: RejectReason::BacklogFull,
+                detail: format!(
+                    "{} flows already wait for accept (accept_backlog)",
+                    backlog.len()
+                ),
+            }
+            .into());
+        }
+        let (dialler, acceptor) = LocalFlow::pair(
+            limits.local_capacity,
+            limits.recv_buffer,
+            limits.max_message_size,
+        );
+        self.local_flows.retain(|f| f.strong_count() > 0);
+        self.local_flows.push(Arc::downgrade(dialler.flow()));
+        backlog.push_back(acceptor);
+        for w in self.waiters.endpoints.remove(name).unwrap_or_default() {
+            w.wake();
+        }
+        Ok(dialler)
+    }
+}
+
+/// A named endpoint served by this node. Dropping it withdraws the name; flows it accepted keep
+/// running, flows still waiting for `accept` are reset with `ResetCode::EndpointClosed`.
 pub struct Endpoint<R: Runtime> {
     fabric: Fabric<R>,
     name: String,
@@ -443,8 +565,9 @@ impl<R: Runtime> Endpoint<R> {
         &self.name
     }
 
-    /// Waits for the next flow dialled to this endpoint. Fails with [`Error::NameConflict`] if the
-    /// endpoint lost its name to another node.
+    /// Waits for the next flow dialled to this endpoint, from another node or from this one.
+    /// Fails with [`Error::NameConflict`] if the endpoint lost its name to another node, and
+    /// [`Error::Shutdown`] once the fabric is shut down.
     pub async fn accept(&self) -> Result<Flow<R>, Error> {
         std::future::poll_fn(|cx| {
             let mut inner = self.fabric.shared.lock();
@@ -458,18 +581,26 @@ impl<R: Runtime> Endpoint<R> {
                 return Poll::Ready(Err(Error::Shutdown));
             }
             if let Some(id) = inner.node.accept(&self.name) {
-                return Poll::Ready(Ok(Flow {
+                return Poll::Ready(Ok(Flow::new(Route::Remote {
                     fabric: self.fabric.clone(),
                     id,
-                    finished: false,
-                }));
+                })));
             }
-            inner
+            if let Some(end) = inner
+                .local_backlogs
+                .get_mut(&self.name)
+                .and_then(VecDeque::pop_front)
+            {
+                return Poll::Ready(Ok(Flow::new(Route::Local(end))));
+            }
+            let waiters = inner
                 .waiters
                 .endpoints
                 .entry(self.name.clone())
-                .or_default()
-                .push(cx.waker().clone());
+                .or_default();
+            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                waiters.push(cx.waker().clone());
+            }
             Poll::Pending
         })
         .await
@@ -480,271 +611,32 @@ impl<R: Runtime> Drop for Endpoint<R> {
     fn drop(&mut self) {
         let name = self.name.clone();
         self.fabric.with(|inner, now| {
+            inner.close_local_backlog(&name, ResetCode::EndpointClosed);
             let _ = inner.node.unregister_endpoint(now, &name);
         });
     }
 }
 
-/// An ordered, back-pressured, bidirectional message channel.
-///
-/// Dropping a flow that was not finished aborts it: the other side sees `ResetCode::Dropped`. A
-/// finished flow still delivers everything it sent after it is dropped.
-pub struct Flow<R: Runtime> {
-    fabric: Fabric<R>,
-    id: FlowId,
-    finished: bool,
-}
-
-impl<R: Runtime> Drop for Flow<R> {
-    fn drop(&mut self) {
-        if !self.finished {
-            let id = self.id;
-            self.fabric.with(|inner, now| inner.node.drop_flow(now, id));
-        }
-    }
-}
-
-impl<R: Runtime> std::fmt::Debug for Flow<R> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Flow").field("id", &self.id).finish()
-    }
-}
-
-impl<R: Runtime> Flow<R> {
-    fn wait(&self, cx: &mut Context<'_>, inner: &mut Inner) {
-        inner
-            .waiters
-            .flows
-            .entry(self.id)
-            .or_default()
-            .push(cx.waker().clone());
-    }
-
-    /// Sends one message, waiting while the flow's send buffer is full.
-    pub async fn send(&mut self, message: impl Into<Bytes>) -> Result<(), Error> {
-        let message = message.into();
-        std::future::poll_fn(|cx| {
-            let mut inner = self.fabric.shared.lock();
-            let now = R::now();
-            let r = inner.node.send(now, self.id, message.clone());
-            inner.dispatch();
-            inner.wake_driver();
-            match r {
-                Ok(()) => Poll::Ready(Ok(())),
-                Err(FlowError::WouldBlock) => {
-                    self.wait(cx, &mut inner);
-                    Poll::Pending
-                }
-                Err(e) => Poll::Ready(Err(e.into())),
-            }
-        })
-        .await
-    }
-
-    /// Receives the next message; `Ok(None)` once the other side finished and everything was read.
-    pub async fn recv(&mut self) -> Result<Option<Bytes>, Error> {
-        std::future::poll_fn(|cx| {
-            let mut inner = self.fabric.shared.lock();
-            let now = R::now();
-            let r = inner.node.recv(now, self.id);
-            inner.dispatch();
-            inner.wake_driver();
-            match r {
-                Ok(Recv::Message(m)) => Poll::Ready(Ok(Some(m))),
-                Ok(Recv::Finished) => Poll::Ready(Ok(None)),
-                Ok(Recv::Pending) if inner.shutdown => Poll::Ready(Err(Error::Shutdown)),
-                Ok(Recv::Pending) => {
-                    self.wait(cx, &mut inner);
-                    Poll::Pending
-                }
-                Err(e) => Poll::Ready(Err(e.into())),
-            }
-        })
-        .await
-    }
-
-    /// Finishes the sending side: everything sent is delivered, then the other side reads the end.
-    pub async fn finish(&mut self) -> Result<(), Error> {
-        let id = self.id;
-        self.finished = true;
-        self.fabric
-            .with(|inner, now| inner.node.finish(now, id))
-            .map_err(Error::from)
-    }
-
-    /// Aborts the flow both ways with an application `code`.
-    pub fn reset(&mut self, code: u32) -> Result<(), Error> {
-        let id = self.id;
-        self.finished = true;
-        self.fabric
-            .with(|inner, now| inner.node.reset(now, id, code))
-            .map_err(Error::from)
-    }
-}
-
-impl<R: Runtime> Flow<R> {
-    /// This flow, carrying values of `T` encoded with `codec`.
-    ///
-    /// ```no_run
-    /// # async fn demo<R: grinta_proto::fabric::Runtime>(flow: grinta_proto::fabric::Flow<R>) -> Result<(), grinta_proto::fabric::Error> {
-    /// use grinta_proto::codec::ProstCodec;
-    /// use grinta_proto::wire::Ack;
-    ///
-    /// let mut acks = flow.typed(ProstCodec::<Ack>::default());
-    /// acks.send(&Ack { seq_no: 1 }).await?;
-    /// let reply: Option<Ack> = acks.recv().await?;
-    /// # Ok(()) }
-    /// ```
-    pub fn typed<T, C: Codec<T>>(self, codec: C) -> TypedFlow<R, T, C> {
-        TypedFlow {
-            flow: self,
-            codec,
-            _values: std::marker::PhantomData,
-        }
-    }
-}
-
-/// A [`Flow`] carrying values of `T`, encoded by a [`Codec`]. A message that does not decode as a
-/// `T` is [`Error::Codec`]; the flow stays usable.
-pub struct TypedFlow<R: Runtime, T, C> {
-    flow: Flow<R>,
-    codec: C,
-    _values: std::marker::PhantomData<fn() -> T>,
-}
-
-impl<R: Runtime, T, C> std::fmt::Debug for TypedFlow<R, T, C> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TypedFlow")
-            .field("flow", &self.flow)
-            .field("type", &std::any::type_name::<T>())
-            .finish()
-    }
-}
-
-impl<R: Runtime, T, C: Codec<T>> TypedFlow<R, T, C> {
-    /// Sends one value.
-    pub async fn send(&mut self, value: &T) -> Result<(), Error> {
-        let message = self.codec.encode(value)?;
-        self.flow.send(message).await
-    }
-
-    /// Receives the next value; `Ok(None)` at the end of the flow.
-    pub async fn recv(&mut self) -> Result<Option<T>, Error> {
-        match self.flow.recv().await? {
-            Some(message) => Ok(Some(self.codec.decode(message)?)),
-            None => Ok(None),
-        }
-    }
-
-    /// Finishes the sending side.
-    pub async fn finish(&mut self) -> Result<(), Error> {
-        self.flow.finish().await
-    }
-
-    /// Aborts the flow both ways with an application `code`.
-    pub fn reset(&mut self, code: u32) -> Result<(), Error> {
-        self.flow.reset(code)
-    }
-
-    /// The untyped flow underneath.
-    pub fn into_inner(self) -> Flow<R> {
-        self.flow
-    }
-}
-
-/// The one task per node that owns the socket.
-struct Driver<R: Runtime> {
-    shared: Arc<Shared>,
-    socket: R::Socket,
-    sleep: Option<Pin<Box<R::Sleep>>>,
-    sleep_at: Option<Instant>,
-    outbox: VecDeque<(SocketAddr, Vec<u8>)>,
-    buf: Vec<u8>,
-}
-
-impl<R: Runtime> Future for Driver<R> {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        // Every field is Unpin (the timer is boxed), so the driver is Unpin.
-        let this = Pin::into_inner(self);
-        let shared = this.shared.clone();
-        let mut inner = shared.lock();
-        if inner.shutdown && this.outbox.is_empty() {
-            return Poll::Ready(());
-        }
-        inner.driver = Some(cx.waker().clone());
-
-        // Receive, bounded.
-        let mut budget_hit = false;
-        for i in 0..=DRIVER_BUDGET {
-            if i == DRIVER_BUDGET {
-                budget_hit = true;
-                break;
-            }
-            match R::poll_recv_from(&this.socket, cx, &mut this.buf) {
-                Poll::Ready(Ok((n, from))) => {
-                    let now = R::now();
-                    inner.node.handle_datagram(now, from, &this.buf[..n]);
-                }
-                // An ICMP error or a truncated datagram: nothing to do with it.
-                Poll::Ready(Err(_)) => continue,
-                Poll::Pending => break,
-            }
-        }
-
-        // Timers.
-        let now = R::now();
-        if inner.node.poll_timeout().is_some_and(|t| t <= now) {
-            inner.node.handle_timeout(now);
-        }
-        inner.dispatch();
-
-        // Send, bounded.
-        while this.outbox.len() < 4 * DRIVER_BUDGET {
-            match inner.node.poll_transmit() {
-                Some(t) => this.outbox.push_back((t.destination, t.contents)),
-                None => break,
-            }
-        }
-        let mut sent = 0;
-        while let Some((to, data)) = this.outbox.front() {
-            if sent == DRIVER_BUDGET {
-                budget_hit = true;
-                break;
-            }
-            match R::poll_send_to(&this.socket, cx, data, *to) {
-                Poll::Ready(_) => {
-                    this.outbox.pop_front();
-                    sent += 1;
-                }
-                Poll::Pending => break,
-            }
-        }
-
-        // Sleep until the next deadline.
-        match inner.node.poll_timeout() {
-            Some(deadline) if Some(deadline) != this.sleep_at => {
-                this.sleep = Some(Box::pin(R::sleep_until(deadline)));
-                this.sleep_at = Some(deadline);
-            }
-            Some(_) => {}
-            None => {
-                this.sleep = None;
-                this.sleep_at = None;
-            }
-        }
-        drop(inner);
-        if let Some(sleep) = this.sleep.as_mut() {
-            if sleep.as_mut().poll(cx).is_ready() {
-                this.sleep = None;
-                this.sleep_at = None;
-                cx.waker().wake_by_ref();
-            }
-        }
-        if budget_hit {
-            cx.waker().wake_by_ref();
-        }
-        Poll::Pending
-    }
+/// Declares the user-facing type aliases of an adapter for its runtime type `$runtime`:
+/// `Fabric`, `FabricBuilder`, `Endpoint`, `Flow`, `FlowSender`, `FlowReceiver`, `TypedFlow`, and
+/// re-exports `Error` and `Profile`. Both adapters use it, so their APIs cannot drift apart.
+#[macro_export]
+macro_rules! runtime_aliases {
+    ($runtime:ty) => {
+        /// A node of the fabric on this runtime. Start one with `Fabric::builder(name)`.
+        pub type Fabric = $crate::fabric::Fabric<$runtime>;
+        /// Settings of a node on this runtime, then `start()`.
+        pub type FabricBuilder = $crate::fabric::FabricBuilder<$runtime>;
+        /// An endpoint served by a fabric on this runtime.
+        pub type Endpoint = $crate::fabric::Endpoint<$runtime>;
+        /// A flow (in-process or over QUIC) on this runtime.
+        pub type Flow = $crate::fabric::Flow<$runtime>;
+        /// The sending half of a split flow.
+        pub type FlowSender = $crate::fabric::FlowSender<$runtime>;
+        /// The receiving half of a split flow.
+        pub type FlowReceiver = $crate::fabric::FlowReceiver<$runtime>;
+        /// A flow carrying values of `T` through codec `C`.
+        pub type TypedFlow<T, C> = $crate::fabric::TypedFlow<$runtime, T, C>;
+        pub use $crate::fabric::{Error, Profile};
+    };
 }
