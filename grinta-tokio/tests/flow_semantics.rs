@@ -112,6 +112,7 @@ local_and_remote!(
     sink_and_stream,
     split_halves_work_from_two_tasks,
     typed_values_and_type_mismatch,
+    prost_values_and_foreign_bytes,
     stats_count_messages_and_bytes,
 );
 
@@ -365,4 +366,43 @@ async fn stats_count_messages_and_bytes(mut p: Pair) {
     assert_eq!(received.messages_received, 10);
     assert_eq!(received.bytes_received, bytes as u64);
     assert_eq!(received.recv_queued_messages, 0);
+}
+
+async fn prost_values_and_foreign_bytes(p: Pair) {
+    use grinta_proto::codec::ProstCodec;
+    use grinta_proto::wire::Ack;
+    let mut client = p.dialler.typed(ProstCodec::<Ack>::default());
+    let mut server = p.acceptor.typed(ProstCodec::<Ack>::default());
+    for i in 0..10 {
+        client.send(Ack { seq_no: i }).await.unwrap();
+        let ack = server.recv().await.unwrap().unwrap();
+        server
+            .send(Ack {
+                seq_no: ack.seq_no + 1,
+            })
+            .await
+            .unwrap();
+        assert_eq!(client.recv().await.unwrap(), Some(Ack { seq_no: i + 1 }));
+    }
+    // Bytes that are not an Ack: the typed receiver reports a codec error naming the type.
+    let mut raw = client.into_inner();
+    raw.send(vec![0xffu8, 0xff, 0xff]).await.unwrap();
+    let err = server.recv().await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.starts_with("cannot decode a ") && text.contains("Ack"),
+        "{text}"
+    );
+    // The server drops its end without finishing: this side sees the flow end, not a hang.
+    drop(server);
+    let end = raw.recv().await.unwrap_err();
+    assert!(
+        matches!(
+            end,
+            Error::Flow(FlowError::Reset {
+                code: ResetCode::Dropped
+            })
+        ),
+        "{end:?}"
+    );
 }

@@ -7,6 +7,7 @@
 //! - [`membership_sim`]: [`grinta_proto::membership::Membership`] state machines on that engine.
 //! - [`node_sim`]: whole [`grinta_proto::node::Node`]s (QUIC, mutual TLS) on that engine.
 //! - [`fuzz`]: the bodies of the fuzz targets, shared with the corpus replay test.
+//! - [`real_sockets`]: real-socket scenarios written once for any runtime.
 //! - [`det_crypto`]: the seeded crypto provider that makes whole-node runs replay byte for byte.
 
 pub mod det_crypto;
@@ -14,6 +15,7 @@ pub mod engine;
 pub mod fuzz;
 pub mod membership_sim;
 pub mod node_sim;
+pub mod real_sockets;
 
 use std::time::Duration;
 

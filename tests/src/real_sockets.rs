@@ -1,0 +1,218 @@
+//! Real-socket scenarios written once for any [`Runtime`]: `tests/real_sockets.rs` runs each of
+//! them under tokio and under async-std. Nodes bind 127.0.0.1 only, and every wait is bounded.
+
+use std::future::Future;
+use std::pin::pin;
+use std::time::Duration;
+
+use futures::channel::oneshot;
+use futures::future::{Either, select};
+use grinta_proto::fabric::{Error, Fabric, Profile, Runtime};
+use grinta_proto::membership::{self, MemberState};
+use grinta_proto::tls::dev::DevCa;
+
+/// `f`, or `None` if it takes longer than `limit`.
+pub async fn within<R: Runtime, F: Future>(limit: Duration, f: F) -> Option<F::Output> {
+    let sleep = pin!(R::sleep_until(R::now() + limit));
+    match select(pin!(f), sleep).await {
+        Either::Left((out, _)) => Some(out),
+        Either::Right(_) => None,
+    }
+}
+
+/// Sleeps for `d` on the runtime's timer.
+pub async fn sleep<R: Runtime>(d: Duration) {
+    R::sleep_until(R::now() + d).await;
+}
+
+/// Runs `f` in the background; the receiver yields its output.
+pub fn spawn<R: Runtime, T: Send + 'static>(
+    f: impl Future<Output = T> + Send + 'static,
+) -> oneshot::Receiver<T> {
+    let (tx, rx) = oneshot::channel();
+    R::spawn(Box::pin(async move {
+        let _ = tx.send(f.await);
+    }));
+    rx
+}
+
+/// Polls `ok` every 10 ms until it holds; panics after `limit` naming `what`.
+pub async fn until<R: Runtime>(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) {
+    let waited = within::<R, _>(limit, async {
+        while !ok() {
+            sleep::<R>(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_some(), "{what} within {limit:?}");
+}
+
+/// The next membership event of `fabric` that `want` accepts, within 30 s.
+pub async fn member_event<R: Runtime>(
+    fabric: &Fabric<R>,
+    mut want: impl FnMut(&membership::Event) -> bool,
+) -> membership::Event {
+    within::<R, _>(Duration::from_secs(30), async {
+        loop {
+            let e = fabric.next_member_event().await.expect("fabric running");
+            if want(&e) {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("membership event within 30 s")
+}
+
+/// `n` nodes `node-0..` on 127.0.0.1 (free ports, the Local profile) joined through `node-0`.
+pub async fn cluster<R: Runtime>(ca: &DevCa, n: usize) -> Vec<Fabric<R>> {
+    let mut fabrics: Vec<Fabric<R>> = Vec::new();
+    for i in 0..n {
+        let mut b = Fabric::<R>::builder(&format!("node-{i}"))
+            .dev_certificates(ca)
+            .profile(Profile::Local);
+        if let Some(first) = fabrics.first() {
+            b = b.seed(first.local_addr());
+        }
+        fabrics.push(b.start().expect("node starts"));
+    }
+    until::<R>(Duration::from_secs(20), "cluster formed", || {
+        fabrics.iter().all(|f| f.alive_members().len() == n - 1)
+    })
+    .await;
+    fabrics
+}
+
+/// Serves an echo endpoint: every flow gets its messages back, then the end.
+fn serve_echo<R: Runtime>(endpoint: grinta_proto::fabric::Endpoint<R>) {
+    drop(spawn::<R, _>(async move {
+        while let Ok(mut flow) = endpoint.accept().await {
+            drop(spawn::<R, _>(async move {
+                while let Ok(Some(m)) = flow.recv().await {
+                    if flow.send(m).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = flow.finish().await;
+            }));
+        }
+    }));
+}
+
+/// Three nodes: 200 echoed messages of up to 64 KiB in order; then one node crashes, the others
+/// declare it dead, an open flow to it fails (no hang) and its name is gone.
+pub async fn three_nodes_exchange_messages_and_detect_a_crash<R: Runtime>() {
+    let ca = DevCa::new().expect("dev CA");
+    let fabrics = cluster::<R>(&ca, 3).await;
+    serve_echo(fabrics[2].endpoint("echo").expect("endpoint"));
+    until::<R>(Duration::from_secs(10), "name spread", || {
+        fabrics[..2].iter().all(|f| !f.endpoints("echo").is_empty())
+    })
+    .await;
+
+    let mut flow = fabrics[0].dial("echo").await.expect("dial");
+    for i in 0..200u32 {
+        let message = vec![(i % 251) as u8; (i as usize * 331) % 65_536];
+        flow.send(message.clone()).await.expect("send");
+        assert_eq!(
+            flow.recv().await.expect("recv").as_deref(),
+            Some(&message[..])
+        );
+    }
+    flow.finish().await.expect("finish");
+    assert_eq!(flow.recv().await.expect("end"), None);
+
+    let mut idle = fabrics[1].dial("echo").await.expect("dial");
+    fabrics[2].abort();
+    for f in &fabrics[..2] {
+        member_event(
+            f,
+            |e| matches!(e, membership::Event::MemberDead { name, .. } if name == "node-2"),
+        )
+        .await;
+    }
+    let failed = within::<R, _>(Duration::from_secs(10), idle.recv())
+        .await
+        .expect("no hang");
+    assert!(matches!(failed, Err(Error::Flow(_))), "{failed:?}");
+    assert!(
+        fabrics[0].dial("echo").await.is_err(),
+        "the name left with its owner"
+    );
+}
+
+/// A node that shuts down is seen as Left (not Dead) by the others, and flows to it end.
+pub async fn graceful_shutdown_shows_as_left_and_ends_flows<R: Runtime>() {
+    let ca = DevCa::new().expect("dev CA");
+    let fabrics = cluster::<R>(&ca, 3).await;
+    let endpoint = fabrics[1].endpoint("svc").expect("endpoint");
+    let accepted = spawn::<R, _>(async move {
+        let flow = endpoint.accept().await;
+        (flow, endpoint)
+    });
+    until::<R>(Duration::from_secs(10), "name spread", || {
+        !fabrics[0].endpoints("svc").is_empty()
+    })
+    .await;
+    let mut flow = fabrics[0].dial("svc").await.expect("dial");
+    let _server_side = accepted.await.expect("accept task");
+    fabrics[1].shutdown().await;
+    for f in [&fabrics[0], &fabrics[2]] {
+        member_event(
+            f,
+            |e| matches!(e, membership::Event::MemberLeft { name, .. } if name == "node-1"),
+        )
+        .await;
+        assert!(
+            f.members()
+                .iter()
+                .all(|m| m.name != "node-1" || m.state == MemberState::Left)
+        );
+    }
+    let r = within::<R, _>(Duration::from_secs(10), flow.recv())
+        .await
+        .expect("no hang");
+    assert!(r.is_err(), "the flow to the node that left ended: {r:?}");
+    assert!(matches!(fabrics[1].dial("svc").await, Err(Error::Shutdown)));
+}
+
+/// A node that crashed and restarts at the same address (as a new process would) refutes its
+/// death, and flows reach it again.
+pub async fn a_restarted_peer_is_reached_again<R: Runtime>() {
+    let ca = DevCa::new().expect("dev CA");
+    let fabrics = cluster::<R>(&ca, 2).await;
+    let (stable, first) = (&fabrics[0], &fabrics[1]);
+    let addr = first.local_addr();
+    let _endpoint = first.endpoint("svc").expect("endpoint");
+    until::<R>(Duration::from_secs(20), "name spread", || {
+        !stable.endpoints("svc").is_empty()
+    })
+    .await;
+    first.abort();
+    member_event(
+        stable,
+        |e| matches!(e, membership::Event::MemberDead { name, .. } if name == "node-1"),
+    )
+    .await;
+    sleep::<R>(Duration::from_millis(200)).await;
+    let second = Fabric::<R>::builder("node-1")
+        .bind(addr)
+        .seed(stable.local_addr())
+        .dev_certificates(&ca)
+        .profile(Profile::Local)
+        .start()
+        .expect("restart at the same address");
+    serve_echo(second.endpoint("svc").expect("endpoint"));
+    until::<R>(
+        Duration::from_secs(30),
+        "the restarted node alive again with its endpoint",
+        || stable.alive_members() == ["node-1"] && stable.endpoints("svc") == ["svc"],
+    )
+    .await;
+    let mut flow = stable.dial("svc").await.expect("dial");
+    flow.send(&b"again"[..]).await.expect("send");
+    assert_eq!(
+        flow.recv().await.expect("recv").as_deref(),
+        Some(&b"again"[..])
+    );
+}
