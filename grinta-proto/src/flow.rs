@@ -750,7 +750,9 @@ impl Flows {
                     },
                     _ => FlowError::Reset { code },
                 };
-                return self.close(transport, id, error, None);
+                // Reset our sending half too, or the stream would hold one of the peer's
+                // concurrent-stream slots forever.
+                return self.close(transport, id, error, Some(code));
             }
             if read.finished {
                 self.on_remote_finished(transport, id);

@@ -145,12 +145,15 @@ impl LocalFlow {
             return;
         }
         state.closed = Some(why);
+        let mut waiting = Vec::new();
         for d in &mut state.directions {
             d.queue.clear();
             d.queued_bytes = 0;
-            wake(&mut d.reader);
-            wake(&mut d.writer);
+            waiting.extend(d.reader.take());
+            waiting.extend(d.writer.take());
         }
+        drop(state);
+        waiting.into_iter().for_each(Waker::wake);
     }
 }
 
@@ -202,13 +205,17 @@ impl LocalEnd {
             store(&mut out.writer, cx);
             return Poll::Pending;
         }
+        let mut reader = None;
         if let Some(m) = message.take() {
             out.queue.push_back(m);
             out.queued_bytes += len;
             out.messages += 1;
             out.bytes += len as u64;
-            wake(&mut out.reader);
+            reader = out.reader.take();
         }
+        // Wake after unlocking, so the woken task does not start by waiting for this lock.
+        drop(state);
+        wake(&mut reader);
         Poll::Ready(Ok(()))
     }
 
@@ -221,7 +228,9 @@ impl LocalEnd {
         let incoming = &mut state.directions[1 - self.side];
         if let Some(m) = incoming.queue.pop_front() {
             incoming.queued_bytes -= m.wire_len();
-            wake(&mut incoming.writer);
+            let mut writer = incoming.writer.take();
+            drop(state);
+            wake(&mut writer);
             return Poll::Ready(Ok(Some(m)));
         }
         if incoming.finished {
@@ -239,7 +248,9 @@ impl LocalEnd {
         }
         let out = &mut state.directions[self.side];
         out.finished = true;
-        wake(&mut out.reader);
+        let mut reader = out.reader.take();
+        drop(state);
+        wake(&mut reader);
         Ok(())
     }
 
@@ -260,7 +271,9 @@ impl LocalEnd {
         incoming.reader_gone = true;
         incoming.queue.clear();
         incoming.queued_bytes = 0;
-        wake(&mut incoming.writer);
+        let mut writer = incoming.writer.take();
+        drop(state);
+        wake(&mut writer);
     }
 
     /// Counters and buffer levels, `None` once the flow ended.

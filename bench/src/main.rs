@@ -1,0 +1,153 @@
+//! grinta's benchmark suite: every figure next to the baseline a user would otherwise reach for,
+//! measured in the same run on the same machine (see BENCHMARKS.md).
+//!
+//! `cargo run --release -p grinta-bench` runs everything, prints a table and writes
+//! `target/bench/results.json`. `-- <filter>` runs only the measurements whose name contains
+//! the filter. The scale measurements run in child processes (the same binary, `--scale N`) so
+//! each reports its own peak memory.
+
+mod alloc;
+mod core_cost;
+mod local;
+mod remote;
+mod scale;
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+#[global_allocator]
+static ALLOC: alloc::Counting = alloc::Counting;
+
+/// One line of the results: grinta's figure, the baseline's, and their ratio (higher = better
+/// for grinta, whichever way the unit goes).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Measurement {
+    /// What was measured.
+    pub(crate) name: String,
+    /// grinta's figure.
+    pub(crate) value: f64,
+    /// Its unit.
+    pub(crate) unit: String,
+    /// What grinta is compared with.
+    pub(crate) baseline: String,
+    /// The baseline's figure in the same unit (`null` when there is no baseline).
+    pub(crate) baseline_value: Option<f64>,
+    /// grinta / baseline for higher-is-better units, baseline / grinta for lower-is-better ones.
+    pub(crate) ratio: Option<f64>,
+}
+
+impl Measurement {
+    /// A higher-is-better figure (throughput).
+    pub(crate) fn higher(name: &str, value: f64, unit: &str, baseline: &str, base: f64) -> Self {
+        Self {
+            name: name.into(),
+            value,
+            unit: unit.into(),
+            baseline: baseline.into(),
+            baseline_value: Some(base),
+            ratio: Some(value / base),
+        }
+    }
+
+    /// A lower-is-better figure (latency, cost).
+    pub(crate) fn lower(name: &str, value: f64, unit: &str, baseline: &str, base: f64) -> Self {
+        Self {
+            name: name.into(),
+            value,
+            unit: unit.into(),
+            baseline: baseline.into(),
+            baseline_value: Some(base),
+            ratio: Some(base / value),
+        }
+    }
+
+    /// A figure with nothing to compare with.
+    pub(crate) fn alone(name: &str, value: f64, unit: &str, note: &str) -> Self {
+        Self {
+            name: name.into(),
+            value,
+            unit: unit.into(),
+            baseline: note.into(),
+            baseline_value: None,
+            ratio: None,
+        }
+    }
+}
+
+/// The median of `runs` runs of `f`.
+pub(crate) fn median(runs: usize, mut f: impl FnMut() -> f64) -> f64 {
+    let mut v: Vec<f64> = (0..runs).map(|_| f()).collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn results_path() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("bench")
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--scale") {
+        let n = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1000);
+        scale::child(n);
+        return;
+    }
+    let filter = args.first().cloned().unwrap_or_default();
+    let wanted =
+        |group: &str| filter.is_empty() || group.contains(&filter) || filter.contains(group);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let mut results: Vec<Measurement> = Vec::new();
+    let mut push = |ms: Vec<Measurement>| {
+        for m in &ms {
+            eprintln!("  {}: {:.3} {}", m.name, m.value, m.unit);
+        }
+        results.extend(ms);
+    };
+    if wanted("local") {
+        eprintln!("local flows...");
+        push(runtime.block_on(local::run()));
+    }
+    if wanted("remote") {
+        eprintln!("remote flows...");
+        push(runtime.block_on(remote::run()));
+    }
+    if wanted("core") {
+        eprintln!("core cost...");
+        push(core_cost::run());
+    }
+    if wanted("scale") {
+        eprintln!("scale...");
+        push(scale::run());
+    }
+
+    println!(
+        "{:<34} {:>14} {:<10} {:>14} {:>7}  baseline",
+        "name", "grinta", "unit", "baseline", "ratio"
+    );
+    for m in &results {
+        println!(
+            "{:<34} {:>14.3} {:<10} {:>14} {:>7}  {}",
+            m.name,
+            m.value,
+            m.unit,
+            m.baseline_value.map_or("-".into(), |v| format!("{v:.3}")),
+            m.ratio.map_or("-".into(), |r| format!("{r:.2}")),
+            m.baseline
+        );
+    }
+    let dir = results_path();
+    std::fs::create_dir_all(&dir).expect("create target/bench");
+    let path = dir.join("results.json");
+    let json = serde_json::to_string_pretty(&results).expect("serialize results");
+    std::fs::write(&path, json + "\n").expect("write results.json");
+    println!("wrote {}", path.display());
+}

@@ -1,0 +1,447 @@
+//! Flows between two fabrics over loopback UDP with mutual TLS, against raw quinn with the same
+//! rustls crypto provider (ring) and mutual TLS.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use grinta_proto::tls::dev::DevCa;
+use grinta_proto::tls::{TlsConfig, crypto_provider};
+use grinta_tokio::{Fabric, Profile};
+
+use crate::Measurement;
+
+const BULK_MESSAGE: usize = 1 << 20;
+const BULK_MESSAGES: usize = 256;
+const SMALL: usize = 64;
+const SMALL_MESSAGES: usize = 300_000;
+const ROUND_TRIPS: usize = 5_000;
+
+fn p(sorted: &[Duration], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6
+}
+
+async fn until(mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ok() {
+        assert!(Instant::now() < deadline, "benchmark setup timed out");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Two joined fabrics; `b` serves `sink` (counts bytes) and `echo`.
+struct GrintaPair {
+    a: Fabric,
+    b: Fabric,
+    ca: DevCa,
+}
+
+async fn grinta_pair() -> GrintaPair {
+    let ca = DevCa::new().expect("dev CA");
+    let a = Fabric::builder("bench-a")
+        .dev_certificates(&ca)
+        .profile(Profile::Lan)
+        .start()
+        .expect("a");
+    let b = Fabric::builder("bench-b")
+        .dev_certificates(&ca)
+        .profile(Profile::Lan)
+        .seed(a.local_addr())
+        .start()
+        .expect("b");
+    for (name, echo) in [("sink", false), ("echo", true)] {
+        let endpoint = b.endpoint(name).expect("endpoint");
+        tokio::spawn(async move {
+            while let Ok(mut flow) = endpoint.accept().await {
+                tokio::spawn(async move {
+                    while let Ok(Some(m)) = flow.recv().await {
+                        if echo && flow.send(m).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = flow.finish().await;
+                });
+            }
+        });
+    }
+    until(|| a.endpoints("").len() == 2).await;
+    GrintaPair { a, b, ca }
+}
+
+/// Sends `count` messages of `size` bytes through a new flow to `sink` and waits for the end:
+/// messages per second.
+async fn grinta_stream(a: &Fabric, size: usize, count: usize) -> f64 {
+    let mut flow = a.dial("sink").await.expect("dial");
+    let message = Bytes::from(vec![3u8; size]);
+    let start = Instant::now();
+    for _ in 0..count {
+        flow.send(message.clone()).await.expect("send");
+    }
+    flow.finish().await.expect("finish");
+    // The sink finishes after reading everything: its end marks full delivery.
+    assert_eq!(flow.recv().await.expect("end"), None);
+    count as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn grinta_rtt(a: &Fabric) -> Vec<Duration> {
+    let mut flow = a.dial("echo").await.expect("dial");
+    let message = Bytes::from(vec![1u8; SMALL]);
+    let mut v = Vec::new();
+    for i in 0..ROUND_TRIPS + 500 {
+        let t = Instant::now();
+        flow.send(message.clone()).await.expect("send");
+        flow.recv().await.expect("recv").expect("reply");
+        if i >= 500 {
+            v.push(t.elapsed());
+        }
+    }
+    v.sort();
+    v
+}
+
+/// Dial (through the owner's accept and answer) over the existing connection.
+async fn grinta_dial_existing(a: &Fabric) -> f64 {
+    let mut v = Vec::new();
+    for _ in 0..500 {
+        let t = Instant::now();
+        let flow = a.dial("echo").await.expect("dial");
+        v.push(t.elapsed());
+        drop(flow);
+    }
+    v.sort();
+    p(&v, 0.5)
+}
+
+/// Dial from a node that just joined: its first flow to the owner.
+async fn grinta_dial_new_peer(pair: &GrintaPair) -> f64 {
+    let mut v = Vec::new();
+    for i in 0..10 {
+        let c = Fabric::builder(&format!("bench-new-{i}"))
+            .dev_certificates(&pair.ca)
+            .profile(Profile::Lan)
+            .seed(pair.b.local_addr())
+            .start()
+            .expect("c");
+        until(|| c.endpoints("echo").len() == 1).await;
+        let t = Instant::now();
+        let flow = c.dial("echo").await.expect("dial");
+        v.push(t.elapsed());
+        drop(flow);
+        c.shutdown().await;
+    }
+    v.sort();
+    p(&v, 0.5)
+}
+
+mod raw {
+    //! The baseline: what a user would write with quinn directly.
+
+    use super::*;
+    use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+
+    pub(super) struct QuinnPair {
+        pub(super) server: quinn::Endpoint,
+        pub(super) client: quinn::Endpoint,
+        pub(super) conn: quinn::Connection,
+    }
+
+    fn configs(ca: &DevCa) -> (quinn::ServerConfig, quinn::ClientConfig) {
+        let provider = crypto_provider();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.certificate().clone()).expect("CA");
+        let roots = Arc::new(roots);
+        let server: TlsConfig = ca.issue("quinn-server").expect("cert");
+        let client: TlsConfig = ca.issue("quinn-client").expect("cert");
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .expect("verifier");
+        let mut server_tls = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("tls13")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(server.cert_chain, server.key)
+            .expect("server cert");
+        server_tls.alpn_protocols = vec![b"bench".to_vec()];
+        let mut client_tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("tls13")
+            .with_root_certificates(roots)
+            .with_client_auth_cert(client.cert_chain, client.key)
+            .expect("client cert");
+        client_tls.alpn_protocols = vec![b"bench".to_vec()];
+        (
+            quinn::ServerConfig::with_crypto(Arc::new(
+                QuicServerConfig::try_from(server_tls).expect("quic server"),
+            )),
+            quinn::ClientConfig::new(Arc::new(
+                QuicClientConfig::try_from(client_tls).expect("quic client"),
+            )),
+        )
+    }
+
+    /// A server that, per bidi stream, either echoes length-prefixed messages or counts them.
+    pub(super) async fn pair(ca: &DevCa) -> QuinnPair {
+        let (server_config, client_config) = configs(ca);
+        let server = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().expect("addr"))
+            .expect("server");
+        let accept = server.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = accept.accept().await {
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    while let Ok((send, recv)) = conn.accept_bi().await {
+                        tokio::spawn(serve_stream(send, recv));
+                    }
+                });
+            }
+        });
+        let client = new_client(client_config);
+        let conn = connect(&client, &server).await;
+        QuinnPair {
+            server,
+            client,
+            conn,
+        }
+    }
+
+    pub(super) fn new_client(config: quinn::ClientConfig) -> quinn::Endpoint {
+        let mut client =
+            quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
+        client.set_default_client_config(config);
+        client
+    }
+
+    pub(super) fn client_config(ca: &DevCa) -> quinn::ClientConfig {
+        configs(ca).1
+    }
+
+    pub(super) async fn connect(
+        client: &quinn::Endpoint,
+        server: &quinn::Endpoint,
+    ) -> quinn::Connection {
+        client
+            .connect(server.local_addr().expect("addr"), "quinn-server")
+            .expect("connect")
+            .await
+            .expect("handshake")
+    }
+
+    async fn read_varint(recv: &mut quinn::RecvStream) -> Option<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let mut byte = [0u8; 1];
+            recv.read_exact(&mut byte).await.ok()?;
+            value |= u64::from(byte[0] & 0x7f) << shift;
+            if byte[0] & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    }
+
+    /// First byte: 1 = echo each message, 0 = count messages (large reads, frames parsed).
+    async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let mut mode = [0u8; 1];
+        if recv.read_exact(&mut mode).await.is_err() {
+            return;
+        }
+        if mode[0] == 1 {
+            while let Some(len) = read_varint(&mut recv).await {
+                let mut body = vec![0u8; len as usize];
+                if recv.read_exact(&mut body).await.is_err() {
+                    return;
+                }
+                let mut out = Vec::with_capacity(body.len() + 10);
+                prost::encoding::encode_varint(len, &mut out);
+                out.extend_from_slice(&body);
+                if send.write_all(&out).await.is_err() {
+                    return;
+                }
+            }
+        } else {
+            // Parse the length prefixes as they stream by (bodies are skipped, not copied).
+            let mut frames = 0u64;
+            let mut skip = 0usize;
+            let mut prefix = Vec::new();
+            while let Ok(Some(chunk)) = recv.read_chunk(1 << 20, true).await {
+                let mut data = &chunk.bytes[..];
+                while !data.is_empty() {
+                    if skip > 0 {
+                        let n = skip.min(data.len());
+                        skip -= n;
+                        data = &data[n..];
+                        continue;
+                    }
+                    prefix.push(data[0]);
+                    data = &data[1..];
+                    if prefix.last().is_some_and(|b| b & 0x80 == 0) {
+                        let mut p = &prefix[..];
+                        skip = prost::encoding::decode_varint(&mut p).unwrap_or(0) as usize;
+                        prefix.clear();
+                        frames += 1;
+                    }
+                }
+            }
+            let _ = send.write_all(&frames.to_be_bytes()).await;
+            let _ = send.finish();
+        }
+    }
+
+    /// Sends `count` length-prefixed messages of `size` bytes, `batch` messages per write:
+    /// messages per second, once the server confirmed it counted them all.
+    pub(super) async fn stream(
+        conn: &quinn::Connection,
+        size: usize,
+        count: usize,
+        batch: usize,
+    ) -> f64 {
+        let (mut send, mut recv) = conn.open_bi().await.expect("open");
+        let mut frame = Vec::new();
+        prost::encoding::encode_varint(size as u64, &mut frame);
+        frame.extend(std::iter::repeat_n(3u8, size));
+        let start = Instant::now();
+        send.write_all(&[0]).await.expect("mode");
+        let mut sent = 0;
+        while sent < count {
+            let k = batch.min(count - sent);
+            let buf = Bytes::from(frame.repeat(k));
+            send.write_chunk(buf).await.expect("write");
+            sent += k;
+        }
+        send.finish().expect("finish");
+        let mut n = [0u8; 8];
+        recv.read_exact(&mut n).await.expect("count");
+        assert_eq!(u64::from_be_bytes(n), count as u64);
+        count as f64 / start.elapsed().as_secs_f64()
+    }
+
+    pub(super) async fn rtt(conn: &quinn::Connection) -> Vec<Duration> {
+        let (mut send, mut recv) = conn.open_bi().await.expect("open");
+        send.write_all(&[1]).await.expect("mode");
+        let mut frame = Vec::new();
+        prost::encoding::encode_varint(SMALL as u64, &mut frame);
+        frame.extend(std::iter::repeat_n(1u8, SMALL));
+        let mut reply = vec![0u8; frame.len()];
+        let mut v = Vec::new();
+        for i in 0..ROUND_TRIPS + 500 {
+            let t = Instant::now();
+            send.write_all(&frame).await.expect("write");
+            recv.read_exact(&mut reply).await.expect("reply");
+            if i >= 500 {
+                v.push(t.elapsed());
+            }
+        }
+        v.sort();
+        v
+    }
+
+    /// Open a stream and complete one 1-byte round trip on it.
+    pub(super) async fn open_and_round_trip(conn: &quinn::Connection) {
+        let (mut send, mut recv) = conn.open_bi().await.expect("open");
+        send.write_all(&[1, 1, 9]).await.expect("write");
+        let mut reply = [0u8; 2];
+        recv.read_exact(&mut reply).await.expect("reply");
+    }
+}
+
+pub(crate) async fn run() -> Vec<Measurement> {
+    let pair = grinta_pair().await;
+    let quinn = raw::pair(&pair.ca).await;
+    let mut out = Vec::new();
+
+    // Bulk: 1 MiB messages.
+    let mb = |msgs_per_s: f64| msgs_per_s * BULK_MESSAGE as f64 / 1e6;
+    let mut g = Vec::new();
+    let mut b = Vec::new();
+    for _ in 0..3 {
+        g.push(mb(grinta_stream(&pair.a, BULK_MESSAGE, BULK_MESSAGES).await));
+        b.push(mb(
+            raw::stream(&quinn.conn, BULK_MESSAGE, BULK_MESSAGES, 1).await
+        ));
+    }
+    g.sort_by(f64::total_cmp);
+    b.sort_by(f64::total_cmp);
+    out.push(Measurement::higher(
+        "remote_flow_bulk",
+        g[1],
+        "MB/s",
+        "raw quinn, one bidi stream, length-prefixed 1 MiB writes",
+        b[1],
+    ));
+
+    // Small messages.
+    let mut g = Vec::new();
+    let mut b = Vec::new();
+    for _ in 0..3 {
+        g.push(grinta_stream(&pair.a, SMALL, SMALL_MESSAGES).await);
+        b.push(raw::stream(&quinn.conn, SMALL, SMALL_MESSAGES, 1000).await);
+    }
+    g.sort_by(f64::total_cmp);
+    b.sort_by(f64::total_cmp);
+    out.push(Measurement::higher(
+        "remote_flow_64b",
+        g[1],
+        "msg/s",
+        "raw quinn, the same frames batched 1000 per write",
+        b[1],
+    ));
+
+    // Latency.
+    let grtt = grinta_rtt(&pair.a).await;
+    let brtt = raw::rtt(&quinn.conn).await;
+    let echo = "raw quinn, echo on one bidi stream";
+    out.push(Measurement::lower(
+        "remote_rtt_p50",
+        p(&grtt, 0.5),
+        "us",
+        echo,
+        p(&brtt, 0.5),
+    ));
+    out.push(Measurement::lower(
+        "remote_rtt_p99",
+        p(&grtt, 0.99),
+        "us",
+        echo,
+        p(&brtt, 0.99),
+    ));
+    let dial = grinta_dial_existing(&pair.a).await;
+    let mut base = Vec::new();
+    for _ in 0..500 {
+        let t = Instant::now();
+        raw::open_and_round_trip(&quinn.conn).await;
+        base.push(t.elapsed());
+    }
+    base.sort();
+    out.push(Measurement::lower(
+        "remote_dial_existing_p50",
+        dial,
+        "us",
+        "raw quinn: open a bidi stream + one round trip",
+        p(&base, 0.5),
+    ));
+    let dial_new = grinta_dial_new_peer(&pair).await;
+    let mut base = Vec::new();
+    for _ in 0..10 {
+        let client = raw::new_client(raw::client_config(&pair.ca));
+        let t = Instant::now();
+        let conn = raw::connect(&client, &quinn.server).await;
+        raw::open_and_round_trip(&conn).await;
+        base.push(t.elapsed());
+        conn.close(0u32.into(), b"done");
+    }
+    base.sort();
+    out.push(Measurement::lower(
+        "remote_dial_new_peer_p50",
+        dial_new,
+        "us",
+        "raw quinn: handshake + open a bidi stream + one round trip",
+        p(&base, 0.5),
+    ));
+    drop(quinn.client);
+    pair.a.abort();
+    pair.b.abort();
+    out
+}

@@ -1,0 +1,162 @@
+//! The membership simulator at 1000 and 10000 nodes, and the bytes of state per member and per
+//! connection. Each size runs in a child process (this binary with `--scale N`) so that its peak
+//! memory is its own.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use grinta_proto::membership::Config;
+use grinta_proto::tls::dev::DevCa;
+use grinta_tests::lan;
+use grinta_tests::membership_sim::{Cluster, node_addr};
+use grinta_tests::node_sim::{certificates, node_membership_config};
+use serde::{Deserialize, Serialize};
+
+use crate::{Measurement, alloc};
+
+const WINDOW: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ScaleReport {
+    nodes: usize,
+    wall_s: f64,
+    peak_rss_mib: f64,
+    messages_per_node_per_s: f64,
+    converged: bool,
+    live_heap_bytes: usize,
+    view_entries: usize,
+}
+
+/// Child process: `n` nodes join over the first 30 simulated seconds (each through a node that
+/// joined before it), and the whole run lasts 60 simulated seconds.
+pub(crate) fn child(n: usize) {
+    let heap_before = alloc::live_bytes();
+    let wall = Instant::now();
+    let mut c = Cluster::new(7, n, Config::lan(), lan());
+    let start = c.sim.now();
+    let spread = Duration::from_secs(30);
+    for i in 1..n {
+        let at = start + spread.mul_f64(i as f64 / n as f64);
+        c.sim.run_until(at);
+        let seed = node_addr((i - 1) / 2);
+        c.sim
+            .with_node(i, |node, now| node.membership.join(now, &[seed]));
+    }
+    c.sim.run_until(start + WINDOW);
+    let wall_s = wall.elapsed().as_secs_f64();
+    let stats = c.sim.stats();
+    let messages = (stats.datagrams_sent + stats.reliable_sent) as f64;
+    let view_entries = (0..n)
+        .map(|i| c.sim.node(i).membership.members().count())
+        .sum();
+    let report = ScaleReport {
+        nodes: n,
+        wall_s,
+        peak_rss_mib: alloc::peak_rss_bytes() as f64 / (1 << 20) as f64,
+        messages_per_node_per_s: messages / n as f64 / WINDOW.as_secs_f64(),
+        converged: c.converged(),
+        live_heap_bytes: alloc::live_bytes() - heap_before,
+        view_entries,
+    };
+    println!("{}", serde_json::to_string(&report).expect("report"));
+}
+
+fn spawn_child(n: usize) -> Option<ScaleReport> {
+    let exe = std::env::current_exe().ok()?;
+    let out = Command::new(exe)
+        .args(["--scale", &n.to_string()])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!(
+            "scale run at {n} nodes failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last()?).ok()
+}
+
+/// Heap bytes of a formed whole-node cluster of `n` (every node connected to every other).
+fn node_cluster_heap(n: usize) -> usize {
+    let ca = DevCa::new().expect("dev CA");
+    let certs = certificates(&ca, n);
+    let before = alloc::live_bytes();
+    let mut c = Cluster::nodes(3, lan(), node_membership_config(), certs);
+    c.form(Duration::from_millis(50 * n as u64));
+    c.run_for(Duration::from_secs(10));
+    let connections: usize = (0..n).map(|i| c.sim.node(i).node.connection_count()).sum();
+    assert_eq!(connections, n * (n - 1), "full mesh of connections");
+    alloc::live_bytes() - before
+}
+
+/// Heap bytes of a formed membership-only cluster of `n`.
+fn member_cluster_heap(n: usize) -> usize {
+    let before = alloc::live_bytes();
+    let mut c = Cluster::formed(
+        3,
+        n,
+        Config::lan(),
+        lan(),
+        Duration::from_millis(50 * n as u64),
+    );
+    c.run_for(Duration::from_secs(10));
+    alloc::live_bytes() - before
+}
+
+pub(crate) fn run() -> Vec<Measurement> {
+    let mut out = Vec::new();
+    for n in [1000usize, 10_000] {
+        let Some(r) = spawn_child(n) else { continue };
+        eprintln!("  scale {n}: {r:?}");
+        let note = format!(
+            "membership simulator, {n} nodes joining over 30 s, 60 simulated s{}",
+            if r.converged {
+                ""
+            } else {
+                " (views still converging at 60 s)"
+            }
+        );
+        out.push(Measurement::alone(
+            &format!("sim_{n}_wall"),
+            r.wall_s,
+            "s",
+            &note,
+        ));
+        out.push(Measurement::alone(
+            &format!("sim_{n}_peak_rss"),
+            r.peak_rss_mib,
+            "MiB",
+            &note,
+        ));
+        out.push(Measurement::alone(
+            &format!("sim_{n}_messages_per_node_s"),
+            r.messages_per_node_per_s,
+            "msg/s",
+            &note,
+        ));
+    }
+    // State per known member: the slope of heap over view entries between two cluster sizes.
+    let (a, b) = (20usize, 60usize);
+    let per_member = (member_cluster_heap(b) as f64 - member_cluster_heap(a) as f64)
+        / ((b * (b - 1)) as f64 - (a * (a - 1)) as f64);
+    out.push(Measurement::alone(
+        "state_per_member",
+        per_member,
+        "bytes",
+        "membership view entry (heap slope between 20 and 60 formed nodes)",
+    ));
+    // State per open connection: the same slope for whole nodes (a member and a connection per
+    // peer), minus the member part.
+    let (a, b) = (6usize, 16usize);
+    let per_peer = (node_cluster_heap(b) as f64 - node_cluster_heap(a) as f64)
+        / ((b * (b - 1)) as f64 - (a * (a - 1)) as f64);
+    out.push(Measurement::alone(
+        "state_per_connection",
+        per_peer - per_member,
+        "bytes",
+        "QUIC connection with TLS state (whole-node heap slope per peer, minus the member entry)",
+    ));
+    out
+}
