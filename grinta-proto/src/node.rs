@@ -392,6 +392,21 @@ impl Node {
         r
     }
 
+    /// Like [`send`](Self::send), but only queues the message on its stream: the connection is
+    /// driven (packets built) at the next [`flush`](Self::flush) or other input. Messages sent in
+    /// a burst then share packets instead of each becoming one; the fabric's driver flushes on
+    /// every wake.
+    pub fn send_deferred(&mut self, flow: FlowId, message: Bytes) -> Result<(), FlowError> {
+        self.flows.send(&mut self.transport, flow, message, true)
+    }
+
+    /// Drives every connection with pending work: builds the packets of deferred sends, routes
+    /// events. Call it before draining [`poll_transmit`](Self::poll_transmit) after
+    /// [`send_deferred`](Self::send_deferred).
+    pub fn flush(&mut self, now: Instant) {
+        self.pump(now);
+    }
+
     /// Sends a message without checking the peer's announced maximum size, so tests can check that
     /// the receiver enforces it. Applications use [`send`](Self::send).
     #[doc(hidden)]

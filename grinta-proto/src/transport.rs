@@ -379,9 +379,10 @@ impl Transport {
             .max_concurrent_bidi_streams(VarInt::from_u32(limits.max_concurrent_streams))
             .max_concurrent_uni_streams(VarInt::from_u32(0))
             .datagram_receive_buffer_size(Some(256 * 1024))
-            .datagram_send_buffer_size(256 * 1024)
-            // Paths on loopback and LANs; mtu discovery is a later optimisation.
-            .mtu_discovery_config(None);
+            .datagram_send_buffer_size(256 * 1024);
+        // MTU discovery stays on (quinn's default, up to 1452-byte packets): bulk flows fill
+        // larger packets. Membership datagrams keep their fixed budget, which fits the
+        // 1200-byte minimum every QUIC path guarantees.
         let transport = Arc::new(transport);
 
         let quic_server =

@@ -64,11 +64,12 @@ impl<R: Runtime> Future for Driver<R> {
             }
         }
 
-        // Timers.
+        // Timers, then the packets of messages the API queued since the last wake.
         let now = R::now();
         if inner.node.poll_timeout().is_some_and(|t| t <= now) {
             inner.node.handle_timeout(now);
         }
+        inner.node.flush(now);
         inner.dispatch();
 
         // Send, bounded.

@@ -86,8 +86,9 @@ impl<R: Runtime> FlowCore<R> {
                     Some(value) => value.into_bytes()?,
                 };
                 let mut inner = fabric.shared.lock();
-                let r = inner.node.send(R::now(), *id, bytes.clone());
-                inner.dispatch();
+                // Queued only: the driver builds packets on its next wake, so a burst of small
+                // messages shares packets.
+                let r = inner.node.send_deferred(*id, bytes.clone());
                 inner.wake_driver();
                 match r {
                     Ok(()) => Poll::Ready(Ok(())),
