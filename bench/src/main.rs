@@ -108,7 +108,10 @@ fn main() {
     let mut results: Vec<Measurement> = Vec::new();
     let mut push = |ms: Vec<Measurement>| {
         for m in &ms {
-            eprintln!("  {}: {:.3} {}", m.name, m.value, m.unit);
+            eprintln!(
+                "  {}: {:.3} {} (baseline {:?}, ratio {:?})",
+                m.name, m.value, m.unit, m.baseline_value, m.ratio
+            );
         }
         results.extend(ms);
     };
