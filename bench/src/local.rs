@@ -8,7 +8,7 @@ use grinta_proto::tls::dev::DevCa;
 use grinta_tokio::Fabric;
 use tokio::sync::mpsc;
 
-use crate::Measurement;
+use crate::{Measurement, middle, percentile_us, round_trips};
 
 const MESSAGES: usize = 2_000_000;
 const ROUND_TRIPS: usize = 20_000;
@@ -60,10 +60,6 @@ async fn mpsc_throughput(capacity: usize, n: usize) -> f64 {
     drop(tx);
     assert_eq!(reader.await.expect("reader"), n);
     n as f64 / start.elapsed().as_secs_f64()
-}
-
-fn percentile(sorted: &[Duration], q: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6
 }
 
 /// Round trips (64-byte request, echoed) over one local flow: sorted latencies.
@@ -142,7 +138,7 @@ async fn dial_latency(fabric: &Fabric, capacity: usize) -> (f64, f64) {
     }
     grinta.sort();
     base.sort();
-    (percentile(&grinta, 0.5), percentile(&base, 0.5))
+    (percentile_us(&grinta, 0.5), percentile_us(&base, 0.5))
 }
 
 pub(crate) async fn run() -> Vec<Measurement> {
@@ -155,32 +151,21 @@ pub(crate) async fn run() -> Vec<Measurement> {
         g.push(grinta_throughput(&fabric, MESSAGES).await);
         b.push(mpsc_throughput(capacity, MESSAGES).await);
     }
-    g.sort_by(f64::total_cmp);
-    b.sort_by(f64::total_cmp);
     let baseline = format!("tokio::sync::mpsc, capacity {capacity}");
     let mut out = vec![Measurement::higher(
         "local_flow_64b",
-        g[1],
+        middle(g),
         "msg/s",
         &baseline,
-        b[1],
+        middle(b),
     )];
     let grtt = grinta_rtt(&fabric).await;
     let brtt = mpsc_rtt(capacity).await;
-    let pair = "a pair of tokio::sync::mpsc channels";
-    out.push(Measurement::lower(
-        "local_rtt_p50",
-        percentile(&grtt, 0.5),
-        "us",
-        pair,
-        percentile(&brtt, 0.5),
-    ));
-    out.push(Measurement::lower(
-        "local_rtt_p99",
-        percentile(&grtt, 0.99),
-        "us",
-        pair,
-        percentile(&brtt, 0.99),
+    out.extend(round_trips(
+        "local_rtt",
+        &grtt,
+        "a pair of tokio::sync::mpsc channels",
+        &brtt,
     ));
     let (dial, base) = dial_latency(&fabric, capacity).await;
     out.push(Measurement::lower(

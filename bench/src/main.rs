@@ -75,11 +75,41 @@ impl Measurement {
     }
 }
 
+/// The `q` quantile of sorted latencies, in microseconds.
+pub(crate) fn percentile_us(sorted: &[std::time::Duration], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6
+}
+
+/// The median of figures from interleaved runs.
+pub(crate) fn middle(mut runs: Vec<f64>) -> f64 {
+    runs.sort_by(f64::total_cmp);
+    runs[runs.len() / 2]
+}
+
+/// `{prefix}_p50` and `{prefix}_p99` of sorted round trips, against the baseline's.
+pub(crate) fn round_trips(
+    prefix: &str,
+    grinta: &[std::time::Duration],
+    baseline: &str,
+    base: &[std::time::Duration],
+) -> Vec<Measurement> {
+    [("p50", 0.5), ("p99", 0.99)]
+        .into_iter()
+        .map(|(label, q)| {
+            Measurement::lower(
+                &format!("{prefix}_{label}"),
+                percentile_us(grinta, q),
+                "us",
+                baseline,
+                percentile_us(base, q),
+            )
+        })
+        .collect()
+}
+
 /// The median of `runs` runs of `f`.
 pub(crate) fn median(runs: usize, mut f: impl FnMut() -> f64) -> f64 {
-    let mut v: Vec<f64> = (0..runs).map(|_| f()).collect();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    middle((0..runs).map(|_| f()).collect())
 }
 
 fn results_path() -> PathBuf {

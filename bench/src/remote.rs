@@ -9,17 +9,13 @@ use grinta_proto::tls::dev::DevCa;
 use grinta_proto::tls::{TlsConfig, crypto_provider};
 use grinta_tokio::{Fabric, Profile};
 
-use crate::Measurement;
+use crate::{Measurement, middle, percentile_us, round_trips};
 
 const BULK_MESSAGE: usize = 1 << 20;
 const BULK_MESSAGES: usize = 256;
 const SMALL: usize = 64;
 const SMALL_MESSAGES: usize = 300_000;
 const ROUND_TRIPS: usize = 5_000;
-
-fn p(sorted: &[Duration], q: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6
-}
 
 async fn until(mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -109,7 +105,7 @@ async fn grinta_dial_existing(a: &Fabric) -> f64 {
         drop(flow);
     }
     v.sort();
-    p(&v, 0.5)
+    percentile_us(&v, 0.5)
 }
 
 /// Dial from a node that just joined: its first flow to the owner.
@@ -130,7 +126,7 @@ async fn grinta_dial_new_peer(pair: &GrintaPair) -> f64 {
         c.shutdown().await;
     }
     v.sort();
-    p(&v, 0.5)
+    percentile_us(&v, 0.5)
 }
 
 mod raw {
@@ -362,14 +358,12 @@ pub(crate) async fn run() -> Vec<Measurement> {
             raw::stream(&quinn.conn, BULK_MESSAGE, BULK_MESSAGES, 1).await
         ));
     }
-    g.sort_by(f64::total_cmp);
-    b.sort_by(f64::total_cmp);
     out.push(Measurement::higher(
         "remote_flow_bulk",
-        g[1],
+        middle(g),
         "MB/s",
         "raw quinn, one bidi stream, length-prefixed 1 MiB writes",
-        b[1],
+        middle(b),
     ));
 
     // Small messages.
@@ -379,33 +373,22 @@ pub(crate) async fn run() -> Vec<Measurement> {
         g.push(grinta_stream(&pair.a, SMALL, SMALL_MESSAGES).await);
         b.push(raw::stream(&quinn.conn, SMALL, SMALL_MESSAGES, 1000).await);
     }
-    g.sort_by(f64::total_cmp);
-    b.sort_by(f64::total_cmp);
     out.push(Measurement::higher(
         "remote_flow_64b",
-        g[1],
+        middle(g),
         "msg/s",
         "raw quinn, the same frames batched 1000 per write",
-        b[1],
+        middle(b),
     ));
 
     // Latency.
     let grtt = grinta_rtt(&pair.a).await;
     let brtt = raw::rtt(&quinn.conn).await;
-    let echo = "raw quinn, echo on one bidi stream";
-    out.push(Measurement::lower(
-        "remote_rtt_p50",
-        p(&grtt, 0.5),
-        "us",
-        echo,
-        p(&brtt, 0.5),
-    ));
-    out.push(Measurement::lower(
-        "remote_rtt_p99",
-        p(&grtt, 0.99),
-        "us",
-        echo,
-        p(&brtt, 0.99),
+    out.extend(round_trips(
+        "remote_rtt",
+        &grtt,
+        "raw quinn, echo on one bidi stream",
+        &brtt,
     ));
     let dial = grinta_dial_existing(&pair.a).await;
     let mut base = Vec::new();
@@ -420,7 +403,7 @@ pub(crate) async fn run() -> Vec<Measurement> {
         dial,
         "us",
         "raw quinn: open a bidi stream + one round trip",
-        p(&base, 0.5),
+        percentile_us(&base, 0.5),
     ));
     let dial_new = grinta_dial_new_peer(&pair).await;
     let mut base = Vec::new();
@@ -438,7 +421,7 @@ pub(crate) async fn run() -> Vec<Measurement> {
         dial_new,
         "us",
         "raw quinn: handshake + open a bidi stream + one round trip",
-        p(&base, 0.5),
+        percentile_us(&base, 0.5),
     ));
     drop(quinn.client);
     pair.a.abort();
