@@ -3,7 +3,8 @@
 //!
 //! `cargo run --release -p grinta-bench` runs everything, prints a table and writes
 //! `target/bench/results.json`. `-- <filter>` runs only the measurements whose name contains
-//! the filter. The scale measurements run in child processes (the same binary, `--scale N`) so
+//! the filter. `-- --profile bulk|small|quinn-bulk|quinn-small` runs one side of a remote
+//! throughput measurement for about ten seconds and prints socket counters, for `perf record`. The scale measurements run in child processes (the same binary, `--scale N`) so
 //! each reports its own peak memory.
 
 mod alloc;
@@ -126,15 +127,24 @@ fn main() {
         scale::child(n);
         return;
     }
-    let filter = args.first().cloned().unwrap_or_default();
-    let wanted =
-        |group: &str| filter.is_empty() || group.contains(&filter) || filter.contains(group);
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("tokio runtime");
+    if args.first().map(String::as_str) == Some("--profile") {
+        // Only grinta's side of one remote measurement, in a loop: a target for `perf record`.
+        let kind = args.get(1).map(String::as_str).unwrap_or("bulk");
+        runtime.block_on(remote::profile(
+            kind.contains("small"),
+            kind.contains("quinn"),
+        ));
+        return;
+    }
+    let filter = args.first().cloned().unwrap_or_default();
+    let wanted =
+        |group: &str| filter.is_empty() || group.contains(&filter) || filter.contains(group);
+
     let mut results: Vec<Measurement> = Vec::new();
     let mut push = |ms: Vec<Measurement>| {
         for m in &ms {

@@ -343,6 +343,31 @@ mod raw {
     }
 }
 
+/// Runs grinta's (or with `baseline` raw quinn's) bulk or small-message stream for about ten
+/// seconds, then prints the rate and grinta's socket counters.
+pub(crate) async fn profile(small: bool, baseline: bool) {
+    let pair = grinta_pair().await;
+    let quinn = raw::pair(&pair.ca).await;
+    let (size, count, batch) = if small {
+        (SMALL, SMALL_MESSAGES, 1000)
+    } else {
+        (BULK_MESSAGE, BULK_MESSAGES, 1)
+    };
+    let start = Instant::now();
+    let mut rates = Vec::new();
+    while start.elapsed() < Duration::from_secs(10) {
+        let rate = if baseline {
+            raw::stream(&quinn.conn, size, count, batch).await
+        } else {
+            grinta_stream(&pair.a, size, count).await
+        };
+        rates.push(rate * size as f64 / 1e6);
+    }
+    eprintln!("MB/s per run: {rates:.1?}");
+    eprintln!("sender socket: {:#?}", pair.a.stats().socket);
+    eprintln!("receiver socket: {:#?}", pair.b.stats().socket);
+}
+
 pub(crate) async fn run() -> Vec<Measurement> {
     let pair = grinta_pair().await;
     let quinn = raw::pair(&pair.ca).await;

@@ -23,16 +23,17 @@
 //! [`grinta_proto::runtime_aliases`].
 
 use std::future::Future;
-use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use async_io::{Async, Timer};
 pub use grinta_proto as proto;
-use grinta_proto::fabric::Runtime;
-use grinta_proto::node::NodeConfig;
+use grinta_proto::fabric::{RecvMeta, Runtime};
+use grinta_proto::node::{NodeConfig, Transmit};
+use quinn_udp::UdpSocketState;
 
 /// The async-io runtime for grinta (async-std, smol).
 #[derive(Debug, Clone, Copy)]
@@ -50,43 +51,93 @@ impl Future for Sleep {
     }
 }
 
+/// A UDP socket on async-io's reactor that sends several datagrams per system call (GSO) and
+/// receives several per call (`recvmmsg`, GRO) where the platform allows, through quinn-udp.
+#[derive(Debug)]
+pub struct UdpSocket {
+    io: Async<std::net::UdpSocket>,
+    state: UdpSocketState,
+}
+
 impl Runtime for AsyncIo {
-    type Socket = Async<UdpSocket>;
+    type Socket = UdpSocket;
     type Sleep = Sleep;
 
     fn bind(addr: SocketAddr) -> io::Result<Self::Socket> {
-        Async::<UdpSocket>::bind(addr)
+        let socket = std::net::UdpSocket::bind(addr)?;
+        // Sets the socket non-blocking and turns on the offloads the platform has.
+        let state = UdpSocketState::new((&socket).into())?;
+        Ok(UdpSocket {
+            io: Async::new_nonblocking(socket)?,
+            state,
+        })
     }
 
     fn local_addr(socket: &Self::Socket) -> io::Result<SocketAddr> {
-        socket.get_ref().local_addr()
+        socket.io.get_ref().local_addr()
     }
 
-    fn poll_recv_from(
+    fn max_transmit_segments(socket: &Self::Socket) -> usize {
+        socket.state.max_gso_segments()
+    }
+
+    fn max_receive_segments(socket: &Self::Socket) -> usize {
+        socket.state.gro_segments()
+    }
+
+    fn may_fragment(socket: &Self::Socket) -> bool {
+        socket.state.may_fragment()
+    }
+
+    fn poll_recv(
         socket: &Self::Socket,
         cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<(usize, SocketAddr)>> {
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        let mut udp_meta = [quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
+        let count = bufs.len().min(meta.len()).min(udp_meta.len());
         loop {
-            match socket.get_ref().recv_from(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready!(socket.poll_readable(cx))?;
+            let received = socket.state.recv(
+                socket.io.get_ref().into(),
+                &mut bufs[..count],
+                &mut udp_meta[..count],
+            );
+            match received {
+                Ok(n) => {
+                    for (to, from) in meta.iter_mut().zip(&udp_meta[..n]) {
+                        *to = RecvMeta {
+                            source: from.addr,
+                            len: from.len,
+                            stride: from.stride,
+                        };
+                    }
+                    return Poll::Ready(Ok(n));
                 }
-                result => return Poll::Ready(result),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(socket.io.poll_readable(cx))?;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
     }
 
-    fn poll_send_to(
+    fn poll_send(
         socket: &Self::Socket,
         cx: &mut Context<'_>,
-        buf: &[u8],
-        to: SocketAddr,
-    ) -> Poll<io::Result<usize>> {
+        transmit: &Transmit,
+    ) -> Poll<io::Result<()>> {
+        let transmit = quinn_udp::Transmit {
+            destination: transmit.destination,
+            ecn: None,
+            contents: &transmit.contents,
+            segment_size: transmit.segment_size,
+            src_ip: None,
+        };
         loop {
-            match socket.get_ref().send_to(buf, to) {
+            match socket.state.try_send(socket.io.get_ref().into(), &transmit) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready!(socket.poll_writable(cx))?;
+                    ready!(socket.io.poll_writable(cx))?;
                 }
                 result => return Poll::Ready(result),
             }

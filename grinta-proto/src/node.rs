@@ -21,8 +21,10 @@
 //! let mut node = Node::new(config, 42, now)?;
 //! node.join(now, &["127.0.0.1:7002".parse()?]);
 //! while let Some(t) = node.poll_transmit() {
-//!     // socket.send_to(&t.contents, t.destination)
-//!     # let _ = t;
+//!     for datagram in t.segments() {
+//!         // socket.send_to(datagram, t.destination)
+//!         # let _ = datagram;
+//!     }
 //! }
 //! # }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -609,6 +611,20 @@ impl Node {
         self.pump(now);
     }
 
+    /// Like [`handle_datagram`](Self::handle_datagram), but leaves the connection to be driven at
+    /// the next [`flush`](Self::flush) or other input. A batch of datagrams read in one system
+    /// call (GRO, `recvmmsg`) then costs one round of acknowledgements and events instead of one
+    /// per datagram; the fabric's driver flushes after each batch.
+    pub fn handle_datagram_deferred(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        self.transport.handle_udp(now, from, data);
+    }
+
+    /// Lets one [`Transmit`] carry up to `segments` datagrams to the same destination, for a
+    /// socket with segmentation offload (GSO). The default, 1, suits a plain `send_to`.
+    pub fn set_max_transmit_segments(&mut self, segments: usize) {
+        self.transport.set_max_transmit_segments(segments);
+    }
+
     /// Runs every timer due at `now`; spurious calls are harmless.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.transport.handle_timeout(now);
@@ -649,6 +665,8 @@ impl Node {
     /// Moves messages between the transport and membership until both are quiet.
     fn pump(&mut self, now: Instant) {
         loop {
+            // Connections first: deferred datagrams and sends become events and packets here.
+            self.transport.flush(now);
             let mut progressed = false;
             while let Some(event) = self.transport.poll_event() {
                 progressed = true;
@@ -667,6 +685,7 @@ impl Node {
                 self.announce(&record);
             }
             while let Some(event) = self.registry.poll_event() {
+                progressed = true;
                 if let RegistryEvent::NameConflict { name, .. } = &event {
                     self.flows.on_endpoint_closed(
                         &mut self.transport,
@@ -677,6 +696,7 @@ impl Node {
                 self.events.push_back(Event::Registry(event));
             }
             while let Some(event) = self.flows.poll_event() {
+                progressed = true;
                 self.events.push_back(Event::Flow(event));
             }
             if self.registry_dirty {
@@ -684,7 +704,6 @@ impl Node {
                 self.membership
                     .set_app_state(Bytes::from(self.registry.to_wire().encode_to_vec()));
             }
-            self.transport.flush(now);
             if !progressed {
                 break;
             }

@@ -54,6 +54,10 @@ pub struct TransportLimits {
     pub idle_timeout: Duration,
     /// Most concurrent bidirectional streams a peer may open on one connection.
     pub max_concurrent_streams: u32,
+    /// Path MTU discovery: probes for packets larger than 1200 bytes (up to 1452) once a
+    /// connection is up, so bulk flows need fewer packets. Only correct when the socket forbids IP
+    /// fragmentation, which the fabric's adapters check; the fabric turns it off otherwise.
+    pub mtu_discovery: bool,
 }
 
 impl Default for TransportLimits {
@@ -65,6 +69,7 @@ impl Default for TransportLimits {
             max_stream_message_size: 8 << 20,
             idle_timeout: Duration::from_secs(120),
             max_concurrent_streams: 256,
+            mtu_discovery: true,
         }
     }
 }
@@ -143,13 +148,52 @@ pub(crate) enum TransportEvent {
     },
 }
 
-/// A UDP datagram to send.
+/// Transmits up to this size are copied out of the packet buffer; larger ones take it over.
+const SMALL_TRANSMIT: usize = 2048;
+
+/// UDP datagrams to send to one destination: one datagram, or with segmentation offload (GSO)
+/// several of `segment_size` bytes each, the last possibly shorter. A [`Node`](crate::node::Node)
+/// batches only after [`set_max_transmit_segments`](crate::node::Node::set_max_transmit_segments)
+/// allowed it; [`segments`](Self::segments) splits a batch for a socket without GSO.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transmit {
     /// Destination address.
     pub destination: SocketAddr,
-    /// The UDP payload.
+    /// The UDP payload, or the payloads of several datagrams back to back.
     pub contents: Vec<u8>,
+    /// The size of each datagram when `contents` holds several; `None` for a single datagram.
+    pub segment_size: Option<usize>,
+}
+
+impl Transmit {
+    /// The datagrams this transmit holds, in order.
+    ///
+    /// ```
+    /// use grinta_proto::node::Transmit;
+    ///
+    /// let t = Transmit {
+    ///     destination: "127.0.0.1:7001".parse().unwrap(),
+    ///     contents: vec![0; 2500],
+    ///     segment_size: Some(1200),
+    /// };
+    /// let sizes: Vec<usize> = t.segments().map(<[u8]>::len).collect();
+    /// assert_eq!(sizes, [1200, 1200, 100]);
+    /// ```
+    pub fn segments(&self) -> impl Iterator<Item = &[u8]> {
+        let size = match self.segment_size {
+            Some(size) if size > 0 => size,
+            _ => self.contents.len().max(1),
+        };
+        self.contents.chunks(size)
+    }
+
+    /// How many datagrams this transmit holds.
+    pub fn segment_count(&self) -> usize {
+        match self.segment_size {
+            Some(size) if size > 0 => self.contents.len().div_ceil(size),
+            _ => 1,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -226,6 +270,8 @@ pub(crate) struct Transport {
     events: VecDeque<TransportEvent>,
     dirty: std::collections::BTreeSet<ConnectionHandle>,
     buf: Vec<u8>,
+    /// How many datagrams one [`Transmit`] may hold (1 = no segmentation offload).
+    max_transmit_segments: usize,
     /// False once the node has left: incoming connections are refused.
     accepting: bool,
     pub(crate) stats: TransportStats,
@@ -380,9 +426,9 @@ impl Transport {
             .max_concurrent_uni_streams(VarInt::from_u32(0))
             .datagram_receive_buffer_size(Some(256 * 1024))
             .datagram_send_buffer_size(256 * 1024);
-        // MTU discovery stays on (quinn's default, up to 1452-byte packets): bulk flows fill
-        // larger packets. Membership datagrams keep their fixed budget, which fits the
-        // 1200-byte minimum every QUIC path guarantees.
+        // With MTU discovery (up to 1452-byte packets), bulk flows fill larger packets.
+        // Membership datagrams keep their fixed budget, which fits the 1200-byte minimum every
+        // QUIC path guarantees.
         let transport = Arc::new(transport);
 
         let quic_server =
@@ -458,7 +504,7 @@ impl Transport {
         let endpoint = Endpoint::new(
             Arc::new(endpoint_config),
             Some(Arc::new(server_config)),
-            false,
+            limits.mtu_discovery,
             None,
         );
         Ok(Self {
@@ -473,6 +519,7 @@ impl Transport {
             events: VecDeque::new(),
             dirty: Default::default(),
             buf: Vec::with_capacity(1500),
+            max_transmit_segments: 1,
             accepting: true,
             stats: TransportStats::default(),
         })
@@ -907,17 +954,24 @@ impl Transport {
             Some(DatagramEvent::Response(t)) => self.queue_quinn_transmit(&t, &buf),
             None => {}
         }
+        // The connection is driven by the caller's next flush, once per batch of datagrams.
         self.buf = buf;
-        self.drive(now);
     }
 
     fn queue_quinn_transmit(&mut self, t: &quinn_proto::Transmit, buf: &[u8]) {
         let size = t.size.min(buf.len());
-        self.stats.udp_sent += 1;
-        self.outgoing.push_back(Transmit {
+        let transmit = Transmit {
             destination: t.destination,
             contents: buf[..size].to_vec(),
-        });
+            segment_size: t.segment_size,
+        };
+        self.stats.udp_sent += transmit.segment_count() as u64;
+        self.outgoing.push_back(transmit);
+    }
+
+    /// Lets one [`Transmit`] carry up to `segments` datagrams (at least 1).
+    pub(crate) fn set_max_transmit_segments(&mut self, segments: usize) {
+        self.max_transmit_segments = segments.max(1);
     }
 
     /// Keeps the connection to `name` open while held (`hold = true` adds a hold, `false` releases
@@ -1058,15 +1112,29 @@ impl Transport {
                 break;
             };
             buf.clear();
-            while let Some(t) = c.conn.poll_transmit(now, 1, &mut buf) {
+            while let Some(t) = c
+                .conn
+                .poll_transmit(now, self.max_transmit_segments, &mut buf)
+            {
                 progressed = true;
-                let size = t.size.min(buf.len());
-                self.stats.udp_sent += 1;
-                self.outgoing.push_back(Transmit {
+                buf.truncate(t.size);
+                // A batch of packets becomes the transmit without a copy; a lone small packet
+                // (an ACK) is copied so that the large buffer is reused.
+                let contents = if t.size > SMALL_TRANSMIT {
+                    let capacity = buf.capacity();
+                    std::mem::replace(&mut buf, Vec::with_capacity(capacity))
+                } else {
+                    let small = buf.clone();
+                    buf.clear();
+                    small
+                };
+                let transmit = Transmit {
                     destination: t.destination,
-                    contents: buf[..size].to_vec(),
-                });
-                buf.clear();
+                    contents,
+                    segment_size: t.segment_size,
+                };
+                self.stats.udp_sent += transmit.segment_count() as u64;
+                self.outgoing.push_back(transmit);
             }
             if c.conn.is_drained() {
                 self.remove_conn(ch);

@@ -24,52 +24,117 @@
 //! QUIC. Both behave the same (see [`grinta_proto::fabric::Flow`]).
 
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 pub use grinta_proto as proto;
-use grinta_proto::fabric::Runtime;
-use grinta_proto::node::NodeConfig;
+use grinta_proto::fabric::{RecvMeta, Runtime};
+use grinta_proto::node::{NodeConfig, Transmit};
+use quinn_udp::UdpSocketState;
+use tokio::io::Interest;
 
 /// The tokio runtime for grinta.
 #[derive(Debug, Clone, Copy)]
 pub struct Tokio;
 
+/// A UDP socket on tokio's reactor that sends several datagrams per system call (GSO) and
+/// receives several per call (`recvmmsg`, GRO) where the platform allows, through quinn-udp.
+#[derive(Debug)]
+pub struct UdpSocket {
+    io: tokio::net::UdpSocket,
+    state: UdpSocketState,
+}
+
 impl Runtime for Tokio {
-    type Socket = tokio::net::UdpSocket;
+    type Socket = UdpSocket;
     type Sleep = tokio::time::Sleep;
 
     fn bind(addr: SocketAddr) -> io::Result<Self::Socket> {
         let socket = std::net::UdpSocket::bind(addr)?;
-        socket.set_nonblocking(true)?;
-        tokio::net::UdpSocket::from_std(socket)
+        // Sets the socket non-blocking and turns on the offloads the platform has.
+        let state = UdpSocketState::new((&socket).into())?;
+        Ok(UdpSocket {
+            io: tokio::net::UdpSocket::from_std(socket)?,
+            state,
+        })
     }
 
     fn local_addr(socket: &Self::Socket) -> io::Result<SocketAddr> {
-        socket.local_addr()
+        socket.io.local_addr()
     }
 
-    fn poll_recv_from(
-        socket: &Self::Socket,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<(usize, SocketAddr)>> {
-        let mut read = tokio::io::ReadBuf::new(buf);
-        socket
-            .poll_recv_from(cx, &mut read)
-            .map_ok(|from| (read.filled().len(), from))
+    fn max_transmit_segments(socket: &Self::Socket) -> usize {
+        socket.state.max_gso_segments()
     }
 
-    fn poll_send_to(
+    fn max_receive_segments(socket: &Self::Socket) -> usize {
+        socket.state.gro_segments()
+    }
+
+    fn may_fragment(socket: &Self::Socket) -> bool {
+        socket.state.may_fragment()
+    }
+
+    fn poll_recv(
         socket: &Self::Socket,
         cx: &mut Context<'_>,
-        buf: &[u8],
-        to: SocketAddr,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        socket.poll_send_to(cx, buf, to)
+        let mut udp_meta = [quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
+        let count = bufs.len().min(meta.len()).min(udp_meta.len());
+        loop {
+            ready!(socket.io.poll_recv_ready(cx))?;
+            let received = socket.io.try_io(Interest::READABLE, || {
+                let state = &socket.state;
+                state.recv(
+                    (&socket.io).into(),
+                    &mut bufs[..count],
+                    &mut udp_meta[..count],
+                )
+            });
+            match received {
+                Ok(n) => {
+                    for (to, from) in meta.iter_mut().zip(&udp_meta[..n]) {
+                        *to = RecvMeta {
+                            source: from.addr,
+                            len: from.len,
+                            stride: from.stride,
+                        };
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn poll_send(
+        socket: &Self::Socket,
+        cx: &mut Context<'_>,
+        transmit: &Transmit,
+    ) -> Poll<io::Result<()>> {
+        let transmit = quinn_udp::Transmit {
+            destination: transmit.destination,
+            ecn: None,
+            contents: &transmit.contents,
+            segment_size: transmit.segment_size,
+            src_ip: None,
+        };
+        loop {
+            ready!(socket.io.poll_send_ready(cx))?;
+            let sent = socket.io.try_io(Interest::WRITABLE, || {
+                socket.state.try_send((&socket.io).into(), &transmit)
+            });
+            match sent {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                result => return Poll::Ready(result),
+            }
+        }
     }
 
     fn sleep_until(deadline: Instant) -> Self::Sleep {

@@ -1,14 +1,55 @@
 //! The one task per node that owns the socket and drives the [`Node`](crate::node::Node).
+//!
+//! Each wake: read datagrams in batches (several buffers per system call, several datagrams per
+//! buffer with GRO) and feed them to the node, locking it once per batch; then under one lock run
+//! the timers, flush the queued API work and take the packets to send; then, with the node
+//! unlocked, send them (several datagrams per system call with GSO). Both directions stop at
+//! [`DRIVER_BUDGET`] datagrams and the driver wakes itself again, so a busy flow cannot starve the
+//! timers of membership.
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::io::IoSliceMut;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use super::{DRIVER_BUDGET, Runtime, Shared};
+use tracing::debug;
+
+use super::{DRIVER_BUDGET, RecvMeta, Runtime, Shared};
+use crate::node::Transmit;
+
+/// Datagrams per GSO send at most, whatever the socket allows: 64 KiB is the most one UDP send
+/// can carry (44 full-size QUIC packets), and smaller batches keep the pacing of a flow smooth.
+const MAX_TRANSMIT_SEGMENTS: usize = 10;
+/// Datagrams taken from the node per round before they are sent.
+const OUTBOX_DATAGRAMS: usize = 64;
+/// Receive buffers filled per system call.
+const RECV_BUFFERS: usize = 8;
+/// Bytes per receive buffer: the largest UDP payload, which is also the most GRO coalesces.
+const RECV_BUFFER_SIZE: usize = 65_536;
+
+/// Counters of the node's UDP socket.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SocketStats {
+    /// Send system calls that succeeded.
+    pub send_calls: u64,
+    /// Datagrams those calls carried (more than `send_calls` with GSO).
+    pub datagrams_sent: u64,
+    /// Receive system calls that returned data.
+    pub recv_calls: u64,
+    /// Datagrams those calls returned (more than `recv_calls` with batching or GRO).
+    pub datagrams_received: u64,
+    /// Sends that failed (the datagrams are lost; QUIC retransmits).
+    pub send_errors: u64,
+    /// Receives that failed (for example an ICMP error reported on the socket).
+    pub recv_errors: u64,
+    /// Datagrams the socket can send per call (GSO segments; 1 without offload).
+    pub max_transmit_segments: usize,
+    /// Datagrams one receive buffer can hold (GRO segments; 1 without offload).
+    pub max_receive_segments: usize,
+}
 
 /// The one task per node that owns the socket.
 pub(crate) struct Driver<R: Runtime> {
@@ -16,20 +57,143 @@ pub(crate) struct Driver<R: Runtime> {
     socket: R::Socket,
     sleep: Option<Pin<Box<R::Sleep>>>,
     sleep_at: Option<Instant>,
-    outbox: VecDeque<(SocketAddr, Vec<u8>)>,
-    buf: Vec<u8>,
+    /// Packets taken from the node and not yet sent, and how many datagrams they hold.
+    outbox: VecDeque<Transmit>,
+    outbox_datagrams: usize,
+    recv_buf: Box<[u8]>,
+    recv_meta: [RecvMeta; RECV_BUFFERS],
+    stats: SocketStats,
 }
 
 impl<R: Runtime> Driver<R> {
     pub(crate) fn new(shared: Arc<Shared>, socket: R::Socket) -> Self {
         Self {
             shared,
-            socket,
             sleep: None,
             sleep_at: None,
             outbox: VecDeque::new(),
-            buf: vec![0u8; 65_536],
+            outbox_datagrams: 0,
+            recv_buf: vec![0u8; RECV_BUFFERS * RECV_BUFFER_SIZE].into_boxed_slice(),
+            recv_meta: [RecvMeta::default(); RECV_BUFFERS],
+            stats: SocketStats {
+                max_transmit_segments: R::max_transmit_segments(&socket),
+                max_receive_segments: R::max_receive_segments(&socket),
+                ..SocketStats::default()
+            },
+            socket,
         }
+    }
+
+    /// One receive system call: returns how many buffers it filled (their contents wait in
+    /// `recv_buf`, described by `recv_meta`), 0 after an error, `None` if the socket is empty.
+    fn receive(&mut self, cx: &mut Context<'_>) -> Option<usize> {
+        let mut bufs: [IoSliceMut<'_>; RECV_BUFFERS] = {
+            let mut chunks = self.recv_buf.chunks_mut(RECV_BUFFER_SIZE);
+            std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()))
+        };
+        match R::poll_recv(&self.socket, cx, &mut bufs, &mut self.recv_meta) {
+            Poll::Ready(Ok(count)) => {
+                self.stats.recv_calls += 1;
+                Some(count.min(RECV_BUFFERS))
+            }
+            // An ICMP error reported on the socket, a truncated datagram: the datagram is lost
+            // and QUIC or membership recovers.
+            Poll::Ready(Err(e)) => {
+                debug!(error = %e, "UDP receive failed");
+                self.stats.recv_errors += 1;
+                Some(0)
+            }
+            Poll::Pending => None,
+        }
+    }
+
+    /// Under the node's lock: hands the `filled` receive buffers to the node, runs due timers,
+    /// flushes the work the API queued, and moves packets to the outbox. Returns how many
+    /// datagrams were received and whether the node has more packets than the outbox took.
+    fn process(&mut self, filled: usize) -> (usize, bool) {
+        let shared = self.shared.clone();
+        let mut inner = shared.lock();
+        let now = R::now();
+        let mut received = 0;
+        for (meta, buf) in self
+            .recv_meta
+            .iter()
+            .zip(self.recv_buf.chunks(RECV_BUFFER_SIZE))
+            .take(filled)
+        {
+            let data = &buf[..meta.len.min(buf.len())];
+            let stride = if meta.stride == 0 {
+                data.len().max(1)
+            } else {
+                meta.stride
+            };
+            for datagram in data.chunks(stride) {
+                inner
+                    .node
+                    .handle_datagram_deferred(now, meta.source, datagram);
+                received += 1;
+            }
+        }
+        self.stats.datagrams_received += received as u64;
+
+        if inner.node.poll_timeout().is_some_and(|t| t <= now) {
+            inner.node.handle_timeout(now);
+        }
+        // GSO can be switched off by the socket after a failed send.
+        self.stats.max_transmit_segments = R::max_transmit_segments(&self.socket);
+        inner
+            .node
+            .set_max_transmit_segments(self.stats.max_transmit_segments.min(MAX_TRANSMIT_SEGMENTS));
+        inner.node.flush(now);
+        inner.dispatch();
+        while self.outbox_datagrams < OUTBOX_DATAGRAMS {
+            match inner.node.poll_transmit() {
+                Some(t) => {
+                    self.outbox_datagrams += t.segment_count();
+                    self.outbox.push_back(t);
+                }
+                None => break,
+            }
+        }
+        let more_in_node = self.outbox_datagrams >= OUTBOX_DATAGRAMS;
+        inner.socket_stats.clone_from(&self.stats);
+
+        match inner.node.poll_timeout() {
+            Some(deadline) if Some(deadline) != self.sleep_at => {
+                self.sleep = Some(Box::pin(R::sleep_until(deadline)));
+                self.sleep_at = Some(deadline);
+            }
+            Some(_) => {}
+            None => {
+                self.sleep = None;
+                self.sleep_at = None;
+            }
+        }
+        (received, more_in_node)
+    }
+
+    /// Sends the outbox until it is empty or the socket is full (the socket then wakes the
+    /// driver); returns how many datagrams went out and whether the outbox is empty.
+    fn send(&mut self, cx: &mut Context<'_>) -> (usize, bool) {
+        let mut sent = 0;
+        while let Some(transmit) = self.outbox.front() {
+            let datagrams = transmit.segment_count();
+            match R::poll_send(&self.socket, cx, transmit) {
+                Poll::Ready(Ok(())) => {
+                    self.stats.send_calls += 1;
+                    self.stats.datagrams_sent += datagrams as u64;
+                }
+                Poll::Ready(Err(e)) => {
+                    debug!(error = %e, to = %transmit.destination, "UDP send failed");
+                    self.stats.send_errors += 1;
+                }
+                Poll::Pending => return (sent, false),
+            }
+            sent += datagrams;
+            self.outbox_datagrams -= datagrams;
+            self.outbox.pop_front();
+        }
+        (sent, true)
     }
 }
 
@@ -39,83 +203,42 @@ impl<R: Runtime> Future for Driver<R> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         // Every field is Unpin (the timer is boxed), so the driver is Unpin.
         let this = Pin::into_inner(self);
-        let shared = this.shared.clone();
-        let mut inner = shared.lock();
-        if inner.shutdown && this.outbox.is_empty() {
-            return Poll::Ready(());
+        {
+            let mut inner = this.shared.lock();
+            if inner.shutdown && this.outbox.is_empty() {
+                return Poll::Ready(());
+            }
+            match &inner.driver {
+                Some(waker) if waker.will_wake(cx.waker()) => {}
+                _ => inner.driver = Some(cx.waker().clone()),
+            }
         }
-        inner.driver = Some(cx.waker().clone());
 
-        // Receive, bounded.
-        let mut budget_hit = false;
-        for i in 0..=DRIVER_BUDGET {
-            if i == DRIVER_BUDGET {
-                budget_hit = true;
+        // Rounds of: one receive call, the node's work, the sends. Acknowledgements thus leave
+        // after every received batch, not after the whole budget.
+        let mut moved = 0;
+        loop {
+            let filled = this.receive(cx);
+            let (received, more_in_node) = this.process(filled.unwrap_or(0));
+            let (sent, outbox_empty) = this.send(cx);
+            moved += received + sent;
+            let socket_empty = filled.is_none();
+            let more_to_send = outbox_empty && more_in_node;
+            if socket_empty && !more_to_send {
                 break;
             }
-            match R::poll_recv_from(&this.socket, cx, &mut this.buf) {
-                Poll::Ready(Ok((n, from))) => {
-                    let now = R::now();
-                    inner.node.handle_datagram(now, from, &this.buf[..n]);
-                }
-                // An ICMP error or a truncated datagram: nothing to do with it.
-                Poll::Ready(Err(_)) => continue,
-                Poll::Pending => break,
-            }
-        }
-
-        // Timers, then the packets of messages the API queued since the last wake.
-        let now = R::now();
-        if inner.node.poll_timeout().is_some_and(|t| t <= now) {
-            inner.node.handle_timeout(now);
-        }
-        inner.node.flush(now);
-        inner.dispatch();
-
-        // Send, bounded.
-        while this.outbox.len() < 4 * DRIVER_BUDGET {
-            match inner.node.poll_transmit() {
-                Some(t) => this.outbox.push_back((t.destination, t.contents)),
-                None => break,
-            }
-        }
-        let mut sent = 0;
-        while let Some((to, data)) = this.outbox.front() {
-            if sent == DRIVER_BUDGET {
-                budget_hit = true;
+            if moved >= DRIVER_BUDGET {
+                cx.waker().wake_by_ref();
                 break;
             }
-            match R::poll_send_to(&this.socket, cx, data, *to) {
-                Poll::Ready(_) => {
-                    this.outbox.pop_front();
-                    sent += 1;
-                }
-                Poll::Pending => break,
-            }
         }
 
-        // Sleep until the next deadline.
-        match inner.node.poll_timeout() {
-            Some(deadline) if Some(deadline) != this.sleep_at => {
-                this.sleep = Some(Box::pin(R::sleep_until(deadline)));
-                this.sleep_at = Some(deadline);
-            }
-            Some(_) => {}
-            None => {
-                this.sleep = None;
-                this.sleep_at = None;
-            }
-        }
-        drop(inner);
         if let Some(sleep) = this.sleep.as_mut() {
             if sleep.as_mut().poll(cx).is_ready() {
                 this.sleep = None;
                 this.sleep_at = None;
                 cx.waker().wake_by_ref();
             }
-        }
-        if budget_hit {
-            cx.waker().wake_by_ref();
         }
         Poll::Pending
     }

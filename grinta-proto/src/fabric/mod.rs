@@ -31,6 +31,7 @@ mod flow;
 mod local;
 
 pub use builder::{FabricBuilder, Profile};
+pub use driver::SocketStats;
 pub use flow::{Flow, FlowReceiver, FlowSender, TypedFlow};
 
 use driver::Driver;
@@ -38,9 +39,46 @@ use flow::Route;
 use local::{Closed, LocalEnd, LocalFlow};
 
 /// Datagrams the driver receives, and sends, per wake before yielding.
-pub const DRIVER_BUDGET: usize = 64;
+pub const DRIVER_BUDGET: usize = 256;
+
+/// What one receive buffer holds after [`Runtime::poll_recv`]: `len` bytes from `source`, one
+/// datagram or, with receive offload (GRO), several of `stride` bytes each (the last possibly
+/// shorter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecvMeta {
+    /// Where the datagrams came from.
+    pub source: SocketAddr,
+    /// Bytes written into the buffer.
+    pub len: usize,
+    /// The size of each datagram in the buffer (equal to `len` for a single datagram).
+    pub stride: usize,
+}
+
+impl Default for RecvMeta {
+    fn default() -> Self {
+        Self {
+            source: SocketAddr::from(([0, 0, 0, 0], 0)),
+            len: 0,
+            stride: 0,
+        }
+    }
+}
+
+/// Counters of a fabric: its node and its socket.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FabricStats {
+    /// Membership and transport counters.
+    pub node: crate::node::NodeStats,
+    /// UDP socket counters (system calls, datagrams, errors, offload sizes).
+    pub socket: SocketStats,
+}
 
 /// What an adapter provides: a UDP socket, a timer, a clock and a spawner.
+///
+/// The socket side is batched: one [`poll_send`](Self::poll_send) may carry several datagrams to
+/// one destination (GSO) and one [`poll_recv`](Self::poll_recv) may fill several buffers, each
+/// holding several datagrams (`recvmmsg`, GRO). An adapter without offload reports 1 segment and
+/// fills one buffer per call; the driver adapts.
 pub trait Runtime: Send + Sync + 'static {
     /// The UDP socket type.
     type Socket: Send + Sync + Unpin + 'static;
@@ -51,19 +89,28 @@ pub trait Runtime: Send + Sync + 'static {
     fn bind(addr: SocketAddr) -> io::Result<Self::Socket>;
     /// The socket's local address.
     fn local_addr(socket: &Self::Socket) -> io::Result<SocketAddr>;
-    /// Receives one datagram.
-    fn poll_recv_from(
+    /// How many datagrams one [`Transmit`](crate::node::Transmit) given to
+    /// [`poll_send`](Self::poll_send) may hold (1 without GSO).
+    fn max_transmit_segments(socket: &Self::Socket) -> usize;
+    /// How many datagrams one receive buffer may hold (1 without GRO).
+    fn max_receive_segments(socket: &Self::Socket) -> usize;
+    /// Whether the IP layer may fragment what the socket sends (then QUIC path MTU discovery,
+    /// which relies on oversized probes being dropped, is turned off).
+    fn may_fragment(socket: &Self::Socket) -> bool;
+    /// Receives into `bufs`, filling `meta` for each buffer used; returns how many were used.
+    fn poll_recv(
         socket: &Self::Socket,
         cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<(usize, SocketAddr)>>;
-    /// Sends one datagram.
-    fn poll_send_to(
-        socket: &Self::Socket,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-        to: SocketAddr,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>>;
+    /// Sends a transmit: one datagram, or several of `segment_size` bytes. Errors other than
+    /// "would block" are the datagram's loss, which QUIC recovers from; the driver counts them.
+    fn poll_send(
+        socket: &Self::Socket,
+        cx: &mut Context<'_>,
+        transmit: &crate::node::Transmit,
+    ) -> Poll<io::Result<()>>;
     /// A timer that completes at `deadline`.
     fn sleep_until(deadline: Instant) -> Self::Sleep;
     /// Runs `future` in the background.
@@ -140,6 +187,8 @@ pub(crate) struct Inner {
     /// Every in-process flow, to close them at shutdown (pruned as they end).
     local_flows: Vec<Weak<LocalFlow>>,
     driver: Option<Waker>,
+    /// The driver's socket counters, as of its last wake.
+    socket_stats: SocketStats,
     shutdown: bool,
 }
 
@@ -301,6 +350,8 @@ impl<R: Runtime> Fabric<R> {
             source,
         })?;
         config.bind = local_addr;
+        // Probing larger packets is only sound when the socket sets "don't fragment".
+        config.transport.mtu_discovery &= !R::may_fragment(&socket);
         let now = R::now();
         let mut node = Node::new(config, seed, now)?;
         node.join(now, &[]);
@@ -314,6 +365,7 @@ impl<R: Runtime> Fabric<R> {
                 local_backlogs: HashMap::new(),
                 local_flows: Vec::new(),
                 driver: None,
+                socket_stats: SocketStats::default(),
                 shutdown: false,
             }),
             local_addr,
@@ -473,9 +525,23 @@ impl<R: Runtime> Fabric<R> {
         }))
     }
 
-    /// Counters of the node.
-    pub fn stats(&self) -> crate::node::NodeStats {
-        self.shared.lock().node.stats()
+    /// Counters of the node (membership, transport) and of its UDP socket.
+    ///
+    /// ```no_run
+    /// # async fn demo(fabric: grinta_proto::fabric::Fabric<impl grinta_proto::fabric::Runtime>) {
+    /// let stats = fabric.stats();
+    /// println!(
+    ///     "{} datagrams in {} send calls",
+    ///     stats.socket.datagrams_sent, stats.socket.send_calls
+    /// );
+    /// # }
+    /// ```
+    pub fn stats(&self) -> FabricStats {
+        let inner = self.shared.lock();
+        FabricStats {
+            node: inner.node.stats(),
+            socket: inner.socket_stats.clone(),
+        }
     }
 
     /// Leaves the cluster gracefully, then stops the driver: names are withdrawn, remote flows
@@ -637,6 +703,6 @@ macro_rules! runtime_aliases {
         pub type FlowReceiver = $crate::fabric::FlowReceiver<$runtime>;
         /// A flow carrying values of `T` through codec `C`.
         pub type TypedFlow<T, C> = $crate::fabric::TypedFlow<$runtime, T, C>;
-        pub use $crate::fabric::{Error, Profile};
+        pub use $crate::fabric::{Error, FabricStats, Profile, SocketStats};
     };
 }
