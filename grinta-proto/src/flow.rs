@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use hashbrown::HashMap;
 use prost::Message;
 use quinn_proto::{ConnectionHandle, StreamId};
@@ -374,12 +374,13 @@ struct Flow {
     recv_queue: VecDeque<Bytes>,
     recv_bytes: usize,
     remote_finished: bool,
-    send_queue: VecDeque<Bytes>,
-    send_bytes: usize,
+    send_queue: SendQueue,
     finish_requested: bool,
     fin_sent: bool,
     peer_max_message: u64,
     writer_blocked: bool,
+    /// Messages wait in `send_queue` for the next `flush_sends`.
+    send_dirty: bool,
     held: bool,
     /// The application dropped its handle after finishing: what still arrives is read and
     /// discarded so the peer never stalls, and the flow ends when the peer finishes.
@@ -388,6 +389,86 @@ struct Flow {
     bytes_sent: u64,
     messages_received: u64,
     bytes_received: u64,
+}
+
+/// Messages up to this size are copied into the flow's batch buffer; larger ones are handed to
+/// the stream as they are, without a copy.
+const COALESCE_MAX: usize = 4096;
+/// Capacity the batch buffer grows by.
+const BATCH_CAPACITY: usize = 64 * 1024;
+
+/// The bytes of a flow waiting to be written to its stream: length prefixes, control messages and
+/// small messages accumulate in one batch buffer, large messages stay separate chunks, so a burst
+/// of small messages becomes one write and the stream's buffer holds a few large chunks instead of
+/// one per message.
+#[derive(Debug, Default)]
+struct SendQueue {
+    /// Sealed chunks, in order, before `batch`.
+    chunks: VecDeque<Bytes>,
+    /// The open batch buffer.
+    batch: BytesMut,
+    /// Bytes queued in total.
+    len: usize,
+}
+
+impl SendQueue {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Queues a length-prefixed control message.
+    fn push_control(&mut self, message: &impl Message) {
+        let before = self.batch.len();
+        self.reserve(framing::MAX_VARINT_LEN + message.encoded_len());
+        framing::encode_message(message, &mut self.batch);
+        self.len += self.batch.len() - before;
+    }
+
+    /// Queues an application message with its length prefix.
+    fn push_message(&mut self, message: Bytes) {
+        let small = message.len() <= COALESCE_MAX;
+        self.reserve(framing::MAX_VARINT_LEN + if small { message.len() } else { 0 });
+        let before = self.batch.len();
+        prost::encoding::encode_varint(message.len() as u64, &mut self.batch);
+        self.len += self.batch.len() - before + message.len();
+        if small {
+            self.batch.extend_from_slice(&message);
+        } else {
+            self.seal();
+            self.chunks.push_back(message);
+        }
+    }
+
+    fn reserve(&mut self, additional: usize) {
+        if self.batch.capacity() - self.batch.len() < additional {
+            self.seal();
+            self.batch.reserve(additional.max(BATCH_CAPACITY));
+        }
+    }
+
+    /// Moves the batch buffer's bytes to the sealed chunks.
+    fn seal(&mut self) {
+        if !self.batch.is_empty() {
+            self.chunks.push_back(self.batch.split().freeze());
+        }
+    }
+
+    /// Hands everything queued to `write`, which consumes what it takes from the front of the
+    /// chunks (emptying or advancing them) and returns how many bytes it took, or `None` if the
+    /// stream is gone. Returns what `write` returned.
+    fn write_with(&mut self, write: impl FnOnce(&mut [Bytes]) -> Option<usize>) -> Option<usize> {
+        self.seal();
+        let written = write(self.chunks.make_contiguous())?;
+        self.len -= written;
+        while self.chunks.front().is_some_and(Bytes::is_empty) {
+            self.chunks.pop_front();
+        }
+        Some(written)
+    }
 }
 
 /// One item of a flow stream.
@@ -413,7 +494,7 @@ pub enum FlowFrame {
 /// framing::encode_message(&wire::FlowResponse { result: None }, &mut bytes);
 /// framing::encode_frame(b"hello", &mut bytes);
 /// let mut parser = FlowStreamParser::for_dialler(1024);
-/// parser.push(&bytes);
+/// parser.push(bytes.into());
 /// assert!(matches!(parser.next_frame(), Ok(Some(FlowFrame::Response(_)))));
 /// assert_eq!(parser.next_frame(), Ok(Some(FlowFrame::Message("hello".into()))));
 /// assert_eq!(parser.next_frame(), Ok(None));
@@ -445,9 +526,10 @@ impl FlowStreamParser {
         }
     }
 
-    /// Appends received bytes.
-    pub fn push(&mut self, data: &[u8]) {
-        self.decoder.extend(data);
+    /// Appends received bytes. Frames within one chunk are returned as slices of it, without a
+    /// copy.
+    pub fn push(&mut self, data: Bytes) {
+        self.decoder.push(data);
     }
 
     /// Bytes received but not yet returned as frames.
@@ -506,6 +588,8 @@ pub(crate) struct Flows {
     backlogs: HashMap<String, VecDeque<FlowId>>,
     ended: VecDeque<(FlowId, Result<(), FlowError>)>,
     events: VecDeque<FlowEvent>,
+    /// Flows with messages queued since the last `flush_sends`.
+    dirty: Vec<FlowId>,
     shutting_down: bool,
 }
 
@@ -520,6 +604,7 @@ impl Flows {
             backlogs: HashMap::new(),
             ended: VecDeque::new(),
             events: VecDeque::new(),
+            dirty: Vec::new(),
             shutting_down: false,
         }
     }
@@ -538,7 +623,7 @@ impl Flows {
 
     pub(crate) fn stats(&self, id: FlowId) -> Option<FlowStats> {
         self.flows.get(&id).map(|f| FlowStats {
-            send_queued_bytes: f.send_bytes,
+            send_queued_bytes: f.send_queue.len(),
             recv_queued_bytes: f.recv_bytes,
             recv_queued_messages: f.recv_queue.len(),
             messages_sent: f.messages_sent,
@@ -583,12 +668,12 @@ impl Flows {
                 recv_queue: VecDeque::new(),
                 recv_bytes: 0,
                 remote_finished: false,
-                send_queue: VecDeque::new(),
-                send_bytes: 0,
+                send_queue: SendQueue::default(),
                 finish_requested: false,
                 fin_sent: false,
                 peer_max_message: 0,
                 writer_blocked: false,
+                send_dirty: false,
                 held: false,
                 released: false,
                 messages_sent: 0,
@@ -666,10 +751,7 @@ impl Flows {
             source_node: self.local_name.clone(),
             max_message_size: self.limits.max_message_size as u64,
         };
-        let mut buf = Vec::new();
-        framing::encode_message(&open, &mut buf);
-        flow.send_bytes += buf.len();
-        flow.send_queue.push_back(buf.into());
+        flow.send_queue.push_control(&open);
         self.flush(transport, id);
     }
 
@@ -735,7 +817,7 @@ impl Flows {
             }
             let read = transport.flow_read(conn, stream, room.min(64 * 1024));
             let got = read.data.iter().map(Bytes::len).sum::<usize>();
-            for chunk in &read.data {
+            for chunk in read.data {
                 flow.parser.push(chunk);
             }
             if let Err(e) = self.process_frames(now, transport, registry, id) {
@@ -897,15 +979,9 @@ impl Flows {
                             max_message_size: self.limits.max_message_size as u64,
                         }),
                     };
-                    let mut buf = Vec::new();
-                    framing::encode_message(
-                        &wire::FlowResponse {
-                            result: Some(response),
-                        },
-                        &mut buf,
-                    );
-                    flow.send_bytes += buf.len();
-                    flow.send_queue.push_back(buf.into());
+                    flow.send_queue.push_control(&wire::FlowResponse {
+                        result: Some(response),
+                    });
                     if refusal.is_some() {
                         flow.finish_requested = true;
                         flow.remote_finished = true;
@@ -941,11 +1017,10 @@ impl Flows {
         self.backlogs.get_mut(endpoint)?.pop_front()
     }
 
-    /// Queues `message` for sending. `check_size` false skips the peer's size limit (tests of the
-    /// receiver's enforcement only).
+    /// Queues `message` for sending; [`flush_sends`](Self::flush_sends) writes it to the stream.
+    /// `check_size` false skips the peer's size limit (tests of the receiver's enforcement only).
     pub(crate) fn send(
         &mut self,
-        transport: &mut Transport,
         id: FlowId,
         message: Bytes,
         check_size: bool,
@@ -966,21 +1041,40 @@ impl Flows {
             });
         }
         // One message may always be queued on an empty buffer, whatever its size.
-        if flow.send_bytes > 0 && flow.send_bytes + message.len() > self.limits.send_buffer {
+        let queued = flow.send_queue.len();
+        if queued > 0 && queued + message.len() > self.limits.send_buffer {
             flow.writer_blocked = true;
             return Err(FlowError::WouldBlock);
         }
-        let mut prefix = Vec::with_capacity(framing::MAX_VARINT_LEN);
-        prost::encoding::encode_varint(message.len() as u64, &mut prefix);
-        flow.send_bytes += prefix.len() + message.len();
         flow.messages_sent += 1;
         flow.bytes_sent += message.len() as u64;
-        flow.send_queue.push_back(prefix.into());
-        if !message.is_empty() {
-            flow.send_queue.push_back(message);
+        flow.send_queue.push_message(message);
+        // Written to the stream at the next `flush_sends`: messages sent in a burst share one
+        // write (and the stream's buffer holds one chunk for them, not one per message).
+        if !flow.send_dirty {
+            flow.send_dirty = true;
+            self.dirty.push(id);
         }
-        self.flush(transport, id);
         Ok(())
+    }
+
+    /// Whether messages wait for [`flush_sends`](Self::flush_sends) or events for the node.
+    pub(crate) fn needs_flush(&self) -> bool {
+        !self.dirty.is_empty() || !self.events.is_empty()
+    }
+
+    /// Writes the messages queued by [`send`](Self::send) since the last call to their streams.
+    pub(crate) fn flush_sends(&mut self, transport: &mut Transport) {
+        let dirty = std::mem::take(&mut self.dirty);
+        for &id in &dirty {
+            if let Some(flow) = self.flows.get_mut(&id) {
+                flow.send_dirty = false;
+                self.flush(transport, id);
+            }
+        }
+        // Keep the allocation.
+        self.dirty = dirty;
+        self.dirty.clear();
     }
 
     /// Takes the next received message.
@@ -1205,28 +1299,19 @@ impl Flows {
         let Some((conn, stream)) = flow.stream else {
             return;
         };
-        while let Some(front) = flow.send_queue.front_mut() {
-            match transport.flow_write(conn, stream, front) {
-                None => {
-                    // The stream is gone; the stop or reset event tells why.
-                    return;
-                }
-                Some(0) => break,
-                Some(n) => {
-                    flow.send_bytes -= n;
-                    if n == front.len() {
-                        flow.send_queue.pop_front();
-                    } else {
-                        let _ = front.split_to(n);
-                    }
-                }
-            }
+        if flow
+            .send_queue
+            .write_with(|chunks| transport.flow_write_chunks(conn, stream, chunks))
+            .is_none()
+        {
+            // The stream is gone; the stop or reset event tells why.
+            return;
         }
         if flow.send_queue.is_empty() && flow.finish_requested && !flow.fin_sent {
             flow.fin_sent = true;
             transport.flow_finish(conn, stream);
         }
-        if flow.writer_blocked && flow.send_bytes < self.limits.send_buffer {
+        if flow.writer_blocked && flow.send_queue.len() < self.limits.send_buffer {
             flow.writer_blocked = false;
             self.events.push_back(FlowEvent::Writable { flow: id });
         }

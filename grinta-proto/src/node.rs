@@ -237,6 +237,8 @@ pub struct Node {
     seeds: Vec<SocketAddr>,
     events: VecDeque<Event>,
     undecodable: u64,
+    /// The time of the latest input, for packets built while `poll_transmit` is drained.
+    now: Instant,
 }
 
 impl Node {
@@ -267,6 +269,7 @@ impl Node {
             seeds: config.seeds,
             events: VecDeque::new(),
             undecodable: 0,
+            now,
         })
     }
 
@@ -389,17 +392,17 @@ impl Node {
     /// Sends one message on an open flow. [`FlowError::WouldBlock`] means the send buffer is full:
     /// retry after [`FlowEvent::Writable`].
     pub fn send(&mut self, now: Instant, flow: FlowId, message: Bytes) -> Result<(), FlowError> {
-        let r = self.flows.send(&mut self.transport, flow, message, true);
+        let r = self.flows.send(flow, message, true);
         self.pump(now);
         r
     }
 
-    /// Like [`send`](Self::send), but only queues the message on its stream: the connection is
-    /// driven (packets built) at the next [`flush`](Self::flush) or other input. Messages sent in
-    /// a burst then share packets instead of each becoming one; the fabric's driver flushes on
-    /// every wake.
+    /// Like [`send`](Self::send), but only queues the message in its flow: it is written to the
+    /// stream and packets are built at the next [`flush`](Self::flush) or other input. Messages
+    /// sent in a burst then become one stream write and share packets instead of each becoming
+    /// one; the fabric's driver flushes on every wake.
     pub fn send_deferred(&mut self, flow: FlowId, message: Bytes) -> Result<(), FlowError> {
-        self.flows.send(&mut self.transport, flow, message, true)
+        self.flows.send(flow, message, true)
     }
 
     /// Drives every connection with pending work: builds the packets of deferred sends, routes
@@ -418,7 +421,7 @@ impl Node {
         flow: FlowId,
         message: Bytes,
     ) -> Result<(), FlowError> {
-        let r = self.flows.send(&mut self.transport, flow, message, false);
+        let r = self.flows.send(flow, message, false);
         self.pump(now);
         r
     }
@@ -430,6 +433,22 @@ impl Node {
             .recv(now, &mut self.transport, &self.registry, flow);
         self.pump(now);
         r
+    }
+
+    /// Like [`recv`](Self::recv), but leaves the work it causes (acknowledging what it read,
+    /// reading further from the stream, raising events) to the next [`flush`](Self::flush) or
+    /// other input; [`needs_flush`](Self::needs_flush) says whether there is any. A reader taking
+    /// many queued messages then causes one round of packets, not one per message.
+    pub fn recv_deferred(&mut self, now: Instant, flow: FlowId) -> Result<Recv, FlowError> {
+        self.flows
+            .recv(now, &mut self.transport, &self.registry, flow)
+    }
+
+    /// Whether deferred calls ([`send_deferred`](Self::send_deferred),
+    /// [`recv_deferred`](Self::recv_deferred), [`handle_datagram_deferred`](Self::handle_datagram_deferred))
+    /// left work for [`flush`](Self::flush).
+    pub fn needs_flush(&self) -> bool {
+        self.transport.needs_flush() || self.flows.needs_flush()
     }
 
     /// Finishes the sending side: everything sent is delivered, then the other side sees the end.
@@ -639,8 +658,17 @@ impl Node {
         self.pump(now);
     }
 
-    /// The next UDP datagram to send.
+    /// The next UDP datagrams to send. Packets are built in batches as this is drained, so the
+    /// work of one call stays bounded however much a flow has queued.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if let Some(t) = self.transport.poll_transmit() {
+            return Some(t);
+        }
+        if !self.transport.needs_flush() {
+            return None;
+        }
+        // More packets wait to be built: at the time of the last input.
+        self.pump(self.now);
         self.transport.poll_transmit()
     }
 
@@ -664,6 +692,9 @@ impl Node {
 
     /// Moves messages between the transport and membership until both are quiet.
     fn pump(&mut self, now: Instant) {
+        self.now = now;
+        // Messages queued by `send_deferred` go to their streams, one write per flow.
+        self.flows.flush_sends(&mut self.transport);
         loop {
             // Connections first: deferred datagrams and sends become events and packets here.
             self.transport.flush(now);

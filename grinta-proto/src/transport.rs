@@ -148,6 +148,11 @@ pub(crate) enum TransportEvent {
     },
 }
 
+/// Packets are built only while fewer datagrams than this wait in the outgoing queue; the rest
+/// are built as the queue drains ([`Node::poll_transmit`](crate::node::Node::poll_transmit) asks
+/// for more). Whoever drives the node thus holds it for a bounded time per batch of packets.
+const QUEUED_DATAGRAMS: usize = 20;
+
 /// Transmits up to this size are copied out of the packet buffer; larger ones take it over.
 const SMALL_TRANSMIT: usize = 2048;
 
@@ -267,6 +272,8 @@ pub(crate) struct Transport {
     local_name: String,
     limits: TransportLimits,
     outgoing: VecDeque<Transmit>,
+    /// Datagrams in `outgoing`; connections stop building packets at [`QUEUED_DATAGRAMS`].
+    outgoing_datagrams: usize,
     events: VecDeque<TransportEvent>,
     dirty: std::collections::BTreeSet<ConnectionHandle>,
     buf: Vec<u8>,
@@ -516,6 +523,7 @@ impl Transport {
             local_name: local_name.to_owned(),
             limits,
             outgoing: VecDeque::new(),
+            outgoing_datagrams: 0,
             events: VecDeque::new(),
             dirty: Default::default(),
             buf: Vec::with_capacity(1500),
@@ -758,18 +766,19 @@ impl Transport {
         })
     }
 
-    /// Writes as much of `data` as flow control allows; returns the bytes taken, or `None` if the
-    /// stream is gone (stopped, reset or its connection closed).
-    pub(crate) fn flow_write(
+    /// Writes as much of `chunks` as flow control allows, taking the bytes without a copy (each
+    /// chunk written is emptied, a chunk written in part is advanced); returns the bytes taken, or
+    /// `None` if the stream is gone (stopped, reset or its connection closed).
+    pub(crate) fn flow_write_chunks(
         &mut self,
         conn: ConnectionHandle,
         stream: StreamId,
-        data: &[u8],
+        chunks: &mut [Bytes],
     ) -> Option<usize> {
         let c = self.conns.get_mut(&conn)?;
         self.dirty.insert(conn);
-        match c.conn.send_stream(stream).write(data) {
-            Ok(n) => Some(n),
+        match c.conn.send_stream(stream).write_chunks(chunks) {
+            Ok(written) => Some(written.bytes),
             Err(quinn_proto::WriteError::Blocked) => Some(0),
             Err(_) => None,
         }
@@ -965,7 +974,13 @@ impl Transport {
             contents: buf[..size].to_vec(),
             segment_size: t.segment_size,
         };
-        self.stats.udp_sent += transmit.segment_count() as u64;
+        self.queue_transmit(transmit);
+    }
+
+    fn queue_transmit(&mut self, transmit: Transmit) {
+        let datagrams = transmit.segment_count();
+        self.stats.udp_sent += datagrams as u64;
+        self.outgoing_datagrams += datagrams;
         self.outgoing.push_back(transmit);
     }
 
@@ -1037,7 +1052,9 @@ impl Transport {
     }
 
     pub(crate) fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.outgoing.pop_front()
+        let transmit = self.outgoing.pop_front()?;
+        self.outgoing_datagrams -= transmit.segment_count();
+        Some(transmit)
     }
 
     pub(crate) fn poll_event(&mut self) -> Option<TransportEvent> {
@@ -1082,14 +1099,23 @@ impl Transport {
         self.conns.len()
     }
 
+    /// Whether some connection was touched since the last [`flush`](Self::flush).
+    pub(crate) fn needs_flush(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
     /// Processes every connection touched since the last call: endpoint events, connection events,
     /// then its packets.
     pub(crate) fn flush(&mut self, now: Instant) {
         self.drive(now);
     }
 
+    /// Drives touched connections until none is left or the outgoing queue is full.
     fn drive(&mut self, now: Instant) {
-        while let Some(ch) = self.dirty.pop_first() {
+        while self.outgoing_datagrams < QUEUED_DATAGRAMS {
+            let Some(ch) = self.dirty.pop_first() else {
+                break;
+            };
             self.drive_one(now, ch);
         }
     }
@@ -1112,10 +1138,18 @@ impl Transport {
                 break;
             };
             buf.clear();
-            while let Some(t) = c
-                .conn
-                .poll_transmit(now, self.max_transmit_segments, &mut buf)
-            {
+            let mut queue_full = false;
+            loop {
+                if self.outgoing_datagrams >= QUEUED_DATAGRAMS {
+                    queue_full = true;
+                    break;
+                }
+                let Some(t) = c
+                    .conn
+                    .poll_transmit(now, self.max_transmit_segments, &mut buf)
+                else {
+                    break;
+                };
                 progressed = true;
                 buf.truncate(t.size);
                 // A batch of packets becomes the transmit without a copy; a lone small packet
@@ -1133,8 +1167,15 @@ impl Transport {
                     contents,
                     segment_size: t.segment_size,
                 };
-                self.stats.udp_sent += transmit.segment_count() as u64;
+                let datagrams = transmit.segment_count();
+                self.stats.udp_sent += datagrams as u64;
+                self.outgoing_datagrams += datagrams;
                 self.outgoing.push_back(transmit);
+            }
+            if queue_full {
+                // Revisited once the queue drains.
+                self.dirty.insert(ch);
+                break;
             }
             if c.conn.is_drained() {
                 self.remove_conn(ch);

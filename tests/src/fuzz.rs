@@ -84,7 +84,7 @@ pub fn flow_stream(data: &[u8]) {
     };
     let mut first = true;
     for piece in rest.chunks(usize::from(mode >> 1).max(1)) {
-        parser.push(piece);
+        parser.push(bytes::Bytes::copy_from_slice(piece));
         loop {
             match parser.next_frame() {
                 Ok(Some(frame)) => {

@@ -114,6 +114,7 @@ impl<R: Runtime> Driver<R> {
         let shared = self.shared.clone();
         let mut inner = shared.lock();
         let now = R::now();
+        inner.now = now;
         let mut received = 0;
         for (meta, buf) in self
             .recv_meta

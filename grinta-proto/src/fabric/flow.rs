@@ -109,9 +109,14 @@ impl<R: Runtime> FlowCore<R> {
             Route::Local(end) => end.poll_recv(cx),
             Route::Remote { fabric, id } => {
                 let mut inner = fabric.shared.lock();
-                let r = inner.node.recv(R::now(), *id);
-                inner.dispatch();
-                inner.wake_driver();
+                // What the read causes (flow credit for the peer, events) is left to the driver,
+                // woken only if there is such work: a reader draining queued messages costs one
+                // round of packets, not one per message.
+                let now = inner.now;
+                let r = inner.node.recv_deferred(now, *id);
+                if inner.node.needs_flush() {
+                    inner.wake_driver();
+                }
                 match r {
                     Ok(Recv::Message(m)) => Poll::Ready(Ok(Some(Message::Bytes(m)))),
                     Ok(Recv::Finished) => Poll::Ready(Ok(None)),

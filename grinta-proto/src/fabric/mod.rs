@@ -189,6 +189,9 @@ pub(crate) struct Inner {
     driver: Option<Waker>,
     /// The driver's socket counters, as of its last wake.
     socket_stats: SocketStats,
+    /// The latest time read under the lock: what calls that need no fresh time (taking a queued
+    /// message) give the node, without reading the clock.
+    now: Instant,
     shutdown: bool,
 }
 
@@ -366,6 +369,7 @@ impl<R: Runtime> Fabric<R> {
                 local_flows: Vec::new(),
                 driver: None,
                 socket_stats: SocketStats::default(),
+                now,
                 shutdown: false,
             }),
             local_addr,
@@ -379,7 +383,9 @@ impl<R: Runtime> Fabric<R> {
 
     pub(crate) fn with<T>(&self, f: impl FnOnce(&mut Inner, Instant) -> T) -> T {
         let mut inner = self.shared.lock();
-        let t = f(&mut inner, R::now());
+        let now = R::now();
+        inner.now = now;
+        let t = f(&mut inner, now);
         inner.dispatch();
         inner.wake_driver();
         t

@@ -119,7 +119,11 @@ pub fn framed_len(payload_len: usize) -> usize {
 /// the stream is unusable: the caller resets it.
 #[derive(Debug)]
 pub struct FrameDecoder {
+    /// Bytes of a frame split across pushes, copied together.
     buf: BytesMut,
+    /// A pushed chunk whose frames are handed out as slices of it, without a copy; only used
+    /// while `buf` is empty.
+    chunk: Bytes,
     max_frame_len: usize,
 }
 
@@ -128,6 +132,7 @@ impl FrameDecoder {
     pub fn new(max_frame_len: usize) -> Self {
         Self {
             buf: BytesMut::new(),
+            chunk: Bytes::new(),
             max_frame_len,
         }
     }
@@ -143,18 +148,48 @@ impl FrameDecoder {
         self.max_frame_len = max_frame_len;
     }
 
-    /// Appends bytes received from the stream.
+    /// Appends bytes received from the stream (copied; [`push`](Self::push) avoids the copy).
     pub fn extend(&mut self, data: &[u8]) {
+        self.spill();
         self.buf.extend_from_slice(data);
+    }
+
+    /// Appends a chunk received from the stream. While no frame is split across chunks, the
+    /// frames are returned as slices of the chunk, without a copy.
+    pub fn push(&mut self, data: Bytes) {
+        if self.buf.is_empty() && self.chunk.is_empty() {
+            self.chunk = data;
+        } else {
+            self.spill();
+            self.buf.extend_from_slice(&data);
+        }
+    }
+
+    /// Moves what is left of `chunk` into `buf`.
+    fn spill(&mut self) {
+        if !self.chunk.is_empty() {
+            self.buf.extend_from_slice(&self.chunk);
+            self.chunk = Bytes::new();
+        }
     }
 
     /// Bytes buffered but not yet returned as frames.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.buf.len() + self.chunk.len()
     }
 
     /// Takes the next complete frame, `Ok(None)` if more bytes are needed.
     pub fn next_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
+        if self.buf.is_empty() && !self.chunk.is_empty() {
+            match peek_frame(&self.chunk, self.max_frame_len)? {
+                FrameHeader::Complete { header_len, len } => {
+                    self.chunk.advance(header_len);
+                    return Ok(Some(self.chunk.split_to(len)));
+                }
+                // The frame continues in a later chunk: collect it in `buf`.
+                FrameHeader::NeedMore { .. } => self.spill(),
+            }
+        }
         match peek_frame(&self.buf, self.max_frame_len)? {
             FrameHeader::NeedMore { .. } => Ok(None),
             FrameHeader::Complete { header_len, len } => {
@@ -274,6 +309,40 @@ mod tests {
             let mut buf = Vec::new();
             encode_frame(&vec![7u8; len], &mut buf);
             assert_eq!(buf.len(), framed_len(len));
+        }
+    }
+
+    proptest::proptest! {
+        /// Frames come out the same whatever the chunking, whether chunks are pushed (sliced
+        /// without a copy while frames fit) or extended (copied), mixed in any order.
+        #[test]
+        fn chunked_input_yields_the_same_frames(
+            frames in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..300), 0..20),
+            cuts in proptest::collection::vec((1usize..400, proptest::bool::ANY), 1..50),
+        ) {
+            let mut wire = Vec::new();
+            for f in &frames {
+                encode_frame(f, &mut wire);
+            }
+            let mut decoder = FrameDecoder::new(1024);
+            let mut out = Vec::new();
+            let mut rest = &wire[..];
+            let mut cut = cuts.iter().cycle();
+            while !rest.is_empty() {
+                let &(len, copy) = cut.next().unwrap();
+                let (piece, tail) = rest.split_at(len.min(rest.len()));
+                rest = tail;
+                if copy {
+                    decoder.extend(piece);
+                } else {
+                    decoder.push(Bytes::copy_from_slice(piece));
+                }
+                while let Some(frame) = decoder.next_frame().unwrap() {
+                    out.push(frame.to_vec());
+                }
+            }
+            proptest::prop_assert_eq!(decoder.buffered(), 0);
+            proptest::prop_assert_eq!(out, frames);
         }
     }
 }
