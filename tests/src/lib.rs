@@ -8,6 +8,7 @@
 //! - [`node_sim`]: whole [`grinta_proto::node::Node`]s (QUIC, mutual TLS) on that engine.
 //! - [`fuzz`]: the bodies of the fuzz targets, shared with the corpus replay test.
 //! - [`real_sockets`]: real-socket scenarios written once for any runtime.
+//! - [`processes`]: the multi-process scenario (nodes as processes, one killed), for any runtime.
 //! - [`det_crypto`]: the seeded crypto provider that makes whole-node runs replay byte for byte.
 
 pub mod det_crypto;
@@ -15,6 +16,7 @@ pub mod engine;
 pub mod fuzz;
 pub mod membership_sim;
 pub mod node_sim;
+pub mod processes;
 pub mod real_sockets;
 
 use std::time::Duration;
