@@ -1078,12 +1078,15 @@ impl Flows {
     }
 
     /// Takes the next received message.
+    /// Takes the next message, and up to `max_more` further queued ones into `more`.
     pub(crate) fn recv(
         &mut self,
         now: Instant,
         transport: &mut Transport,
         registry: &Registry,
         id: FlowId,
+        more: &mut VecDeque<Bytes>,
+        max_more: usize,
     ) -> Result<Recv, FlowError> {
         let Some(flow) = self.flows.get_mut(&id) else {
             return match self.ended.iter().find(|(f, _)| *f == id) {
@@ -1097,6 +1100,15 @@ impl Flows {
             flow.recv_bytes -= message.len();
             flow.messages_received += 1;
             flow.bytes_received += message.len() as u64;
+            while more.len() < max_more {
+                let Some(next) = flow.recv_queue.pop_front() else {
+                    break;
+                };
+                flow.recv_bytes -= next.len();
+                flow.messages_received += 1;
+                flow.bytes_received += next.len() as u64;
+                more.push_back(next);
+            }
             if was_full || flow.recv_queue.is_empty() {
                 // Room again: pull more from QUIC (which reopens the peer's flow-control window).
                 self.read(now, transport, registry, id);

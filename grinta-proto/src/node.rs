@@ -428,20 +428,38 @@ impl Node {
 
     /// Takes the next message of a flow.
     pub fn recv(&mut self, now: Instant, flow: FlowId) -> Result<Recv, FlowError> {
-        let r = self
-            .flows
-            .recv(now, &mut self.transport, &self.registry, flow);
+        let r = self.flows.recv(
+            now,
+            &mut self.transport,
+            &self.registry,
+            flow,
+            &mut VecDeque::new(),
+            0,
+        );
         self.pump(now);
         r
     }
 
-    /// Like [`recv`](Self::recv), but leaves the work it causes (acknowledging what it read,
-    /// reading further from the stream, raising events) to the next [`flush`](Self::flush) or
-    /// other input; [`needs_flush`](Self::needs_flush) says whether there is any. A reader taking
-    /// many queued messages then causes one round of packets, not one per message.
-    pub fn recv_deferred(&mut self, now: Instant, flow: FlowId) -> Result<Recv, FlowError> {
-        self.flows
-            .recv(now, &mut self.transport, &self.registry, flow)
+    /// Like [`recv`](Self::recv), but also moves up to `max_more` further queued messages, in
+    /// order, into `more`, and leaves the work it causes (acknowledging what it read, reading
+    /// further from the stream, raising events) to the next [`flush`](Self::flush) or other
+    /// input; [`needs_flush`](Self::needs_flush) says whether there is any. A reader taking many
+    /// queued messages then causes one round of packets, not one per message.
+    pub fn recv_deferred(
+        &mut self,
+        now: Instant,
+        flow: FlowId,
+        more: &mut VecDeque<Bytes>,
+        max_more: usize,
+    ) -> Result<Recv, FlowError> {
+        self.flows.recv(
+            now,
+            &mut self.transport,
+            &self.registry,
+            flow,
+            more,
+            max_more,
+        )
     }
 
     /// Whether deferred calls ([`send_deferred`](Self::send_deferred),

@@ -151,7 +151,7 @@ pub(crate) enum TransportEvent {
 /// Packets are built only while fewer datagrams than this wait in the outgoing queue; the rest
 /// are built as the queue drains ([`Node::poll_transmit`](crate::node::Node::poll_transmit) asks
 /// for more). Whoever drives the node thus holds it for a bounded time per batch of packets.
-const QUEUED_DATAGRAMS: usize = 20;
+const QUEUED_DATAGRAMS: usize = 64;
 
 /// Transmits up to this size are copied out of the packet buffer; larger ones take it over.
 const SMALL_TRANSMIT: usize = 2048;

@@ -1,6 +1,7 @@
 //! [`Flow`], its halves, and typed flows: one API over remote (QUIC) and in-process flows.
 
 use std::any::Any;
+use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::marker::PhantomData;
 use std::pin::Pin;
@@ -17,6 +18,10 @@ use crate::flow::{FlowError, FlowId, FlowStats, Recv, ResetCode};
 
 use super::local::{ErasedEncode, LocalEnd, Message};
 use super::{Error, Fabric, Runtime};
+
+/// Messages a receiving half takes from the node at once (beyond the one it returns), so that a
+/// reader of a busy flow locks the node once per batch rather than once per message.
+const RECV_BATCH: usize = 64;
 
 const OPEN: u8 = 0;
 const FINISHED: u8 = 1;
@@ -104,7 +109,16 @@ impl<R: Runtime> FlowCore<R> {
         }
     }
 
-    fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Result<Option<Message>, Error>> {
+    /// The next message: from `received` (messages already taken from the node), else from the
+    /// node, taking up to [`RECV_BATCH`] more into `received` under the same lock.
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        received: &mut VecDeque<Bytes>,
+    ) -> Poll<Result<Option<Message>, Error>> {
+        if let Some(m) = received.pop_front() {
+            return Poll::Ready(Ok(Some(Message::Bytes(m))));
+        }
         match &self.route {
             Route::Local(end) => end.poll_recv(cx),
             Route::Remote { fabric, id } => {
@@ -113,7 +127,7 @@ impl<R: Runtime> FlowCore<R> {
                 // woken only if there is such work: a reader draining queued messages costs one
                 // round of packets, not one per message.
                 let now = inner.now;
-                let r = inner.node.recv_deferred(now, *id);
+                let r = inner.node.recv_deferred(now, *id, received, RECV_BATCH);
                 if inner.node.needs_flush() {
                     inner.wake_driver();
                 }
@@ -207,6 +221,8 @@ impl<R: Runtime> FlowCore<R> {
 pub struct Flow<R: Runtime> {
     /// The sending half; receiving goes through the same core.
     tx: FlowSender<R>,
+    /// Messages taken from the node, not yet returned.
+    received: VecDeque<Bytes>,
 }
 
 impl<R: Runtime> std::fmt::Debug for Flow<R> {
@@ -228,6 +244,7 @@ impl<R: Runtime> Flow<R> {
                 core: FlowCore::new(route),
                 pending: None,
             },
+            received: VecDeque::new(),
         }
     }
 
@@ -259,7 +276,9 @@ impl<R: Runtime> Flow<R> {
     }
 
     pub(crate) async fn recv_message(&mut self) -> Result<Option<Message>, Error> {
-        poll_fn(|cx| self.tx.core.poll_recv(cx)).await
+        let core = &self.tx.core;
+        let received = &mut self.received;
+        poll_fn(|cx| core.poll_recv(cx, received)).await
     }
 
     /// Finishes the sending direction: everything sent is delivered, then the other side reads
@@ -297,7 +316,13 @@ impl<R: Runtime> Flow<R> {
     /// ```
     pub fn split(self) -> (FlowSender<R>, FlowReceiver<R>) {
         let core = self.tx.core.clone();
-        (self.tx, FlowReceiver { core })
+        (
+            self.tx,
+            FlowReceiver {
+                core,
+                received: self.received,
+            },
+        )
     }
 
     /// This flow, carrying values of `T` encoded with `codec`. Over an in-process flow values are
@@ -333,9 +358,10 @@ impl<R: Runtime> Flow<R> {
 
 fn poll_stream<R: Runtime>(
     core: &FlowCore<R>,
+    received: &mut VecDeque<Bytes>,
     cx: &mut Context<'_>,
 ) -> Poll<Option<Result<Bytes, Error>>> {
-    core.poll_recv(cx).map(|r| match r {
+    core.poll_recv(cx, received).map(|r| match r {
         Ok(Some(m)) => Some(m.into_bytes().map_err(Error::from)),
         Ok(None) => None,
         Err(e) => Some(Err(e)),
@@ -348,7 +374,8 @@ impl<R: Runtime> Stream for Flow<R> {
     type Item = Result<Bytes, Error>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        poll_stream(&self.tx.core, cx)
+        let this = self.get_mut();
+        poll_stream(&this.tx.core, &mut this.received, cx)
     }
 }
 
@@ -461,6 +488,8 @@ impl<R: Runtime> Sink<Bytes> for FlowSender<R> {
 /// The receiving half of a [`Flow`] (see [`Flow::split`]). Also a [`Stream`] of messages.
 pub struct FlowReceiver<R: Runtime> {
     core: Arc<FlowCore<R>>,
+    /// Messages taken from the node, not yet returned.
+    received: VecDeque<Bytes>,
 }
 
 impl<R: Runtime> std::fmt::Debug for FlowReceiver<R> {
@@ -475,7 +504,8 @@ impl<R: Runtime> FlowReceiver<R> {
     /// Receives the next message (see [`Flow::recv`]).
     pub async fn recv(&mut self) -> Result<Option<Bytes>, Error> {
         let core = &self.core;
-        message_bytes(poll_fn(|cx| core.poll_recv(cx)).await?)
+        let received = &mut self.received;
+        message_bytes(poll_fn(|cx| core.poll_recv(cx, received)).await?)
     }
 
     /// Counters and buffer levels of the whole flow.
@@ -488,7 +518,8 @@ impl<R: Runtime> Stream for FlowReceiver<R> {
     type Item = Result<Bytes, Error>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        poll_stream(&self.core, cx)
+        let this = self.get_mut();
+        poll_stream(&this.core, &mut this.received, cx)
     }
 }
 

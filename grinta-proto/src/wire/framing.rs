@@ -6,6 +6,8 @@
 //! prefix above it is a [`FrameError::TooLarge`] that names both numbers, detected as soon as the prefix
 //! is complete, before any payload is buffered.
 
+use std::collections::VecDeque;
+
 use bytes::{Buf, Bytes, BytesMut};
 use prost::Message;
 
@@ -119,11 +121,11 @@ pub fn framed_len(payload_len: usize) -> usize {
 /// the stream is unusable: the caller resets it.
 #[derive(Debug)]
 pub struct FrameDecoder {
-    /// Bytes of a frame split across pushes, copied together.
+    /// The head of a frame split across chunks, copied together.
     buf: BytesMut,
-    /// A pushed chunk whose frames are handed out as slices of it, without a copy; only used
-    /// while `buf` is empty.
-    chunk: Bytes,
+    /// Pushed chunks not yet consumed. Frames that lie within one chunk are returned as slices of
+    /// it, without a copy; only frames straddling chunks are copied (into `buf`).
+    chunks: VecDeque<Bytes>,
     max_frame_len: usize,
 }
 
@@ -132,7 +134,7 @@ impl FrameDecoder {
     pub fn new(max_frame_len: usize) -> Self {
         Self {
             buf: BytesMut::new(),
-            chunk: Bytes::new(),
+            chunks: VecDeque::new(),
             max_frame_len,
         }
     }
@@ -150,51 +152,63 @@ impl FrameDecoder {
 
     /// Appends bytes received from the stream (copied; [`push`](Self::push) avoids the copy).
     pub fn extend(&mut self, data: &[u8]) {
-        self.spill();
-        self.buf.extend_from_slice(data);
+        self.push(Bytes::copy_from_slice(data));
     }
 
-    /// Appends a chunk received from the stream. While no frame is split across chunks, the
-    /// frames are returned as slices of the chunk, without a copy.
+    /// Appends a chunk received from the stream. Frames that lie within one chunk are later
+    /// returned as slices of it, without a copy.
     pub fn push(&mut self, data: Bytes) {
-        if self.buf.is_empty() && self.chunk.is_empty() {
-            self.chunk = data;
-        } else {
-            self.spill();
-            self.buf.extend_from_slice(&data);
-        }
-    }
-
-    /// Moves what is left of `chunk` into `buf`.
-    fn spill(&mut self) {
-        if !self.chunk.is_empty() {
-            self.buf.extend_from_slice(&self.chunk);
-            self.chunk = Bytes::new();
+        if !data.is_empty() {
+            self.chunks.push_back(data);
         }
     }
 
     /// Bytes buffered but not yet returned as frames.
     pub fn buffered(&self) -> usize {
-        self.buf.len() + self.chunk.len()
+        self.buf.len() + self.chunks.iter().map(Bytes::len).sum::<usize>()
     }
 
     /// Takes the next complete frame, `Ok(None)` if more bytes are needed.
     pub fn next_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
-        if self.buf.is_empty() && !self.chunk.is_empty() {
-            match peek_frame(&self.chunk, self.max_frame_len)? {
-                FrameHeader::Complete { header_len, len } => {
-                    self.chunk.advance(header_len);
-                    return Ok(Some(self.chunk.split_to(len)));
+        loop {
+            if self.buf.is_empty() {
+                let Some(chunk) = self.chunks.front_mut() else {
+                    return Ok(None);
+                };
+                match peek_frame(chunk, self.max_frame_len)? {
+                    FrameHeader::Complete { header_len, len } => {
+                        chunk.advance(header_len);
+                        let frame = chunk.split_to(len);
+                        if chunk.is_empty() {
+                            self.chunks.pop_front();
+                        }
+                        return Ok(Some(frame));
+                    }
+                    // The frame continues in the next chunk: gather it in `buf`.
+                    FrameHeader::NeedMore { .. } => {
+                        self.buf.extend_from_slice(chunk);
+                        self.chunks.pop_front();
+                    }
                 }
-                // The frame continues in a later chunk: collect it in `buf`.
-                FrameHeader::NeedMore { .. } => self.spill(),
-            }
-        }
-        match peek_frame(&self.buf, self.max_frame_len)? {
-            FrameHeader::NeedMore { .. } => Ok(None),
-            FrameHeader::Complete { header_len, len } => {
-                self.buf.advance(header_len);
-                Ok(Some(self.buf.split_to(len).freeze()))
+            } else {
+                match peek_frame(&self.buf, self.max_frame_len)? {
+                    FrameHeader::Complete { header_len, len } => {
+                        self.buf.advance(header_len);
+                        return Ok(Some(self.buf.split_to(len).freeze()));
+                    }
+                    FrameHeader::NeedMore { at_least } => {
+                        // Copy only what completes the frame (or its prefix) from the next chunk.
+                        let Some(chunk) = self.chunks.front_mut() else {
+                            return Ok(None);
+                        };
+                        let take = at_least.min(chunk.len());
+                        self.buf.extend_from_slice(&chunk[..take]);
+                        chunk.advance(take);
+                        if chunk.is_empty() {
+                            self.chunks.pop_front();
+                        }
+                    }
+                }
             }
         }
     }
