@@ -5,8 +5,9 @@
 //! and calls [`Fabric::start`]. One driver task per node owns the socket; it feeds received
 //! datagrams and timeouts to the [`Node`], sends what it produces, and wakes the tasks waiting on
 //! flows and endpoints. API calls lock the node, act, and wake the driver. Work per driver wake is
-//! bounded ([`DRIVER_BUDGET`] datagrams in, [`DRIVER_BUDGET`] out) so one busy flow cannot starve
-//! membership.
+//! bounded ([`DRIVER_BUDGET`] datagrams received and sent) so one busy flow cannot starve
+//! membership. The socket is batched: several datagrams per send (GSO) and per receive (GRO,
+//! `recvmmsg`) where the adapter's socket allows it.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -38,7 +39,8 @@ use driver::Driver;
 use flow::Route;
 use local::{Closed, LocalEnd, LocalFlow};
 
-/// Datagrams the driver receives, and sends, per wake before yielding.
+/// Datagrams the driver receives and sends, together, per wake before it yields (and wakes itself
+/// again).
 pub const DRIVER_BUDGET: usize = 256;
 
 /// What one receive buffer holds after [`Runtime::poll_recv`]: `len` bytes from `source`, one
