@@ -146,7 +146,6 @@ impl<R: Runtime> Driver<R> {
             .node
             .set_max_transmit_segments(self.stats.max_transmit_segments.min(MAX_TRANSMIT_SEGMENTS));
         inner.node.flush(now);
-        inner.dispatch();
         while self.outbox_datagrams < OUTBOX_DATAGRAMS {
             match inner.node.poll_transmit() {
                 Some(t) => {
@@ -156,6 +155,9 @@ impl<R: Runtime> Driver<R> {
                 None => break,
             }
         }
+        // After the transmits: building more packets may have driven connections that raised
+        // events.
+        inner.dispatch();
         let more_in_node = self.outbox_datagrams >= OUTBOX_DATAGRAMS;
         inner.socket_stats.clone_from(&self.stats);
 
@@ -222,7 +224,9 @@ impl<R: Runtime> Future for Driver<R> {
             let filled = this.receive(cx);
             let (received, more_in_node) = this.process(filled.unwrap_or(0));
             let (sent, outbox_empty) = this.send(cx);
-            moved += received + sent;
+            // Every round counts, even one that moved nothing (a receive error): the loop is
+            // bounded whatever the socket does.
+            moved += (received + sent).max(1);
             let socket_empty = filled.is_none();
             let more_to_send = outbox_empty && more_in_node;
             if socket_empty && !more_to_send {
