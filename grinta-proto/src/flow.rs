@@ -402,7 +402,7 @@ const BATCH_CAPACITY: usize = 64 * 1024;
 /// of small messages becomes one write and the stream's buffer holds a few large chunks instead of
 /// one per message.
 #[derive(Debug, Default)]
-struct SendQueue {
+pub(crate) struct SendQueue {
     /// Sealed chunks, in order, before `batch`.
     chunks: VecDeque<Bytes>,
     /// The open batch buffer.
@@ -412,12 +412,21 @@ struct SendQueue {
 }
 
 impl SendQueue {
-    fn len(&self) -> usize {
+    /// Bytes queued (length prefixes included).
+    pub(crate) fn len(&self) -> usize {
         self.len
     }
 
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Moves everything `other` holds to the end of this queue, without copying bytes.
+    pub(crate) fn append(&mut self, other: &mut SendQueue) {
+        self.seal();
+        other.seal();
+        self.len += std::mem::take(&mut other.len);
+        self.chunks.extend(other.chunks.drain(..));
     }
 
     /// Queues a length-prefixed control message.
@@ -429,7 +438,7 @@ impl SendQueue {
     }
 
     /// Queues an application message with its length prefix.
-    fn push_message(&mut self, message: Bytes) {
+    pub(crate) fn push_message(&mut self, message: Bytes) {
         let small = message.len() <= COALESCE_MAX;
         self.reserve(framing::MAX_VARINT_LEN + if small { message.len() } else { 0 });
         let before = self.batch.len();
@@ -1025,15 +1034,8 @@ impl Flows {
         message: Bytes,
         check_size: bool,
     ) -> Result<(), FlowError> {
-        let Some(flow) = self.flows.get_mut(&id) else {
-            return Err(self.ended_error(id));
-        };
-        if flow.phase != Phase::Open {
-            return Err(FlowError::NotOpen);
-        }
-        if flow.finish_requested {
-            return Err(FlowError::Finished);
-        }
+        let limit = self.limits.send_buffer;
+        let flow = self.sendable(id)?;
         if check_size && message.len() as u64 > flow.peer_max_message {
             return Err(FlowError::MessageTooLarge {
                 size: message.len() as u64,
@@ -1042,7 +1044,7 @@ impl Flows {
         }
         // One message may always be queued on an empty buffer, whatever its size.
         let queued = flow.send_queue.len();
-        if queued > 0 && queued + message.len() > self.limits.send_buffer {
+        if queued > 0 && queued + message.len() > limit {
             flow.writer_blocked = true;
             return Err(FlowError::WouldBlock);
         }
@@ -1051,11 +1053,104 @@ impl Flows {
         flow.send_queue.push_message(message);
         // Written to the stream at the next `flush_sends`: messages sent in a burst share one
         // write (and the stream's buffer holds one chunk for them, not one per message).
-        if !flow.send_dirty {
-            flow.send_dirty = true;
+        if !std::mem::replace(&mut flow.send_dirty, true) {
             self.dirty.push(id);
         }
         Ok(())
+    }
+
+    /// The flow `id` if it can take messages to send, else why not.
+    fn sendable(&mut self, id: FlowId) -> Result<&mut Flow, FlowError> {
+        if !self.flows.contains_key(&id) {
+            return Err(self.ended_error(id));
+        }
+        let flow = self.flows.get_mut(&id).ok_or(FlowError::UnknownFlow)?;
+        if flow.phase != Phase::Open {
+            return Err(FlowError::NotOpen);
+        }
+        if flow.finish_requested {
+            return Err(FlowError::Finished);
+        }
+        Ok(flow)
+    }
+
+    /// Queues messages already framed elsewhere (`messages` of `bytes` bytes of bodies, checked
+    /// against the peer's size limit by whoever framed them); like [`send`](Self::send) but
+    /// without the send buffer limit, which the caller enforces.
+    pub(crate) fn send_staged(
+        &mut self,
+        id: FlowId,
+        staged: &mut SendQueue,
+        messages: u64,
+        bytes: u64,
+    ) -> Result<(), FlowError> {
+        let flow = self.sendable(id)?;
+        flow.messages_sent += messages;
+        flow.bytes_sent += bytes;
+        flow.send_queue.append(staged);
+        if !std::mem::replace(&mut flow.send_dirty, true) {
+            self.dirty.push(id);
+        }
+        Ok(())
+    }
+
+    /// Bytes of a flow waiting to be written to its stream; `None` once it ended.
+    pub(crate) fn send_queued(&self, id: FlowId) -> Option<usize> {
+        self.flows.get(&id).map(|f| f.send_queue.len())
+    }
+
+    /// The largest message the other side of an open flow accepts.
+    pub(crate) fn peer_max_message(&self, id: FlowId) -> Option<u64> {
+        self.flows
+            .get(&id)
+            .filter(|f| f.phase == Phase::Open)
+            .map(|f| f.peer_max_message)
+    }
+
+    /// Moves every received message of a flow, in order, to the end of `into`; returns their
+    /// bytes. They are counted as received but still count against the flow's receive buffer
+    /// until [`release_received`](Self::release_received) gives their bytes back.
+    pub(crate) fn take_received(&mut self, id: FlowId, into: &mut VecDeque<Bytes>) -> usize {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return 0;
+        };
+        let bytes: usize = flow.recv_queue.iter().map(Bytes::len).sum();
+        flow.messages_received += flow.recv_queue.len() as u64;
+        flow.bytes_received += bytes as u64;
+        if into.is_empty() {
+            std::mem::swap(into, &mut flow.recv_queue);
+        } else {
+            into.extend(flow.recv_queue.drain(..));
+        }
+        bytes
+    }
+
+    /// Whether a flow holds as many received bytes as its receive buffer allows (it reads no
+    /// more from its stream until some are released).
+    pub(crate) fn recv_full(&self, id: FlowId) -> bool {
+        self.flows
+            .get(&id)
+            .is_some_and(|f| f.recv_bytes >= self.limits.recv_buffer)
+    }
+
+    /// The application consumed `bytes` of messages taken with
+    /// [`take_received`](Self::take_received): room again, so the flow reads on if it had stopped.
+    pub(crate) fn release_received(
+        &mut self,
+        now: Instant,
+        transport: &mut Transport,
+        registry: &Registry,
+        id: FlowId,
+        bytes: usize,
+    ) {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        let was_full = flow.recv_bytes >= self.limits.recv_buffer;
+        flow.recv_bytes = flow.recv_bytes.saturating_sub(bytes);
+        if was_full {
+            self.read(now, transport, registry, id);
+        }
     }
 
     /// Whether messages wait for [`flush_sends`](Self::flush_sends) or events for the node.

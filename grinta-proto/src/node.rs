@@ -35,7 +35,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use prost::Message;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -43,7 +43,9 @@ use rustls::crypto::CryptoProvider;
 use rustls::time_provider::TimeProvider;
 use tracing::{debug, trace};
 
-use crate::flow::{FlowError, FlowEvent, FlowId, FlowLimits, FlowStats, Flows, Recv, ResetCode};
+use crate::flow::{
+    FlowError, FlowEvent, FlowId, FlowLimits, FlowStats, Flows, Recv, ResetCode, SendQueue,
+};
 use crate::membership::{self, Channel, MemberState, Membership};
 use crate::registry::{
     EndpointKind, Record, Registry, RegistryError, RegistryEvent, RegistryLimits,
@@ -405,6 +407,46 @@ impl Node {
         self.flows.send(flow, message, true)
     }
 
+    /// Queues messages the fabric framed in a flow handle's own queue (see
+    /// [`Flows::send_staged`](crate::flow::Flows::send_staged)); written at the next flush.
+    pub(crate) fn send_staged(
+        &mut self,
+        flow: FlowId,
+        staged: &mut SendQueue,
+        messages: u64,
+        bytes: u64,
+    ) -> Result<(), FlowError> {
+        self.flows.send_staged(flow, staged, messages, bytes)
+    }
+
+    /// Bytes of a flow waiting to be written to its stream; `None` once it ended.
+    pub(crate) fn flow_send_queued(&self, flow: FlowId) -> Option<usize> {
+        self.flows.send_queued(flow)
+    }
+
+    /// The largest message the other side of an open flow accepts.
+    pub(crate) fn flow_peer_max_message(&self, flow: FlowId) -> Option<u64> {
+        self.flows.peer_max_message(flow)
+    }
+
+    /// Moves a flow's received messages to `into` (see
+    /// [`Flows::take_received`](crate::flow::Flows::take_received)); returns their bytes.
+    pub(crate) fn take_received(&mut self, flow: FlowId, into: &mut VecDeque<Bytes>) -> usize {
+        self.flows.take_received(flow, into)
+    }
+
+    /// Whether a flow's receive buffer is full (it reads on after a release).
+    pub(crate) fn flow_recv_full(&self, flow: FlowId) -> bool {
+        self.flows.recv_full(flow)
+    }
+
+    /// Gives back `bytes` of a flow's receive buffer taken with
+    /// [`take_received`](Self::take_received); what it causes is left to the next flush.
+    pub(crate) fn release_received(&mut self, now: Instant, flow: FlowId, bytes: usize) {
+        self.flows
+            .release_received(now, &mut self.transport, &self.registry, flow, bytes);
+    }
+
     /// Drives every connection with pending work: builds the packets of deferred sends, routes
     /// events. Call it before draining [`poll_transmit`](Self::poll_transmit) after
     /// [`send_deferred`](Self::send_deferred).
@@ -644,7 +686,7 @@ impl Node {
 
     /// Processes one UDP datagram received from `from`. Nothing a peer sends can make this panic.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
-        self.transport.handle_udp(now, from, data);
+        self.transport.handle_udp(now, from, BytesMut::from(data));
         self.pump(now);
     }
 
@@ -652,7 +694,11 @@ impl Node {
     /// the next [`flush`](Self::flush) or other input. A batch of datagrams read in one system
     /// call (GRO, `recvmmsg`) then costs one round of acknowledgements and events instead of one
     /// per datagram; the fabric's driver flushes after each batch.
-    pub fn handle_datagram_deferred(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+    ///
+    /// The datagram is taken as it is, without a copy: datagrams split from one receive buffer
+    /// (`BytesMut::split_to`) share its allocation, and what they carry reaches the application
+    /// as slices of it.
+    pub fn handle_datagram_deferred(&mut self, now: Instant, from: SocketAddr, data: BytesMut) {
         self.transport.handle_udp(now, from, data);
     }
 

@@ -924,13 +924,11 @@ impl Transport {
     }
 
     /// Processes one UDP datagram from the socket.
-    pub(crate) fn handle_udp(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+    pub(crate) fn handle_udp(&mut self, now: Instant, from: SocketAddr, data: BytesMut) {
         self.stats.udp_received += 1;
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
-        let event = self
-            .endpoint
-            .handle(now, from, None, None, BytesMut::from(data), &mut buf);
+        let event = self.endpoint.handle(now, from, None, None, data, &mut buf);
         match event {
             Some(DatagramEvent::ConnectionEvent(ch, event)) => {
                 if let Some(c) = self.conns.get_mut(&ch) {

@@ -114,6 +114,8 @@ local_and_remote!(
     typed_values_and_type_mismatch,
     prost_values_and_foreign_bytes,
     stats_count_messages_and_bytes,
+    unread_messages_count_as_queued,
+    a_slow_reader_gets_every_small_message_in_order,
 );
 
 fn message(i: usize) -> Bytes {
@@ -405,4 +407,60 @@ async fn prost_values_and_foreign_bytes(p: Pair) {
         ),
         "{end:?}"
     );
+}
+
+async fn unread_messages_count_as_queued(mut p: Pair) {
+    for i in 0..10 {
+        p.dialler.send(message(i)).await.unwrap();
+    }
+    let bytes: usize = (0..10).map(|i| message(i).len()).sum();
+    // Delivered to the receiving side but not read: queued, not received.
+    loop {
+        let stats = p.acceptor.stats().expect("open flow has stats");
+        if stats.recv_queued_messages == 10 {
+            assert_eq!(stats.messages_received, 0);
+            assert!(stats.recv_queued_bytes >= bytes, "{stats:?}");
+            break;
+        }
+        assert!(stats.recv_queued_messages < 10, "{stats:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for i in 0..10 {
+        assert_eq!(p.acceptor.recv().await.unwrap(), Some(message(i)));
+    }
+    let stats = p.acceptor.stats().expect("open flow has stats");
+    assert_eq!(stats.recv_queued_messages, 0);
+    assert_eq!(stats.messages_received, 10);
+    assert_eq!(stats.bytes_received, bytes as u64);
+}
+
+/// Four times the receive buffer in small messages, read in bursts with pauses, so the receiving
+/// side fills up and resumes many times.
+async fn a_slow_reader_gets_every_small_message_in_order(p: Pair) {
+    const COUNT: usize = 40_000;
+    fn small(i: usize) -> Bytes {
+        Bytes::from(vec![i as u8; 1 + i % 48])
+    }
+    let Pair {
+        mut dialler,
+        mut acceptor,
+        ..
+    } = p;
+    let writer = tokio::spawn(async move {
+        for i in 0..COUNT {
+            dialler.send(small(i)).await.unwrap();
+        }
+        dialler.finish().await.unwrap();
+        dialler
+    });
+    let mut got = 0;
+    while let Some(m) = acceptor.recv().await.unwrap() {
+        assert_eq!(m, small(got), "message {got}");
+        got += 1;
+        if got % 5_000 == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(got, COUNT);
+    let _dialler = writer.await.unwrap();
 }

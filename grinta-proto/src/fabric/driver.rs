@@ -15,8 +15,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use bytes::BytesMut;
 use tracing::debug;
 
+use super::mailbox::Mailbox;
 use super::{DRIVER_BUDGET, RecvMeta, Runtime, Shared};
 use crate::node::Transmit;
 
@@ -63,6 +65,10 @@ pub(crate) struct Driver<R: Runtime> {
     recv_buf: Box<[u8]>,
     recv_meta: [RecvMeta; RECV_BUFFERS],
     stats: SocketStats,
+    /// Mailboxes scheduled for this round.
+    scheduled: Vec<Arc<Mailbox>>,
+    /// Mailboxes whose sender waits for room in the node.
+    blocked: Vec<Arc<Mailbox>>,
 }
 
 impl<R: Runtime> Driver<R> {
@@ -75,6 +81,8 @@ impl<R: Runtime> Driver<R> {
             outbox_datagrams: 0,
             recv_buf: vec![0u8; RECV_BUFFERS * RECV_BUFFER_SIZE].into_boxed_slice(),
             recv_meta: [RecvMeta::default(); RECV_BUFFERS],
+            scheduled: Vec::new(),
+            blocked: Vec::new(),
             stats: SocketStats {
                 max_transmit_segments: R::max_transmit_segments(&socket),
                 max_receive_segments: R::max_receive_segments(&socket),
@@ -122,13 +130,16 @@ impl<R: Runtime> Driver<R> {
             .zip(self.recv_buf.chunks(RECV_BUFFER_SIZE))
             .take(filled)
         {
-            let data = &buf[..meta.len.min(buf.len())];
+            // One copy (and one allocation) per receive buffer; its datagrams are split from
+            // it and share it, and so do the messages they carry.
+            let mut data = BytesMut::from(&buf[..meta.len.min(buf.len())]);
             let stride = if meta.stride == 0 {
                 data.len().max(1)
             } else {
                 meta.stride
             };
-            for datagram in data.chunks(stride) {
+            while !data.is_empty() {
+                let datagram = data.split_to(stride.min(data.len()));
                 inner
                     .node
                     .handle_datagram_deferred(now, meta.source, datagram);
@@ -145,6 +156,11 @@ impl<R: Runtime> Driver<R> {
         inner
             .node
             .set_max_transmit_segments(self.stats.max_transmit_segments.min(MAX_TRANSMIT_SEGMENTS));
+        // What flow handles queued in their mailboxes joins the node before it writes.
+        self.shared.wakeup.take_scheduled(&mut self.scheduled);
+        for mailbox in &self.scheduled {
+            mailbox.hand_over(&mut inner.node, now);
+        }
         inner.node.flush(now);
         while self.outbox_datagrams < OUTBOX_DATAGRAMS {
             match inner.node.poll_transmit() {
@@ -158,7 +174,17 @@ impl<R: Runtime> Driver<R> {
         // After the transmits: building more packets may have driven connections that raised
         // events.
         inner.dispatch();
-        let more_in_node = self.outbox_datagrams >= OUTBOX_DATAGRAMS;
+        // The streams took what they could: senders waiting for room learn how much is left.
+        for mailbox in self.scheduled.drain(..) {
+            if !self.blocked.iter().any(|b| Arc::ptr_eq(b, &mailbox)) {
+                self.blocked.push(mailbox);
+            }
+        }
+        self.blocked
+            .retain(|mailbox| mailbox.refresh_room(&inner.node));
+        // Events may have read more from the streams (a reader made room), which is work for
+        // another round.
+        let more_in_node = self.outbox_datagrams >= OUTBOX_DATAGRAMS || inner.node.needs_flush();
         inner.socket_stats.clone_from(&self.stats);
 
         match inner.node.poll_timeout() {
@@ -207,14 +233,11 @@ impl<R: Runtime> Future for Driver<R> {
         // Every field is Unpin (the timer is boxed), so the driver is Unpin.
         let this = Pin::into_inner(self);
         {
-            let mut inner = this.shared.lock();
+            let inner = this.shared.lock();
             if inner.shutdown && this.outbox.is_empty() {
                 return Poll::Ready(());
             }
-            match &inner.driver {
-                Some(waker) if waker.will_wake(cx.waker()) => {}
-                _ => inner.driver = Some(cx.waker().clone()),
-            }
+            this.shared.wakeup.register_driver(cx.waker());
         }
 
         // Rounds of: one receive call, the node's work, the sends. Acknowledgements thus leave

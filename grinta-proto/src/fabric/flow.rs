@@ -17,6 +17,7 @@ use crate::codec::{Codec, CodecError};
 use crate::flow::{FlowError, FlowId, FlowStats, Recv, ResetCode};
 
 use super::local::{ErasedEncode, LocalEnd, Message};
+use super::mailbox::{Mailbox, Staged, Taken};
 use super::{Error, Fabric, Runtime};
 
 /// Messages a receiving half takes from the node at once (beyond the one it returns), so that a
@@ -28,8 +29,13 @@ const FINISHED: u8 = 1;
 const RESET: u8 = 2;
 
 pub(crate) enum Route<R: Runtime> {
-    /// Over QUIC, through the node.
-    Remote { fabric: Fabric<R>, id: FlowId },
+    /// Over QUIC, through the node; messages pass through the flow's mailbox while it is plainly
+    /// open (none if it was no longer open when the handle was made).
+    Remote {
+        fabric: Fabric<R>,
+        id: FlowId,
+        mailbox: Option<Arc<Mailbox>>,
+    },
     /// In-process.
     Local(LocalEnd),
 }
@@ -46,13 +52,16 @@ impl<R: Runtime> Drop for FlowCore<R> {
     fn drop(&mut self) {
         let state = self.state.load(Ordering::Acquire);
         match &self.route {
-            Route::Remote { fabric, id } => {
+            Route::Remote { fabric, id, .. } => {
                 let id = *id;
-                match state {
-                    OPEN => fabric.with(|inner, now| inner.node.drop_flow(now, id)),
-                    FINISHED => fabric.with(|inner, now| inner.node.release_flow(now, id)),
-                    _ => {}
-                }
+                fabric.with(|inner, now| {
+                    inner.mailboxes.remove(&id);
+                    match state {
+                        OPEN => inner.node.drop_flow(now, id),
+                        FINISHED => inner.node.release_flow(now, id),
+                        _ => {}
+                    }
+                });
             }
             Route::Local(end) => match state {
                 OPEN => {
@@ -84,13 +93,36 @@ impl<R: Runtime> FlowCore<R> {
     ) -> Poll<Result<(), Error>> {
         match &self.route {
             Route::Local(end) => end.poll_send(cx, message),
-            Route::Remote { fabric, id } => {
-                let bytes = match message.take() {
+            Route::Remote {
+                fabric,
+                id,
+                mailbox,
+            } => {
+                let mut bytes = match message.take() {
                     None => return Poll::Ready(Ok(())),
                     Some(Message::Bytes(b)) => b,
                     Some(value) => value.into_bytes()?,
                 };
+                if let Some(mailbox) = mailbox {
+                    match mailbox.stage(cx, &fabric.shared.wakeup, bytes) {
+                        Staged::Queued => return Poll::Ready(Ok(())),
+                        Staged::Full(b) => {
+                            *message = Some(Message::Bytes(b));
+                            return Poll::Pending;
+                        }
+                        Staged::TooLarge { size, limit } => {
+                            return Poll::Ready(Err(
+                                FlowError::MessageTooLarge { size, limit }.into()
+                            ));
+                        }
+                        Staged::AskNode(b) => bytes = b,
+                    }
+                }
                 let mut inner = fabric.shared.lock();
+                let now = inner.now;
+                if let Some(mailbox) = mailbox {
+                    mailbox.hand_over(&mut inner.node, now);
+                }
                 // Queued only: the driver builds packets on its next wake, so a burst of small
                 // messages shares packets.
                 let r = inner.node.send_deferred(*id, bytes.clone());
@@ -121,12 +153,26 @@ impl<R: Runtime> FlowCore<R> {
         }
         match &self.route {
             Route::Local(end) => end.poll_recv(cx),
-            Route::Remote { fabric, id } => {
+            Route::Remote {
+                fabric,
+                id,
+                mailbox,
+            } => {
+                if let Some(mailbox) = mailbox {
+                    match mailbox.take(cx, &fabric.shared.wakeup, received) {
+                        Taken::Message(m) => return Poll::Ready(Ok(Some(Message::Bytes(m)))),
+                        Taken::Pending => return Poll::Pending,
+                        Taken::AskNode => {}
+                    }
+                }
                 let mut inner = fabric.shared.lock();
                 // What the read causes (flow credit for the peer, events) is left to the driver,
                 // woken only if there is such work: a reader draining queued messages costs one
                 // round of packets, not one per message.
                 let now = inner.now;
+                if let Some(mailbox) = mailbox {
+                    mailbox.hand_over(&mut inner.node, now);
+                }
                 let r = inner.node.recv_deferred(now, *id, received, RECV_BATCH);
                 if inner.node.needs_flush() {
                     inner.wake_driver();
@@ -150,11 +196,20 @@ impl<R: Runtime> FlowCore<R> {
     fn finish(&self) -> Result<(), Error> {
         let r = match &self.route {
             Route::Local(end) => end.finish(),
-            Route::Remote { fabric, id } => {
+            Route::Remote {
+                fabric,
+                id,
+                mailbox,
+            } => {
                 let id = *id;
                 fabric.with(|inner, now| {
                     if inner.shutdown {
                         return Err(Error::Shutdown);
+                    }
+                    // Everything sent before, then the end.
+                    if let Some(mailbox) = mailbox {
+                        mailbox.hand_over(&mut inner.node, now);
+                        mailbox.close_outbox();
                     }
                     inner.node.finish(now, id).map_err(Error::from)
                 })
@@ -172,8 +227,15 @@ impl<R: Runtime> FlowCore<R> {
         self.state.store(RESET, Ordering::Release);
         match &self.route {
             Route::Local(end) => end.reset(ResetCode::Application(code)),
-            Route::Remote { fabric, id } => {
+            Route::Remote {
+                fabric,
+                id,
+                mailbox,
+            } => {
                 let id = *id;
+                if let Some(mailbox) = mailbox {
+                    mailbox.close();
+                }
                 fabric.with(|inner, now| {
                     if inner.shutdown {
                         return Err(Error::Shutdown);
@@ -187,7 +249,21 @@ impl<R: Runtime> FlowCore<R> {
     fn stats(&self) -> Option<FlowStats> {
         match &self.route {
             Route::Local(end) => end.stats(),
-            Route::Remote { fabric, id } => fabric.shared.lock().node.flow_stats(*id),
+            Route::Remote {
+                fabric,
+                id,
+                mailbox,
+            } => {
+                let mut inner = fabric.shared.lock();
+                let now = inner.now;
+                let Some(mailbox) = mailbox else {
+                    return inner.node.flow_stats(*id);
+                };
+                mailbox.hand_over(&mut inner.node, now);
+                let mut stats = inner.node.flow_stats(*id)?;
+                mailbox.adjust_stats(&mut stats);
+                Some(stats)
+            }
         }
     }
 }
@@ -272,6 +348,10 @@ impl<R: Runtime> Flow<R> {
     /// Receives the next message; `Ok(None)` once the other side finished and everything it sent
     /// was read.
     pub async fn recv(&mut self) -> Result<Option<Bytes>, Error> {
+        // Messages already taken from the mailbox are plain bytes.
+        if let Some(m) = self.received.pop_front() {
+            return Ok(Some(m));
+        }
         message_bytes(self.recv_message().await?)
     }
 
@@ -425,7 +505,10 @@ impl<R: Runtime> FlowSender<R> {
     }
 
     async fn send_message(&mut self, message: Message) -> Result<(), Error> {
-        self.flush_pending().await?;
+        // What a cancelled `Sink` send left goes first.
+        if self.pending.is_some() {
+            self.flush_pending().await?;
+        }
         let mut slot = Some(message);
         poll_fn(|cx| self.core.poll_send(cx, &mut slot)).await
     }
@@ -503,6 +586,9 @@ impl<R: Runtime> std::fmt::Debug for FlowReceiver<R> {
 impl<R: Runtime> FlowReceiver<R> {
     /// Receives the next message (see [`Flow::recv`]).
     pub async fn recv(&mut self) -> Result<Option<Bytes>, Error> {
+        if let Some(m) = self.received.pop_front() {
+            return Ok(Some(m));
+        }
         let core = &self.core;
         let received = &mut self.received;
         message_bytes(poll_fn(|cx| core.poll_recv(cx, received)).await?)

@@ -30,6 +30,7 @@ mod builder;
 mod driver;
 mod flow;
 mod local;
+mod mailbox;
 
 pub use builder::{FabricBuilder, Profile};
 pub use driver::SocketStats;
@@ -38,6 +39,7 @@ pub use flow::{Flow, FlowReceiver, FlowSender, TypedFlow};
 use driver::Driver;
 use flow::Route;
 use local::{Closed, LocalEnd, LocalFlow};
+use mailbox::{Mailbox, Wakeup};
 
 /// Datagrams the driver receives and sends, together, per wake before it yields (and wakes itself
 /// again).
@@ -188,7 +190,9 @@ pub(crate) struct Inner {
     local_backlogs: HashMap<String, VecDeque<LocalEnd>>,
     /// Every in-process flow, to close them at shutdown (pruned as they end).
     local_flows: Vec<Weak<LocalFlow>>,
-    driver: Option<Waker>,
+    /// The mailbox of every remote flow that has a handle.
+    mailboxes: HashMap<FlowId, Arc<Mailbox>>,
+    wakeup: Arc<Wakeup>,
     /// The driver's socket counters, as of its last wake.
     socket_stats: SocketStats,
     /// The latest time read under the lock: what calls that need no fresh time (taking a queued
@@ -199,6 +203,8 @@ pub(crate) struct Inner {
 
 pub(crate) struct Shared {
     inner: Mutex<Inner>,
+    /// The driver's waker and scheduled mailboxes, under a lock of their own.
+    pub(crate) wakeup: Arc<Wakeup>,
     local_addr: SocketAddr,
 }
 
@@ -211,9 +217,21 @@ impl Shared {
 
 impl Inner {
     pub(crate) fn wake_driver(&mut self) {
-        if let Some(w) = self.driver.take() {
-            w.wake();
+        self.wakeup.wake_driver();
+    }
+
+    /// The handle of open remote flow `id`, with its mailbox (see [`mailbox`]).
+    fn open_remote<R: Runtime>(&mut self, fabric: &Fabric<R>, id: FlowId) -> Flow<R> {
+        let now = self.now;
+        let mailbox = Mailbox::open(&mut self.node, now, id);
+        if let Some(mailbox) = &mailbox {
+            self.mailboxes.insert(id, mailbox.clone());
         }
+        Flow::new(Route::Remote {
+            fabric: fabric.clone(),
+            id,
+            mailbox,
+        })
     }
 
     /// Registers the task to wake when something happens to remote flow `flow`.
@@ -242,6 +260,9 @@ impl Inner {
     /// Wakes every task waiting on this fabric (it is shut down).
     fn wake_all(&mut self) {
         self.wake_driver();
+        for mailbox in self.mailboxes.values() {
+            mailbox.close();
+        }
         for (_, ws) in self.waiters.flows.drain() {
             ws.into_iter().for_each(Waker::wake);
         }
@@ -275,10 +296,25 @@ impl Inner {
                             w.wake();
                         }
                     }
-                    FlowEvent::Readable { flow }
-                    | FlowEvent::Writable { flow }
-                    | FlowEvent::Finished { flow } => self.wake_flow(flow),
-                    FlowEvent::Closed { flow, .. } => self.wake_flow(flow),
+                    FlowEvent::Readable { flow } => {
+                        if let Some(mailbox) = self.mailboxes.get(&flow) {
+                            mailbox.fill(&mut self.node, self.now);
+                        }
+                        self.wake_flow(flow);
+                    }
+                    FlowEvent::Finished { flow } => {
+                        if let Some(mailbox) = self.mailboxes.get(&flow) {
+                            mailbox.close_inbox();
+                        }
+                        self.wake_flow(flow);
+                    }
+                    FlowEvent::Closed { flow, .. } => {
+                        if let Some(mailbox) = self.mailboxes.get(&flow) {
+                            mailbox.close();
+                        }
+                        self.wake_flow(flow);
+                    }
+                    FlowEvent::Writable { flow } => self.wake_flow(flow),
                 },
                 Event::Registry(RegistryEvent::NameConflict { name, winner }) => {
                     self.close_local_backlog(&name, ResetCode::NameConflict);
@@ -360,7 +396,9 @@ impl<R: Runtime> Fabric<R> {
         let now = R::now();
         let mut node = Node::new(config, seed, now)?;
         node.join(now, &[]);
+        let wakeup = Arc::new(Wakeup::default());
         let shared = Arc::new(Shared {
+            wakeup: wakeup.clone(),
             inner: Mutex::new(Inner {
                 node,
                 waiters: Waiters::default(),
@@ -369,7 +407,8 @@ impl<R: Runtime> Fabric<R> {
                 member_events: VecDeque::new(),
                 local_backlogs: HashMap::new(),
                 local_flows: Vec::new(),
-                driver: None,
+                mailboxes: HashMap::new(),
+                wakeup,
                 socket_stats: SocketStats::default(),
                 now,
                 shutdown: false,
@@ -517,7 +556,11 @@ impl<R: Runtime> Fabric<R> {
             match inner.dials.get(&flow) {
                 Some(Some(_)) => {
                     let result = inner.dials.remove(&flow).flatten().unwrap_or(Ok(()));
-                    Poll::Ready(result.map_err(Error::from))
+                    Poll::Ready(
+                        result
+                            .map(|()| inner.open_remote(self, flow))
+                            .map_err(Error::from),
+                    )
                 }
                 _ if inner.shutdown => Poll::Ready(Err(Error::Shutdown)),
                 _ => {
@@ -526,11 +569,7 @@ impl<R: Runtime> Fabric<R> {
                 }
             }
         })
-        .await?;
-        Ok(Flow::new(Route::Remote {
-            fabric: self.clone(),
-            id: flow,
-        }))
+        .await
     }
 
     /// Counters of the node (membership, transport) and of its UDP socket.
@@ -655,10 +694,7 @@ impl<R: Runtime> Endpoint<R> {
                 return Poll::Ready(Err(Error::Shutdown));
             }
             if let Some(id) = inner.node.accept(&self.name) {
-                return Poll::Ready(Ok(Flow::new(Route::Remote {
-                    fabric: self.fabric.clone(),
-                    id,
-                })));
+                return Poll::Ready(Ok(inner.open_remote(&self.fabric, id)));
             }
             if let Some(end) = inner
                 .local_backlogs
