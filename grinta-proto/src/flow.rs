@@ -551,16 +551,8 @@ impl FlowStreamParser {
         let violation = || FlowError::Reset {
             code: ResetCode::ProtocolViolation,
         };
-        let frame = match self.decoder.next_frame() {
-            Ok(Some(frame)) => frame,
-            Ok(None) => return Ok(None),
-            Err(FrameError::TooLarge { size, limit }) => {
-                return Err(FlowError::MessageTooLarge {
-                    size,
-                    limit: limit as u64,
-                });
-            }
-            Err(_) => return Err(violation()),
+        let Some(frame) = self.next_raw_frame()? else {
+            return Ok(None);
         };
         match self.expect_open.take() {
             None => Ok(Some(FlowFrame::Message(frame))),
@@ -576,6 +568,31 @@ impl FlowStreamParser {
                         .map_err(|_| violation())
                 }
             }
+        }
+    }
+}
+
+impl FlowStreamParser {
+    /// The next application message, once the control message was parsed (`Ok(None)` before,
+    /// or if more bytes are needed): the loop of a busy flow, without the phase checks of
+    /// [`next_frame`](Self::next_frame).
+    fn next_message(&mut self) -> Result<Option<Bytes>, FlowError> {
+        if self.expect_open.is_some() {
+            return Ok(None);
+        }
+        self.next_raw_frame()
+    }
+
+    fn next_raw_frame(&mut self) -> Result<Option<Bytes>, FlowError> {
+        match self.decoder.next_frame() {
+            Ok(frame) => Ok(frame),
+            Err(FrameError::TooLarge { size, limit }) => Err(FlowError::MessageTooLarge {
+                size,
+                limit: limit as u64,
+            }),
+            Err(_) => Err(FlowError::Reset {
+                code: ResetCode::ProtocolViolation,
+            }),
         }
     }
 }
@@ -905,6 +922,20 @@ impl Flows {
             let Some(flow) = self.flows.get_mut(&id) else {
                 return Ok(());
             };
+            if flow.phase == Phase::Open {
+                // The data path: every complete message, in one loop.
+                let was_empty = flow.recv_queue.is_empty();
+                while let Some(message) = flow.parser.next_message()? {
+                    if !flow.released {
+                        flow.recv_bytes += message.len();
+                        flow.recv_queue.push_back(message);
+                    }
+                }
+                if was_empty && !flow.recv_queue.is_empty() {
+                    self.events.push_back(FlowEvent::Readable { flow: id });
+                }
+                return Ok(());
+            }
             let Some(frame) = flow.parser.next_frame()? else {
                 return Ok(());
             };
@@ -912,15 +943,6 @@ impl Flows {
                 code: ResetCode::ProtocolViolation,
             };
             match (flow.phase, frame) {
-                (Phase::Open, FlowFrame::Message(_)) if flow.released => {}
-                (Phase::Open, FlowFrame::Message(frame)) => {
-                    let was_empty = flow.recv_queue.is_empty();
-                    flow.recv_bytes += frame.len();
-                    flow.recv_queue.push_back(frame);
-                    if was_empty {
-                        self.events.push_back(FlowEvent::Readable { flow: id });
-                    }
-                }
                 (Phase::Dialing { .. }, FlowFrame::Response(response)) => match response.result {
                     Some(wire::flow_response::Result::Accept(accept)) => {
                         flow.phase = Phase::Open;

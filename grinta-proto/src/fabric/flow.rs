@@ -17,7 +17,7 @@ use crate::codec::{Codec, CodecError};
 use crate::flow::{FlowError, FlowId, FlowStats, Recv, ResetCode};
 
 use super::local::{ErasedEncode, LocalEnd, Message};
-use super::mailbox::{Mailbox, Staged, Taken};
+use super::mailbox::{Mailbox, Staged, Taken, Wakeup};
 use super::{Error, Fabric, Runtime};
 
 /// Messages a receiving half takes from the node at once (beyond the one it returns), so that a
@@ -38,6 +38,33 @@ pub(crate) enum Route<R: Runtime> {
     },
     /// In-process.
     Local(LocalEnd),
+}
+
+/// One attempt to queue the message in `slot` in a remote flow's mailbox: `Ready(None)` once
+/// queued, `Pending` while the flow's buffer is full (the message stays in `slot`),
+/// `Ready(Some(Err(_)))` if it is refused, `Ready(Some(Ok(message)))` if the flow is not plainly
+/// open and the node must decide.
+#[inline]
+fn poll_mailbox(
+    mailbox: &Arc<Mailbox>,
+    wakeup: &Wakeup,
+    cx: &mut Context<'_>,
+    slot: &mut Option<Bytes>,
+) -> Poll<Option<Result<Bytes, Error>>> {
+    let Some(message) = slot.take() else {
+        return Poll::Ready(None);
+    };
+    match mailbox.stage(cx, wakeup, message) {
+        Staged::Queued => Poll::Ready(None),
+        Staged::Full(message) => {
+            *slot = Some(message);
+            Poll::Pending
+        }
+        Staged::TooLarge { size, limit } => {
+            Poll::Ready(Some(Err(FlowError::MessageTooLarge { size, limit }.into())))
+        }
+        Staged::AskNode(message) => Poll::Ready(Some(Ok(message))),
+    }
 }
 
 /// What both halves of a flow share; dropping the last half ends the flow as documented on
@@ -98,26 +125,25 @@ impl<R: Runtime> FlowCore<R> {
                 id,
                 mailbox,
             } => {
-                let mut bytes = match message.take() {
+                let mut slot = match message.take() {
                     None => return Poll::Ready(Ok(())),
-                    Some(Message::Bytes(b)) => b,
-                    Some(value) => value.into_bytes()?,
+                    Some(Message::Bytes(b)) => Some(b),
+                    Some(value) => Some(value.into_bytes()?),
                 };
                 if let Some(mailbox) = mailbox {
-                    match mailbox.stage(cx, &fabric.shared.wakeup, bytes) {
-                        Staged::Queued => return Poll::Ready(Ok(())),
-                        Staged::Full(b) => {
-                            *message = Some(Message::Bytes(b));
+                    match poll_mailbox(mailbox, &fabric.shared.wakeup, cx, &mut slot) {
+                        Poll::Ready(None) => return Poll::Ready(Ok(())),
+                        Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                        Poll::Ready(Some(Ok(m))) => slot = Some(m),
+                        Poll::Pending => {
+                            *message = slot.map(Message::Bytes);
                             return Poll::Pending;
                         }
-                        Staged::TooLarge { size, limit } => {
-                            return Poll::Ready(Err(
-                                FlowError::MessageTooLarge { size, limit }.into()
-                            ));
-                        }
-                        Staged::AskNode(b) => bytes = b,
                     }
                 }
+                let Some(bytes) = slot else {
+                    return Poll::Ready(Ok(()));
+                };
                 let mut inner = fabric.shared.lock();
                 let now = inner.now;
                 if let Some(mailbox) = mailbox {
@@ -501,7 +527,27 @@ impl<R: Runtime> std::fmt::Debug for FlowSender<R> {
 impl<R: Runtime> FlowSender<R> {
     /// Sends one message (see [`Flow::send`]).
     pub async fn send(&mut self, message: impl Into<Bytes>) -> Result<(), Error> {
-        self.send_message(Message::Bytes(message.into())).await
+        let message = message.into();
+        if let (
+            None,
+            Route::Remote {
+                fabric,
+                mailbox: Some(mailbox),
+                ..
+            },
+        ) = (&self.pending, &self.core.route)
+        {
+            // The data path of an open remote flow: straight into its mailbox.
+            let mut slot = Some(message);
+            let wakeup = &fabric.shared.wakeup;
+            return match poll_fn(|cx| poll_mailbox(mailbox, wakeup, cx, &mut slot)).await {
+                None => Ok(()),
+                Some(Err(e)) => Err(e),
+                // Not plainly open: the general path asks the node.
+                Some(Ok(m)) => self.send_message(Message::Bytes(m)).await,
+            };
+        }
+        self.send_message(Message::Bytes(message)).await
     }
 
     async fn send_message(&mut self, message: Message) -> Result<(), Error> {
