@@ -4,9 +4,11 @@
 //! `grinta-async-std`) implements [`Runtime`] (a UDP socket, a timer, a clock and a way to spawn)
 //! and calls [`Fabric::start`]. One driver task per node owns the socket; it feeds received
 //! datagrams and timeouts to the [`Node`], sends what it produces, and wakes the tasks waiting on
-//! flows and endpoints. API calls lock the node, act, and wake the driver. Work per driver wake is
-//! bounded ([`DRIVER_BUDGET`] datagrams received and sent) so one busy flow cannot starve
-//! membership. The socket is batched: several datagrams per send (GSO) and per receive (GRO,
+//! flows and endpoints. API calls lock the node, act, and wake the driver, except the data path
+//! of an open remote flow: its messages pass through a mailbox of the flow's own, which the driver
+//! empties and fills once per round, so sending and receiving never wait on the node's lock. Work
+//! per driver wake is bounded ([`DRIVER_BUDGET`] datagrams received and sent) so one busy flow
+//! cannot starve membership. The socket is batched: several datagrams per send (GSO) and per receive (GRO,
 //! `recvmmsg`) where the adapter's socket allows it.
 
 use std::collections::VecDeque;
