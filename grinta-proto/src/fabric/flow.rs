@@ -339,6 +339,18 @@ fn message_bytes(m: Option<Message>) -> Result<Option<Bytes>, Error> {
     Ok(m.map(Message::into_bytes).transpose()?)
 }
 
+/// The next message as bytes, for both a whole flow and its receiving half.
+async fn recv_bytes<R: Runtime>(
+    core: &FlowCore<R>,
+    received: &mut VecDeque<Bytes>,
+) -> Result<Option<Bytes>, Error> {
+    // Messages already taken from the mailbox are plain bytes.
+    if let Some(m) = received.pop_front() {
+        return Ok(Some(m));
+    }
+    message_bytes(poll_fn(|cx| core.poll_recv(cx, received)).await?)
+}
+
 impl<R: Runtime> Flow<R> {
     pub(crate) fn new(route: Route<R>) -> Self {
         Self {
@@ -374,11 +386,7 @@ impl<R: Runtime> Flow<R> {
     /// Receives the next message; `Ok(None)` once the other side finished and everything it sent
     /// was read.
     pub async fn recv(&mut self) -> Result<Option<Bytes>, Error> {
-        // Messages already taken from the mailbox are plain bytes.
-        if let Some(m) = self.received.pop_front() {
-            return Ok(Some(m));
-        }
-        message_bytes(self.recv_message().await?)
+        recv_bytes(&self.tx.core, &mut self.received).await
     }
 
     pub(crate) async fn recv_message(&mut self) -> Result<Option<Message>, Error> {
@@ -632,12 +640,7 @@ impl<R: Runtime> std::fmt::Debug for FlowReceiver<R> {
 impl<R: Runtime> FlowReceiver<R> {
     /// Receives the next message (see [`Flow::recv`]).
     pub async fn recv(&mut self) -> Result<Option<Bytes>, Error> {
-        if let Some(m) = self.received.pop_front() {
-            return Ok(Some(m));
-        }
-        let core = &self.core;
-        let received = &mut self.received;
-        message_bytes(poll_fn(|cx| core.poll_recv(cx, received)).await?)
+        recv_bytes(&self.core, &mut self.received).await
     }
 
     /// Counters and buffer levels of the whole flow.
