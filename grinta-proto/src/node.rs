@@ -1,13 +1,26 @@
 //! A grinta node: membership carried over QUIC with mutual TLS, as one sans-IO state machine.
 //!
-//! [`Node`] follows the contract of quinn-proto and str0m: feed it UDP datagrams
-//! ([`handle_datagram`](Node::handle_datagram)), timeouts ([`handle_timeout`](Node::handle_timeout))
-//! and commands ([`join`](Node::join), [`leave`](Node::leave)); after every input drain
-//! [`poll_transmit`](Node::poll_transmit), read [`poll_timeout`](Node::poll_timeout), drain
-//! [`poll_event`](Node::poll_event). It never reads the clock, never touches a socket and never
-//! spawns. Protocol randomness comes from the seed given to [`Node::new`]; cryptographic randomness
-//! (TLS key shares, QUIC connection IDs and reset keys) comes from the configured crypto provider's
-//! secure random source, so a simulator that plugs in a seeded provider replays byte for byte.
+//! # Driving a node
+//!
+//! [`Node`] follows the contract of quinn-proto: inputs only record state, and
+//! [`poll_transmit`](Node::poll_transmit)`(now)` does the work. There is one way to drive it,
+//! used alike by the runtime adapters, the simulator and the fuzz targets:
+//!
+//! 1. Feed inputs: UDP datagrams ([`handle_datagram`](Node::handle_datagram)), due timers
+//!    ([`handle_timeout`](Node::handle_timeout)) and commands ([`join`](Node::join),
+//!    [`dial`](Node::dial), [`send`](Node::send), [`recv`](Node::recv), ...). Any number of inputs
+//!    may be fed before the next step: a batch of datagrams then costs one round of work.
+//! 2. Drain [`poll_transmit`](Node::poll_transmit)`(now)` until it returns `None`, sending each
+//!    [`Transmit`].
+//! 3. Drain [`poll_event`](Node::poll_event), then read [`poll_timeout`](Node::poll_timeout): the
+//!    one absolute deadline at which to call `handle_timeout`. Reacting to an event with a command
+//!    is an input: go back to step 2.
+//!
+//! The node never reads the clock (every time comes from its caller), never touches a socket and
+//! never spawns. Protocol randomness comes from the seed given to [`Node::new`]; cryptographic
+//! randomness (TLS key shares, QUIC connection IDs and reset keys) comes from the configured
+//! crypto provider's secure random source, so a simulator that plugs in a seeded provider replays
+//! byte for byte.
 //!
 //! ```no_run
 //! # #[cfg(feature = "dev-certs")] {
@@ -20,12 +33,17 @@
 //! let now = Instant::now(); // the adapter's clock, not the node's
 //! let mut node = Node::new(config, 42, now)?;
 //! node.join(now, &["127.0.0.1:7002".parse()?]);
-//! while let Some(t) = node.poll_transmit() {
+//! while let Some(t) = node.poll_transmit(now) {
 //!     for datagram in t.segments() {
 //!         // socket.send_to(datagram, t.destination)
 //!         # let _ = datagram;
 //!     }
 //! }
+//! while let Some(event) = node.poll_event() {
+//!     // react to membership, directory and flow events
+//!     # let _ = event;
+//! }
+//! let _wake_at = node.poll_timeout(); // then call node.handle_timeout(that time)
 //! # }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -239,8 +257,8 @@ pub struct Node {
     seeds: Vec<SocketAddr>,
     events: VecDeque<Event>,
     undecodable: u64,
-    /// The time of the latest input, for packets built while `poll_transmit` is drained.
-    now: Instant,
+    /// An input recorded state that [`poll_transmit`](Node::poll_transmit) has not processed yet.
+    work_pending: bool,
 }
 
 impl Node {
@@ -271,7 +289,7 @@ impl Node {
             seeds: config.seeds,
             events: VecDeque::new(),
             undecodable: 0,
-            now,
+            work_pending: false,
         })
     }
 
@@ -304,7 +322,7 @@ impl Node {
     ) -> Result<(), RegistryError> {
         let record = self.registry.register(name, kind, now)?;
         self.announce(&record);
-        self.pump(now);
+        self.work_pending = true;
         Ok(())
     }
 
@@ -315,7 +333,7 @@ impl Node {
         self.flows
             .on_endpoint_closed(&mut self.transport, name, ResetCode::EndpointClosed);
         self.announce(&record);
-        self.pump(now);
+        self.work_pending = true;
         Ok(())
     }
 
@@ -382,7 +400,7 @@ impl Node {
         let flow = self
             .flows
             .dial(now, &mut self.transport, endpoint, &node, addr)?;
-        self.pump(now);
+        self.work_pending = true;
         Ok(flow)
     }
 
@@ -391,20 +409,14 @@ impl Node {
         self.flows.accept(endpoint)
     }
 
-    /// Sends one message on an open flow. [`FlowError::WouldBlock`] means the send buffer is full:
-    /// retry after [`FlowEvent::Writable`].
-    pub fn send(&mut self, now: Instant, flow: FlowId, message: Bytes) -> Result<(), FlowError> {
+    /// Queues one message on an open flow; it is written to the stream, and packets are built,
+    /// when [`poll_transmit`](Self::poll_transmit) is next drained, so messages sent in a burst
+    /// share one stream write and their packets. [`FlowError::WouldBlock`] means the send buffer
+    /// is full: retry after [`FlowEvent::Writable`].
+    pub fn send(&mut self, flow: FlowId, message: Bytes) -> Result<(), FlowError> {
         let r = self.flows.send(flow, message, true);
-        self.pump(now);
+        self.work_pending = true;
         r
-    }
-
-    /// Like [`send`](Self::send), but only queues the message in its flow: it is written to the
-    /// stream and packets are built at the next [`flush`](Self::flush) or other input. Messages
-    /// sent in a burst then become one stream write and share packets instead of each becoming
-    /// one; the fabric's driver flushes on every wake.
-    pub fn send_deferred(&mut self, flow: FlowId, message: Bytes) -> Result<(), FlowError> {
-        self.flows.send(flow, message, true)
     }
 
     /// Queues messages the fabric framed in a flow handle's own queue (see
@@ -416,6 +428,7 @@ impl Node {
         messages: u64,
         bytes: u64,
     ) -> Result<(), FlowError> {
+        self.work_pending = true;
         self.flows.send_staged(flow, staged, messages, bytes)
     }
 
@@ -441,99 +454,83 @@ impl Node {
     }
 
     /// Gives back `bytes` of a flow's receive buffer taken with
-    /// [`take_received`](Self::take_received); what it causes is left to the next flush.
+    /// [`take_received`](Self::take_received); what it causes is done by the next
+    /// [`poll_transmit`](Self::poll_transmit).
     pub(crate) fn release_received(&mut self, now: Instant, flow: FlowId, bytes: usize) {
         self.flows
             .release_received(now, &mut self.transport, &self.registry, flow, bytes);
-    }
-
-    /// Drives every connection with pending work: builds the packets of deferred sends, routes
-    /// events. Call it before draining [`poll_transmit`](Self::poll_transmit) after
-    /// [`send_deferred`](Self::send_deferred).
-    pub fn flush(&mut self, now: Instant) {
-        self.pump(now);
+        self.work_pending = true;
     }
 
     /// Sends a message without checking the peer's announced maximum size, so tests can check that
     /// the receiver enforces it. Applications use [`send`](Self::send).
     #[doc(hidden)]
-    pub fn send_unchecked(
-        &mut self,
-        now: Instant,
-        flow: FlowId,
-        message: Bytes,
-    ) -> Result<(), FlowError> {
+    pub fn send_unchecked(&mut self, flow: FlowId, message: Bytes) -> Result<(), FlowError> {
         let r = self.flows.send(flow, message, false);
-        self.pump(now);
+        self.work_pending = true;
         r
     }
 
     /// Takes the next message of a flow.
     pub fn recv(&mut self, now: Instant, flow: FlowId) -> Result<Recv, FlowError> {
-        let r = self.flows.recv(
-            now,
-            &mut self.transport,
-            &self.registry,
-            flow,
-            &mut VecDeque::new(),
-            0,
-        );
-        self.pump(now);
-        r
+        self.recv_batch(now, flow, &mut VecDeque::new(), 0)
     }
 
     /// Like [`recv`](Self::recv), but also moves up to `max_more` further queued messages, in
-    /// order, into `more`, and leaves the work it causes (acknowledging what it read, reading
-    /// further from the stream, raising events) to the next [`flush`](Self::flush) or other
-    /// input; [`needs_flush`](Self::needs_flush) says whether there is any. A reader taking many
-    /// queued messages then causes one round of packets, not one per message.
-    pub fn recv_deferred(
+    /// order, into `more`: a reader taking many queued messages then causes one round of packets
+    /// (flow credit for the peer), not one per message.
+    pub fn recv_batch(
         &mut self,
         now: Instant,
         flow: FlowId,
         more: &mut VecDeque<Bytes>,
         max_more: usize,
     ) -> Result<Recv, FlowError> {
-        self.flows.recv(
+        let r = self.flows.recv(
             now,
             &mut self.transport,
             &self.registry,
             flow,
             more,
             max_more,
-        )
+        );
+        if self.flows.needs_flush() || self.transport.needs_flush() {
+            self.work_pending = true;
+        }
+        r
     }
 
-    /// Whether deferred calls ([`send_deferred`](Self::send_deferred),
-    /// [`recv_deferred`](Self::recv_deferred), [`handle_datagram_deferred`](Self::handle_datagram_deferred))
-    /// left work for [`flush`](Self::flush).
-    pub fn needs_flush(&self) -> bool {
-        self.transport.needs_flush() || self.flows.needs_flush()
+    /// Whether an input left work that only [`poll_transmit`](Self::poll_transmit) does. A
+    /// runtime that drives the node from several tasks (one reads a flow, another owns the
+    /// socket) uses it to wake the task that polls; a single loop simply drains `poll_transmit`
+    /// after every input.
+    pub fn has_pending_work(&self) -> bool {
+        self.work_pending || self.transport.needs_flush() || self.flows.needs_flush()
     }
 
     /// Finishes the sending side: everything sent is delivered, then the other side sees the end.
-    pub fn finish(&mut self, now: Instant, flow: FlowId) -> Result<(), FlowError> {
+    pub fn finish(&mut self, flow: FlowId) -> Result<(), FlowError> {
         let r = self.flows.finish(&mut self.transport, flow);
-        self.pump(now);
+        self.work_pending = true;
         r
     }
 
     /// Aborts a flow both ways; the other side sees `ResetCode::Application(code)`.
-    pub fn reset(&mut self, now: Instant, flow: FlowId, code: u32) -> Result<(), FlowError> {
+    pub fn reset(&mut self, flow: FlowId, code: u32) -> Result<(), FlowError> {
         let r = self
             .flows
             .reset(&mut self.transport, flow, ResetCode::Application(code));
-        self.pump(now);
+        self.work_pending = true;
         r
     }
 
     /// Aborts a flow the application dropped without finishing it: the other side sees
     /// `ResetCode::Dropped`.
-    pub fn drop_flow(&mut self, now: Instant, flow: FlowId) {
+    pub fn drop_flow(&mut self, flow: FlowId) {
         let _ = self
             .flows
             .reset(&mut self.transport, flow, ResetCode::Dropped);
-        self.pump(now);
+        self.work_pending = true;
     }
 
     /// Releases a flow the application dropped after finishing it: what it sent is still
@@ -542,7 +539,7 @@ impl Node {
     pub fn release_flow(&mut self, now: Instant, flow: FlowId) {
         self.flows
             .release(now, &mut self.transport, &self.registry, flow);
-        self.pump(now);
+        self.work_pending = true;
     }
 
     /// The flow limits this node runs with.
@@ -649,7 +646,7 @@ impl Node {
         let mut seeds = self.seeds.clone();
         seeds.extend_from_slice(extra_seeds);
         self.membership.join(now, &seeds);
-        self.pump(now);
+        self.work_pending = true;
     }
 
     /// Leaves the cluster gracefully; connections close once the announcement has spread
@@ -657,7 +654,7 @@ impl Node {
     pub fn leave(&mut self, now: Instant) {
         self.flows.shut_down(&mut self.transport);
         self.membership.leave(now);
-        self.pump(now);
+        self.work_pending = true;
     }
 
     /// Keeps the QUIC connection to node `name` open while held, even when membership has nothing to
@@ -665,7 +662,7 @@ impl Node {
     /// matched by one with `false`. Returns false if there is no connection to `name` yet.
     pub fn hold_connection(&mut self, now: Instant, name: &str, hold: bool) -> bool {
         let held = self.transport.hold(now, name, hold);
-        self.pump(now);
+        self.work_pending = true;
         held
     }
 
@@ -681,25 +678,20 @@ impl Node {
         payload: Bytes,
     ) {
         self.transport.send_datagram(now, Some(name), addr, payload);
-        self.pump(now);
+        self.work_pending = true;
     }
 
-    /// Processes one UDP datagram received from `from`. Nothing a peer sends can make this panic.
-    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
-        self.transport.handle_udp(now, from, BytesMut::from(data));
-        self.pump(now);
-    }
-
-    /// Like [`handle_datagram`](Self::handle_datagram), but leaves the connection to be driven at
-    /// the next [`flush`](Self::flush) or other input. A batch of datagrams read in one system
-    /// call (GRO, `recvmmsg`) then costs one round of acknowledgements and events instead of one
-    /// per datagram; the fabric's driver flushes after each batch.
+    /// Records one UDP datagram received from `from`; the connection it belongs to is driven at
+    /// the next [`poll_transmit`](Self::poll_transmit), so a batch of datagrams read in one system
+    /// call (GRO, `recvmmsg`) costs one round of acknowledgements and events instead of one per
+    /// datagram. Nothing a peer sends can make this panic.
     ///
     /// The datagram is taken as it is, without a copy: datagrams split from one receive buffer
     /// (`BytesMut::split_to`) share its allocation, and what they carry reaches the application
     /// as slices of it.
-    pub fn handle_datagram_deferred(&mut self, now: Instant, from: SocketAddr, data: BytesMut) {
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: BytesMut) {
         self.transport.handle_udp(now, from, data);
+        self.work_pending = true;
     }
 
     /// Lets one [`Transmit`] carry up to `segments` datagrams to the same destination, for a
@@ -719,24 +711,28 @@ impl Node {
         if self.membership.poll_timeout().is_some_and(|t| t <= now) {
             self.membership.handle_timeout(now);
         }
-        self.pump(now);
+        self.work_pending = true;
     }
 
-    /// The next UDP datagrams to send. Packets are built in batches as this is drained, so the
-    /// work of one call stays bounded however much a flow has queued.
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+    /// Does the work the inputs since the last call recorded, at `now`, and returns the next UDP
+    /// datagrams to send. Call it until it returns `None` after every input (or batch of
+    /// inputs); then [`poll_event`](Self::poll_event) and [`poll_timeout`](Self::poll_timeout)
+    /// are up to date. Packets are built in batches as this is drained, so the work of one call
+    /// stays bounded however much a flow has queued.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
         if let Some(t) = self.transport.poll_transmit() {
             return Some(t);
         }
-        if !self.transport.needs_flush() {
+        if !self.has_pending_work() {
             return None;
         }
-        // More packets wait to be built: at the time of the last input.
-        self.pump(self.now);
+        self.work_pending = false;
+        self.pump(now);
         self.transport.poll_transmit()
     }
 
-    /// When [`handle_timeout`](Self::handle_timeout) must next be called.
+    /// When [`handle_timeout`](Self::handle_timeout) must next be called. Read it after draining
+    /// [`poll_transmit`](Self::poll_transmit).
     pub fn poll_timeout(&mut self) -> Option<Instant> {
         [
             self.membership.poll_timeout(),
@@ -749,14 +745,14 @@ impl Node {
         .min()
     }
 
-    /// The next event.
+    /// The next event. Events are raised while [`poll_transmit`](Self::poll_transmit) does the
+    /// work of the inputs: drain that first.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
 
     /// Moves messages between the transport and membership until both are quiet.
     fn pump(&mut self, now: Instant) {
-        self.now = now;
         // Messages queued by `send_deferred` go to their streams, one write per flow.
         self.flows.flush_sends(&mut self.transport);
         loop {
@@ -1005,7 +1001,7 @@ mod tests {
         assert_eq!(node.local_addr(), "[::1]:7000".parse().unwrap());
         node.join(now, &["[::1]:7001".parse().unwrap()]);
         let t = node
-            .poll_transmit()
+            .poll_transmit(now)
             .expect("a QUIC Initial towards the seed");
         assert_eq!(t.destination, "[::1]:7001".parse().unwrap());
         assert!(
@@ -1018,16 +1014,16 @@ mod tests {
     fn run_pair(a: &mut Node, b: &mut Node, mut now: Instant, until: Instant) -> Instant {
         loop {
             let mut moved = false;
-            while let Some(t) = a.poll_transmit() {
+            while let Some(t) = a.poll_transmit(now) {
                 moved = true;
                 if t.destination == b.local_addr() {
-                    b.handle_datagram(now, a.local_addr(), &t.contents);
+                    b.handle_datagram(now, a.local_addr(), t.contents.as_slice().into());
                 }
             }
-            while let Some(t) = b.poll_transmit() {
+            while let Some(t) = b.poll_transmit(now) {
                 moved = true;
                 if t.destination == a.local_addr() {
-                    a.handle_datagram(now, b.local_addr(), &t.contents);
+                    a.handle_datagram(now, b.local_addr(), t.contents.as_slice().into());
                 }
             }
             if moved {
@@ -1104,7 +1100,7 @@ mod tests {
                 .unwrap_or(t + Duration::from_secs(1))
                 .max(t);
             node.handle_timeout(t);
-            while node.poll_transmit().is_some() {}
+            while node.poll_transmit(t).is_some() {}
         }
         assert_eq!(node.connection_count(), 0);
         let stats = node.stats().transport;

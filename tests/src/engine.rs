@@ -28,6 +28,10 @@ pub trait SimNode {
     fn poll_timeout(&mut self) -> Option<Instant>;
     /// Called after every input once transmits are drained; the node drains its own events here.
     fn drain_events(&mut self, _now: Instant) {}
+    /// Whether reacting to events left work that only draining transmits does.
+    fn has_pending_work(&self) -> bool {
+        false
+    }
 }
 
 /// A message a node wants to send.
@@ -575,8 +579,8 @@ impl<N: SimNode> Sim<N> {
     fn after_input(&mut self, i: usize) {
         self.flush_transmits(i);
         self.nodes[i].node.drain_events(self.now);
-        // Reacting to events may queue more output.
-        while self.flush_transmits(i) > 0 {
+        // Reacting to events is more input: drain again until the node is quiet.
+        while self.flush_transmits(i) > 0 || self.nodes[i].node.has_pending_work() {
             self.nodes[i].node.drain_events(self.now);
         }
         self.reschedule(i);

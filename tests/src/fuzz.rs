@@ -286,19 +286,23 @@ pub fn node(data: &[u8]) {
         match op {
             Op::Garbage { from, bytes } => {
                 let addr = SocketAddr::from(([127, 0, 0, from.max(1)], 9000));
-                target.handle_datagram(now, addr, &bytes);
+                target.handle_datagram(now, addr, bytes::BytesMut::from(&bytes[..]));
             }
             Op::Exchange { flip, truncate } => {
                 let mut mangle = (flip, truncate);
                 for _ in 0..64 {
                     let mut moved = false;
-                    while let Some(t) = target.poll_transmit() {
+                    while let Some(t) = target.poll_transmit(now) {
                         moved = true;
                         if t.destination == peer.local_addr() {
-                            peer.handle_datagram(now, target.local_addr(), &t.contents);
+                            peer.handle_datagram(
+                                now,
+                                target.local_addr(),
+                                bytes::BytesMut::from(&t.contents[..]),
+                            );
                         }
                     }
-                    while let Some(t) = peer.poll_transmit() {
+                    while let Some(t) = peer.poll_transmit(now) {
                         moved = true;
                         let mut bytes = t.contents;
                         if let Some((pos, xor)) = mangle.0.take() {
@@ -310,7 +314,11 @@ pub fn node(data: &[u8]) {
                         if let Some(len) = mangle.1.take() {
                             bytes.truncate(usize::from(len));
                         }
-                        target.handle_datagram(now, peer.local_addr(), &bytes);
+                        target.handle_datagram(
+                            now,
+                            peer.local_addr(),
+                            bytes::BytesMut::from(&bytes[..]),
+                        );
                     }
                     if !moved {
                         break;
@@ -328,8 +336,8 @@ pub fn node(data: &[u8]) {
                     now = now.max(t);
                     target.handle_timeout(now);
                     peer.handle_timeout(now);
-                    while target.poll_transmit().is_some() {}
-                    while peer.poll_transmit().is_some() {}
+                    while target.poll_transmit(now).is_some() {}
+                    while peer.poll_transmit(now).is_some() {}
                 }
                 now = until;
             }
@@ -387,7 +395,7 @@ pub fn node(data: &[u8]) {
                 let i = usize::from(from_peer);
                 if let Some(&f) = pick(&flows[i], flow) {
                     let node = if from_peer { &mut peer } else { &mut target };
-                    let _ = node.send(now, f, Bytes::from(vec![7u8; usize::from(len)]));
+                    let _ = node.send(f, Bytes::from(vec![7u8; usize::from(len)]));
                 }
             }
             Op::Recv { from_peer, flow } => {
@@ -401,7 +409,7 @@ pub fn node(data: &[u8]) {
                 let i = usize::from(from_peer);
                 if let Some(&f) = pick(&flows[i], flow) {
                     let node = if from_peer { &mut peer } else { &mut target };
-                    let _ = node.finish(now, f);
+                    let _ = node.finish(f);
                 }
             }
             Op::Reset {
@@ -412,7 +420,7 @@ pub fn node(data: &[u8]) {
                 let i = usize::from(from_peer);
                 if let Some(&f) = pick(&flows[i], flow) {
                     let node = if from_peer { &mut peer } else { &mut target };
-                    let _ = node.reset(now, f, u32::from(code));
+                    let _ = node.reset(f, u32::from(code));
                 }
             }
             Op::Leave { peer: on_peer } => {

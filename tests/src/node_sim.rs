@@ -74,7 +74,8 @@ impl std::fmt::Debug for SimulatedNode {
 
 impl SimNode for SimulatedNode {
     fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
-        self.node.handle_datagram(now, from, data);
+        self.node
+            .handle_datagram(now, from, bytes::BytesMut::from(data));
     }
 
     fn handle_stream(&mut self, _now: Instant, _from: SocketAddr, _data: &[u8]) {
@@ -85,8 +86,8 @@ impl SimNode for SimulatedNode {
         self.node.handle_timeout(now);
     }
 
-    fn poll_transmit(&mut self, _now: Instant) -> Option<SimTransmit> {
-        self.node.poll_transmit().map(|t| SimTransmit {
+    fn poll_transmit(&mut self, now: Instant) -> Option<SimTransmit> {
+        self.node.poll_transmit(now).map(|t| SimTransmit {
             dst: t.destination,
             reliable: false,
             payload: t.contents,
@@ -95,6 +96,10 @@ impl SimNode for SimulatedNode {
 
     fn poll_timeout(&mut self) -> Option<Instant> {
         self.node.poll_timeout()
+    }
+
+    fn has_pending_work(&self) -> bool {
+        self.node.has_pending_work()
     }
 
     fn drain_events(&mut self, now: Instant) {

@@ -240,7 +240,7 @@ impl Sink {
                         log.finished.push(flow);
                         drop(log);
                         // Half-close done on the other side: close ours too.
-                        let _ = node.finish(now, flow);
+                        let _ = node.finish(flow);
                     }
                     return;
                 }
@@ -309,11 +309,11 @@ impl Sender {
                 if log.finish && !log.finished.contains(&flow) && log.opened.contains(&flow) {
                     log.finished.push(flow);
                     drop(log);
-                    let _ = node.finish(now, flow);
+                    let _ = node.finish(flow);
                 }
                 return;
             };
-            match node.send(now, flow, message) {
+            match node.send(flow, message) {
                 Ok(()) => {
                     self.log
                         .borrow_mut()
@@ -482,9 +482,7 @@ fn reset_is_seen_on_both_sides() {
         received.borrow().messages.values().any(|m| !m.is_empty())
     })
     .expect("first message arrived");
-    c.sim
-        .with_node(0, |n, now| n.node.reset(now, flow, 42))
-        .unwrap();
+    c.sim.with_node(0, |n, _| n.node.reset(flow, 42)).unwrap();
     c.run_until(Duration::from_secs(5), |_| {
         !received.borrow().closed.is_empty()
     })
@@ -495,9 +493,9 @@ fn reset_is_seen_on_both_sides() {
             code: ResetCode::Application(42)
         }
     );
-    let after = c.sim.with_node(0, |n, now| {
-        n.node.send(now, flow, Bytes::from_static(b"late"))
-    });
+    let after = c
+        .sim
+        .with_node(0, |n, _| n.node.send(flow, Bytes::from_static(b"late")));
     assert!(matches!(after, Err(FlowError::Reset { .. })), "{after:?}");
 
     // And the other way: the acceptor resets, the dialler sees it.
@@ -508,7 +506,7 @@ fn reset_is_seen_on_both_sides() {
     .expect("second flow accepted");
     let accepted = *received.borrow().messages.keys().max().unwrap();
     c.sim
-        .with_node(1, |n, now| n.node.reset(now, accepted, 7))
+        .with_node(1, |n, _| n.node.reset(accepted, 7))
         .unwrap();
     c.run_until(Duration::from_secs(5), |_| {
         sent.borrow().closed.iter().any(|(_, f, _)| *f == flow2)
@@ -543,8 +541,8 @@ fn an_oversized_message_resets_only_its_flow() {
     c.run_until(Duration::from_secs(5), |_| sent.borrow().opened.len() == 2)
         .expect("both open");
     // The API refuses it with a typed error...
-    let refused = c.sim.with_node(0, |n, now| {
-        n.node.send(now, bad, Bytes::from(vec![0u8; limit + 1]))
+    let refused = c.sim.with_node(0, |n, _| {
+        n.node.send(bad, Bytes::from(vec![0u8; limit + 1]))
     });
     assert_eq!(
         refused,
@@ -555,9 +553,9 @@ fn an_oversized_message_resets_only_its_flow() {
     );
     // ...and a peer that ignores the limit gets its flow reset by the receiver.
     c.sim
-        .with_node(0, |n, now| {
+        .with_node(0, |n, _| {
             n.node
-                .send_unchecked(now, bad, Bytes::from(vec![0u8; limit + 1]))
+                .send_unchecked(bad, Bytes::from(vec![0u8; limit + 1]))
         })
         .unwrap();
     c.run_until(Duration::from_secs(10), |_| {
@@ -587,9 +585,9 @@ fn an_oversized_message_resets_only_its_flow() {
         .pending
         .insert(good, vec![Bytes::from_static(b"after")].into());
     c.sim
-        .with_node(0, |n, now| {
-            let _ = n.node.send(now, good, Bytes::from_static(b"after"));
-            n.node.finish(now, good)
+        .with_node(0, |n, _| {
+            let _ = n.node.send(good, Bytes::from_static(b"after"));
+            n.node.finish(good)
         })
         .unwrap();
     c.run_until(Duration::from_secs(5), |_| {

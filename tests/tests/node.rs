@@ -259,7 +259,7 @@ fn garbage_and_mangled_quic_packets_change_nothing() {
     config.name = "stranger".into();
     let mut stranger = Node::new(config, 9, now).unwrap();
     stranger.join(now, &[node_addr(0)]);
-    let initials: Vec<Vec<u8>> = std::iter::from_fn(|| stranger.poll_transmit())
+    let initials: Vec<Vec<u8>> = std::iter::from_fn(|| stranger.poll_transmit(now))
         .map(|t| t.contents)
         .collect();
     assert!(!initials.is_empty());
@@ -291,7 +291,8 @@ fn garbage_and_mangled_quic_packets_change_nothing() {
         for target in 0..n {
             let data = bytes.clone();
             c.sim.with_node(target, |node, now| {
-                node.node.handle_datagram(now, stranger_addr, &data)
+                node.node
+                    .handle_datagram(now, stranger_addr, data.as_slice().into())
             });
             sent += 1;
         }

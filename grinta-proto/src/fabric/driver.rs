@@ -122,7 +122,6 @@ impl<R: Runtime> Driver<R> {
         let shared = self.shared.clone();
         let mut inner = shared.lock();
         let now = R::now();
-        inner.now = now;
         let mut received = 0;
         for (meta, buf) in self
             .recv_meta
@@ -140,9 +139,7 @@ impl<R: Runtime> Driver<R> {
             };
             while !data.is_empty() {
                 let datagram = data.split_to(stride.min(data.len()));
-                inner
-                    .node
-                    .handle_datagram_deferred(now, meta.source, datagram);
+                inner.node.handle_datagram(now, meta.source, datagram);
                 received += 1;
             }
         }
@@ -161,9 +158,8 @@ impl<R: Runtime> Driver<R> {
         for mailbox in &self.scheduled {
             mailbox.hand_over(&mut inner.node, now);
         }
-        inner.node.flush(now);
         while self.outbox_datagrams < OUTBOX_DATAGRAMS {
-            match inner.node.poll_transmit() {
+            match inner.node.poll_transmit(now) {
                 Some(t) => {
                     self.outbox_datagrams += t.segment_count();
                     self.outbox.push_back(t);
@@ -184,7 +180,8 @@ impl<R: Runtime> Driver<R> {
             .retain(|mailbox| mailbox.refresh_room(&inner.node));
         // Events may have read more from the streams (a reader made room), which is work for
         // another round.
-        let more_in_node = self.outbox_datagrams >= OUTBOX_DATAGRAMS || inner.node.needs_flush();
+        let more_in_node =
+            self.outbox_datagrams >= OUTBOX_DATAGRAMS || inner.node.has_pending_work();
         inner.socket_stats.clone_from(&self.stats);
 
         match inner.node.poll_timeout() {

@@ -84,7 +84,7 @@ impl<R: Runtime> Drop for FlowCore<R> {
                 fabric.with(|inner, now| {
                     inner.mailboxes.remove(&id);
                     match state {
-                        OPEN => inner.node.drop_flow(now, id),
+                        OPEN => inner.node.drop_flow(id),
                         FINISHED => inner.node.release_flow(now, id),
                         _ => {}
                     }
@@ -145,13 +145,13 @@ impl<R: Runtime> FlowCore<R> {
                     return Poll::Ready(Ok(()));
                 };
                 let mut inner = fabric.shared.lock();
-                let now = inner.now;
+                let now = inner.now();
                 if let Some(mailbox) = mailbox {
                     mailbox.hand_over(&mut inner.node, now);
                 }
                 // Queued only: the driver builds packets on its next wake, so a burst of small
                 // messages shares packets.
-                let r = inner.node.send_deferred(*id, bytes.clone());
+                let r = inner.node.send(*id, bytes.clone());
                 inner.wake_driver();
                 match r {
                     Ok(()) => Poll::Ready(Ok(())),
@@ -195,12 +195,12 @@ impl<R: Runtime> FlowCore<R> {
                 // What the read causes (flow credit for the peer, events) is left to the driver,
                 // woken only if there is such work: a reader draining queued messages costs one
                 // round of packets, not one per message.
-                let now = inner.now;
+                let now = inner.now();
                 if let Some(mailbox) = mailbox {
                     mailbox.hand_over(&mut inner.node, now);
                 }
-                let r = inner.node.recv_deferred(now, *id, received, RECV_BATCH);
-                if inner.node.needs_flush() {
+                let r = inner.node.recv_batch(now, *id, received, RECV_BATCH);
+                if inner.node.has_pending_work() {
                     inner.wake_driver();
                 }
                 match r {
@@ -237,7 +237,7 @@ impl<R: Runtime> FlowCore<R> {
                         mailbox.hand_over(&mut inner.node, now);
                         mailbox.close_outbox();
                     }
-                    inner.node.finish(now, id).map_err(Error::from)
+                    inner.node.finish(id).map_err(Error::from)
                 })
             }
         };
@@ -262,11 +262,11 @@ impl<R: Runtime> FlowCore<R> {
                 if let Some(mailbox) = mailbox {
                     mailbox.close();
                 }
-                fabric.with(|inner, now| {
+                fabric.with(|inner, _| {
                     if inner.shutdown {
                         return Err(Error::Shutdown);
                     }
-                    inner.node.reset(now, id, code).map_err(Error::from)
+                    inner.node.reset(id, code).map_err(Error::from)
                 })
             }
         }
@@ -281,7 +281,7 @@ impl<R: Runtime> FlowCore<R> {
                 mailbox,
             } => {
                 let mut inner = fabric.shared.lock();
-                let now = inner.now;
+                let now = inner.now();
                 let Some(mailbox) = mailbox else {
                     return inner.node.flow_stats(*id);
                 };

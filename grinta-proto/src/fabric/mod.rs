@@ -197,9 +197,8 @@ pub(crate) struct Inner {
     wakeup: Arc<Wakeup>,
     /// The driver's socket counters, as of its last wake.
     socket_stats: SocketStats,
-    /// The latest time read under the lock: what calls that need no fresh time (taking a queued
-    /// message) give the node, without reading the clock.
-    now: Instant,
+    /// The runtime's clock: every input given to the node carries the time it is made at.
+    clock: fn() -> Instant,
     shutdown: bool,
 }
 
@@ -222,9 +221,14 @@ impl Inner {
         self.wakeup.wake_driver();
     }
 
+    /// The runtime's current time.
+    pub(crate) fn now(&self) -> Instant {
+        (self.clock)()
+    }
+
     /// The handle of open remote flow `id`, with its mailbox (see [`mailbox`]).
     fn open_remote<R: Runtime>(&mut self, fabric: &Fabric<R>, id: FlowId) -> Flow<R> {
-        let now = self.now;
+        let now = self.now();
         let mailbox = Mailbox::open(&mut self.node, now, id);
         if let Some(mailbox) = &mailbox {
             self.mailboxes.insert(id, mailbox.clone());
@@ -300,7 +304,7 @@ impl Inner {
                     }
                     FlowEvent::Readable { flow } => {
                         if let Some(mailbox) = self.mailboxes.get(&flow) {
-                            mailbox.fill(&mut self.node, self.now);
+                            mailbox.fill(&mut self.node, (self.clock)());
                         }
                         self.wake_flow(flow);
                     }
@@ -412,7 +416,7 @@ impl<R: Runtime> Fabric<R> {
                 mailboxes: HashMap::new(),
                 wakeup,
                 socket_stats: SocketStats::default(),
-                now,
+                clock: R::now,
                 shutdown: false,
             }),
             local_addr,
@@ -427,7 +431,6 @@ impl<R: Runtime> Fabric<R> {
     pub(crate) fn with<T>(&self, f: impl FnOnce(&mut Inner, Instant) -> T) -> T {
         let mut inner = self.shared.lock();
         let now = R::now();
-        inner.now = now;
         let t = f(&mut inner, now);
         inner.dispatch();
         inner.wake_driver();
