@@ -358,8 +358,8 @@ pub enum Recv {
 enum Phase {
     /// Dialler: waiting for the stream, then for the owner's answer.
     Dialing { deadline: Instant },
-    /// Acceptor: waiting for `FlowOpen`.
-    AwaitOpen,
+    /// Acceptor: waiting for `FlowOpen`, which must come before the deadline (the dial timeout).
+    AwaitOpen { deadline: Instant },
     /// Messages flow.
     Open,
 }
@@ -668,8 +668,8 @@ impl Flows {
         self.flows
             .values()
             .filter_map(|f| match f.phase {
-                Phase::Dialing { deadline } => Some(deadline),
-                _ => None,
+                Phase::Dialing { deadline } | Phase::AwaitOpen { deadline } => Some(deadline),
+                Phase::Open => None,
             })
             .min()
     }
@@ -799,6 +799,7 @@ impl Flows {
 
     pub(crate) fn on_incoming(
         &mut self,
+        now: Instant,
         transport: &mut Transport,
         conn: ConnectionHandle,
         stream: StreamId,
@@ -808,7 +809,8 @@ impl Flows {
             return;
         }
         let parser = FlowStreamParser::for_acceptor(self.limits.max_message_size);
-        let id = self.new_flow("", "", Phase::AwaitOpen, parser);
+        let deadline = now + self.limits.dial_timeout;
+        let id = self.new_flow("", "", Phase::AwaitOpen { deadline }, parser);
         if let Some(flow) = self.flows.get_mut(&id) {
             flow.stream = Some((conn, stream));
         }
@@ -892,21 +894,13 @@ impl Flows {
                 self.events.push_back(FlowEvent::Readable { flow: id });
                 self.maybe_done(transport, id);
             }
-            Phase::Dialing { .. } => {
-                let endpoint = flow.endpoint.clone();
+            Phase::Dialing { .. } | Phase::AwaitOpen { .. } => {
+                // Ended before the open was answered (or made): a broken peer.
                 let error = FlowError::Reset {
                     code: ResetCode::ProtocolViolation,
                 };
-                self.close(transport, id, error.clone(), None);
-                self.events
-                    .retain(|e| !matches!(e, FlowEvent::Closed { flow, .. } if *flow == id));
-                self.events.push_back(FlowEvent::DialFailed {
-                    flow: id,
-                    endpoint,
-                    error,
-                });
+                self.close(transport, id, error, Some(ResetCode::ProtocolViolation));
             }
-            Phase::AwaitOpen => self.forget(transport, id),
         }
     }
 
@@ -975,7 +969,7 @@ impl Flows {
                         });
                     }
                 },
-                (Phase::AwaitOpen, FlowFrame::Open(open)) => {
+                (Phase::AwaitOpen { .. }, FlowFrame::Open(open)) => {
                     let (conn, _) = flow.stream.ok_or(FlowError::UnknownFlow)?;
                     if !transport.authenticate(conn, &open.source_node) {
                         return Err(FlowError::Reset {
@@ -1010,16 +1004,25 @@ impl Flows {
                             max_message_size: self.limits.max_message_size as u64,
                         }),
                     };
+                    if refusal.is_some() {
+                        // The refusal is the stream's last message; the flow never existed for
+                        // the application, so it leaves no trace here.
+                        let mut answer = Vec::new();
+                        framing::encode_message(
+                            &wire::FlowResponse {
+                                result: Some(response),
+                            },
+                            &mut answer,
+                        );
+                        let (conn, stream) = flow.stream.ok_or(FlowError::UnknownFlow)?;
+                        self.flows.remove(&id);
+                        self.by_stream.remove(&(conn, stream));
+                        transport.flow_reply_and_release(conn, stream, answer.into());
+                        return Ok(());
+                    }
                     flow.send_queue.push_control(&wire::FlowResponse {
                         result: Some(response),
                     });
-                    if refusal.is_some() {
-                        flow.finish_requested = true;
-                        flow.remote_finished = true;
-                        self.flush(transport, id);
-                        self.forget_soft(id);
-                        return Ok(());
-                    }
                     flow.phase = Phase::Open;
                     flow.peer_max_message = open.max_message_size;
                     flow.held = true;
@@ -1286,9 +1289,10 @@ impl Flows {
             return Err(self.ended_error(id));
         }
         self.close(transport, id, FlowError::Reset { code }, Some(code));
-        // The local side knows it reset; no event for it.
-        self.events
-            .retain(|e| !matches!(e, FlowEvent::Closed { flow, .. } if *flow == id));
+        // The local side knows it reset (or gave up its dial); no event for it.
+        self.events.retain(|e| {
+            !matches!(e, FlowEvent::Closed { flow, .. } | FlowEvent::DialFailed { flow, .. } if *flow == id)
+        });
         Ok(())
     }
 
@@ -1378,32 +1382,36 @@ impl Flows {
         }
     }
 
-    /// Fails dials whose owner did not answer in time.
+    /// Fails dials whose owner did not answer in time, and drops incoming streams whose
+    /// `FlowOpen` did not come in time.
     pub(crate) fn handle_timeout(&mut self, now: Instant, transport: &mut Transport) {
-        let due: Vec<FlowId> = self
+        let due: Vec<(FlowId, bool)> = self
             .flows
             .iter()
-            .filter(|(_, f)| matches!(f.phase, Phase::Dialing { deadline } if now >= deadline))
-            .map(|(id, _)| *id)
+            .filter_map(|(id, f)| match f.phase {
+                Phase::Dialing { deadline } if now >= deadline => Some((*id, true)),
+                Phase::AwaitOpen { deadline } if now >= deadline => Some((*id, false)),
+                _ => None,
+            })
             .collect();
-        for id in due {
-            let endpoint = self
-                .flows
-                .get(&id)
-                .map(|f| f.endpoint.clone())
-                .unwrap_or_default();
-            let error = FlowError::DialTimeout {
-                endpoint: endpoint.clone(),
-                after: self.limits.dial_timeout,
-            };
-            self.close(transport, id, error.clone(), Some(ResetCode::Dropped));
-            self.events
-                .retain(|e| !matches!(e, FlowEvent::Closed { flow, .. } if *flow == id));
-            self.events.push_back(FlowEvent::DialFailed {
-                flow: id,
-                endpoint,
-                error,
-            });
+        for (id, dialing) in due {
+            if dialing {
+                let endpoint = self
+                    .flows
+                    .get(&id)
+                    .map(|f| f.endpoint.clone())
+                    .unwrap_or_default();
+                let error = FlowError::DialTimeout {
+                    endpoint,
+                    after: self.limits.dial_timeout,
+                };
+                self.close(transport, id, error, Some(ResetCode::Dropped));
+            } else {
+                let error = FlowError::Reset {
+                    code: ResetCode::ProtocolViolation,
+                };
+                self.close(transport, id, error, Some(ResetCode::ProtocolViolation));
+            }
         }
     }
 
@@ -1468,28 +1476,12 @@ impl Flows {
     }
 
     fn fail(&mut self, transport: &mut Transport, id: FlowId, error: FlowError) {
-        let dialing = self
-            .flows
-            .get(&id)
-            .is_some_and(|f| matches!(f.phase, Phase::Dialing { .. }));
-        let endpoint = self
-            .flows
-            .get(&id)
-            .map(|f| f.endpoint.clone())
-            .unwrap_or_default();
-        self.close(transport, id, error.clone(), Some(ResetCode::Dropped));
-        if dialing {
-            self.events
-                .retain(|e| !matches!(e, FlowEvent::Closed { flow, .. } if *flow == id));
-            self.events.push_back(FlowEvent::DialFailed {
-                flow: id,
-                endpoint,
-                error,
-            });
-        }
+        self.close(transport, id, error, Some(ResetCode::Dropped));
     }
 
-    /// Ends the flow with `error`; `reset` aborts the stream with that code.
+    /// Ends the flow with `error`; `reset` aborts the stream with that code. The application
+    /// hears of it as the phase requires: a dial fails ([`FlowEvent::DialFailed`]), an open flow
+    /// closes ([`FlowEvent::Closed`]), an incoming flow not yet opened was never seen.
     fn close(
         &mut self,
         transport: &mut Transport,
@@ -1497,17 +1489,29 @@ impl Flows {
         error: FlowError,
         reset: Option<ResetCode>,
     ) {
-        if !self.flows.contains_key(&id) {
+        let Some(flow) = self.flows.get(&id) else {
             return;
-        }
-        if let (Some(code), Some((conn, stream))) =
-            (reset, self.flows.get(&id).and_then(|f| f.stream))
-        {
+        };
+        let (phase, endpoint, stream) = (flow.phase, flow.endpoint.clone(), flow.stream);
+        if let (Some(code), Some((conn, stream))) = (reset, stream) {
             transport.flow_reset(conn, stream, code.to_quic());
         }
         self.forget(transport, id);
-        self.remember(id, Err(error.clone()));
-        self.events.push_back(FlowEvent::Closed { flow: id, error });
+        match phase {
+            Phase::Dialing { .. } => {
+                self.remember(id, Err(error.clone()));
+                self.events.push_back(FlowEvent::DialFailed {
+                    flow: id,
+                    endpoint,
+                    error,
+                });
+            }
+            Phase::Open => {
+                self.remember(id, Err(error.clone()));
+                self.events.push_back(FlowEvent::Closed { flow: id, error });
+            }
+            Phase::AwaitOpen { .. } => {}
+        }
     }
 
     fn end(&mut self, id: FlowId, result: Result<(), FlowError>) {
@@ -1515,27 +1519,24 @@ impl Flows {
         self.remember(id, result);
     }
 
-    /// Drops the flow's state (the stream is finished or reset already).
+    /// Drops the flow's state and gives its stream back: a sending half not finished is reset,
+    /// the receiving half is read to its end and discarded, so the stream is freed on both sides
+    /// however the flow ended.
     fn forget(&mut self, transport: &mut Transport, id: FlowId) {
         if let Some(flow) = self.flows.remove(&id) {
             if let Some((conn, stream)) = flow.stream {
                 self.by_stream.remove(&(conn, stream));
-                transport.flow_forget(conn, stream);
+                if flow.fin_sent {
+                    transport.flow_release(conn, stream);
+                } else {
+                    transport.flow_reset(conn, stream, ResetCode::Dropped.to_quic());
+                }
                 if flow.held {
                     transport.release_conn(conn);
                 }
             }
             if let Some(backlog) = self.backlogs.get_mut(&flow.endpoint) {
                 backlog.retain(|f| *f != id);
-            }
-        }
-    }
-
-    /// Drops a refused incoming flow once its answer is queued.
-    fn forget_soft(&mut self, id: FlowId) {
-        if let Some(flow) = self.flows.remove(&id) {
-            if let Some(key) = flow.stream {
-                self.by_stream.remove(&key);
             }
         }
     }

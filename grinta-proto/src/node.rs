@@ -858,20 +858,31 @@ impl Node {
                 self.membership.handle_packet(now, addr, packet);
             }
             TransportEvent::StreamRequest { conn, stream, data } => {
-                if !self.deliver_push_pull(now, conn, data) {
-                    return;
-                }
-                // The reply is produced during that call; send it back on the request's stream.
-                let mut others = Vec::new();
-                while let Some(t) = self.membership.poll_transmit() {
-                    if t.channel == Channel::StreamReply {
-                        self.transport.send_reply(conn, stream, &t.payload);
-                    } else {
-                        others.push(t);
+                let mut replied = false;
+                if self.deliver_push_pull(now, conn, data) {
+                    // The reply is produced during that call; send it back on the request's
+                    // stream.
+                    let mut others = Vec::new();
+                    while let Some(t) = self.membership.poll_transmit() {
+                        if t.channel == Channel::StreamReply && !replied {
+                            self.transport.send_reply(conn, stream, &t.payload);
+                            replied = true;
+                        } else if t.channel != Channel::StreamReply {
+                            others.push(t);
+                        }
+                    }
+                    for t in others {
+                        self.route(now, t);
                     }
                 }
-                for t in others {
-                    self.route(now, t);
+                if !replied {
+                    // Refused or unanswerable: release the stream, or the requester's stream
+                    // credit leaks.
+                    self.transport.abort_stream(
+                        conn,
+                        stream,
+                        wire::StreamErrorCode::ProtocolViolation as u64,
+                    );
                 }
             }
             TransportEvent::StreamReply { conn, data } => {
@@ -886,7 +897,8 @@ impl Node {
                 .on_stream_opened(now, &mut self.transport, token, conn, stream),
             TransportEvent::FlowStreamOpenFailed { token } => self.flows.on_open_failed(token),
             TransportEvent::FlowIncoming { conn, stream } => {
-                self.flows.on_incoming(&mut self.transport, conn, stream);
+                self.flows
+                    .on_incoming(now, &mut self.transport, conn, stream);
                 self.flows
                     .on_readable(now, &mut self.transport, &self.registry, conn, stream);
             }

@@ -226,6 +226,10 @@ struct Conn {
     outbound: BTreeMap<StreamId, OutStream>,
     /// Streams that carry flows (their bytes belong to the flow layer).
     flow_streams: hashbrown::HashSet<StreamId>,
+    /// Streams whose receiving half nobody needs any more: what still arrives is read and
+    /// discarded until the peer's end or reset, so that QUIC frees the stream and returns its
+    /// credit to the peer.
+    draining: hashbrown::HashSet<StreamId>,
     /// Flow streams asked for while the handshake runs (tokens).
     pending_flow_opens: VecDeque<u64>,
     /// While positive, the connection is kept open with PINGs even when nothing else flows.
@@ -254,6 +258,7 @@ impl Conn {
             opened: Default::default(),
             outbound: BTreeMap::new(),
             flow_streams: Default::default(),
+            draining: hashbrown::HashSet::new(),
             pending_flow_opens: VecDeque::new(),
             holds: 0,
             last_keep_alive: now,
@@ -803,10 +808,76 @@ impl Transport {
         }
     }
 
-    /// Forgets a flow stream that ended cleanly both ways.
-    pub(crate) fn flow_forget(&mut self, conn: ConnectionHandle, stream: StreamId) {
+    /// Gives back a flow stream whose sending half is finished (or reset): its receiving half is
+    /// read to the peer's end or reset and discarded, so the stream is freed on both sides
+    /// whatever the peer still sends.
+    pub(crate) fn flow_release(&mut self, conn: ConnectionHandle, stream: StreamId) {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.flow_streams.remove(&stream);
+            Self::drain(c, stream);
+            self.dirty.insert(conn);
+        }
+    }
+
+    /// Answers a flow stream with one last message (a refusal), finishes it, and releases its
+    /// receiving half as [`flow_release`](Self::flow_release) does. A write that flow control
+    /// blocks completes when the stream becomes writable.
+    pub(crate) fn flow_reply_and_release(
+        &mut self,
+        conn: ConnectionHandle,
+        stream: StreamId,
+        data: Bytes,
+    ) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.flow_streams.remove(&stream);
+            c.outbound.insert(stream, OutStream { data, written: 0 });
+            Self::flush_stream(c, stream, &mut self.stats);
+            Self::drain(c, stream);
+            self.dirty.insert(conn);
+        }
+    }
+
+    /// Aborts a stream both ways (`code` for the peer) and forgets everything about it.
+    pub(crate) fn abort_stream(&mut self, conn: ConnectionHandle, stream: StreamId, code: u64) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            let code = VarInt::from_u64(code).unwrap_or(VarInt::MAX);
+            let _ = c.conn.send_stream(stream).reset(code);
+            let _ = c.conn.recv_stream(stream).stop(code);
+            c.inbound.remove(&stream);
+            c.outbound.remove(&stream);
+            c.opened.remove(&stream);
+            c.flow_streams.remove(&stream);
+            c.draining.remove(&stream);
+            self.dirty.insert(conn);
+        }
+    }
+
+    /// Reads and discards what `id` holds; true once its receiving half is gone (the peer's end
+    /// or reset was read, or it was gone already).
+    fn discard(c: &mut Conn, id: StreamId) -> bool {
+        match c.conn.recv_stream(id).read(true) {
+            Ok(mut chunks) => {
+                let ended = loop {
+                    match chunks.next(usize::MAX) {
+                        Ok(Some(_)) => {}
+                        Ok(None) | Err(quinn_proto::ReadError::Reset(_)) => break true,
+                        Err(quinn_proto::ReadError::Blocked) => break false,
+                    }
+                };
+                let _ = chunks.finalize();
+                ended
+            }
+            Err(_) => true,
+        }
+    }
+
+    /// Discards what `id` receives from now on, until its end (see [`Conn::draining`]).
+    fn drain(c: &mut Conn, id: StreamId) {
+        c.inbound.remove(&id);
+        if Self::discard(c, id) {
+            c.draining.remove(&id);
+        } else {
+            c.draining.insert(id);
         }
     }
 
@@ -912,8 +983,14 @@ impl Transport {
             match send.write(&out.data[out.written..]) {
                 Ok(n) => out.written += n,
                 Err(quinn_proto::WriteError::Blocked) => return,
-                Err(_) => {
+                Err(e) => {
+                    // Stopped by the peer (or gone): reset, so the sending half is released.
                     stats.stream_messages_dropped += 1;
+                    let code = match e {
+                        quinn_proto::WriteError::Stopped(code) => code,
+                        _ => VarInt::from_u32(StreamErrorCode::ProtocolViolation as u32),
+                    };
+                    let _ = send.reset(code);
                     c.outbound.remove(&id);
                     return;
                 }
@@ -1273,6 +1350,11 @@ impl Transport {
             Event::Stream(StreamEvent::Opened { dir: Dir::Uni }) => {
                 // grinta uses no unidirectional streams (and allows the peer none).
             }
+            Event::Stream(StreamEvent::Readable { id }) if c.draining.contains(&id) => {
+                if Self::discard(c, id) {
+                    c.draining.remove(&id);
+                }
+            }
             Event::Stream(StreamEvent::Readable { id }) if c.flow_streams.contains(&id) => {
                 self.events.push_back(TransportEvent::FlowReadable {
                     conn: ch,
@@ -1301,8 +1383,13 @@ impl Transport {
             Event::Stream(StreamEvent::Available { dir: Dir::Bi }) => {
                 Self::open_pending_flows(c, ch, &mut self.events);
             }
+            Event::Stream(StreamEvent::Stopped { id, error_code }) => {
+                // The peer wants nothing more on a stream that is not a live flow: QUIC never
+                // resets on its own, and an unreset sending half is never freed.
+                c.outbound.remove(&id);
+                let _ = c.conn.send_stream(id).reset(error_code);
+            }
             Event::Stream(StreamEvent::Finished { .. })
-            | Event::Stream(StreamEvent::Stopped { .. })
             | Event::Stream(StreamEvent::Available { .. }) => {}
         }
     }
@@ -1313,18 +1400,33 @@ impl Transport {
             return;
         };
         let is_reply = c.opened.contains(&id);
+        if !is_reply && !c.inbound.contains_key(&id) && id.initiator() == c.conn.side() {
+            // A stream this node opened and no longer follows: never a new request.
+            Self::drain(c, id);
+            return;
+        }
         if !is_reply && !c.inbound.contains_key(&id) {
             // First bytes of a stream the peer opened: its kind.
             let kind = match c.conn.recv_stream(id).read(true) {
                 Ok(mut chunks) => {
                     let kind = match chunks.next(1) {
-                        Ok(Some(chunk)) => chunk.bytes.first().copied(),
-                        _ => None,
+                        Ok(Some(chunk)) => Ok(chunk.bytes.first().copied()),
+                        Err(quinn_proto::ReadError::Blocked) => Ok(None),
+                        // Ended or reset before saying what it is.
+                        Ok(None) | Err(quinn_proto::ReadError::Reset(_)) => Err(()),
                     };
                     let _ = chunks.finalize();
                     kind
                 }
-                Err(_) => None,
+                Err(_) => Err(()),
+            };
+            let kind = match kind {
+                Ok(kind) => kind,
+                Err(()) => {
+                    let code = VarInt::from_u32(StreamErrorCode::ProtocolViolation as u32);
+                    let _ = c.conn.send_stream(id).reset(code);
+                    return;
+                }
             };
             match kind {
                 None => return, // nothing yet
@@ -1384,6 +1486,10 @@ impl Transport {
         };
         if let Some(data) = message {
             c.inbound.remove(&id);
+            if !finished && !failed {
+                // One message per stream: anything after it is discarded until the end.
+                Self::drain(c, id);
+            }
             self.events.push_back(if is_reply {
                 TransportEvent::StreamReply { conn: ch, data }
             } else {

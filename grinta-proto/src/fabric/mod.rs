@@ -70,6 +70,29 @@ impl Default for RecvMeta {
     }
 }
 
+
+/// Abandons a remote dial whose future was dropped before the owner answered: the flow is reset
+/// (the owner, if it already accepted, sees it end), and its dial entry and wakers go.
+struct DialGuard<'a, R: Runtime> {
+    fabric: &'a Fabric<R>,
+    flow: FlowId,
+    answered: bool,
+}
+
+impl<R: Runtime> Drop for DialGuard<'_, R> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let flow = self.flow;
+        self.fabric.with(|inner, _| {
+            inner.dials.remove(&flow);
+            inner.waiters.flows.remove(&flow);
+            inner.node.drop_flow(flow);
+        });
+    }
+}
+
 /// Counters of a fabric: its node and its socket.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FabricStats {
@@ -289,12 +312,18 @@ impl Inner {
         while let Some(event) = self.node.poll_event() {
             match event {
                 Event::Flow(e) => match e {
-                    FlowEvent::Opened { flow, .. } => {
-                        self.dials.insert(flow, Some(Ok(())));
-                        self.wake_flow(flow);
-                    }
+                    FlowEvent::Opened { flow, .. } => match self.dials.get_mut(&flow) {
+                        Some(slot) => {
+                            *slot = Some(Ok(()));
+                            self.wake_flow(flow);
+                        }
+                        // Nobody waits for it any more: end it at once.
+                        None => self.node.drop_flow(flow),
+                    },
                     FlowEvent::DialFailed { flow, error, .. } => {
-                        self.dials.insert(flow, Some(Err(error)));
+                        if let Some(slot) = self.dials.get_mut(&flow) {
+                            *slot = Some(Err(error));
+                        }
                         self.wake_flow(flow);
                     }
                     FlowEvent::Incoming { endpoint, .. } => {
@@ -556,10 +585,17 @@ impl<R: Runtime> Fabric<R> {
             Dialled::Local(end) => return Ok(Flow::new(Route::Local(end))),
             Dialled::Remote(flow) => flow,
         };
+        // Dropped before the answer (a timeout, a `select!`), the guard abandons the dial.
+        let mut guard = DialGuard {
+            fabric: self,
+            flow,
+            answered: false,
+        };
         std::future::poll_fn(|cx| {
             let mut inner = self.shared.lock();
             match inner.dials.get(&flow) {
                 Some(Some(_)) => {
+                    guard.answered = true;
                     let result = inner.dials.remove(&flow).flatten().unwrap_or(Ok(()));
                     Poll::Ready(
                         result
