@@ -45,7 +45,8 @@ pub struct FlowLimits {
     /// Bytes of received messages a flow holds for the application before it stops reading.
     pub recv_buffer: usize,
     /// Accepted flows waiting for [`accept`](crate::node::Node::accept) per endpoint; beyond it
-    /// dials are rejected with `BACKLOG_FULL`.
+    /// dials are rejected with `BACKLOG_FULL`. Sized like a listen backlog (4096): an acceptor
+    /// that keeps up never sees a burst refused, one that falls behind does.
     pub accept_backlog: usize,
     /// How long a dial waits for the owner's answer.
     pub dial_timeout: Duration,
@@ -67,11 +68,11 @@ impl Default for FlowLimits {
             max_message_size: 4 << 20,
             send_buffer: 1 << 20,
             recv_buffer: 1 << 20,
-            accept_backlog: 64,
+            accept_backlog: 4096,
             dial_timeout: Duration::from_secs(10),
             max_flows: 10_000,
             max_flows_per_peer: 1024,
-            max_pending_dials: 256,
+            max_pending_dials: 4096,
             local_capacity: 256,
         }
     }

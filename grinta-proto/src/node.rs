@@ -69,10 +69,12 @@ use crate::registry::{
     EndpointKind, Record, Registry, RegistryError, RegistryEvent, RegistryLimits,
 };
 use crate::tls::{self, TlsConfig};
-use crate::transport::{Transport, TransportError, TransportEvent, TransportLimits};
+use crate::transport::{
+    STREAMS_FOR_EXCHANGES, Transport, TransportError, TransportEvent, TransportLimits,
+};
 use crate::wire;
 
-pub use crate::transport::{Transmit, TransportStats};
+pub use crate::transport::{StreamStats, Transmit, TransportStats};
 
 /// Everything a node needs to start.
 #[derive(Debug, Clone)]
@@ -149,6 +151,15 @@ impl NodeConfig {
         {
             return Err(NodeConfigError::Seed { addr: *seed });
         }
+        let needed = u64::try_from(self.flows.max_flows_per_peer)
+            .unwrap_or(u64::MAX)
+            .saturating_add(u64::from(STREAMS_FOR_EXCHANGES));
+        if u64::from(self.transport.max_concurrent_streams) < needed {
+            return Err(NodeConfigError::StreamLimit {
+                max_concurrent_streams: self.transport.max_concurrent_streams,
+                needed,
+            });
+        }
         Ok(())
     }
 }
@@ -192,6 +203,16 @@ pub enum NodeConfigError {
         max_packet_size: usize,
         /// The largest allowed.
         limit: usize,
+    },
+    /// The stream limit leaves no room for push-pull once a peer has its most flows open.
+    #[error(
+        "transport max_concurrent_streams {max_concurrent_streams} must be at least {needed} (flows.max_flows_per_peer + {STREAMS_FOR_EXCHANGES} for push-pull): raise it or lower max_flows_per_peer"
+    )]
+    StreamLimit {
+        /// The configured stream limit.
+        max_concurrent_streams: u32,
+        /// The least that works with the flow limit.
+        needed: u64,
     },
 }
 
@@ -634,6 +655,12 @@ impl Node {
             transport: self.transport.stats.clone(),
             undecodable: self.undecodable,
         }
+    }
+
+    /// Streams held on this node's connections, for leak checks and monitoring (it walks every
+    /// connection: not for a hot path).
+    pub fn stream_stats(&mut self) -> StreamStats {
+        self.transport.stream_stats()
     }
 
     /// Open QUIC connections (in any state).

@@ -39,6 +39,10 @@ use crate::tls::{self, NodeTls};
 use crate::wire::framing::{self, FrameDecoder};
 use crate::wire::{ConnectionCloseCode, StreamErrorCode};
 
+/// Streams a connection keeps beyond the flow limit for push-pull exchanges, so that a peer
+/// at its flow limit still exchanges membership state.
+pub const STREAMS_FOR_EXCHANGES: u32 = 64;
+
 /// Transport limits and timers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransportLimits {
@@ -52,7 +56,9 @@ pub struct TransportLimits {
     pub max_stream_message_size: usize,
     /// A connection that carries nothing this long is closed.
     pub idle_timeout: Duration,
-    /// Most concurrent bidirectional streams a peer may open on one connection.
+    /// Most concurrent bidirectional streams a peer may open on one connection: its flows to
+    /// this node plus its push-pull exchanges, so at least `FlowLimits::max_flows_per_peer` +
+    /// [`STREAMS_FOR_EXCHANGES`] (checked by `NodeConfig::validate`). Default 1088.
     pub max_concurrent_streams: u32,
     /// Path MTU discovery: probes for packets larger than 1200 bytes (up to 1452) once a
     /// connection is up, so bulk flows need fewer packets. Only correct when the socket forbids IP
@@ -68,7 +74,7 @@ impl Default for TransportLimits {
             max_queued_stream_messages: 8,
             max_stream_message_size: 8 << 20,
             idle_timeout: Duration::from_secs(120),
-            max_concurrent_streams: 256,
+            max_concurrent_streams: 1024 + STREAMS_FOR_EXCHANGES,
             mtu_discovery: true,
         }
     }
@@ -95,6 +101,25 @@ pub struct TransportStats {
     pub udp_received: u64,
     /// UDP datagrams sent.
     pub udp_sent: u64,
+}
+
+/// Streams held on a node's connections, summed over them (see
+/// [`Node::stream_stats`](crate::node::Node::stream_stats)). After every flow and exchange has
+/// ended, every count comes back to zero: a stream that stays counted is a leak.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamStats {
+    /// Streams peers opened that are not yet freed here; each counts against the peer's limit of
+    /// concurrent streams (`TransportLimits::max_concurrent_streams`).
+    pub peer_opened: u64,
+    /// Streams whose sending half may still hold data the peer has not acknowledged.
+    pub sending: usize,
+    /// Streams carrying flows.
+    pub flows: usize,
+    /// Streams whose receiving half is read and discarded until the peer ends it.
+    pub draining: usize,
+    /// Push-pull exchanges in progress: requests being read, replies awaited, answers being
+    /// written.
+    pub exchanges: usize,
 }
 
 /// What the transport delivers to the node.
@@ -1167,6 +1192,19 @@ impl Transport {
             self.dirty.insert(*ch);
         }
         self.drive(now);
+    }
+
+    /// Streams held on every connection.
+    pub(crate) fn stream_stats(&mut self) -> StreamStats {
+        let mut stats = StreamStats::default();
+        for c in self.conns.values_mut() {
+            stats.peer_opened += c.conn.streams().remote_open_streams(Dir::Bi);
+            stats.sending += c.conn.streams().send_streams();
+            stats.flows += c.flow_streams.len();
+            stats.draining += c.draining.len();
+            stats.exchanges += c.inbound.len() + c.opened.len() + c.outbound.len();
+        }
+        stats
     }
 
     /// Number of connections open (in any state).

@@ -653,6 +653,7 @@ fn dial_errors_are_clear() {
         certificates(&ca, 4),
         |cfg| {
             cfg.flows.dial_timeout = Duration::from_secs(2);
+            cfg.flows.accept_backlog = 64;
         },
     );
     c.form(Duration::from_millis(200));
@@ -668,7 +669,7 @@ fn dial_errors_are_clear() {
         })
     );
     // A full backlog: the sink never accepts.
-    let backlog = grinta_proto::flow::FlowLimits::default().accept_backlog;
+    let backlog = 64;
     for _ in 0..backlog + 5 {
         dial_with(&mut c, 0, &sent, "busy", vec![]);
     }

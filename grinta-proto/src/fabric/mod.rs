@@ -70,7 +70,6 @@ impl Default for RecvMeta {
     }
 }
 
-
 /// Abandons a remote dial whose future was dropped before the owner answered: the flow is reset
 /// (the owner, if it already accepted, sees it end), and its dial entry and wakers go.
 struct DialGuard<'a, R: Runtime> {
