@@ -105,12 +105,46 @@ pub fn flow_stream(data: &[u8]) {
     }
 }
 
+/// A number a peer chose, over its whole range: small values (where records collide), the edges
+/// of every documented bound, or anything.
+#[derive(Debug, Clone, Copy, Arbitrary)]
+pub enum ArbNum {
+    /// 0..16.
+    Small(u8),
+    /// Around the bounds: 0, 1, 2^32, 2^62 - 1, 2^62, 2^62 + 1, 2^63, u64::MAX - 1, u64::MAX.
+    Edge(u8),
+    /// Any value.
+    Any(u64),
+}
+
+impl ArbNum {
+    /// The value.
+    pub fn get(self) -> u64 {
+        const EDGES: [u64; 9] = [
+            0,
+            1,
+            1 << 32,
+            (1 << 62) - 1,
+            1 << 62,
+            (1 << 62) + 1,
+            1 << 63,
+            u64::MAX - 1,
+            u64::MAX,
+        ];
+        match self {
+            Self::Small(v) => u64::from(v % 16),
+            Self::Edge(v) => EDGES[usize::from(v) % EDGES.len()],
+            Self::Any(v) => v,
+        }
+    }
+}
+
 #[derive(Debug, Arbitrary)]
 struct ArbRecord {
     name: u8,
     owner: u8,
-    owner_incarnation: u8,
-    version: u8,
+    owner_incarnation: ArbNum,
+    version: ArbNum,
     claimed: bool,
     group: bool,
 }
@@ -120,8 +154,8 @@ impl ArbRecord {
         Record {
             name: format!("n{}", self.name % 8),
             owner: format!("o{}", self.owner % 6),
-            owner_incarnation: u64::from(self.owner_incarnation % 4),
-            version: u64::from(self.version % 16),
+            owner_incarnation: self.owner_incarnation.get(),
+            version: self.version.get(),
             claimed: self.claimed,
             kind: if self.group {
                 EndpointKind::Group
@@ -159,16 +193,33 @@ pub fn registry_merge(data: &[u8]) {
     }
     assert!(forward.len() <= 32);
     // A node that owns some of the names sees conflicts resolved, never twice the same claim.
+    // Its own writes, incarnation changes and departures interleave with hostile numbers.
     let mut owner = Registry::new("o1", limits);
     for (i, r) in records.iter().enumerate() {
-        if i % 3 == 0 {
-            let _ = owner.register(&format!("n{}", r.name % 8), EndpointKind::Exclusive, now);
+        let name = format!("n{}", r.name % 8);
+        match i % 6 {
+            0 => {
+                let _ = owner.register(&name, EndpointKind::Exclusive, now);
+            }
+            1 => {
+                let _ = owner.unregister(&name, now);
+            }
+            2 => owner.set_local_incarnation(r.owner_incarnation.get(), now),
+            3 => owner.drop_owner(&format!("o{}", r.owner % 6), r.owner_incarnation.get()),
+            4 => owner.owner_alive(&format!("o{}", r.owner % 6), r.owner_incarnation.get()),
+            _ => {}
         }
         owner.merge(r.record(), now);
         for name in owner.names("") {
             let owners = owner.resolve(name);
             assert!(!owners.is_empty());
         }
+        assert!(
+            owner
+                .records()
+                .all(|r| r.version <= grinta_proto::registry::MAX_RECORD_VERSION + (1 << 20)),
+            "versions stay within the bound (plus the node's own writes)"
+        );
     }
 }
 
@@ -265,6 +316,83 @@ enum Op {
     Leave {
         peer: bool,
     },
+    /// The peer (a member with a valid certificate) sends a crafted membership packet with
+    /// numbers of its choosing: about the target, about itself, or an endpoint record of any
+    /// owner.
+    Inject {
+        about_target: bool,
+        kind: u8,
+        incarnation: ArbNum,
+        version: ArbNum,
+        name: u8,
+    },
+}
+
+/// A membership packet from `peer` with one broadcast chosen by `kind`.
+fn crafted_packet(
+    peer: &Node,
+    about: &str,
+    addr: SocketAddr,
+    kind: u8,
+    incarnation: u64,
+    version: u64,
+    endpoint: &str,
+) -> Bytes {
+    use wire::broadcast::Kind;
+    let node = about.to_owned();
+    let kind = match kind % 5 {
+        0 => Kind::Alive(wire::Alive {
+            node,
+            incarnation,
+            addr: Some(wire::SocketAddress {
+                ip: match addr.ip() {
+                    std::net::IpAddr::V4(ip) => ip.octets().to_vec().into(),
+                    std::net::IpAddr::V6(ip) => ip.octets().to_vec().into(),
+                },
+                port: u32::from(addr.port()),
+            }),
+            meta: Vec::new().into(),
+        }),
+        1 => Kind::Suspect(wire::Suspect {
+            node,
+            incarnation,
+            from: peer.name().to_owned(),
+        }),
+        2 => Kind::Dead(wire::Dead {
+            node,
+            incarnation,
+            from: peer.name().to_owned(),
+        }),
+        3 => Kind::Dead(wire::Dead {
+            node: node.clone(),
+            incarnation,
+            from: node,
+        }),
+        _ => {
+            let record = Record {
+                name: endpoint.to_owned(),
+                owner: node,
+                owner_incarnation: incarnation,
+                version,
+                claimed: true,
+                kind: EndpointKind::Exclusive,
+            };
+            let delta = wire::RegistryDelta {
+                records: vec![record.to_wire()],
+            };
+            Kind::App(wire::AppBroadcast {
+                key: record.gossip_key().into(),
+                payload: delta.encode_to_vec().into(),
+            })
+        }
+    };
+    wire::Packet {
+        sender: peer.name().to_owned(),
+        message: None,
+        broadcasts: vec![wire::Broadcast { kind: Some(kind) }],
+    }
+    .encode_to_vec()
+    .into()
 }
 
 /// A node fed an arbitrary sequence of datagrams (garbage, or real traffic from a real peer,
@@ -430,6 +558,30 @@ pub fn node(data: &[u8]) {
                     target.leave(now);
                 }
             }
+            Op::Inject {
+                about_target,
+                kind,
+                incarnation,
+                version,
+                name: n,
+            } => {
+                let (about, addr) = if about_target {
+                    (target.name().to_owned(), target.local_addr())
+                } else {
+                    (peer.name().to_owned(), peer.local_addr())
+                };
+                let packet = crafted_packet(
+                    &peer,
+                    &about,
+                    addr,
+                    kind,
+                    incarnation.get(),
+                    version.get(),
+                    &name(n),
+                );
+                let to = target.local_addr();
+                peer.send_raw_membership_datagram(now, "target", to, packet);
+            }
         }
         while let Some(e) = target.poll_event() {
             if let Event::Flow(grinta_proto::flow::FlowEvent::Incoming { flow, .. }) = e {
@@ -451,6 +603,10 @@ pub fn node(data: &[u8]) {
                 "only one other node exists"
             );
             assert!(node.connection_count() <= 64, "connections stay bounded");
+            assert!(
+                node.membership().incarnation() <= grinta_proto::membership::MAX_INCARNATION,
+                "a node's incarnation stays within the bound it can refute from"
+            );
         }
     }
 }

@@ -64,6 +64,12 @@ use suspicion::Suspicion;
 /// Longest node name, in bytes.
 pub const MAX_NAME_LEN: usize = 128;
 
+/// The largest incarnation accepted from a peer (2^62). A node's incarnation grows by one per
+/// refutation or metadata change, so an honest one never comes near it. An Alive beyond it is
+/// refused as malformed, and an accusation (Suspect or Dead of another node) must be below it,
+/// so its subject can always refute with `accused + 1`.
+pub const MAX_INCARNATION: u64 = 1 << 62;
+
 /// Checks a node name: 1..=128 bytes of `[A-Za-z0-9._-]`.
 ///
 /// ```
@@ -595,8 +601,9 @@ impl Membership {
         if !matches!(self.lifecycle, Lifecycle::Running) {
             return Err(Error::Left);
         }
+        // Received incarnations are at most MAX_INCARNATION, so this stays exact.
         self.meta = meta;
-        self.incarnation += 1;
+        self.incarnation = self.incarnation.saturating_add(1);
         self.broadcast_self_alive();
         Ok(())
     }
@@ -1252,7 +1259,10 @@ impl Membership {
     }
 
     fn apply_alive(&mut self, now: Instant, a: wire::Alive) {
-        if validate_node_name(&a.node).is_err() || a.meta.len() > self.config.max_meta_size {
+        if validate_node_name(&a.node).is_err()
+            || a.meta.len() > self.config.max_meta_size
+            || a.incarnation > MAX_INCARNATION
+        {
             self.stats.packets_invalid += 1;
             return;
         }
@@ -1338,7 +1348,8 @@ impl Membership {
     }
 
     fn apply_suspect(&mut self, now: Instant, s: wire::Suspect, from: Option<SocketAddr>) {
-        if validate_node_name(&s.from).is_err() {
+        // An accusation must leave its subject room to refute (accused + 1).
+        if validate_node_name(&s.from).is_err() || s.incarnation >= MAX_INCARNATION {
             self.stats.packets_invalid += 1;
             return;
         }
@@ -1391,7 +1402,13 @@ impl Membership {
     }
 
     fn apply_dead(&mut self, now: Instant, d: wire::Dead, from: Option<SocketAddr>) {
-        if validate_node_name(&d.from).is_err() {
+        // A leave (from its own subject) may carry MAX_INCARNATION itself; an accusation not.
+        let limit = if d.from == d.node {
+            MAX_INCARNATION
+        } else {
+            MAX_INCARNATION - 1
+        };
+        if validate_node_name(&d.from).is_err() || d.incarnation > limit {
             self.stats.packets_invalid += 1;
             return;
         }

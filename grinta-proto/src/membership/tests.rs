@@ -467,3 +467,50 @@ fn app_broadcasts_get_their_share_of_a_full_packet() {
         );
     }
 }
+
+#[test]
+fn incarnations_beyond_the_bound_are_refused_and_a_node_can_always_refute() {
+    let t0 = Instant::now();
+    let mut a = node("a", 1, t0);
+    let mut b = node("b", 2, t0);
+    let mut c = node("c", 3, t0);
+    join_pair(&mut a, &mut b, t0);
+    join_pair(&mut a, &mut c, t0);
+    drain(&mut a);
+    events(&mut a);
+    // Accusations at or beyond the bound change nothing, about us or about others.
+    for inc in [MAX_INCARNATION, MAX_INCARNATION + 1, u64::MAX] {
+        a.handle_datagram(t0, addr(2), &suspect_broadcast("a", inc, "b"));
+        a.handle_datagram(t0, addr(2), &suspect_broadcast("c", inc, "b"));
+    }
+    assert_eq!(a.incarnation(), 1);
+    assert_eq!(a.member("c").unwrap().state, MemberState::Alive);
+    assert!(events(&mut a).is_empty());
+    // The highest accusation accepted is still refuted, and others take the refutation.
+    a.handle_datagram(
+        t0,
+        addr(2),
+        &suspect_broadcast("a", MAX_INCARNATION - 1, "b"),
+    );
+    assert_eq!(a.incarnation(), MAX_INCARNATION);
+    b.handle_datagram(
+        t0,
+        addr(2),
+        &suspect_broadcast("a", MAX_INCARNATION - 1, "c"),
+    );
+    assert_eq!(b.member("a").unwrap().state, MemberState::Suspect);
+    a.handle_timeout(a.next_gossip);
+    for t in drain(&mut a) {
+        if t.channel == Channel::Datagram {
+            b.handle_datagram(t0, addr(1), &t.payload);
+        }
+    }
+    let seen = b.member("a").unwrap();
+    assert_eq!(
+        (seen.state, seen.incarnation),
+        (MemberState::Alive, MAX_INCARNATION)
+    );
+    // Changing metadata at the bound neither panics nor wraps.
+    a.update_meta(Bytes::from_static(b"m")).unwrap();
+    assert_eq!(a.incarnation(), MAX_INCARNATION + 1);
+}

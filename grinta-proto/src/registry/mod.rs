@@ -38,6 +38,12 @@ use crate::wire;
 /// Longest endpoint name, in bytes.
 pub const MAX_ENDPOINT_NAME_LEN: usize = 128;
 
+/// The largest record version accepted from a peer (2^62). An owner's clock grows by one per
+/// write, so an honest version never comes near it (a million writes a second for 146,000
+/// years); a record beyond it is refused as malformed. The room above it keeps every
+/// `clock + 1` of the owner exact.
+pub const MAX_RECORD_VERSION: u64 = 1 << 62;
+
 /// Whether a name has one owner or many.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EndpointKind {
@@ -104,6 +110,13 @@ impl Record {
             wire::EndpointKind::Group => EndpointKind::Group,
             wire::EndpointKind::Unspecified => return None,
         };
+        // Numbers a peer chose: refused beyond the documented bounds, so arithmetic on them
+        // cannot overflow.
+        if r.version > MAX_RECORD_VERSION
+            || r.owner_incarnation > crate::membership::MAX_INCARNATION
+        {
+            return None;
+        }
         Some(Self {
             name: r.name.clone(),
             owner: r.owner.clone(),
@@ -429,12 +442,12 @@ impl Registry {
             });
         }
         self.lost.remove(name);
-        self.clock += 1;
+        let version = tick(&mut self.clock);
         let record = Record {
             name: name.to_owned(),
             owner: self.local.clone(),
             owner_incarnation: self.local_incarnation,
-            version: self.clock,
+            version,
             claimed: true,
             kind,
         };
@@ -450,10 +463,10 @@ impl Registry {
                 name: name.to_owned(),
             });
         };
-        self.clock += 1;
+        let version = tick(&mut self.clock);
         let record = Record {
             claimed: false,
-            version: self.clock,
+            version,
             owner_incarnation: self.local_incarnation,
             ..entry.record.clone()
         };
@@ -475,9 +488,9 @@ impl Registry {
             .map(|e| e.record.clone())
             .collect();
         for r in mine {
-            self.clock += 1;
+            let version = tick(&mut self.clock);
             let record = Record {
-                version: self.clock,
+                version,
                 owner_incarnation: incarnation,
                 ..r
             };
@@ -489,6 +502,11 @@ impl Registry {
     /// Merges a record learnt from a peer. Returns whether the table changed (and so whether the
     /// record is worth passing on).
     pub fn merge(&mut self, record: Record, now: Instant) -> bool {
+        if record.version > MAX_RECORD_VERSION
+            || record.owner_incarnation > crate::membership::MAX_INCARNATION
+        {
+            return false;
+        }
         if self
             .gone
             .get(&record.owner)
@@ -502,10 +520,10 @@ impl Registry {
             // Out-write it with the current state.
             let current = self.records.get(&(record.name.clone(), self.local.clone()));
             if current.is_none_or(|c| record.supersedes(&c.record)) {
-                self.clock += 1;
+                let version = tick(&mut self.clock);
                 let corrected = Record {
                     claimed: current.is_some_and(|c| c.record.claimed),
-                    version: self.clock,
+                    version,
                     owner_incarnation: self.local_incarnation,
                     kind: current.map_or(record.kind, |c| c.record.kind),
                     ..record
@@ -606,10 +624,10 @@ impl Registry {
                 let loses = winner.owner != self.local
                     && (winner.kind != mine.kind || mine.kind == EndpointKind::Exclusive);
                 if loses {
-                    self.clock += 1;
+                    let version = tick(&mut self.clock);
                     let tombstone = Record {
                         claimed: false,
-                        version: self.clock,
+                        version,
                         ..mine
                     };
                     self.records.insert(
@@ -659,6 +677,14 @@ impl Registry {
             }
         }
     }
+}
+
+/// Advances a node's Lamport clock for a write of its own. Merged versions are at most
+/// [`MAX_RECORD_VERSION`] (larger ones are refused), so the clock stays exact; the saturation
+/// only guards the impossible.
+fn tick(clock: &mut u64) -> u64 {
+    *clock = clock.saturating_add(1);
+    *clock
 }
 
 #[cfg(test)]

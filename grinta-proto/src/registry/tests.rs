@@ -291,3 +291,38 @@ proptest! {
         prop_assert_eq!(state(&ab), state(&a_bc));
     }
 }
+
+#[test]
+fn versions_and_incarnations_beyond_the_bounds_are_refused_without_panic() {
+    let now = Instant::now();
+    let mut owner = reg("a");
+    owner.register("svc", EndpointKind::Exclusive, now).unwrap();
+    let forged = |version, owner_incarnation| Record {
+        name: "svc".into(),
+        owner: "a".into(),
+        owner_incarnation,
+        version,
+        claimed: true,
+        kind: EndpointKind::Exclusive,
+    };
+    // A relayed record "from" the owner itself with an absurd version: refused, no panic.
+    for version in [MAX_RECORD_VERSION + 1, u64::MAX] {
+        assert!(!owner.merge(forged(version, 1), now));
+        assert!(!owner.merge(forged(1, crate::membership::MAX_INCARNATION + 1), now));
+        let wire = forged(version, 1).to_wire();
+        assert!(Record::from_wire(&wire).is_none(), "refused on decode");
+    }
+    // At the bound itself the owner out-writes it and keeps working.
+    assert!(!owner.merge(forged(MAX_RECORD_VERSION, 1), now));
+    let correction = owner.poll_outgoing().expect("a correction");
+    assert!(correction.version > MAX_RECORD_VERSION);
+    let tomb = owner.unregister("svc", now).unwrap();
+    assert!(tomb.version > correction.version, "the clock did not wrap");
+    let again = owner.register("svc", EndpointKind::Exclusive, now).unwrap();
+    assert!(again.supersedes(&tomb));
+    // Another node refuses what is beyond the bound, whatever it held before.
+    let mut other = reg("b");
+    assert!(other.merge(forged(MAX_RECORD_VERSION, 1), now));
+    assert!(!other.merge(forged(u64::MAX, 1), now));
+    assert_eq!(other.owners("svc"), vec!["a"]);
+}
