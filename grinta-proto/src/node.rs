@@ -300,9 +300,12 @@ impl Node {
             seed,
             now,
         )?;
+        // The directory's records carry the incarnation membership starts at.
+        let mut registry = Registry::new(&config.name, config.registry.clone());
+        registry.set_local_incarnation(membership.incarnation(), now);
         Ok(Self {
             membership,
-            registry: Registry::new(&config.name, config.registry.clone()),
+            registry,
             flows: Flows::new(&config.name, config.flows.clone()),
             rng: ChaCha8Rng::seed_from_u64(seed ^ 0x666c_6f77),
             registry_dirty: false,
@@ -630,7 +633,7 @@ impl Node {
         match &event {
             M::LeaveComplete => self.transport.close_all(now),
             M::MemberDead { name, incarnation } | M::MemberLeft { name, incarnation } => {
-                self.registry.drop_owner(name, *incarnation);
+                self.registry.drop_owner(name, *incarnation, now);
                 self.registry_dirty = true;
                 self.flows.on_peer_gone(&mut self.transport, name);
                 self.transport.close_peer(now, name);

@@ -205,7 +205,7 @@ pub fn registry_merge(data: &[u8]) {
                 let _ = owner.unregister(&name, now);
             }
             2 => owner.set_local_incarnation(r.owner_incarnation.get(), now),
-            3 => owner.drop_owner(&format!("o{}", r.owner % 6), r.owner_incarnation.get()),
+            3 => owner.drop_owner(&format!("o{}", r.owner % 6), r.owner_incarnation.get(), now),
             4 => owner.owner_alive(&format!("o{}", r.owner % 6), r.owner_incarnation.get()),
             _ => {}
         }

@@ -198,9 +198,17 @@ impl Cluster<SimulatedNode> {
     ) -> Self {
         let n = certs.len();
         let m = membership.clone();
+        // Like the fabric, a node starts at the (virtual) wall clock in milliseconds, so a
+        // restarted node starts above its previous life.
+        let epoch = std::cell::Cell::new(None::<Instant>);
         let factory: NodeFactory<SimulatedNode> = Box::new(move |i, generation, addr, now| {
             let mut config =
                 sim_node_config(seed, i, generation, addr, certs[i].clone(), m.clone());
+            let base = epoch.get().unwrap_or(now);
+            epoch.set(Some(base));
+            let since = now.saturating_duration_since(base);
+            config.membership.initial_incarnation =
+                1 + u64::try_from(since.as_millis()).unwrap_or(0);
             tweak(&mut config);
             let node = Node::new(config, node_seed(seed, i, generation), now)
                 .expect("simulated node configuration is valid");

@@ -427,6 +427,15 @@ impl<R: Runtime> Fabric<R> {
         config.bind = local_addr;
         // Probing larger packets is only sound when the socket sets "don't fragment".
         config.transport.mtu_discovery &= !R::may_fragment(&socket);
+        // A restarted process starts above every incarnation of its previous life, so the
+        // cluster takes it at its word at once (see `membership::Config::initial_incarnation`).
+        let wall_millis = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        config.membership.initial_incarnation = config
+            .membership
+            .initial_incarnation
+            .max(wall_millis.min(crate::membership::MAX_INCARNATION / 2));
         let now = R::now();
         let mut node = Node::new(config, seed, now)?;
         node.join(now, &[]);

@@ -74,6 +74,11 @@ pub struct Config {
     /// Lifeguard on (default) or off (plain SWIM: no health scaling, no nacks, fixed suspicion
     /// timeout). Off exists to measure what Lifeguard buys.
     pub lifeguard: bool,
+    /// The incarnation this node starts at (1 ..= 2^61). A process that restarts under the same
+    /// name must start above every incarnation of its previous life, or the cluster takes its
+    /// announcements for stale news until it learns what to refute: the fabric starts at the
+    /// wall clock in milliseconds since the UNIX epoch, which grows across restarts.
+    pub initial_incarnation: u64,
 }
 
 impl Default for Config {
@@ -112,6 +117,7 @@ impl Config {
             max_failed_members: 1024,
             max_pending_indirect: 1024,
             lifeguard: true,
+            initial_incarnation: 1,
         }
     }
 
@@ -162,6 +168,11 @@ impl Config {
             return Err(ConfigError::ProbeTimeoutTooLong {
                 probe_timeout: self.probe_timeout,
                 probe_interval: self.probe_interval,
+            });
+        }
+        if self.initial_incarnation == 0 || self.initial_incarnation > super::MAX_INCARNATION / 2 {
+            return Err(ConfigError::Inconsistent {
+                reason: "initial_incarnation must be in 1..=2^61",
             });
         }
         if self.join_retry_max < self.join_retry_initial {

@@ -428,13 +428,14 @@ impl Membership {
         let next_push_pull =
             now + config.push_pull_interval / 2 + jitter(&mut rng, config.push_pull_interval / 2);
         let next_reconnect = now + jitter(&mut rng, config.reconnect_interval);
+        let initial_incarnation = config.initial_incarnation;
         Ok(Self {
             member_queue: BroadcastQueue::new(config.max_members + 1),
             app_queue: BroadcastQueue::new(config.max_app_broadcasts),
             config,
             name: name.to_owned(),
             addr,
-            incarnation: 1,
+            incarnation: initial_incarnation,
             meta: Bytes::new(),
             rng,
             members: Vec::new(),
@@ -1312,8 +1313,12 @@ impl Membership {
         let entry = &self.members[i];
         let old = entry.member.state;
         if addr != entry.member.addr {
-            // Same name, new address: only once the old one is surely gone.
-            let reclaimable = old == MemberState::Left
+            // Same name, new address: a later life of the member (a higher incarnation: it
+            // restarted and moved), or once the old one is surely gone. Names are bound to
+            // certificates, so two live processes under one name are one operator's mistake,
+            // and the older refutes the newer.
+            let reclaimable = a.incarnation > entry.member.incarnation
+                || old == MemberState::Left
                 || (old == MemberState::Dead
                     && now.saturating_duration_since(entry.state_change)
                         >= self.config.dead_node_reclaim_time);

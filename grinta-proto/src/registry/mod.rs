@@ -137,19 +137,20 @@ impl Record {
         key
     }
 
-    /// Which of two records for the same key wins: the higher version, then (so that the order is
-    /// total and merges commute even on inconsistent input) withdrawn over claimed, the higher
-    /// owner incarnation, group over exclusive.
-    fn supersedes(&self, other: &Record) -> bool {
+    /// Which of two records for the same key wins: the later life of the owner (higher owner
+    /// incarnation: a restarted owner's clock starts again, so versions compare only within one
+    /// life), then the higher version, then (so that the order is total and merges commute even
+    /// on inconsistent input) withdrawn over claimed, group over exclusive.
+    pub fn supersedes(&self, other: &Record) -> bool {
         (
+            self.owner_incarnation,
             self.version,
             !self.claimed,
-            self.owner_incarnation,
             self.kind,
         ) > (
+            other.owner_incarnation,
             other.version,
             !other.claimed,
-            other.owner_incarnation,
             other.kind,
         )
     }
@@ -190,6 +191,12 @@ pub struct RegistryLimits {
     pub max_local_endpoints: usize,
     /// How long a withdrawn record is kept before it is collected.
     pub tombstone_ttl: Duration,
+    /// Most departed owners remembered (the incarnation each was declared gone at, so that late
+    /// records of that life are refused); the oldest is forgotten first.
+    pub max_departed_owners: usize,
+    /// How long a departed owner is remembered: longer than a record of its last life can
+    /// still circulate (gossip retransmits, push-pull periods).
+    pub departed_owner_ttl: Duration,
 }
 
 impl Default for RegistryLimits {
@@ -198,6 +205,8 @@ impl Default for RegistryLimits {
             max_records: 65_536,
             max_local_endpoints: 1024,
             tombstone_ttl: Duration::from_secs(600),
+            max_departed_owners: 16_384,
+            departed_owner_ttl: Duration::from_secs(600),
         }
     }
 }
@@ -293,8 +302,11 @@ pub struct Registry {
     limits: RegistryLimits,
     /// `(name, owner)` -> record.
     records: BTreeMap<(String, String), Entry>,
-    /// Owners declared gone, with the incarnation they were gone at.
-    gone: HashMap<String, u64>,
+    /// Owners declared gone: the incarnation they were gone at and when (bounded by
+    /// `max_departed_owners` and `departed_owner_ttl`).
+    gone: HashMap<String, (u64, Instant)>,
+    /// `gone` by age, oldest first.
+    gone_by_age: BTreeSet<(Instant, String)>,
     events: VecDeque<RegistryEvent>,
     /// Local records that changed and must be gossiped.
     outbox: VecDeque<Record>,
@@ -312,6 +324,7 @@ impl Registry {
             limits,
             records: BTreeMap::new(),
             gone: HashMap::new(),
+            gone_by_age: BTreeSet::new(),
             events: VecDeque::new(),
             outbox: VecDeque::new(),
             lost: BTreeSet::new(),
@@ -510,7 +523,7 @@ impl Registry {
         if self
             .gone
             .get(&record.owner)
-            .is_some_and(|&inc| record.owner_incarnation <= inc)
+            .is_some_and(|&(inc, _)| record.owner_incarnation <= inc)
         {
             return false;
         }
@@ -546,7 +559,7 @@ impl Registry {
 
     /// Removes every record of `owner` (declared Dead or Left at `incarnation`) and refuses its
     /// records of that incarnation or older from now on.
-    pub fn drop_owner(&mut self, owner: &str, incarnation: u64) {
+    pub fn drop_owner(&mut self, owner: &str, incarnation: u64, now: Instant) {
         if owner == self.local {
             return;
         }
@@ -556,8 +569,22 @@ impl Registry {
             .filter(|(_, o)| o == owner)
             .map(|(n, _)| n.clone())
             .collect();
-        let gone = self.gone.entry(owner.to_owned()).or_insert(0);
-        *gone = (*gone).max(incarnation);
+        let incarnation = match self.gone.remove(owner) {
+            Some((known, at)) => {
+                self.gone_by_age.remove(&(at, owner.to_owned()));
+                known.max(incarnation)
+            }
+            None => incarnation,
+        };
+        self.gone.insert(owner.to_owned(), (incarnation, now));
+        self.gone_by_age.insert((now, owner.to_owned()));
+        while self.gone.len() > self.limits.max_departed_owners {
+            let Some((at, oldest)) = self.gone_by_age.pop_first() else {
+                break;
+            };
+            self.gone.remove(&oldest);
+            debug_assert!(at <= now, "ages are inserted in time order");
+        }
         for name in names {
             let before = self.claims(&name).next().is_some();
             self.records.remove(&(name.clone(), owner.to_owned()));
@@ -567,27 +594,50 @@ impl Registry {
 
     /// `owner` is alive again at `incarnation` (it refuted or rejoined): accept its newer records.
     pub fn owner_alive(&mut self, owner: &str, incarnation: u64) {
-        if self.gone.get(owner).is_some_and(|&inc| incarnation > inc) {
-            self.gone.remove(owner);
+        if let Some(&(gone, at)) = self.gone.get(owner) {
+            if incarnation > gone {
+                self.gone.remove(owner);
+                self.gone_by_age.remove(&(at, owner.to_owned()));
+            }
         }
     }
 
-    /// Collects tombstones older than `tombstone_ttl`.
+    /// Collects tombstones older than `tombstone_ttl` and forgets departed owners older than
+    /// `departed_owner_ttl`.
     pub fn handle_timeout(&mut self, now: Instant) {
         let ttl = self.limits.tombstone_ttl;
         self.records.retain(|_, e| {
             e.withdrawn_at
                 .is_none_or(|t| now.saturating_duration_since(t) < ttl)
         });
+        let departed_ttl = self.limits.departed_owner_ttl;
+        while let Some((at, owner)) = self.gone_by_age.first().cloned() {
+            if now.saturating_duration_since(at) < departed_ttl {
+                break;
+            }
+            self.gone_by_age.pop_first();
+            self.gone.remove(&owner);
+        }
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) has work to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.records
+        let tombstone = self
+            .records
             .values()
             .filter_map(|e| e.withdrawn_at)
             .min()
-            .map(|t| t + self.limits.tombstone_ttl)
+            .map(|t| t + self.limits.tombstone_ttl);
+        let departed = self
+            .gone_by_age
+            .first()
+            .map(|(at, _)| *at + self.limits.departed_owner_ttl);
+        tombstone.into_iter().chain(departed).min()
+    }
+
+    /// Departed owners remembered (see [`RegistryLimits::max_departed_owners`]).
+    pub fn departed_owners(&self) -> usize {
+        self.gone.len()
     }
 
     /// The full table in wire form, for push-pull.

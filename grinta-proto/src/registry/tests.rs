@@ -128,7 +128,7 @@ fn group_names_have_many_owners() {
     c.merge(ra, now);
     c.merge(rb, now);
     assert_eq!(c.resolve("workers"), vec!["a", "b"]);
-    c.drop_owner("a", 1);
+    c.drop_owner("a", 1, now);
     assert_eq!(c.resolve("workers"), vec!["b"]);
 }
 
@@ -139,7 +139,7 @@ fn records_of_a_gone_owner_are_dropped_and_refused_until_it_returns() {
     let mut c = reg("c");
     let r = a.register("svc", EndpointKind::Exclusive, now).unwrap();
     c.merge(r.clone(), now);
-    c.drop_owner("a", 1);
+    c.drop_owner("a", 1, now);
     assert!(c.owners("svc").is_empty());
     assert!(!c.merge(r, now), "a stale copy does not bring it back");
     // a refutes (incarnation 2) and re-issues its records.
@@ -325,4 +325,71 @@ fn versions_and_incarnations_beyond_the_bounds_are_refused_without_panic() {
     assert!(other.merge(forged(MAX_RECORD_VERSION, 1), now));
     assert!(!other.merge(forged(u64::MAX, 1), now));
     assert_eq!(other.owners("svc"), vec!["a"]);
+}
+
+#[test]
+fn a_later_life_of_an_owner_wins_and_departed_owners_are_bounded() {
+    let now = Instant::now();
+    let mut c = reg("c");
+    // The last life wrote many versions; the next life's clock starts again.
+    let old = Record {
+        name: "svc".into(),
+        owner: "a".into(),
+        owner_incarnation: 5,
+        version: 1_000,
+        claimed: true,
+        kind: EndpointKind::Exclusive,
+    };
+    let new = Record {
+        owner_incarnation: 9,
+        version: 1,
+        ..old.clone()
+    };
+    assert!(c.merge(new.clone(), now));
+    assert!(
+        !c.merge(old.clone(), now),
+        "a late record of the old life loses"
+    );
+    assert_eq!(c.records().next(), Some(&new));
+
+    // Ten thousand departures within the bound of 100: the oldest are forgotten first.
+    let limits = RegistryLimits {
+        max_departed_owners: 100,
+        departed_owner_ttl: Duration::from_secs(60),
+        ..RegistryLimits::default()
+    };
+    let mut d = Registry::new("d", limits);
+    for i in 0..10_000u64 {
+        d.drop_owner(&format!("n{i}"), 3, now + Duration::from_millis(i));
+        assert!(d.departed_owners() <= 100);
+    }
+    let late = Record {
+        owner: "n9999".into(),
+        owner_incarnation: 3,
+        ..old.clone()
+    };
+    assert!(
+        !d.merge(late.clone(), now),
+        "a remembered departure refuses its life"
+    );
+    assert!(
+        d.merge(
+            Record {
+                owner: "n0".into(),
+                ..late.clone()
+            },
+            now
+        ),
+        "the oldest were forgotten"
+    );
+    // And all expire after the TTL.
+    let deadline = d.poll_timeout().expect("expiry scheduled");
+    assert_eq!(
+        deadline,
+        now + Duration::from_millis(9_900) + Duration::from_secs(60),
+        "the oldest remembered departure"
+    );
+    d.handle_timeout(now + Duration::from_secs(71));
+    assert_eq!(d.departed_owners(), 0);
+    assert_eq!(d.poll_timeout(), None);
 }
