@@ -60,6 +60,8 @@ pub struct FlowLimits {
     /// Messages an in-process flow (both ends on this node) holds per direction before `send`
     /// waits; such a flow is also bounded by `recv_buffer` bytes, like a remote one.
     pub local_capacity: usize,
+    /// How long a graceful shutdown lets open flows finish before resetting them (5 s).
+    pub shutdown_grace: Duration,
 }
 
 impl Default for FlowLimits {
@@ -74,6 +76,7 @@ impl Default for FlowLimits {
             max_flows_per_peer: 1024,
             max_pending_dials: 4096,
             local_capacity: 256,
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 }
@@ -1414,6 +1417,12 @@ impl Flows {
                 self.close(transport, id, error, Some(ResetCode::ProtocolViolation));
             }
         }
+    }
+
+    /// Refuses new flows from now on (dials fail, incoming ones are refused with
+    /// `ShuttingDown`); open flows carry on.
+    pub(crate) fn stop_accepting(&mut self) {
+        self.shutting_down = true;
     }
 
     /// Refuses new flows from now on and resets the open ones.

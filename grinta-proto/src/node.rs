@@ -679,6 +679,25 @@ impl Node {
         self.work_pending = true;
     }
 
+    /// Starts a graceful shutdown: new flows are refused (dials here fail, dials from peers are
+    /// rejected with `RejectReason::ShuttingDown`), every local endpoint is withdrawn (its
+    /// tombstone spreads at once) and its accept backlog reset; open flows carry on. Then
+    /// [`leave`](Self::leave) once they ended or a grace period passed.
+    pub fn stop_accepting(&mut self, now: Instant) {
+        self.flows.stop_accepting();
+        let local: Vec<String> = self
+            .registry
+            .names("")
+            .into_iter()
+            .filter(|n| self.registry.is_local(n))
+            .map(str::to_owned)
+            .collect();
+        for name in local {
+            let _ = self.unregister_endpoint(now, &name);
+        }
+        self.work_pending = true;
+    }
+
     /// Leaves the cluster gracefully; connections close once the announcement has spread
     /// ([`membership::Event::LeaveComplete`]).
     pub fn leave(&mut self, now: Instant) {

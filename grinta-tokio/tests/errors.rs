@@ -171,7 +171,12 @@ async fn endpoint_closed_local_and_remote() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fabric_shut_down() {
     let ca = DevCa::new().unwrap();
-    let (a, b) = pair(&ca, FlowLimits::default()).await;
+    // Flows left open through the shutdown are reset after this grace period.
+    let limits = FlowLimits {
+        shutdown_grace: std::time::Duration::from_millis(300),
+        ..FlowLimits::default()
+    };
+    let (a, b) = pair(&ca, limits).await;
     let svc = a.endpoint("svc").unwrap();
     let remote_svc = b.endpoint("remote-svc").unwrap();
     until(|| !a.endpoints("remote-svc").is_empty()).await;
@@ -179,8 +184,8 @@ async fn fabric_shut_down() {
     let mut remote = a.dial("remote-svc").await.unwrap();
     let mut remote_end = remote_svc.accept().await.unwrap();
     let waiting_accept = tokio::spawn(async move {
-        let _busy = svc.accept().await.unwrap();
-        svc.accept().await
+        let busy = svc.accept().await.unwrap();
+        (busy, svc.accept().await)
     });
     let waiting_event = {
         let a = a.clone();
@@ -195,7 +200,8 @@ async fn fabric_shut_down() {
     a.shutdown().await;
 
     let shut = |e: &Error| matches!(e, Error::Shutdown);
-    assert!(shut(&waiting_accept.await.unwrap().unwrap_err()));
+    let (_busy, waiting_accept) = waiting_accept.await.unwrap();
+    assert!(shut(&waiting_accept.unwrap_err()));
     assert!(shut(&waiting_event.await.unwrap()));
     assert!(shut(&a.dial("remote-svc").await.unwrap_err()));
     assert!(shut(&a.endpoint("new").unwrap_err()));

@@ -216,3 +216,193 @@ pub async fn a_restarted_peer_is_reached_again<R: Runtime>() {
         Some(&b"again"[..])
     );
 }
+
+/// Accepts every flow of `endpoint` and reports, for each, how it ended (`Ok(())` at its end,
+/// `Err` on a reset or failure); the task ends with the endpoint.
+fn record_endings<R: Runtime>(
+    endpoint: grinta_proto::fabric::Endpoint<R>,
+) -> futures::channel::mpsc::UnboundedReceiver<Result<(), Error>> {
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    drop(spawn::<R, _>(async move {
+        while let Ok(mut flow) = endpoint.accept().await {
+            let tx = tx.clone();
+            drop(spawn::<R, _>(async move {
+                let end = loop {
+                    match flow.recv().await {
+                        Ok(Some(_)) => {}
+                        Ok(None) => break Ok(()),
+                        Err(e) => break Err(e),
+                    }
+                };
+                let _ = tx.unbounded_send(end);
+            }));
+        }
+    }));
+    rx
+}
+
+/// 99 dials polled once and dropped (a `dial` inside a timeout or `select!` that lost) leave
+/// nothing: every flow the acceptor saw ends, neither node keeps a flow or a dial entry.
+pub async fn dropped_dials_leave_nothing_behind<R: Runtime>() {
+    use futures::{FutureExt, StreamExt};
+    let ca = DevCa::new().expect("dev CA");
+    let fabrics = cluster::<R>(&ca, 2).await;
+    let mut endings = record_endings(fabrics[1].endpoint("svc").expect("endpoint"));
+    until::<R>(Duration::from_secs(10), "name spread", || {
+        !fabrics[0].endpoints("svc").is_empty()
+    })
+    .await;
+    for _ in 0..99 {
+        // One poll, then dropped: the dial is under way when its future goes.
+        assert!(fabrics[0].dial("svc").now_or_never().is_none());
+    }
+    // Some got far enough to be accepted: each of those ends.
+    sleep::<R>(Duration::from_millis(300)).await;
+    let mut ended = 0;
+    while let Ok(end) = endings.try_recv() {
+        assert!(end.is_err(), "a cancelled dial is reset, not finished");
+        ended += 1;
+    }
+    until::<R>(
+        Duration::from_secs(10),
+        "no flow left on either node",
+        || {
+            fabrics
+                .iter()
+                .all(|f| f.stats().open_flows == 0 && f.stats().pending_dials == 0)
+        },
+    )
+    .await;
+    // Accepted flows that ended after the first look.
+    while let Some(Some(end)) = endings.next().now_or_never() {
+        assert!(end.is_err());
+        ended += 1;
+    }
+    assert!(ended <= 99);
+    // And the endpoint still serves.
+    let mut flow = fabrics[0]
+        .dial("svc")
+        .await
+        .expect("dial after the cancelled ones");
+    flow.finish().await.expect("finish");
+    let end = within::<R, _>(Duration::from_secs(5), endings.next())
+        .await
+        .expect("the new flow ends");
+    assert!(matches!(end, Some(Ok(()))), "{end:?}");
+}
+
+/// 1,000 concurrent dials from another node to one endpoint whose task accepts in a loop all
+/// succeed with the default limits.
+pub async fn a_burst_of_a_thousand_dials_is_accepted<R: Runtime>() {
+    let ca = DevCa::new().expect("dev CA");
+    let fabrics = cluster::<R>(&ca, 2).await;
+    let endings = record_endings(fabrics[1].endpoint("svc").expect("endpoint"));
+    until::<R>(Duration::from_secs(10), "name spread", || {
+        !fabrics[0].endpoints("svc").is_empty()
+    })
+    .await;
+    let dials = (0..1_000).map(|_| fabrics[0].dial("svc"));
+    let flows = within::<R, _>(Duration::from_secs(30), futures::future::join_all(dials))
+        .await
+        .expect("every dial answered");
+    let failed: Vec<_> = flows.iter().filter_map(|f| f.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 1000 failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    drop(flows);
+    drop(endings);
+}
+
+/// Dropping every handle of a node without `shutdown` stops it: its port can be bound again and
+/// the cluster declares it dead.
+pub async fn dropping_every_handle_stops_the_node<R: Runtime>() {
+    let ca = DevCa::new().expect("dev CA");
+    let mut fabrics = cluster::<R>(&ca, 2).await;
+    let gone = fabrics.pop().expect("two nodes");
+    let addr = gone.local_addr();
+    let endpoint = gone.endpoint("svc").expect("endpoint");
+    drop(gone);
+    drop(endpoint);
+    until::<R>(Duration::from_secs(5), "the port is free again", || {
+        std::net::UdpSocket::bind(addr).is_ok()
+    })
+    .await;
+    member_event(
+        &fabrics[0],
+        |e| matches!(e, membership::Event::MemberDead { name, .. } if name == "node-1"),
+    )
+    .await;
+}
+
+/// A server that shuts down while writing a 200-message reply delivers all of it: shutdown
+/// refuses new flows and withdraws the name at once, but lets open flows finish.
+pub async fn shutdown_lets_open_flows_finish<R: Runtime>() {
+    let ca = DevCa::new().expect("dev CA");
+    let fabrics = cluster::<R>(&ca, 2).await;
+    let server = fabrics[1].clone();
+    let endpoint = server.endpoint("svc").expect("endpoint");
+    let served = spawn::<R, _>(async move {
+        let mut flow = endpoint.accept().await.expect("accept");
+        let request = flow.recv().await.expect("request");
+        assert_eq!(request.as_deref(), Some(&b"go"[..]));
+        let writer = spawn::<R, _>(async move {
+            for i in 0..200u32 {
+                flow.send(i.to_be_bytes().to_vec()).await.expect("send");
+            }
+            flow.finish().await.expect("finish");
+        });
+        // Shut down while the reply is being written.
+        server.shutdown().await;
+        writer.await.expect("writer");
+    });
+    until::<R>(Duration::from_secs(10), "name spread", || {
+        !fabrics[0].endpoints("svc").is_empty()
+    })
+    .await;
+    let mut flow = fabrics[0].dial("svc").await.expect("dial");
+    flow.send(&b"go"[..]).await.expect("send");
+    for i in 0..200u32 {
+        let m = within::<R, _>(Duration::from_secs(10), flow.recv())
+            .await
+            .expect("no hang")
+            .unwrap_or_else(|e| panic!("message {i}: {e}"));
+        assert_eq!(m.as_deref(), Some(&i.to_be_bytes()[..]));
+    }
+    assert_eq!(flow.recv().await.expect("the end"), None);
+    drop(flow);
+    within::<R, _>(Duration::from_secs(20), served)
+        .await
+        .expect("shutdown completes")
+        .expect("server task");
+    assert!(matches!(fabrics[1].dial("svc").await, Err(Error::Shutdown)));
+    member_event(
+        &fabrics[0],
+        |e| matches!(e, membership::Event::MemberLeft { name, .. } if name == "node-1"),
+    )
+    .await;
+}
+
+/// Two handles of one node both see every member event: one reading takes nothing from the
+/// other.
+pub async fn every_handle_sees_every_member_event<R: Runtime>() {
+    let ca = DevCa::new().expect("dev CA");
+    let fabrics = cluster::<R>(&ca, 3).await;
+    let other = fabrics[0].clone();
+    let joined = |e: &membership::Event| matches!(e, membership::Event::MemberJoined(_));
+    let mut seen = Vec::new();
+    for f in [&fabrics[0], &other] {
+        let mut names = Vec::new();
+        for _ in 0..2 {
+            if let membership::Event::MemberJoined(m) = member_event(f, joined).await {
+                names.push(m.name);
+            }
+        }
+        names.sort();
+        seen.push(names);
+    }
+    assert_eq!(seen[0], ["node-1", "node-2"]);
+    assert_eq!(seen[0], seen[1]);
+}

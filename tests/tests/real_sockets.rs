@@ -29,4 +29,9 @@ on_both_runtimes!(
     three_nodes_exchange_messages_and_detect_a_crash,
     graceful_shutdown_shows_as_left_and_ends_flows,
     a_restarted_peer_is_reached_again,
+    dropped_dials_leave_nothing_behind,
+    a_burst_of_a_thousand_dials_is_accepted,
+    dropping_every_handle_stops_the_node,
+    shutdown_lets_open_flows_finish,
+    every_handle_sees_every_member_event,
 );

@@ -172,6 +172,13 @@ impl<R: Runtime> FabricBuilder<R> {
         self
     }
 
+    /// How long [`Fabric::shutdown`] lets open flows finish before resetting them (default
+    /// 5 s; zero resets them at once).
+    pub fn shutdown_grace(mut self, grace: std::time::Duration) -> Self {
+        self.flows.shutdown_grace = grace;
+        self
+    }
+
     /// Endpoint-directory limits.
     pub fn registry_limits(mut self, limits: RegistryLimits) -> Self {
         self.registry = limits;

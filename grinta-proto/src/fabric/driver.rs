@@ -170,6 +170,21 @@ impl<R: Runtime> Driver<R> {
         // After the transmits: building more packets may have driven connections that raised
         // events.
         inner.dispatch();
+        // A graceful shutdown moves on as flows end; its deadline is a timer of its own.
+        let drain_deadline = inner.advance_shutdown(now);
+        if inner.node.has_pending_work() {
+            // Leaving queued packets: build them now rather than at the next wake.
+            while self.outbox_datagrams < OUTBOX_DATAGRAMS {
+                match inner.node.poll_transmit(now) {
+                    Some(t) => {
+                        self.outbox_datagrams += t.segment_count();
+                        self.outbox.push_back(t);
+                    }
+                    None => break,
+                }
+            }
+            inner.dispatch();
+        }
         // The streams took what they could: senders waiting for room learn how much is left.
         for mailbox in self.scheduled.drain(..) {
             if !self.blocked.iter().any(|b| Arc::ptr_eq(b, &mailbox)) {
@@ -184,7 +199,11 @@ impl<R: Runtime> Driver<R> {
             self.outbox_datagrams >= OUTBOX_DATAGRAMS || inner.node.has_pending_work();
         inner.socket_stats.clone_from(&self.stats);
 
-        match inner.node.poll_timeout() {
+        let wake_at = match (inner.node.poll_timeout(), drain_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match wake_at {
             Some(deadline) if Some(deadline) != self.sleep_at => {
                 self.sleep = Some(Box::pin(R::sleep_until(deadline)));
                 self.sleep_at = Some(deadline);
@@ -231,7 +250,7 @@ impl<R: Runtime> Future for Driver<R> {
         let this = Pin::into_inner(self);
         {
             let inner = this.shared.lock();
-            if inner.shutdown && this.outbox.is_empty() {
+            if inner.driver_done(this.outbox.is_empty()) {
                 return Poll::Ready(());
             }
             this.shared.wakeup.register_driver(cx.waker());

@@ -36,8 +36,9 @@ pub(crate) enum Route<R: Runtime> {
         id: FlowId,
         mailbox: Option<Arc<Mailbox>>,
     },
-    /// In-process.
-    Local(LocalEnd),
+    /// In-process; the fabric handle (only held, never read) keeps the node running while the
+    /// flow exists.
+    Local(LocalEnd, #[allow(dead_code)] Fabric<R>),
 }
 
 /// One attempt to queue the message in `slot` in a remote flow's mailbox: `Ready(None)` once
@@ -83,6 +84,8 @@ impl<R: Runtime> Drop for FlowCore<R> {
                 let id = *id;
                 fabric.with(|inner, now| {
                     inner.mailboxes.remove(&id);
+                    // Nothing waits on a flow without handles.
+                    inner.forget_flow_waiters(id);
                     match state {
                         OPEN => inner.node.drop_flow(id),
                         FINISHED => inner.node.release_flow(now, id),
@@ -90,7 +93,7 @@ impl<R: Runtime> Drop for FlowCore<R> {
                     }
                 });
             }
-            Route::Local(end) => match state {
+            Route::Local(end, _) => match state {
                 OPEN => {
                     let _ = end.reset(ResetCode::Dropped);
                 }
@@ -110,7 +113,7 @@ impl<R: Runtime> FlowCore<R> {
     }
 
     fn is_local(&self) -> bool {
-        matches!(self.route, Route::Local(_))
+        matches!(self.route, Route::Local(..))
     }
 
     fn poll_send(
@@ -119,7 +122,7 @@ impl<R: Runtime> FlowCore<R> {
         message: &mut Option<Message>,
     ) -> Poll<Result<(), Error>> {
         match &self.route {
-            Route::Local(end) => end.poll_send(cx, message),
+            Route::Local(end, _) => end.poll_send(cx, message),
             Route::Remote {
                 fabric,
                 id,
@@ -178,7 +181,7 @@ impl<R: Runtime> FlowCore<R> {
             return Poll::Ready(Ok(Some(Message::Bytes(m))));
         }
         match &self.route {
-            Route::Local(end) => end.poll_recv(cx),
+            Route::Local(end, _) => end.poll_recv(cx),
             Route::Remote {
                 fabric,
                 id,
@@ -221,7 +224,7 @@ impl<R: Runtime> FlowCore<R> {
 
     fn finish(&self) -> Result<(), Error> {
         let r = match &self.route {
-            Route::Local(end) => end.finish(),
+            Route::Local(end, _) => end.finish(),
             Route::Remote {
                 fabric,
                 id,
@@ -252,7 +255,7 @@ impl<R: Runtime> FlowCore<R> {
     fn reset(&self, code: u32) -> Result<(), Error> {
         self.state.store(RESET, Ordering::Release);
         match &self.route {
-            Route::Local(end) => end.reset(ResetCode::Application(code)),
+            Route::Local(end, _) => end.reset(ResetCode::Application(code)),
             Route::Remote {
                 fabric,
                 id,
@@ -274,7 +277,7 @@ impl<R: Runtime> FlowCore<R> {
 
     fn stats(&self) -> Option<FlowStats> {
         match &self.route {
-            Route::Local(end) => end.stats(),
+            Route::Local(end, _) => end.stats(),
             Route::Remote {
                 fabric,
                 id,

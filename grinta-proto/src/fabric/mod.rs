@@ -16,11 +16,13 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use hashbrown::HashMap;
+use tracing::debug;
 
 use crate::codec::CodecError;
 use crate::flow::{FlowError, FlowEvent, FlowId, RejectReason, ResetCode};
@@ -99,6 +101,11 @@ pub struct FabricStats {
     pub node: crate::node::NodeStats,
     /// UDP socket counters (system calls, datagrams, errors, offload sizes).
     pub socket: SocketStats,
+    /// Remote flows open on the node (dialling, waiting for `accept`, or open), whether or not
+    /// a handle holds them.
+    pub open_flows: usize,
+    /// Remote dials waiting for their answer.
+    pub pending_dials: usize,
 }
 
 /// What an adapter provides: a UDP socket, a timer, a clock and a spawner.
@@ -175,9 +182,17 @@ pub enum Error {
         /// The node that keeps the name.
         winner: String,
     },
-    /// The fabric was shut down.
+    /// The fabric was shut down (or is shutting down: it accepts no new flows or endpoints).
     #[error("the fabric is shut down")]
     Shutdown,
+    /// This subscriber fell behind: `missed` member events were dropped before it read them
+    /// (the fabric keeps the last [`MEMBER_EVENT_CAPACITY`]). The next call returns the oldest
+    /// event still kept.
+    #[error("missed {missed} member events: the reader fell behind")]
+    Lagged {
+        /// How many events this subscriber will never see.
+        missed: u64,
+    },
     /// A typed flow received a message that is not a value of its type (or could not encode one).
     #[error(transparent)]
     Codec(#[from] CodecError),
@@ -192,6 +207,54 @@ pub enum Error {
         /// What failed.
         reason: String,
     },
+}
+
+/// Member events a fabric keeps for its readers; a reader further behind gets
+/// [`Error::Lagged`].
+pub const MEMBER_EVENT_CAPACITY: usize = 1024;
+
+/// The last `capacity` events of a stream, read by any number of readers, each with its own
+/// cursor (the sequence number of the next event it wants): every reader sees every event, or
+/// learns how many it missed.
+struct EventLog<T> {
+    events: VecDeque<T>,
+    /// The sequence number of `events[0]`.
+    first: u64,
+    capacity: usize,
+}
+
+impl<T: Clone> EventLog<T> {
+    fn new(capacity: usize) -> Self {
+        Self {
+            events: VecDeque::new(),
+            first: 0,
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn push(&mut self, event: T) {
+        if self.events.len() >= self.capacity {
+            self.events.pop_front();
+            self.first += 1;
+        }
+        self.events.push_back(event);
+    }
+
+    /// The event at `cursor`, moving it on; `Err(missed)` (and the cursor moved to the oldest
+    /// event kept) if the reader fell behind; `Ok(None)` if it has read everything.
+    fn read(&self, cursor: &mut u64) -> Result<Option<T>, u64> {
+        if *cursor < self.first {
+            let missed = self.first - *cursor;
+            *cursor = self.first;
+            return Err(missed);
+        }
+        let index = usize::try_from(*cursor - self.first).unwrap_or(usize::MAX);
+        let event = self.events.get(index).cloned();
+        if event.is_some() {
+            *cursor += 1;
+        }
+        Ok(event)
+    }
 }
 
 #[derive(Default)]
@@ -209,7 +272,8 @@ pub(crate) struct Inner {
     waiters: Waiters,
     dials: HashMap<FlowId, Option<Result<(), FlowError>>>,
     conflicts: HashMap<String, String>,
-    member_events: VecDeque<crate::membership::Event>,
+    /// The last member events; each `Fabric` handle reads them with its own cursor.
+    member_events: EventLog<crate::membership::Event>,
     /// In-process flows dialled to local endpoints, waiting for `accept`.
     local_backlogs: HashMap<String, VecDeque<LocalEnd>>,
     /// Every in-process flow, to close them at shutdown (pruned as they end).
@@ -221,11 +285,22 @@ pub(crate) struct Inner {
     socket_stats: SocketStats,
     /// The runtime's clock: every input given to the node carries the time it is made at.
     clock: fn() -> Instant,
+    /// A graceful shutdown is under way: no new flows or endpoints; open flows may finish
+    /// until this deadline.
+    draining_until: Option<Instant>,
+    /// The drain is over: the node is leaving the cluster.
+    leaving: bool,
+    /// Every user handle is gone (or `abort`): the driver stops without waiting for anything.
+    pub(crate) abandoned: bool,
+    /// Down: every call ends with [`Error::Shutdown`].
     shutdown: bool,
 }
 
 pub(crate) struct Shared {
     inner: Mutex<Inner>,
+    /// Live user handles: `Fabric` clones, including those in endpoints and flows. The driver
+    /// stops when the last goes.
+    handles: AtomicUsize,
     /// The driver's waker and scheduled mailboxes, under a lock of their own.
     pub(crate) wakeup: Arc<Wakeup>,
     local_addr: SocketAddr,
@@ -243,9 +318,57 @@ impl Inner {
         self.wakeup.wake_driver();
     }
 
+    /// Whether the driver should stop: down, and abandoned or done with its last packets.
+    pub(crate) fn driver_done(&self, outbox_empty: bool) -> bool {
+        self.shutdown && (outbox_empty || self.abandoned)
+    }
+
     /// The runtime's current time.
     pub(crate) fn now(&self) -> Instant {
         (self.clock)()
+    }
+
+    /// Whether new flows and endpoints are allowed (no shutdown under way).
+    fn accepting(&self) -> bool {
+        !self.shutdown && !self.leaving && self.draining_until.is_none()
+    }
+
+    /// A flow lost its last handle: nothing waits on it any more.
+    pub(crate) fn forget_flow_waiters(&mut self, flow: FlowId) {
+        self.waiters.flows.remove(&flow);
+        self.dials.remove(&flow);
+    }
+
+    /// Stops at once, as a crash would: the driver ends, the cluster sees the node fail.
+    fn abandon(&mut self) {
+        self.abandoned = true;
+        self.go_down();
+    }
+
+    fn go_down(&mut self) {
+        self.shutdown = true;
+        self.close_local_flows();
+        self.wake_all();
+    }
+
+    /// Moves a graceful shutdown on (called by the driver on each wake): once the open flows
+    /// ended or the grace period is over, what remains is reset and the node leaves; once the
+    /// leave has spread, the fabric is down. Returns the drain deadline to wake up at, if any.
+    pub(crate) fn advance_shutdown(&mut self, now: Instant) -> Option<Instant> {
+        if let Some(deadline) = self.draining_until {
+            self.local_flows.retain(|f| f.strong_count() > 0);
+            let drained = self.node.flow_count() == 0 && self.local_flows.is_empty();
+            if !drained && now < deadline {
+                return Some(deadline);
+            }
+            self.draining_until = None;
+            self.leaving = true;
+            self.node.leave(now);
+        }
+        if self.leaving && !self.shutdown && self.node.membership().has_left() {
+            self.go_down();
+        }
+        None
     }
 
     /// The handle of open remote flow `id`, with its mailbox (see [`mailbox`]).
@@ -359,10 +482,7 @@ impl Inner {
                 }
                 Event::Registry(_) | Event::ConnectionLost { .. } => {}
                 Event::Membership(e) => {
-                    if self.member_events.len() >= 1024 {
-                        self.member_events.pop_front();
-                    }
-                    self.member_events.push_back(e);
+                    self.member_events.push(e);
                     for w in self.waiters.members.drain(..) {
                         w.wake();
                     }
@@ -373,16 +493,38 @@ impl Inner {
 }
 
 /// A node of the fabric, driven by a runtime `R`. Cheap to clone; every clone is the same node.
+///
+/// The node runs while any handle exists: a `Fabric` clone, an [`Endpoint`] or a [`Flow`]. When
+/// the last is dropped without [`shutdown`](Self::shutdown), the node stops as a crash would: its
+/// socket closes and the cluster declares it failed.
 pub struct Fabric<R: Runtime> {
     pub(crate) shared: Arc<Shared>,
+    /// This handle's place in the member events (see [`next_member_event`](Self::next_member_event)).
+    member_cursor: AtomicU64,
     _runtime: std::marker::PhantomData<fn() -> R>,
 }
 
 impl<R: Runtime> Clone for Fabric<R> {
+    /// Another handle on the same node. It reads member events from where this one is.
     fn clone(&self) -> Self {
+        self.shared.handles.fetch_add(1, Ordering::Relaxed);
         Self {
             shared: self.shared.clone(),
+            member_cursor: AtomicU64::new(self.member_cursor.load(Ordering::Relaxed)),
             _runtime: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<R: Runtime> Drop for Fabric<R> {
+    fn drop(&mut self) {
+        if self.shared.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The last handle: nobody can use the node any more.
+            let mut inner = self.shared.lock();
+            if !inner.shutdown {
+                debug!("last handle dropped: the node stops");
+            }
+            inner.abandon();
         }
     }
 }
@@ -447,20 +589,25 @@ impl<R: Runtime> Fabric<R> {
                 waiters: Waiters::default(),
                 dials: HashMap::new(),
                 conflicts: HashMap::new(),
-                member_events: VecDeque::new(),
+                member_events: EventLog::new(MEMBER_EVENT_CAPACITY),
                 local_backlogs: HashMap::new(),
                 local_flows: Vec::new(),
                 mailboxes: HashMap::new(),
                 wakeup,
                 socket_stats: SocketStats::default(),
                 clock: R::now,
+                draining_until: None,
+                leaving: false,
+                abandoned: false,
                 shutdown: false,
             }),
+            handles: AtomicUsize::new(1),
             local_addr,
         });
         R::spawn(Box::pin(Driver::<R>::new(shared.clone(), socket)));
         Ok(Self {
             shared,
+            member_cursor: AtomicU64::new(0),
             _runtime: std::marker::PhantomData,
         })
     }
@@ -507,18 +654,48 @@ impl<R: Runtime> Fabric<R> {
             .collect()
     }
 
-    /// The next membership event (joined, suspect, dead, left...). Events are kept (up to 1024,
-    /// oldest dropped first) until read; [`Error::Shutdown`] once the fabric is shut down.
+    /// The next membership event (joined, suspect, dead, left...) for this handle.
+    ///
+    /// Every handle sees every event from the node's start: one clone reading events takes
+    /// nothing from another (a clone starts where its source is). The fabric keeps the last
+    /// [`MEMBER_EVENT_CAPACITY`] events; a handle that falls further behind gets
+    /// [`Error::Lagged`] with the number it missed, then the oldest kept. [`Error::Shutdown`]
+    /// once the fabric is shut down and this handle has read everything.
+    ///
+    /// Cancel safety: dropping the future loses no event (the handle's place moves only when
+    /// an event is returned).
+    ///
+    /// ```no_run
+    /// # async fn demo(fabric: grinta_proto::fabric::Fabric<impl grinta_proto::fabric::Runtime>) {
+    /// use grinta_proto::fabric::Error;
+    /// loop {
+    ///     match fabric.next_member_event().await {
+    ///         Ok(event) => println!("{event:?}"),
+    ///         Err(Error::Lagged { missed }) => println!("missed {missed} events"),
+    ///         Err(_) => break, // shut down
+    ///     }
+    /// }
+    /// # }
+    /// ```
     pub async fn next_member_event(&self) -> Result<crate::membership::Event, Error> {
         std::future::poll_fn(|cx| {
             let mut inner = self.shared.lock();
-            if let Some(e) = inner.member_events.pop_front() {
-                return Poll::Ready(Ok(e));
+            // Only moved under the lock.
+            let mut cursor = self.member_cursor.load(Ordering::Relaxed);
+            let read = inner.member_events.read(&mut cursor);
+            self.member_cursor.store(cursor, Ordering::Relaxed);
+            match read {
+                Err(missed) => return Poll::Ready(Err(Error::Lagged { missed })),
+                Ok(Some(e)) => return Poll::Ready(Ok(e)),
+                Ok(None) => {}
             }
             if inner.shutdown {
                 return Poll::Ready(Err(Error::Shutdown));
             }
-            inner.waiters.members.push(cx.waker().clone());
+            let waiters = &mut inner.waiters.members;
+            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                waiters.push(cx.waker().clone());
+            }
             Poll::Pending
         })
         .await
@@ -552,7 +729,7 @@ impl<R: Runtime> Fabric<R> {
 
     fn register(&self, name: &str, kind: EndpointKind) -> Result<Endpoint<R>, Error> {
         self.with(|inner, now| {
-            if inner.shutdown {
+            if !inner.accepting() {
                 return Err(Error::Shutdown);
             }
             inner.conflicts.remove(name);
@@ -577,7 +754,7 @@ impl<R: Runtime> Fabric<R> {
         }
         crate::registry::validate_endpoint_name(name)?;
         let dialled = self.with(|inner, now| {
-            if inner.shutdown {
+            if !inner.accepting() {
                 return Err(Error::Shutdown);
             }
             match inner.node.dial(now, name) {
@@ -590,7 +767,7 @@ impl<R: Runtime> Fabric<R> {
             }
         })?;
         let flow = match dialled {
-            Dialled::Local(end) => return Ok(Flow::new(Route::Local(end))),
+            Dialled::Local(end) => return Ok(Flow::new(Route::Local(end, self.clone()))),
             Dialled::Remote(flow) => flow,
         };
         // Dropped before the answer (a timeout, a `select!`), the guard abandons the dial.
@@ -635,31 +812,54 @@ impl<R: Runtime> Fabric<R> {
     pub fn stats(&self) -> FabricStats {
         let inner = self.shared.lock();
         FabricStats {
+            open_flows: inner.node.flow_count(),
+            pending_dials: inner.dials.len(),
             node: inner.node.stats(),
             socket: inner.socket_stats.clone(),
         }
     }
 
-    /// Leaves the cluster gracefully, then stops the driver: names are withdrawn, remote flows
-    /// are reset with `ResetCode::ShuttingDown` (their other ends see it), in-process flows and
-    /// every pending call on this fabric end with [`Error::Shutdown`]. Waits at most the
-    /// membership profile's leave timeout for the announcement to spread.
+    /// Leaves the cluster gracefully, the way a server drains:
     ///
-    /// Dropping every handle without calling `shutdown` does not leave: the driver keeps the node
-    /// running while any `Fabric`, `Endpoint` or `Flow` handle exists, and once the last one is
-    /// gone the driver stops on its next wake and the cluster sees the node fail.
+    /// 1. At once: no new flows or endpoints ([`Error::Shutdown`]; remote dials are refused with
+    ///    `RejectReason::ShuttingDown`), every name is withdrawn (the cluster stops routing to
+    ///    this node), flows waiting for `accept` are reset, pending `accept`s end.
+    /// 2. Open flows carry on, both ways, until they end or the grace period
+    ///    (`FlowLimits::shutdown_grace`, 5 s by default; [`FabricBuilder::shutdown_grace`]) is
+    ///    over; what remains is then reset with `ResetCode::ShuttingDown`.
+    /// 3. The node announces its leave and waits at most the membership profile's leave timeout
+    ///    for it to spread; then every call on this fabric ends with [`Error::Shutdown`].
+    ///
+    /// The driver runs these steps, so the returned future only waits for them. Cancel safety:
+    /// dropping it does not stop the shutdown.
+    ///
+    /// Dropping every handle without calling `shutdown` stops the node as a crash would (see
+    /// [`Fabric`]).
     pub async fn shutdown(&self) {
-        self.with(|inner, now| inner.node.leave(now));
+        self.with(|inner, now| {
+            if !inner.accepting() {
+                return;
+            }
+            let grace = inner.node.flow_limits().shutdown_grace;
+            inner.draining_until = Some(now + grace);
+            inner.node.stop_accepting(now);
+            let names: Vec<String> = inner.local_backlogs.keys().cloned().collect();
+            for name in names {
+                inner.close_local_backlog(&name, ResetCode::ShuttingDown);
+            }
+            for (_, ws) in inner.waiters.endpoints.drain() {
+                ws.into_iter().for_each(Waker::wake);
+            }
+        });
         std::future::poll_fn(|cx| {
             let mut inner = self.shared.lock();
-            if inner.node.membership().has_left() {
-                inner.shutdown = true;
-                inner.close_local_flows();
-                inner.wake_all();
+            if inner.shutdown {
                 return Poll::Ready(());
             }
-            inner.waiters.members.push(cx.waker().clone());
-            inner.wake_driver();
+            let waiters = &mut inner.waiters.members;
+            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                waiters.push(cx.waker().clone());
+            }
             Poll::Pending
         })
         .await;
@@ -668,10 +868,7 @@ impl<R: Runtime> Fabric<R> {
     /// Stops the driver at once, without telling the cluster (as a crash would). For tests and
     /// demos of failure detection.
     pub fn abort(&self) {
-        let mut inner = self.shared.lock();
-        inner.shutdown = true;
-        inner.close_local_flows();
-        inner.wake_all();
+        self.shared.lock().abandon();
     }
 }
 
@@ -739,7 +936,7 @@ impl<R: Runtime> Endpoint<R> {
                     winner: winner.clone(),
                 }));
             }
-            if inner.shutdown {
+            if !inner.accepting() {
                 return Poll::Ready(Err(Error::Shutdown));
             }
             if let Some(id) = inner.node.accept(&self.name) {
@@ -750,7 +947,7 @@ impl<R: Runtime> Endpoint<R> {
                 .get_mut(&self.name)
                 .and_then(VecDeque::pop_front)
             {
-                return Poll::Ready(Ok(Flow::new(Route::Local(end))));
+                return Poll::Ready(Ok(Flow::new(Route::Local(end, self.fabric.clone()))));
             }
             let waiters = inner
                 .waiters
@@ -771,6 +968,8 @@ impl<R: Runtime> Drop for Endpoint<R> {
         let name = self.name.clone();
         self.fabric.with(|inner, now| {
             inner.close_local_backlog(&name, ResetCode::EndpointClosed);
+            inner.waiters.endpoints.remove(&name);
+            inner.conflicts.remove(&name);
             let _ = inner.node.unregister_endpoint(now, &name);
         });
     }
@@ -798,4 +997,41 @@ macro_rules! runtime_aliases {
         pub type TypedFlow<T, C> = $crate::fabric::TypedFlow<$runtime, T, C>;
         pub use $crate::fabric::{Error, FabricStats, Profile, SocketStats};
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EventLog;
+
+    #[test]
+    fn every_reader_sees_every_event_or_how_many_it_missed() {
+        let mut log = EventLog::new(4);
+        let (mut fast, mut slow) = (0u64, 0u64);
+        for i in 0..3 {
+            log.push(i);
+        }
+        assert_eq!(log.read(&mut fast), Ok(Some(0)));
+        assert_eq!(log.read(&mut fast), Ok(Some(1)));
+        // Readers do not take from each other.
+        assert_eq!(log.read(&mut slow), Ok(Some(0)));
+        for i in 3..10 {
+            log.push(i);
+        }
+        // Kept: 6..10. The fast reader (at 2) missed 2..6, the slow one (at 1) missed 1..6.
+        assert_eq!(log.read(&mut fast), Err(4));
+        assert_eq!(log.read(&mut slow), Err(5));
+        for want in 6..10 {
+            assert_eq!(log.read(&mut fast), Ok(Some(want)));
+        }
+        assert_eq!(log.read(&mut fast), Ok(None));
+        assert_eq!(log.read(&mut slow), Ok(Some(6)));
+        // 10,000 events through a log of 4: memory stays bounded, counts stay exact.
+        let mut idle = fast;
+        for i in 10..10_010 {
+            log.push(i);
+            assert!(log.events.len() <= 4);
+        }
+        assert_eq!(log.read(&mut idle), Err(9_996));
+        assert_eq!(log.read(&mut idle), Ok(Some(10_006)));
+    }
 }
