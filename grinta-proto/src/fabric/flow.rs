@@ -371,7 +371,9 @@ impl<R: Runtime> Flow<R> {
     }
 
     /// Sends one message, waiting while the flow's buffer towards the other side is full.
-    /// Cancelling the returned future (dropping it before it completes) sends nothing.
+    ///
+    /// Cancel safety: dropping the future before it completes sends nothing; the flow stays
+    /// usable.
     ///
     /// Fails with `FlowError::MessageTooLarge` (the flow stays usable) if the message exceeds
     /// the receiving node's `max_message_size`, `FlowError::Finished` after
@@ -388,6 +390,9 @@ impl<R: Runtime> Flow<R> {
 
     /// Receives the next message; `Ok(None)` once the other side finished and everything it sent
     /// was read.
+    ///
+    /// Cancel safety: dropping the future loses no message (what it took from the flow stays
+    /// in the flow for the next `recv`), so it can sit in a `select!` loop.
     pub async fn recv(&mut self) -> Result<Option<Bytes>, Error> {
         recv_bytes(&self.tx.core, &mut self.received).await
     }
@@ -400,6 +405,9 @@ impl<R: Runtime> Flow<R> {
 
     /// Finishes the sending direction: everything sent is delivered, then the other side reads
     /// the end (`Ok(None)`). Receiving continues until the other side finishes too.
+    ///
+    /// Cancel safety: dropping the future before it completes leaves the flow unfinished (a
+    /// message a cancelled `Sink` send left behind may have been sent); call it again.
     pub async fn finish(&mut self) -> Result<(), Error> {
         self.tx.finish().await
     }
@@ -536,7 +544,7 @@ impl<R: Runtime> std::fmt::Debug for FlowSender<R> {
 }
 
 impl<R: Runtime> FlowSender<R> {
-    /// Sends one message (see [`Flow::send`]).
+    /// Sends one message (see [`Flow::send`]; cancel safe the same way).
     pub async fn send(&mut self, message: impl Into<Bytes>) -> Result<(), Error> {
         let message = message.into();
         if let (
@@ -576,7 +584,7 @@ impl<R: Runtime> FlowSender<R> {
         poll_fn(|cx| core.poll_send(cx, pending)).await
     }
 
-    /// Finishes the sending direction (see [`Flow::finish`]).
+    /// Finishes the sending direction (see [`Flow::finish`]; cancel safe the same way).
     pub async fn finish(&mut self) -> Result<(), Error> {
         self.flush_pending().await?;
         self.core.finish()
@@ -641,7 +649,7 @@ impl<R: Runtime> std::fmt::Debug for FlowReceiver<R> {
 }
 
 impl<R: Runtime> FlowReceiver<R> {
-    /// Receives the next message (see [`Flow::recv`]).
+    /// Receives the next message (see [`Flow::recv`]; cancel safe the same way).
     pub async fn recv(&mut self) -> Result<Option<Bytes>, Error> {
         recv_bytes(&self.core, &mut self.received).await
     }
@@ -702,6 +710,8 @@ impl<R: Runtime, T, C> std::fmt::Debug for TypedFlow<R, T, C> {
 
 impl<R: Runtime, T: Send + 'static, C: Codec<T> + 'static> TypedFlow<R, T, C> {
     /// Sends one value: moved to an in-process receiver, encoded for a remote one.
+    ///
+    /// Cancel safety: as [`Flow::send`] (dropping the future sends nothing).
     pub async fn send(&mut self, value: T) -> Result<(), Error> {
         let message = if self.flow.is_local() {
             Message::Value {
@@ -715,6 +725,8 @@ impl<R: Runtime, T: Send + 'static, C: Codec<T> + 'static> TypedFlow<R, T, C> {
     }
 
     /// Receives the next value; `Ok(None)` at the end of the flow.
+    ///
+    /// Cancel safety: as [`Flow::recv`] (dropping the future loses no value).
     pub async fn recv(&mut self) -> Result<Option<T>, Error> {
         match self.flow.recv_message().await? {
             None => Ok(None),
@@ -728,6 +740,8 @@ impl<R: Runtime, T: Send + 'static, C: Codec<T> + 'static> TypedFlow<R, T, C> {
     }
 
     /// Finishes the sending direction.
+    ///
+    /// Cancel safety: as [`Flow::finish`].
     pub async fn finish(&mut self) -> Result<(), Error> {
         self.flow.finish().await
     }

@@ -747,6 +747,10 @@ impl<R: Runtime> Fabric<R> {
     /// `accept`). Errors: [`Error::Registry`] for an invalid name, `FlowError::NoSuchEndpoint` (no live node serves the name),
     /// `FlowError::Rejected` (the owner refused: backlog full, endpoint gone, limits),
     /// `FlowError::DialTimeout`, `FlowError::PeerGone` / `ConnectionLost`, [`Error::Shutdown`].
+    ///
+    /// Cancel safety: dropping the future before it completes (a timeout, a `select!` that
+    /// chose another branch) abandons the dial and leaves nothing behind: a flow the owner
+    /// already accepted is reset, so its acceptor sees it end (`ResetCode::Dropped`).
     pub async fn dial(&self, name: &str) -> Result<Flow<R>, Error> {
         enum Dialled {
             Local(LocalEnd),
@@ -926,7 +930,10 @@ impl<R: Runtime> Endpoint<R> {
 
     /// Waits for the next flow dialled to this endpoint, from another node or from this one.
     /// Fails with [`Error::NameConflict`] if the endpoint lost its name to another node, and
-    /// [`Error::Shutdown`] once the fabric is shut down.
+    /// [`Error::Shutdown`] once the fabric shuts down.
+    ///
+    /// Cancel safety: dropping the future loses no flow (a flow is taken from the backlog only
+    /// when it is returned), so it can sit in a `select!` loop.
     pub async fn accept(&self) -> Result<Flow<R>, Error> {
         std::future::poll_fn(|cx| {
             let mut inner = self.fabric.shared.lock();

@@ -327,10 +327,15 @@ struct Probe {
     expected_nacks: u32,
     nacks: u32,
     acked: bool,
+    /// The members asked to probe the target indirectly: with the target, the only nodes whose
+    /// answers count.
+    helpers: Vec<String>,
 }
 
 #[derive(Debug)]
 struct IndirectProbe {
+    /// The node probed on the origin's behalf: only its ack is forwarded.
+    target: String,
     origin: SocketAddr,
     origin_name: String,
     origin_seq: u32,
@@ -966,6 +971,7 @@ impl Membership {
             expected_nacks: 0,
             nacks: 0,
             acked: false,
+            helpers: Vec::new(),
         });
         self.next_probe = now + interval;
     }
@@ -997,8 +1003,13 @@ impl Membership {
             self.stats.indirect_pings_sent += 1;
             self.send_packet(helper_addr, Some(helper_name), Some(msg), &[]);
         }
+        let helper_names: Vec<String> = helpers
+            .iter()
+            .map(|&h| self.members[h].member.name.clone())
+            .collect();
         if let Some(p) = self.probe.as_mut() {
             p.expected_nacks = if want_nack { helpers.len() as u32 } else { 0 };
+            p.helpers = helper_names;
         }
     }
 
@@ -1074,6 +1085,7 @@ impl Membership {
                 self.indirect.insert(
                     seq,
                     IndirectProbe {
+                        target: req.target.clone(),
                         origin: from,
                         origin_name: sender.to_owned(),
                         origin_seq: req.seq_no,
@@ -1092,14 +1104,24 @@ impl Membership {
                 self.send_packet(target_addr, Some(req.target), Some(ping), &[]);
             }
             M::Ack(ack) => {
+                // Only the node probed, or a helper asked to probe it, answers a probe: a
+                // sequence number guessed by anyone else proves nothing.
                 if let Some(p) = self.probe.as_mut() {
-                    if p.seq == ack.seq_no && !p.acked {
+                    let entitled = p.target == sender || p.helpers.iter().any(|h| h == sender);
+                    if p.seq == ack.seq_no && !p.acked && entitled {
                         p.acked = true;
                         self.adjust_health(-1);
                         return;
                     }
                 }
-                if let Some(fwd) = self.indirect.remove(&ack.seq_no) {
+                if self
+                    .indirect
+                    .get(&ack.seq_no)
+                    .is_some_and(|fwd| fwd.target == sender)
+                {
+                    let Some(fwd) = self.indirect.remove(&ack.seq_no) else {
+                        return;
+                    };
                     self.stats.acks_sent += 1;
                     let msg = M::Ack(wire::Ack {
                         seq_no: fwd.origin_seq,
@@ -1109,7 +1131,10 @@ impl Membership {
             }
             M::Nack(nack) => {
                 if let Some(p) = self.probe.as_mut() {
-                    if p.seq == nack.seq_no && p.indirect_sent {
+                    if p.seq == nack.seq_no
+                        && p.indirect_sent
+                        && p.helpers.iter().any(|h| h == sender)
+                    {
                         p.nacks = (p.nacks + 1).min(p.expected_nacks);
                     }
                 }

@@ -514,3 +514,49 @@ fn incarnations_beyond_the_bound_are_refused_and_a_node_can_always_refute() {
     a.update_meta(Bytes::from_static(b"m")).unwrap();
     assert_eq!(a.incarnation(), MAX_INCARNATION + 1);
 }
+
+#[test]
+fn acks_and_nacks_count_only_from_the_node_probed_or_its_helpers() {
+    let t0 = Instant::now();
+    let mut a = node("a", 1, t0);
+    let mut b = node("b", 2, t0);
+    join_pair(&mut a, &mut b, t0);
+    drain(&mut a);
+    // Run a's timers until it pings b; b never answers, a third party answers instead.
+    let mut now = t0;
+    let mut forged = 0;
+    for _ in 0..50 {
+        now = a.poll_timeout().unwrap();
+        a.handle_timeout(now);
+        for t in drain(&mut a) {
+            if t.channel != Channel::Datagram {
+                continue;
+            }
+            if let Some(wire::packet::Message::Ping(ping)) = decode_packet(&t).message {
+                for message in [
+                    wire::packet::Message::Ack(wire::Ack {
+                        seq_no: ping.seq_no,
+                    }),
+                    wire::packet::Message::Nack(wire::Nack {
+                        seq_no: ping.seq_no,
+                    }),
+                ] {
+                    let packet = wire::Packet {
+                        sender: "mallory".into(),
+                        message: Some(message),
+                        broadcasts: Vec::new(),
+                    };
+                    a.handle_datagram(now, addr(9), &packet.encode_to_vec());
+                    forged += 1;
+                }
+            }
+        }
+        if a.member("b").unwrap().state != MemberState::Alive {
+            break;
+        }
+    }
+    assert!(forged > 0, "a probed b");
+    assert!(a.stats().probes_failed > 0, "forged acks did not count");
+    assert_eq!(a.member("b").unwrap().state, MemberState::Suspect);
+    let _ = now;
+}
