@@ -64,6 +64,15 @@ pub struct TransportLimits {
     /// connection is up, so bulk flows need fewer packets. Only correct when the socket forbids IP
     /// fragmentation, which the fabric's adapters check; the fabric turns it off otherwise.
     pub mtu_discovery: bool,
+    /// Most connections in their handshake at once (dialled and accepted), counted apart from
+    /// established ones: a flood of handshakes cannot take the room of the members' connections.
+    /// Further incoming handshakes are refused.
+    pub max_handshaking: usize,
+    /// Beyond this many connections in their handshake, an incoming one must first prove its
+    /// address with a QUIC Retry (one more round trip): spoofed sources get no state at all.
+    pub retry_above_handshaking: usize,
+    /// A connection whose handshake has not completed after this long is closed.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for TransportLimits {
@@ -76,6 +85,9 @@ impl Default for TransportLimits {
             idle_timeout: Duration::from_secs(120),
             max_concurrent_streams: 1024 + STREAMS_FOR_EXCHANGES,
             mtu_discovery: true,
+            max_handshaking: 1024,
+            retry_above_handshaking: 64,
+            handshake_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -91,6 +103,10 @@ pub struct TransportStats {
     pub connections_refused: u64,
     /// Connections whose handshake failed (bad certificate, wrong name, timeout).
     pub handshakes_failed: u64,
+    /// Incoming handshakes asked to prove their address first (QUIC Retry), under load.
+    pub retries_sent: u64,
+    /// Handshakes closed because they did not complete within `handshake_timeout`.
+    pub handshakes_timed_out: u64,
     /// Datagrams dropped: queue full while handshaking, handshake failure, or too large.
     pub datagrams_dropped: u64,
     /// Stream messages dropped (queue full, handshake failure, stream error, too large).
@@ -240,6 +256,8 @@ struct Conn {
     /// Whether this node dialled it.
     dialled: bool,
     established: bool,
+    /// Closed if still handshaking then.
+    handshake_deadline: Instant,
     queued_datagrams: VecDeque<Bytes>,
     /// Stream messages waiting for the handshake: (framed bytes, is a reply to this stream).
     queued_requests: VecDeque<Bytes>,
@@ -270,6 +288,7 @@ impl Conn {
         peer: Option<String>,
         dialled: bool,
         now: Instant,
+        handshake_timeout: Duration,
     ) -> Self {
         Self {
             conn,
@@ -277,6 +296,7 @@ impl Conn {
             peer,
             dialled,
             established: false,
+            handshake_deadline: now + handshake_timeout,
             queued_datagrams: VecDeque::new(),
             queued_requests: VecDeque::new(),
             inbound: HashMap::new(),
@@ -311,6 +331,8 @@ pub(crate) struct Transport {
     max_transmit_segments: usize,
     /// False once the node has left: incoming connections are refused.
     accepting: bool,
+    /// Connections in `conns` still in their handshake.
+    handshaking: usize,
     pub(crate) stats: TransportStats,
 }
 
@@ -559,6 +581,7 @@ impl Transport {
             buf: Vec::with_capacity(1500),
             max_transmit_segments: 1,
             accepting: true,
+            handshaking: 0,
             stats: TransportStats::default(),
         })
     }
@@ -668,9 +691,17 @@ impl Transport {
             Ok((ch, conn)) => {
                 self.stats.connections_dialled += 1;
                 debug!(peer = ?name, %addr, "dialling");
+                self.handshaking += 1;
                 self.conns.insert(
                     ch,
-                    Conn::new(conn, addr, name.map(str::to_owned), true, now),
+                    Conn::new(
+                        conn,
+                        addr,
+                        name.map(str::to_owned),
+                        true,
+                        now,
+                        self.limits.handshake_timeout,
+                    ),
                 );
                 if let Some(n) = name {
                     self.bind_name(ch, n);
@@ -1039,16 +1070,38 @@ impl Transport {
                 }
             }
             Some(DatagramEvent::NewConnection(incoming)) => {
-                if !self.accepting || self.conns.len() >= self.limits.max_connections {
+                if !self.accepting
+                    || self.conns.len() >= self.limits.max_connections
+                    || self.handshaking >= self.limits.max_handshaking
+                {
                     self.stats.connections_refused += 1;
                     let t = self.endpoint.refuse(incoming, &mut buf);
                     self.queue_quinn_transmit(&t, &buf);
+                } else if self.handshaking >= self.limits.retry_above_handshaking
+                    && !incoming.remote_address_validated()
+                    && incoming.may_retry()
+                {
+                    // Under load: the source proves it receives at its address before it gets
+                    // any state here (a spoofed one never comes back).
+                    match self.endpoint.retry(incoming, &mut buf) {
+                        Ok(t) => {
+                            self.stats.retries_sent += 1;
+                            self.queue_quinn_transmit(&t, &buf);
+                        }
+                        Err(e) => {
+                            self.stats.connections_refused += 1;
+                            let t = self.endpoint.refuse(e.into_incoming(), &mut buf);
+                            self.queue_quinn_transmit(&t, &buf);
+                        }
+                    }
                 } else {
                     match self.endpoint.accept(incoming, now, &mut buf, None) {
                         Ok((ch, conn)) => {
                             self.stats.connections_accepted += 1;
+                            self.handshaking += 1;
+                            let timeout = self.limits.handshake_timeout;
                             self.conns
-                                .insert(ch, Conn::new(conn, from, None, false, now));
+                                .insert(ch, Conn::new(conn, from, None, false, now, timeout));
                             self.dirty.insert(ch);
                         }
                         Err(e) => {
@@ -1111,6 +1164,26 @@ impl Transport {
     /// Runs connection timers due at `now`.
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
         let interval = self.keep_alive_interval();
+        let overdue: Vec<ConnectionHandle> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.established && !c.conn.is_closed() && now >= c.handshake_deadline)
+            .map(|(ch, _)| *ch)
+            .collect();
+        for ch in overdue {
+            if let Some(c) = self.conns.get_mut(&ch) {
+                self.stats.handshakes_timed_out += 1;
+                debug!(peer = ?c.peer, addr = %c.addr, "handshake timed out");
+                c.conn.close(
+                    now,
+                    VarInt::from_u32(ConnectionCloseCode::Idle as u32),
+                    Bytes::from_static(b"handshake timed out"),
+                );
+                self.dirty.insert(ch);
+                // A connection closed here raises no event of its own.
+                self.connection_lost(ch);
+            }
+        }
         for (ch, c) in self.conns.iter_mut() {
             if c.holds > 0 && c.established && now >= c.last_keep_alive + interval {
                 c.conn.ping();
@@ -1145,7 +1218,9 @@ impl Transport {
             .flat_map(|c| {
                 let keep_alive =
                     (c.holds > 0 && c.established).then(|| c.last_keep_alive + interval);
-                [c.conn.poll_timeout(), keep_alive]
+                let handshake =
+                    (!c.established && !c.conn.is_closed()).then_some(c.handshake_deadline);
+                [c.conn.poll_timeout(), keep_alive, handshake]
             })
             .flatten()
             .min()
@@ -1301,10 +1376,44 @@ impl Transport {
         self.buf = buf;
     }
 
+    /// A connection ended (closed by the peer, failed, or closed here before it was
+    /// established): what waited on it is dropped and counted, the node hears of it.
+    fn connection_lost(&mut self, ch: ConnectionHandle) {
+        let Some(c) = self.conns.get_mut(&ch) else {
+            return;
+        };
+        let handshake_failed = !c.established;
+        if handshake_failed {
+            self.stats.handshakes_failed += 1;
+        }
+        self.stats.datagrams_dropped += c.queued_datagrams.len() as u64;
+        self.stats.stream_messages_dropped += c.queued_requests.len() as u64;
+        c.queued_datagrams.clear();
+        c.queued_requests.clear();
+        for token in c.pending_flow_opens.drain(..) {
+            self.events
+                .push_back(TransportEvent::FlowStreamOpenFailed { token });
+        }
+        self.events.push_back(TransportEvent::Lost {
+            conn: ch,
+            name: c.peer.clone(),
+            addr: c.addr,
+            handshake_failed,
+        });
+        if let Some(name) = c.peer.clone() {
+            if self.by_name.get(&name) == Some(&ch) {
+                self.by_name.remove(&name);
+            }
+        }
+    }
+
     fn remove_conn(&mut self, ch: ConnectionHandle) {
         let Some(c) = self.conns.remove(&ch) else {
             return;
         };
+        if !c.established {
+            self.handshaking = self.handshaking.saturating_sub(1);
+        }
         if let Some(name) = &c.peer {
             if self.by_name.get(name) == Some(&ch) {
                 self.by_name.remove(name);
@@ -1328,6 +1437,9 @@ impl Transport {
         match ev {
             Event::HandshakeDataReady => {}
             Event::Connected => {
+                if !c.established {
+                    self.handshaking = self.handshaking.saturating_sub(1);
+                }
                 c.established = true;
                 trace!(peer = ?c.peer, addr = %c.addr, "connected");
                 while let Some(d) = c.queued_datagrams.pop_front() {
@@ -1344,30 +1456,8 @@ impl Transport {
                 }
             }
             Event::ConnectionLost { reason } => {
-                let handshake_failed = !c.established;
-                if handshake_failed {
-                    self.stats.handshakes_failed += 1;
-                }
-                self.stats.datagrams_dropped += c.queued_datagrams.len() as u64;
-                self.stats.stream_messages_dropped += c.queued_requests.len() as u64;
-                c.queued_datagrams.clear();
-                c.queued_requests.clear();
                 debug!(peer = ?c.peer, addr = %c.addr, %reason, "connection lost");
-                for token in c.pending_flow_opens.drain(..) {
-                    self.events
-                        .push_back(TransportEvent::FlowStreamOpenFailed { token });
-                }
-                self.events.push_back(TransportEvent::Lost {
-                    conn: ch,
-                    name: c.peer.clone(),
-                    addr: c.addr,
-                    handshake_failed,
-                });
-                if let Some(name) = c.peer.clone() {
-                    if self.by_name.get(&name) == Some(&ch) {
-                        self.by_name.remove(&name);
-                    }
-                }
+                self.connection_lost(ch);
             }
             Event::DatagramReceived => {
                 while let Some(data) = c.conn.datagrams().recv() {

@@ -414,3 +414,107 @@ fn simultaneous_dials_between_two_nodes_are_handled() {
         );
     }
 }
+
+/// 10,000 QUIC Initials (real ones, each a distinct connection attempt without a certificate)
+/// from 10,000 spoofed addresses, each sent to every node of a 5-node cluster: no member is
+/// suspected, the connection tables stay small, and a legitimate node still joins.
+#[test]
+fn a_flood_of_spoofed_initials_cuts_no_one_off() {
+    let (seed, _g) = seed(8);
+    let n = 6; // node 5 joins after the flood
+    let ca = DevCa::new().unwrap();
+    let mut c = Cluster::nodes(seed, lan(), node_membership_config(), certificates(&ca, n));
+    for i in 1..n - 1 {
+        c.sim
+            .with_node(i, |node, now| node.node.join(now, &[node_addr(0)]));
+    }
+    c.run_for(Duration::from_secs(5));
+    let members = n - 1;
+    let now = c.sim.now();
+    // A stranger dials 10,000 addresses: 10,000 Initials with distinct connection IDs.
+    let stranger_addr = node_addr(900);
+    let mut config = sim_node_config(
+        seed,
+        900,
+        0,
+        stranger_addr,
+        ca.issue("stranger").unwrap(),
+        node_membership_config(),
+    );
+    config.name = "stranger".into();
+    config.transport.max_connections = 20_000;
+    config.transport.max_handshaking = 20_000;
+    let mut stranger = Node::new(config, 9, now).unwrap();
+    let total = 10_000u32;
+    for k in 0..total {
+        let to = std::net::SocketAddr::from(([127, 9, (k >> 8) as u8, k as u8], 7000));
+        stranger.send_raw_membership_datagram(now, "node-0", to, Bytes::from_static(b"x"));
+    }
+    let initials: Vec<Vec<u8>> = std::iter::from_fn(|| stranger.poll_transmit(now))
+        .map(|t| t.contents)
+        .collect();
+    assert_eq!(initials.len(), total as usize);
+    // Delivered over one second, each from its own spoofed address, to every member.
+    for (k, initial) in initials.iter().enumerate() {
+        let k = k as u32;
+        let from = std::net::SocketAddr::from((
+            [127, 100 + (k >> 16) as u8, (k >> 8) as u8, k as u8],
+            4433,
+        ));
+        for target in 0..members {
+            let data = initial.clone();
+            c.sim.with_node(target, |node, now| {
+                node.node.handle_datagram(now, from, data.as_slice().into())
+            });
+        }
+        if k % 10 == 9 {
+            c.run_for(Duration::from_millis(1));
+        }
+    }
+    let mut most_connections = 0;
+    for _ in 0..30 {
+        c.run_for(Duration::from_secs(1));
+        for i in 0..members {
+            most_connections = most_connections.max(c.sim.node(i).node.connection_count());
+        }
+    }
+    let limits = grinta_proto::transport::TransportLimits::default();
+    assert!(
+        most_connections <= limits.retry_above_handshaking + members,
+        "the flood got {most_connections} connections on one node"
+    );
+    for i in 0..members {
+        let seen = &c.sim.node(i).seen;
+        assert!(
+            seen.suspects.is_empty() && seen.dead_events.is_empty(),
+            "node {i} suspected {:?} (seed {seed})",
+            seen.suspects
+        );
+        assert_eq!(count(&c, i, MemberState::Alive), members - 1);
+    }
+    let retries: u64 = (0..members)
+        .map(|i| c.sim.node(i).node.stats().transport.retries_sent)
+        .sum();
+    assert!(retries > 0, "the flood met address validation");
+    for i in 0..members {
+        let accepted = c.sim.node(i).node.stats().transport.connections_accepted;
+        assert!(
+            accepted <= limits.retry_above_handshaking as u64 + 10,
+            "node {i} gave state to {accepted} unvalidated handshakes"
+        );
+    }
+    // A legitimate node still joins.
+    c.sim
+        .with_node(n - 1, |node, now| node.node.join(now, &[node_addr(2)]));
+    let joined = c.run_until(Duration::from_secs(10), |c| {
+        (0..n).all(|i| count(c, i, MemberState::Alive) == n - 1)
+    });
+    assert!(
+        joined.is_some(),
+        "a new node joined after the flood (seed {seed})"
+    );
+    println!(
+        "{} Initials x {members} nodes: {retries} retries, at most {most_connections} connections on a node, joined after {joined:?}",
+        total
+    );
+}
