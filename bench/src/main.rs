@@ -7,7 +7,6 @@
 //! throughput measurement for about ten seconds and prints socket counters, for `perf record`. The scale measurements run in child processes (the same binary, `--scale N`) so
 //! each reports its own peak memory.
 
-mod alloc;
 mod core_cost;
 mod local;
 mod remote;
@@ -18,7 +17,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 #[global_allocator]
-static ALLOC: alloc::Counting = alloc::Counting;
+static ALLOC: grinta_tests::alloc::Counting = grinta_tests::alloc::Counting;
 
 /// One line of the results: grinta's figure, the baseline's, and their ratio (higher = better
 /// for grinta, whichever way the unit goes).

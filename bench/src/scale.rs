@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use grinta_proto::membership::Config;
 use grinta_proto::tls::dev::DevCa;
-use grinta_tests::lan;
 use grinta_tests::membership_sim::{Cluster, node_addr};
 use grinta_tests::node_sim::{certificates, node_membership_config};
+use grinta_tests::{alloc, lan};
 use serde::{Deserialize, Serialize};
 
-use crate::{Measurement, alloc};
+use crate::Measurement;
 
 const WINDOW: Duration = Duration::from_secs(60);
 

@@ -389,6 +389,9 @@ struct Flow {
     /// The application dropped its handle after finishing: what still arrives is read and
     /// discarded so the peer never stalls, and the flow ends when the peer finishes.
     released: bool,
+    /// Accepted by the node but not yet by the application: nothing is read from the stream
+    /// beyond its `FlowOpen`, so a flow waiting in a backlog holds no more than QUIC's windows.
+    awaiting_accept: bool,
     messages_sent: u64,
     bytes_sent: u64,
     messages_received: u64,
@@ -398,8 +401,10 @@ struct Flow {
 /// Messages up to this size are copied into the flow's batch buffer; larger ones are handed to
 /// the stream as they are, without a copy.
 const COALESCE_MAX: usize = 4096;
-/// Capacity the batch buffer grows by.
+/// The most the batch buffer grows by at once; it starts at [`FIRST_BATCH_CAPACITY`] and
+/// doubles, so a flow that sends a few messages holds little and a busy one batches in 64 KiB.
 const BATCH_CAPACITY: usize = 64 * 1024;
+const FIRST_BATCH_CAPACITY: usize = 1024;
 
 /// The bytes of a flow waiting to be written to its stream: length prefixes, control messages and
 /// small messages accumulate in one batch buffer, large messages stay separate chunks, so a burst
@@ -411,6 +416,8 @@ pub(crate) struct SendQueue {
     chunks: VecDeque<Bytes>,
     /// The open batch buffer.
     batch: BytesMut,
+    /// What the batch buffer grows by next time (0 before the first).
+    next_batch: usize,
     /// Bytes queued in total.
     len: usize,
 }
@@ -433,12 +440,14 @@ impl SendQueue {
         self.chunks.extend(other.chunks.drain(..));
     }
 
-    /// Queues a length-prefixed control message.
+    /// Queues a length-prefixed control message, in a chunk of its own: a flow that only ever
+    /// sends its open or its answer holds no batch buffer.
     fn push_control(&mut self, message: &impl Message) {
-        let before = self.batch.len();
-        self.reserve(framing::MAX_VARINT_LEN + message.encoded_len());
-        framing::encode_message(message, &mut self.batch);
-        self.len += self.batch.len() - before;
+        let mut framed = Vec::with_capacity(framing::MAX_VARINT_LEN + message.encoded_len());
+        framing::encode_message(message, &mut framed);
+        self.seal();
+        self.len += framed.len();
+        self.chunks.push_back(framed.into());
     }
 
     /// Queues an application message with its length prefix.
@@ -459,7 +468,9 @@ impl SendQueue {
     fn reserve(&mut self, additional: usize) {
         if self.batch.capacity() - self.batch.len() < additional {
             self.seal();
-            self.batch.reserve(additional.max(BATCH_CAPACITY));
+            let grow = self.next_batch.max(FIRST_BATCH_CAPACITY);
+            self.next_batch = (grow * 2).min(BATCH_CAPACITY);
+            self.batch.reserve(additional.max(grow));
         }
     }
 
@@ -706,6 +717,7 @@ impl Flows {
                 send_dirty: false,
                 held: false,
                 released: false,
+                awaiting_accept: false,
                 messages_sent: 0,
                 bytes_sent: 0,
                 messages_received: 0,
@@ -844,7 +856,7 @@ impl Flows {
                 return;
             };
             let room = self.limits.recv_buffer.saturating_sub(flow.recv_bytes);
-            if room == 0 || flow.remote_finished {
+            if room == 0 || flow.remote_finished || flow.awaiting_accept {
                 return;
             }
             let read = transport.flow_read(conn, stream, room.min(64 * 1024));
@@ -1030,6 +1042,7 @@ impl Flows {
                     flow.phase = Phase::Open;
                     flow.peer_max_message = open.max_message_size;
                     flow.held = true;
+                    flow.awaiting_accept = true;
                     transport.hold_conn(now, conn);
                     let (endpoint, peer) = (flow.endpoint.clone(), flow.peer.clone());
                     self.flush(transport, id);
@@ -1051,8 +1064,20 @@ impl Flows {
     }
 
     /// Takes the next flow waiting in `endpoint`'s backlog.
-    pub(crate) fn accept(&mut self, endpoint: &str) -> Option<FlowId> {
-        self.backlogs.get_mut(endpoint)?.pop_front()
+    pub(crate) fn accept(
+        &mut self,
+        now: Instant,
+        transport: &mut Transport,
+        registry: &Registry,
+        endpoint: &str,
+    ) -> Option<FlowId> {
+        let id = self.backlogs.get_mut(endpoint)?.pop_front()?;
+        if let Some(flow) = self.flows.get_mut(&id) {
+            flow.awaiting_accept = false;
+        }
+        // What arrived while it waited is read now.
+        self.read(now, transport, registry, id);
+        Some(id)
     }
 
     /// Queues `message` for sending; [`flush_sends`](Self::flush_sends) writes it to the stream.

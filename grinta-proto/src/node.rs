@@ -429,8 +429,10 @@ impl Node {
     }
 
     /// Takes the next flow waiting in the accept backlog of local endpoint `endpoint`.
-    pub fn accept(&mut self, endpoint: &str) -> Option<FlowId> {
-        self.flows.accept(endpoint)
+    pub fn accept(&mut self, now: Instant, endpoint: &str) -> Option<FlowId> {
+        self.work_pending = true;
+        self.flows
+            .accept(now, &mut self.transport, &self.registry, endpoint)
     }
 
     /// Queues one message on an open flow; it is written to the stream, and packets are built,

@@ -73,6 +73,17 @@ pub struct TransportLimits {
     pub retry_above_handshaking: usize,
     /// A connection whose handshake has not completed after this long is closed.
     pub handshake_timeout: Duration,
+    /// Bytes a peer may send on one connection beyond what this node has read (QUIC's
+    /// connection window): with `stream_receive_window`, it bounds what a peer makes this node
+    /// hold (see SECURITY.md).
+    pub receive_window: u32,
+    /// Bytes a peer may send on one stream beyond what this node has read.
+    pub stream_receive_window: u32,
+    /// Push-pull exchanges a peer may have in progress on one connection (membership starts at
+    /// most one at a time); further ones are refused.
+    pub max_inbound_exchanges: usize,
+    /// A push-pull message must arrive whole within this time, or its stream is aborted.
+    pub exchange_timeout: Duration,
 }
 
 impl Default for TransportLimits {
@@ -88,6 +99,10 @@ impl Default for TransportLimits {
             max_handshaking: 1024,
             retry_above_handshaking: 64,
             handshake_timeout: Duration::from_secs(5),
+            receive_window: 16 << 20,
+            stream_receive_window: 1 << 20,
+            max_inbound_exchanges: 2,
+            exchange_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -262,7 +277,7 @@ struct Conn {
     /// Stream messages waiting for the handshake: (framed bytes, is a reply to this stream).
     queued_requests: VecDeque<Bytes>,
     /// Incoming stream data being reassembled.
-    inbound: HashMap<StreamId, FrameDecoder>,
+    inbound: HashMap<StreamId, Inbound>,
     /// Streams this node opened (a message on them is a reply).
     opened: hashbrown::HashSet<StreamId>,
     /// Outgoing stream data not yet accepted by flow control.
@@ -279,6 +294,15 @@ struct Conn {
     holds: u32,
     /// When the last keep-alive PING was sent (or the hold began).
     last_keep_alive: Instant,
+}
+
+/// A push-pull message being read: requests from the peer and replies to ours.
+#[derive(Debug)]
+struct Inbound {
+    decoder: FrameDecoder,
+    /// The whole message must have arrived by then, or the stream is aborted: a peer cannot
+    /// hold memory here by sending slowly.
+    deadline: Instant,
 }
 
 impl Conn {
@@ -482,6 +506,8 @@ impl Transport {
                     .into(),
             ))
             .max_concurrent_bidi_streams(VarInt::from_u32(limits.max_concurrent_streams))
+            .receive_window(VarInt::from_u32(limits.receive_window))
+            .stream_receive_window(VarInt::from_u32(limits.stream_receive_window))
             .max_concurrent_uni_streams(VarInt::from_u32(0))
             .datagram_receive_buffer_size(Some(256 * 1024))
             .datagram_send_buffer_size(256 * 1024);
@@ -1185,6 +1211,21 @@ impl Transport {
             }
         }
         for (ch, c) in self.conns.iter_mut() {
+            let overdue: Vec<StreamId> = c
+                .inbound
+                .iter()
+                .filter(|(_, i)| now >= i.deadline)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in overdue {
+                self.stats.stream_messages_dropped += 1;
+                c.inbound.remove(&id);
+                c.opened.remove(&id);
+                let code = VarInt::from_u32(StreamErrorCode::ProtocolViolation as u32);
+                let _ = c.conn.recv_stream(id).stop(code);
+                let _ = c.conn.send_stream(id).reset(code);
+                self.dirty.insert(*ch);
+            }
             if c.holds > 0 && c.established && now >= c.last_keep_alive + interval {
                 c.conn.ping();
                 c.last_keep_alive = now;
@@ -1220,7 +1261,8 @@ impl Transport {
                     (c.holds > 0 && c.established).then(|| c.last_keep_alive + interval);
                 let handshake =
                     (!c.established && !c.conn.is_closed()).then_some(c.handshake_deadline);
-                [c.conn.poll_timeout(), keep_alive, handshake]
+                let exchange = c.inbound.values().map(|i| i.deadline).min();
+                [c.conn.poll_timeout(), keep_alive, handshake, exchange]
             })
             .flatten()
             .min()
@@ -1522,7 +1564,7 @@ impl Transport {
         }
     }
 
-    fn read_stream(&mut self, _now: Instant, ch: ConnectionHandle, id: StreamId) {
+    fn read_stream(&mut self, now: Instant, ch: ConnectionHandle, id: StreamId) {
         let max = self.limits.max_stream_message_size;
         let Some(c) = self.conns.get_mut(&ch) else {
             return;
@@ -1567,7 +1609,23 @@ impl Transport {
                     return;
                 }
                 Some(STREAM_KIND_PUSH_PULL) => {
-                    c.inbound.insert(id, FrameDecoder::new(max));
+                    let side = c.conn.side();
+                    let requests = c.inbound.keys().filter(|s| s.initiator() != side).count();
+                    if requests >= self.limits.max_inbound_exchanges {
+                        // More exchanges at once than membership ever starts: refused.
+                        self.stats.stream_messages_dropped += 1;
+                        let code = VarInt::from_u32(StreamErrorCode::LimitExceeded as u32);
+                        let _ = c.conn.recv_stream(id).stop(code);
+                        let _ = c.conn.send_stream(id).reset(code);
+                        return;
+                    }
+                    c.inbound.insert(
+                        id,
+                        Inbound {
+                            decoder: FrameDecoder::new(max),
+                            deadline: now + self.limits.exchange_timeout,
+                        },
+                    );
                 }
                 Some(_) => {
                     self.stats.stream_messages_dropped += 1;
@@ -1578,10 +1636,15 @@ impl Transport {
                 }
             }
         }
-        let decoder = c
+        let exchange_timeout = self.limits.exchange_timeout;
+        let decoder = &mut c
             .inbound
             .entry(id)
-            .or_insert_with(|| FrameDecoder::new(max));
+            .or_insert_with(|| Inbound {
+                decoder: FrameDecoder::new(max),
+                deadline: now + exchange_timeout,
+            })
+            .decoder;
         let mut failed = false;
         let mut finished = false;
         match c.conn.recv_stream(id).read(true) {

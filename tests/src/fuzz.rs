@@ -511,7 +511,7 @@ pub fn node(data: &[u8]) {
                 } else {
                     (&mut target, &mut flows[0])
                 };
-                if let Some(f) = node.accept(&name(n)) {
+                if let Some(f) = node.accept(now, &name(n)) {
                     list.push(f);
                 }
             }

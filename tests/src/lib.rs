@@ -10,7 +10,9 @@
 //! - [`real_sockets`]: real-socket scenarios written once for any runtime.
 //! - [`processes`]: the multi-process scenario (nodes as processes, one killed), for any runtime.
 //! - [`det_crypto`]: the seeded crypto provider that makes whole-node runs replay byte for byte.
+//! - [`alloc`]: a global allocator that counts live heap bytes, for memory bounds and figures.
 
+pub mod alloc;
 pub mod det_crypto;
 pub mod engine;
 pub mod fuzz;

@@ -258,7 +258,7 @@ impl FlowApp for Sink {
     fn on_event(&mut self, node: &mut Node, now: Instant, event: &FlowEvent) {
         match event {
             FlowEvent::Incoming { endpoint, .. } if self.accept => {
-                while let Some(flow) = node.accept(endpoint) {
+                while let Some(flow) = node.accept(now, endpoint) {
                     self.log.borrow_mut().messages.entry(flow).or_default();
                     self.drain(node, now, flow);
                 }
@@ -857,7 +857,7 @@ fn a_slow_reader_slows_its_writer() {
     .expect("incoming");
     let accepted = c
         .sim
-        .with_node(1, |n, _| n.node.accept("slow"))
+        .with_node(1, |n, now| n.node.accept(now, "slow"))
         .expect("accepted");
     c.run_for(Duration::from_secs(30));
     let limits = grinta_proto::flow::FlowLimits::default();

@@ -26,11 +26,11 @@ struct Log {
 struct AcceptAll(Rc<RefCell<Log>>);
 
 impl FlowApp for AcceptAll {
-    fn on_event(&mut self, node: &mut Node, _now: Instant, event: &FlowEvent) {
+    fn on_event(&mut self, node: &mut Node, now: Instant, event: &FlowEvent) {
         let mut log = self.0.borrow_mut();
         match event {
             FlowEvent::Incoming { endpoint, .. } => {
-                while let Some(f) = node.accept(endpoint) {
+                while let Some(f) = node.accept(now, endpoint) {
                     log.accepted.push(f);
                 }
             }

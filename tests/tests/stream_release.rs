@@ -114,10 +114,10 @@ impl FlowApp for Owner {
     fn on_event(&mut self, node: &mut Node, now: Instant, event: &FlowEvent) {
         match event {
             FlowEvent::Incoming { endpoint, .. } if endpoint == "echo" => {
-                while node.accept("echo").is_some() {}
+                while node.accept(now, "echo").is_some() {}
             }
             FlowEvent::Incoming { endpoint, .. } if endpoint == "reset-me" => {
-                while let Some(flow) = node.accept("reset-me") {
+                while let Some(flow) = node.accept(now, "reset-me") {
                     node.reset(flow, 9).expect("owner reset");
                 }
             }
@@ -230,8 +230,8 @@ fn run(total: usize) {
         }
         c.run_for(Duration::from_millis(300));
         // The refused ones aside, the owner's backlog holds BACKLOG flows: end them by reset.
-        c.sim.with_node(1, |n, _| {
-            while let Some(flow) = n.node.accept("full") {
+        c.sim.with_node(1, |n, now| {
+            while let Some(flow) = n.node.accept(now, "full") {
                 n.node.reset(flow, 3).expect("reset backlog");
             }
         });

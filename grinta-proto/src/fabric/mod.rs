@@ -946,7 +946,8 @@ impl<R: Runtime> Endpoint<R> {
             if !inner.accepting() {
                 return Poll::Ready(Err(Error::Shutdown));
             }
-            if let Some(id) = inner.node.accept(&self.name) {
+            let now = inner.now();
+            if let Some(id) = inner.node.accept(now, &self.name) {
                 return Poll::Ready(Ok(inner.open_remote(&self.fabric, id)));
             }
             if let Some(end) = inner

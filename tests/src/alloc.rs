@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 
 /// The system allocator, counting live bytes.
-pub(crate) struct Counting;
+pub struct Counting;
 
 // SAFETY: every call is forwarded unchanged to the system allocator; the counter is a side effect.
 unsafe impl GlobalAlloc for Counting {
@@ -37,12 +37,12 @@ unsafe impl GlobalAlloc for Counting {
 }
 
 /// Bytes currently allocated on the heap.
-pub(crate) fn live_bytes() -> usize {
+pub fn live_bytes() -> usize {
     LIVE.load(Ordering::Relaxed)
 }
 
 /// The process's peak resident set (VmHWM), in bytes; 0 where /proc is not available.
-pub(crate) fn peak_rss_bytes() -> u64 {
+pub fn peak_rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
