@@ -642,6 +642,8 @@ impl Node {
             }
             M::MemberJoined(m) | M::MemberAlive(m) | M::MemberUpdated(m) => {
                 self.registry.owner_alive(&m.name, m.incarnation);
+                // A member that moved (it restarted elsewhere): its old address is gone.
+                self.transport.close_peer_elsewhere(now, &m.name, m.addr);
             }
             M::Refuted { incarnation } => self.registry.set_local_incarnation(*incarnation, now),
             M::AppBroadcast { key, payload } => {

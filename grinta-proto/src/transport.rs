@@ -290,6 +290,10 @@ struct Conn {
     draining: hashbrown::HashSet<StreamId>,
     /// Flow streams asked for while the handshake runs (tokens).
     pending_flow_opens: VecDeque<u64>,
+    /// Bidirectional streams the peer opened that were accepted: only those may be written,
+    /// finished, reset or stopped (quinn lets any permitted id be touched, and counts wrongly
+    /// if an unaccepted one is).
+    accepted_bi: u64,
     /// While positive, the connection is kept open with PINGs even when nothing else flows.
     holds: u32,
     /// When the last keep-alive PING was sent (or the hold began).
@@ -306,6 +310,12 @@ struct Inbound {
 }
 
 impl Conn {
+    /// Whether stream `id` is one this node may act on: its own, or one of the peer's it
+    /// accepted (a handle kept past its stream's end must not reach a stream it never saw).
+    fn owns(&self, id: StreamId) -> bool {
+        id.dir() == Dir::Bi && (id.initiator() == self.conn.side() || id.index() < self.accepted_bi)
+    }
+
     fn new(
         conn: quinn_proto::Connection,
         addr: SocketAddr,
@@ -327,6 +337,7 @@ impl Conn {
             opened: Default::default(),
             outbound: BTreeMap::new(),
             flow_streams: Default::default(),
+            accepted_bi: 0,
             draining: hashbrown::HashSet::new(),
             pending_flow_opens: VecDeque::new(),
             holds: 0,
@@ -357,6 +368,10 @@ pub(crate) struct Transport {
     accepting: bool,
     /// Connections in `conns` still in their handshake.
     handshaking: usize,
+    /// Connections a newer one to the same peer replaced, to close at the next drive.
+    replaced: Vec<ConnectionHandle>,
+    /// Drained connections whose handles quinn frees at the next drive (see `drive_one`).
+    drained: Vec<(ConnectionHandle, quinn_proto::EndpointEvent)>,
     pub(crate) stats: TransportStats,
 }
 
@@ -608,6 +623,8 @@ impl Transport {
             max_transmit_segments: 1,
             accepting: true,
             handshaking: 0,
+            replaced: Vec::new(),
+            drained: Vec::new(),
             stats: TransportStats::default(),
         })
     }
@@ -652,6 +669,24 @@ impl Transport {
     fn bind_name(&mut self, conn: ConnectionHandle, name: &str) {
         match self.by_name.get(name) {
             Some(&existing) if existing != conn => {
+                let same_dialler = match (self.conns.get(&existing), self.conns.get(&conn)) {
+                    (Some(a), Some(b)) => {
+                        a.dialled == b.dialled && a.addr == b.addr && b.established
+                    }
+                    _ => false,
+                };
+                if same_dialler {
+                    // The side that dialled the old connection dialled again: it no longer has
+                    // the old one (a restarted process at the same address). The new one
+                    // replaces it, on both sides.
+                    debug!(peer = name, "a newer connection replaces the previous one");
+                    self.by_name.insert(name.to_owned(), conn);
+                    if let Some(old) = self.conns.get_mut(&existing) {
+                        old.peer = None;
+                        self.replaced.push(existing);
+                    }
+                    return;
+                }
                 if self.preferred(existing, conn, name) == conn {
                     self.by_name.insert(name.to_owned(), conn);
                 }
@@ -693,14 +728,28 @@ impl Transport {
         }
         // Any live connection to that address that is (or may become) the named peer: one still
         // handshaking, or the peer moved and a connection to its new address is already open.
-        if let Some((&ch, _)) = self.conns.iter().find(|(_, c)| {
+        // By address alone (a seed), the connection the peer's name is bound to comes first: an
+        // unbound one may lead to a previous process at that address.
+        let candidates = self.conns.iter().filter(|(_, c)| {
             c.addr == addr
                 && !c.conn.is_closed()
                 && match name {
                     Some(n) => c.peer.as_deref() == Some(n),
                     None => true,
                 }
-        }) {
+        });
+        let mut fallback = None;
+        for (&ch, c) in candidates {
+            let bound = c
+                .peer
+                .as_deref()
+                .is_some_and(|p| self.by_name.get(p) == Some(&ch));
+            if bound || name.is_some() {
+                return Some(ch);
+            }
+            fallback.get_or_insert(ch);
+        }
+        if let Some(ch) = fallback {
             return Some(ch);
         }
         if !self.accepting || self.conns.len() >= self.limits.max_connections {
@@ -790,7 +839,11 @@ impl Transport {
             return;
         };
         if c.established {
-            Self::open_and_write(c, framed.into(), &mut self.stats);
+            let reply = (
+                now + self.limits.exchange_timeout,
+                self.limits.max_stream_message_size,
+            );
+            Self::open_and_write(c, framed.into(), &mut self.stats, reply);
         } else if c.queued_requests.len() < limit {
             c.queued_requests.push_back(framed.into());
         } else {
@@ -862,7 +915,7 @@ impl Transport {
         stream: StreamId,
         chunks: &mut [Bytes],
     ) -> Option<usize> {
-        let c = self.conns.get_mut(&conn)?;
+        let c = self.conns.get_mut(&conn).filter(|c| c.owns(stream))?;
         self.dirty.insert(conn);
         match c.conn.send_stream(stream).write_chunks(chunks) {
             Ok(written) => Some(written.bytes),
@@ -873,7 +926,7 @@ impl Transport {
 
     /// Finishes the sending side of a flow stream (after everything written).
     pub(crate) fn flow_finish(&mut self, conn: ConnectionHandle, stream: StreamId) {
-        if let Some(c) = self.conns.get_mut(&conn) {
+        if let Some(c) = self.conns.get_mut(&conn).filter(|c| c.owns(stream)) {
             let _ = c.conn.send_stream(stream).finish();
             self.dirty.insert(conn);
         }
@@ -881,7 +934,7 @@ impl Transport {
 
     /// Aborts a flow stream both ways with `code`.
     pub(crate) fn flow_reset(&mut self, conn: ConnectionHandle, stream: StreamId, code: u64) {
-        if let Some(c) = self.conns.get_mut(&conn) {
+        if let Some(c) = self.conns.get_mut(&conn).filter(|c| c.owns(stream)) {
             let code = VarInt::from_u64(code).unwrap_or(VarInt::MAX);
             let _ = c.conn.send_stream(stream).reset(code);
             let _ = c.conn.recv_stream(stream).stop(code);
@@ -894,7 +947,7 @@ impl Transport {
     /// read to the peer's end or reset and discarded, so the stream is freed on both sides
     /// whatever the peer still sends.
     pub(crate) fn flow_release(&mut self, conn: ConnectionHandle, stream: StreamId) {
-        if let Some(c) = self.conns.get_mut(&conn) {
+        if let Some(c) = self.conns.get_mut(&conn).filter(|c| c.owns(stream)) {
             c.flow_streams.remove(&stream);
             Self::drain(c, stream);
             self.dirty.insert(conn);
@@ -910,7 +963,7 @@ impl Transport {
         stream: StreamId,
         data: Bytes,
     ) {
-        if let Some(c) = self.conns.get_mut(&conn) {
+        if let Some(c) = self.conns.get_mut(&conn).filter(|c| c.owns(stream)) {
             c.flow_streams.remove(&stream);
             c.outbound.insert(stream, OutStream { data, written: 0 });
             Self::flush_stream(c, stream, &mut self.stats);
@@ -921,7 +974,7 @@ impl Transport {
 
     /// Aborts a stream both ways (`code` for the peer) and forgets everything about it.
     pub(crate) fn abort_stream(&mut self, conn: ConnectionHandle, stream: StreamId, code: u64) {
-        if let Some(c) = self.conns.get_mut(&conn) {
+        if let Some(c) = self.conns.get_mut(&conn).filter(|c| c.owns(stream)) {
             let code = VarInt::from_u64(code).unwrap_or(VarInt::MAX);
             let _ = c.conn.send_stream(stream).reset(code);
             let _ = c.conn.recv_stream(stream).stop(code);
@@ -971,7 +1024,7 @@ impl Transport {
         max: usize,
     ) -> FlowRead {
         let mut out = FlowRead::default();
-        let Some(c) = self.conns.get_mut(&conn) else {
+        let Some(c) = self.conns.get_mut(&conn).filter(|c| c.owns(stream)) else {
             out.reset = Some(StreamErrorCode::ShuttingDown as u64);
             return out;
         };
@@ -1022,7 +1075,7 @@ impl Transport {
 
     /// Sends `data` as the reply on `stream`, then finishes it.
     pub(crate) fn send_reply(&mut self, conn: ConnectionHandle, stream: StreamId, data: &[u8]) {
-        let Some(c) = self.conns.get_mut(&conn) else {
+        let Some(c) = self.conns.get_mut(&conn).filter(|c| c.owns(stream)) else {
             self.stats.stream_messages_dropped += 1;
             return;
         };
@@ -1039,13 +1092,27 @@ impl Transport {
         self.dirty.insert(conn);
     }
 
-    fn open_and_write(c: &mut Conn, framed: Bytes, stats: &mut TransportStats) {
+    /// Opens a push-pull request stream; its reply must arrive by `deadline`, or the stream is
+    /// aborted (a peer that went away does not hold the exchange).
+    fn open_and_write(
+        c: &mut Conn,
+        framed: Bytes,
+        stats: &mut TransportStats,
+        (deadline, max_reply): (Instant, usize),
+    ) {
         let Some(id) = c.conn.streams().open(Dir::Bi) else {
             // The peer's stream limit is reached: drop; membership retries later.
             stats.stream_messages_dropped += 1;
             return;
         };
         c.opened.insert(id);
+        c.inbound.insert(
+            id,
+            Inbound {
+                decoder: FrameDecoder::new(max_reply),
+                deadline,
+            },
+        );
         c.outbound.insert(
             id,
             OutStream {
@@ -1297,6 +1364,33 @@ impl Transport {
         self.drive(now);
     }
 
+    /// Closes the connections to node `name` at any address but `addr` (it moved).
+    pub(crate) fn close_peer_elsewhere(&mut self, now: Instant, name: &str, addr: SocketAddr) {
+        let mut closed = false;
+        for (ch, c) in self.conns.iter_mut() {
+            if c.peer.as_deref() == Some(name) && c.addr != addr && !c.conn.is_closed() {
+                c.conn.close(
+                    now,
+                    VarInt::from_u32(ConnectionCloseCode::Idle as u32),
+                    Bytes::from_static(b"peer moved"),
+                );
+                self.dirty.insert(*ch);
+                closed = true;
+            }
+        }
+        if closed {
+            if self
+                .by_name
+                .get(name)
+                .and_then(|ch| self.conns.get(ch))
+                .is_some_and(|c| c.addr != addr)
+            {
+                self.by_name.remove(name);
+            }
+            self.drive(now);
+        }
+    }
+
     /// Closes every connection and refuses new ones (the node has left).
     pub(crate) fn close_all(&mut self, now: Instant) {
         self.accepting = false;
@@ -1342,6 +1436,20 @@ impl Transport {
 
     /// Drives touched connections until none is left or the outgoing queue is full.
     fn drive(&mut self, now: Instant) {
+        for (ch, ev) in std::mem::take(&mut self.drained) {
+            // The connection is gone from `conns`: nothing to hand an answer back to.
+            let _ = self.endpoint.handle_event(ch, ev);
+        }
+        for ch in std::mem::take(&mut self.replaced) {
+            if let Some(c) = self.conns.get_mut(&ch) {
+                c.conn.close(
+                    now,
+                    VarInt::from_u32(ConnectionCloseCode::Idle as u32),
+                    Bytes::from_static(b"replaced by a newer connection"),
+                );
+                self.dirty.insert(ch);
+            }
+        }
         while self.outgoing_datagrams < QUEUED_DATAGRAMS {
             let Some(ch) = self.dirty.pop_first() else {
                 break;
@@ -1356,6 +1464,12 @@ impl Transport {
             let mut progressed = false;
             while let Some(ev) = c.conn.poll_endpoint_events() {
                 progressed = true;
+                if ev.is_drained() {
+                    // quinn reuses a drained connection's handle at once; the node may still
+                    // hold events naming it. Freed at the next drive, once they were handled.
+                    self.drained.push((ch, ev));
+                    continue;
+                }
                 if let Some(back) = self.endpoint.handle_event(ch, ev) {
                     c.conn.handle_event(back);
                 }
@@ -1402,13 +1516,13 @@ impl Transport {
                 self.outgoing_datagrams += datagrams;
                 self.outgoing.push_back(transmit);
             }
+            if c.conn.is_drained() {
+                self.remove_conn(ch);
+                break;
+            }
             if queue_full {
                 // Revisited once the queue drains.
                 self.dirty.insert(ch);
-                break;
-            }
-            if c.conn.is_drained() {
-                self.remove_conn(ch);
                 break;
             }
             if !progressed {
@@ -1489,8 +1603,12 @@ impl Transport {
                         self.stats.datagrams_dropped += 1;
                     }
                 }
+                let reply = (
+                    now + self.limits.exchange_timeout,
+                    self.limits.max_stream_message_size,
+                );
                 while let Some(m) = c.queued_requests.pop_front() {
-                    Self::open_and_write(c, m, &mut self.stats);
+                    Self::open_and_write(c, m, &mut self.stats, reply);
                 }
                 Self::open_pending_flows(c, ch, &mut self.events);
                 if let Some(name) = c.peer.clone() {
@@ -1511,6 +1629,7 @@ impl Transport {
             Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
                 let mut accepted = Vec::new();
                 while let Some(id) = c.conn.streams().accept(Dir::Bi) {
+                    c.accepted_bi = c.accepted_bi.max(id.index() + 1);
                     accepted.push(id);
                 }
                 for id in accepted {

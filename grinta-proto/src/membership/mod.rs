@@ -790,6 +790,7 @@ impl Membership {
                 self.handle_broadcast(now, kind, Some(from));
             }
         }
+        self.correct_dead_sender(&packet.sender);
         if !self.corrections.is_empty() {
             let corrections = std::mem::take(&mut self.corrections);
             self.stats.corrections_sent += 1;
@@ -1215,6 +1216,30 @@ impl Membership {
             })),
         };
         self.corrections.push(alive.encode_to_vec().into());
+    }
+
+    /// A packet from a member we hold Dead: it is running but missed its own death (a
+    /// partition, or gossip that died out before reaching it). Tell it, so that it refutes;
+    /// otherwise it would go on probing a cluster that ignores it.
+    fn correct_dead_sender(&mut self, sender: &str) {
+        let Some(&i) = self.index.get(sender) else {
+            return;
+        };
+        let m = &self.members[i].member;
+        if m.state != MemberState::Dead
+            || m.incarnation >= MAX_INCARNATION
+            || self.corrections.len() >= MAX_CORRECTIONS
+        {
+            return;
+        }
+        let dead = wire::Broadcast {
+            kind: Some(wire::broadcast::Kind::Dead(wire::Dead {
+                node: m.name.clone(),
+                incarnation: m.incarnation,
+                from: self.name.clone(),
+            })),
+        };
+        self.corrections.push(dead.encode_to_vec().into());
     }
 
     fn handle_broadcast(
