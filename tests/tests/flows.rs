@@ -837,6 +837,58 @@ fn a_group_dial_skips_a_crashed_owner() {
     }
 }
 
+/// Dials of a group with two live owners spread over both, also right after a burst of heavy
+/// traffic to one of them; an owner spends time in no dial's choice only while some node
+/// suspects it.
+#[test]
+fn group_dials_spread_over_live_owners_after_heavy_traffic() {
+    let (seed, _g) = seed(19);
+    let mut c = formed(seed, 3);
+    for owner in [1, 2] {
+        register(&mut c, owner, "workers", EndpointKind::Group);
+        let log = Rc::new(RefCell::new(SinkLog::default()));
+        c.sim.node_mut(owner).app = Some(Box::new(Sink { log, accept: true }));
+    }
+    register(&mut c, 1, "bulk", EndpointKind::Exclusive);
+    let sent = sender(&mut c, 0, true);
+    c.run_for(Duration::from_secs(2));
+    // Heavy traffic to owner 1 first: 8 MB over 20 flows.
+    for _ in 0..20 {
+        let messages = random_messages(&mut c, 400_000, 60_000);
+        dial_with(&mut c, 0, &sent, "bulk", messages);
+    }
+    c.run_for(Duration::from_secs(5));
+    let before = sent.borrow().opened.len();
+    for _ in 0..200 {
+        dial_with(
+            &mut c,
+            0,
+            &sent,
+            "workers",
+            vec![Bytes::from_static(b"job")],
+        );
+        c.run_for(Duration::from_millis(5));
+    }
+    c.run_until(Duration::from_secs(10), |_| {
+        sent.borrow().opened.len() == before + 200
+    })
+    .expect("all opened");
+    let mut per_owner = [0usize; 3];
+    let opened: Vec<FlowId> = sent.borrow().opened[before..].to_vec();
+    for (_, e) in c.sim.node(0).flow_events.iter() {
+        if let FlowEvent::Opened { flow, peer, .. } = e {
+            if opened.contains(flow) {
+                per_owner[if peer == &node_name(1) { 1 } else { 2 }] += 1;
+            }
+        }
+    }
+    let suspicions: usize = (0..3).map(|i| c.sim.node(i).seen.suspects.len()).sum();
+    println!("200 group dials: {per_owner:?}, {suspicions} suspicions");
+    assert_eq!(suspicions, 0, "seed {seed}");
+    // Binomial(200, 1/2): fewer than 60 on one side has probability below 1e-8.
+    assert!(per_owner[1] >= 60 && per_owner[2] >= 60, "{per_owner:?} (seed {seed})");
+}
+
 #[test]
 fn a_slow_reader_slows_its_writer() {
     let (seed, _g) = seed(18);
