@@ -288,12 +288,7 @@ fn run_seed(seed: u64, views: bool) {
         loss,
         duplicate: rng_setup.random_range(0.0..0.05),
     };
-    let mut c = Cluster::nodes(
-        seed,
-        net,
-        node_membership_config(),
-        certificates(&ca, N),
-    );
+    let mut c = Cluster::nodes(seed, net, node_membership_config(), certificates(&ca, N));
     c.form(Duration::from_millis(300));
     let log = Rc::new(RefCell::new(ChaosLog::default()));
     let mut chaos = Chaos {

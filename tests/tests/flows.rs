@@ -886,7 +886,10 @@ fn group_dials_spread_over_live_owners_after_heavy_traffic() {
     println!("200 group dials: {per_owner:?}, {suspicions} suspicions");
     assert_eq!(suspicions, 0, "seed {seed}");
     // Binomial(200, 1/2): fewer than 60 on one side has probability below 1e-8.
-    assert!(per_owner[1] >= 60 && per_owner[2] >= 60, "{per_owner:?} (seed {seed})");
+    assert!(
+        per_owner[1] >= 60 && per_owner[2] >= 60,
+        "{per_owner:?} (seed {seed})"
+    );
 }
 
 #[test]
