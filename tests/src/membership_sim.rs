@@ -442,7 +442,8 @@ impl<N: ClusterNode> Cluster<N> {
         seed_node: usize,
     ) {
         let now = self.sim.now();
-        let at = addr.unwrap_or(node_addr(i));
+        // Its old address is the one it last ran at (it may have moved before).
+        let at = addr.unwrap_or(self.sim.addr(i));
         let node = (self.factory)(i, generation, at, now);
         self.sim.restart(i, node, addr);
         let seed_addr = self.sim.addr(seed_node);

@@ -4,10 +4,10 @@
 //!
 //! Checked throughout: no panic, every echoed message comes back in order. After quiescence
 //! (network healed, every node up, one idle timeout passed): every flow delivered all its
-//! messages in order or failed, on both ends; no stream or flow is left on any node; connections,
-//! directory records and departed owners stay within their bounds. `chaos_20_seeds_views_converge`
-//! also checks that every node's name resolves everywhere within 30 s of the healing and that
-//! every view sees every node alive; it is ignored while that defect is open.
+//! messages in order or failed, on both ends; every node's name resolves everywhere within 45 s
+//! of the healing (the owners' joins, then one push-pull interval of repair); every view sees
+//! every node alive; no stream or flow is left; connections, directory records and departed
+//! owners stay within their bounds.
 //!
 //! `cargo test` runs 20 seeds; 500 more run with
 //! `cargo test --release -p grinta-tests --test chaos -- --ignored`. `SEED=<n>` replays one seed.
@@ -31,6 +31,9 @@ use grinta_tests::node_sim::{FlowApp, SimulatedNode, certificates, node_membersh
 use rand::Rng;
 
 const N: usize = 6;
+/// How long after the healing every name must resolve everywhere: the owners' joins (every
+/// node is restarted at the healing), then one push-pull interval of repair.
+const NAMES_BOUND: Duration = Duration::from_secs(45);
 
 /// What happened to one dialled flow.
 #[derive(Debug, Default)]
@@ -278,7 +281,7 @@ impl Chaos {
     }
 }
 
-fn run_seed(seed: u64, views: bool) {
+fn run_seed(seed: u64) {
     let ca = DevCa::new().expect("dev CA");
     let mut rng_setup = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
     let loss = rng_setup.random_range(0.0..0.20);
@@ -432,11 +435,13 @@ fn run_seed(seed: u64, views: bool) {
     );
     // Every name resolves everywhere, soon after the cluster settles (membership needs its
     // detection bound to sort out the last crash).
-    if views {
+    {
+        // Gossip spreads a name in about a second; a node it missed is repaired by its next
+        // push-pull, at most one push-pull interval (30 s) after the owner's join completed.
         let names_at =
             names_at.unwrap_or_else(|| panic!("seed {seed}: names never resolved everywhere"));
         assert!(
-            names_at <= Duration::from_secs(30),
+            names_at <= NAMES_BOUND,
             "seed {seed}: names resolved after {names_at:?}"
         );
     }
@@ -487,9 +492,7 @@ fn run_seed(seed: u64, views: bool) {
             .members()
             .map(|m| (m.name.clone(), m.state, m.incarnation, m.addr))
             .collect();
-        if views {
-            assert_eq!(alive, N - 1, "seed {seed}: node {i} sees {view:?}");
-        }
+        assert_eq!(alive, N - 1, "seed {seed}: node {i} sees {view:?}");
     }
     let complete = log
         .dials
@@ -508,34 +511,24 @@ fn run_seed(seed: u64, views: bool) {
     );
 }
 
-/// Runs `count` seeds from `offset` (or only `SEED`); `views` also checks that names resolve
-/// everywhere within 30 s of the healing and that every view converges.
-fn seeds(count: u64, offset: u64, views: bool) {
+/// Runs `count` seeds from `offset` (or only `SEED`).
+fn seeds(count: u64, offset: u64) {
     let first = grinta_tests::engine::env_u64("SEED", offset);
     let only_one = std::env::var("SEED").is_ok();
     let count = if only_one { 1 } else { count };
     for seed in first..first + count {
         let _guard = grinta_tests::engine::SeedGuard(seed);
-        run_seed(seed, views);
+        run_seed(seed);
     }
 }
 
 #[test]
 fn chaos_20_seeds() {
-    seeds(20, 1, false);
-}
-
-/// The same seeds with convergence of views and names checked too. Open defect: after restarts
-/// at the same address, a member can stay Suspect in one view long after the network healed
-/// (seeds 3, 4, 5, 6, 7, 9, 10 and 12 of the first 20).
-#[test]
-#[ignore = "open defect: views do not always converge after same-address restarts"]
-fn chaos_20_seeds_views_converge() {
-    seeds(20, 1, true);
+    seeds(20, 1);
 }
 
 #[test]
 #[ignore = "500 seeds: minutes in release"]
 fn chaos_500_more_seeds() {
-    seeds(500, 1_000, false);
+    seeds(500, 1_000);
 }
