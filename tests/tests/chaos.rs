@@ -516,10 +516,17 @@ fn seeds(count: u64, offset: u64) {
     let first = grinta_tests::engine::env_u64("SEED", offset);
     let only_one = std::env::var("SEED").is_ok();
     let count = if only_one { 1 } else { count };
-    for seed in first..first + count {
-        let _guard = grinta_tests::engine::SeedGuard(seed);
-        run_seed(seed);
-    }
+    // Every seed runs; the failures are listed at the end, each replayable with `SEED=`.
+    let failed: Vec<u64> = (first..first + count)
+        .filter(|&seed| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_seed(seed))).is_err()
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {count} seeds failed (replay one with SEED=<n>): {failed:?}",
+        failed.len()
+    );
 }
 
 #[test]
