@@ -1366,19 +1366,27 @@ impl Transport {
 
     /// Closes the connections to node `name` at any address but `addr` (it moved).
     pub(crate) fn close_peer_elsewhere(&mut self, now: Instant, name: &str, addr: SocketAddr) {
-        let mut closed = false;
-        for (ch, c) in self.conns.iter_mut() {
-            if c.peer.as_deref() == Some(name) && c.addr != addr && !c.conn.is_closed() {
+        let stale: Vec<ConnectionHandle> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.peer.as_deref() == Some(name) && c.addr != addr && !c.conn.is_closed()
+            })
+            .map(|(ch, _)| *ch)
+            .collect();
+        for &ch in &stale {
+            if let Some(c) = self.conns.get_mut(&ch) {
                 c.conn.close(
                     now,
                     VarInt::from_u32(ConnectionCloseCode::Idle as u32),
                     Bytes::from_static(b"peer moved"),
                 );
-                self.dirty.insert(*ch);
-                closed = true;
+                self.dirty.insert(ch);
             }
+            // Closed here, it raises no event of its own: what ran on it fails now.
+            self.connection_lost(ch);
         }
-        if closed {
+        if !stale.is_empty() {
             if self
                 .by_name
                 .get(name)
@@ -1448,6 +1456,8 @@ impl Transport {
                     Bytes::from_static(b"replaced by a newer connection"),
                 );
                 self.dirty.insert(ch);
+                // Closed here, it raises no event of its own: what ran on it fails now.
+                self.connection_lost(ch);
             }
         }
         while self.outgoing_datagrams < QUEUED_DATAGRAMS {
