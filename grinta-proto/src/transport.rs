@@ -581,10 +581,18 @@ impl Transport {
             .initial_dst_cid_provider(initial_dcid)
             .token_store(Arc::new(quinn_proto::NoneTokenStore));
 
-        let reset_key = ring::hmac::Key::new(
-            ring::hmac::HMAC_SHA256,
-            &random_bytes::<32>(&provider).map_err(|e| cfg(&e))?,
-        );
+        // The stateless-reset key is derived from the node's private key, so it survives a
+        // restart: a peer still talking to the previous process at this address gets a reset it
+        // recognises and drops that connection at once, instead of after the idle timeout.
+        let reset_secret =
+            ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"grinta/1 stateless reset")
+                .extract(tls.key.secret_der());
+        let mut reset_bytes = [0u8; 32];
+        reset_secret
+            .expand(&[b"reset key"], ring::hkdf::HKDF_SHA256)
+            .and_then(|okm| okm.fill(&mut reset_bytes))
+            .map_err(|_| TransportError::Config("cannot derive the stateless reset key".into()))?;
+        let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset_bytes);
         let mut endpoint_config = EndpointConfig::new(Arc::new(reset_key));
         let cid_seed = random_bytes::<32>(&provider).map_err(|e| cfg(&e))?;
         let cid_rng = Mutex::new(ChaCha8Rng::from_seed(cid_seed));
