@@ -216,6 +216,16 @@ fn moved_addr(i: usize, generation: u64) -> SocketAddr {
 }
 
 impl Chaos {
+    /// The seed a restarting node `i` joins through, as an operator would configure one: a node
+    /// that is up and in the cluster (one still joining, or just restarted, knows nobody).
+    fn seed_for(&self, i: usize) -> usize {
+        (0..N)
+            .filter(|&j| j != i && self.c.sim.is_up(j))
+            .find(|&j| self.c.sim.node(j).node.membership().is_joined())
+            .or_else(|| (0..N).find(|&j| j != i && self.c.sim.is_up(j)))
+            .unwrap_or(0)
+    }
+
     fn install(&mut self, i: usize) {
         let app = ChaosApp {
             me: i,
@@ -373,9 +383,7 @@ fn run_seed(seed: u64) {
         for (_, i, moved) in due {
             chaos.generation[i] += 1;
             let addr = moved.then(|| moved_addr(i, chaos.generation[i]));
-            let seed_node = (0..N)
-                .find(|&j| j != i && chaos.c.sim.is_up(j))
-                .unwrap_or(0);
+            let seed_node = chaos.seed_for(i);
             chaos.c.restart(i, chaos.generation[i], addr, seed_node);
             chaos.install(i);
         }
@@ -393,9 +401,7 @@ fn run_seed(seed: u64) {
     for (_, i, moved) in std::mem::take(&mut down) {
         chaos.generation[i] += 1;
         let addr = moved.then(|| moved_addr(i, chaos.generation[i]));
-        let seed_node = (0..N)
-            .find(|&j| j != i && chaos.c.sim.is_up(j))
-            .unwrap_or(0);
+        let seed_node = chaos.seed_for(i);
         chaos.c.restart(i, chaos.generation[i], addr, seed_node);
         chaos.install(i);
     }
