@@ -32,7 +32,7 @@ use std::time::Instant;
 use async_io::{Async, Timer};
 pub use grinta_proto as proto;
 use grinta_proto::fabric::{RecvMeta, Runtime};
-use grinta_proto::node::{NodeConfig, Transmit};
+use grinta_proto::node::Transmit;
 use quinn_udp::UdpSocketState;
 
 /// The async-io runtime for grinta (async-std, smol).

@@ -22,6 +22,26 @@
 //!   `dev-certs` feature).
 #![forbid(unsafe_code)]
 
+/// What a user of a runtime adapter names or matches on, re-exported at the root of each adapter
+/// (`grinta_tokio::FlowError`, `grinta_async_std::DevCa`, ...), so that an application depends
+/// on its adapter alone.
+pub mod api {
+    #[cfg(feature = "json")]
+    pub use crate::codec::JsonCodec;
+    pub use crate::codec::{BytesCodec, Codec, CodecError, ProstCodec};
+    pub use crate::fabric::MEMBER_EVENT_CAPACITY;
+    pub use crate::flow::{FlowError, FlowLimits, FlowStats, RejectReason, ResetCode};
+    pub use crate::membership::{
+        Config as MembershipConfig, Event as MemberEvent, Member, MemberState,
+    };
+    pub use crate::node::NodeConfig;
+    pub use crate::registry::{EndpointKind, RegistryError, RegistryLimits};
+    pub use crate::tls::TlsConfig;
+    #[cfg(feature = "dev-certs")]
+    pub use crate::tls::dev::DevCa;
+    pub use crate::transport::TransportLimits;
+}
+
 pub mod codec;
 pub mod fabric;
 pub mod flow;

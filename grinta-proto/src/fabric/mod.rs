@@ -1003,6 +1003,7 @@ macro_rules! runtime_aliases {
         pub type FlowReceiver = $crate::fabric::FlowReceiver<$runtime>;
         /// A flow carrying values of `T` through codec `C`.
         pub type TypedFlow<T, C> = $crate::fabric::TypedFlow<$runtime, T, C>;
+        pub use $crate::api::*;
         pub use $crate::fabric::{Error, FabricStats, Profile, SocketStats};
     };
 }
