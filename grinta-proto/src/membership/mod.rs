@@ -138,6 +138,10 @@ pub enum Error {
     /// The node has left the cluster; it takes no more commands.
     #[error("this node has left the cluster")]
     Left,
+    /// The node's incarnation reached [`MAX_INCARNATION`]: it cannot take a newer one (only
+    /// possible after a member pushed it there with forged claims).
+    #[error("this node's incarnation reached the maximum of 2^62; restart it to start a new life")]
+    IncarnationExhausted,
 }
 
 /// What a member is, as this node sees it.
@@ -607,9 +611,11 @@ impl Membership {
         if !matches!(self.lifecycle, Lifecycle::Running) {
             return Err(Error::Left);
         }
-        // Received incarnations are at most MAX_INCARNATION, so this stays exact.
+        if self.incarnation >= MAX_INCARNATION {
+            return Err(Error::IncarnationExhausted);
+        }
         self.meta = meta;
-        self.incarnation = self.incarnation.saturating_add(1);
+        self.incarnation += 1;
         self.broadcast_self_alive();
         Ok(())
     }
@@ -1323,7 +1329,12 @@ impl Membership {
         };
         if a.node == self.name {
             // Someone announces us with an incarnation we never had (stale state from a previous life)
-            // or with another address: out-announce it.
+            // or with another address: out-announce it. Like an accusation, it must leave room to
+            // refute (`+ 1`).
+            if a.incarnation >= MAX_INCARNATION {
+                self.stats.packets_invalid += 1;
+                return;
+            }
             if a.incarnation > self.incarnation
                 || (a.incarnation == self.incarnation && (addr != self.addr || a.meta != self.meta))
             {

@@ -510,9 +510,27 @@ fn incarnations_beyond_the_bound_are_refused_and_a_node_can_always_refute() {
         (seen.state, seen.incarnation),
         (MemberState::Alive, MAX_INCARNATION)
     );
-    // Changing metadata at the bound neither panics nor wraps.
-    a.update_meta(Bytes::from_static(b"m")).unwrap();
-    assert_eq!(a.incarnation(), MAX_INCARNATION + 1);
+    // An alive claim about us at the bound is refused like an accusation: we stay at the bound,
+    // and changing metadata there is a clear error, never a wrap or an unrefutable incarnation.
+    let forged_alive = wire::Packet {
+        sender: "b".into(),
+        message: None,
+        broadcasts: vec![wire::Broadcast {
+            kind: Some(wire::broadcast::Kind::Alive(wire::Alive {
+                node: "a".into(),
+                incarnation: MAX_INCARNATION,
+                addr: Some(encode_addr(addr(1))),
+                meta: Bytes::new(),
+            })),
+        }],
+    };
+    a.handle_datagram(t0, addr(2), &forged_alive.encode_to_vec());
+    assert_eq!(a.incarnation(), MAX_INCARNATION);
+    assert!(matches!(
+        a.update_meta(Bytes::from_static(b"m")),
+        Err(Error::IncarnationExhausted)
+    ));
+    assert_eq!(a.incarnation(), MAX_INCARNATION);
 }
 
 #[test]
