@@ -158,6 +158,13 @@ impl Runtime for AsyncIo {
     fn now() -> Instant {
         Instant::now()
     }
+
+    fn unix_time() -> std::time::Duration {
+        // A clock set before 1970 reads as the epoch: the node then starts at incarnation 1.
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+    }
 }
 
 grinta_proto::runtime_aliases!(AsyncIo);

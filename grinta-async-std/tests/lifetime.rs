@@ -31,6 +31,11 @@ fn dropping_the_last_handle_ends_the_driver_thread() {
         .start()
         .expect("node starts");
     let endpoint = fabric.endpoint("svc").expect("endpoint");
+    // The thread names itself as it starts.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while driver_threads() < 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     assert_eq!(driver_threads(), 1);
     let addr = fabric.local_addr();
     drop(fabric);

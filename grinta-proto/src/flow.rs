@@ -780,7 +780,7 @@ impl Flows {
         let id = FlowId(token);
         let Some(flow) = self.flows.get_mut(&id) else {
             // The dial already failed (timeout): abandon the stream.
-            transport.flow_reset(conn, stream, ResetCode::Dropped.to_quic());
+            transport.abort_stream(conn, stream, ResetCode::Dropped.to_quic());
             return;
         };
         flow.stream = Some((conn, stream));
@@ -821,7 +821,7 @@ impl Flows {
         stream: StreamId,
     ) {
         if self.flows.len() >= self.limits.max_flows {
-            transport.flow_reset(conn, stream, StreamErrorCode::ShuttingDown as u64);
+            transport.abort_stream(conn, stream, StreamErrorCode::ShuttingDown as u64);
             return;
         }
         let parser = FlowStreamParser::for_acceptor(self.limits.max_message_size);
@@ -1529,7 +1529,7 @@ impl Flows {
         };
         let (phase, endpoint, stream) = (flow.phase, flow.endpoint.clone(), flow.stream);
         if let (Some(code), Some((conn, stream))) = (reset, stream) {
-            transport.flow_reset(conn, stream, code.to_quic());
+            transport.abort_stream(conn, stream, code.to_quic());
         }
         self.forget(transport, id);
         match phase {
@@ -1564,7 +1564,7 @@ impl Flows {
                 if flow.fin_sent {
                     transport.flow_release(conn, stream);
                 } else {
-                    transport.flow_reset(conn, stream, ResetCode::Dropped.to_quic());
+                    transport.abort_stream(conn, stream, ResetCode::Dropped.to_quic());
                 }
                 if flow.held {
                     transport.release_conn(conn);

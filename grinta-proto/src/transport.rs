@@ -310,6 +310,19 @@ struct Inbound {
 }
 
 impl Conn {
+    /// Aborts stream `id` both ways with `code` (reset our sending half, stop the peer's) and
+    /// forgets everything this connection held for it.
+    fn abort(&mut self, id: StreamId, code: u64) {
+        let code = VarInt::from_u64(code).unwrap_or(VarInt::MAX);
+        let _ = self.conn.send_stream(id).reset(code);
+        let _ = self.conn.recv_stream(id).stop(code);
+        self.inbound.remove(&id);
+        self.outbound.remove(&id);
+        self.opened.remove(&id);
+        self.flow_streams.remove(&id);
+        self.draining.remove(&id);
+    }
+
     /// Whether stream `id` is one this node may act on: its own, or one of the peer's it
     /// accepted (a handle kept past its stream's end must not reach a stream it never saw).
     fn owns(&self, id: StreamId) -> bool {
@@ -940,17 +953,6 @@ impl Transport {
         }
     }
 
-    /// Aborts a flow stream both ways with `code`.
-    pub(crate) fn flow_reset(&mut self, conn: ConnectionHandle, stream: StreamId, code: u64) {
-        if let Some(c) = self.conns.get_mut(&conn).filter(|c| c.owns(stream)) {
-            let code = VarInt::from_u64(code).unwrap_or(VarInt::MAX);
-            let _ = c.conn.send_stream(stream).reset(code);
-            let _ = c.conn.recv_stream(stream).stop(code);
-            c.flow_streams.remove(&stream);
-            self.dirty.insert(conn);
-        }
-    }
-
     /// Gives back a flow stream whose sending half is finished (or reset): its receiving half is
     /// read to the peer's end or reset and discarded, so the stream is freed on both sides
     /// whatever the peer still sends.
@@ -980,17 +982,11 @@ impl Transport {
         }
     }
 
-    /// Aborts a stream both ways (`code` for the peer) and forgets everything about it.
+    /// Aborts a stream (a flow's or an exchange's) both ways, `code` for the peer, and forgets
+    /// everything about it.
     pub(crate) fn abort_stream(&mut self, conn: ConnectionHandle, stream: StreamId, code: u64) {
         if let Some(c) = self.conns.get_mut(&conn).filter(|c| c.owns(stream)) {
-            let code = VarInt::from_u64(code).unwrap_or(VarInt::MAX);
-            let _ = c.conn.send_stream(stream).reset(code);
-            let _ = c.conn.recv_stream(stream).stop(code);
-            c.inbound.remove(&stream);
-            c.outbound.remove(&stream);
-            c.opened.remove(&stream);
-            c.flow_streams.remove(&stream);
-            c.draining.remove(&stream);
+            c.abort(stream, code);
             self.dirty.insert(conn);
         }
     }
@@ -1294,11 +1290,7 @@ impl Transport {
                 .collect();
             for id in overdue {
                 self.stats.stream_messages_dropped += 1;
-                c.inbound.remove(&id);
-                c.opened.remove(&id);
-                let code = VarInt::from_u32(StreamErrorCode::ProtocolViolation as u32);
-                let _ = c.conn.recv_stream(id).stop(code);
-                let _ = c.conn.send_stream(id).reset(code);
+                c.abort(id, StreamErrorCode::ProtocolViolation as u64);
                 self.dirty.insert(*ch);
             }
             if c.holds > 0 && c.established && now >= c.last_keep_alive + interval {
@@ -1751,9 +1743,7 @@ impl Transport {
                     if requests >= self.limits.max_inbound_exchanges {
                         // More exchanges at once than membership ever starts: refused.
                         self.stats.stream_messages_dropped += 1;
-                        let code = VarInt::from_u32(StreamErrorCode::LimitExceeded as u32);
-                        let _ = c.conn.recv_stream(id).stop(code);
-                        let _ = c.conn.send_stream(id).reset(code);
+                        c.abort(id, StreamErrorCode::LimitExceeded as u64);
                         return;
                     }
                     c.inbound.insert(
@@ -1766,9 +1756,7 @@ impl Transport {
                 }
                 Some(_) => {
                     self.stats.stream_messages_dropped += 1;
-                    let code = VarInt::from_u32(StreamErrorCode::ProtocolViolation as u32);
-                    let _ = c.conn.recv_stream(id).stop(code);
-                    let _ = c.conn.send_stream(id).reset(code);
+                    c.abort(id, StreamErrorCode::ProtocolViolation as u64);
                     return;
                 }
             }

@@ -20,7 +20,7 @@ use tracing::debug;
 
 use super::mailbox::Mailbox;
 use super::{DRIVER_BUDGET, RecvMeta, Runtime, Shared};
-use crate::node::Transmit;
+use crate::node::{Node, Transmit};
 
 /// Datagrams per GSO send at most, whatever the socket allows: 64 KiB is the most one UDP send
 /// can carry (44 full-size QUIC packets), and smaller batches keep the pacing of a flow smooth.
@@ -158,15 +158,7 @@ impl<R: Runtime> Driver<R> {
         for mailbox in &self.scheduled {
             mailbox.hand_over(&mut inner.node, now);
         }
-        while self.outbox_datagrams < OUTBOX_DATAGRAMS {
-            match inner.node.poll_transmit(now) {
-                Some(t) => {
-                    self.outbox_datagrams += t.segment_count();
-                    self.outbox.push_back(t);
-                }
-                None => break,
-            }
-        }
+        self.take_transmits(&mut inner.node, now);
         // After the transmits: building more packets may have driven connections that raised
         // events.
         inner.dispatch();
@@ -174,15 +166,7 @@ impl<R: Runtime> Driver<R> {
         let drain_deadline = inner.advance_shutdown(now);
         if inner.node.has_pending_work() {
             // Leaving queued packets: build them now rather than at the next wake.
-            while self.outbox_datagrams < OUTBOX_DATAGRAMS {
-                match inner.node.poll_transmit(now) {
-                    Some(t) => {
-                        self.outbox_datagrams += t.segment_count();
-                        self.outbox.push_back(t);
-                    }
-                    None => break,
-                }
-            }
+            self.take_transmits(&mut inner.node, now);
             inner.dispatch();
         }
         // The streams took what they could: senders waiting for room learn how much is left.
@@ -215,6 +199,18 @@ impl<R: Runtime> Driver<R> {
             }
         }
         (received, more_in_node)
+    }
+
+    /// Moves the node's packets to the outbox, doing the work its inputs recorded, until the
+    /// outbox holds [`OUTBOX_DATAGRAMS`] or the node has nothing more.
+    fn take_transmits(&mut self, node: &mut Node, now: Instant) {
+        while self.outbox_datagrams < OUTBOX_DATAGRAMS {
+            let Some(t) = node.poll_transmit(now) else {
+                break;
+            };
+            self.outbox_datagrams += t.segment_count();
+            self.outbox.push_back(t);
+        }
     }
 
     /// Sends the outbox until it is empty or the socket is full (the socket then wakes the

@@ -150,8 +150,11 @@ pub trait Runtime: Send + Sync + 'static {
     fn sleep_until(deadline: Instant) -> Self::Sleep;
     /// Runs `future` in the background.
     fn spawn(future: Pin<Box<dyn Future<Output = ()> + Send>>);
-    /// The current time (the only clock read in grinta, and it happens here, in the adapter).
+    /// The current time (the clock reads of grinta happen here, in the adapter).
     fn now() -> Instant;
+    /// The wall clock: time since the UNIX epoch. Read once, when a node starts, for the
+    /// incarnation it starts at (above any of a previous life under the same name).
+    fn unix_time() -> std::time::Duration;
 }
 
 /// Errors of the user API.
@@ -571,9 +574,7 @@ impl<R: Runtime> Fabric<R> {
         config.transport.mtu_discovery &= !R::may_fragment(&socket);
         // A restarted process starts above every incarnation of its previous life, so the
         // cluster takes it at its word at once (see `membership::Config::initial_incarnation`).
-        let wall_millis = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let wall_millis = u64::try_from(R::unix_time().as_millis()).unwrap_or(u64::MAX);
         config.membership.initial_incarnation = config
             .membership
             .initial_incarnation
