@@ -34,6 +34,11 @@ const N: usize = 6;
 /// How long after the healing every name must resolve everywhere: the owners' joins (every
 /// node is restarted at the healing), then one push-pull interval of repair.
 const NAMES_BOUND: Duration = Duration::from_secs(45);
+/// How long after the settling every node must be seen without any stream. A connection that a
+/// crashed process dialled, and that never carried a message saying who it was, cannot be tied
+/// to the member that went: it goes with QUIC's idle timeout, counted from this node's first
+/// unanswered packet into it (a stream reset, perhaps at a dial timeout after the healing).
+const STREAMS_BOUND: Duration = Duration::from_secs(130);
 
 /// What happened to one dialled flow.
 #[derive(Debug, Default)]
@@ -216,14 +221,22 @@ fn moved_addr(i: usize, generation: u64) -> SocketAddr {
 }
 
 impl Chaos {
-    /// The seed a restarting node `i` joins through, as an operator would configure one: a node
-    /// that is up and in the cluster (one still joining, or just restarted, knows nobody).
-    fn seed_for(&self, i: usize) -> usize {
-        (0..N)
-            .filter(|&j| j != i && self.c.sim.is_up(j))
+    /// Restarts node `i` (at `addr` if it moves) and joins it through every other node that is
+    /// up, at the addresses they have now, as an operator lists several seeds: a single seed may
+    /// itself move before the join completes, leaving the node nobody to join through.
+    fn restart(&mut self, i: usize, addr: Option<SocketAddr>) {
+        self.generation[i] += 1;
+        let up: Vec<usize> = (0..N).filter(|&j| j != i && self.c.sim.is_up(j)).collect();
+        let first = up
+            .iter()
+            .copied()
             .find(|&j| self.c.sim.node(j).node.membership().is_joined())
-            .or_else(|| (0..N).find(|&j| j != i && self.c.sim.is_up(j)))
-            .unwrap_or(0)
+            .or(up.first().copied())
+            .unwrap_or(0);
+        self.c.restart(i, self.generation[i], addr, first);
+        let seeds: Vec<SocketAddr> = up.iter().map(|&j| self.c.sim.addr(j)).collect();
+        self.c.sim.with_node(i, |n, now| n.node.join(now, &seeds));
+        self.install(i);
     }
 
     fn install(&mut self, i: usize) {
@@ -381,11 +394,8 @@ fn run_seed(seed: u64) {
             down.iter().copied().filter(|(t, _, _)| now >= *t).collect();
         down.retain(|(t, _, _)| now < *t);
         for (_, i, moved) in due {
-            chaos.generation[i] += 1;
-            let addr = moved.then(|| moved_addr(i, chaos.generation[i]));
-            let seed_node = chaos.seed_for(i);
-            chaos.c.restart(i, chaos.generation[i], addr, seed_node);
-            chaos.install(i);
+            let addr = moved.then(|| moved_addr(i, chaos.generation[i] + 1));
+            chaos.restart(i, addr);
         }
         chaos.slow_reads();
         chaos.c.run_for(Duration::from_millis(100));
@@ -399,12 +409,10 @@ fn run_seed(seed: u64) {
         ..net
     });
     for (_, i, moved) in std::mem::take(&mut down) {
-        chaos.generation[i] += 1;
-        let addr = moved.then(|| moved_addr(i, chaos.generation[i]));
-        let seed_node = chaos.seed_for(i);
-        chaos.c.restart(i, chaos.generation[i], addr, seed_node);
-        chaos.install(i);
+        let addr = moved.then(|| moved_addr(i, chaos.generation[i] + 1));
+        chaos.restart(i, addr);
     }
+    chaos.c.sim.enable_transmit_log();
     let quiet = chaos.c.sim.now();
     let mut names_at = None;
     for _ in 0..2_000 {
@@ -444,8 +452,37 @@ fn run_seed(seed: u64) {
     {
         // Gossip spreads a name in about a second; a node it missed is repaired by its next
         // push-pull, at most one push-pull interval (30 s) after the owner's join completed.
-        let names_at =
-            names_at.unwrap_or_else(|| panic!("seed {seed}: names never resolved everywhere"));
+        let names_at = names_at.unwrap_or_else(|| {
+            let missing: Vec<_> = (0..N)
+                .flat_map(|i| (0..N).map(move |j| (i, j)))
+                .filter(|&(i, j)| {
+                    chaos.c.sim.node(i).node.registry().resolve(&format!("svc-{j}"))
+                        != vec![node_name(j).as_str()]
+                })
+                .collect();
+            let views: Vec<Vec<_>> = (0..N)
+                .map(|i| {
+                    chaos
+                        .c
+                        .sim
+                        .node(i)
+                        .node
+                        .membership()
+                        .members()
+                        .map(|m| (m.name.clone(), m.state, m.incarnation))
+                        .collect()
+                })
+                .collect();
+            let stats: Vec<_> = (0..N)
+                .map(|i| (chaos.c.sim.addr(i), chaos.c.sim.node(i).node.stats().transport))
+                .collect();
+            let mut sends: HashMap<(usize, SocketAddr), usize> = HashMap::new();
+            for r in chaos.c.sim.transmit_log() {
+                *sends.entry((r.src, r.dst)).or_default() += 1;
+            }
+            let net = chaos.c.sim.stats();
+            panic!("seed {seed}: names never resolved everywhere: (node, name) missing {missing:?}; views {views:?}; stats {stats:#?}; sends {sends:?}; net {net:?}")
+        });
         assert!(
             names_at <= NAMES_BOUND,
             "seed {seed}: names resolved after {names_at:?}"
@@ -469,10 +506,11 @@ fn run_seed(seed: u64) {
         hanging.len(),
         hanging.first()
     );
-    // A leaked stream never goes; a push-pull exchange in progress goes within a round trip:
-    // every node must be seen without any stream within a few seconds.
+    // A leaked stream never goes; a push-pull exchange in progress goes within a round trip, and
+    // the streams of a connection whose peer crashed before it said who it was go with that
+    // connection's idle timeout: every node must be seen without any stream within that bound.
     let mut streams_seen: Vec<Option<StreamStats>> = vec![None; N];
-    for _ in 0..1_000 {
+    for _ in 0..(STREAMS_BOUND.as_millis() / 5) {
         for (i, seen) in streams_seen.iter_mut().enumerate() {
             let now = chaos.c.sim.node_mut(i).node.stream_stats();
             if seen.is_none_or(|s| s != StreamStats::default()) {
