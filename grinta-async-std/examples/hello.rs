@@ -2,27 +2,24 @@
 //!
 //! Run: `cargo run -p grinta-async-std --example hello`
 
-use std::net::UdpSocket;
 use std::time::Duration;
 
-use grinta_proto::membership::Config;
-use grinta_proto::node::{DEFAULT_MAX_PACKET_SIZE, NodeConfig};
-use grinta_proto::tls::dev::DevCa;
+use grinta_async_std::{DevCa, Fabric, Profile};
 
 #[async_std::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ca = DevCa::new()?;
-    let a_addr = UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
-    let b_addr = UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
-    let config = |name: &str, addr, seeds| -> Result<NodeConfig, Box<dyn std::error::Error>> {
-        let mut c = NodeConfig::new(name, addr, ca.issue(name)?);
-        c.membership = Config::local();
-        c.membership.max_packet_size = DEFAULT_MAX_PACKET_SIZE;
-        c.seeds = seeds;
-        Ok(c)
-    };
-    let server = grinta_async_std::start(config("server", a_addr, vec![])?)?;
-    let client = grinta_async_std::start(config("client", b_addr, vec![a_addr])?)?;
+    // Both bind 127.0.0.1 on a free port (the builder's default); the client joins through the
+    // server's address.
+    let server = Fabric::builder("server")
+        .dev_certificates(&ca)
+        .profile(Profile::Local)
+        .start()?;
+    let client = Fabric::builder("client")
+        .dev_certificates(&ca)
+        .profile(Profile::Local)
+        .seed(server.local_addr())
+        .start()?;
     let greeter = server.endpoint("greeter")?;
     async_std::task::spawn(async move {
         while let Ok(mut flow) = greeter.accept().await {

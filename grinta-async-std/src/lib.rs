@@ -168,8 +168,3 @@ impl Runtime for AsyncIo {
 }
 
 grinta_proto::runtime_aliases!(AsyncIo);
-
-/// Starts a node: binds its socket, starts its driver thread and joins the configured seeds.
-pub fn start(config: NodeConfig) -> Result<Fabric, Error> {
-    Fabric::start(config)
-}

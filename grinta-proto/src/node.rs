@@ -108,15 +108,13 @@ pub struct NodeConfig {
 impl NodeConfig {
     /// A configuration with LAN membership defaults, default limits and no seeds.
     pub fn new(name: &str, bind: SocketAddr, tls: TlsConfig) -> Self {
-        let mut membership = membership::Config::lan();
-        membership.max_packet_size = DEFAULT_MAX_PACKET_SIZE;
         Self {
             name: name.to_owned(),
             bind,
             advertise: None,
             seeds: Vec::new(),
             tls,
-            membership,
+            membership: membership::Config::lan(),
             transport: TransportLimits::default(),
             registry: RegistryLimits::default(),
             flows: FlowLimits::default(),
@@ -130,19 +128,32 @@ impl NodeConfig {
         self.advertise.unwrap_or(self.bind)
     }
 
+    /// The membership settings the node runs with: [`membership`](Self::membership) with its
+    /// packet budget fitted to what one QUIC DATAGRAM frame carries
+    /// ([`MEMBERSHIP_PACKET_BUDGET`]). Every membership profile is valid for a node as given.
+    ///
+    /// ```
+    /// # use grinta_proto::{membership, node::{NodeConfig, MEMBERSHIP_PACKET_BUDGET}, tls::TlsConfig};
+    /// # fn demo(tls: TlsConfig) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut config = NodeConfig::new("node-a", "127.0.0.1:7000".parse()?, tls);
+    /// config.membership = membership::Config::local();
+    /// assert!(config.validate().is_ok());
+    /// assert_eq!(config.membership_config().max_packet_size, MEMBERSHIP_PACKET_BUDGET);
+    /// # Ok(()) }
+    /// ```
+    pub fn membership_config(&self) -> membership::Config {
+        let mut config = self.membership.clone();
+        config.max_packet_size = config.max_packet_size.min(MEMBERSHIP_PACKET_BUDGET);
+        config
+    }
+
     /// Checks the configuration; [`Node::new`] calls it too.
     pub fn validate(&self) -> Result<(), NodeConfigError> {
         membership::validate_node_name(&self.name)?;
-        self.membership.validate()?;
+        self.membership_config().validate()?;
         let advertise = self.advertise_addr();
         if advertise.ip().is_unspecified() || advertise.port() == 0 {
             return Err(NodeConfigError::Advertise { addr: advertise });
-        }
-        if self.membership.max_packet_size > MAX_QUIC_DATAGRAM {
-            return Err(NodeConfigError::PacketBudget {
-                max_packet_size: self.membership.max_packet_size,
-                limit: MAX_QUIC_DATAGRAM,
-            });
         }
         if let Some(seed) = self
             .seeds
@@ -164,12 +175,11 @@ impl NodeConfig {
     }
 }
 
-/// Membership packet budget of a node: what a QUIC DATAGRAM frame holds on a 1200-byte path (the
-/// QUIC minimum) with room for the packet header and frame overhead.
-pub const DEFAULT_MAX_PACKET_SIZE: usize = 1100;
-
-/// The largest membership packet budget a node accepts: a DATAGRAM frame on a 1200-byte path.
-pub const MAX_QUIC_DATAGRAM: usize = 1150;
+/// The largest membership packet a node sends: what a QUIC DATAGRAM frame holds on a 1200-byte
+/// path (the QUIC minimum) with room for the packet header and frame overhead. A larger
+/// `membership::Config::max_packet_size` is fitted down to it (see
+/// [`NodeConfig::membership_config`]); a smaller one is kept.
+pub const MEMBERSHIP_PACKET_BUDGET: usize = 1100;
 
 /// A node configuration that cannot work.
 #[derive(Debug, thiserror::Error)]
@@ -193,16 +203,6 @@ pub enum NodeConfigError {
     Seed {
         /// The refused address.
         addr: SocketAddr,
-    },
-    /// The membership packet budget exceeds what a QUIC datagram carries.
-    #[error(
-        "membership max_packet_size {max_packet_size} exceeds the {limit} bytes a QUIC datagram carries"
-    )]
-    PacketBudget {
-        /// The configured budget.
-        max_packet_size: usize,
-        /// The largest allowed.
-        limit: usize,
     },
     /// The stream limit leaves no room for push-pull once a peer has its most flows open.
     #[error(
@@ -294,7 +294,7 @@ impl Node {
             config.transport.clone(),
         )?;
         let membership = Membership::new(
-            config.membership.clone(),
+            config.membership_config(),
             &config.name,
             config.advertise_addr(),
             seed,
@@ -1033,15 +1033,23 @@ mod tests {
         c.seeds = vec!["0.0.0.0:7001".parse().unwrap()];
         assert!(matches!(c.validate(), Err(NodeConfigError::Seed { .. })));
 
+        // Every profile is valid as given: the packet budget is fitted to a QUIC datagram.
+        for profile in [
+            membership::Config::lan(),
+            membership::Config::wan(),
+            membership::Config::local(),
+        ] {
+            let mut c = config("node-a", "127.0.0.1:7000");
+            c.membership = profile;
+            c.validate().unwrap();
+            assert_eq!(
+                c.membership_config().max_packet_size,
+                MEMBERSHIP_PACKET_BUDGET
+            );
+        }
         let mut c = config("node-a", "127.0.0.1:7000");
-        c.membership.max_packet_size = 1400;
-        assert!(matches!(
-            c.validate(),
-            Err(NodeConfigError::PacketBudget {
-                max_packet_size: 1400,
-                ..
-            })
-        ));
+        c.membership.max_packet_size = 600;
+        assert_eq!(c.membership_config().max_packet_size, 600);
 
         let mut c = config("node-a", "[::1]:7000");
         c.name = "node-b".into();

@@ -5,18 +5,9 @@
 //!
 //! Run: `cargo run -p grinta-tokio --example cluster`
 
-use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use grinta_proto::membership::{self, Config};
-use grinta_proto::node::{DEFAULT_MAX_PACKET_SIZE, NodeConfig};
-use grinta_proto::tls::dev::DevCa;
-use grinta_tokio::Fabric;
-
-/// A free UDP port on 127.0.0.1.
-fn free_addr() -> std::io::Result<SocketAddr> {
-    UdpSocket::bind("127.0.0.1:0")?.local_addr()
-}
+use grinta_tokio::{DevCa, Fabric, MemberEvent, Profile};
 
 async fn wait_for(
     what: &str,
@@ -37,18 +28,19 @@ async fn wait_for(
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ca = DevCa::new()?;
     let names = ["node-a", "node-b", "node-c"];
-    let addrs = [free_addr()?, free_addr()?, free_addr()?];
     let mut fabrics: Vec<Fabric> = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let mut config = NodeConfig::new(name, addrs[i], ca.issue(name)?);
-        // Loopback profile: fast probes, so the demo shows failure detection in seconds.
-        config.membership = Config::local();
-        config.membership.max_packet_size = DEFAULT_MAX_PACKET_SIZE;
-        if i > 0 {
-            config.seeds = vec![addrs[0]];
+    for name in names {
+        // 127.0.0.1 on a free port (the builder's default). The loopback profile probes fast, so
+        // the demo shows failure detection in seconds. node-b and node-c join through node-a.
+        let mut builder = Fabric::builder(name)
+            .dev_certificates(&ca)
+            .profile(Profile::Local);
+        if let Some(first) = fabrics.first() {
+            builder = builder.seed(first.local_addr());
         }
-        fabrics.push(grinta_tokio::start(config)?);
-        println!("started {name} on {}", addrs[i]);
+        let fabric = builder.start()?;
+        println!("started {name} on {}", fabric.local_addr());
+        fabrics.push(fabric);
     }
 
     let formed = wait_for("the cluster to form", Duration::from_secs(20), || {
@@ -97,7 +89,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         loop {
             let event =
                 tokio::time::timeout(Duration::from_secs(30), f.next_member_event()).await??;
-            if let membership::Event::MemberDead { name, .. } = event {
+            if let MemberEvent::MemberDead { name, .. } = event {
                 if name == "node-c" {
                     println!(
                         "{} declared node-c dead after {:?}",

@@ -3,14 +3,11 @@
 //!
 //! Run: `cargo run -p grinta-tokio --example flexible-topology`
 
-use std::net::UdpSocket;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use grinta_proto::membership::Config;
-use grinta_proto::node::{DEFAULT_MAX_PACKET_SIZE, NodeConfig};
-use grinta_proto::tls::dev::DevCa;
+use grinta_tokio::{DevCa, Fabric, Profile};
 
 const ENDPOINTS: usize = 15;
 const MESSAGES_EACH: usize = 20;
@@ -18,21 +15,16 @@ const MESSAGES_EACH: usize = 20;
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ca = DevCa::new()?;
-    let addrs = [
-        UdpSocket::bind("127.0.0.1:0")?.local_addr()?,
-        UdpSocket::bind("127.0.0.1:0")?.local_addr()?,
-        UdpSocket::bind("127.0.0.1:0")?.local_addr()?,
-    ];
-    let mut fabrics = Vec::new();
-    for (i, addr) in addrs.iter().enumerate() {
-        let name = format!("node-{i}");
-        let mut c = NodeConfig::new(&name, *addr, ca.issue(&name)?);
-        c.membership = Config::local();
-        c.membership.max_packet_size = DEFAULT_MAX_PACKET_SIZE;
-        if i > 0 {
-            c.seeds = vec![addrs[0]];
+    let mut fabrics: Vec<Fabric> = Vec::new();
+    for i in 0..3 {
+        // 127.0.0.1 on a free port (the builder's default); nodes 1 and 2 join through node 0.
+        let mut builder = Fabric::builder(&format!("node-{i}"))
+            .dev_certificates(&ca)
+            .profile(Profile::Local);
+        if let Some(first) = fabrics.first() {
+            builder = builder.seed(first.local_addr());
         }
-        fabrics.push(grinta_tokio::start(c)?);
+        fabrics.push(builder.start()?);
     }
     let received = Arc::new(AtomicUsize::new(0));
     for e in 0..ENDPOINTS {

@@ -6,22 +6,19 @@
 //!   `cargo run -p grinta-tokio --example hello-world -- server 127.0.0.1:7700`
 //!   `cargo run -p grinta-tokio --example hello-world -- client 127.0.0.1:7701 127.0.0.1:7700`
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use grinta_proto::membership::Config;
-use grinta_proto::node::{DEFAULT_MAX_PACKET_SIZE, NodeConfig};
-use grinta_proto::tls::TlsConfig;
-use grinta_proto::tls::dev::DevCa;
-use grinta_tokio::Fabric;
+use grinta_tokio::{DevCa, Fabric, FabricBuilder, Profile, TlsConfig};
 
-fn config(name: &str, bind: SocketAddr, tls: TlsConfig, seeds: Vec<SocketAddr>) -> NodeConfig {
-    let mut c = NodeConfig::new(name, bind, tls);
-    c.membership = Config::local();
-    c.membership.max_packet_size = DEFAULT_MAX_PACKET_SIZE;
-    c.seeds = seeds;
-    c
+/// A node named `name` on `bind`, joining through `seeds`, with the loopback profile.
+fn node(name: &str, bind: SocketAddr, tls: TlsConfig, seeds: &[SocketAddr]) -> FabricBuilder {
+    Fabric::builder(name)
+        .bind(bind)
+        .tls(tls)
+        .profile(Profile::Local)
+        .seeds(seeds.iter().copied())
 }
 
 /// Certificates shared by the two processes: made once into `certs/`.
@@ -70,25 +67,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     match args.first().map(String::as_str) {
         Some("server") => {
             let bind: SocketAddr = args.get(1).ok_or("server BIND")?.parse()?;
-            let fabric =
-                grinta_tokio::start(config("server", bind, shared_tls("server")?, vec![]))?;
+            let fabric = node("server", bind, shared_tls("server")?, &[]).start()?;
             serve(&fabric).await?;
             fabric.shutdown().await;
         }
         Some("client") => {
             let bind: SocketAddr = args.get(1).ok_or("client BIND SEED")?.parse()?;
             let seed: SocketAddr = args.get(2).ok_or("client BIND SEED")?.parse()?;
-            let fabric =
-                grinta_tokio::start(config("client", bind, shared_tls("client")?, vec![seed]))?;
+            let fabric = node("client", bind, shared_tls("client")?, &[seed]).start()?;
             greet(&fabric).await?;
             fabric.shutdown().await;
         }
         _ => {
             let ca = DevCa::new()?;
-            let a = UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
-            let b = UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
-            let server = grinta_tokio::start(config("server", a, ca.issue("server")?, vec![]))?;
-            let client = grinta_tokio::start(config("client", b, ca.issue("client")?, vec![a]))?;
+            // Port 0: each node binds a free port; the client joins through the server's.
+            let any: SocketAddr = "127.0.0.1:0".parse()?;
+            let server = node("server", any, ca.issue("server")?, &[]).start()?;
+            let client =
+                node("client", any, ca.issue("client")?, &[server.local_addr()]).start()?;
             let s = server.clone();
             let serving = tokio::spawn(async move { serve(&s).await.map_err(|e| e.to_string()) });
             greet(&client).await?;

@@ -159,12 +159,6 @@ impl Runtime for Tokio {
 
 grinta_proto::runtime_aliases!(Tokio);
 
-/// Starts a node on the current tokio runtime: binds its socket, spawns its driver and joins the
-/// configured seeds. Must be called from within a tokio runtime.
-pub fn start(config: NodeConfig) -> Result<Fabric, Error> {
-    Fabric::start(config)
-}
-
 /// The README's example, compiled as a doctest so that it stays true.
 #[doc = include_str!("../../README.md")]
 #[cfg(doctest)]

@@ -250,7 +250,6 @@ fn fuzz_node(name: &str, port: u16, tls: &TlsConfig, now: Instant) -> Node {
     config.crypto_provider = provider(port);
     config.time_provider = Arc::new(FixedClock::default());
     config.membership = grinta_proto::membership::Config::local();
-    config.membership.max_packet_size = grinta_proto::node::DEFAULT_MAX_PACKET_SIZE;
     Node::new(config, u64::from(port), now).expect("valid fuzz configuration")
 }
 

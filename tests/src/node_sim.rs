@@ -218,9 +218,7 @@ impl Cluster<SimulatedNode> {
     }
 }
 
-/// The membership settings whole-node simulations use: LAN defaults with the node packet budget.
+/// The membership settings whole-node simulations use: the LAN profile, as a node runs it.
 pub fn node_membership_config() -> Config {
-    let mut c = Config::lan();
-    c.max_packet_size = grinta_proto::node::DEFAULT_MAX_PACKET_SIZE;
-    c
+    Config::lan()
 }

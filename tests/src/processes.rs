@@ -12,9 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use grinta_proto::fabric::{Fabric, Runtime};
-use grinta_proto::membership::{self, Config};
-use grinta_proto::node::{DEFAULT_MAX_PACKET_SIZE, NodeConfig};
+use grinta_proto::fabric::{Fabric, Profile, Runtime};
+use grinta_proto::membership;
 use grinta_proto::tls::TlsConfig;
 use grinta_proto::tls::dev::DevCa;
 
@@ -183,11 +182,13 @@ pub async fn node_process<R: Runtime>(me: NodeRole) {
     )
     .expect("PEM files");
     let own = me.addrs[me.role];
-    let mut config = NodeConfig::new(&name, own, tls);
-    config.membership = Config::local();
-    config.membership.max_packet_size = DEFAULT_MAX_PACKET_SIZE;
-    config.seeds = me.addrs.iter().copied().filter(|a| *a != own).collect();
-    let fabric = Fabric::<R>::start(config).expect("node starts");
+    let fabric = Fabric::<R>::builder(&name)
+        .bind(own)
+        .tls(tls)
+        .profile(Profile::Local)
+        .seeds(me.addrs.iter().copied().filter(|a| *a != own))
+        .start()
+        .expect("node starts");
     if me.role == 2 {
         let echo = fabric.endpoint("echo").expect("endpoint");
         while let Ok(mut flow) = echo.accept().await {

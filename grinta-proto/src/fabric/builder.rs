@@ -5,7 +5,7 @@ use std::path::Path;
 
 use crate::flow::FlowLimits;
 use crate::membership;
-use crate::node::{DEFAULT_MAX_PACKET_SIZE, NodeConfig, NodeError};
+use crate::node::{NodeConfig, NodeError};
 use crate::registry::RegistryLimits;
 use crate::tls::TlsConfig;
 use crate::transport::TransportLimits;
@@ -25,14 +25,13 @@ pub enum Profile {
 }
 
 impl Profile {
-    fn membership(self) -> membership::Config {
-        let mut config = match self {
+    /// The membership settings of this profile.
+    pub fn membership(self) -> membership::Config {
+        match self {
             Self::Lan => membership::Config::lan(),
             Self::Wan => membership::Config::wan(),
             Self::Local => membership::Config::local(),
-        };
-        config.max_packet_size = DEFAULT_MAX_PACKET_SIZE;
-        config
+        }
     }
 }
 
@@ -215,10 +214,6 @@ impl<R: Runtime> FabricBuilder<R> {
     /// Binds the socket, starts the node and its driver, and joins the seeds.
     pub fn start(self) -> Result<Fabric<R>, Error> {
         let seed = self.rng_seed;
-        let config = self.config()?;
-        match seed {
-            Some(seed) => Fabric::start_with_seed(config, seed),
-            None => Fabric::start(config),
-        }
+        Fabric::start(self.config()?, seed)
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! This module holds no runtime: it uses `std::task` only. An adapter (`grinta-tokio`,
 //! `grinta-async-std`) implements [`Runtime`] (a UDP socket, a timer, a clock and a way to spawn)
-//! and calls [`Fabric::start`]. One driver task per node owns the socket; it feeds received
+//! and calls [`FabricBuilder::start`]. One driver task per node owns the socket; it feeds received
 //! datagrams and timeouts to the [`Node`], sends what it produces, and wakes the tasks waiting on
 //! flows and endpoints. API calls lock the node, act, and wake the driver, except the data path
 //! of an open remote flow: its messages pass through a mailbox of the flow's own, which the driver
@@ -546,21 +546,20 @@ impl<R: Runtime> Fabric<R> {
         FabricBuilder::new(name)
     }
 
-    /// Like [`start_with_seed`](Self::start_with_seed), with a fresh seed for the protocol's
-    /// randomness (it need not be secret: cryptographic randomness comes from the TLS provider).
-    pub fn start(config: NodeConfig) -> Result<Self, Error> {
-        use std::hash::{BuildHasher, Hasher};
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u32(std::process::id());
-        Self::start_with_seed(config, h.finish())
-    }
-
     /// Binds the socket, starts the node and spawns its driver; joins the configured seeds. `seed`
-    /// drives the protocol's randomness (probe order, gossip targets).
+    /// drives the protocol's randomness (probe order, gossip targets); `None` takes a fresh one
+    /// (it need not be secret: cryptographic randomness comes from the TLS provider). The one
+    /// way in is [`FabricBuilder::start`].
     ///
     /// Binding port 0 picks a free port; with no `advertise` address the node then advertises the
     /// bound address (which must not be a wildcard IP).
-    pub fn start_with_seed(mut config: NodeConfig, seed: u64) -> Result<Self, Error> {
+    pub(crate) fn start(mut config: NodeConfig, seed: Option<u64>) -> Result<Self, Error> {
+        let seed = seed.unwrap_or_else(|| {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u32(std::process::id());
+            h.finish()
+        });
         let socket = R::bind(config.bind).map_err(|source| Error::Bind {
             addr: config.bind,
             source,

@@ -53,7 +53,9 @@ pub struct Config {
     pub join_retry_max: Duration,
     /// Longest a graceful leave waits for its announcement to spread.
     pub leave_timeout: Duration,
-    /// Largest datagram the membership may send; the transport sets it to what the connection allows.
+    /// Largest datagram the membership may send. A node fits it to what one QUIC DATAGRAM frame
+    /// carries (`node::MEMBERSHIP_PACKET_BUDGET`, 1100 bytes), so every profile is valid for a node
+    /// as given; a smaller value is kept.
     pub max_packet_size: usize,
     /// Largest push-pull message accepted or sent, in bytes.
     pub max_push_pull_size: usize,
@@ -88,7 +90,7 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Defaults for a local-area network (memberlist's LAN figures).
+    /// Defaults for a local-area network: probes every second, a crash detected in about 5 to 10 s.
     pub fn lan() -> Self {
         Self {
             probe_interval: Duration::from_secs(1),
