@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
+use tracing::debug;
 
 use bytes::{Bytes, BytesMut};
 use hashbrown::HashMap;
@@ -396,6 +397,8 @@ struct Flow {
     bytes_sent: u64,
     messages_received: u64,
     bytes_received: u64,
+    /// `flow{id, endpoint, peer}`, inside the node's span: the flow's events are logged in it.
+    span: tracing::Span,
 }
 
 /// Messages up to this size are copied into the flow's batch buffer; larger ones are handed to
@@ -698,6 +701,16 @@ impl Flows {
     ) -> FlowId {
         let id = FlowId(self.next_id);
         self.next_id += 1;
+        let span = tracing::debug_span!(
+            "flow",
+            id = id.0,
+            endpoint = tracing::field::Empty,
+            peer = tracing::field::Empty
+        );
+        if !endpoint.is_empty() {
+            span.record("endpoint", tracing::field::display(endpoint));
+            span.record("peer", tracing::field::display(peer));
+        }
         self.flows.insert(
             id,
             Flow {
@@ -722,6 +735,7 @@ impl Flows {
                 bytes_sent: 0,
                 messages_received: 0,
                 bytes_received: 0,
+                span,
             },
         );
         id
@@ -736,11 +750,15 @@ impl Flows {
         peer: &str,
         addr: std::net::SocketAddr,
     ) -> Result<FlowId, FlowError> {
+        let refused = |error: FlowError| {
+            debug!(endpoint, peer, %error, "dial refused here");
+            Err(error)
+        };
         if self.shutting_down {
-            return Err(FlowError::ShuttingDown);
+            return refused(FlowError::ShuttingDown);
         }
         if self.flows.len() >= self.limits.max_flows {
-            return Err(FlowError::LimitReached {
+            return refused(FlowError::LimitReached {
                 what: "max_flows",
                 limit: self.limits.max_flows,
             });
@@ -751,13 +769,13 @@ impl Flows {
             .filter(|f| matches!(f.phase, Phase::Dialing { .. }))
             .count();
         if pending >= self.limits.max_pending_dials {
-            return Err(FlowError::LimitReached {
+            return refused(FlowError::LimitReached {
                 what: "max_pending_dials",
                 limit: self.limits.max_pending_dials,
             });
         }
         if self.flows_with(peer) >= self.limits.max_flows_per_peer {
-            return Err(FlowError::LimitReached {
+            return refused(FlowError::LimitReached {
                 what: "max_flows_per_peer",
                 limit: self.limits.max_flows_per_peer,
             });
@@ -765,6 +783,9 @@ impl Flows {
         let deadline = now + self.limits.dial_timeout;
         let parser = FlowStreamParser::for_dialler(self.limits.max_message_size);
         let id = self.new_flow(endpoint, peer, Phase::Dialing { deadline }, parser);
+        if let Some(flow) = self.flows.get(&id) {
+            debug!(parent: &flow.span, "dialling");
+        }
         transport.open_flow_stream(now, peer, addr, id.0);
         Ok(id)
     }
@@ -803,6 +824,7 @@ impl Flows {
             let error = FlowError::ConnectionLost {
                 peer: flow.peer.clone(),
             };
+            debug!(parent: &flow.span, %error, "dial failed: no connection");
             let endpoint = flow.endpoint.clone();
             self.end(id, Err(error.clone()));
             self.events.push_back(FlowEvent::DialFailed {
@@ -821,6 +843,10 @@ impl Flows {
         stream: StreamId,
     ) {
         if self.flows.len() >= self.limits.max_flows {
+            debug!(
+                limit = self.limits.max_flows,
+                "incoming flow refused: max_flows reached"
+            );
             transport.abort_stream(conn, stream, StreamErrorCode::ShuttingDown as u64);
             return;
         }
@@ -957,6 +983,7 @@ impl Flows {
                     Some(wire::flow_response::Result::Accept(accept)) => {
                         flow.phase = Phase::Open;
                         flow.peer_max_message = accept.max_message_size;
+                        debug!(parent: &flow.span, "flow open");
                         self.events.push_back(FlowEvent::Opened {
                             flow: id,
                             endpoint: flow.endpoint.clone(),
@@ -970,6 +997,7 @@ impl Flows {
                             detail: reject.detail,
                         };
                         let endpoint = flow.endpoint.clone();
+                        debug!(parent: &flow.span, %error, "dial refused by the owner");
                         self.forget(transport, id);
                         self.remember(id, Err(error.clone()));
                         self.events.push_back(FlowEvent::DialFailed {
@@ -1011,6 +1039,10 @@ impl Flows {
                     let flow = self.flows.get_mut(&id).ok_or(FlowError::UnknownFlow)?;
                     flow.endpoint = open.endpoint.clone();
                     flow.peer = open.source_node.clone();
+                    flow.span
+                        .record("endpoint", tracing::field::display(&flow.endpoint));
+                    flow.span
+                        .record("peer", tracing::field::display(&flow.peer));
                     let response = match refusal {
                         Some(reason) => wire::flow_response::Result::Reject(wire::FlowReject {
                             reason: reason.to_wire() as i32,
@@ -1020,7 +1052,8 @@ impl Flows {
                             max_message_size: self.limits.max_message_size as u64,
                         }),
                     };
-                    if refusal.is_some() {
+                    if let Some(reason) = refusal {
+                        debug!(parent: &flow.span, ?reason, "incoming flow refused");
                         // The refusal is the stream's last message; the flow never existed for
                         // the application, so it leaves no trace here.
                         let mut answer = Vec::new();
@@ -1044,6 +1077,7 @@ impl Flows {
                     flow.held = true;
                     flow.awaiting_accept = true;
                     transport.hold_conn(now, conn);
+                    debug!(parent: &flow.span, "incoming flow queued for accept");
                     let (endpoint, peer) = (flow.endpoint.clone(), flow.peer.clone());
                     self.flush(transport, id);
                     self.backlogs
@@ -1496,6 +1530,9 @@ impl Flows {
             f.fin_sent && f.remote_finished && f.recv_queue.is_empty() && f.send_queue.is_empty()
         });
         if done {
+            if let Some(flow) = self.flows.get(&id) {
+                debug!(parent: &flow.span, "flow finished both ways");
+            }
             self.forget(transport, id);
             self.remember(id, Ok(()));
         }
@@ -1528,6 +1565,7 @@ impl Flows {
             return;
         };
         let (phase, endpoint, stream) = (flow.phase, flow.endpoint.clone(), flow.stream);
+        debug!(parent: &flow.span, %error, ?reset, "flow ended");
         if let (Some(code), Some((conn, stream))) = (reset, stream) {
             transport.abort_stream(conn, stream, code.to_quic());
         }
@@ -1550,7 +1588,9 @@ impl Flows {
     }
 
     fn end(&mut self, id: FlowId, result: Result<(), FlowError>) {
-        self.flows.remove(&id);
+        if let Some(flow) = self.flows.remove(&id) {
+            debug!(parent: &flow.span, ?result, "flow ended");
+        }
         self.remember(id, result);
     }
 

@@ -280,12 +280,16 @@ pub struct Node {
     undecodable: u64,
     /// An input recorded state that [`poll_transmit`](Node::poll_transmit) has not processed yet.
     work_pending: bool,
+    /// `node{name}`: every event the node logs is inside it.
+    span: tracing::Span,
 }
 
 impl Node {
     /// Creates a node; it knows nobody until it [`join`](Self::join)s or is contacted.
     pub fn new(config: NodeConfig, seed: u64, now: Instant) -> Result<Self, NodeError> {
         config.validate()?;
+        let span = tracing::info_span!("node", name = %config.name);
+        let _entered = span.clone().entered();
         let transport = Transport::new(
             &config.name,
             &config.tls,
@@ -314,7 +318,14 @@ impl Node {
             events: VecDeque::new(),
             undecodable: 0,
             work_pending: false,
+            span,
         })
+    }
+
+    /// The node's span, `node{name}`: the node enters it whenever it does work, so every event
+    /// it logs carries its name; a driver can run its own code inside it too.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
     }
 
     /// This node's name.
@@ -344,6 +355,7 @@ impl Node {
         name: &str,
         kind: EndpointKind,
     ) -> Result<(), RegistryError> {
+        let _span = self.span.clone().entered();
         let record = self.registry.register(name, kind, now)?;
         self.announce(&record);
         self.work_pending = true;
@@ -353,6 +365,7 @@ impl Node {
     /// Unregisters endpoint `name` and announces it (the record becomes a tombstone). Flows
     /// waiting in its accept backlog are reset; accepted flows carry on.
     pub fn unregister_endpoint(&mut self, now: Instant, name: &str) -> Result<(), RegistryError> {
+        let _span = self.span.clone().entered();
         let record = self.registry.unregister(name, now)?;
         self.flows
             .on_endpoint_closed(&mut self.transport, name, ResetCode::EndpointClosed);
@@ -406,6 +419,7 @@ impl Node {
     /// [`FlowEvent::Opened`], or fails with [`FlowEvent::DialFailed`]. An endpoint served by this
     /// node is connected in-process by the adapters: here it is [`FlowError::LocalEndpoint`].
     pub fn dial(&mut self, now: Instant, endpoint: &str) -> Result<FlowId, FlowError> {
+        let _span = self.span.clone().entered();
         let node = match self.resolve(endpoint)? {
             Target::Local => {
                 return Err(FlowError::LocalEndpoint {
@@ -430,6 +444,7 @@ impl Node {
 
     /// Takes the next flow waiting in the accept backlog of local endpoint `endpoint`.
     pub fn accept(&mut self, now: Instant, endpoint: &str) -> Option<FlowId> {
+        let _span = self.span.clone().entered();
         self.work_pending = true;
         self.flows
             .accept(now, &mut self.transport, &self.registry, endpoint)
@@ -536,6 +551,7 @@ impl Node {
 
     /// Finishes the sending side: everything sent is delivered, then the other side sees the end.
     pub fn finish(&mut self, flow: FlowId) -> Result<(), FlowError> {
+        let _span = self.span.clone().entered();
         let r = self.flows.finish(&mut self.transport, flow);
         self.work_pending = true;
         r
@@ -543,6 +559,7 @@ impl Node {
 
     /// Aborts a flow both ways; the other side sees `ResetCode::Application(code)`.
     pub fn reset(&mut self, flow: FlowId, code: u32) -> Result<(), FlowError> {
+        let _span = self.span.clone().entered();
         let r = self
             .flows
             .reset(&mut self.transport, flow, ResetCode::Application(code));
@@ -553,6 +570,7 @@ impl Node {
     /// Aborts a flow the application dropped without finishing it: the other side sees
     /// `ResetCode::Dropped`.
     pub fn drop_flow(&mut self, flow: FlowId) {
+        let _span = self.span.clone().entered();
         let _ = self
             .flows
             .reset(&mut self.transport, flow, ResetCode::Dropped);
@@ -563,6 +581,7 @@ impl Node {
     /// delivered, what still arrives is read and discarded, and the flow ends when the peer
     /// finishes.
     pub fn release_flow(&mut self, now: Instant, flow: FlowId) {
+        let _span = self.span.clone().entered();
         self.flows
             .release(now, &mut self.transport, &self.registry, flow);
         self.work_pending = true;
@@ -632,6 +651,7 @@ impl Node {
     /// Reacts to membership news in the directory, then passes the event on.
     fn handle_membership_event(&mut self, now: Instant, event: membership::Event) {
         use membership::Event as M;
+        log_membership_event(&event);
         match &event {
             M::LeaveComplete => self.transport.close_all(now),
             M::MemberDead { name, incarnation } | M::MemberLeft { name, incarnation } => {
@@ -677,6 +697,7 @@ impl Node {
 
     /// Joins the cluster through the configured seeds plus `extra_seeds`.
     pub fn join(&mut self, now: Instant, extra_seeds: &[SocketAddr]) {
+        let _span = self.span.clone().entered();
         let mut seeds = self.seeds.clone();
         seeds.extend_from_slice(extra_seeds);
         self.membership.join(now, &seeds);
@@ -688,6 +709,7 @@ impl Node {
     /// tombstone spreads at once) and its accept backlog reset; open flows carry on. Then
     /// [`leave`](Self::leave) once they ended or a grace period passed.
     pub fn stop_accepting(&mut self, now: Instant) {
+        let _span = self.span.clone().entered();
         self.flows.stop_accepting();
         let local: Vec<String> = self
             .registry
@@ -705,6 +727,7 @@ impl Node {
     /// Leaves the cluster gracefully; connections close once the announcement has spread
     /// ([`membership::Event::LeaveComplete`]).
     pub fn leave(&mut self, now: Instant) {
+        let _span = self.span.clone().entered();
         self.flows.shut_down(&mut self.transport);
         self.membership.leave(now);
         self.work_pending = true;
@@ -755,6 +778,7 @@ impl Node {
 
     /// Runs every timer due at `now`; spurious calls are harmless.
     pub fn handle_timeout(&mut self, now: Instant) {
+        let _span = self.span.clone().entered();
         self.transport.handle_timeout(now);
         self.flows.handle_timeout(now, &mut self.transport);
         if self.registry.poll_timeout().is_some_and(|t| t <= now) {
@@ -780,6 +804,7 @@ impl Node {
             return None;
         }
         self.work_pending = false;
+        let _span = self.span.clone().entered();
         self.pump(now);
         self.transport.poll_transmit()
     }
@@ -831,6 +856,7 @@ impl Node {
             while let Some(event) = self.registry.poll_event() {
                 progressed = true;
                 if let RegistryEvent::NameConflict { name, .. } = &event {
+                    debug!(endpoint = %name, "endpoint lost to a name conflict");
                     self.flows.on_endpoint_closed(
                         &mut self.transport,
                         name,
@@ -980,6 +1006,34 @@ impl Node {
                 });
             }
         }
+    }
+}
+
+/// One debug event per member state change (application payloads only at trace level).
+fn log_membership_event(event: &membership::Event) {
+    use membership::Event as M;
+    match event {
+        M::Joined => debug!("joined the cluster"),
+        M::MemberJoined(m) => {
+            debug!(member = %m.name, addr = %m.addr, incarnation = m.incarnation, "member joined")
+        }
+        M::MemberAlive(m) => {
+            debug!(member = %m.name, incarnation = m.incarnation, "member alive again")
+        }
+        M::MemberUpdated(m) => {
+            debug!(member = %m.name, addr = %m.addr, incarnation = m.incarnation, "member updated")
+        }
+        M::MemberSuspect { name, incarnation } => {
+            debug!(member = %name, incarnation, "member suspected")
+        }
+        M::MemberDead { name, incarnation } => {
+            debug!(member = %name, incarnation, "member declared dead")
+        }
+        M::MemberLeft { name, incarnation } => debug!(member = %name, incarnation, "member left"),
+        M::Refuted { incarnation } => debug!(incarnation, "refuted a suspicion of this node"),
+        M::LeaveComplete => debug!("leave announced: closing connections"),
+        M::AppBroadcast { key, .. } => trace!(?key, "directory gossip"),
+        M::AppState { .. } => trace!("directory state from a push-pull"),
     }
 }
 

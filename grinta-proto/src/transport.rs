@@ -33,7 +33,7 @@ use rand_chacha::ChaCha8Rng;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::CertificateDer;
 use rustls::time_provider::TimeProvider;
-use tracing::{debug, trace};
+use tracing::debug;
 
 use crate::tls::{self, NodeTls};
 use crate::wire::framing::{self, FrameDecoder};
@@ -1172,6 +1172,16 @@ impl Transport {
                     || self.handshaking >= self.limits.max_handshaking
                 {
                     self.stats.connections_refused += 1;
+                    // Logged at 1, 2, 4, 8, ... refusals: a flood cannot flood the log.
+                    if self.stats.connections_refused.is_power_of_two() {
+                        debug!(
+                            %from,
+                            refused = self.stats.connections_refused,
+                            connections = self.conns.len(),
+                            handshaking = self.handshaking,
+                            "incoming connection refused: connection or handshake limit reached"
+                        );
+                    }
                     let t = self.endpoint.refuse(incoming, &mut buf);
                     self.queue_quinn_transmit(&t, &buf);
                 } else if self.handshaking >= self.limits.retry_above_handshaking
@@ -1183,6 +1193,13 @@ impl Transport {
                     match self.endpoint.retry(incoming, &mut buf) {
                         Ok(t) => {
                             self.stats.retries_sent += 1;
+                            if self.stats.retries_sent.is_power_of_two() {
+                                debug!(
+                                    retries = self.stats.retries_sent,
+                                    handshaking = self.handshaking,
+                                    "under handshake load: asking new sources to prove their address (QUIC Retry)"
+                                );
+                            }
                             self.queue_quinn_transmit(&t, &buf);
                         }
                         Err(e) => {
@@ -1607,7 +1624,7 @@ impl Transport {
                     self.handshaking = self.handshaking.saturating_sub(1);
                 }
                 c.established = true;
-                trace!(peer = ?c.peer, addr = %c.addr, "connected");
+                debug!(peer = ?c.peer, addr = %c.addr, dialled = c.dialled, "connection established");
                 while let Some(d) = c.queued_datagrams.pop_front() {
                     if c.conn.datagrams().send(d, true).is_err() {
                         self.stats.datagrams_dropped += 1;

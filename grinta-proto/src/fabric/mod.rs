@@ -525,7 +525,8 @@ impl<R: Runtime> Drop for Fabric<R> {
             // The last handle: nobody can use the node any more.
             let mut inner = self.shared.lock();
             if !inner.shutdown {
-                debug!("last handle dropped: the node stops");
+                let span = inner.node.span().clone();
+                span.in_scope(|| debug!("last handle dropped: the node stops"));
             }
             inner.abandon();
         }
@@ -604,7 +605,12 @@ impl<R: Runtime> Fabric<R> {
             handles: AtomicUsize::new(1),
             local_addr,
         });
-        R::spawn(Box::pin(Driver::<R>::new(shared.clone(), socket)));
+        // The driver runs inside the node's span, so what it logs carries the node's name.
+        let span = shared.lock().node.span().clone();
+        R::spawn(Box::pin(tracing::Instrument::instrument(
+            Driver::<R>::new(shared.clone(), socket),
+            span,
+        )));
         Ok(Self {
             shared,
             member_cursor: AtomicU64::new(0),

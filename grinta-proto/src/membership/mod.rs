@@ -1366,7 +1366,6 @@ impl Membership {
                 self.probe_cursor += 1;
             }
             self.failed.retain(|f| f.name != a.node);
-            debug!(member = %a.node, "member joined");
             self.events.push_back(Event::MemberJoined(member));
             self.queue_member_broadcast(a.node.clone(), wire::broadcast::Kind::Alive(a));
             return;
@@ -1533,7 +1532,6 @@ impl Membership {
             });
             self.remember_failed(name.clone(), addr);
         }
-        debug!(member = %name, left, "member gone");
         self.queue_member_broadcast(name.clone(), wire::broadcast::Kind::Dead(d));
     }
 

@@ -312,9 +312,16 @@ pub struct Registry {
     outbox: VecDeque<Record>,
     /// Names whose local claim lost a conflict (until registered again).
     lost: BTreeSet<String>,
+    /// Records from peers dropped because the directory held `max_records`.
+    records_refused: u64,
 }
 
 impl Registry {
+    /// Records from peers dropped because the directory already held `max_records`.
+    pub fn records_refused(&self) -> u64 {
+        self.records_refused
+    }
+
     /// An empty directory for node `local`.
     pub fn new(local: &str, limits: RegistryLimits) -> Self {
         Self {
@@ -325,6 +332,7 @@ impl Registry {
             records: BTreeMap::new(),
             gone: HashMap::new(),
             gone_by_age: BTreeSet::new(),
+            records_refused: 0,
             events: VecDeque::new(),
             outbox: VecDeque::new(),
             lost: BTreeSet::new(),
@@ -442,6 +450,10 @@ impl Registry {
             .filter(|e| e.record.owner == self.local && e.record.claimed)
             .count();
         if local >= self.limits.max_local_endpoints {
+            tracing::debug!(
+                endpoint = name,
+                "endpoint refused: max_local_endpoints reached"
+            );
             return Err(RegistryError::LimitReached {
                 what: "max_local_endpoints",
                 limit: self.limits.max_local_endpoints,
@@ -449,6 +461,7 @@ impl Registry {
         }
         let key = (name.to_owned(), self.local.clone());
         if !self.records.contains_key(&key) && self.records.len() >= self.limits.max_records {
+            tracing::debug!(endpoint = name, "endpoint refused: max_records reached");
             return Err(RegistryError::LimitReached {
                 what: "max_records",
                 limit: self.limits.max_records,
@@ -549,7 +562,18 @@ impl Registry {
         let key = (record.name.clone(), record.owner.clone());
         match self.records.get(&key) {
             Some(existing) if !record.supersedes(&existing.record) => false,
-            None if self.records.len() >= self.limits.max_records => false,
+            None if self.records.len() >= self.limits.max_records => {
+                self.records_refused += 1;
+                // Logged at 1, 2, 4, 8, ... refusals: a flood cannot flood the log.
+                if self.records_refused.is_power_of_two() {
+                    tracing::debug!(
+                        refused = self.records_refused,
+                        limit = self.limits.max_records,
+                        "endpoint record from a peer dropped: max_records reached"
+                    );
+                }
+                false
+            }
             _ => {
                 self.apply(record, now);
                 true
