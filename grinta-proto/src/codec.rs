@@ -16,27 +16,85 @@
 //! ```
 
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 /// A message that could not be encoded or decoded as the expected type.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("cannot {action} a {type_name} message: {reason}")]
+///
+/// A codec of your own makes one with [`CodecError::encode`] or [`CodecError::decode`]:
+///
+/// ```
+/// use bytes::Bytes;
+/// use grinta_proto::codec::{Codec, CodecAction, CodecError};
+///
+/// struct Text;
+///
+/// impl Codec<String> for Text {
+///     fn encode(&self, value: &String) -> Result<Bytes, CodecError> {
+///         Ok(Bytes::from(value.clone()))
+///     }
+///
+///     fn decode(&self, message: Bytes) -> Result<String, CodecError> {
+///         String::from_utf8(message.to_vec()).map_err(CodecError::decode::<String>)
+///     }
+/// }
+///
+/// let err = Text.decode(Bytes::from_static(&[0xff])).unwrap_err();
+/// assert_eq!(err.action, CodecAction::Decode);
+/// assert_eq!(err.type_name, "alloc::string::String");
+/// ```
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("cannot {action} a message as {type_name}: {source}")]
+#[non_exhaustive]
 pub struct CodecError {
-    /// "encode" or "decode".
-    pub action: &'static str,
+    /// Encoding or decoding.
+    pub action: CodecAction,
     /// The expected type.
     pub type_name: &'static str,
     /// What went wrong.
-    pub reason: String,
+    #[source]
+    pub source: Arc<dyn std::error::Error + Send + Sync>,
+}
+
+/// What a [`CodecError`] failed to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CodecAction {
+    /// Turning a value into a message.
+    Encode,
+    /// Turning a message into a value.
+    Decode,
+}
+
+impl std::fmt::Display for CodecAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Encode => "encode",
+            Self::Decode => "decode",
+        })
+    }
 }
 
 impl CodecError {
-    fn decode<T>(reason: impl ToString) -> Self {
+    /// A value of `T` could not be encoded, because of `source` (an error or a message).
+    pub fn encode<T: ?Sized>(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::new::<T>(CodecAction::Encode, source.into())
+    }
+
+    /// A message is not a value of `T`, because of `source` (an error or a message).
+    pub fn decode<T: ?Sized>(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::new::<T>(CodecAction::Decode, source.into())
+    }
+
+    fn new<T: ?Sized>(
+        action: CodecAction,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    ) -> Self {
         Self {
-            action: "decode",
+            action,
             type_name: std::any::type_name::<T>(),
-            reason: reason.to_string(),
+            source: Arc::from(source),
         }
     }
 }
@@ -53,6 +111,13 @@ pub trait Codec<T>: Send + Sync {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BytesCodec;
 
+impl BytesCodec {
+    /// The codec (a unit value: `BytesCodec` itself works too).
+    pub const fn new() -> Self {
+        Self
+    }
+}
+
 impl Codec<Bytes> for BytesCodec {
     fn encode(&self, value: &Bytes) -> Result<Bytes, CodecError> {
         Ok(value.clone())
@@ -64,12 +129,42 @@ impl Codec<Bytes> for BytesCodec {
 }
 
 /// Protobuf messages, with prost.
-#[derive(Debug)]
+///
+/// ```
+/// use grinta_proto::codec::{Codec, ProstCodec};
+/// use grinta_proto::wire::Ack;
+///
+/// let codec = ProstCodec::<Ack>::new();
+/// let bytes = codec.encode(&Ack { seq_no: 7 })?;
+/// assert_eq!(codec.decode(bytes)?, Ack { seq_no: 7 });
+/// # Ok::<(), grinta_proto::codec::CodecError>(())
+/// ```
 pub struct ProstCodec<M>(PhantomData<fn() -> M>);
+
+impl<M> ProstCodec<M> {
+    /// The codec for messages of type `M`.
+    pub const fn new() -> Self {
+        Self(PhantomData)
+    }
+}
 
 impl<M> Default for ProstCodec<M> {
     fn default() -> Self {
-        Self(PhantomData)
+        Self::new()
+    }
+}
+
+impl<M> Clone for ProstCodec<M> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<M> Copy for ProstCodec<M> {}
+
+impl<M> std::fmt::Debug for ProstCodec<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ProstCodec<{}>", std::any::type_name::<M>())
     }
 }
 
@@ -85,13 +180,37 @@ impl<M: prost::Message + Default> Codec<M> for ProstCodec<M> {
 
 /// JSON, with serde (feature `json`).
 #[cfg(feature = "json")]
-#[derive(Debug)]
 pub struct JsonCodec<T>(PhantomData<fn() -> T>);
+
+#[cfg(feature = "json")]
+impl<T> JsonCodec<T> {
+    /// The codec for values of type `T`.
+    pub const fn new() -> Self {
+        Self(PhantomData)
+    }
+}
 
 #[cfg(feature = "json")]
 impl<T> Default for JsonCodec<T> {
     fn default() -> Self {
-        Self(PhantomData)
+        Self::new()
+    }
+}
+
+#[cfg(feature = "json")]
+impl<T> Clone for JsonCodec<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+#[cfg(feature = "json")]
+impl<T> Copy for JsonCodec<T> {}
+
+#[cfg(feature = "json")]
+impl<T> std::fmt::Debug for JsonCodec<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "JsonCodec<{}>", std::any::type_name::<T>())
     }
 }
 
@@ -100,11 +219,7 @@ impl<T: serde::Serialize + serde::de::DeserializeOwned> Codec<T> for JsonCodec<T
     fn encode(&self, value: &T) -> Result<Bytes, CodecError> {
         serde_json::to_vec(value)
             .map(Bytes::from)
-            .map_err(|e| CodecError {
-                action: "encode",
-                type_name: std::any::type_name::<T>(),
-                reason: e.to_string(),
-            })
+            .map_err(CodecError::encode::<T>)
     }
 
     fn decode(&self, message: Bytes) -> Result<T, CodecError> {
@@ -123,7 +238,7 @@ mod tests {
         let err = codec
             .decode(Bytes::from_static(&[0xff, 0xff, 0xff]))
             .unwrap_err();
-        assert_eq!(err.action, "decode");
+        assert_eq!(err.action, CodecAction::Decode);
         assert!(err.type_name.ends_with("FlowOpen"), "{err}");
         assert!(err.to_string().starts_with("cannot decode a "));
     }

@@ -84,6 +84,7 @@ impl Default for FlowLimits {
 
 /// Why the owner refused a dial.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RejectReason {
     /// The owner has no endpoint of that name (any more).
     NoSuchEndpoint,
@@ -131,6 +132,7 @@ impl RejectReason {
 
 /// The code a flow was reset with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ResetCode {
     /// The application reset the flow with its own code.
     Application(u32),
@@ -148,6 +150,16 @@ pub enum ResetCode {
     Dropped,
     /// A code this version does not know.
     Unknown(u64),
+}
+
+impl ResetCode {
+    /// The application's code, if the flow was reset by the application (`reset(code)`).
+    pub fn application(self) -> Option<u32> {
+        match self {
+            Self::Application(code) => Some(code),
+            _ => None,
+        }
+    }
 }
 
 /// Application reset codes travel as `APP_CODE_BASE + code`; smaller codes are grinta's own
@@ -193,6 +205,7 @@ impl ResetCode {
 
 /// What went wrong with a flow or a flow operation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum FlowError {
     /// No live node serves the endpoint.
     #[error("no node serves endpoint {name:?}")]
@@ -275,8 +288,37 @@ pub enum FlowError {
     },
 }
 
+impl FlowError {
+    /// The code the flow was reset with (by either side), if it was reset.
+    pub fn reset_code(&self) -> Option<ResetCode> {
+        match self {
+            Self::Reset { code } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// The application's code, if a side reset the flow with `reset(code)`.
+    pub fn application_code(&self) -> Option<u32> {
+        self.reset_code().and_then(ResetCode::application)
+    }
+
+    /// Why the owner refused the dial, if it did.
+    pub fn reject_reason(&self) -> Option<RejectReason> {
+        match self {
+            Self::Rejected { reason, .. } => Some(*reason),
+            _ => None,
+        }
+    }
+
+    /// Whether the other node failed or left, or the connection to it was lost.
+    pub fn is_peer_failure(&self) -> bool {
+        matches!(self, Self::PeerGone { .. } | Self::ConnectionLost { .. })
+    }
+}
+
 /// Something that happened to a flow.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FlowEvent {
     /// A dial completed: the owner accepted.
     Opened {

@@ -28,18 +28,19 @@
 pub mod api {
     #[cfg(feature = "json")]
     pub use crate::codec::JsonCodec;
-    pub use crate::codec::{BytesCodec, Codec, CodecError, ProstCodec};
+    pub use crate::codec::{BytesCodec, Codec, CodecAction, CodecError, ProstCodec};
     pub use crate::fabric::MEMBER_EVENT_CAPACITY;
     pub use crate::flow::{FlowError, FlowLimits, FlowStats, RejectReason, ResetCode};
     pub use crate::membership::{
-        Config as MembershipConfig, Event as MemberEvent, Member, MemberState,
+        Config as MembershipConfig, ConfigError as MembershipConfigError, Event as MemberEvent,
+        Member, MemberState, NameError,
     };
-    pub use crate::node::NodeConfig;
+    pub use crate::node::{NodeConfig, NodeConfigError, NodeError};
     pub use crate::registry::{EndpointKind, RegistryError, RegistryLimits};
-    pub use crate::tls::TlsConfig;
     #[cfg(feature = "dev-certs")]
-    pub use crate::tls::dev::DevCa;
-    pub use crate::transport::TransportLimits;
+    pub use crate::tls::dev::{DevCa, DevCertError};
+    pub use crate::tls::{TlsConfig, TlsError};
+    pub use crate::transport::{TransportError, TransportLimits};
 }
 
 pub mod codec;

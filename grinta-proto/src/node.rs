@@ -151,6 +151,28 @@ impl NodeConfig {
     pub fn validate(&self) -> Result<(), NodeConfigError> {
         membership::validate_node_name(&self.name)?;
         self.membership_config().validate()?;
+        for (field, value) in [
+            ("flows.dial_timeout", self.flows.dial_timeout),
+            ("flows.shutdown_grace", self.flows.shutdown_grace),
+            ("transport.idle_timeout", self.transport.idle_timeout),
+            (
+                "transport.handshake_timeout",
+                self.transport.handshake_timeout,
+            ),
+            (
+                "transport.exchange_timeout",
+                self.transport.exchange_timeout,
+            ),
+            ("registry.tombstone_ttl", self.registry.tombstone_ttl),
+            (
+                "registry.departed_owner_ttl",
+                self.registry.departed_owner_ttl,
+            ),
+        ] {
+            if value > membership::MAX_SETTING_DURATION {
+                return Err(NodeConfigError::DurationTooLong { field, value });
+            }
+        }
         let advertise = self.advertise_addr();
         if advertise.ip().is_unspecified() || advertise.port() == 0 {
             return Err(NodeConfigError::Advertise { addr: advertise });
@@ -183,7 +205,16 @@ pub const MEMBERSHIP_PACKET_BUDGET: usize = 1100;
 
 /// A node configuration that cannot work.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum NodeConfigError {
+    /// A duration is longer than [`membership::MAX_SETTING_DURATION`] (ten years).
+    #[error("setting `{field}` of {value:?} is longer than the ten years any setting may be")]
+    DurationTooLong {
+        /// The offending field.
+        field: &'static str,
+        /// Its value.
+        value: std::time::Duration,
+    },
     /// The node name is invalid.
     #[error(transparent)]
     Name(#[from] membership::NameError),
@@ -216,8 +247,18 @@ pub enum NodeConfigError {
     },
 }
 
+impl From<membership::InitError> for NodeConfigError {
+    fn from(e: membership::InitError) -> Self {
+        match e {
+            membership::InitError::Config(e) => Self::Membership(e),
+            membership::InitError::Name(e) => Self::Name(e),
+        }
+    }
+}
+
 /// Why a node could not be created.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum NodeError {
     /// The configuration is invalid.
     #[error(transparent)]
@@ -228,13 +269,11 @@ pub enum NodeError {
     /// The QUIC setup failed.
     #[error(transparent)]
     Transport(#[from] TransportError),
-    /// The membership state machine refused the settings.
-    #[error(transparent)]
-    Membership(#[from] membership::Error),
 }
 
 /// Something that happened, for the application.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Event {
     /// A membership event.
     Membership(membership::Event),
@@ -290,11 +329,17 @@ impl Node {
         config.validate()?;
         let span = tracing::info_span!("node", name = %config.name);
         let _entered = span.clone().entered();
+        let node_tls = tls::build(
+            &config.tls,
+            &config.name,
+            config.crypto_provider.clone(),
+            config.time_provider.clone(),
+        )?;
         let transport = Transport::new(
             &config.name,
             &config.tls,
+            node_tls,
             config.crypto_provider.clone(),
-            config.time_provider.clone(),
             config.transport.clone(),
         )?;
         let membership = Membership::new(
@@ -303,7 +348,8 @@ impl Node {
             config.advertise_addr(),
             seed,
             now,
-        )?;
+        )
+        .map_err(|e| NodeError::Config(e.into()))?;
         // The directory's records carry the incarnation membership starts at.
         let mut registry = Registry::new(&config.name, config.registry.clone());
         registry.set_local_incarnation(membership.incarnation(), now);
@@ -1105,14 +1151,36 @@ mod tests {
         c.membership.max_packet_size = 600;
         assert_eq!(c.membership_config().max_packet_size, 600);
 
+        // Durations that would overflow a deadline are refused, not panicked on later.
+        let mut c = config("node-a", "127.0.0.1:7000");
+        c.flows.shutdown_grace = std::time::Duration::MAX;
+        assert!(matches!(
+            c.validate(),
+            Err(NodeConfigError::DurationTooLong {
+                field: "flows.shutdown_grace",
+                ..
+            })
+        ));
+        let mut c = config("node-a", "127.0.0.1:7000");
+        c.membership.leave_timeout = std::time::Duration::MAX;
+        assert!(matches!(
+            c.validate(),
+            Err(NodeConfigError::Membership(
+                membership::ConfigError::DurationTooLong {
+                    field: "leave_timeout",
+                    ..
+                }
+            ))
+        ));
+        let mut c = config("node-a", "127.0.0.1:7000");
+        c.transport.exchange_timeout = membership::MAX_SETTING_DURATION;
+        c.validate().unwrap();
+
         let mut c = config("node-a", "[::1]:7000");
         c.name = "node-b".into();
         let err = Node::new(c, 1, now).unwrap_err();
         assert!(
-            matches!(
-                err,
-                NodeError::Transport(TransportError::Tls(tls::TlsError::NameMismatch { .. }))
-            ),
+            matches!(err, NodeError::Tls(tls::TlsError::NameMismatch { .. })),
             "{err}"
         );
 

@@ -54,14 +54,15 @@ impl Clone for TlsConfig {
 
 /// TLS material that cannot be used.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TlsError {
     /// A PEM file could not be read.
-    #[error("cannot read {what} from {path}: {source}")]
+    #[error("cannot read {what} from {}: {source}", path.display())]
     Read {
         /// Which material.
         what: &'static str,
         /// The file.
-        path: String,
+        path: std::path::PathBuf,
         /// The I/O or PEM error.
         source: rustls::pki_types::pem::Error,
     },
@@ -89,13 +90,24 @@ pub enum TlsError {
     },
     /// The node certificate could not be parsed.
     #[error("the node certificate is not a valid X.509 certificate: {0}")]
-    BadCertificate(String),
+    BadCertificate(#[source] webpki::Error),
     /// rustls refused the material (for example a key that does not match the certificate).
     #[error("TLS configuration refused: {0}")]
     Rustls(#[from] rustls::Error),
     /// A CA certificate could not be added to the trust store.
     #[error("invalid CA certificate: {0}")]
-    BadCa(String),
+    BadCa(#[source] rustls::Error),
+    /// No certificate verifier could be built from the CA certificates.
+    #[error("cannot verify peers against the CA certificates: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// The builder was given no TLS material.
+    #[error(
+        "no TLS material: give the builder a TlsConfig (`tls`), PEM files (`tls_pem_files`) or development certificates (`dev_certificates`)"
+    )]
+    NotConfigured,
+    /// Development certificates could not be made (`dev-certs` feature).
+    #[error("cannot make development certificates: {0}")]
+    DevCertificates(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl TlsConfig {
@@ -110,7 +122,7 @@ impl TlsConfig {
             |what: &'static str, path: &Path| -> Result<Vec<CertificateDer<'static>>, TlsError> {
                 let err = |source| TlsError::Read {
                     what,
-                    path: path.display().to_string(),
+                    path: path.to_owned(),
                     source,
                 };
                 let certs = CertificateDer::pem_file_iter(path)
@@ -128,7 +140,7 @@ impl TlsConfig {
             cert_chain: read_certs("node certificate chain", cert_chain.as_ref())?,
             key: PrivateKeyDer::from_pem_file(key_path).map_err(|source| TlsError::Read {
                 what: "private key",
-                path: key_path.display().to_string(),
+                path: key_path.to_owned(),
                 source,
             })?,
         })
@@ -162,6 +174,9 @@ impl TlsConfig {
 pub(crate) struct NodeTls {
     pub(crate) server: Arc<rustls::ServerConfig>,
     pub(crate) client: Arc<rustls::ClientConfig>,
+    /// The client, accepting any node name the cluster CA vouches for: to dial seeds, known by
+    /// address only.
+    pub(crate) client_any_name: Arc<rustls::ClientConfig>,
 }
 
 /// Builds the server (acceptor) and client (dialler) configurations of node `name`.
@@ -186,9 +201,7 @@ pub(crate) fn build(
     }
     let mut roots = RootCertStore::empty();
     for ca in &tls.ca_certs {
-        roots
-            .add(ca.clone())
-            .map_err(|e| TlsError::BadCa(e.to_string()))?;
+        roots.add(ca.clone()).map_err(TlsError::BadCa)?;
     }
     let roots = Arc::new(roots);
 
@@ -196,8 +209,7 @@ pub(crate) fn build(
         roots.clone(),
         provider.clone(),
     )
-    .build()
-    .map_err(|e| TlsError::BadCa(e.to_string()))?;
+    .build()?;
     let mut server =
         rustls::ServerConfig::builder_with_details(provider.clone(), time_provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -206,17 +218,73 @@ pub(crate) fn build(
     server.alpn_protocols = vec![ALPN.to_vec()];
     server.max_early_data_size = 0;
 
-    let mut client = rustls::ClientConfig::builder_with_details(provider, time_provider)
+    let mut client = rustls::ClientConfig::builder_with_details(provider.clone(), time_provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
+        .with_root_certificates(roots.clone())
         .with_client_auth_cert(tls.cert_chain.clone(), tls.key.clone_key())?;
     client.alpn_protocols = vec![ALPN.to_vec()];
     client.enable_early_data = false;
 
+    let mut any = client.clone();
+    let inner =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider).build()?;
+    any.dangerous()
+        .set_certificate_verifier(Arc::new(AnyNameVerifier(inner)));
+
     Ok(NodeTls {
         server: Arc::new(server),
         client: Arc::new(client),
+        client_any_name: Arc::new(any),
     })
+}
+
+/// Accepts any certificate chained to the cluster CA whatever its name: used only to dial seeds known
+/// by address; the connection is then bound on its first message to a name the certificate proves.
+#[derive(Debug)]
+struct AnyNameVerifier(Arc<dyn rustls::client::danger::ServerCertVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyNameVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError;
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 /// Whether `cert` carries a DNS SAN valid for `name`.
@@ -224,8 +292,7 @@ pub(crate) fn certificate_is_valid_for(
     cert: &CertificateDer<'_>,
     name: &str,
 ) -> Result<bool, TlsError> {
-    let parsed = webpki::EndEntityCert::try_from(cert)
-        .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+    let parsed = webpki::EndEntityCert::try_from(cert).map_err(TlsError::BadCertificate)?;
     let Ok(server_name) = ServerName::try_from(name) else {
         return Ok(false);
     };
@@ -261,6 +328,7 @@ pub mod dev {
 
     /// Failure to make or write development certificates.
     #[derive(Debug, thiserror::Error)]
+    #[non_exhaustive]
     pub enum DevCertError {
         /// rcgen could not make a key or certificate (for example an invalid name).
         #[error("cannot generate a development certificate: {0}")]

@@ -32,7 +32,6 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::CertificateDer;
-use rustls::time_provider::TimeProvider;
 use tracing::debug;
 
 use crate::tls::{self, NodeTls};
@@ -454,84 +453,44 @@ fn random_bytes<const N: usize>(provider: &CryptoProvider) -> Result<[u8; N], ru
     Ok(out)
 }
 
-/// Accepts any certificate chained to the cluster CA whatever its name: used only to dial seeds known
-/// by address; the connection is then bound on its first message to a name the certificate proves.
-#[derive(Debug)]
-struct AnyNameVerifier(Arc<dyn rustls::client::danger::ServerCertVerifier>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyNameVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &rustls::pki_types::ServerName<'_>,
-        ocsp_response: &[u8],
-        now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        use rustls::CertificateError;
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// Why the transport could not be set up.
+/// Why the transport could not be set up (the TLS material itself is checked before, see
+/// [`TlsError`](crate::tls::TlsError)).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TransportError {
-    /// The TLS material is unusable.
-    #[error(transparent)]
-    Tls(#[from] tls::TlsError),
-    /// rustls or quinn refused the configuration.
-    #[error("QUIC configuration refused: {0}")]
-    Config(String),
+    /// The crypto provider lacks the TLS 1.3 cipher suite QUIC's initial packets need.
+    #[error("the crypto provider cannot protect QUIC packets: {0}")]
+    CipherSuite(#[from] quinn_proto::crypto::rustls::NoInitialCipherSuite),
+    /// The crypto provider gave no random bytes.
+    #[error("the crypto provider failed: {0}")]
+    Random(#[source] rustls::Error),
+    /// The stateless-reset key could not be derived from the node's private key.
+    #[error("cannot derive the stateless reset key from the node's private key")]
+    ResetKey,
 }
 
 impl Transport {
+    /// The transport of node `local_name`, with the TLS configurations built from `tls` (see
+    /// [`tls::build`]).
     pub(crate) fn new(
         local_name: &str,
         tls: &tls::TlsConfig,
+        node_tls: NodeTls,
         provider: Arc<CryptoProvider>,
-        time_provider: Arc<dyn TimeProvider>,
         limits: TransportLimits,
     ) -> Result<Self, TransportError> {
-        let NodeTls { server, client } =
-            tls::build(tls, local_name, provider.clone(), time_provider)?;
-        let cfg = |e: &dyn std::fmt::Display| TransportError::Config(e.to_string());
-
+        let NodeTls {
+            server,
+            client,
+            client_any_name: any,
+        } = node_tls;
+        let random = |_| TransportError::Random(rustls::Error::FailedToGetRandomBytes);
+        // `NodeConfig::validate` bounds every duration far below what a varint holds.
+        let idle_millis = u64::try_from(limits.idle_timeout.as_millis()).unwrap_or(u64::MAX);
         let mut transport = TransportConfig::default();
         transport
             .max_idle_timeout(Some(
-                VarInt::from_u64(limits.idle_timeout.as_millis() as u64)
-                    .map_err(|e| cfg(&e))?
-                    .into(),
+                VarInt::from_u64(idle_millis).unwrap_or(VarInt::MAX).into(),
             ))
             .max_concurrent_bidi_streams(VarInt::from_u32(limits.max_concurrent_streams))
             .receive_window(VarInt::from_u32(limits.receive_window))
@@ -544,10 +503,9 @@ impl Transport {
         // QUIC path guarantees.
         let transport = Arc::new(transport);
 
-        let quic_server =
-            quinn_proto::crypto::rustls::QuicServerConfig::try_from(server).map_err(|e| cfg(&e))?;
+        let quic_server = quinn_proto::crypto::rustls::QuicServerConfig::try_from(server)?;
         let token_key = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[])
-            .extract(&random_bytes::<32>(&provider).map_err(|e| cfg(&e))?);
+            .extract(&random_bytes::<32>(&provider).map_err(random)?);
         let mut server_config = ServerConfig::new(Arc::new(quic_server), Arc::new(token_key));
         server_config.transport_config(transport.clone());
         server_config.time_source(Arc::new(NoWallClock));
@@ -556,12 +514,11 @@ impl Transport {
         server_config.validation_token_config(tokens);
         server_config.migration(false);
 
-        let quic_client = quinn_proto::crypto::rustls::QuicClientConfig::try_from(client.clone())
-            .map_err(|e| cfg(&e))?;
+        let quic_client = quinn_proto::crypto::rustls::QuicClientConfig::try_from(client)?;
         // Initial destination connection IDs from the provider's secure randomness (quinn's default
         // reads the thread's RNG), and no address-validation tokens.
         let dcid_rng = Arc::new(Mutex::new(ChaCha8Rng::from_seed(
-            random_bytes::<32>(&provider).map_err(|e| cfg(&e))?,
+            random_bytes::<32>(&provider).map_err(random)?,
         )));
         let initial_dcid = move || {
             let mut bytes = [0u8; 20];
@@ -578,16 +535,7 @@ impl Transport {
             .token_store(Arc::new(quinn_proto::NoneTokenStore));
 
         // The same client, but accepting any name the CA vouches for (seeds known by address).
-        let mut any = (*client).clone();
-        let roots = any_name_roots(tls)?;
-        let inner =
-            rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
-                .build()
-                .map_err(|e| cfg(&e))?;
-        any.dangerous()
-            .set_certificate_verifier(Arc::new(AnyNameVerifier(inner)));
-        let quic_any = quinn_proto::crypto::rustls::QuicClientConfig::try_from(Arc::new(any))
-            .map_err(|e| cfg(&e))?;
+        let quic_any = quinn_proto::crypto::rustls::QuicClientConfig::try_from(any)?;
         let mut client_any_name = ClientConfig::new(Arc::new(quic_any));
         client_any_name
             .transport_config(transport)
@@ -604,10 +552,10 @@ impl Transport {
         reset_secret
             .expand(&[b"reset key"], ring::hkdf::HKDF_SHA256)
             .and_then(|okm| okm.fill(&mut reset_bytes))
-            .map_err(|_| TransportError::Config("cannot derive the stateless reset key".into()))?;
+            .map_err(|_| TransportError::ResetKey)?;
         let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset_bytes);
         let mut endpoint_config = EndpointConfig::new(Arc::new(reset_key));
-        let cid_seed = random_bytes::<32>(&provider).map_err(|e| cfg(&e))?;
+        let cid_seed = random_bytes::<32>(&provider).map_err(random)?;
         let cid_rng = Mutex::new(ChaCha8Rng::from_seed(cid_seed));
         endpoint_config.cid_generator(move || {
             // Each generator gets its own stream, derived from the shared seeded generator.
@@ -621,7 +569,7 @@ impl Transport {
                 .unwrap_or([7u8; 32]);
             Box::new(SeededCidGenerator(ChaCha8Rng::from_seed(seed)))
         });
-        endpoint_config.rng_seed(Some(random_bytes::<32>(&provider).map_err(|e| cfg(&e))?));
+        endpoint_config.rng_seed(Some(random_bytes::<32>(&provider).map_err(random)?));
         let endpoint = Endpoint::new(
             Arc::new(endpoint_config),
             Some(Arc::new(server_config)),
@@ -1848,14 +1796,4 @@ impl Transport {
             }
         }
     }
-}
-
-fn any_name_roots(tls: &tls::TlsConfig) -> Result<Arc<rustls::RootCertStore>, TransportError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in &tls.ca_certs {
-        roots
-            .add(ca.clone())
-            .map_err(|e| TransportError::Config(e.to_string()))?;
-    }
-    Ok(Arc::new(roots))
 }

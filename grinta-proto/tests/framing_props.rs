@@ -280,6 +280,7 @@ proptest! {
                     break;
                 }
                 Err(framing::FrameError::MalformedLength) => break,
+                Err(e) => prop_assert!(false, "unexpected framing error {e}"),
             }
         }
         // Every message type's decoder must also survive raw garbage.

@@ -3,11 +3,10 @@
 
 use std::time::Duration;
 
-use grinta_proto::flow::{FlowError, FlowLimits, RejectReason, ResetCode};
-use grinta_proto::node::NodeError;
-use grinta_proto::registry::RegistryError;
-use grinta_proto::tls::{TlsConfig, TlsError, dev::DevCa};
-use grinta_tokio::{Error, Fabric, Profile};
+use grinta_tokio::{
+    DevCa, Error, Fabric, FlowError, FlowLimits, Profile, RegistryError, RejectReason, ResetCode,
+    TlsConfig, TlsError,
+};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -46,8 +45,9 @@ async fn unknown_name() {
     let ca = DevCa::new().unwrap();
     let fabric = builder(&ca, "solo").start().unwrap();
     let err = fabric.dial("nobody-serves-this").await.unwrap_err();
+    assert!(err.is_no_such_endpoint(), "{err:?}");
     assert!(
-        matches!(&err, Error::Flow(FlowError::NoSuchEndpoint { name }) if name == "nobody-serves-this"),
+        matches!(err.flow_error(), Some(FlowError::NoSuchEndpoint { name }) if name == "nobody-serves-this"),
         "{err:?}"
     );
     assert_eq!(
@@ -63,7 +63,10 @@ async fn invalid_name() {
     for bad in ["", "has space", "slash/name", &"x".repeat(129)] {
         let err = fabric.endpoint(bad).unwrap_err();
         assert!(
-            matches!(err, Error::Registry(RegistryError::InvalidName { .. })),
+            matches!(
+                err.registry_error(),
+                Some(RegistryError::InvalidName { .. })
+            ),
             "{err:?}"
         );
         assert!(
@@ -93,10 +96,11 @@ async fn dial_timeout() {
     // The owner stops answering (a crash not yet detected): the dial times out.
     b.abort();
     let err = a.dial("svc").await.unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
     assert!(
         matches!(
-            &err,
-            Error::Flow(FlowError::DialTimeout { endpoint, after })
+            err.flow_error(),
+            Some(FlowError::DialTimeout { endpoint, after })
                 if endpoint == "svc" && *after == Duration::from_millis(500)
         ),
         "{err:?}"
@@ -118,12 +122,9 @@ async fn rejected_dial_local_and_remote() {
     for dialler in [&a, &b] {
         let _first = dialler.dial("svc").await.unwrap();
         let err = dialler.dial("svc").await.unwrap_err();
+        assert_eq!(err.reject_reason(), Some(RejectReason::BacklogFull));
         assert!(
-            matches!(
-                &err,
-                Error::Flow(FlowError::Rejected { endpoint, reason: RejectReason::BacklogFull, .. })
-                    if endpoint == "svc"
-            ),
+            matches!(err.flow_error(), Some(FlowError::Rejected { endpoint, .. }) if endpoint == "svc"),
             "{} dial: {err:?}",
             if dialler.name() == "node-a" {
                 "remote"
@@ -147,13 +148,9 @@ async fn endpoint_closed_local_and_remote() {
     drop(svc);
     for (what, flow) in [("remote", &mut remote), ("local", &mut local)] {
         let err = flow.recv().await.unwrap_err();
-        assert!(
-            matches!(
-                err,
-                Error::Flow(FlowError::Reset {
-                    code: ResetCode::EndpointClosed
-                })
-            ),
+        assert_eq!(
+            err.reset_code(),
+            Some(ResetCode::EndpointClosed),
             "{what}: {err:?}"
         );
     }
@@ -161,10 +158,7 @@ async fn endpoint_closed_local_and_remote() {
     until(|| a.endpoints("svc").is_empty()).await;
     for dialler in [&a, &b] {
         let err = dialler.dial("svc").await.unwrap_err();
-        assert!(
-            matches!(err, Error::Flow(FlowError::NoSuchEndpoint { .. })),
-            "{err:?}"
-        );
+        assert!(err.is_no_such_endpoint(), "{err:?}");
     }
 }
 
@@ -197,7 +191,7 @@ async fn fabric_shut_down() {
     };
     a.shutdown().await;
 
-    let shut = |e: &Error| matches!(e, Error::Shutdown);
+    let shut = Error::is_shutdown;
     assert!(shut(&waiting_accept.await.unwrap().unwrap_err()));
     assert!(shut(&waiting_event.await.unwrap()));
     assert!(shut(&a.dial("remote-svc").await.unwrap_err()));
@@ -209,15 +203,7 @@ async fn fabric_shut_down() {
     assert_eq!(Error::Shutdown.to_string(), "the fabric is shut down");
     // The other node sees the flow closed with the shutdown code.
     let err = remote_end.recv().await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Flow(FlowError::Reset {
-                code: ResetCode::ShuttingDown
-            })
-        ),
-        "{err:?}"
-    );
+    assert_eq!(err.reset_code(), Some(ResetCode::ShuttingDown), "{err:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,7 +213,10 @@ async fn bad_tls_material() {
 
     // No TLS at all.
     let err = Fabric::builder("node-a").start().unwrap_err();
-    assert!(matches!(err, Error::NoTls), "{err:?}");
+    assert!(
+        matches!(err.tls_error(), Some(TlsError::NotConfigured)),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("tls_pem_files"), "{err}");
 
     // Files that do not exist.
@@ -236,7 +225,7 @@ async fn bad_tls_material() {
         .start()
         .unwrap_err();
     assert!(
-        matches!(err, Error::Start(NodeError::Tls(TlsError::Read { .. }))),
+        matches!(err.tls_error(), Some(TlsError::Read { .. })),
         "{err:?}"
     );
     assert!(err.to_string().contains("ca.pem"), "{err}");
@@ -249,14 +238,14 @@ async fn bad_tls_material() {
         .tls_pem_files(dir.join("ca.pem"), dir.join("a.pem"), dir.join("a.key"))
         .start()
         .unwrap_err();
-    assert!(matches!(err, Error::Start(NodeError::Tls(_))), "{err:?}");
+    assert!(err.tls_error().is_some(), "{err:?}");
 
     // A certificate issued for another node name.
     let ca = DevCa::new().unwrap();
     let other: TlsConfig = ca.issue("node-b").unwrap();
     let err = Fabric::builder("node-a").tls(other).start().unwrap_err();
     assert!(
-        matches!(err, Error::Start(NodeError::Transport(_))),
+        matches!(err.tls_error(), Some(TlsError::NameMismatch { .. })),
         "{err:?}"
     );
     assert!(

@@ -124,13 +124,6 @@ fn message(i: usize) -> Bytes {
     Bytes::from((0..len).map(|j| (i + j) as u8).collect::<Vec<u8>>())
 }
 
-fn reset_code(e: &Error) -> Option<ResetCode> {
-    match e {
-        Error::Flow(FlowError::Reset { code }) => Some(*code),
-        _ => None,
-    }
-}
-
 async fn order_finish_and_half_close(mut p: Pair) {
     let writer = tokio::spawn(async move {
         for i in 0..500 {
@@ -165,19 +158,19 @@ async fn reset_reaches_both_sides(mut p: Pair) {
     );
     p.dialler.reset(7).unwrap();
     let err = p.acceptor.recv().await.unwrap_err();
-    assert_eq!(reset_code(&err), Some(ResetCode::Application(7)), "{err}");
+    assert_eq!(err.reset_code(), Some(ResetCode::Application(7)), "{err}");
     assert!(err.to_string().contains("reset"), "{err}");
     let err = p.acceptor.send("after").await.unwrap_err();
-    assert_eq!(reset_code(&err), Some(ResetCode::Application(7)), "{err}");
+    assert_eq!(err.reset_code(), Some(ResetCode::Application(7)), "{err}");
     let err = p.dialler.send("after").await.unwrap_err();
-    assert_eq!(reset_code(&err), Some(ResetCode::Application(7)), "{err}");
+    assert_eq!(err.reset_code(), Some(ResetCode::Application(7)), "{err}");
 }
 
 async fn dropping_an_unfinished_flow_resets_it(mut p: Pair) {
     p.acceptor.send("x").await.unwrap();
     drop(p.dialler);
     let err = p.acceptor.recv().await.unwrap_err();
-    assert_eq!(reset_code(&err), Some(ResetCode::Dropped), "{err}");
+    assert_eq!(err.reset_code(), Some(ResetCode::Dropped), "{err}");
 }
 
 async fn dropping_a_finished_flow_delivers_what_it_sent(mut p: Pair) {
@@ -303,10 +296,8 @@ impl Codec<u64> for U64Codec {
     }
 
     fn decode(&self, message: Bytes) -> Result<u64, CodecError> {
-        let bytes: [u8; 8] = message[..].try_into().map_err(|_| CodecError {
-            action: "decode",
-            type_name: "u64",
-            reason: format!("{} bytes, expected 8", message.len()),
+        let bytes: [u8; 8] = message[..].try_into().map_err(|_| {
+            CodecError::decode::<u64>(format!("{} bytes, expected 8", message.len()))
         })?;
         Ok(u64::from_be_bytes(bytes))
     }
@@ -321,11 +312,7 @@ impl Codec<String> for TextCodec {
     }
 
     fn decode(&self, message: Bytes) -> Result<String, CodecError> {
-        String::from_utf8(message.to_vec()).map_err(|e| CodecError {
-            action: "decode",
-            type_name: "String",
-            reason: e.to_string(),
-        })
+        String::from_utf8(message.to_vec()).map_err(CodecError::decode::<String>)
     }
 }
 
@@ -346,7 +333,11 @@ async fn typed_values_and_type_mismatch(p: Pair) {
     tx.send(u64::MAX).await.unwrap();
     let err = text.recv().await.unwrap_err();
     assert!(matches!(err, Error::Codec(_)), "{err}");
-    assert!(err.to_string().contains("cannot decode a String"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("cannot decode a message as alloc::string::String"),
+        "{err}"
+    );
     tx.send(u64::from_be_bytes(*b"grinta!!")).await.unwrap();
     assert_eq!(text.recv().await.unwrap().as_deref(), Some("grinta!!"));
     tx.finish().await.unwrap();

@@ -92,7 +92,8 @@ impl Observations {
                 self.leave_complete_at = Some(now);
                 Ok(())
             }
-            Event::AppBroadcast { .. } | Event::AppState { .. } => Ok(()),
+            // Application payloads, and what later versions add.
+            _ => Ok(()),
         }
     }
 

@@ -128,6 +128,7 @@ impl SimNode for SimulatedNode {
                     }
                     self.flow_events.push((now, e));
                 }
+                _ => {}
             }
         }
     }

@@ -9,16 +9,18 @@ use grinta_tokio::{
 };
 
 fn describe(error: &Error) -> &'static str {
-    match error {
-        Error::Flow(FlowError::Rejected {
-            reason: RejectReason::BacklogFull,
-            ..
-        }) => "backlog full",
-        Error::Flow(FlowError::Reset {
-            code: ResetCode::Application(_),
-        }) => "reset by the application",
-        Error::Lagged { .. } => "lagged",
-        _ => "other",
+    if error.reject_reason() == Some(RejectReason::BacklogFull) {
+        "backlog full"
+    } else if error.application_code().is_some() {
+        "reset by the application"
+    } else if error.reset_code() == Some(ResetCode::Dropped) {
+        "dropped by the other side"
+    } else if matches!(error.flow_error(), Some(FlowError::PeerGone { .. })) {
+        "peer gone"
+    } else if matches!(error, Error::Lagged { .. }) {
+        "lagged"
+    } else {
+        "other"
     }
 }
 

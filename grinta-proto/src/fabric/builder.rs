@@ -147,8 +147,10 @@ impl<R: Runtime> FabricBuilder<R> {
     /// the cluster must use the same `DevCa`).
     #[cfg(feature = "dev-certs")]
     pub fn dev_certificates(mut self, ca: &crate::tls::dev::DevCa) -> Self {
-        self.tls = Some(ca.issue(&self.name).map_err(|e| Error::Certificates {
-            reason: e.to_string(),
+        self.tls = Some(ca.issue(&self.name).map_err(|e| {
+            Error::Start(NodeError::Tls(crate::tls::TlsError::DevCertificates(
+                Box::new(e),
+            )))
         }));
         self
     }
@@ -200,7 +202,9 @@ impl<R: Runtime> FabricBuilder<R> {
     /// The [`NodeConfig`] these settings make (for [`Node`](crate::node::Node) users and for
     /// inspection); fails like [`start`](Self::start) on missing or unusable TLS material.
     pub fn config(self) -> Result<NodeConfig, Error> {
-        let tls = self.tls.unwrap_or(Err(Error::NoTls))?;
+        let tls = self.tls.unwrap_or(Err(Error::Start(NodeError::Tls(
+            crate::tls::TlsError::NotConfigured,
+        ))))?;
         let mut config = NodeConfig::new(&self.name, self.bind, tls);
         config.advertise = self.advertise;
         config.seeds = self.seeds;

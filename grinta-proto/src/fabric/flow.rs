@@ -680,11 +680,7 @@ impl<T: Send + 'static, C: Codec<T> + 'static> ErasedEncode for CodecEncoder<T, 
     fn encode(&self, value: &(dyn Any + Send)) -> Result<Bytes, CodecError> {
         match value.downcast_ref::<T>() {
             Some(v) => self.codec.encode(v),
-            None => Err(CodecError {
-                action: "encode",
-                type_name: std::any::type_name::<T>(),
-                reason: "the value is of another type".into(),
-            }),
+            None => Err(CodecError::encode::<T>("the value is of another type")),
         }
     }
 }

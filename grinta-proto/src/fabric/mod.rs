@@ -158,7 +158,24 @@ pub trait Runtime: Send + Sync + 'static {
 }
 
 /// Errors of the user API.
+///
+/// Each method's documentation says which variants it returns. The helpers spare a match two
+/// levels deep:
+///
+/// ```no_run
+/// # async fn demo(fabric: grinta_proto::fabric::Fabric<impl grinta_proto::fabric::Runtime>) -> Result<(), grinta_proto::fabric::Error> {
+/// use grinta_proto::flow::RejectReason;
+///
+/// match fabric.dial("billing").await {
+///     Ok(flow) => { /* ... */ }
+///     Err(e) if e.reject_reason() == Some(RejectReason::BacklogFull) => { /* retry later */ }
+///     Err(e) if e.is_no_such_endpoint() || e.is_timeout() => { /* nobody serves it now */ }
+///     Err(e) => return Err(e),
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The node could not start (configuration, TLS material).
     #[error(transparent)]
@@ -174,9 +191,10 @@ pub enum Error {
     /// A directory operation failed (invalid name, name taken, limit).
     #[error(transparent)]
     Registry(#[from] RegistryError),
-    /// A flow operation failed.
+    /// A flow operation failed. (This node shutting down is always [`Error::Shutdown`], never
+    /// `Flow(FlowError::ShuttingDown)`.)
     #[error(transparent)]
-    Flow(#[from] FlowError),
+    Flow(FlowError),
     /// The endpoint lost its name to another node.
     #[error("endpoint {name:?} lost its name to node {winner:?}")]
     NameConflict {
@@ -199,17 +217,82 @@ pub enum Error {
     /// A typed flow received a message that is not a value of its type (or could not encode one).
     #[error(transparent)]
     Codec(#[from] CodecError),
-    /// The builder was given no TLS material.
-    #[error(
-        "no TLS material: give the builder a TlsConfig (`tls`), PEM files (`tls_pem_files`) or development certificates (`dev_certificates`)"
-    )]
-    NoTls,
-    /// Development certificates could not be made.
-    #[error("cannot make development certificates: {reason}")]
-    Certificates {
-        /// What failed.
-        reason: String,
-    },
+}
+
+impl From<FlowError> for Error {
+    fn from(e: FlowError) -> Self {
+        match e {
+            // One way to hear of a shutdown, whichever layer noticed it first.
+            FlowError::ShuttingDown => Self::Shutdown,
+            e => Self::Flow(e),
+        }
+    }
+}
+
+impl Error {
+    /// The flow error, if this is one.
+    pub fn flow_error(&self) -> Option<&FlowError> {
+        match self {
+            Self::Flow(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The directory error, if this is one (invalid name, name taken, limit).
+    pub fn registry_error(&self) -> Option<&RegistryError> {
+        match self {
+            Self::Registry(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The TLS error, if the node could not start because of its TLS material.
+    pub fn tls_error(&self) -> Option<&crate::tls::TlsError> {
+        match self {
+            Self::Start(NodeError::Tls(e)) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The code the flow was reset with (by either side), if it was reset.
+    pub fn reset_code(&self) -> Option<crate::flow::ResetCode> {
+        self.flow_error().and_then(FlowError::reset_code)
+    }
+
+    /// The application's code, if the other side reset the flow with `reset(code)`.
+    pub fn application_code(&self) -> Option<u32> {
+        self.flow_error().and_then(FlowError::application_code)
+    }
+
+    /// Why the owner refused the dial, if it did.
+    pub fn reject_reason(&self) -> Option<crate::flow::RejectReason> {
+        self.flow_error().and_then(FlowError::reject_reason)
+    }
+
+    /// Whether the owner refused the dial.
+    pub fn is_refused(&self) -> bool {
+        self.reject_reason().is_some()
+    }
+
+    /// Whether no live node serves the endpoint dialled.
+    pub fn is_no_such_endpoint(&self) -> bool {
+        matches!(self, Self::Flow(FlowError::NoSuchEndpoint { .. }))
+    }
+
+    /// Whether the dial timed out.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::Flow(FlowError::DialTimeout { .. }))
+    }
+
+    /// Whether the other node failed or left, or the connection to it was lost.
+    pub fn is_peer_failure(&self) -> bool {
+        self.flow_error().is_some_and(FlowError::is_peer_failure)
+    }
+
+    /// Whether this fabric is shut down or shutting down.
+    pub fn is_shutdown(&self) -> bool {
+        matches!(self, Self::Shutdown)
+    }
 }
 
 /// Member events a fabric keeps for its readers; a reader further behind gets

@@ -160,6 +160,22 @@ impl Config {
                 Ok(())
             }
         };
+        for (field, value) in [
+            ("probe_interval", self.probe_interval),
+            ("probe_timeout", self.probe_timeout),
+            ("gossip_interval", self.gossip_interval),
+            ("push_pull_interval", self.push_pull_interval),
+            ("gossip_to_the_dead_time", self.gossip_to_the_dead_time),
+            ("reconnect_interval", self.reconnect_interval),
+            ("dead_node_reclaim_time", self.dead_node_reclaim_time),
+            ("join_retry_initial", self.join_retry_initial),
+            ("join_retry_max", self.join_retry_max),
+            ("leave_timeout", self.leave_timeout),
+        ] {
+            if value > MAX_SETTING_DURATION {
+                return Err(ConfigError::DurationTooLong { field, value });
+            }
+        }
         zero("probe_interval", self.probe_interval)?;
         zero("probe_timeout", self.probe_timeout)?;
         zero("gossip_interval", self.gossip_interval)?;
@@ -227,12 +243,27 @@ impl Config {
     }
 }
 
+/// The longest duration any setting may have (ten years): deadlines computed from settings
+/// can then never overflow the clock.
+pub const MAX_SETTING_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// The smallest `max_packet_size` the membership works with.
 pub const MIN_PACKET_SIZE: usize = 512;
 
 /// A membership setting that cannot work.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
+    /// A duration is longer than [`MAX_SETTING_DURATION`].
+    #[error(
+        "membership setting `{field}` of {value:?} is longer than the ten years any setting may be"
+    )]
+    DurationTooLong {
+        /// The offending field.
+        field: &'static str,
+        /// Its value.
+        value: Duration,
+    },
     /// A duration that must be positive is zero.
     #[error("membership setting `{field}` must be longer than zero")]
     ZeroDuration {

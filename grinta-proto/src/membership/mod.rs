@@ -58,7 +58,7 @@ use tracing::{debug, trace};
 
 use crate::wire;
 use broadcast::{BroadcastKey, BroadcastQueue, framed_broadcast_len};
-pub use config::{Config, ConfigError, MIN_PACKET_SIZE};
+pub use config::{Config, ConfigError, MAX_SETTING_DURATION, MIN_PACKET_SIZE};
 use suspicion::Suspicion;
 
 /// Longest node name, in bytes.
@@ -93,6 +93,7 @@ pub fn validate_node_name(name: &str) -> Result<(), NameError> {
 
 /// A node name that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum NameError {
     /// The name is empty or longer than [`MAX_NAME_LEN`].
     #[error("node name must be 1..=128 bytes long, got {len}")]
@@ -110,13 +111,21 @@ pub enum NameError {
 
 /// Why a [`Membership`] could not be created.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Error {
+#[non_exhaustive]
+pub enum InitError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// The local node name is invalid.
     #[error(transparent)]
     Name(#[from] NameError),
+}
+
+/// Why a membership command ([`Membership::update_meta`], [`Membership::broadcast_app`]) was
+/// refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
     /// The metadata is larger than `max_meta_size`.
     #[error("metadata of {size} bytes exceeds max_meta_size of {limit} bytes")]
     MetaTooLarge {
@@ -223,6 +232,7 @@ pub struct Transmit {
 
 /// Something that happened to the cluster, as seen by this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Event {
     /// A member was learnt of, or came back after being Dead or Left.
     MemberJoined(Member),
@@ -426,7 +436,7 @@ impl Membership {
         addr: SocketAddr,
         seed: u64,
         now: Instant,
-    ) -> Result<Self, Error> {
+    ) -> Result<Self, InitError> {
         config.validate()?;
         validate_node_name(name)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);

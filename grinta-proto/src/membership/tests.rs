@@ -418,7 +418,7 @@ fn invalid_settings_are_refused_with_clear_errors() {
     ));
     assert!(matches!(
         Membership::new(Config::lan(), "", addr(1), 1, t0),
-        Err(Error::Name(NameError::Length { len: 0 }))
+        Err(InitError::Name(NameError::Length { len: 0 }))
     ));
     for profile in [Config::lan(), Config::wan(), Config::local()] {
         profile.validate().expect("profiles are valid");

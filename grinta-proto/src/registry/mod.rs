@@ -213,6 +213,7 @@ impl Default for RegistryLimits {
 
 /// A registry operation that cannot be done.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RegistryError {
     /// The name is not a valid endpoint name.
     #[error("invalid endpoint name {name:?}: {reason}")]
@@ -266,6 +267,7 @@ pub enum RegistryError {
 
 /// A change of the directory, as seen by this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RegistryEvent {
     /// A name gained its first live owner.
     NameAdded {

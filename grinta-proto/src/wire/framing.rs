@@ -16,6 +16,7 @@ pub const MAX_VARINT_LEN: usize = 10;
 
 /// Why a byte stream could not be decoded into frames.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum FrameError {
     /// The length prefix announces a frame larger than this reader accepts.
     #[error("frame of {size} bytes exceeds the maximum message size of {limit} bytes")]
