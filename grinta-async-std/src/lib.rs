@@ -148,11 +148,11 @@ impl Runtime for AsyncIo {
         Sleep(Timer::at(deadline))
     }
 
-    fn spawn(future: Pin<Box<dyn Future<Output = ()> + Send>>) {
+    fn spawn(future: Pin<Box<dyn Future<Output = ()> + Send>>) -> io::Result<()> {
         std::thread::Builder::new()
             .name("grinta-driver".into())
             .spawn(move || async_io::block_on(future))
-            .expect("cannot start the grinta driver thread");
+            .map(drop)
     }
 
     fn now() -> Instant {

@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+use grinta_async_std::DevCa;
 use grinta_async_std::{Fabric, Profile};
-use grinta_proto::tls::dev::DevCa;
 
 /// Threads of this process named after the adapter's driver thread.
 fn driver_threads() -> usize {

@@ -53,6 +53,7 @@ impl Runtime for Tokio {
     type Sleep = tokio::time::Sleep;
 
     fn bind(addr: SocketAddr) -> io::Result<Self::Socket> {
+        current_runtime()?;
         let socket = std::net::UdpSocket::bind(addr)?;
         // Sets the socket non-blocking and turns on the offloads the platform has.
         let state = UdpSocketState::new((&socket).into())?;
@@ -141,8 +142,9 @@ impl Runtime for Tokio {
         tokio::time::sleep_until(deadline.into())
     }
 
-    fn spawn(future: Pin<Box<dyn Future<Output = ()> + Send>>) {
-        tokio::spawn(future);
+    fn spawn(future: Pin<Box<dyn Future<Output = ()> + Send>>) -> io::Result<()> {
+        current_runtime()?.spawn(future);
+        Ok(())
     }
 
     fn now() -> Instant {
@@ -155,6 +157,14 @@ impl Runtime for Tokio {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
     }
+}
+
+/// The tokio runtime this call runs in; outside one, an error that says so (tokio itself would
+/// panic).
+fn current_runtime() -> io::Result<tokio::runtime::Handle> {
+    tokio::runtime::Handle::try_current().map_err(|_| {
+        io::Error::other("no tokio runtime: start the fabric from within a tokio runtime")
+    })
 }
 
 grinta_proto::runtime_aliases!(Tokio);

@@ -254,3 +254,15 @@ async fn bad_tls_material() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Started outside a tokio runtime, a fabric fails with an error that says so; nothing panics.
+#[test]
+fn started_outside_a_tokio_runtime() {
+    let ca = DevCa::new().unwrap();
+    let err = Fabric::builder("node-a")
+        .dev_certificates(&ca)
+        .start()
+        .unwrap_err();
+    assert!(matches!(err, Error::Bind { .. }), "{err:?}");
+    assert!(err.to_string().contains("no tokio runtime"), "{err}");
+}

@@ -7,10 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
-use grinta_proto::codec::{Codec, CodecError};
-use grinta_proto::flow::{FlowError, FlowLimits, ResetCode};
-use grinta_proto::tls::dev::DevCa;
-use grinta_tokio::{Error, Fabric, Flow, Profile};
+use grinta_tokio::{
+    Codec, CodecError, DevCa, Error, Fabric, Flow, FlowError, FlowLimits, Profile, ResetCode,
+};
 
 const MAX_MESSAGE: usize = 64 * 1024;
 const WAIT: Duration = Duration::from_secs(20);
@@ -112,6 +111,7 @@ local_and_remote!(
     sink_and_stream,
     split_halves_work_from_two_tasks,
     typed_values_and_type_mismatch,
+    typed_halves_are_sink_and_stream,
     prost_values_and_foreign_bytes,
     stats_count_messages_and_bytes,
     unread_messages_count_as_queued,
@@ -285,6 +285,32 @@ async fn split_halves_work_from_two_tasks(p: Pair) {
     let _echo = echo.await.unwrap();
 }
 
+async fn typed_halves_are_sink_and_stream(p: Pair) {
+    let local = p.dialler.is_local();
+    let (mut tx, rx) = p.dialler.typed(U64Codec::default()).split();
+    assert_eq!(tx.is_local(), local);
+    assert_eq!(rx.is_local(), local);
+    // The acceptor echoes every value, typed as well, through its own Sink and Stream.
+    let echo = p.acceptor.typed(U64Codec::default());
+    assert_eq!(echo.is_local(), local);
+    let echo = tokio::spawn(async move {
+        let (mut out, mut values) = echo.split();
+        while let Some(v) = values.next().await {
+            out.send(v.unwrap() * 2).await.unwrap();
+        }
+        out.close().await.unwrap();
+    });
+    let sender = tokio::spawn(async move {
+        let mut items = futures::stream::iter((0..300u64).map(Ok));
+        tx.send_all(&mut items).await.unwrap();
+        tx.close().await.unwrap();
+    });
+    let got: Vec<u64> = rx.map(|r| r.unwrap()).collect().await;
+    assert_eq!(got, (0..300u64).map(|v| v * 2).collect::<Vec<_>>());
+    sender.await.unwrap();
+    echo.await.unwrap();
+}
+
 /// Big-endian u64, counting its encodes.
 #[derive(Clone, Default)]
 struct U64Codec(Arc<AtomicUsize>);
@@ -362,8 +388,8 @@ async fn stats_count_messages_and_bytes(mut p: Pair) {
 }
 
 async fn prost_values_and_foreign_bytes(p: Pair) {
-    use grinta_proto::codec::ProstCodec;
     use grinta_proto::wire::Ack;
+    use grinta_tokio::ProstCodec;
     let mut client = p.dialler.typed(ProstCodec::<Ack>::default());
     let mut server = p.acceptor.typed(ProstCodec::<Ack>::default());
     for i in 0..10 {

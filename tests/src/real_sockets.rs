@@ -32,7 +32,8 @@ pub fn spawn<R: Runtime, T: Send + 'static>(
     let (tx, rx) = oneshot::channel();
     R::spawn(Box::pin(async move {
         let _ = tx.send(f.await);
-    }));
+    }))
+    .expect("the runtime runs the task");
     rx
 }
 
@@ -206,7 +207,14 @@ pub async fn a_restarted_peer_is_reached_again<R: Runtime>() {
     until::<R>(
         Duration::from_secs(30),
         "the restarted node alive again with its endpoint",
-        || stable.alive_members() == ["node-1"] && stable.endpoints("svc") == ["svc"],
+        || {
+            stable
+                .alive_members()
+                .iter()
+                .map(|m| m.name.as_str())
+                .eq(["node-1"])
+                && stable.endpoints("svc") == ["svc"]
+        },
     )
     .await;
     let mut flow = stable.dial("svc").await.expect("dial");
@@ -406,4 +414,61 @@ pub async fn every_handle_sees_every_member_event<R: Runtime>() {
     }
     assert_eq!(seen[0], ["node-1", "node-2"]);
     assert_eq!(seen[0], seen[1]);
+}
+
+/// An endpoint is a `Stream` of incoming flows, from this node and from others; `close`
+/// withdraws its name everywhere and ends what waits in its backlog; after a shutdown the
+/// stream ends.
+pub async fn an_endpoint_is_a_stream_of_flows_until_closed<R: Runtime>() {
+    use futures::StreamExt;
+    let ca = DevCa::new().expect("dev CA");
+    let fabrics = cluster::<R>(&ca, 2).await;
+    let mut endpoint = fabrics[1].endpoint("svc").expect("endpoint");
+    until::<R>(Duration::from_secs(10), "name spread", || {
+        !fabrics[0].endpoints("svc").is_empty()
+    })
+    .await;
+    let mut remote = fabrics[0].dial("svc").await.expect("remote dial");
+    let mut local = fabrics[1].dial("svc").await.expect("local dial");
+    for _ in 0..2 {
+        let mut flow = within::<R, _>(Duration::from_secs(10), endpoint.next())
+            .await
+            .expect("a flow comes")
+            .expect("the stream goes on")
+            .expect("accepted");
+        drop(spawn::<R, _>(async move {
+            while let Ok(Some(m)) = flow.recv().await {
+                let _ = flow.send(m).await;
+            }
+            let _ = flow.finish().await;
+        }));
+    }
+    for flow in [&mut remote, &mut local] {
+        flow.send("ping").await.expect("send");
+        let echo = flow.recv().await.expect("recv");
+        assert_eq!(echo.as_deref(), Some(&b"ping"[..]));
+    }
+    // A dial left waiting in the backlog, then `close`: it is reset, and the name is withdrawn.
+    let mut waiting = fabrics[0].dial("svc").await.expect("queued dial");
+    endpoint.close();
+    let err = within::<R, _>(Duration::from_secs(10), waiting.recv())
+        .await
+        .expect("the waiting flow ends")
+        .expect_err("reset");
+    assert_eq!(
+        err.reset_code(),
+        Some(grinta_proto::flow::ResetCode::EndpointClosed),
+        "{err}"
+    );
+    until::<R>(Duration::from_secs(10), "name withdrawn", || {
+        fabrics[0].endpoints("svc").is_empty()
+    })
+    .await;
+    // After a shutdown, an endpoint's stream ends without an error.
+    let mut again = fabrics[1].endpoint("again").expect("endpoint");
+    fabrics[1].shutdown().await;
+    let end = within::<R, _>(Duration::from_secs(10), again.next())
+        .await
+        .expect("the stream ends");
+    assert!(end.is_none(), "{end:?}");
 }

@@ -34,4 +34,5 @@ on_both_runtimes!(
     dropping_every_handle_stops_the_node,
     shutdown_lets_open_flows_finish,
     every_handle_sees_every_member_event,
+    an_endpoint_is_a_stream_of_flows_until_closed,
 );

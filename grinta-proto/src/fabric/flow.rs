@@ -384,10 +384,6 @@ impl<R: Runtime> Flow<R> {
         self.tx.send(message).await
     }
 
-    pub(crate) async fn send_message(&mut self, message: Message) -> Result<(), Error> {
-        self.tx.send_message(message).await
-    }
-
     /// Receives the next message; `Ok(None)` once the other side finished and everything it sent
     /// was read.
     ///
@@ -395,12 +391,6 @@ impl<R: Runtime> Flow<R> {
     /// in the flow for the next `recv`), so it can sit in a `select!` loop.
     pub async fn recv(&mut self) -> Result<Option<Bytes>, Error> {
         recv_bytes(&self.tx.core, &mut self.received).await
-    }
-
-    pub(crate) async fn recv_message(&mut self) -> Result<Option<Message>, Error> {
-        let core = &self.tx.core;
-        let received = &mut self.received;
-        poll_fn(|cx| core.poll_recv(cx, received)).await
     }
 
     /// Finishes the sending direction: everything sent is delivered, then the other side reads
@@ -468,16 +458,7 @@ impl<R: Runtime> Flow<R> {
         T: Send + 'static,
         C: Codec<T> + 'static,
     {
-        let codec = Arc::new(codec);
-        TypedFlow {
-            flow: self,
-            encoder: Arc::new(CodecEncoder::<T, C> {
-                codec: codec.clone(),
-                _values: PhantomData,
-            }),
-            codec,
-            _values: PhantomData,
-        }
+        TypedFlow::new(self, codec)
     }
 }
 
@@ -544,6 +525,11 @@ impl<R: Runtime> std::fmt::Debug for FlowSender<R> {
 }
 
 impl<R: Runtime> FlowSender<R> {
+    /// Whether the other end is in this process.
+    pub fn is_local(&self) -> bool {
+        self.core.is_local()
+    }
+
     /// Sends one message (see [`Flow::send`]; cancel safe the same way).
     pub async fn send(&mut self, message: impl Into<Bytes>) -> Result<(), Error> {
         let message = message.into();
@@ -649,6 +635,15 @@ impl<R: Runtime> std::fmt::Debug for FlowReceiver<R> {
 }
 
 impl<R: Runtime> FlowReceiver<R> {
+    /// Whether the other end is in this process.
+    pub fn is_local(&self) -> bool {
+        self.core.is_local()
+    }
+
+    fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Message>, Error>> {
+        self.core.poll_recv(cx, &mut self.received)
+    }
+
     /// Receives the next message (see [`Flow::recv`]; cancel safe the same way).
     pub async fn recv(&mut self) -> Result<Option<Bytes>, Error> {
         recv_bytes(&self.core, &mut self.received).await
@@ -687,73 +682,276 @@ impl<T: Send + 'static, C: Codec<T> + 'static> ErasedEncode for CodecEncoder<T, 
 
 /// A [`Flow`] carrying values of `T`, encoded by a [`Codec`] over the network and moved as they
 /// are in-process. A message that is not a `T` is [`Error::Codec`] naming the type; the flow stays
-/// usable.
+/// usable. Like a [`Flow`] it splits into halves ([`split`](Self::split)) and is a [`Stream`] of
+/// values and a [`Sink`] of values.
+///
+/// ```no_run
+/// # async fn demo<R: grinta_proto::fabric::Runtime>(flow: grinta_proto::fabric::Flow<R>) -> Result<(), grinta_proto::fabric::Error> {
+/// use futures::{SinkExt, StreamExt};
+/// use grinta_proto::codec::ProstCodec;
+/// use grinta_proto::wire::Ack;
+///
+/// let (mut tx, mut rx) = flow.typed(ProstCodec::<Ack>::new()).split();
+/// tx.send(Ack { seq_no: 1 }).await?; // `SinkExt::send`
+/// tx.close().await?; // finishes our direction
+/// while let Some(ack) = rx.next().await {
+///     println!("{}", ack?.seq_no);
+/// }
+/// # Ok(()) }
+/// ```
 pub struct TypedFlow<R: Runtime, T, C> {
-    flow: Flow<R>,
-    codec: Arc<C>,
-    encoder: Arc<dyn ErasedEncode>,
-    _values: PhantomData<fn() -> T>,
+    tx: TypedSender<R, T, C>,
+    rx: TypedReceiver<R, T, C>,
 }
 
 impl<R: Runtime, T, C> std::fmt::Debug for TypedFlow<R, T, C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TypedFlow")
-            .field("flow", &self.flow)
+            .field("local", &self.tx.tx.core.is_local())
             .field("type", &std::any::type_name::<T>())
             .finish()
     }
 }
 
 impl<R: Runtime, T: Send + 'static, C: Codec<T> + 'static> TypedFlow<R, T, C> {
+    pub(crate) fn new(flow: Flow<R>, codec: C) -> Self {
+        let codec = Arc::new(codec);
+        let Flow { tx, received } = flow;
+        let core = tx.core.clone();
+        Self {
+            tx: TypedSender {
+                tx,
+                encoder: Arc::new(CodecEncoder::<T, C> {
+                    codec: codec.clone(),
+                    _values: PhantomData,
+                }),
+                codec: codec.clone(),
+                _values: PhantomData,
+            },
+            rx: TypedReceiver {
+                rx: FlowReceiver { core, received },
+                codec,
+                _values: PhantomData,
+            },
+        }
+    }
+
+    /// Whether the other end is in this process (values are then moved, never encoded).
+    pub fn is_local(&self) -> bool {
+        self.tx.is_local()
+    }
+
     /// Sends one value: moved to an in-process receiver, encoded for a remote one.
     ///
     /// Cancel safety: as [`Flow::send`] (dropping the future sends nothing).
     pub async fn send(&mut self, value: T) -> Result<(), Error> {
-        let message = if self.flow.is_local() {
-            Message::Value {
-                value: Box::new(value),
-                encoder: self.encoder.clone(),
-            }
-        } else {
-            Message::Bytes(self.codec.encode(&value)?)
-        };
-        self.flow.send_message(message).await
+        self.tx.send(value).await
     }
 
     /// Receives the next value; `Ok(None)` at the end of the flow.
     ///
     /// Cancel safety: as [`Flow::recv`] (dropping the future loses no value).
     pub async fn recv(&mut self) -> Result<Option<T>, Error> {
-        match self.flow.recv_message().await? {
-            None => Ok(None),
-            Some(Message::Bytes(b)) => Ok(Some(self.codec.decode(b)?)),
-            Some(Message::Value { value, encoder }) => match value.downcast::<T>() {
-                Ok(v) => Ok(Some(*v)),
-                // A value of another type: what a remote receiver would see is its encoding.
-                Err(other) => Ok(Some(self.codec.decode(encoder.encode(&*other)?)?)),
-            },
-        }
+        self.rx.recv().await
     }
 
     /// Finishes the sending direction.
     ///
     /// Cancel safety: as [`Flow::finish`].
     pub async fn finish(&mut self) -> Result<(), Error> {
-        self.flow.finish().await
+        self.tx.finish().await
     }
 
     /// Aborts the flow both ways with an application `code`.
     pub fn reset(&mut self, code: u32) -> Result<(), Error> {
-        self.flow.reset(code)
+        self.tx.reset(code)
     }
 
     /// Counters and buffer levels.
     pub fn stats(&self) -> Option<FlowStats> {
-        self.flow.stats()
+        self.tx.stats()
+    }
+
+    /// Splits the flow into a sending and a receiving half, usable from two tasks (see
+    /// [`Flow::split`]).
+    pub fn split(self) -> (TypedSender<R, T, C>, TypedReceiver<R, T, C>) {
+        (self.tx, self.rx)
     }
 
     /// The untyped flow underneath.
     pub fn into_inner(self) -> Flow<R> {
-        self.flow
+        Flow {
+            tx: self.tx.tx,
+            received: self.rx.rx.received,
+        }
+    }
+}
+
+/// Values of the flow, until the other side finishes (`None`) or the flow fails (an `Err`
+/// item; a message that is not a `T` is an `Err` and the stream goes on).
+impl<R: Runtime, T: Send + 'static, C: Codec<T> + 'static> Stream for TypedFlow<R, T, C> {
+    type Item = Result<T, Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.get_mut().rx).poll_next(cx)
+    }
+}
+
+/// `poll_ready` waits for room, `poll_close` finishes the flow (see [`FlowSender`]).
+impl<R: Runtime, T: Send + 'static, C: Codec<T> + 'static> Sink<T> for TypedFlow<R, T, C> {
+    type Error = Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Pin::new(&mut self.get_mut().tx).poll_ready(cx)
+    }
+
+    fn start_send(self: Pin<&mut Self>, item: T) -> Result<(), Error> {
+        Pin::new(&mut self.get_mut().tx).start_send(item)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Pin::new(&mut self.get_mut().tx).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Pin::new(&mut self.get_mut().tx).poll_close(cx)
+    }
+}
+
+/// The sending half of a [`TypedFlow`] (see [`TypedFlow::split`]); also a [`Sink`] of values,
+/// with the semantics of [`FlowSender`]'s.
+pub struct TypedSender<R: Runtime, T, C> {
+    tx: FlowSender<R>,
+    codec: Arc<C>,
+    encoder: Arc<dyn ErasedEncode>,
+    _values: PhantomData<fn(T)>,
+}
+
+impl<R: Runtime, T, C> std::fmt::Debug for TypedSender<R, T, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TypedSender")
+            .field("local", &self.tx.core.is_local())
+            .field("type", &std::any::type_name::<T>())
+            .finish()
+    }
+}
+
+impl<R: Runtime, T: Send + 'static, C: Codec<T> + 'static> TypedSender<R, T, C> {
+    /// The message `value` travels as: the value itself in-process, its encoding otherwise.
+    fn message(&self, value: T) -> Result<Message, Error> {
+        if self.tx.core.is_local() {
+            Ok(Message::Value {
+                value: Box::new(value),
+                encoder: self.encoder.clone(),
+            })
+        } else {
+            Ok(Message::Bytes(self.codec.encode(&value)?))
+        }
+    }
+
+    /// Whether the other end is in this process.
+    pub fn is_local(&self) -> bool {
+        self.tx.core.is_local()
+    }
+
+    /// Sends one value (see [`TypedFlow::send`]; cancel safe the same way).
+    pub async fn send(&mut self, value: T) -> Result<(), Error> {
+        let message = self.message(value)?;
+        self.tx.send_message(message).await
+    }
+
+    /// Finishes the sending direction (see [`Flow::finish`]).
+    pub async fn finish(&mut self) -> Result<(), Error> {
+        self.tx.finish().await
+    }
+
+    /// Aborts the flow both ways (see [`Flow::reset`]).
+    pub fn reset(&mut self, code: u32) -> Result<(), Error> {
+        self.tx.reset(code)
+    }
+
+    /// Counters and buffer levels of the whole flow.
+    pub fn stats(&self) -> Option<FlowStats> {
+        self.tx.stats()
+    }
+}
+
+impl<R: Runtime, T: Send + 'static, C: Codec<T> + 'static> Sink<T> for TypedSender<R, T, C> {
+    type Error = Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Pin::new(&mut self.get_mut().tx).poll_ready(cx)
+    }
+
+    fn start_send(self: Pin<&mut Self>, item: T) -> Result<(), Error> {
+        let this = self.get_mut();
+        this.tx.pending = Some(this.message(item)?);
+        Ok(())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Pin::new(&mut self.get_mut().tx).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Pin::new(&mut self.get_mut().tx).poll_close(cx)
+    }
+}
+
+/// The receiving half of a [`TypedFlow`] (see [`TypedFlow::split`]); also a [`Stream`] of
+/// values.
+pub struct TypedReceiver<R: Runtime, T, C> {
+    rx: FlowReceiver<R>,
+    codec: Arc<C>,
+    _values: PhantomData<fn() -> T>,
+}
+
+impl<R: Runtime, T, C> std::fmt::Debug for TypedReceiver<R, T, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TypedReceiver")
+            .field("local", &self.rx.core.is_local())
+            .field("type", &std::any::type_name::<T>())
+            .finish()
+    }
+}
+
+impl<R: Runtime, T: Send + 'static, C: Codec<T> + 'static> TypedReceiver<R, T, C> {
+    /// The value a received message holds.
+    fn value(&self, message: Message) -> Result<T, Error> {
+        match message {
+            Message::Bytes(b) => Ok(self.codec.decode(b)?),
+            Message::Value { value, encoder } => match value.downcast::<T>() {
+                Ok(v) => Ok(*v),
+                // A value of another type: what a remote receiver would see is its encoding.
+                Err(other) => Ok(self.codec.decode(encoder.encode(&*other)?)?),
+            },
+        }
+    }
+
+    /// Whether the other end is in this process.
+    pub fn is_local(&self) -> bool {
+        self.rx.core.is_local()
+    }
+
+    /// Receives the next value (see [`TypedFlow::recv`]; cancel safe the same way).
+    pub async fn recv(&mut self) -> Result<Option<T>, Error> {
+        let message = poll_fn(|cx| self.rx.poll_message(cx)).await?;
+        message.map(|m| self.value(m)).transpose()
+    }
+
+    /// Counters and buffer levels of the whole flow.
+    pub fn stats(&self) -> Option<FlowStats> {
+        self.rx.stats()
+    }
+}
+
+impl<R: Runtime, T: Send + 'static, C: Codec<T> + 'static> Stream for TypedReceiver<R, T, C> {
+    type Item = Result<T, Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        this.rx
+            .poll_message(cx)
+            .map(|r| r.transpose().map(|m| m.and_then(|m| this.value(m))))
     }
 }

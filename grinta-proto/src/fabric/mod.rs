@@ -38,7 +38,7 @@ mod mailbox;
 
 pub use builder::{FabricBuilder, Profile};
 pub use driver::SocketStats;
-pub use flow::{Flow, FlowReceiver, FlowSender, TypedFlow};
+pub use flow::{Flow, FlowReceiver, FlowSender, TypedFlow, TypedReceiver, TypedSender};
 
 use driver::Driver;
 use flow::Route;
@@ -148,8 +148,9 @@ pub trait Runtime: Send + Sync + 'static {
     ) -> Poll<io::Result<()>>;
     /// A timer that completes at `deadline`.
     fn sleep_until(deadline: Instant) -> Self::Sleep;
-    /// Runs `future` in the background.
-    fn spawn(future: Pin<Box<dyn Future<Output = ()> + Send>>);
+    /// Runs `future` in the background (a node's driver); fails if the runtime cannot (for
+    /// example no thread can be started).
+    fn spawn(future: Pin<Box<dyn Future<Output = ()> + Send>>) -> io::Result<()>;
     /// The current time (the clock reads of grinta happen here, in the adapter).
     fn now() -> Instant;
     /// The wall clock: time since the UNIX epoch. Read once, when a node starts, for the
@@ -180,6 +181,9 @@ pub enum Error {
     /// The node could not start (configuration, TLS material).
     #[error(transparent)]
     Start(#[from] NodeError),
+    /// The node's driver could not be started (the runtime refused, e.g. no thread available).
+    #[error("cannot start the node's driver: {0}")]
+    Spawn(#[source] io::Error),
     /// The UDP socket could not be bound.
     #[error("cannot bind UDP socket on {addr}: {source}")]
     Bind {
@@ -390,6 +394,8 @@ pub(crate) struct Shared {
     /// The driver's waker and scheduled mailboxes, under a lock of their own.
     pub(crate) wakeup: Arc<Wakeup>,
     local_addr: SocketAddr,
+    /// The node's name (fixed for its life).
+    name: String,
 }
 
 impl Shared {
@@ -663,6 +669,7 @@ impl<R: Runtime> Fabric<R> {
             .initial_incarnation
             .max(wall_millis.min(crate::membership::MAX_INCARNATION / 2));
         let now = R::now();
+        let name = config.name.clone();
         let mut node = Node::new(config, seed, now)?;
         node.join(now, &[]);
         let wakeup = Arc::new(Wakeup::default());
@@ -687,13 +694,15 @@ impl<R: Runtime> Fabric<R> {
             }),
             handles: AtomicUsize::new(1),
             local_addr,
+            name,
         });
         // The driver runs inside the node's span, so what it logs carries the node's name.
         let span = shared.lock().node.span().clone();
         R::spawn(Box::pin(tracing::Instrument::instrument(
             Driver::<R>::new(shared.clone(), socket),
             span,
-        )));
+        )))
+        .map_err(Error::Spawn)?;
         Ok(Self {
             shared,
             member_cursor: AtomicU64::new(0),
@@ -711,8 +720,8 @@ impl<R: Runtime> Fabric<R> {
     }
 
     /// This node's name.
-    pub fn name(&self) -> String {
-        self.shared.lock().node.name().to_owned()
+    pub fn name(&self) -> &str {
+        &self.shared.name
     }
 
     /// The address the node's UDP socket is bound to.
@@ -720,7 +729,9 @@ impl<R: Runtime> Fabric<R> {
         self.shared.local_addr
     }
 
-    /// The members this node knows (itself excluded).
+    /// The members this node knows (itself excluded), in every state: alive, suspect, and
+    /// those that failed or left while the node still remembers them. See
+    /// [`alive_members`](Self::alive_members) for the live ones.
     pub fn members(&self) -> Vec<Member> {
         self.shared
             .lock()
@@ -731,15 +742,15 @@ impl<R: Runtime> Fabric<R> {
             .collect()
     }
 
-    /// Members this node sees alive.
-    pub fn alive_members(&self) -> Vec<String> {
+    /// The members this node sees alive (itself excluded).
+    pub fn alive_members(&self) -> Vec<Member> {
         self.shared
             .lock()
             .node
             .membership()
             .members()
             .filter(|m| m.state == MemberState::Alive)
-            .map(|m| m.name.clone())
+            .cloned()
             .collect()
     }
 
@@ -826,6 +837,7 @@ impl<R: Runtime> Fabric<R> {
             Ok(Endpoint {
                 fabric: self.clone(),
                 name: name.to_owned(),
+                ended: false,
             })
         })
     }
@@ -1001,6 +1013,8 @@ impl Inner {
 pub struct Endpoint<R: Runtime> {
     fabric: Fabric<R>,
     name: String,
+    /// As a `Stream`: the error that ends it was returned.
+    ended: bool,
 }
 
 impl<R: Runtime> std::fmt::Debug for Endpoint<R> {
@@ -1024,39 +1038,87 @@ impl<R: Runtime> Endpoint<R> {
     /// Cancel safety: dropping the future loses no flow (a flow is taken from the backlog only
     /// when it is returned), so it can sit in a `select!` loop.
     pub async fn accept(&self) -> Result<Flow<R>, Error> {
-        std::future::poll_fn(|cx| {
-            let mut inner = self.fabric.shared.lock();
-            if let Some(winner) = inner.conflicts.get(&self.name) {
-                return Poll::Ready(Err(Error::NameConflict {
-                    name: self.name.clone(),
-                    winner: winner.clone(),
-                }));
+        std::future::poll_fn(|cx| self.poll_accept(cx)).await
+    }
+
+    /// Withdraws the name: the cluster stops resolving it here, flows waiting in the accept
+    /// backlog are reset with `ResetCode::EndpointClosed`, accepted flows carry on. Dropping the
+    /// endpoint does the same.
+    pub fn close(self) {
+        drop(self);
+    }
+
+    /// Polls for the next flow (see [`accept`](Self::accept)).
+    pub fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<Result<Flow<R>, Error>> {
+        let mut inner = self.fabric.shared.lock();
+        if let Some(winner) = inner.conflicts.get(&self.name) {
+            return Poll::Ready(Err(Error::NameConflict {
+                name: self.name.clone(),
+                winner: winner.clone(),
+            }));
+        }
+        if !inner.accepting() {
+            return Poll::Ready(Err(Error::Shutdown));
+        }
+        let now = inner.now();
+        if let Some(id) = inner.node.accept(now, &self.name) {
+            return Poll::Ready(Ok(inner.open_remote(&self.fabric, id)));
+        }
+        if let Some(end) = inner
+            .local_backlogs
+            .get_mut(&self.name)
+            .and_then(VecDeque::pop_front)
+        {
+            return Poll::Ready(Ok(Flow::new(Route::Local(end, self.fabric.clone()))));
+        }
+        let waiters = inner
+            .waiters
+            .endpoints
+            .entry(self.name.clone())
+            .or_default();
+        if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            waiters.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+/// The endpoint's incoming flows, as [`accept`](Endpoint::accept) returns them. The stream ends
+/// after the fabric shuts down (`None`, without an error) or after yielding
+/// [`Error::NameConflict`] once.
+///
+/// ```no_run
+/// # async fn demo<R: grinta_proto::fabric::Runtime>(fabric: grinta_proto::fabric::Fabric<R>) -> Result<(), grinta_proto::fabric::Error> {
+/// use futures::StreamExt;
+///
+/// let mut incoming = fabric.endpoint("echo")?;
+/// while let Some(flow) = incoming.next().await {
+///     let mut flow = flow?;
+///     // serve `flow`, perhaps in a task of its own
+/// #   let _ = flow.finish().await;
+/// }
+/// # Ok(()) }
+/// ```
+impl<R: Runtime> futures_core::Stream for Endpoint<R> {
+    type Item = Result<Flow<R>, Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        match this.poll_accept(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(flow)) => Poll::Ready(Some(Ok(flow))),
+            Poll::Ready(Err(Error::Shutdown)) => {
+                this.ended = true;
+                Poll::Ready(None)
             }
-            if !inner.accepting() {
-                return Poll::Ready(Err(Error::Shutdown));
+            Poll::Ready(Err(e)) => {
+                this.ended = true;
+                Poll::Ready(Some(Err(e)))
             }
-            let now = inner.now();
-            if let Some(id) = inner.node.accept(now, &self.name) {
-                return Poll::Ready(Ok(inner.open_remote(&self.fabric, id)));
-            }
-            if let Some(end) = inner
-                .local_backlogs
-                .get_mut(&self.name)
-                .and_then(VecDeque::pop_front)
-            {
-                return Poll::Ready(Ok(Flow::new(Route::Local(end, self.fabric.clone()))));
-            }
-            let waiters = inner
-                .waiters
-                .endpoints
-                .entry(self.name.clone())
-                .or_default();
-            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
-                waiters.push(cx.waker().clone());
-            }
-            Poll::Pending
-        })
-        .await
+        }
     }
 }
 
@@ -1073,7 +1135,8 @@ impl<R: Runtime> Drop for Endpoint<R> {
 }
 
 /// Declares the user-facing type aliases of an adapter for its runtime type `$runtime`:
-/// `Fabric`, `FabricBuilder`, `Endpoint`, `Flow`, `FlowSender`, `FlowReceiver`, `TypedFlow`, and
+/// `Fabric`, `FabricBuilder`, `Endpoint`, `Flow`, `FlowSender`, `FlowReceiver`, `TypedFlow`,
+/// `TypedSender`, `TypedReceiver`, and
 /// re-exports `Error` and `Profile`. Both adapters use it, so their APIs cannot drift apart.
 #[macro_export]
 macro_rules! runtime_aliases {
@@ -1092,6 +1155,10 @@ macro_rules! runtime_aliases {
         pub type FlowReceiver = $crate::fabric::FlowReceiver<$runtime>;
         /// A flow carrying values of `T` through codec `C`.
         pub type TypedFlow<T, C> = $crate::fabric::TypedFlow<$runtime, T, C>;
+        /// The sending half of a `TypedFlow` on this runtime.
+        pub type TypedSender<T, C> = $crate::fabric::TypedSender<$runtime, T, C>;
+        /// The receiving half of a `TypedFlow` on this runtime.
+        pub type TypedReceiver<T, C> = $crate::fabric::TypedReceiver<$runtime, T, C>;
         pub use $crate::api::*;
         pub use $crate::fabric::{Error, FabricStats, Profile, SocketStats};
     };
