@@ -887,7 +887,7 @@ impl Node {
                 progressed = true;
                 self.handle_transport_event(now, event);
             }
-            while let Some(t) = self.membership.poll_transmit() {
+            while let Some(t) = self.membership.poll_outgoing() {
                 progressed = true;
                 self.route(now, t);
             }
@@ -926,7 +926,7 @@ impl Node {
         }
     }
 
-    fn route(&mut self, now: Instant, t: membership::Transmit) {
+    fn route(&mut self, now: Instant, t: membership::Outgoing) {
         match t.channel {
             Channel::Datagram => self.transport.send_datagram(
                 now,
@@ -988,7 +988,7 @@ impl Node {
                     // The reply is produced during that call; send it back on the request's
                     // stream.
                     let mut others = Vec::new();
-                    while let Some(t) = self.membership.poll_transmit() {
+                    while let Some(t) = self.membership.poll_outgoing() {
                         if t.channel == Channel::StreamReply && !replied {
                             self.transport.send_reply(conn, stream, &t.payload);
                             replied = true;

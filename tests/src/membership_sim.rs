@@ -195,7 +195,7 @@ impl SimNode for MemberNode {
     }
 
     fn poll_transmit(&mut self, _now: Instant) -> Option<SimTransmit> {
-        self.membership.poll_transmit().map(|t| SimTransmit {
+        self.membership.poll_outgoing().map(|t| SimTransmit {
             dst: t.dst,
             reliable: t.channel.is_reliable(),
             payload: t.payload,

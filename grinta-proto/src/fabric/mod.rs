@@ -32,16 +32,16 @@ use crate::registry::{EndpointKind, RegistryError, RegistryEvent};
 
 mod builder;
 mod driver;
-mod flow;
+mod handles;
 mod local;
 mod mailbox;
 
 pub use builder::{FabricBuilder, Profile};
 pub use driver::SocketStats;
-pub use flow::{Flow, FlowReceiver, FlowSender, TypedFlow, TypedReceiver, TypedSender};
+pub use handles::{Flow, FlowReceiver, FlowSender, TypedFlow, TypedReceiver, TypedSender};
 
 use driver::Driver;
-use flow::Route;
+use handles::Route;
 use local::{Closed, LocalEnd, LocalFlow};
 use mailbox::{Mailbox, Wakeup};
 

@@ -2,7 +2,7 @@
 //!
 //! [`Membership`] tracks which nodes of the cluster are alive. It knows nothing of QUIC or sockets: it
 //! takes received datagrams and reliable stream messages, timeouts and commands, and produces
-//! [`Transmit`]s, one deadline ([`Membership::poll_timeout`]) and [`Event`]s. Time is an explicit
+//! [`Outgoing`] messages, one deadline ([`Membership::poll_timeout`]) and [`Event`]s. Time is an explicit
 //! `Instant` input; randomness comes from the seed given to [`Membership::new`], so the same inputs
 //! always give byte-identical outputs.
 //!
@@ -196,7 +196,7 @@ pub struct Member {
     pub meta: Bytes,
 }
 
-/// Which way a [`Transmit`] must travel.
+/// Which way an [`Outgoing`] message must travel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Channel {
     /// Unreliable datagram (a QUIC DATAGRAM frame); at most `max_packet_size` bytes.
@@ -211,15 +211,15 @@ pub enum Channel {
 }
 
 impl Channel {
-    /// Whether the transmit needs a reliable stream.
+    /// Whether the message needs a reliable stream.
     pub fn is_reliable(self) -> bool {
         !matches!(self, Self::Datagram)
     }
 }
 
-/// Bytes the membership wants sent.
+/// A message the membership wants sent (encoded), and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Transmit {
+pub struct Outgoing {
     /// Destination address.
     pub dst: SocketAddr,
     /// Destination node name when known (not for seeds known only by address).
@@ -414,7 +414,7 @@ pub struct Membership {
     joined: bool,
     lifecycle: Lifecycle,
 
-    transmits: VecDeque<Transmit>,
+    transmits: VecDeque<Outgoing>,
     events: VecDeque<Event>,
     stats: Stats,
     /// Corrections for the sender of the packet being processed (see `correct_stale_sender`).
@@ -682,7 +682,7 @@ impl Membership {
     // ----- outputs ---------------------------------------------------------------------------------
 
     /// Next bytes to send, if any.
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+    pub fn poll_outgoing(&mut self) -> Option<Outgoing> {
         self.transmits.pop_front()
     }
 
@@ -1646,7 +1646,7 @@ impl Membership {
         }
         self.stats.push_pulls_sent += 1;
         self.stats.push_pull_bytes_sent += payload.len() as u64;
-        self.transmits.push_back(Transmit {
+        self.transmits.push_back(Outgoing {
             dst,
             dst_name,
             channel: if reply {
@@ -1789,7 +1789,7 @@ impl Membership {
         debug_assert!(payload.len() <= self.config.max_packet_size.max(header.encoded_len()));
         self.stats.packets_sent += 1;
         self.stats.packet_bytes_sent += payload.len() as u64;
-        self.transmits.push_back(Transmit {
+        self.transmits.push_back(Outgoing {
             dst,
             dst_name,
             channel: Channel::Datagram,

@@ -10,15 +10,15 @@ fn node(name: &str, port: u16, t0: Instant) -> Membership {
     Membership::new(Config::lan(), name, addr(port), u64::from(port), t0).expect("valid config")
 }
 
-fn drain(m: &mut Membership) -> Vec<Transmit> {
-    std::iter::from_fn(|| m.poll_transmit()).collect()
+fn drain(m: &mut Membership) -> Vec<Outgoing> {
+    std::iter::from_fn(|| m.poll_outgoing()).collect()
 }
 
 fn events(m: &mut Membership) -> Vec<Event> {
     std::iter::from_fn(|| m.poll_event()).collect()
 }
 
-fn decode_packet(t: &Transmit) -> wire::Packet {
+fn decode_packet(t: &Outgoing) -> wire::Packet {
     assert_eq!(t.channel, Channel::Datagram);
     wire::Packet::decode(&t.payload[..]).expect("valid packet")
 }

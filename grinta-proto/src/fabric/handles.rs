@@ -1,4 +1,5 @@
-//! [`Flow`], its halves, and typed flows: one API over remote (QUIC) and in-process flows.
+//! The application's handles on flows: [`Flow`], its halves, and typed flows, one API over remote
+//! (QUIC) and in-process flows. The flow state machines they drive are in [`crate::flow`].
 
 use std::any::Any;
 use std::collections::VecDeque;
