@@ -31,9 +31,9 @@ use std::time::Instant;
 
 use async_io::{Async, Timer};
 pub use grinta_proto as proto;
+use grinta_proto::adapter::UdpState;
 use grinta_proto::fabric::{RecvMeta, Runtime};
 use grinta_proto::node::Transmit;
-use quinn_udp::UdpSocketState;
 
 /// The async-io runtime for grinta (async-std, smol).
 #[derive(Debug, Clone, Copy)]
@@ -56,7 +56,7 @@ impl Future for Sleep {
 #[derive(Debug)]
 pub struct UdpSocket {
     io: Async<std::net::UdpSocket>,
-    state: UdpSocketState,
+    state: UdpState,
 }
 
 impl Runtime for AsyncIo {
@@ -66,7 +66,7 @@ impl Runtime for AsyncIo {
     fn bind(addr: SocketAddr) -> io::Result<Self::Socket> {
         let socket = std::net::UdpSocket::bind(addr)?;
         // Sets the socket non-blocking and turns on the offloads the platform has.
-        let state = UdpSocketState::new((&socket).into())?;
+        let state = UdpState::new(&socket)?;
         Ok(UdpSocket {
             io: Async::new_nonblocking(socket)?,
             state,
@@ -78,11 +78,11 @@ impl Runtime for AsyncIo {
     }
 
     fn max_transmit_segments(socket: &Self::Socket) -> usize {
-        socket.state.max_gso_segments()
+        socket.state.max_transmit_segments()
     }
 
     fn max_receive_segments(socket: &Self::Socket) -> usize {
-        socket.state.gro_segments()
+        socket.state.max_receive_segments()
     }
 
     fn may_fragment(socket: &Self::Socket) -> bool {
@@ -95,29 +95,12 @@ impl Runtime for AsyncIo {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        let mut udp_meta = [quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
-        let count = bufs.len().min(meta.len()).min(udp_meta.len());
         loop {
-            let received = socket.state.recv(
-                socket.io.get_ref().into(),
-                &mut bufs[..count],
-                &mut udp_meta[..count],
-            );
-            match received {
-                Ok(n) => {
-                    for (to, from) in meta.iter_mut().zip(&udp_meta[..n]) {
-                        *to = RecvMeta {
-                            source: from.addr,
-                            len: from.len,
-                            stride: from.stride,
-                        };
-                    }
-                    return Poll::Ready(Ok(n));
-                }
+            match socket.state.try_recv(socket.io.get_ref(), bufs, meta) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     ready!(socket.io.poll_readable(cx))?;
                 }
-                Err(e) => return Poll::Ready(Err(e)),
+                result => return Poll::Ready(result),
             }
         }
     }
@@ -127,15 +110,8 @@ impl Runtime for AsyncIo {
         cx: &mut Context<'_>,
         transmit: &Transmit,
     ) -> Poll<io::Result<()>> {
-        let transmit = quinn_udp::Transmit {
-            destination: transmit.destination,
-            ecn: None,
-            contents: &transmit.contents,
-            segment_size: transmit.segment_size,
-            src_ip: None,
-        };
         loop {
-            match socket.state.try_send(socket.io.get_ref().into(), &transmit) {
+            match socket.state.try_send(socket.io.get_ref(), transmit) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     ready!(socket.io.poll_writable(cx))?;
                 }
@@ -160,10 +136,7 @@ impl Runtime for AsyncIo {
     }
 
     fn unix_time() -> std::time::Duration {
-        // A clock set before 1970 reads as the epoch: the node then starts at incarnation 1.
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
+        grinta_proto::adapter::unix_time()
     }
 }
 

@@ -43,6 +43,8 @@ pub mod api {
     pub use crate::transport::{TransportError, TransportLimits};
 }
 
+#[cfg(feature = "adapter")]
+pub mod adapter;
 pub mod codec;
 pub mod fabric;
 pub mod flow;

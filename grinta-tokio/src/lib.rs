@@ -31,9 +31,9 @@ use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 pub use grinta_proto as proto;
+use grinta_proto::adapter::UdpState;
 use grinta_proto::fabric::{RecvMeta, Runtime};
 use grinta_proto::node::Transmit;
-use quinn_udp::UdpSocketState;
 use tokio::io::Interest;
 
 /// The tokio runtime for grinta.
@@ -45,7 +45,7 @@ pub struct Tokio;
 #[derive(Debug)]
 pub struct UdpSocket {
     io: tokio::net::UdpSocket,
-    state: UdpSocketState,
+    state: UdpState,
 }
 
 impl Runtime for Tokio {
@@ -56,7 +56,7 @@ impl Runtime for Tokio {
         current_runtime()?;
         let socket = std::net::UdpSocket::bind(addr)?;
         // Sets the socket non-blocking and turns on the offloads the platform has.
-        let state = UdpSocketState::new((&socket).into())?;
+        let state = UdpState::new(&socket)?;
         Ok(UdpSocket {
             io: tokio::net::UdpSocket::from_std(socket)?,
             state,
@@ -68,11 +68,11 @@ impl Runtime for Tokio {
     }
 
     fn max_transmit_segments(socket: &Self::Socket) -> usize {
-        socket.state.max_gso_segments()
+        socket.state.max_transmit_segments()
     }
 
     fn max_receive_segments(socket: &Self::Socket) -> usize {
-        socket.state.gro_segments()
+        socket.state.max_receive_segments()
     }
 
     fn may_fragment(socket: &Self::Socket) -> bool {
@@ -85,31 +85,14 @@ impl Runtime for Tokio {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        let mut udp_meta = [quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
-        let count = bufs.len().min(meta.len()).min(udp_meta.len());
         loop {
             ready!(socket.io.poll_recv_ready(cx))?;
             let received = socket.io.try_io(Interest::READABLE, || {
-                let state = &socket.state;
-                state.recv(
-                    (&socket.io).into(),
-                    &mut bufs[..count],
-                    &mut udp_meta[..count],
-                )
+                socket.state.try_recv(&socket.io, bufs, meta)
             });
             match received {
-                Ok(n) => {
-                    for (to, from) in meta.iter_mut().zip(&udp_meta[..n]) {
-                        *to = RecvMeta {
-                            source: from.addr,
-                            len: from.len,
-                            stride: from.stride,
-                        };
-                    }
-                    return Poll::Ready(Ok(n));
-                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
+                result => return Poll::Ready(result),
             }
         }
     }
@@ -119,17 +102,10 @@ impl Runtime for Tokio {
         cx: &mut Context<'_>,
         transmit: &Transmit,
     ) -> Poll<io::Result<()>> {
-        let transmit = quinn_udp::Transmit {
-            destination: transmit.destination,
-            ecn: None,
-            contents: &transmit.contents,
-            segment_size: transmit.segment_size,
-            src_ip: None,
-        };
         loop {
             ready!(socket.io.poll_send_ready(cx))?;
             let sent = socket.io.try_io(Interest::WRITABLE, || {
-                socket.state.try_send((&socket.io).into(), &transmit)
+                socket.state.try_send(&socket.io, transmit)
             });
             match sent {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -152,10 +128,7 @@ impl Runtime for Tokio {
     }
 
     fn unix_time() -> std::time::Duration {
-        // A clock set before 1970 reads as the epoch: the node then starts at incarnation 1.
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
+        grinta_proto::adapter::unix_time()
     }
 }
 
