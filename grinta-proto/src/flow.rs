@@ -22,7 +22,7 @@ use prost::Message;
 use quinn_proto::{ConnectionHandle, StreamId};
 
 use crate::registry::Registry;
-use crate::transport::Transport;
+use crate::transport::FlowRead;
 use crate::wire::framing::{self, FrameDecoder, FrameError};
 use crate::wire::{self, StreamErrorCode};
 
@@ -657,6 +657,45 @@ impl FlowStreamParser {
     }
 }
 
+/// What the flow layer needs from the transport: the QUIC streams its flows run on, and the
+/// connections they hold. [`Transport`](crate::transport::Transport) implements it over QUIC;
+/// the unit tests below implement it in memory, so the flow state machines are tested without
+/// QUIC or TLS.
+pub(crate) trait FlowStreams {
+    /// Opens a stream to node `peer` (at `addr`), connecting first if needed; answers with
+    /// `FlowStreamOpened` or `FlowStreamOpenFailed` carrying `token`.
+    fn open_flow_stream(
+        &mut self,
+        now: Instant,
+        peer: &str,
+        addr: std::net::SocketAddr,
+        token: u64,
+    );
+    /// Whether `name` is the node the connection's certificate proves (binding it if unbound).
+    fn authenticate(&mut self, conn: ConnectionHandle, name: &str) -> bool;
+    /// Writes what flow control allows of `chunks`: bytes written, `None` if the stream is gone.
+    fn flow_write_chunks(
+        &mut self,
+        conn: ConnectionHandle,
+        stream: StreamId,
+        chunks: &mut [Bytes],
+    ) -> Option<usize>;
+    /// Reads at most `max` bytes, and whether the peer finished or reset its side.
+    fn flow_read(&mut self, conn: ConnectionHandle, stream: StreamId, max: usize) -> FlowRead;
+    /// Finishes the sending half (after everything written).
+    fn flow_finish(&mut self, conn: ConnectionHandle, stream: StreamId);
+    /// Gives the stream back: its receiving half is read and discarded to the peer's end.
+    fn flow_release(&mut self, conn: ConnectionHandle, stream: StreamId);
+    /// Answers with one last message, finishes and releases the stream.
+    fn flow_reply_and_release(&mut self, conn: ConnectionHandle, stream: StreamId, data: Bytes);
+    /// Resets the sending half and stops the receiving half with `code`, and forgets the stream.
+    fn abort_stream(&mut self, conn: ConnectionHandle, stream: StreamId, code: u64);
+    /// Keeps the connection open while a flow runs on it.
+    fn hold_conn(&mut self, now: Instant, conn: ConnectionHandle);
+    /// Releases one [`hold_conn`](Self::hold_conn).
+    fn release_conn(&mut self, conn: ConnectionHandle);
+}
+
 /// Largest control message (`FlowOpen`, `FlowResponse`) accepted.
 const MAX_CONTROL_MESSAGE: usize = 2048;
 
@@ -787,7 +826,7 @@ impl Flows {
     pub(crate) fn dial(
         &mut self,
         now: Instant,
-        transport: &mut Transport,
+        transport: &mut impl FlowStreams,
         endpoint: &str,
         peer: &str,
         addr: std::net::SocketAddr,
@@ -835,7 +874,7 @@ impl Flows {
     pub(crate) fn on_stream_opened(
         &mut self,
         now: Instant,
-        transport: &mut Transport,
+        transport: &mut impl FlowStreams,
         token: u64,
         conn: ConnectionHandle,
         stream: StreamId,
@@ -880,7 +919,7 @@ impl Flows {
     pub(crate) fn on_incoming(
         &mut self,
         now: Instant,
-        transport: &mut Transport,
+        transport: &mut impl FlowStreams,
         conn: ConnectionHandle,
         stream: StreamId,
     ) {
@@ -904,7 +943,7 @@ impl Flows {
     pub(crate) fn on_readable(
         &mut self,
         now: Instant,
-        transport: &mut Transport,
+        transport: &mut impl FlowStreams,
         registry: &Registry,
         conn: ConnectionHandle,
         stream: StreamId,
@@ -915,7 +954,13 @@ impl Flows {
     }
 
     /// Reads what the flow has room for and processes the frames.
-    fn read(&mut self, now: Instant, transport: &mut Transport, registry: &Registry, id: FlowId) {
+    fn read(
+        &mut self,
+        now: Instant,
+        transport: &mut impl FlowStreams,
+        registry: &Registry,
+        id: FlowId,
+    ) {
         loop {
             let Some(flow) = self.flows.get_mut(&id) else {
                 return;
@@ -958,7 +1003,7 @@ impl Flows {
         }
     }
 
-    fn on_remote_finished(&mut self, transport: &mut Transport, id: FlowId) {
+    fn on_remote_finished(&mut self, transport: &mut impl FlowStreams, id: FlowId) {
         let Some(flow) = self.flows.get_mut(&id) else {
             return;
         };
@@ -992,7 +1037,7 @@ impl Flows {
     fn process_frames(
         &mut self,
         now: Instant,
-        transport: &mut Transport,
+        transport: &mut impl FlowStreams,
         registry: &Registry,
         id: FlowId,
     ) -> Result<(), FlowError> {
@@ -1143,7 +1188,7 @@ impl Flows {
     pub(crate) fn accept(
         &mut self,
         now: Instant,
-        transport: &mut Transport,
+        transport: &mut impl FlowStreams,
         registry: &Registry,
         endpoint: &str,
     ) -> Option<FlowId> {
@@ -1268,7 +1313,7 @@ impl Flows {
     pub(crate) fn release_received(
         &mut self,
         now: Instant,
-        transport: &mut Transport,
+        transport: &mut impl FlowStreams,
         registry: &Registry,
         id: FlowId,
         bytes: usize,
@@ -1289,7 +1334,7 @@ impl Flows {
     }
 
     /// Writes the messages queued by [`send`](Self::send) since the last call to their streams.
-    pub(crate) fn flush_sends(&mut self, transport: &mut Transport) {
+    pub(crate) fn flush_sends(&mut self, transport: &mut impl FlowStreams) {
         let dirty = std::mem::take(&mut self.dirty);
         for &id in &dirty {
             if let Some(flow) = self.flows.get_mut(&id) {
@@ -1307,7 +1352,7 @@ impl Flows {
     pub(crate) fn recv(
         &mut self,
         now: Instant,
-        transport: &mut Transport,
+        transport: &mut impl FlowStreams,
         registry: &Registry,
         id: FlowId,
         more: &mut VecDeque<Bytes>,
@@ -1350,7 +1395,7 @@ impl Flows {
     /// Finishes the sending side once everything queued is sent.
     pub(crate) fn finish(
         &mut self,
-        transport: &mut Transport,
+        transport: &mut impl FlowStreams,
         id: FlowId,
     ) -> Result<(), FlowError> {
         let Some(flow) = self.flows.get_mut(&id) else {
@@ -1369,7 +1414,7 @@ impl Flows {
     pub(crate) fn release(
         &mut self,
         now: Instant,
-        transport: &mut Transport,
+        transport: &mut impl FlowStreams,
         registry: &Registry,
         id: FlowId,
     ) {
@@ -1386,7 +1431,7 @@ impl Flows {
     /// Aborts the flow both ways with `code`.
     pub(crate) fn reset(
         &mut self,
-        transport: &mut Transport,
+        transport: &mut impl FlowStreams,
         id: FlowId,
         code: ResetCode,
     ) -> Result<(), FlowError> {
@@ -1403,7 +1448,7 @@ impl Flows {
 
     pub(crate) fn on_writable(
         &mut self,
-        transport: &mut Transport,
+        transport: &mut impl FlowStreams,
         conn: ConnectionHandle,
         stream: StreamId,
     ) {
@@ -1414,7 +1459,7 @@ impl Flows {
 
     pub(crate) fn on_stopped(
         &mut self,
-        transport: &mut Transport,
+        transport: &mut impl FlowStreams,
         conn: ConnectionHandle,
         stream: StreamId,
         code: u64,
@@ -1433,7 +1478,11 @@ impl Flows {
     }
 
     /// Every flow on a lost connection fails.
-    pub(crate) fn on_connection_lost(&mut self, transport: &mut Transport, conn: ConnectionHandle) {
+    pub(crate) fn on_connection_lost(
+        &mut self,
+        transport: &mut impl FlowStreams,
+        conn: ConnectionHandle,
+    ) {
         let ids: Vec<FlowId> = self
             .by_stream
             .iter()
@@ -1453,7 +1502,7 @@ impl Flows {
     }
 
     /// Every flow with `peer` fails: membership declared it Dead or Left.
-    pub(crate) fn on_peer_gone(&mut self, transport: &mut Transport, peer: &str) {
+    pub(crate) fn on_peer_gone(&mut self, transport: &mut impl FlowStreams, peer: &str) {
         let ids: Vec<FlowId> = self
             .flows
             .iter()
@@ -1474,7 +1523,7 @@ impl Flows {
     /// An endpoint stopped being served here: flows waiting in its backlog are reset.
     pub(crate) fn on_endpoint_closed(
         &mut self,
-        transport: &mut Transport,
+        transport: &mut impl FlowStreams,
         endpoint: &str,
         code: ResetCode,
     ) {
@@ -1489,7 +1538,7 @@ impl Flows {
 
     /// Fails dials whose owner did not answer in time, and drops incoming streams whose
     /// `FlowOpen` did not come in time.
-    pub(crate) fn handle_timeout(&mut self, now: Instant, transport: &mut Transport) {
+    pub(crate) fn handle_timeout(&mut self, now: Instant, transport: &mut impl FlowStreams) {
         let due: Vec<(FlowId, bool)> = self
             .flows
             .iter()
@@ -1527,7 +1576,7 @@ impl Flows {
     }
 
     /// Refuses new flows from now on and resets the open ones.
-    pub(crate) fn shut_down(&mut self, transport: &mut Transport) {
+    pub(crate) fn shut_down(&mut self, transport: &mut impl FlowStreams) {
         self.shutting_down = true;
         let ids: Vec<FlowId> = self.flows.keys().copied().collect();
         for id in ids {
@@ -1540,7 +1589,7 @@ impl Flows {
         }
     }
 
-    fn flush(&mut self, transport: &mut Transport, id: FlowId) {
+    fn flush(&mut self, transport: &mut impl FlowStreams, id: FlowId) {
         let Some(flow) = self.flows.get_mut(&id) else {
             return;
         };
@@ -1567,7 +1616,7 @@ impl Flows {
     }
 
     /// A flow whose both sides finished and whose messages were all read is done.
-    fn maybe_done(&mut self, transport: &mut Transport, id: FlowId) {
+    fn maybe_done(&mut self, transport: &mut impl FlowStreams, id: FlowId) {
         let done = self.flows.get(&id).is_some_and(|f| {
             f.fin_sent && f.remote_finished && f.recv_queue.is_empty() && f.send_queue.is_empty()
         });
@@ -1581,7 +1630,7 @@ impl Flows {
     }
 
     /// Resets the flow because of what the peer sent (`error`), telling the peer why.
-    fn fail_with_reset(&mut self, transport: &mut Transport, id: FlowId, error: FlowError) {
+    fn fail_with_reset(&mut self, transport: &mut impl FlowStreams, id: FlowId, error: FlowError) {
         let code = match &error {
             FlowError::MessageTooLarge { .. } => ResetCode::MessageTooLarge,
             _ => ResetCode::ProtocolViolation,
@@ -1589,7 +1638,7 @@ impl Flows {
         self.close(transport, id, error, Some(code));
     }
 
-    fn fail(&mut self, transport: &mut Transport, id: FlowId, error: FlowError) {
+    fn fail(&mut self, transport: &mut impl FlowStreams, id: FlowId, error: FlowError) {
         self.close(transport, id, error, Some(ResetCode::Dropped));
     }
 
@@ -1598,7 +1647,7 @@ impl Flows {
     /// closes ([`FlowEvent::Closed`]), an incoming flow not yet opened was never seen.
     fn close(
         &mut self,
-        transport: &mut Transport,
+        transport: &mut impl FlowStreams,
         id: FlowId,
         error: FlowError,
         reset: Option<ResetCode>,
@@ -1606,12 +1655,9 @@ impl Flows {
         let Some(flow) = self.flows.get(&id) else {
             return;
         };
-        let (phase, endpoint, stream) = (flow.phase, flow.endpoint.clone(), flow.stream);
+        let (phase, endpoint) = (flow.phase, flow.endpoint.clone());
         debug!(parent: &flow.span, %error, ?reset, "flow ended");
-        if let (Some(code), Some((conn, stream))) = (reset, stream) {
-            transport.abort_stream(conn, stream, code.to_quic());
-        }
-        self.forget(transport, id);
+        self.forget_aborting(transport, id, reset);
         match phase {
             Phase::Dialing { .. } => {
                 self.remember(id, Err(error.clone()));
@@ -1639,14 +1685,25 @@ impl Flows {
     /// Drops the flow's state and gives its stream back: a sending half not finished is reset,
     /// the receiving half is read to its end and discarded, so the stream is freed on both sides
     /// however the flow ended.
-    fn forget(&mut self, transport: &mut Transport, id: FlowId) {
+    fn forget(&mut self, transport: &mut impl FlowStreams, id: FlowId) {
+        self.forget_aborting(transport, id, None);
+    }
+
+    /// [`forget`](Self::forget), but with `abort`, the whole stream is aborted with that code
+    /// whatever was sent: the one call that gives the stream back.
+    fn forget_aborting(
+        &mut self,
+        transport: &mut impl FlowStreams,
+        id: FlowId,
+        abort: Option<ResetCode>,
+    ) {
         if let Some(flow) = self.flows.remove(&id) {
             if let Some((conn, stream)) = flow.stream {
                 self.by_stream.remove(&(conn, stream));
-                if flow.fin_sent {
-                    transport.flow_release(conn, stream);
-                } else {
-                    transport.abort_stream(conn, stream, ResetCode::Dropped.to_quic());
+                match abort {
+                    Some(code) => transport.abort_stream(conn, stream, code.to_quic()),
+                    None if flow.fin_sent => transport.flow_release(conn, stream),
+                    None => transport.abort_stream(conn, stream, ResetCode::Dropped.to_quic()),
                 }
                 if flow.held {
                     transport.release_conn(conn);
@@ -1673,3 +1730,7 @@ impl Flows {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "flow_tests.rs"]
+mod tests;

@@ -423,6 +423,53 @@ pub(crate) const STREAM_KIND_PUSH_PULL: u8 = 1;
 /// First byte of a stream that carries a flow.
 pub(crate) const STREAM_KIND_FLOW: u8 = 2;
 
+impl crate::flow::FlowStreams for Transport {
+    fn open_flow_stream(&mut self, now: Instant, peer: &str, addr: SocketAddr, token: u64) {
+        Transport::open_flow_stream(self, now, peer, addr, token);
+    }
+
+    fn authenticate(&mut self, conn: ConnectionHandle, name: &str) -> bool {
+        Transport::authenticate(self, conn, name)
+    }
+
+    fn flow_write_chunks(
+        &mut self,
+        conn: ConnectionHandle,
+        stream: StreamId,
+        chunks: &mut [Bytes],
+    ) -> Option<usize> {
+        Transport::flow_write_chunks(self, conn, stream, chunks)
+    }
+
+    fn flow_read(&mut self, conn: ConnectionHandle, stream: StreamId, max: usize) -> FlowRead {
+        Transport::flow_read(self, conn, stream, max)
+    }
+
+    fn flow_finish(&mut self, conn: ConnectionHandle, stream: StreamId) {
+        Transport::flow_finish(self, conn, stream);
+    }
+
+    fn flow_release(&mut self, conn: ConnectionHandle, stream: StreamId) {
+        Transport::flow_release(self, conn, stream);
+    }
+
+    fn flow_reply_and_release(&mut self, conn: ConnectionHandle, stream: StreamId, data: Bytes) {
+        Transport::flow_reply_and_release(self, conn, stream, data);
+    }
+
+    fn abort_stream(&mut self, conn: ConnectionHandle, stream: StreamId, code: u64) {
+        Transport::abort_stream(self, conn, stream, code);
+    }
+
+    fn hold_conn(&mut self, now: Instant, conn: ConnectionHandle) {
+        Transport::hold_conn(self, now, conn);
+    }
+
+    fn release_conn(&mut self, conn: ConnectionHandle) {
+        Transport::release_conn(self, conn);
+    }
+}
+
 /// What reading a flow stream gave.
 #[derive(Debug, Default)]
 pub(crate) struct FlowRead {

@@ -30,10 +30,10 @@
 //!
 //! // b joins through a: push-pull over a reliable stream.
 //! b.join(t0, &["127.0.0.1:7001".parse()?]);
-//! let request = b.poll_transmit().expect("join request");
+//! let request = b.poll_outgoing().expect("join request");
 //! assert_eq!(request.channel, Channel::Stream);
 //! a.handle_stream(t0, b.local_addr(), &request.payload);
-//! let reply = a.poll_transmit().expect("push-pull reply");
+//! let reply = a.poll_outgoing().expect("push-pull reply");
 //! b.handle_stream(t0, a.local_addr(), &reply.payload);
 //!
 //! assert_eq!(a.members().count(), 1);
