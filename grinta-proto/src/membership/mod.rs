@@ -421,6 +421,37 @@ pub struct Membership {
     corrections: Vec<Bytes>,
 }
 
+/// The membership's timers, in the order [`Membership::handle_timeout`] runs those due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timer {
+    /// The probe walk: a direct probe's timeout, its end, or the next probe.
+    Probe,
+    /// Indirect probes run for others: a nack due, or the entry's expiry.
+    Indirect,
+    /// Suspicions reaching their timeout (the member is declared dead).
+    Suspicion,
+    /// The next gossip round.
+    Gossip,
+    /// The next periodic push-pull.
+    PushPull,
+    /// The next attempt towards a failed member or an unanswered seed.
+    Reconnect,
+    /// The next join attempt, while not joined.
+    JoinRetry,
+}
+
+impl Timer {
+    const ALL: [Timer; 7] = [
+        Timer::Probe,
+        Timer::Indirect,
+        Timer::Suspicion,
+        Timer::Gossip,
+        Timer::PushPull,
+        Timer::Reconnect,
+        Timer::JoinRetry,
+    ];
+}
+
 /// Most stale-news corrections gathered from one packet.
 const MAX_CORRECTIONS: usize = 8;
 
@@ -700,29 +731,60 @@ impl Membership {
             }
             Lifecycle::Running => {}
         }
-        let mut t = self
-            .next_gossip
-            .min(self.next_push_pull)
-            .min(self.next_reconnect);
-        match &self.probe {
-            Some(p) if !p.acked && !p.indirect_sent => t = t.min(p.timeout_at),
-            Some(p) => t = t.min(p.end_at),
-            None => t = t.min(self.next_probe),
+        Timer::ALL.iter().filter_map(|&t| self.due(t)).min()
+    }
+
+    /// When `timer` is next due (`None`: not armed). With [`Timer::ALL`], the one table both
+    /// [`poll_timeout`](Self::poll_timeout) and [`handle_timeout`](Self::handle_timeout) read.
+    fn due(&self, timer: Timer) -> Option<Instant> {
+        match timer {
+            Timer::Probe => Some(match &self.probe {
+                Some(p) if !p.acked && !p.indirect_sent => p.timeout_at,
+                Some(p) => p.end_at,
+                None => self.next_probe,
+            }),
+            Timer::Indirect => self
+                .indirect
+                .values()
+                .map(|f| {
+                    if f.want_nack && !f.nack_sent {
+                        f.nack_at
+                    } else {
+                        f.expire_at
+                    }
+                })
+                .min(),
+            Timer::Suspicion => self.suspicions.values().map(|s| s.deadline).min(),
+            Timer::Gossip => Some(self.next_gossip),
+            Timer::PushPull => Some(self.next_push_pull),
+            Timer::Reconnect => Some(self.next_reconnect),
+            Timer::JoinRetry => self.join_retry.map(|(at, _)| at),
         }
-        if let Some((retry, _)) = self.join_retry {
-            t = t.min(retry);
+    }
+
+    /// Runs `timer`, due at `now`.
+    fn run(&mut self, timer: Timer, now: Instant) {
+        match timer {
+            Timer::Probe => self.run_probe_timers(now),
+            Timer::Indirect => self.run_indirect_timers(now),
+            Timer::Suspicion => self.run_suspicion_timers(now),
+            Timer::Gossip => {
+                self.gossip(now);
+                self.next_gossip = now + self.config.gossip_interval;
+            }
+            Timer::PushPull => {
+                self.periodic_push_pull(now);
+                self.next_push_pull = now + self.push_pull_interval();
+            }
+            Timer::Reconnect => self.reconnect(now),
+            Timer::JoinRetry => {
+                if let Some((_, backoff)) = self.join_retry {
+                    self.send_join_attempt(now);
+                    let backoff = (backoff * 2).min(self.config.join_retry_max);
+                    self.join_retry = Some((now + backoff, backoff));
+                }
+            }
         }
-        for s in self.suspicions.values() {
-            t = t.min(s.deadline);
-        }
-        for f in self.indirect.values() {
-            t = t.min(if f.want_nack && !f.nack_sent {
-                f.nack_at
-            } else {
-                f.expire_at
-            });
-        }
-        Some(t)
     }
 
     // ----- inputs ----------------------------------------------------------------------------------
@@ -745,26 +807,11 @@ impl Membership {
             Lifecycle::Running => {}
         }
 
-        self.run_probe_timers(now);
-        self.run_indirect_timers(now);
-        self.run_suspicion_timers(now);
-
-        if now >= self.next_gossip {
-            self.gossip(now);
-            self.next_gossip = now + self.config.gossip_interval;
-        }
-        if now >= self.next_push_pull {
-            self.periodic_push_pull(now);
-            self.next_push_pull = now + self.push_pull_interval();
-        }
-        if now >= self.next_reconnect {
-            self.reconnect(now);
-        }
-        if let Some((retry, backoff)) = self.join_retry {
-            if now >= retry {
-                self.send_join_attempt(now);
-                let backoff = (backoff * 2).min(self.config.join_retry_max);
-                self.join_retry = Some((now + backoff, backoff));
+        // In the table's order; each timer's deadline is read just before it runs, so what one
+        // timer arms for `now` runs in the same call.
+        for timer in Timer::ALL {
+            if self.due(timer).is_some_and(|at| at <= now) {
+                self.run(timer, now);
             }
         }
     }
@@ -858,984 +905,6 @@ impl Membership {
             self.send_push_pull(from, Some(pp.sender.clone()), false, true);
         }
     }
-
-    // ----- probing ---------------------------------------------------------------------------------
-
-    fn next_seq(&mut self) -> u32 {
-        self.seq_no = self.seq_no.wrapping_add(1);
-        self.seq_no
-    }
-
-    fn run_probe_timers(&mut self, now: Instant) {
-        if let Some(p) = &self.probe {
-            if !p.acked && !p.indirect_sent && now >= p.timeout_at {
-                self.send_indirect_probes(now);
-            }
-        }
-        if self.probe.as_ref().is_some_and(|p| now >= p.end_at) {
-            self.finish_probe(now);
-        }
-        if self.probe.is_none() && now >= self.next_probe {
-            self.start_probe(now);
-        }
-    }
-
-    /// Picks the next target of the round-robin walk, reshuffling at each wrap-around.
-    fn next_probe_target(&mut self, now: Instant) -> Option<usize> {
-        for _ in 0..2 {
-            while self.probe_cursor < self.probe_order.len() {
-                let name = &self.probe_order[self.probe_cursor];
-                self.probe_cursor += 1;
-                if let Some(&i) = self.index.get(name) {
-                    if !self.members[i].member.state.is_gone() {
-                        return Some(i);
-                    }
-                }
-            }
-            self.reshuffle_probe_order(now);
-        }
-        None
-    }
-
-    fn reshuffle_probe_order(&mut self, now: Instant) {
-        // Forget Dead and Left members once they have been gossiped about long enough.
-        let reap: Vec<String> = self
-            .members
-            .iter()
-            .filter(|e| {
-                e.member.state.is_gone()
-                    && now.saturating_duration_since(e.state_change)
-                        >= self.config.gossip_to_the_dead_time
-            })
-            .map(|e| e.member.name.clone())
-            .collect();
-        for name in reap {
-            self.remove_member(&name);
-        }
-        let last = self.probe_order.last().cloned();
-        self.probe_order = self.members.iter().map(|e| e.member.name.clone()).collect();
-        // Fisher-Yates with our seeded generator.
-        for i in (1..self.probe_order.len()).rev() {
-            let j = self.rng.random_range(0..=i);
-            self.probe_order.swap(i, j);
-        }
-        // Never probe the same member twice in a row across the wrap-around.
-        if self.probe_order.len() > 1 && self.probe_order.first() == last.as_ref() {
-            let j = self.rng.random_range(1..self.probe_order.len());
-            self.probe_order.swap(0, j);
-        }
-        self.probe_cursor = 0;
-    }
-
-    fn remove_member(&mut self, name: &str) {
-        let Some(i) = self.index.remove(name) else {
-            return;
-        };
-        self.members.swap_remove(i);
-        if i < self.members.len() {
-            let moved = self.members[i].member.name.clone();
-            self.index.insert(moved, i);
-        }
-        self.suspicions.remove(name);
-        self.member_queue
-            .remove(&BroadcastKey::Member(name.to_owned()));
-    }
-
-    fn start_probe(&mut self, now: Instant) {
-        let interval = self.scaled(self.config.probe_interval);
-        let Some(i) = self.next_probe_target(now) else {
-            self.next_probe = now + interval;
-            return;
-        };
-        let seq = self.next_seq();
-        let target = self.members[i].member.clone();
-        let buddy: Option<Bytes> = if target.state == MemberState::Suspect && self.config.lifeguard
-        {
-            // Buddy system: tell the target it is suspected so it can refute at once.
-            Some(
-                wire::Broadcast {
-                    kind: Some(wire::broadcast::Kind::Suspect(wire::Suspect {
-                        node: target.name.clone(),
-                        incarnation: target.incarnation,
-                        from: self.name.clone(),
-                    })),
-                }
-                .encode_to_vec()
-                .into(),
-            )
-        } else {
-            None
-        };
-        let ping = wire::packet::Message::Ping(wire::Ping {
-            seq_no: seq,
-            target: target.name.clone(),
-            source_addr: Some(encode_addr(self.addr)),
-        });
-        self.stats.pings_sent += 1;
-        self.send_packet(
-            target.addr,
-            Some(target.name.clone()),
-            Some(ping),
-            buddy.as_slice(),
-        );
-        self.probe = Some(Probe {
-            target: target.name,
-            addr: target.addr,
-            seq,
-            timeout_at: now + self.scaled(self.config.probe_timeout),
-            end_at: now + interval,
-            indirect_sent: false,
-            expected_nacks: 0,
-            nacks: 0,
-            acked: false,
-            helpers: Vec::new(),
-        });
-        self.next_probe = now + interval;
-    }
-
-    fn send_indirect_probes(&mut self, now: Instant) {
-        let Some(p) = self.probe.as_mut() else {
-            return;
-        };
-        p.indirect_sent = true;
-        let (target, addr, seq, end_at) = (p.target.clone(), p.addr, p.seq, p.end_at);
-        let helpers = self.random_members(self.config.indirect_checks, |m| {
-            m.state == MemberState::Alive && m.name != target
-        });
-        let budget = end_at.saturating_duration_since(now);
-        let want_nack = self.config.lifeguard;
-        for h in &helpers {
-            let (helper_addr, helper_name) = {
-                let m = &self.members[*h].member;
-                (m.addr, m.name.clone())
-            };
-            let msg = wire::packet::Message::IndirectPing(wire::IndirectPing {
-                seq_no: seq,
-                target: target.clone(),
-                target_addr: Some(encode_addr(addr)),
-                budget_micros: budget.as_micros() as u64,
-                want_nack,
-                source_addr: Some(encode_addr(self.addr)),
-            });
-            self.stats.indirect_pings_sent += 1;
-            self.send_packet(helper_addr, Some(helper_name), Some(msg), &[]);
-        }
-        let helper_names: Vec<String> = helpers
-            .iter()
-            .map(|&h| self.members[h].member.name.clone())
-            .collect();
-        if let Some(p) = self.probe.as_mut() {
-            p.expected_nacks = if want_nack { helpers.len() as u32 } else { 0 };
-            p.helpers = helper_names;
-        }
-    }
-
-    fn finish_probe(&mut self, now: Instant) {
-        let Some(p) = self.probe.take() else {
-            return;
-        };
-        if p.acked {
-            return;
-        }
-        self.stats.probes_failed += 1;
-        let delta = if p.expected_nacks == 0 {
-            1
-        } else {
-            i64::from(p.expected_nacks.saturating_sub(p.nacks))
-        };
-        self.adjust_health(delta);
-        let Some(&i) = self.index.get(&p.target) else {
-            return;
-        };
-        let m = &self.members[i].member;
-        if m.state.is_gone() {
-            return;
-        }
-        let msg = wire::Suspect {
-            node: m.name.clone(),
-            incarnation: m.incarnation,
-            from: self.name.clone(),
-        };
-        debug!(target = %p.target, "probe failed, suspecting");
-        if m.state == MemberState::Alive {
-            self.stats.suspicions_raised += 1;
-        }
-        self.apply_suspect(now, msg, None);
-    }
-
-    fn handle_message(
-        &mut self,
-        now: Instant,
-        from: SocketAddr,
-        sender: &str,
-        message: wire::packet::Message,
-    ) {
-        use wire::packet::Message as M;
-        match message {
-            M::Ping(ping) => {
-                if !ping.target.is_empty() && ping.target != self.name {
-                    return; // meant for a previous owner of this address
-                }
-                self.stats.acks_sent += 1;
-                let ack = M::Ack(wire::Ack {
-                    seq_no: ping.seq_no,
-                });
-                self.send_packet(from, Some(sender.to_owned()), Some(ack), &[]);
-            }
-            M::IndirectPing(req) => {
-                let Some(target_addr) = req.target_addr.as_ref().and_then(decode_addr) else {
-                    self.stats.packets_invalid += 1;
-                    return;
-                };
-                if validate_node_name(&req.target).is_err() {
-                    self.stats.packets_invalid += 1;
-                    return;
-                }
-                if self.indirect.len() >= self.config.max_pending_indirect {
-                    self.stats.dropped_for_limits += 1;
-                    return;
-                }
-                let seq = self.next_seq();
-                // Bound the budget: a peer cannot make us hold state for long.
-                let budget = Duration::from_micros(req.budget_micros)
-                    .min(self.config.probe_interval * self.config.awareness_max_multiplier);
-                self.indirect.insert(
-                    seq,
-                    IndirectProbe {
-                        target: req.target.clone(),
-                        origin: from,
-                        origin_name: sender.to_owned(),
-                        origin_seq: req.seq_no,
-                        nack_at: now + budget.mul_f64(0.8),
-                        expire_at: now + budget,
-                        want_nack: req.want_nack,
-                        nack_sent: false,
-                    },
-                );
-                let ping = M::Ping(wire::Ping {
-                    seq_no: seq,
-                    target: req.target.clone(),
-                    source_addr: Some(encode_addr(self.addr)),
-                });
-                self.stats.pings_sent += 1;
-                self.send_packet(target_addr, Some(req.target), Some(ping), &[]);
-            }
-            M::Ack(ack) => {
-                // Only the node probed, or a helper asked to probe it, answers a probe: a
-                // sequence number guessed by anyone else proves nothing.
-                if let Some(p) = self.probe.as_mut() {
-                    let entitled = p.target == sender || p.helpers.iter().any(|h| h == sender);
-                    if p.seq == ack.seq_no && !p.acked && entitled {
-                        p.acked = true;
-                        self.adjust_health(-1);
-                        return;
-                    }
-                }
-                if self
-                    .indirect
-                    .get(&ack.seq_no)
-                    .is_some_and(|fwd| fwd.target == sender)
-                {
-                    let Some(fwd) = self.indirect.remove(&ack.seq_no) else {
-                        return;
-                    };
-                    self.stats.acks_sent += 1;
-                    let msg = M::Ack(wire::Ack {
-                        seq_no: fwd.origin_seq,
-                    });
-                    self.send_packet(fwd.origin, Some(fwd.origin_name), Some(msg), &[]);
-                }
-            }
-            M::Nack(nack) => {
-                if let Some(p) = self.probe.as_mut() {
-                    if p.seq == nack.seq_no
-                        && p.indirect_sent
-                        && p.helpers.iter().any(|h| h == sender)
-                    {
-                        p.nacks = (p.nacks + 1).min(p.expected_nacks);
-                    }
-                }
-            }
-        }
-    }
-
-    fn run_indirect_timers(&mut self, now: Instant) {
-        let due: Vec<u32> = self
-            .indirect
-            .iter()
-            .filter(|(_, f)| {
-                now >= f.expire_at || (f.want_nack && !f.nack_sent && now >= f.nack_at)
-            })
-            .map(|(&seq, _)| seq)
-            .collect();
-        for seq in due {
-            let Some(f) = self.indirect.get_mut(&seq) else {
-                continue;
-            };
-            if f.want_nack && !f.nack_sent && now >= f.nack_at {
-                f.nack_sent = true;
-                let (origin, name, origin_seq) = (f.origin, f.origin_name.clone(), f.origin_seq);
-                self.stats.nacks_sent += 1;
-                let msg = wire::packet::Message::Nack(wire::Nack { seq_no: origin_seq });
-                self.send_packet(origin, Some(name), Some(msg), &[]);
-            }
-            if self.indirect.get(&seq).is_some_and(|f| now >= f.expire_at) {
-                self.indirect.remove(&seq);
-            }
-        }
-    }
-
-    // ----- suspicion, refutation, state rules --------------------------------------------------------
-
-    fn run_suspicion_timers(&mut self, now: Instant) {
-        let due: Vec<(String, u64)> = self
-            .suspicions
-            .iter()
-            .filter(|(_, s)| now >= s.deadline)
-            .map(|(name, s)| (name.clone(), s.incarnation))
-            .collect();
-        for (name, incarnation) in due {
-            self.suspicions.remove(&name);
-            let Some(&i) = self.index.get(&name) else {
-                continue;
-            };
-            if self.members[i].member.state != MemberState::Suspect {
-                continue;
-            }
-            self.stats.deaths_declared += 1;
-            let msg = wire::Dead {
-                node: name,
-                incarnation,
-                from: self.name.clone(),
-            };
-            self.apply_dead(now, msg, None);
-        }
-    }
-
-    /// A packet from `from` accused member `i` at an incarnation older than the one we know alive:
-    /// its sender missed a refutation, and gossip about the stale incarnation dies out without
-    /// reaching the member. Tell the sender directly (collected per packet, one answer per packet).
-    fn correct_stale_sender(&mut self, i: usize, from: Option<SocketAddr>) {
-        let m = &self.members[i].member;
-        if from.is_none()
-            || m.state != MemberState::Alive
-            || self.corrections.len() >= MAX_CORRECTIONS
-        {
-            return;
-        }
-        let alive = wire::Broadcast {
-            kind: Some(wire::broadcast::Kind::Alive(wire::Alive {
-                node: m.name.clone(),
-                incarnation: m.incarnation,
-                addr: Some(encode_addr(m.addr)),
-                meta: m.meta.clone(),
-            })),
-        };
-        self.corrections.push(alive.encode_to_vec().into());
-    }
-
-    /// A packet from a member we hold Dead: it is running but missed its own death (a
-    /// partition, or gossip that died out before reaching it). Tell it, so that it refutes;
-    /// otherwise it would go on probing a cluster that ignores it.
-    fn correct_dead_sender(&mut self, sender: &str) {
-        let Some(&i) = self.index.get(sender) else {
-            return;
-        };
-        let m = &self.members[i].member;
-        if m.state != MemberState::Dead
-            || m.incarnation >= MAX_INCARNATION
-            || self.corrections.len() >= MAX_CORRECTIONS
-        {
-            return;
-        }
-        let dead = wire::Broadcast {
-            kind: Some(wire::broadcast::Kind::Dead(wire::Dead {
-                node: m.name.clone(),
-                incarnation: m.incarnation,
-                from: self.name.clone(),
-            })),
-        };
-        self.corrections.push(dead.encode_to_vec().into());
-    }
-
-    fn handle_broadcast(
-        &mut self,
-        now: Instant,
-        kind: wire::broadcast::Kind,
-        from: Option<SocketAddr>,
-    ) {
-        use wire::broadcast::Kind;
-        match kind {
-            Kind::Alive(a) => self.apply_alive(now, a),
-            Kind::Suspect(s) => self.apply_suspect(now, s, from),
-            Kind::Dead(d) => self.apply_dead(now, d, from),
-            Kind::App(app) => {
-                if app.key.len() + app.payload.len() > self.config.max_app_broadcast_size {
-                    self.stats.packets_invalid += 1;
-                    return;
-                }
-                self.events.push_back(Event::AppBroadcast {
-                    key: app.key,
-                    payload: app.payload,
-                });
-            }
-        }
-    }
-
-    /// Someone suspects this node or declares it dead at `accused`. At or above the current
-    /// incarnation, refute. Below it, the accuser holds stale news and missed an earlier refutation:
-    /// re-announce the current incarnation (no increment) so it catches up.
-    fn answer_accusation(&mut self, accused: u64) {
-        if !matches!(self.lifecycle, Lifecycle::Running) {
-            return;
-        }
-        if accused >= self.incarnation {
-            self.refute(accused);
-        } else {
-            self.broadcast_self_alive();
-        }
-    }
-
-    fn refute(&mut self, accused: u64) {
-        if !matches!(self.lifecycle, Lifecycle::Running) {
-            return;
-        }
-        self.incarnation = self.incarnation.max(accused).saturating_add(1);
-        self.stats.refutations += 1;
-        self.adjust_health(1);
-        self.events.push_back(Event::Refuted {
-            incarnation: self.incarnation,
-        });
-        self.broadcast_self_alive();
-    }
-
-    fn broadcast_self_alive(&mut self) {
-        let msg = wire::Alive {
-            node: self.name.clone(),
-            incarnation: self.incarnation,
-            addr: Some(encode_addr(self.addr)),
-            meta: self.meta.clone(),
-        };
-        self.queue_member_broadcast(self.name.clone(), wire::broadcast::Kind::Alive(msg));
-    }
-
-    fn queue_member_broadcast(&mut self, name: String, kind: wire::broadcast::Kind) {
-        let encoded = wire::Broadcast { kind: Some(kind) }.encode_to_vec();
-        self.member_queue
-            .push(BroadcastKey::Member(name.to_owned()), encoded.into());
-    }
-
-    fn apply_alive(&mut self, now: Instant, a: wire::Alive) {
-        if validate_node_name(&a.node).is_err()
-            || a.meta.len() > self.config.max_meta_size
-            || a.incarnation > MAX_INCARNATION
-        {
-            self.stats.packets_invalid += 1;
-            return;
-        }
-        let Some(addr) = a.addr.as_ref().and_then(decode_addr) else {
-            self.stats.packets_invalid += 1;
-            return;
-        };
-        if a.node == self.name {
-            // Someone announces us with an incarnation we never had (stale state from a previous life)
-            // or with another address: out-announce it. Like an accusation, it must leave room to
-            // refute (`+ 1`).
-            if a.incarnation >= MAX_INCARNATION {
-                self.stats.packets_invalid += 1;
-                return;
-            }
-            if a.incarnation > self.incarnation
-                || (a.incarnation == self.incarnation && (addr != self.addr || a.meta != self.meta))
-            {
-                self.refute(a.incarnation);
-            }
-            return;
-        }
-        let Some(&i) = self.index.get(&a.node) else {
-            if self.members.len() >= self.config.max_members {
-                self.stats.dropped_for_limits += 1;
-                return;
-            }
-            let member = Member {
-                name: a.node.clone(),
-                addr,
-                incarnation: a.incarnation,
-                state: MemberState::Alive,
-                meta: a.meta.clone(),
-            };
-            self.index.insert(a.node.clone(), self.members.len());
-            self.members.push(Entry {
-                member: member.clone(),
-                state_change: now,
-            });
-            // A new member is probed at a random point of the current round.
-            let pos = self.rng.random_range(0..=self.probe_order.len());
-            self.probe_order.insert(pos, a.node.clone());
-            if pos < self.probe_cursor {
-                self.probe_cursor += 1;
-            }
-            self.failed.retain(|f| f.name != a.node);
-            self.events.push_back(Event::MemberJoined(member));
-            self.queue_member_broadcast(a.node.clone(), wire::broadcast::Kind::Alive(a));
-            return;
-        };
-        let entry = &self.members[i];
-        let old = entry.member.state;
-        if addr != entry.member.addr {
-            // Same name, new address: a later life of the member (a higher incarnation: it
-            // restarted and moved), or once the old one is surely gone. Names are bound to
-            // certificates, so two live processes under one name are one operator's mistake,
-            // and the older refutes the newer.
-            let reclaimable = a.incarnation > entry.member.incarnation
-                || old == MemberState::Left
-                || (old == MemberState::Dead
-                    && now.saturating_duration_since(entry.state_change)
-                        >= self.config.dead_node_reclaim_time);
-            if !reclaimable {
-                return;
-            }
-        } else if a.incarnation <= entry.member.incarnation {
-            return;
-        }
-        let entry = &mut self.members[i];
-        let meta_changed = entry.member.meta != a.meta || entry.member.addr != addr;
-        entry.member.incarnation = a.incarnation;
-        entry.member.addr = addr;
-        entry.member.meta = a.meta.clone();
-        entry.member.state = MemberState::Alive;
-        if old != MemberState::Alive {
-            entry.state_change = now;
-        }
-        let member = entry.member.clone();
-        self.suspicions.remove(&a.node);
-        self.failed.retain(|f| f.name != a.node);
-        self.events.push_back(match old {
-            MemberState::Alive if meta_changed => Event::MemberUpdated(member),
-            MemberState::Alive => {
-                self.queue_member_broadcast(a.node.clone(), wire::broadcast::Kind::Alive(a));
-                return;
-            }
-            MemberState::Suspect => Event::MemberAlive(member),
-            MemberState::Dead | MemberState::Left => Event::MemberJoined(member),
-        });
-        self.queue_member_broadcast(a.node.clone(), wire::broadcast::Kind::Alive(a));
-    }
-
-    fn apply_suspect(&mut self, now: Instant, s: wire::Suspect, from: Option<SocketAddr>) {
-        // An accusation must leave its subject room to refute (accused + 1).
-        if validate_node_name(&s.from).is_err() || s.incarnation >= MAX_INCARNATION {
-            self.stats.packets_invalid += 1;
-            return;
-        }
-        if s.node == self.name {
-            self.answer_accusation(s.incarnation);
-            return;
-        }
-        let n = self.cluster_size();
-        let Some(&i) = self.index.get(&s.node) else {
-            return;
-        };
-        let entry = &mut self.members[i];
-        if s.incarnation < entry.member.incarnation {
-            self.correct_stale_sender(i, from);
-            return;
-        }
-        // Left is final until the member itself announces a newer incarnation. A Dead member is
-        // suspected again only at a newer incarnation: someone saw it refute after it was declared.
-        let same = s.incarnation == entry.member.incarnation;
-        match entry.member.state {
-            MemberState::Left => return,
-            MemberState::Dead if same => return,
-            _ => {}
-        }
-        if entry.member.state == MemberState::Suspect && same {
-            if let Some(timer) = self.suspicions.get_mut(&s.node) {
-                if timer.confirm(&s.from) {
-                    let node = s.node.clone();
-                    self.queue_member_broadcast(node.clone(), wire::broadcast::Kind::Suspect(s));
-                    if let Some(t) = self.suspicions.get(&node) {
-                        if now >= t.deadline {
-                            self.run_suspicion_timers(now);
-                        }
-                    }
-                }
-            }
-            return;
-        }
-        entry.member.incarnation = s.incarnation;
-        entry.member.state = MemberState::Suspect;
-        entry.state_change = now;
-        let timer = Suspicion::new(&self.config, n, s.incarnation, &s.from, now);
-        self.suspicions.insert(s.node.clone(), timer);
-        self.events.push_back(Event::MemberSuspect {
-            name: s.node.clone(),
-            incarnation: s.incarnation,
-        });
-        let node = s.node.clone();
-        self.queue_member_broadcast(node.clone(), wire::broadcast::Kind::Suspect(s));
-    }
-
-    fn apply_dead(&mut self, now: Instant, d: wire::Dead, from: Option<SocketAddr>) {
-        // A leave (from its own subject) may carry MAX_INCARNATION itself; an accusation not.
-        let limit = if d.from == d.node {
-            MAX_INCARNATION
-        } else {
-            MAX_INCARNATION - 1
-        };
-        if validate_node_name(&d.from).is_err() || d.incarnation > limit {
-            self.stats.packets_invalid += 1;
-            return;
-        }
-        if d.node == self.name {
-            self.answer_accusation(d.incarnation);
-            return;
-        }
-        let Some(&i) = self.index.get(&d.node) else {
-            return;
-        };
-        let entry = &mut self.members[i];
-        if d.incarnation < entry.member.incarnation {
-            self.correct_stale_sender(i, from);
-            return;
-        }
-        let left = d.node == d.from;
-        match entry.member.state {
-            MemberState::Left => return,
-            MemberState::Dead if !left => {
-                // Already dead: only remember a newer incarnation, so views converge whatever the
-                // order in which the news arrived.
-                if d.incarnation > entry.member.incarnation {
-                    entry.member.incarnation = d.incarnation;
-                    let name = d.node.clone();
-                    self.queue_member_broadcast(name, wire::broadcast::Kind::Dead(d));
-                }
-                return;
-            }
-            _ => {}
-        }
-        entry.member.incarnation = d.incarnation;
-        entry.member.state = if left {
-            MemberState::Left
-        } else {
-            MemberState::Dead
-        };
-        entry.state_change = now;
-        let (name, addr) = (entry.member.name.clone(), entry.member.addr);
-        self.suspicions.remove(&d.node);
-        if self.probe.as_ref().is_some_and(|p| p.target == d.node) {
-            // Stop probing a member that is gone; the walk moves on at the interval's end.
-            if let Some(p) = self.probe.as_mut() {
-                p.acked = true;
-            }
-        }
-        if left {
-            self.failed.retain(|f| f.name != name);
-            self.events.push_back(Event::MemberLeft {
-                name: name.clone(),
-                incarnation: d.incarnation,
-            });
-        } else {
-            self.events.push_back(Event::MemberDead {
-                name: name.clone(),
-                incarnation: d.incarnation,
-            });
-            self.remember_failed(name.clone(), addr);
-        }
-        self.queue_member_broadcast(name.clone(), wire::broadcast::Kind::Dead(d));
-    }
-
-    fn remember_failed(&mut self, name: String, addr: SocketAddr) {
-        self.failed.retain(|f| f.name != name);
-        if self.failed.len() >= self.config.max_failed_members {
-            self.failed.pop_front();
-            self.stats.dropped_for_limits += 1;
-        }
-        self.failed.push_back(FailedMember { name, addr });
-    }
-
-    // ----- push-pull, join, reconnect ------------------------------------------------------------------
-
-    fn merge_remote_state(&mut self, now: Instant, pp: &wire::PushPull) {
-        for e in &pp.members {
-            let Some(addr) = e.addr.as_ref().and_then(decode_addr) else {
-                continue;
-            };
-            let state =
-                wire::MemberState::try_from(e.state).unwrap_or(wire::MemberState::Unspecified);
-            match state {
-                wire::MemberState::Alive => self.apply_alive(
-                    now,
-                    wire::Alive {
-                        node: e.node.clone(),
-                        incarnation: e.incarnation,
-                        addr: Some(encode_addr(addr)),
-                        meta: e.meta.clone(),
-                    },
-                ),
-                wire::MemberState::Left => self.apply_dead(
-                    now,
-                    wire::Dead {
-                        node: e.node.clone(),
-                        incarnation: e.incarnation,
-                        from: e.node.clone(),
-                    },
-                    None,
-                ),
-                // Never trust a remote "dead": it becomes a local suspicion that the member can refute.
-                wire::MemberState::Dead | wire::MemberState::Suspect => self.apply_suspect(
-                    now,
-                    wire::Suspect {
-                        node: e.node.clone(),
-                        incarnation: e.incarnation,
-                        from: pp.sender.clone(),
-                    },
-                    None,
-                ),
-                wire::MemberState::Unspecified => {}
-            }
-        }
-    }
-
-    fn local_state(&self, join: bool, reply: bool) -> wire::PushPull {
-        let mut members = Vec::with_capacity(self.members.len() + 1);
-        members.push(wire::MemberEntry {
-            node: self.name.clone(),
-            addr: Some(encode_addr(self.addr)),
-            incarnation: self.incarnation,
-            state: wire::MemberState::Alive as i32,
-            meta: self.meta.clone(),
-        });
-        for e in &self.members {
-            members.push(wire::MemberEntry {
-                node: e.member.name.clone(),
-                addr: Some(encode_addr(e.member.addr)),
-                incarnation: e.member.incarnation,
-                state: e.member.state.to_wire() as i32,
-                meta: e.member.meta.clone(),
-            });
-        }
-        wire::PushPull {
-            protocol_version: wire::PROTOCOL_VERSION,
-            sender: self.name.clone(),
-            join,
-            reply,
-            members,
-            app_state: self.app_state.clone(),
-        }
-    }
-
-    fn send_push_pull(
-        &mut self,
-        dst: SocketAddr,
-        dst_name: Option<String>,
-        join: bool,
-        reply: bool,
-    ) {
-        let mut state = self.local_state(join, reply);
-        let mut payload = state.encode_to_vec();
-        if payload.len() > self.config.max_push_pull_size {
-            // Too large for one exchange: send the members without the application state rather than
-            // nothing; the application state is repaired by gossip.
-            state.app_state = Bytes::new();
-            payload = state.encode_to_vec();
-            self.stats.dropped_for_limits += 1;
-            if payload.len() > self.config.max_push_pull_size {
-                return;
-            }
-        }
-        self.stats.push_pulls_sent += 1;
-        self.stats.push_pull_bytes_sent += payload.len() as u64;
-        self.transmits.push_back(Outgoing {
-            dst,
-            dst_name,
-            channel: if reply {
-                Channel::StreamReply
-            } else {
-                Channel::Stream
-            },
-            payload,
-        });
-    }
-
-    fn send_join_attempt(&mut self, _now: Instant) {
-        for seed in self.seeds.clone() {
-            self.send_push_pull(seed, None, true, false);
-        }
-    }
-
-    fn periodic_push_pull(&mut self, _now: Instant) {
-        let picked = self.random_members(1, |m| m.state == MemberState::Alive);
-        if let Some(&i) = picked.first() {
-            let (addr, name) = (
-                self.members[i].member.addr,
-                self.members[i].member.name.clone(),
-            );
-            self.send_push_pull(addr, Some(name), false, false);
-        }
-    }
-
-    /// One attempt towards the next failed member or unanswered seed, so partitions heal.
-    fn reconnect(&mut self, now: Instant) {
-        let seeds: Vec<SocketAddr> = self
-            .seeds
-            .iter()
-            .copied()
-            .filter(|s| {
-                !self
-                    .members
-                    .iter()
-                    .any(|e| e.member.addr == *s && !e.member.state.is_gone())
-            })
-            .collect();
-        let total = self.failed.len() + seeds.len();
-        if total == 0 {
-            self.next_reconnect = now + self.config.reconnect_interval;
-            return;
-        }
-        let slot = self.reconnect_cursor % total;
-        self.reconnect_cursor = self.reconnect_cursor.wrapping_add(1);
-        let (addr, name) = if slot < self.failed.len() {
-            let f = &self.failed[slot];
-            (f.addr, Some(f.name.clone()))
-        } else {
-            (seeds[slot - self.failed.len()], None)
-        };
-        self.stats.reconnect_attempts += 1;
-        self.send_push_pull(addr, name, false, false);
-        let spacing =
-            (self.config.reconnect_interval / total as u32).max(self.config.gossip_interval);
-        self.next_reconnect = now + spacing;
-    }
-
-    fn finish_leave(&mut self) {
-        self.lifecycle = Lifecycle::Left;
-        self.probe = None;
-        self.suspicions.clear();
-        self.indirect.clear();
-        self.events.push_back(Event::LeaveComplete);
-    }
-
-    // ----- gossip and packets ---------------------------------------------------------------------------
-
-    fn gossip(&mut self, now: Instant) {
-        if self.member_queue.is_empty() && self.app_queue.is_empty() {
-            return;
-        }
-        let dead_time = self.config.gossip_to_the_dead_time;
-        let targets = self.random_members_with(self.config.gossip_nodes, |e| {
-            !e.member.state.is_gone() || now.saturating_duration_since(e.state_change) < dead_time
-        });
-        for i in targets {
-            let (addr, name) = (
-                self.members[i].member.addr,
-                self.members[i].member.name.clone(),
-            );
-            if self.send_packet(addr, Some(name), None, &[]) {
-                self.stats.gossip_packets_sent += 1;
-            }
-        }
-    }
-
-    /// Builds and queues one packet to `dst`: the optional probe message, the optional `first`
-    /// broadcast, then as many queued broadcasts as fit. A packet with neither a message nor a
-    /// broadcast is not sent. Returns whether a packet was queued.
-    fn send_packet(
-        &mut self,
-        dst: SocketAddr,
-        dst_name: Option<String>,
-        message: Option<wire::packet::Message>,
-        first: &[Bytes],
-    ) -> bool {
-        let has_message = message.is_some();
-        let header = wire::Packet {
-            sender: self.name.clone(),
-            message,
-            broadcasts: Vec::new(),
-        };
-        let mut payload = header.encode_to_vec();
-        let mut budget = self.config.max_packet_size.saturating_sub(payload.len());
-        let mut broadcasts: Vec<Bytes> = Vec::new();
-        for item in first {
-            let need = framed_broadcast_len(item.len());
-            if need <= budget {
-                budget -= need;
-                broadcasts.push(item.clone());
-            }
-        }
-        let limit = self.retransmit_limit();
-        // Application items get a guaranteed share: member news may use everything but that share
-        // (or less, if fewer application bytes are waiting); application items then take whatever
-        // member news left.
-        let app_share = budget * usize::from(self.config.app_broadcast_share_percent) / 100;
-        let reserved = app_share.min(self.app_queue.framed_bytes());
-        let used = self
-            .member_queue
-            .fill(budget - reserved, limit, &mut broadcasts);
-        self.app_queue.fill(budget - used, limit, &mut broadcasts);
-        if !has_message && broadcasts.is_empty() {
-            return false;
-        }
-        for b in &broadcasts {
-            // Field 6 (`broadcasts`), wire type 2 (length-delimited).
-            prost::encoding::encode_key(
-                6,
-                prost::encoding::WireType::LengthDelimited,
-                &mut payload,
-            );
-            prost::encoding::encode_varint(b.len() as u64, &mut payload);
-            payload.extend_from_slice(b);
-        }
-        debug_assert!(payload.len() <= self.config.max_packet_size.max(header.encoded_len()));
-        self.stats.packets_sent += 1;
-        self.stats.packet_bytes_sent += payload.len() as u64;
-        self.transmits.push_back(Outgoing {
-            dst,
-            dst_name,
-            channel: Channel::Datagram,
-            payload,
-        });
-        true
-    }
-
-    /// Up to `k` distinct random members matching `filter`.
-    fn random_members(&mut self, k: usize, filter: impl Fn(&Member) -> bool) -> Vec<usize> {
-        self.random_members_with(k, |e| filter(&e.member))
-    }
-
-    fn random_members_with(&mut self, k: usize, filter: impl Fn(&Entry) -> bool) -> Vec<usize> {
-        let n = self.members.len();
-        let mut picked: Vec<usize> = Vec::with_capacity(k);
-        if k == 0 || n == 0 {
-            return picked;
-        }
-        if n <= 4 * k + 16 {
-            let mut candidates: Vec<usize> = (0..n).filter(|&i| filter(&self.members[i])).collect();
-            for _ in 0..k.min(candidates.len()) {
-                let j = self.rng.random_range(0..candidates.len());
-                picked.push(candidates.swap_remove(j));
-            }
-            return picked;
-        }
-        // Large tables: rejection sampling, then a scan if the matching members are rare.
-        for _ in 0..8 * k {
-            let i = self.rng.random_range(0..n);
-            if !picked.contains(&i) && filter(&self.members[i]) {
-                picked.push(i);
-                if picked.len() == k {
-                    return picked;
-                }
-            }
-        }
-        let mut candidates: Vec<usize> = (0..n)
-            .filter(|i| !picked.contains(i) && filter(&self.members[*i]))
-            .collect();
-        while picked.len() < k && !candidates.is_empty() {
-            let j = self.rng.random_range(0..candidates.len());
-            picked.push(candidates.swap_remove(j));
-        }
-        picked
-    }
 }
 
 /// Encodes a socket address for the wire.
@@ -1867,5 +936,9 @@ pub(crate) fn decode_addr(addr: &wire::SocketAddress) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
+mod gossip;
+mod probe;
+mod push_pull;
+mod rules;
 #[cfg(test)]
 mod tests;

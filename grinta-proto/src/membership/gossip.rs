@@ -1,0 +1,133 @@
+//! Gossip: piggybacking broadcasts on packets, building and sending packets within the
+//! packet budget, and picking random members.
+
+use super::*;
+
+impl Membership {
+    pub(super) fn gossip(&mut self, now: Instant) {
+        if self.member_queue.is_empty() && self.app_queue.is_empty() {
+            return;
+        }
+        let dead_time = self.config.gossip_to_the_dead_time;
+        let targets = self.random_members_with(self.config.gossip_nodes, |e| {
+            !e.member.state.is_gone() || now.saturating_duration_since(e.state_change) < dead_time
+        });
+        for i in targets {
+            let (addr, name) = (
+                self.members[i].member.addr,
+                self.members[i].member.name.clone(),
+            );
+            if self.send_packet(addr, Some(name), None, &[]) {
+                self.stats.gossip_packets_sent += 1;
+            }
+        }
+    }
+
+    /// Builds and queues one packet to `dst`: the optional probe message, the optional `first`
+    /// broadcast, then as many queued broadcasts as fit. A packet with neither a message nor a
+    /// broadcast is not sent. Returns whether a packet was queued.
+    pub(super) fn send_packet(
+        &mut self,
+        dst: SocketAddr,
+        dst_name: Option<String>,
+        message: Option<wire::packet::Message>,
+        first: &[Bytes],
+    ) -> bool {
+        let has_message = message.is_some();
+        let header = wire::Packet {
+            sender: self.name.clone(),
+            message,
+            broadcasts: Vec::new(),
+        };
+        let mut payload = header.encode_to_vec();
+        let mut budget = self.config.max_packet_size.saturating_sub(payload.len());
+        let mut broadcasts: Vec<Bytes> = Vec::new();
+        for item in first {
+            let need = framed_broadcast_len(item.len());
+            if need <= budget {
+                budget -= need;
+                broadcasts.push(item.clone());
+            }
+        }
+        let limit = self.retransmit_limit();
+        // Application items get a guaranteed share: member news may use everything but that share
+        // (or less, if fewer application bytes are waiting); application items then take whatever
+        // member news left.
+        let app_share = budget * usize::from(self.config.app_broadcast_share_percent) / 100;
+        let reserved = app_share.min(self.app_queue.framed_bytes());
+        let used = self
+            .member_queue
+            .fill(budget - reserved, limit, &mut broadcasts);
+        self.app_queue.fill(budget - used, limit, &mut broadcasts);
+        if !has_message && broadcasts.is_empty() {
+            return false;
+        }
+        for b in &broadcasts {
+            // Field 6 (`broadcasts`), wire type 2 (length-delimited).
+            prost::encoding::encode_key(
+                6,
+                prost::encoding::WireType::LengthDelimited,
+                &mut payload,
+            );
+            prost::encoding::encode_varint(b.len() as u64, &mut payload);
+            payload.extend_from_slice(b);
+        }
+        debug_assert!(payload.len() <= self.config.max_packet_size.max(header.encoded_len()));
+        self.stats.packets_sent += 1;
+        self.stats.packet_bytes_sent += payload.len() as u64;
+        self.transmits.push_back(Outgoing {
+            dst,
+            dst_name,
+            channel: Channel::Datagram,
+            payload,
+        });
+        true
+    }
+
+    /// Up to `k` distinct random members matching `filter`.
+    pub(super) fn random_members(
+        &mut self,
+        k: usize,
+        filter: impl Fn(&Member) -> bool,
+    ) -> Vec<usize> {
+        self.random_members_with(k, |e| filter(&e.member))
+    }
+
+    pub(super) fn random_members_with(
+        &mut self,
+        k: usize,
+        filter: impl Fn(&Entry) -> bool,
+    ) -> Vec<usize> {
+        let n = self.members.len();
+        let mut picked: Vec<usize> = Vec::with_capacity(k);
+        if k == 0 || n == 0 {
+            return picked;
+        }
+        if n <= 4 * k + 16 {
+            let mut candidates: Vec<usize> = (0..n).filter(|&i| filter(&self.members[i])).collect();
+            for _ in 0..k.min(candidates.len()) {
+                let j = self.rng.random_range(0..candidates.len());
+                picked.push(candidates.swap_remove(j));
+            }
+            return picked;
+        }
+        // Large tables: rejection sampling, then a scan if the matching members are rare.
+        for _ in 0..8 * k {
+            let i = self.rng.random_range(0..n);
+            if !picked.contains(&i) && filter(&self.members[i]) {
+                picked.push(i);
+                if picked.len() == k {
+                    return picked;
+                }
+            }
+        }
+        let mut candidates: Vec<usize> = (0..n)
+            .filter(|i| !picked.contains(i) && filter(&self.members[*i]))
+            .collect();
+        while picked.len() < k && !candidates.is_empty() {
+            let j = self.rng.random_range(0..candidates.len());
+            picked.push(candidates.swap_remove(j));
+        }
+        picked
+    }
+}
