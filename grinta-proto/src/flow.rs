@@ -12,7 +12,7 @@
 //! bytes wait for the application, so a slow reader slows its writer through QUIC flow control.
 //! Flows to a peer that membership declares Dead or Left fail at once.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 use tracing::debug;
 
@@ -716,6 +716,13 @@ pub(crate) struct Flows {
     /// Flows with messages queued since the last `flush_sends`.
     dirty: Vec<FlowId>,
     shutting_down: bool,
+    /// Deadlines of flows not yet open (dial timeouts, incoming streams awaiting their open),
+    /// ordered. Entries of flows that opened or ended are dropped when they reach the front.
+    deadlines: BTreeSet<(Instant, FlowId)>,
+    /// Flows dialled and not yet answered.
+    dialing: usize,
+    /// Flows per peer node, in both directions.
+    per_peer: HashMap<String, usize>,
 }
 
 impl Flows {
@@ -731,6 +738,9 @@ impl Flows {
             events: VecDeque::new(),
             dirty: Vec::new(),
             shutting_down: false,
+            deadlines: BTreeSet::new(),
+            dialing: 0,
+            per_peer: HashMap::new(),
         }
     }
 
@@ -760,17 +770,47 @@ impl Flows {
 
     /// Flows open (or opening) with `peer`.
     fn flows_with(&self, peer: &str) -> usize {
-        self.flows.values().filter(|f| f.peer == peer).count()
+        self.per_peer.get(peer).copied().unwrap_or(0)
     }
 
-    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        self.flows
-            .values()
-            .filter_map(|f| match f.phase {
-                Phase::Dialing { deadline } | Phase::AwaitOpen { deadline } => Some(deadline),
-                Phase::Open => None,
-            })
-            .min()
+    /// Counts flow `id` as one with `peer` (once it is known).
+    fn count_peer(&mut self, peer: &str) {
+        if !peer.is_empty() {
+            *self.per_peer.entry(peer.to_owned()).or_default() += 1;
+        }
+    }
+
+    /// Takes flow `id` out of every table and count.
+    fn remove_flow(&mut self, id: FlowId) -> Option<Flow> {
+        let flow = self.flows.remove(&id)?;
+        if matches!(flow.phase, Phase::Dialing { .. }) {
+            self.dialing -= 1;
+        }
+        if let Some(count) = self.per_peer.get_mut(&flow.peer) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_peer.remove(&flow.peer);
+            }
+        }
+        Some(flow)
+    }
+
+    /// The deadline of a flow not yet open, if `entry` still is one.
+    fn is_live_deadline(&self, &(at, id): &(Instant, FlowId)) -> bool {
+        self.flows.get(&id).is_some_and(|f| match f.phase {
+            Phase::Dialing { deadline } | Phase::AwaitOpen { deadline } => deadline == at,
+            Phase::Open => false,
+        })
+    }
+
+    pub(crate) fn poll_timeout(&mut self) -> Option<Instant> {
+        while let Some(first) = self.deadlines.first() {
+            if self.is_live_deadline(first) {
+                return Some(first.0);
+            }
+            self.deadlines.pop_first();
+        }
+        None
     }
 
     fn new_flow(
@@ -792,6 +832,17 @@ impl Flows {
             span.record("endpoint", tracing::field::display(endpoint));
             span.record("peer", tracing::field::display(peer));
         }
+        match phase {
+            Phase::Dialing { deadline } => {
+                self.dialing += 1;
+                self.deadlines.insert((deadline, id));
+            }
+            Phase::AwaitOpen { deadline } => {
+                self.deadlines.insert((deadline, id));
+            }
+            Phase::Open => {}
+        }
+        self.count_peer(peer);
         self.flows.insert(
             id,
             Flow {
@@ -844,12 +895,7 @@ impl Flows {
                 limit: self.limits.max_flows,
             });
         }
-        let pending = self
-            .flows
-            .values()
-            .filter(|f| matches!(f.phase, Phase::Dialing { .. }))
-            .count();
-        if pending >= self.limits.max_pending_dials {
+        if self.dialing >= self.limits.max_pending_dials {
             return refused(FlowError::LimitReached {
                 what: "max_pending_dials",
                 limit: self.limits.max_pending_dials,
@@ -1069,6 +1115,7 @@ impl Flows {
                 (Phase::Dialing { .. }, FlowFrame::Response(response)) => match response.result {
                     Some(wire::flow_response::Result::Accept(accept)) => {
                         flow.phase = Phase::Open;
+                        self.dialing -= 1;
                         flow.peer_max_message = accept.max_message_size;
                         debug!(parent: &flow.span, "flow open");
                         self.events.push_back(FlowEvent::Opened {
@@ -1123,6 +1170,7 @@ impl Flows {
                     } else {
                         None
                     };
+                    self.count_peer(&open.source_node);
                     let flow = self.flows.get_mut(&id).ok_or(FlowError::UnknownFlow)?;
                     flow.endpoint = open.endpoint.clone();
                     flow.peer = open.source_node.clone();
@@ -1151,7 +1199,7 @@ impl Flows {
                             &mut answer,
                         );
                         let (conn, stream) = flow.stream.ok_or(FlowError::UnknownFlow)?;
-                        self.flows.remove(&id);
+                        self.remove_flow(id);
                         self.by_stream.remove(&(conn, stream));
                         transport.flow_reply_and_release(conn, stream, answer.into());
                         return Ok(());
@@ -1539,15 +1587,19 @@ impl Flows {
     /// Fails dials whose owner did not answer in time, and drops incoming streams whose
     /// `FlowOpen` did not come in time.
     pub(crate) fn handle_timeout(&mut self, now: Instant, transport: &mut impl FlowStreams) {
-        let due: Vec<(FlowId, bool)> = self
-            .flows
-            .iter()
-            .filter_map(|(id, f)| match f.phase {
-                Phase::Dialing { deadline } if now >= deadline => Some((*id, true)),
-                Phase::AwaitOpen { deadline } if now >= deadline => Some((*id, false)),
-                _ => None,
-            })
-            .collect();
+        let mut due = Vec::new();
+        while let Some(&(at, id)) = self.deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            match self.flows.get(&id).map(|f| f.phase) {
+                Some(Phase::Dialing { deadline }) if deadline == at => due.push((id, true)),
+                Some(Phase::AwaitOpen { deadline }) if deadline == at => due.push((id, false)),
+                // Opened or ended since.
+                _ => {}
+            }
+        }
         for (id, dialing) in due {
             if dialing {
                 let endpoint = self
@@ -1676,7 +1728,7 @@ impl Flows {
     }
 
     fn end(&mut self, id: FlowId, result: Result<(), FlowError>) {
-        if let Some(flow) = self.flows.remove(&id) {
+        if let Some(flow) = self.remove_flow(id) {
             debug!(parent: &flow.span, ?result, "flow ended");
         }
         self.remember(id, result);
@@ -1697,7 +1749,7 @@ impl Flows {
         id: FlowId,
         abort: Option<ResetCode>,
     ) {
-        if let Some(flow) = self.flows.remove(&id) {
+        if let Some(flow) = self.remove_flow(id) {
             if let Some((conn, stream)) = flow.stream {
                 self.by_stream.remove(&(conn, stream));
                 match abort {

@@ -384,3 +384,58 @@ fn a_reset_from_the_peer_ends_the_flow_and_resets_our_half_too() {
         Err(error)
     );
 }
+
+/// The counts behind the limits (pending dials, flows per peer) follow every way in and out.
+#[test]
+fn pending_dial_and_per_peer_counts_follow_flows_in_and_out() {
+    let now = Instant::now();
+    let mut t = Streams::default();
+    let registry = Registry::new("me", RegistryLimits::default());
+    let limits = FlowLimits {
+        max_pending_dials: 2,
+        max_flows_per_peer: 3,
+        dial_timeout: Duration::from_secs(1),
+        ..FlowLimits::default()
+    };
+    let mut flows = Flows::new("me", limits);
+    for round in 0..100u64 {
+        let now = now + Duration::from_secs(2 * round);
+        let a = flows
+            .dial(now, &mut t, "echo", PEER, addr())
+            .expect("first");
+        let b = flows
+            .dial(now, &mut t, "echo", PEER, addr())
+            .expect("second");
+        assert!(matches!(
+            flows.dial(now, &mut t, "echo", PEER, addr()),
+            Err(FlowError::LimitReached {
+                what: "max_pending_dials",
+                ..
+            })
+        ));
+        // One is answered: room for a dial again, but now the peer holds three flows.
+        let s = stream(4 * round);
+        flows.on_stream_opened(now, &mut t, a.0, CONN, s);
+        t.deliver_message(s, &accept(1000));
+        flows.on_readable(now, &mut t, &registry, CONN, s);
+        let c = flows
+            .dial(now, &mut t, "echo", PEER, addr())
+            .expect("third");
+        assert!(matches!(
+            flows.dial(now, &mut t, "other", PEER, addr()),
+            Err(FlowError::LimitReached {
+                what: "max_pending_dials",
+                ..
+            })
+        ));
+        assert_eq!(flows.flows_with(PEER), 3);
+        // The unanswered ones time out, the open one is reset: nothing is left counted.
+        flows.handle_timeout(now + Duration::from_secs(1), &mut t);
+        flows
+            .reset(&mut t, a, ResetCode::Application(1))
+            .expect("reset");
+        assert_eq!(flows.len(), 0, "round {round}: {b:?} {c:?}");
+        assert_eq!((flows.dialing, flows.flows_with(PEER)), (0, 0));
+        assert_eq!(flows.poll_timeout(), None);
+    }
+}

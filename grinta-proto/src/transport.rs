@@ -16,7 +16,7 @@
 //! sends on the connection dialled by the node with the lower name once it is established, and the
 //! other one idles out.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -365,6 +365,12 @@ pub(crate) struct Transport {
     /// Client configuration for dialling seeds known only by address (name checked on first message).
     client_any_name: ClientConfig,
     conns: BTreeMap<ConnectionHandle, Conn>,
+    /// Each connection's next deadline (QUIC timers, handshake timeout, exchange timeouts,
+    /// keep-alive), ordered: `poll_timeout` reads the first, `handle_timeout` takes those due,
+    /// so no input costs a walk over every connection. Updated whenever a connection is driven.
+    deadlines: BTreeSet<(Instant, ConnectionHandle)>,
+    /// The entry of each connection in `deadlines`.
+    deadline_of: HashMap<ConnectionHandle, Instant>,
     by_name: HashMap<String, ConnectionHandle>,
     local_name: String,
     limits: TransportLimits,
@@ -628,6 +634,8 @@ impl Transport {
             client: client_config,
             client_any_name,
             conns: BTreeMap::new(),
+            deadlines: BTreeSet::new(),
+            deadline_of: HashMap::new(),
             by_name: HashMap::new(),
             local_name: local_name.to_owned(),
             limits,
@@ -1062,6 +1070,8 @@ impl Transport {
                 c.last_keep_alive = now;
             }
             c.holds += 1;
+            // Its keep-alive deadline changed.
+            self.dirty.insert(conn);
         }
     }
 
@@ -1069,6 +1079,7 @@ impl Transport {
     pub(crate) fn release_conn(&mut self, conn: ConnectionHandle) {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.holds = c.holds.saturating_sub(1);
+            self.dirty.insert(conn);
         }
     }
 
@@ -1270,17 +1281,20 @@ impl Transport {
         self.limits.idle_timeout / 3
     }
 
-    /// Runs connection timers due at `now`.
+    /// Runs connection timers due at `now`: only the connections whose deadline passed.
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
         let interval = self.keep_alive_interval();
-        let overdue: Vec<ConnectionHandle> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| !c.established && !c.conn.is_closed() && now >= c.handshake_deadline)
-            .map(|(ch, _)| *ch)
-            .collect();
-        for ch in overdue {
-            if let Some(c) = self.conns.get_mut(&ch) {
+        while let Some(&(at, ch)) = self.deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            self.deadline_of.remove(&ch);
+            let Some(c) = self.conns.get_mut(&ch) else {
+                continue;
+            };
+            self.dirty.insert(ch);
+            if !c.established && !c.conn.is_closed() && now >= c.handshake_deadline {
                 self.stats.handshakes_timed_out += 1;
                 debug!(peer = ?c.peer, addr = %c.addr, "handshake timed out");
                 c.conn.close(
@@ -1288,12 +1302,10 @@ impl Transport {
                     VarInt::from_u32(ConnectionCloseCode::Idle as u32),
                     Bytes::from_static(b"handshake timed out"),
                 );
-                self.dirty.insert(ch);
                 // A connection closed here raises no event of its own.
                 self.connection_lost(ch);
+                continue;
             }
-        }
-        for (ch, c) in self.conns.iter_mut() {
             let overdue: Vec<StreamId> = c
                 .inbound
                 .iter()
@@ -1303,28 +1315,13 @@ impl Transport {
             for id in overdue {
                 self.stats.stream_messages_dropped += 1;
                 c.abort(id, StreamErrorCode::ProtocolViolation as u64);
-                self.dirty.insert(*ch);
             }
             if c.holds > 0 && c.established && now >= c.last_keep_alive + interval {
                 c.conn.ping();
                 c.last_keep_alive = now;
-                self.dirty.insert(*ch);
             }
-        }
-        let due: Vec<ConnectionHandle> = self
-            .conns
-            .iter_mut()
-            .filter_map(|(&ch, c)| {
-                c.conn
-                    .poll_timeout()
-                    .is_some_and(|t| t <= now)
-                    .then_some(ch)
-            })
-            .collect();
-        for ch in due {
-            if let Some(c) = self.conns.get_mut(&ch) {
+            if c.conn.poll_timeout().is_some_and(|t| t <= now) {
                 c.conn.handle_timeout(now);
-                self.dirty.insert(ch);
             }
         }
         self.drive(now);
@@ -1332,19 +1329,30 @@ impl Transport {
 
     /// The earliest connection deadline (QUIC timers and keep-alives of held connections).
     pub(crate) fn poll_timeout(&mut self) -> Option<Instant> {
+        self.deadlines.first().map(|&(at, _)| at)
+    }
+
+    /// Puts connection `ch`'s next deadline in the index (or takes it out if it has none or is
+    /// gone).
+    fn reschedule(&mut self, ch: ConnectionHandle) {
+        if let Some(old) = self.deadline_of.remove(&ch) {
+            self.deadlines.remove(&(old, ch));
+        }
         let interval = self.keep_alive_interval();
-        self.conns
-            .values_mut()
-            .flat_map(|c| {
-                let keep_alive =
-                    (c.holds > 0 && c.established).then(|| c.last_keep_alive + interval);
-                let handshake =
-                    (!c.established && !c.conn.is_closed()).then_some(c.handshake_deadline);
-                let exchange = c.inbound.values().map(|i| i.deadline).min();
-                [c.conn.poll_timeout(), keep_alive, handshake, exchange]
-            })
+        let Some(c) = self.conns.get_mut(&ch) else {
+            return;
+        };
+        let keep_alive = (c.holds > 0 && c.established).then(|| c.last_keep_alive + interval);
+        let handshake = (!c.established && !c.conn.is_closed()).then_some(c.handshake_deadline);
+        let exchange = c.inbound.values().map(|i| i.deadline).min();
+        let next = [c.conn.poll_timeout(), keep_alive, handshake, exchange]
+            .into_iter()
             .flatten()
-            .min()
+            .min();
+        if let Some(at) = next {
+            self.deadlines.insert((at, ch));
+            self.deadline_of.insert(ch, at);
+        }
     }
 
     pub(crate) fn poll_transmit(&mut self) -> Option<Transmit> {
@@ -1552,6 +1560,7 @@ impl Transport {
             }
         }
         self.buf = buf;
+        self.reschedule(ch);
     }
 
     /// A connection ended (closed by the peer, failed, or closed here before it was
@@ -1586,6 +1595,9 @@ impl Transport {
     }
 
     fn remove_conn(&mut self, ch: ConnectionHandle) {
+        if let Some(at) = self.deadline_of.remove(&ch) {
+            self.deadlines.remove(&(at, ch));
+        }
         let Some(c) = self.conns.remove(&ch) else {
             return;
         };

@@ -316,6 +316,9 @@ pub struct Registry {
     lost: BTreeSet<String>,
     /// Records from peers dropped because the directory held `max_records`.
     records_refused: u64,
+    /// Tombstones by the time they were written, oldest first, so expiry never walks the table.
+    /// An entry whose record changed since is skipped when it comes up.
+    tombstones: BTreeSet<(Instant, (String, String))>,
 }
 
 impl Registry {
@@ -335,6 +338,7 @@ impl Registry {
             gone: HashMap::new(),
             gone_by_age: BTreeSet::new(),
             records_refused: 0,
+            tombstones: BTreeSet::new(),
             events: VecDeque::new(),
             outbox: VecDeque::new(),
             lost: BTreeSet::new(),
@@ -632,10 +636,21 @@ impl Registry {
     /// `departed_owner_ttl`.
     pub fn handle_timeout(&mut self, now: Instant) {
         let ttl = self.limits.tombstone_ttl;
-        self.records.retain(|_, e| {
-            e.withdrawn_at
-                .is_none_or(|t| now.saturating_duration_since(t) < ttl)
-        });
+        while let Some((at, _)) = self.tombstones.first() {
+            if now.saturating_duration_since(*at) < ttl {
+                break;
+            }
+            let Some((at, key)) = self.tombstones.pop_first() else {
+                break;
+            };
+            if self
+                .records
+                .get(&key)
+                .is_some_and(|e| e.withdrawn_at == Some(at))
+            {
+                self.records.remove(&key);
+            }
+        }
         let departed_ttl = self.limits.departed_owner_ttl;
         while let Some((at, owner)) = self.gone_by_age.first().cloned() {
             if now.saturating_duration_since(at) < departed_ttl {
@@ -648,12 +663,11 @@ impl Registry {
 
     /// When [`handle_timeout`](Self::handle_timeout) has work to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        // The oldest tombstone (perhaps rewritten since: then this is an early, harmless call).
         let tombstone = self
-            .records
-            .values()
-            .filter_map(|e| e.withdrawn_at)
-            .min()
-            .map(|t| t + self.limits.tombstone_ttl);
+            .tombstones
+            .first()
+            .map(|(at, _)| *at + self.limits.tombstone_ttl);
         let departed = self
             .gone_by_age
             .first()
@@ -677,6 +691,10 @@ impl Registry {
         let name = record.name.clone();
         let before = self.claims(&name).next().is_some();
         let withdrawn_at = (!record.claimed).then_some(now);
+        if let Some(at) = withdrawn_at {
+            self.tombstones
+                .insert((at, (record.name.clone(), record.owner.clone())));
+        }
         self.records.insert(
             (record.name.clone(), record.owner.clone()),
             Entry {
