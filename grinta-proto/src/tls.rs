@@ -169,6 +169,11 @@ impl TlsConfig {
     }
 }
 
+/// TLS sessions a node remembers for resumption, as client and as server (each a few hundred
+/// bytes): enough for every peer of a cluster of this many nodes to reconnect without a full
+/// handshake.
+pub const TLS_SESSION_CACHE: usize = 4096;
+
 /// The rustls configurations of one node.
 #[derive(Debug, Clone)]
 pub(crate) struct NodeTls {
@@ -217,6 +222,11 @@ pub(crate) fn build(
             .with_single_cert(tls.cert_chain.clone(), tls.key.clone_key())?;
     server.alpn_protocols = vec![ALPN.to_vec()];
     server.max_early_data_size = 0;
+    // Session resumption: a member reconnecting (a probe after the idle timeout closed the
+    // connection) skips the certificate exchange and its signatures. One ticket per handshake,
+    // sessions for as many peers as a large cluster holds.
+    server.session_storage = rustls::server::ServerSessionMemoryCache::new(TLS_SESSION_CACHE);
+    server.send_tls13_tickets = 1;
 
     let mut client = rustls::ClientConfig::builder_with_details(provider.clone(), time_provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -224,6 +234,7 @@ pub(crate) fn build(
         .with_client_auth_cert(tls.cert_chain.clone(), tls.key.clone_key())?;
     client.alpn_protocols = vec![ALPN.to_vec()];
     client.enable_early_data = false;
+    client.resumption = rustls::client::Resumption::in_memory_sessions(TLS_SESSION_CACHE);
 
     let mut any = client.clone();
     let inner =

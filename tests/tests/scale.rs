@@ -1,0 +1,114 @@
+//! Cost of whole nodes (QUIC, mutual TLS) as the cluster grows, on a lossless 1 ms LAN: CPU per
+//! node per simulated second, handshakes per node per minute, open connections per node and
+//! failed probes, measured over a steady-state window after formation, for several sizes in one
+//! run (so the ratios compare like with like).
+//!
+//! `NODES=100,300 WINDOW=120 cargo test --release -p grinta-tests --test scale -- --ignored --nocapture`
+
+use std::time::{Duration, Instant};
+
+use grinta_proto::tls::dev::DevCa;
+use grinta_tests::engine::{NetConfig, env_u64};
+use grinta_tests::membership_sim::Cluster;
+use grinta_tests::node_sim::{SimulatedNode, certificates, node_membership_config};
+use grinta_tests::seed;
+
+/// What one size cost over the window.
+#[derive(Debug)]
+struct Cost {
+    n: usize,
+    cpu_us_per_node_s: f64,
+    handshakes_per_node_min: f64,
+    connections_per_node: f64,
+    probes_failed: u64,
+    converged: bool,
+}
+
+fn measure(seed: u64, n: usize, window: Duration) -> Cost {
+    let ca = DevCa::new().expect("dev CA");
+    let lossless = NetConfig::default();
+    let mut c: Cluster<SimulatedNode> = Cluster::nodes(
+        seed,
+        lossless,
+        node_membership_config(),
+        certificates(&ca, n),
+    );
+    c.form(Duration::from_millis(50 * n as u64));
+    // Past formation's own handshakes and push-pulls.
+    c.run_for(Duration::from_secs(30));
+    let totals = |c: &Cluster<SimulatedNode>| {
+        (0..n).fold((0u64, 0u64), |(h, f), i| {
+            let s = c.sim.node(i).node.stats();
+            (
+                h + s.transport.connections_dialled,
+                f + s.membership.probes_failed,
+            )
+        })
+    };
+    let (h0, f0) = totals(&c);
+    let wall = Instant::now();
+    c.run_for(window);
+    let took = wall.elapsed();
+    let (h1, f1) = totals(&c);
+    let connections: usize = (0..n).map(|i| c.sim.node(i).node.connection_count()).sum();
+    Cost {
+        n,
+        cpu_us_per_node_s: took.as_secs_f64() * 1e6 / n as f64 / window.as_secs_f64(),
+        // A handshake involves two nodes: count it once for each.
+        handshakes_per_node_min: 2.0 * (h1 - h0) as f64 / n as f64 / (window.as_secs_f64() / 60.0),
+        connections_per_node: connections as f64 / n as f64,
+        probes_failed: f1 - f0,
+        converged: c.converged(),
+    }
+}
+
+#[test]
+#[ignore = "minutes in release; run with --release --ignored --nocapture (NODES, WINDOW in seconds)"]
+fn cost_per_node_as_the_cluster_grows() {
+    let (seed, _g) = seed(31);
+    let window = Duration::from_secs(env_u64("WINDOW", 120));
+    let sizes: Vec<usize> = std::env::var("NODES")
+        .unwrap_or_else(|_| "100,300".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let costs: Vec<Cost> = sizes.iter().map(|&n| measure(seed, n, window)).collect();
+    println!(
+        "| N | CPU per node per simulated s | handshakes per node per min | connections per node | failed probes |"
+    );
+    println!("|---|---|---|---|---|");
+    for c in &costs {
+        println!(
+            "| {} | {:.0} us | {:.1} | {:.0} | {} |",
+            c.n,
+            c.cpu_us_per_node_s,
+            c.handshakes_per_node_min,
+            c.connections_per_node,
+            c.probes_failed
+        );
+    }
+    if let (Some(first), Some(last)) = (costs.first(), costs.last()) {
+        println!(
+            "CPU per node at N={} is {:.2}x N={}",
+            last.n,
+            last.cpu_us_per_node_s / first.cpu_us_per_node_s,
+            first.n
+        );
+    }
+    for c in &costs {
+        assert!(c.converged, "N={} did not stay converged", c.n);
+    }
+}
+
+/// On a network that loses nothing, no probe fails: membership datagrams are never lost to
+/// idle closes, handshakes or connection replacement, at a size where every probe needs a
+/// fresh connection (200 probe periods exceed the idle timeout).
+#[test]
+#[ignore = "about two minutes in release; run with --release --ignored"]
+fn no_probe_fails_in_ten_minutes_at_n200_on_a_lossless_network() {
+    let (seed, _g) = seed(32);
+    let cost = measure(seed, 200, Duration::from_secs(600));
+    println!("{cost:?}");
+    assert!(cost.converged, "seed {seed}");
+    assert_eq!(cost.probes_failed, 0, "seed {seed}: {cost:?}");
+}
