@@ -142,11 +142,52 @@ impl KeyProvider for Ed25519OnlyKeys {
                 key.algorithm()
             )));
         }
-        Ok(key)
+        Ok(Arc::new(CountedKey(key)))
     }
 }
 
 static ED25519_ONLY_KEYS: Ed25519OnlyKeys = Ed25519OnlyKeys;
+
+/// Signatures made by every simulated node so far: two per full TLS handshake (the server's and
+/// the client's `CertificateVerify`), none for a resumed one.
+pub fn signatures() -> u64 {
+    SIGNATURES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static SIGNATURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A signing key that counts its signatures.
+#[derive(Debug)]
+struct CountedKey(Arc<dyn SigningKey>);
+
+impl SigningKey for CountedKey {
+    fn choose_scheme(
+        &self,
+        offered: &[rustls::SignatureScheme],
+    ) -> Option<Box<dyn rustls::sign::Signer>> {
+        self.0
+            .choose_scheme(offered)
+            .map(|signer| Box::new(CountedSigner(signer)) as Box<dyn rustls::sign::Signer>)
+    }
+
+    fn algorithm(&self) -> SignatureAlgorithm {
+        self.0.algorithm()
+    }
+}
+
+#[derive(Debug)]
+struct CountedSigner(Box<dyn rustls::sign::Signer>);
+
+impl rustls::sign::Signer for CountedSigner {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, Error> {
+        SIGNATURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.sign(message)
+    }
+
+    fn scheme(&self) -> rustls::SignatureScheme {
+        self.0.scheme()
+    }
+}
 
 /// rustls `CryptoProvider` whose randomness is a pure function of `seed`.
 ///

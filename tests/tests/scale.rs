@@ -19,6 +19,8 @@ struct Cost {
     n: usize,
     cpu_us_per_node_s: f64,
     handshakes_per_node_min: f64,
+    /// Of those handshakes, the share that resumed a TLS session (no signatures).
+    resumed: f64,
     connections_per_node: f64,
     probes_failed: u64,
     converged: bool,
@@ -46,16 +48,23 @@ fn measure(seed: u64, n: usize, window: Duration) -> Cost {
         })
     };
     let (h0, f0) = totals(&c);
+    let s0 = grinta_tests::det_crypto::signatures();
     let wall = Instant::now();
     c.run_for(window);
     let took = wall.elapsed();
     let (h1, f1) = totals(&c);
+    let full = (grinta_tests::det_crypto::signatures() - s0) as f64 / 2.0;
     let connections: usize = (0..n).map(|i| c.sim.node(i).node.connection_count()).sum();
     Cost {
         n,
         cpu_us_per_node_s: took.as_secs_f64() * 1e6 / n as f64 / window.as_secs_f64(),
         // A handshake involves two nodes: count it once for each.
         handshakes_per_node_min: 2.0 * (h1 - h0) as f64 / n as f64 / (window.as_secs_f64() / 60.0),
+        resumed: if h1 > h0 {
+            (1.0 - full / (h1 - h0) as f64).clamp(0.0, 1.0)
+        } else {
+            0.0
+        },
         connections_per_node: connections as f64 / n as f64,
         probes_failed: f1 - f0,
         converged: c.converged(),
@@ -74,15 +83,16 @@ fn cost_per_node_as_the_cluster_grows() {
         .collect();
     let costs: Vec<Cost> = sizes.iter().map(|&n| measure(seed, n, window)).collect();
     println!(
-        "| N | CPU per node per simulated s | handshakes per node per min | connections per node | failed probes |"
+        "| N | CPU per node per simulated s | handshakes per node per min | resumed | connections per node | failed probes |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     for c in &costs {
         println!(
-            "| {} | {:.0} us | {:.1} | {:.0} | {} |",
+            "| {} | {:.0} us | {:.1} | {:.0}% | {:.0} | {} |",
             c.n,
             c.cpu_us_per_node_s,
             c.handshakes_per_node_min,
+            c.resumed * 100.0,
             c.connections_per_node,
             c.probes_failed
         );
@@ -111,4 +121,37 @@ fn no_probe_fails_in_ten_minutes_at_n200_on_a_lossless_network() {
     println!("{cost:?}");
     assert!(cost.converged, "seed {seed}");
     assert_eq!(cost.probes_failed, 0, "seed {seed}: {cost:?}");
+}
+
+/// A member reconnecting after its connection idled out resumes its TLS session: no
+/// certificate signatures.
+#[test]
+fn reconnections_resume_their_tls_session() {
+    let (seed, _g) = seed(33);
+    let ca = DevCa::new().expect("dev CA");
+    let mut c: Cluster<SimulatedNode> = Cluster::nodes_with(
+        seed,
+        NetConfig::default(),
+        node_membership_config(),
+        certificates(&ca, 4),
+        |config| config.transport.idle_timeout = Duration::from_millis(1500),
+    );
+    c.form(Duration::from_millis(200));
+    c.run_for(Duration::from_secs(10));
+    let dialled = |c: &Cluster<SimulatedNode>| -> u64 {
+        (0..4)
+            .map(|i| c.sim.node(i).node.stats().transport.connections_dialled)
+            .sum()
+    };
+    let (h0, s0) = (dialled(&c), grinta_tests::det_crypto::signatures());
+    c.run_for(Duration::from_secs(30));
+    let handshakes = dialled(&c) - h0;
+    let signatures = grinta_tests::det_crypto::signatures() - s0;
+    println!("{handshakes} handshakes, {signatures} signatures");
+    assert!(handshakes >= 20, "connections idle out between probes");
+    assert!(c.converged());
+    assert!(
+        signatures < handshakes / 2,
+        "{signatures} signatures for {handshakes} handshakes: sessions are not resumed"
+    );
 }
