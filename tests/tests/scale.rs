@@ -1,17 +1,22 @@
 //! Cost of whole nodes (QUIC, mutual TLS) as the cluster grows, on a lossless 1 ms LAN: CPU per
 //! node per simulated second, handshakes per node per minute, open connections per node and
-//! failed probes, measured over a steady-state window after formation, for several sizes in one
-//! run (so the ratios compare like with like).
+//! failed probes, measured over a steady-state window that starts two probe rounds after
+//! formation, for several sizes in one run (so the ratios compare like with like).
 //!
 //! `NODES=100,300 WINDOW=120 cargo test --release -p grinta-tests --test scale -- --ignored --nocapture`
+//! (`IDLE_S=<seconds>` overrides the idle timeout).
 
 use std::time::{Duration, Instant};
 
 use grinta_proto::tls::dev::DevCa;
+use grinta_tests::alloc::{Counting, live_bytes};
 use grinta_tests::engine::{NetConfig, env_u64};
 use grinta_tests::membership_sim::Cluster;
 use grinta_tests::node_sim::{SimulatedNode, certificates, node_membership_config};
 use grinta_tests::seed;
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
 
 /// What one size cost over the window.
 #[derive(Debug)]
@@ -22,6 +27,8 @@ struct Cost {
     /// Of those handshakes, the share that resumed a TLS session (no signatures).
     resumed: f64,
     connections_per_node: f64,
+    /// Live heap of the whole simulation divided by N (nodes, plus the simulator's own logs).
+    heap_per_node: f64,
     probes_failed: u64,
     converged: bool,
 }
@@ -29,15 +36,27 @@ struct Cost {
 fn measure(seed: u64, n: usize, window: Duration) -> Cost {
     let ca = DevCa::new().expect("dev CA");
     let lossless = NetConfig::default();
-    let mut c: Cluster<SimulatedNode> = Cluster::nodes(
+    // `IDLE_S` overrides the transport's idle timeout, to see what holding connections longer
+    // costs and saves.
+    let idle = std::env::var("IDLE_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_secs);
+    let mut c: Cluster<SimulatedNode> = Cluster::nodes_with(
         seed,
         lossless,
         node_membership_config(),
         certificates(&ca, n),
+        move |config| {
+            if let Some(idle) = idle {
+                config.transport.idle_timeout = idle;
+            }
+        },
     );
     c.form(Duration::from_millis(50 * n as u64));
-    // Past formation's own handshakes and push-pulls.
-    c.run_for(Duration::from_secs(30));
+    // Past formation's own handshakes and push-pulls, and two rounds of the probe walk, so that
+    // every pair has had the chance to keep a TLS session ticket in each direction.
+    c.run_for(Duration::from_secs(30) + 2 * n as u32 * node_membership_config().probe_interval);
     let totals = |c: &Cluster<SimulatedNode>| {
         (0..n).fold((0u64, 0u64), |(h, f), i| {
             let s = c.sim.node(i).node.stats();
@@ -55,6 +74,7 @@ fn measure(seed: u64, n: usize, window: Duration) -> Cost {
     let (h1, f1) = totals(&c);
     let full = (grinta_tests::det_crypto::signatures() - s0) as f64 / 2.0;
     let connections: usize = (0..n).map(|i| c.sim.node(i).node.connection_count()).sum();
+    let heap = live_bytes();
     Cost {
         n,
         cpu_us_per_node_s: took.as_secs_f64() * 1e6 / n as f64 / window.as_secs_f64(),
@@ -66,6 +86,7 @@ fn measure(seed: u64, n: usize, window: Duration) -> Cost {
             0.0
         },
         connections_per_node: connections as f64 / n as f64,
+        heap_per_node: heap as f64 / n as f64,
         probes_failed: f1 - f0,
         converged: c.converged(),
     }
@@ -83,17 +104,18 @@ fn cost_per_node_as_the_cluster_grows() {
         .collect();
     let costs: Vec<Cost> = sizes.iter().map(|&n| measure(seed, n, window)).collect();
     println!(
-        "| N | CPU per node per simulated s | handshakes per node per min | resumed | connections per node | failed probes |"
+        "| N | CPU per node per simulated s | handshakes per node per min | resumed | connections per node | heap per node | failed probes |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for c in &costs {
         println!(
-            "| {} | {:.0} us | {:.1} | {:.0}% | {:.0} | {} |",
+            "| {} | {:.0} us | {:.1} | {:.0}% | {:.0} | {:.1} MiB | {} |",
             c.n,
             c.cpu_us_per_node_s,
             c.handshakes_per_node_min,
             c.resumed * 100.0,
             c.connections_per_node,
+            c.heap_per_node / (1024.0 * 1024.0),
             c.probes_failed
         );
     }
