@@ -387,11 +387,17 @@ async fn stats_count_messages_and_bytes(mut p: Pair) {
     assert_eq!(received.recv_queued_messages, 0);
 }
 
+/// An application's own protobuf message, as a user of `ProstCodec` defines it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Ack {
+    #[prost(uint32, tag = "1")]
+    seq_no: u32,
+}
+
 async fn prost_values_and_foreign_bytes(p: Pair) {
-    use grinta_proto::wire::Ack;
     use grinta_tokio::ProstCodec;
-    let mut client = p.dialler.typed(ProstCodec::<Ack>::default());
-    let mut server = p.acceptor.typed(ProstCodec::<Ack>::default());
+    let mut client = p.dialler.typed(ProstCodec::<Ack>::new());
+    let mut server = p.acceptor.typed(ProstCodec::<Ack>::new());
     for i in 0..10 {
         client.send(Ack { seq_no: i }).await.unwrap();
         let ack = server.recv().await.unwrap().unwrap();
