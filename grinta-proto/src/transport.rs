@@ -1297,13 +1297,7 @@ impl Transport {
             if !c.established && !c.conn.is_closed() && now >= c.handshake_deadline {
                 self.stats.handshakes_timed_out += 1;
                 debug!(peer = ?c.peer, addr = %c.addr, "handshake timed out");
-                c.conn.close(
-                    now,
-                    VarInt::from_u32(ConnectionCloseCode::Idle as u32),
-                    Bytes::from_static(b"handshake timed out"),
-                );
-                // A connection closed here raises no event of its own.
-                self.connection_lost(ch);
+                self.close_here(now, ch, b"handshake timed out");
                 continue;
             }
             let overdue: Vec<StreamId> = c
@@ -1395,16 +1389,7 @@ impl Transport {
             .map(|(ch, _)| *ch)
             .collect();
         for &ch in &stale {
-            if let Some(c) = self.conns.get_mut(&ch) {
-                c.conn.close(
-                    now,
-                    VarInt::from_u32(ConnectionCloseCode::Idle as u32),
-                    Bytes::from_static(b"peer moved"),
-                );
-                self.dirty.insert(ch);
-            }
-            // Closed here, it raises no event of its own: what ran on it fails now.
-            self.connection_lost(ch);
+            self.close_here(now, ch, b"peer moved");
         }
         if !stale.is_empty() {
             if self
@@ -1469,16 +1454,7 @@ impl Transport {
             let _ = self.endpoint.handle_event(ch, ev);
         }
         for ch in std::mem::take(&mut self.replaced) {
-            if let Some(c) = self.conns.get_mut(&ch) {
-                c.conn.close(
-                    now,
-                    VarInt::from_u32(ConnectionCloseCode::Idle as u32),
-                    Bytes::from_static(b"replaced by a newer connection"),
-                );
-                self.dirty.insert(ch);
-                // Closed here, it raises no event of its own: what ran on it fails now.
-                self.connection_lost(ch);
-            }
+            self.close_here(now, ch, b"replaced by a newer connection");
         }
         while self.outgoing_datagrams < QUEUED_DATAGRAMS {
             let Some(ch) = self.dirty.pop_first() else {
@@ -1561,6 +1537,21 @@ impl Transport {
         }
         self.buf = buf;
         self.reschedule(ch);
+    }
+
+    /// Closes connection `ch` from this side with `reason`. A connection closed here raises no
+    /// event of its own, so what ran on it fails now ([`connection_lost`](Self::connection_lost)).
+    fn close_here(&mut self, now: Instant, ch: ConnectionHandle, reason: &'static [u8]) {
+        let Some(c) = self.conns.get_mut(&ch) else {
+            return;
+        };
+        c.conn.close(
+            now,
+            VarInt::from_u32(ConnectionCloseCode::Idle as u32),
+            Bytes::from_static(reason),
+        );
+        self.dirty.insert(ch);
+        self.connection_lost(ch);
     }
 
     /// A connection ended (closed by the peer, failed, or closed here before it was
