@@ -10,6 +10,7 @@
 //! Modules follow the protocol boundaries:
 //! - [`wire`]: the `grinta.v1` wire types generated from `proto/grinta/v1/*.proto`, and the varint
 //!   length-prefixed framing used on streams.
+//! - [`claims`]: signed claims, so that a node speaks only for itself even through relays.
 //! - [`membership`]: SWIM with Lifeguard over abstract members and opaque datagrams.
 //! - [`codec`]: codecs for typed flows (bytes, prost, serde JSON behind the `json` feature).
 //! - [`fabric`]: the user API (`Fabric`, `Endpoint`, `Flow`), runtime-independent; the adapters
@@ -45,6 +46,7 @@ pub mod api {
 
 #[cfg(feature = "adapter")]
 pub mod adapter;
+pub mod claims;
 pub mod codec;
 pub mod fabric;
 pub mod flow;

@@ -61,6 +61,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::time_provider::TimeProvider;
 use tracing::{debug, trace};
 
+use crate::claims::{self, CertificateKeys, ClaimKind};
 use crate::flow::{
     FlowError, FlowEvent, FlowId, FlowLimits, FlowStats, Flows, Recv, ResetCode, SendQueue,
 };
@@ -302,7 +303,20 @@ pub struct NodeStats {
     pub transport: TransportStats,
     /// Membership messages dropped because they did not decode.
     pub undecodable: u64,
+    /// Endpoint records that arrived before their owner's alive and were held until it came
+    /// (see [`RECORDS_AWAITING_OWNER`]).
+    pub records_held: u64,
+    /// Held records dropped: the buffer was full, or the owner did not show up in time.
+    pub records_held_dropped: u64,
 }
+
+/// Most endpoint records held while their owner's alive has not arrived (gossip relays them in
+/// any order, so a node may hear of a record before its owner); the oldest is dropped first. A
+/// held record is kept [`RECORD_HOLD_TIME`] at most.
+pub const RECORDS_AWAITING_OWNER: usize = 1024;
+
+/// How long a record waits for its owner's alive.
+pub const RECORD_HOLD_TIME: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// One grinta node.
 #[derive(Debug)]
@@ -313,6 +327,10 @@ pub struct Node {
     rng: ChaCha8Rng,
     /// The registry changed since the push-pull state was last encoded.
     registry_dirty: bool,
+    /// Signed records whose owner is not a member yet: (owner, when held, record).
+    awaiting_owner: VecDeque<(String, Instant, wire::Signed)>,
+    records_held: u64,
+    records_held_dropped: u64,
     transport: Transport,
     seeds: Vec<SocketAddr>,
     events: VecDeque<Event>,
@@ -342,12 +360,26 @@ impl Node {
             config.crypto_provider.clone(),
             config.transport.clone(),
         )?;
+        let membership_config = config.membership_config();
+        // Every member's certificate is remembered, and as many again for members that
+        // restart under new keys.
+        let keys = CertificateKeys::new(
+            &config.tls,
+            &config.name,
+            config.crypto_provider.clone(),
+            config.time_provider.clone(),
+            membership_config
+                .max_members
+                .saturating_mul(2)
+                .saturating_add(1),
+        )?;
         let membership = Membership::new(
-            config.membership_config(),
+            membership_config,
             &config.name,
             config.advertise_addr(),
             seed,
             now,
+            Box::new(keys),
         )
         .map_err(|e| NodeError::Config(e.into()))?;
         // The directory's records carry the incarnation membership starts at.
@@ -363,6 +395,9 @@ impl Node {
             seeds: config.seeds,
             events: VecDeque::new(),
             undecodable: 0,
+            awaiting_owner: VecDeque::new(),
+            records_held: 0,
+            records_held_dropped: 0,
             work_pending: false,
             span,
         })
@@ -648,17 +683,108 @@ impl Node {
         self.flows.stats(flow)
     }
 
-    /// Queues a registry record for gossip, keyed so that a newer record replaces it.
+    /// Signs a record of this node and queues it for gossip, keyed so that a newer record
+    /// replaces it.
     fn announce(&mut self, record: &Record) {
+        self.registry_dirty = true;
+        let Some(signed) = self.membership.sign(ClaimKind::Record, &record.to_wire()) else {
+            return;
+        };
+        self.registry.set_signature(record, signed.clone());
         let delta = wire::RegistryDelta {
-            records: vec![record.to_wire()],
+            records: vec![signed],
         };
         // A record is at most two 128-byte names and a few integers: far below the broadcast limit.
         let _ = self.membership.broadcast_app(
             Bytes::from(record.gossip_key()),
             Bytes::from(delta.encode_to_vec()),
         );
-        self.registry_dirty = true;
+    }
+
+    /// Merges a signed record from a peer: taken only from its owner, a current member, and
+    /// checked for news before its signature. Returns whether the directory changed.
+    fn merge_signed_record(&mut self, now: Instant, signed: &wire::Signed) -> bool {
+        let Some(record) = wire::EndpointRecord::decode(&signed.body[..])
+            .ok()
+            .as_ref()
+            .and_then(Record::from_wire)
+        else {
+            self.undecodable += 1;
+            return false;
+        };
+        if record.owner == self.name() {
+            // A record of ours we did not write (a previous life's): the directory out-writes
+            // it with the current state, whoever signed it.
+            return self.registry.merge(record, now);
+        }
+        if !self.membership.is_current_member(&record.owner) {
+            // Records of nodes that are not (or no longer) members are not taken, but one may
+            // have overtaken its owner's alive (a new member, or one back from the dead): held
+            // until that alive comes, and dropped if it does not.
+            self.hold_for_owner(now, record.owner, signed);
+            return false;
+        }
+        if !self.registry.is_news(&record) {
+            return false;
+        }
+        if self.registry.is_too_far_ahead(&record) {
+            self.membership.count_refused_claim();
+            return false;
+        }
+        if !self
+            .membership
+            .verify(&record.owner, ClaimKind::Record, signed)
+        {
+            return false;
+        }
+        self.registry
+            .merge_signed(record, claims::compact(signed), now)
+    }
+
+    /// Holds a record until its owner's alive arrives (bounded, oldest dropped first).
+    fn hold_for_owner(&mut self, now: Instant, owner: String, signed: &wire::Signed) {
+        while self
+            .awaiting_owner
+            .front()
+            .is_some_and(|(_, at, _)| now.saturating_duration_since(*at) >= RECORD_HOLD_TIME)
+        {
+            self.awaiting_owner.pop_front();
+            self.records_held_dropped += 1;
+        }
+        if self.awaiting_owner.len() >= RECORDS_AWAITING_OWNER {
+            self.awaiting_owner.pop_front();
+            self.records_held_dropped += 1;
+        }
+        self.records_held += 1;
+        self.awaiting_owner
+            .push_back((owner, now, claims::compact(signed)));
+    }
+
+    /// `owner` became a member: merge the records held for it, and pass on what was news.
+    fn release_held_records(&mut self, now: Instant, owner: &str) {
+        if !self.awaiting_owner.iter().any(|(o, _, _)| o == owner) {
+            return;
+        }
+        let (mine, rest): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.awaiting_owner)
+            .into_iter()
+            .partition(|(o, _, _)| o == owner);
+        self.awaiting_owner = rest;
+        for (_, at, signed) in mine {
+            if now.saturating_duration_since(at) >= RECORD_HOLD_TIME {
+                self.records_held_dropped += 1;
+                continue;
+            }
+            if self.merge_signed_record(now, &signed) {
+                self.registry_dirty = true;
+                if let Some(record) = wire::EndpointRecord::decode(&signed.body[..])
+                    .ok()
+                    .as_ref()
+                    .and_then(Record::from_wire)
+                {
+                    self.gossip_record(&record, signed);
+                }
+            }
+        }
     }
 
     fn handle_registry_gossip(&mut self, now: Instant, key: Bytes, payload: Bytes) {
@@ -670,10 +796,8 @@ impl Node {
             return;
         };
         let mut changed = false;
-        for r in &delta.records {
-            if let Some(record) = Record::from_wire(r) {
-                changed |= self.registry.merge(record, now);
-            }
+        for signed in &delta.records {
+            changed |= self.merge_signed_record(now, signed);
         }
         if changed {
             // Epidemic spread: pass on what was news here.
@@ -682,16 +806,41 @@ impl Node {
         }
     }
 
-    fn handle_registry_state(&mut self, now: Instant, state: Bytes) {
+    /// Merges a peer's full directory from a push-pull. What was news and is the peer's own
+    /// (first-hand: a joiner's endpoints, say) is passed on by gossip too, so that it does not
+    /// wait for other push-pulls to spread; news of third parties is not, or a joiner's first
+    /// exchange would flood the cluster with the whole table.
+    fn handle_registry_state(&mut self, now: Instant, from: &str, state: Bytes) {
         let Ok(state) = wire::RegistryState::decode(state) else {
             self.undecodable += 1;
             return;
         };
-        for r in &state.records {
-            if let Some(record) = Record::from_wire(r) {
-                self.registry_dirty |= self.registry.merge(record, now);
+        for signed in &state.records {
+            if !self.merge_signed_record(now, signed) {
+                continue;
             }
+            self.registry_dirty = true;
+            let Some(record) = wire::EndpointRecord::decode(&signed.body[..])
+                .ok()
+                .as_ref()
+                .and_then(Record::from_wire)
+                .filter(|r| r.owner == from)
+            else {
+                continue;
+            };
+            self.gossip_record(&record, signed.clone());
         }
+    }
+
+    /// Queues a peer's signed record for gossip, as received.
+    fn gossip_record(&mut self, record: &Record, signed: wire::Signed) {
+        let delta = wire::RegistryDelta {
+            records: vec![signed],
+        };
+        let _ = self.membership.broadcast_app(
+            Bytes::from(record.gossip_key()),
+            Bytes::from(delta.encode_to_vec()),
+        );
     }
 
     /// Reacts to membership news in the directory, then passes the event on.
@@ -707,7 +856,12 @@ impl Node {
                 self.transport.close_peer(now, name);
             }
             M::MemberJoined(m) | M::MemberAlive(m) | M::MemberUpdated(m) => {
-                self.registry.owner_alive(&m.name, m.incarnation);
+                if matches!(event, M::MemberJoined(_)) {
+                    self.registry.owner_returned(&m.name, m.incarnation);
+                    self.release_held_records(now, &m.name);
+                } else {
+                    self.registry.owner_alive(&m.name, m.incarnation);
+                }
                 // A member that moved (it restarted elsewhere): its old address is gone.
                 self.transport.close_peer_elsewhere(now, &m.name, m.addr);
             }
@@ -715,7 +869,9 @@ impl Node {
             M::AppBroadcast { key, payload } => {
                 return self.handle_registry_gossip(now, key.clone(), payload.clone());
             }
-            M::AppState { state, .. } => return self.handle_registry_state(now, state.clone()),
+            M::AppState { from, state } => {
+                return self.handle_registry_state(now, from, state.clone());
+            }
             _ => {}
         }
         self.events.push_back(Event::Membership(event));
@@ -727,6 +883,8 @@ impl Node {
             membership: self.membership.stats(),
             transport: self.transport.stats.clone(),
             undecodable: self.undecodable,
+            records_held: self.records_held,
+            records_held_dropped: self.records_held_dropped,
         }
     }
 
@@ -801,6 +959,14 @@ impl Node {
     ) {
         self.transport.send_datagram(now, Some(name), addr, payload);
         self.work_pending = true;
+    }
+
+    /// Signs `claim`, a claim of `kind`, with this node's key, as the node signs its own. It
+    /// exists so tests and tools can craft the claims a hostile member could send (signed by
+    /// itself, about anyone); an application never needs it.
+    #[doc(hidden)]
+    pub fn sign_claim(&mut self, kind: ClaimKind, claim: &impl Message) -> Option<wire::Signed> {
+        self.membership.sign(kind, claim)
     }
 
     /// Records one UDP datagram received from `from`; the connection it belongs to is driven at

@@ -270,6 +270,12 @@ struct Conn {
     /// Whether this node dialled it.
     dialled: bool,
     established: bool,
+    /// Whether DATAGRAM frames may be sent: the peer has completed its handshake too. A server
+    /// drops 1-RTT packets that reach it before the client's last handshake packet (they can,
+    /// when the two travel in separate UDP datagrams and the network reorders them), and a
+    /// datagram is never retransmitted; so a dialler waits for the server's HANDSHAKE_DONE
+    /// (one round trip) and queues its datagrams until then.
+    datagrams_ready: bool,
     /// Closed if still handshaking then.
     handshake_deadline: Instant,
     queued_datagrams: VecDeque<Bytes>,
@@ -342,6 +348,7 @@ impl Conn {
             peer,
             dialled,
             established: false,
+            datagrams_ready: false,
             handshake_deadline: now + handshake_timeout,
             queued_datagrams: VecDeque::new(),
             queued_requests: VecDeque::new(),
@@ -831,7 +838,7 @@ impl Transport {
         let Some(c) = self.conns.get_mut(&ch) else {
             return;
         };
-        if c.established {
+        if c.datagrams_ready {
             if c.conn.datagrams().send(data, true).is_err() {
                 self.stats.datagrams_dropped += 1;
             }
@@ -1487,6 +1494,9 @@ impl Transport {
             let Some(c) = self.conns.get_mut(&ch) else {
                 break;
             };
+            if c.established && !c.datagrams_ready && c.conn.stats().frame_rx.handshake_done > 0 {
+                Self::release_datagrams(c, &mut self.stats);
+            }
             buf.clear();
             let mut queue_full = false;
             loop {
@@ -1537,6 +1547,16 @@ impl Transport {
         }
         self.buf = buf;
         self.reschedule(ch);
+    }
+
+    /// Both sides completed the handshake: datagrams go out from now on, queued ones first.
+    fn release_datagrams(c: &mut Conn, stats: &mut TransportStats) {
+        c.datagrams_ready = true;
+        while let Some(d) = c.queued_datagrams.pop_front() {
+            if c.conn.datagrams().send(d, true).is_err() {
+                stats.datagrams_dropped += 1;
+            }
+        }
     }
 
     /// Closes connection `ch` from this side with `reason`. A connection closed here raises no
@@ -1623,10 +1643,10 @@ impl Transport {
                 }
                 c.established = true;
                 debug!(peer = ?c.peer, addr = %c.addr, dialled = c.dialled, "connection established");
-                while let Some(d) = c.queued_datagrams.pop_front() {
-                    if c.conn.datagrams().send(d, true).is_err() {
-                        self.stats.datagrams_dropped += 1;
-                    }
+                // The acceptor's handshake is complete when it sees the dialler's last packet;
+                // the dialler's, when the acceptor says so (see `datagrams_ready`).
+                if !c.dialled {
+                    Self::release_datagrams(c, &mut self.stats);
                 }
                 let reply = (
                     now + self.limits.exchange_timeout,

@@ -1,6 +1,7 @@
 //! Property tests of the wire framing: arbitrary messages round-trip, arbitrary splits of a stream decode
 //! identically, and arbitrary bytes never panic the decoder.
 
+use grinta_proto::claims::ClaimKind;
 use grinta_proto::wire::{self, framing};
 use proptest::prelude::*;
 use prost::Message;
@@ -21,6 +22,16 @@ fn addr() -> impl Strategy<Value = Option<wire::SocketAddress>> {
     )
 }
 
+/// A claim in its envelope; the signature's bytes do not matter to framing.
+fn envelope(_kind: ClaimKind, claim: &impl Message) -> wire::Signed {
+    wire::Signed {
+        body: claim.encode_to_vec().into(),
+        scheme: 0x0807,
+        signature: vec![7; 64].into(),
+        certificates: vec![vec![3; 40].into()],
+    }
+}
+
 fn name() -> impl Strategy<Value = String> {
     "[A-Za-z0-9._-]{0,24}"
 }
@@ -34,26 +45,33 @@ fn broadcast() -> impl Strategy<Value = wire::Broadcast> {
             addr(),
             proptest::collection::vec(any::<u8>(), 0..16)
         )
-            .prop_map(|(node, incarnation, addr, meta)| Kind::Alive(wire::Alive {
-                node,
-                incarnation,
-                addr,
-                meta: meta.into(),
-            })),
+            .prop_map(|(node, incarnation, addr, meta)| Kind::Alive(envelope(
+                ClaimKind::Alive,
+                &wire::Alive {
+                    node,
+                    incarnation,
+                    addr,
+                    meta: meta.into(),
+                }
+            ))),
         (name(), any::<u64>(), name()).prop_map(|(node, incarnation, from)| Kind::Suspect(
-            wire::Suspect {
+            envelope(
+                ClaimKind::Suspect,
+                &wire::Suspect {
+                    node,
+                    incarnation,
+                    from
+                }
+            )
+        )),
+        (name(), any::<u64>(), name()).prop_map(|(node, incarnation, from)| Kind::Dead(envelope(
+            ClaimKind::Dead,
+            &wire::Dead {
                 node,
                 incarnation,
                 from
             }
-        )),
-        (name(), any::<u64>(), name()).prop_map(|(node, incarnation, from)| Kind::Dead(
-            wire::Dead {
-                node,
-                incarnation,
-                from
-            }
-        )),
+        ))),
         (
             proptest::collection::vec(any::<u8>(), 0..32),
             proptest::collection::vec(any::<u8>(), 0..64)
@@ -125,6 +143,16 @@ fn push_pull() -> impl Strategy<Value = wire::PushPull> {
             incarnation,
             state,
             meta: meta.into(),
+            alive: Some(envelope(
+                ClaimKind::Alive,
+                &wire::Alive {
+                    node: "n".into(),
+                    incarnation,
+                    addr: None,
+                    meta: Default::default(),
+                },
+            )),
+            leave: None,
         });
     (
         any::<u32>(),
@@ -157,7 +185,12 @@ fn registry_state() -> impl Strategy<Value = wire::RegistryState> {
             kind,
         },
     );
-    proptest::collection::vec(record, 0..12).prop_map(|records| wire::RegistryState { records })
+    proptest::collection::vec(record, 0..12).prop_map(|records| wire::RegistryState {
+        records: records
+            .iter()
+            .map(|r| envelope(ClaimKind::Record, r))
+            .collect(),
+    })
 }
 
 fn flow_messages() -> impl Strategy<Value = (wire::FlowOpen, wire::FlowResponse)> {

@@ -1,10 +1,12 @@
-//! Property tests of the membership rules: the final view of a member does not depend on the order in
-//! which alive, suspect and dead news about it arrive, and no input makes a node list itself.
+//! Property tests of the membership rules: whatever the order in which alive, suspect and dead news
+//! about a member arrive, its incarnation is the highest it claimed itself, accusations alone never
+//! make it Dead, and no input makes a node list itself.
 
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use bytes::Bytes;
+use grinta_proto::claims::{self, ClaimKind, TrustAll};
 use grinta_proto::membership::{Config, MemberState, Membership};
 use grinta_proto::wire;
 use proptest::prelude::*;
@@ -25,28 +27,62 @@ fn news() -> impl Strategy<Value = News> {
     ]
 }
 
+fn unsigned(kind: ClaimKind, claim: &impl Message) -> wire::Signed {
+    claims::sign(&TrustAll, kind, claim.encode_to_vec(), false).unwrap()
+}
+
+fn accuser_alive(accuser: u8) -> Vec<u8> {
+    use wire::broadcast::Kind;
+    let alive = wire::Alive {
+        node: format!("accuser-{accuser}"),
+        incarnation: 1,
+        addr: Some(wire::SocketAddress {
+            ip: Bytes::from_static(&[127, 0, 0, 10]),
+            port: 7000 + u32::from(accuser),
+        }),
+        meta: Bytes::new(),
+    };
+    wire::Packet {
+        sender: "gossiper".into(),
+        message: None,
+        broadcasts: vec![wire::Broadcast {
+            kind: Some(Kind::Alive(unsigned(ClaimKind::Alive, &alive))),
+        }],
+    }
+    .encode_to_vec()
+}
+
 fn packet(news: &News) -> Vec<u8> {
     use wire::broadcast::Kind;
     let kind = match news {
-        News::Alive(inc) => Kind::Alive(wire::Alive {
-            node: "m".into(),
-            incarnation: *inc,
-            addr: Some(wire::SocketAddress {
-                ip: Bytes::from_static(&[127, 0, 0, 9]),
-                port: 7000,
-            }),
-            meta: Bytes::new(),
-        }),
-        News::Suspect(inc, from) => Kind::Suspect(wire::Suspect {
-            node: "m".into(),
-            incarnation: *inc,
-            from: format!("accuser-{from}"),
-        }),
-        News::Dead(inc, from) => Kind::Dead(wire::Dead {
-            node: "m".into(),
-            incarnation: *inc,
-            from: format!("accuser-{from}"),
-        }),
+        News::Alive(inc) => Kind::Alive(unsigned(
+            ClaimKind::Alive,
+            &wire::Alive {
+                node: "m".into(),
+                incarnation: *inc,
+                addr: Some(wire::SocketAddress {
+                    ip: Bytes::from_static(&[127, 0, 0, 9]),
+                    port: 7000,
+                }),
+                meta: Bytes::new(),
+            },
+        )),
+        News::Suspect(inc, from) => Kind::Suspect(unsigned(
+            ClaimKind::Suspect,
+            &wire::Suspect {
+                node: "m".into(),
+                incarnation: *inc,
+                from: format!("accuser-{from}"),
+            },
+        )),
+        News::Dead(inc, from) => Kind::Dead(unsigned(
+            ClaimKind::Dead,
+            &wire::Dead {
+                node: "m".into(),
+                incarnation: *inc,
+                from: format!("accuser-{from}"),
+            },
+        )),
     };
     wire::Packet {
         sender: "gossiper".into(),
@@ -65,8 +101,13 @@ fn final_view(first_alive: u64, items: &[News]) -> Option<(MemberState, u64)> {
         "127.0.0.1:7001".parse().unwrap(),
         1,
         t0,
+        Box::new(TrustAll),
     )
     .unwrap();
+    // The accusers are members: accusations count only from current members.
+    for accuser in 0..4u8 {
+        node.handle_datagram(t0, from, &accuser_alive(accuser));
+    }
     node.handle_datagram(t0, from, &packet(&News::Alive(first_alive)));
     for item in items {
         node.handle_datagram(t0, from, &packet(item));
@@ -74,31 +115,25 @@ fn final_view(first_alive: u64, items: &[News]) -> Option<(MemberState, u64)> {
     node.member("m").map(|m| (m.state, m.incarnation))
 }
 
-/// The view the rules imply: the highest incarnation wins; at equal incarnation Dead beats Suspect
-/// beats Alive; once Dead, only a strictly newer Alive brings it back.
+/// The view the rules imply: the incarnation is the highest the member itself claimed (an
+/// accusation never raises it); the member is Suspect if an accusation at that incarnation
+/// arrived after the alive that brought it, Alive otherwise. On the word of others it is never
+/// Dead: only this node's own suspicion timer declares that.
 fn expected(first_alive: u64, items: &[News]) -> (MemberState, u64) {
-    let rank = |s: MemberState| match s {
-        MemberState::Alive => 0,
-        MemberState::Suspect => 1,
-        _ => 2,
-    };
-    let mut best = (MemberState::Alive, first_alive);
+    let mut view = (MemberState::Alive, first_alive);
     for item in items {
-        let candidate = match item {
-            News::Alive(i) => (MemberState::Alive, *i),
-            News::Suspect(i, _) => (MemberState::Suspect, *i),
-            News::Dead(i, _) => (MemberState::Dead, *i),
-        };
-        if (candidate.1, rank(candidate.0)) > (best.1, rank(best.0)) {
-            best = candidate;
+        match item {
+            News::Alive(i) if *i > view.1 => view = (MemberState::Alive, *i),
+            News::Suspect(i, _) | News::Dead(i, _) if *i == view.1 => view.0 = MemberState::Suspect,
+            _ => {}
         }
     }
-    best
+    view
 }
 
 proptest! {
     #[test]
-    fn member_view_is_independent_of_arrival_order(
+    fn accusations_never_raise_an_incarnation_nor_kill_on_their_own(
         first in 1u64..3,
         items in proptest::collection::vec(news(), 0..12),
         shuffle_seed in any::<u64>(),
@@ -112,8 +147,15 @@ proptest! {
         }
         let a = final_view(first, &items);
         let b = final_view(first, &shuffled);
-        prop_assert_eq!(a, b);
+        // The incarnation does not depend on the order: it is the highest alive.
+        let highest = items
+            .iter()
+            .filter_map(|n| match n { News::Alive(i) => Some(*i), _ => None })
+            .fold(first, u64::max);
+        prop_assert_eq!(a.map(|v| v.1), Some(highest));
+        prop_assert_eq!(b.map(|v| v.1), Some(highest));
         prop_assert_eq!(a, Some(expected(first, &items)));
+        prop_assert_eq!(b, Some(expected(first, &shuffled)));
     }
 
     #[test]
@@ -122,7 +164,7 @@ proptest! {
     ) {
         let t0 = Instant::now();
         let from: SocketAddr = "127.0.0.1:7999".parse().unwrap();
-        let mut node = Membership::new(Config::lan(), "m", "127.0.0.1:7001".parse().unwrap(), 1, t0).unwrap();
+        let mut node = Membership::new(Config::lan(), "m", "127.0.0.1:7001".parse().unwrap(), 1, t0, Box::new(TrustAll)).unwrap();
         for bytes in &items {
             node.handle_datagram(t0, from, bytes);
             node.handle_stream(t0, from, bytes);

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use arbitrary::{Arbitrary, Unstructured};
 use bytes::Bytes;
+use grinta_proto::claims::{self, CertificateKeys, ClaimKind};
 use grinta_proto::flow::{FlowFrame, FlowId, FlowStreamParser};
 use grinta_proto::node::{Event, Node, NodeConfig};
 use grinta_proto::registry::{EndpointKind, Record, Registry, RegistryLimits};
@@ -327,9 +328,135 @@ enum Op {
     },
 }
 
-/// A membership packet from `peer` with one broadcast chosen by `kind`.
+/// What `signed_claims` does to a genuine claim before checking it.
+#[derive(Debug, Arbitrary)]
+enum ClaimMutation {
+    /// Flip bits of one byte of the body.
+    Body { at: u16, xor: u8 },
+    /// Flip bits of one byte of the signature.
+    Signature { at: u16, xor: u8 },
+    /// Another signature scheme code.
+    Scheme(u32),
+    /// Flip bits of one byte of the carried certificate.
+    Certificate { at: u16, xor: u8 },
+    /// Carry no certificate.
+    NoCertificate,
+    /// Truncate the signature.
+    TruncateSignature(u8),
+    /// Check it as another kind of claim.
+    Kind(u8),
+    /// Check it as signed by another node.
+    Signer(bool),
+}
+
+fn claim_kind(k: u8) -> ClaimKind {
+    match k % 4 {
+        0 => ClaimKind::Alive,
+        1 => ClaimKind::Suspect,
+        2 => ClaimKind::Dead,
+        _ => ClaimKind::Record,
+    }
+}
+
+/// The signed-claim decoder and verifier, with the keys every node uses. Arbitrary bytes decode
+/// (or not) as an envelope and never verify; a genuine claim of `target` verifies, and any change
+/// to its body, signature or scheme, its kind or its signer makes it fail. Nothing panics.
+pub fn signed_claims(data: &[u8]) {
+    let (target_tls, peer_tls) = certificates();
+    let keys = |tls: &TlsConfig, name: &str| {
+        CertificateKeys::new(
+            tls,
+            name,
+            provider(7001),
+            Arc::new(FixedClock::default()),
+            8,
+        )
+        .expect("fuzz keys")
+    };
+    let mut checker = keys(peer_tls, "peer");
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    if mode % 2 == 0 {
+        // Arbitrary bytes: whatever decodes is checked against every signer and kind.
+        if let Ok(signed) = wire::Signed::decode(rest) {
+            for k in 0..4 {
+                for signer in ["target", "peer", "stranger"] {
+                    assert!(
+                        claims::verify(&mut checker, signer, claim_kind(k), &signed).is_err(),
+                        "arbitrary bytes passed as a claim of {signer}"
+                    );
+                }
+            }
+        }
+        return;
+    }
+    let mut u = Unstructured::new(rest);
+    let Ok(mutations) = Vec::<ClaimMutation>::arbitrary(&mut u) else {
+        return;
+    };
+    let target = keys(target_tls, "target");
+    let body = u.bytes(u.len().min(256)).unwrap_or_default().to_vec();
+    let genuine = claims::sign(&target, ClaimKind::Alive, body, true).expect("signs");
+    let (mut claim, mut kind, mut signer) = (genuine.clone(), ClaimKind::Alive, "target");
+    let flip = |bytes: &Bytes, at: u16, xor: u8| {
+        let mut v = bytes.to_vec();
+        if !v.is_empty() {
+            let i = usize::from(at) % v.len();
+            v[i] ^= xor;
+        }
+        Bytes::from(v)
+    };
+    for m in mutations.into_iter().take(8) {
+        match m {
+            ClaimMutation::Body { at, xor } => claim.body = flip(&claim.body, at, xor),
+            ClaimMutation::Signature { at, xor } => {
+                claim.signature = flip(&claim.signature, at, xor)
+            }
+            ClaimMutation::Scheme(scheme) => claim.scheme = scheme,
+            ClaimMutation::Certificate { at, xor } => {
+                if let Some(c) = claim.certificates.first_mut() {
+                    *c = flip(c, at, xor);
+                }
+            }
+            ClaimMutation::NoCertificate => claim.certificates.clear(),
+            ClaimMutation::TruncateSignature(len) => claim.signature.truncate(usize::from(len)),
+            ClaimMutation::Kind(k) => kind = claim_kind(k),
+            ClaimMutation::Signer(peer) => signer = if peer { "peer" } else { "stranger" },
+        }
+    }
+    let result = claims::verify(&mut checker, signer, kind, &claim);
+    let intact = claim.body == genuine.body
+        && claim.signature == genuine.signature
+        && claim.scheme == genuine.scheme
+        && kind == ClaimKind::Alive
+        && signer == "target";
+    if !intact {
+        assert!(result.is_err(), "an altered claim passed: {claim:?}");
+    } else if claim.certificates == genuine.certificates {
+        result.expect("a genuine claim passes");
+    }
+    // Once the genuine claim has been seen, the same claim without its certificate passes, and
+    // altered ones still fail.
+    claims::verify(&mut checker, "target", ClaimKind::Alive, &genuine).expect("genuine");
+    let mut stripped = genuine.clone();
+    stripped.certificates.clear();
+    claims::verify(&mut checker, "target", ClaimKind::Alive, &stripped).expect("known signer");
+    if !intact {
+        let mut altered = claim;
+        altered.certificates.clear();
+        assert!(claims::verify(&mut checker, signer, kind, &altered).is_err());
+    }
+}
+
+/// `claim` signed by `peer`, whoever it is about: what a hostile member can send.
+fn signed_by(peer: &mut Node, kind: ClaimKind, claim: &impl Message) -> wire::Signed {
+    peer.sign_claim(kind, claim).expect("the peer's key signs")
+}
+
+/// A membership packet from `peer` with one broadcast chosen by `kind`, signed by `peer`.
 fn crafted_packet(
-    peer: &Node,
+    peer: &mut Node,
     about: &str,
     addr: SocketAddr,
     kind: u8,
@@ -340,33 +467,49 @@ fn crafted_packet(
     use wire::broadcast::Kind;
     let node = about.to_owned();
     let kind = match kind % 5 {
-        0 => Kind::Alive(wire::Alive {
-            node,
-            incarnation,
-            addr: Some(wire::SocketAddress {
-                ip: match addr.ip() {
-                    std::net::IpAddr::V4(ip) => ip.octets().to_vec().into(),
-                    std::net::IpAddr::V6(ip) => ip.octets().to_vec().into(),
-                },
-                port: u32::from(addr.port()),
-            }),
-            meta: Vec::new().into(),
-        }),
-        1 => Kind::Suspect(wire::Suspect {
-            node,
-            incarnation,
-            from: peer.name().to_owned(),
-        }),
-        2 => Kind::Dead(wire::Dead {
-            node,
-            incarnation,
-            from: peer.name().to_owned(),
-        }),
-        3 => Kind::Dead(wire::Dead {
-            node: node.clone(),
-            incarnation,
-            from: node,
-        }),
+        0 => Kind::Alive(signed_by(
+            peer,
+            ClaimKind::Alive,
+            &wire::Alive {
+                node,
+                incarnation,
+                addr: Some(wire::SocketAddress {
+                    ip: match addr.ip() {
+                        std::net::IpAddr::V4(ip) => ip.octets().to_vec().into(),
+                        std::net::IpAddr::V6(ip) => ip.octets().to_vec().into(),
+                    },
+                    port: u32::from(addr.port()),
+                }),
+                meta: Vec::new().into(),
+            },
+        )),
+        1 => Kind::Suspect(signed_by(
+            peer,
+            ClaimKind::Suspect,
+            &wire::Suspect {
+                node,
+                incarnation,
+                from: peer.name().to_owned(),
+            },
+        )),
+        2 => Kind::Dead(signed_by(
+            peer,
+            ClaimKind::Dead,
+            &wire::Dead {
+                node,
+                incarnation,
+                from: peer.name().to_owned(),
+            },
+        )),
+        3 => Kind::Dead(signed_by(
+            peer,
+            ClaimKind::Dead,
+            &wire::Dead {
+                node: node.clone(),
+                incarnation,
+                from: node,
+            },
+        )),
         _ => {
             let record = Record {
                 name: endpoint.to_owned(),
@@ -377,7 +520,10 @@ fn crafted_packet(
                 kind: EndpointKind::Exclusive,
             };
             let delta = wire::RegistryDelta {
-                records: vec![record.to_wire()],
+                records: peer
+                    .sign_claim(ClaimKind::Record, &record.to_wire())
+                    .into_iter()
+                    .collect(),
             };
             Kind::App(wire::AppBroadcast {
                 key: record.gossip_key().into(),
@@ -570,7 +716,7 @@ pub fn node(data: &[u8]) {
                     (peer.name().to_owned(), peer.local_addr())
                 };
                 let packet = crafted_packet(
-                    &peer,
+                    &mut peer,
                     &about,
                     addr,
                     kind,
@@ -623,6 +769,7 @@ pub type Target = fn(&[u8]);
 
 /// Every fuzz target by name, for the corpus replay.
 pub const TARGETS: &[(&str, Target)] = &[
+    ("signed_claims", signed_claims),
     ("wire_messages", wire_messages),
     ("wire_framing", wire_framing),
     ("flow_stream", flow_stream),

@@ -9,6 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use grinta_proto::claims::TrustAll;
 use grinta_proto::membership::{Config, Event, MemberState, Membership};
 use grinta_proto::wire::framing;
 use hashbrown::HashMap;
@@ -154,10 +155,11 @@ pub struct MemberNode {
 }
 
 impl MemberNode {
-    /// A node named `name` at `addr`.
+    /// A node named `name` at `addr`. Every member of the membership simulation is honest, so
+    /// claims go unsigned ([`TrustAll`]); signatures are exercised by the whole-node simulation.
     pub fn new(config: Config, name: &str, addr: SocketAddr, seed: u64, now: Instant) -> Self {
         Self {
-            membership: Membership::new(config, name, addr, seed, now)
+            membership: Membership::new(config, name, addr, seed, now, Box::new(TrustAll))
                 .expect("simulation configs are valid"),
             seen: Observations::default(),
             kv: VersionedKv::default(),

@@ -750,7 +750,12 @@ fn a_thousand_concurrent_flows_across_five_nodes_all_complete() {
             (sink, send)
         })
         .collect();
-    c.run_for(Duration::from_secs(2));
+    // Names registered during formation spread by gossip, or by the next push-pull for a node
+    // gossip missed.
+    c.run_until(Duration::from_secs(60), |c| {
+        (0..n).all(|i| c.sim.node(i).node.registry().names("sink-").len() == n)
+    })
+    .expect("every name visible everywhere");
     let mut expected = 0usize;
     for k in 0..1000usize {
         let from = k % n;

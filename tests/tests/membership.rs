@@ -8,6 +8,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use grinta_proto::claims::{self, ClaimKind, TrustAll};
 use grinta_proto::membership::{Config, MemberState};
 use grinta_proto::wire;
 use grinta_tests::engine::{NetConfig, env_u64};
@@ -420,11 +421,20 @@ fn false_suspicion_is_refuted_everywhere_within_2s() {
         sender: node_name(accuser),
         message: None,
         broadcasts: vec![wire::Broadcast {
-            kind: Some(wire::broadcast::Kind::Suspect(wire::Suspect {
-                node: node_name(victim),
-                incarnation: inc,
-                from: node_name(accuser),
-            })),
+            kind: Some(wire::broadcast::Kind::Suspect(
+                claims::sign(
+                    &TrustAll,
+                    ClaimKind::Suspect,
+                    wire::Suspect {
+                        node: node_name(victim),
+                        incarnation: inc,
+                        from: node_name(accuser),
+                    }
+                    .encode_to_vec(),
+                    false,
+                )
+                .unwrap(),
+            )),
         }],
     }
     .encode_to_vec();

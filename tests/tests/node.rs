@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use grinta_proto::claims::ClaimKind;
 use grinta_proto::membership::MemberState;
 use grinta_proto::node::Node;
 use grinta_proto::tls::dev::DevCa;
@@ -171,27 +172,36 @@ fn claims_made_in_another_nodes_name_are_ignored() {
         .incarnation;
     // The liar, with a valid certificate of its own, speaks as the victim: it says the victim left,
     // announces the victim at the liar's address with a higher incarnation, and suspects node 1.
+    // Even signed by the liar: its signature does not speak for the victim either.
+    let leave = wire::Dead {
+        node: node_name(victim),
+        incarnation: victim_inc + 5,
+        from: node_name(victim),
+    };
+    let moved = wire::Alive {
+        node: node_name(victim),
+        incarnation: victim_inc + 9,
+        addr: Some(wire::SocketAddress {
+            ip: Bytes::copy_from_slice(&[127, 0, 0, 6]),
+            port: 7946,
+        }),
+        meta: Bytes::new(),
+    };
+    let (leave, moved) = c.sim.with_node(liar, |node, _| {
+        (
+            node.node.sign_claim(ClaimKind::Dead, &leave).unwrap(),
+            node.node.sign_claim(ClaimKind::Alive, &moved).unwrap(),
+        )
+    });
     let forged = wire::Packet {
         sender: node_name(victim),
         message: None,
         broadcasts: vec![
             wire::Broadcast {
-                kind: Some(wire::broadcast::Kind::Dead(wire::Dead {
-                    node: node_name(victim),
-                    incarnation: victim_inc + 5,
-                    from: node_name(victim),
-                })),
+                kind: Some(wire::broadcast::Kind::Dead(leave)),
             },
             wire::Broadcast {
-                kind: Some(wire::broadcast::Kind::Alive(wire::Alive {
-                    node: node_name(victim),
-                    incarnation: victim_inc + 9,
-                    addr: Some(wire::SocketAddress {
-                        ip: Bytes::copy_from_slice(&[127, 0, 0, 6]),
-                        port: 7946,
-                    }),
-                    meta: Bytes::new(),
-                })),
+                kind: Some(wire::broadcast::Kind::Alive(moved)),
             },
         ],
     }

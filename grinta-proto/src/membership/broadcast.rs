@@ -13,8 +13,11 @@ use hashbrown::HashMap;
 /// Replace-by-key identity of a broadcast.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum BroadcastKey {
-    /// News about a member (alive, suspect, dead): one per member name.
+    /// What a member says of itself (alive, leave): the newest replaces the older.
     Member(String),
+    /// An accusation of a member (suspect, dead), queued apart from its own word: an accusation
+    /// at a newer incarnation must not displace the alive that makes that incarnation known.
+    Accusation(String),
     /// An application item, keyed by the application.
     App(Bytes),
 }

@@ -20,13 +20,15 @@
 //! `poll_event`. Call `handle_timeout` when the deadline passes (spurious calls are harmless).
 //!
 //! ```
+//! use grinta_proto::claims::TrustAll;
 //! use grinta_proto::membership::{Channel, Config, Membership};
 //! use std::time::{Duration, Instant};
 //!
 //! let t0 = Instant::now(); // adapters read the clock; the state machine never does
 //! let config = Config::lan();
-//! let mut a = Membership::new(config.clone(), "a", "127.0.0.1:7001".parse()?, 1, t0)?;
-//! let mut b = Membership::new(config, "b", "127.0.0.1:7002".parse()?, 2, t0)?;
+//! // Every member is honest here; a node signs its claims with its TLS key instead.
+//! let mut a = Membership::new(config.clone(), "a", "127.0.0.1:7001".parse()?, 1, t0, Box::new(TrustAll))?;
+//! let mut b = Membership::new(config, "b", "127.0.0.1:7002".parse()?, 2, t0, Box::new(TrustAll))?;
 //!
 //! // b joins through a: push-pull over a reliable stream.
 //! b.join(t0, &["127.0.0.1:7001".parse()?]);
@@ -54,8 +56,9 @@ use hashbrown::HashMap;
 use prost::Message;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use tracing::{debug, trace};
+use tracing::{debug, trace, warn};
 
+use crate::claims::{self, ClaimKeys, ClaimKind};
 use crate::wire;
 use broadcast::{BroadcastKey, BroadcastQueue, framed_broadcast_len};
 pub use config::{Config, ConfigError, MAX_SETTING_DURATION, MIN_PACKET_SIZE};
@@ -69,6 +72,13 @@ pub const MAX_NAME_LEN: usize = 128;
 /// refused as malformed, and an accusation (Suspect or Dead of another node) must be below it,
 /// so its subject can always refute with `accused + 1`.
 pub const MAX_INCARNATION: u64 = 1 << 62;
+
+/// The furthest a member's own claim (an alive, a leave) may move its incarnation ahead of the
+/// one this node knows (2^40). Incarnations start at the wall clock in milliseconds and grow by
+/// one per refutation, so a restart after 34 years of downtime still fits; a claim further
+/// ahead is refused and counted (`Stats::claims_refused`), so that no signed claim, even a
+/// member's own, can push its incarnation near [`MAX_INCARNATION`] in one step.
+pub const MAX_INCARNATION_STEP: u64 = 1 << 40;
 
 /// Checks a node name: 1..=128 bytes of `[A-Za-z0-9._-]`.
 ///
@@ -328,6 +338,18 @@ pub struct Stats {
     pub reconnect_attempts: u64,
     /// Packets sent to a peer that gossiped stale accusations, carrying the newer alive news.
     pub corrections_sent: u64,
+    /// Signed claims whose signature was checked and held.
+    pub claims_verified: u64,
+    /// Claims dropped because their signature did not hold: forged, altered, signed with a
+    /// certificate the cluster CA does not vouch for, or from a signer whose certificate is not
+    /// known yet.
+    pub claims_rejected: u64,
+    /// Claims dropped whatever their signature: an accusation from a node that is not a current
+    /// member or above the incarnation known, or a claim jumping more than
+    /// [`MAX_INCARNATION_STEP`] ahead.
+    pub claims_refused: u64,
+    /// Claims of this node that could not be signed (a broken key), and so were not sent.
+    pub claims_unsigned: u64,
 }
 
 #[derive(Debug)]
@@ -363,6 +385,10 @@ struct IndirectProbe {
 struct Entry {
     member: Member,
     state_change: Instant,
+    /// The member's latest alive, signed by it: relayed in push-pull and corrections.
+    alive: wire::Signed,
+    /// Its leave, signed by it, while it is Left.
+    leave: Option<wire::Signed>,
 }
 
 #[derive(Debug, Clone)]
@@ -387,6 +413,10 @@ pub struct Membership {
     incarnation: u64,
     meta: Bytes,
     rng: ChaCha8Rng,
+    /// Signs this node's claims and checks others'.
+    keys: Box<dyn ClaimKeys>,
+    /// This node's alive at its current incarnation, signed (`None` only if signing failed).
+    own_alive: Option<wire::Signed>,
 
     members: Vec<Entry>,
     index: HashMap<String, usize>,
@@ -419,7 +449,15 @@ pub struct Membership {
     stats: Stats,
     /// Corrections for the sender of the packet being processed (see `correct_stale_sender`).
     corrections: Vec<Bytes>,
+    /// Senders this node did not know, asked for their state, and when (see
+    /// `ask_unknown_sender`); at most [`MAX_ASKED`].
+    asked: VecDeque<(String, Instant)>,
+    /// The application state sent with the last join request.
+    join_app_state: Bytes,
 }
+
+/// Most unknown senders remembered as asked for their state.
+const MAX_ASKED: usize = 64;
 
 /// The membership's timers, in the order [`Membership::handle_timeout`] runs those due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -460,13 +498,16 @@ const MAX_RECEIVED_PACKET: usize = 64 * 1024;
 
 impl Membership {
     /// Creates the state machine of node `name`, reachable at `addr`, with all randomness drawn from
-    /// `seed`. The node knows nobody until it [`join`](Self::join)s or is joined.
+    /// `seed`, signing its claims and checking others' with `keys` (a node uses
+    /// [`claims::CertificateKeys`]; [`claims::TrustAll`] only suits a run where every member is
+    /// honest). The node knows nobody until it [`join`](Self::join)s or is joined.
     pub fn new(
         config: Config,
         name: &str,
         addr: SocketAddr,
         seed: u64,
         now: Instant,
+        keys: Box<dyn ClaimKeys>,
     ) -> Result<Self, InitError> {
         config.validate()?;
         validate_node_name(name)?;
@@ -479,8 +520,8 @@ impl Membership {
             now + config.push_pull_interval / 2 + jitter(&mut rng, config.push_pull_interval / 2);
         let next_reconnect = now + jitter(&mut rng, config.reconnect_interval);
         let initial_incarnation = config.initial_incarnation;
-        Ok(Self {
-            member_queue: BroadcastQueue::new(config.max_members + 1),
+        let mut membership = Self {
+            member_queue: BroadcastQueue::new(2 * config.max_members + 1),
             app_queue: BroadcastQueue::new(config.max_app_broadcasts),
             config,
             name: name.to_owned(),
@@ -488,6 +529,8 @@ impl Membership {
             incarnation: initial_incarnation,
             meta: Bytes::new(),
             rng,
+            keys,
+            own_alive: None,
             members: Vec::new(),
             index: HashMap::new(),
             probe_order: Vec::new(),
@@ -512,7 +555,11 @@ impl Membership {
             events: VecDeque::new(),
             stats: Stats::default(),
             corrections: Vec::new(),
-        })
+            asked: VecDeque::new(),
+            join_app_state: Bytes::new(),
+        };
+        membership.sign_own_alive();
+        Ok(membership)
     }
 
     // ----- accessors -------------------------------------------------------------------------------
@@ -558,6 +605,28 @@ impl Membership {
             .iter()
             .filter(|e| !e.member.state.is_gone())
             .count()
+    }
+
+    /// Whether `name` is this node or a member not declared gone: the nodes whose accusations
+    /// count, and whose endpoint records a directory takes.
+    pub fn is_current_member(&self, name: &str) -> bool {
+        self.is_current(name)
+    }
+
+    /// Signs a claim of this node (an endpoint record it owns, say) with its keys.
+    pub fn sign(&mut self, kind: ClaimKind, claim: &impl Message) -> Option<wire::Signed> {
+        self.sign_claim(kind, claim)
+    }
+
+    /// Checks that node `signer` signed `claim`, a claim of `kind`; a failure is counted in
+    /// [`Stats::claims_rejected`].
+    pub fn verify(&mut self, signer: &str, kind: ClaimKind, claim: &wire::Signed) -> bool {
+        self.verified(signer, kind, claim)
+    }
+
+    /// Counts a claim dropped whatever its signature (see [`Stats::claims_refused`]).
+    pub fn count_refused_claim(&mut self) {
+        self.stats.claims_refused += 1;
     }
 
     /// Whether a join completed (or the node was contacted by the cluster).
@@ -672,7 +741,9 @@ impl Membership {
             incarnation: self.incarnation,
             from: self.name.clone(),
         };
-        self.queue_member_broadcast(self.name.clone(), wire::broadcast::Kind::Dead(msg));
+        if let Some(claim) = self.sign_claim(ClaimKind::Dead, &msg) {
+            self.queue_member_broadcast(self.name.clone(), wire::broadcast::Kind::Dead(claim));
+        }
         self.probe = None;
         if self.live_members() == 0 {
             self.finish_leave();
@@ -854,6 +925,7 @@ impl Membership {
             }
         }
         self.correct_dead_sender(&packet.sender);
+        self.ask_unknown_sender(now, from, &packet.sender);
         if !self.corrections.is_empty() {
             let corrections = std::mem::take(&mut self.corrections);
             self.stats.corrections_sent += 1;
@@ -900,6 +972,11 @@ impl Membership {
             self.joined = true;
             self.join_retry = None;
             self.events.push_back(Event::Joined);
+            if pp.reply && self.app_state != self.join_app_state {
+                // The application changed its state (registered endpoints, say) while the join
+                // was under way: the seed has not seen it yet.
+                self.send_push_pull(from, Some(pp.sender.clone()), false, false);
+            }
         }
         if !pp.reply {
             self.send_push_pull(from, Some(pp.sender.clone()), false, true);

@@ -82,6 +82,8 @@ impl Membership {
         self.suspicions.remove(name);
         self.member_queue
             .remove(&BroadcastKey::Member(name.to_owned()));
+        self.member_queue
+            .remove(&BroadcastKey::Accusation(name.to_owned()));
     }
 
     pub(super) fn start_probe(&mut self, now: Instant) {
@@ -94,18 +96,9 @@ impl Membership {
         let target = self.members[i].member.clone();
         let buddy: Option<Bytes> = if target.state == MemberState::Suspect && self.config.lifeguard
         {
-            // Buddy system: tell the target it is suspected so it can refute at once.
-            Some(
-                wire::Broadcast {
-                    kind: Some(wire::broadcast::Kind::Suspect(wire::Suspect {
-                        node: target.name.clone(),
-                        incarnation: target.incarnation,
-                        from: self.name.clone(),
-                    })),
-                }
-                .encode_to_vec()
-                .into(),
-            )
+            // Buddy system: tell the target it is suspected (with a signed accusation) so it
+            // can refute at once.
+            self.buddy_claim(&target)
         } else {
             None
         };
@@ -194,16 +187,40 @@ impl Membership {
         if m.state.is_gone() {
             return;
         }
-        let msg = wire::Suspect {
-            node: m.name.clone(),
-            incarnation: m.incarnation,
-            from: self.name.clone(),
-        };
         debug!(target = %p.target, "probe failed, suspecting");
         if m.state == MemberState::Alive {
             self.stats.suspicions_raised += 1;
         }
-        self.apply_suspect(now, msg, None);
+        self.suspect_after_probe(now, i);
+    }
+
+    /// The signed accusation shown to a suspect when probing it: the one that started the
+    /// suspicion, or, for a suspicion learnt from a push-pull, this node's own.
+    fn buddy_claim(&mut self, target: &Member) -> Option<Bytes> {
+        if let Some(buddy) = self
+            .suspicions
+            .get(&target.name)
+            .and_then(|s| s.buddy.clone())
+        {
+            return Some(buddy);
+        }
+        let claim = self.sign_claim(
+            ClaimKind::Suspect,
+            &wire::Suspect {
+                node: target.name.clone(),
+                incarnation: target.incarnation,
+                from: self.name.clone(),
+            },
+        )?;
+        let buddy: Bytes = wire::Broadcast {
+            kind: Some(wire::broadcast::Kind::Suspect(claim)),
+        }
+        .encode_to_vec()
+        .into();
+        if let Some(s) = self.suspicions.get_mut(&target.name) {
+            s.buddy = Some(buddy.clone());
+        }
+        Some(buddy)
     }
 
     pub(super) fn handle_message(

@@ -4,43 +4,40 @@
 use super::*;
 
 impl Membership {
+    /// Merges a peer's state: each member's own signed alive and leave, then the peer's
+    /// accusations (its Suspect and Dead entries), which count as its suspicions: the stream
+    /// authenticates the peer, so they need no signature of their own.
     pub(super) fn merge_remote_state(&mut self, now: Instant, pp: &wire::PushPull) {
         for e in &pp.members {
-            let Some(addr) = e.addr.as_ref().and_then(decode_addr) else {
-                continue;
-            };
+            if let Some(alive) = &e.alive {
+                self.handle_alive(now, alive.clone());
+            }
             let state =
                 wire::MemberState::try_from(e.state).unwrap_or(wire::MemberState::Unspecified);
             match state {
-                wire::MemberState::Alive => self.apply_alive(
-                    now,
-                    wire::Alive {
-                        node: e.node.clone(),
-                        incarnation: e.incarnation,
-                        addr: Some(encode_addr(addr)),
-                        meta: e.meta.clone(),
-                    },
-                ),
-                wire::MemberState::Left => self.apply_dead(
-                    now,
-                    wire::Dead {
-                        node: e.node.clone(),
-                        incarnation: e.incarnation,
-                        from: e.node.clone(),
-                    },
-                    None,
-                ),
+                wire::MemberState::Left => {
+                    if let Some(leave) = &e.leave {
+                        self.handle_broadcast(
+                            now,
+                            wire::broadcast::Kind::Dead(leave.clone()),
+                            None,
+                        );
+                    }
+                }
                 // Never trust a remote "dead": it becomes a local suspicion that the member can refute.
-                wire::MemberState::Dead | wire::MemberState::Suspect => self.apply_suspect(
-                    now,
-                    wire::Suspect {
-                        node: e.node.clone(),
+                wire::MemberState::Dead | wire::MemberState::Suspect => {
+                    if validate_node_name(&e.node).is_err() || e.incarnation >= MAX_INCARNATION {
+                        self.stats.packets_invalid += 1;
+                        continue;
+                    }
+                    let accusation = rules::Accusation {
+                        node: &e.node,
                         incarnation: e.incarnation,
-                        from: pp.sender.clone(),
-                    },
-                    None,
-                ),
-                wire::MemberState::Unspecified => {}
+                        accuser: &pp.sender,
+                    };
+                    self.accuse(now, accusation, None, None);
+                }
+                wire::MemberState::Alive | wire::MemberState::Unspecified => {}
             }
         }
     }
@@ -53,6 +50,8 @@ impl Membership {
             incarnation: self.incarnation,
             state: wire::MemberState::Alive as i32,
             meta: self.meta.clone(),
+            alive: self.own_alive.clone(),
+            leave: None,
         });
         for e in &self.members {
             members.push(wire::MemberEntry {
@@ -61,6 +60,8 @@ impl Membership {
                 incarnation: e.member.incarnation,
                 state: e.member.state.to_wire() as i32,
                 meta: e.member.meta.clone(),
+                alive: Some(e.alive.clone()),
+                leave: e.leave.clone(),
             });
         }
         wire::PushPull {
@@ -107,6 +108,7 @@ impl Membership {
     }
 
     pub(super) fn send_join_attempt(&mut self, _now: Instant) {
+        self.join_app_state = self.app_state.clone();
         for seed in self.seeds.clone() {
             self.send_push_pull(seed, None, true, false);
         }
@@ -154,6 +156,38 @@ impl Membership {
         let spacing =
             (self.config.reconnect_interval / total as u32).max(self.config.gossip_interval);
         self.next_reconnect = now + spacing;
+    }
+
+    /// A packet came from `sender`, which this node does not know, holds gone, or knows at
+    /// another address: it missed the sender's latest alive (gossip that died out before
+    /// reaching it, a restart elsewhere, news from before a partition healed). The transport
+    /// authenticated the sender, but only the sender's own signed alive may change what this
+    /// node holds: ask it for its state with a push-pull, at most once per push-pull interval
+    /// per sender.
+    pub(super) fn ask_unknown_sender(&mut self, now: Instant, from: SocketAddr, sender: &str) {
+        if sender == self.name || !self.joined || !matches!(self.lifecycle, Lifecycle::Running) {
+            return;
+        }
+        let up_to_date = self.index.get(sender).is_some_and(|&i| {
+            let m = &self.members[i].member;
+            !m.state.is_gone() && m.addr == from
+        });
+        if up_to_date {
+            return;
+        }
+        let interval = self.config.push_pull_interval;
+        while self
+            .asked
+            .front()
+            .is_some_and(|(_, at)| now.saturating_duration_since(*at) >= interval)
+        {
+            self.asked.pop_front();
+        }
+        if self.asked.len() >= MAX_ASKED || self.asked.iter().any(|(n, _)| n == sender) {
+            return;
+        }
+        self.asked.push_back((sender.to_owned(), now));
+        self.send_push_pull(from, Some(sender.to_owned()), false, false);
     }
 
     pub(super) fn finish_leave(&mut self) {

@@ -1,8 +1,15 @@
 //! The state rules: suspicion, refutation, and how alive, suspect and dead claims change a
-//! member (incarnation ordering, the first-hand rule for a node's own state), with the failed-member
-//! table.
+//! member (incarnation ordering, the first-hand rule for a node's own state, signed claims), with
+//! the failed-member table.
 
 use super::*;
+
+/// Who accuses whom, at which incarnation.
+pub(super) struct Accusation<'a> {
+    pub(super) node: &'a str,
+    pub(super) incarnation: u64,
+    pub(super) accuser: &'a str,
+}
 
 impl Membership {
     pub(super) fn run_suspicion_timers(&mut self, now: Instant) {
@@ -21,33 +28,81 @@ impl Membership {
                 continue;
             }
             self.stats.deaths_declared += 1;
-            let msg = wire::Dead {
-                node: name,
-                incarnation,
-                from: self.name.clone(),
-            };
-            self.apply_dead(now, msg, None);
+            let claim = self.sign_claim(
+                ClaimKind::Dead,
+                &wire::Dead {
+                    node: name.clone(),
+                    incarnation,
+                    from: self.name.clone(),
+                },
+            );
+            self.mark_gone(now, i, incarnation, None);
+            if let Some(claim) = claim {
+                self.queue_accusation(name, wire::broadcast::Kind::Dead(claim));
+            }
         }
+    }
+
+    /// Signs a claim this node makes. Signing fails only with a broken key; the claim is then
+    /// not sent (and logged), never sent unsigned.
+    pub(super) fn sign_claim(
+        &mut self,
+        kind: ClaimKind,
+        claim: &impl Message,
+    ) -> Option<wire::Signed> {
+        match claims::sign(
+            &*self.keys,
+            kind,
+            claim.encode_to_vec(),
+            kind == ClaimKind::Alive,
+        ) {
+            Ok(signed) => Some(signed),
+            Err(error) => {
+                self.stats.claims_unsigned += 1;
+                warn!(%error, ?kind, "cannot sign a claim; it is not sent");
+                None
+            }
+        }
+    }
+
+    /// Checks that `signer` signed `claim`; a claim that fails is dropped and counted.
+    pub(super) fn verified(&mut self, signer: &str, kind: ClaimKind, claim: &wire::Signed) -> bool {
+        match claims::verify(&mut *self.keys, signer, kind, claim) {
+            Ok(()) => {
+                self.stats.claims_verified += 1;
+                true
+            }
+            Err(error) => {
+                self.stats.claims_rejected += 1;
+                debug!(%error, %signer, ?kind, "dropping a claim whose signature does not hold");
+                false
+            }
+        }
+    }
+
+    /// Whether `name` may accuse: this node, or a member not declared gone.
+    pub(super) fn is_current(&self, name: &str) -> bool {
+        name == self.name
+            || self
+                .index
+                .get(name)
+                .is_some_and(|&i| !self.members[i].member.state.is_gone())
     }
 
     /// A packet from `from` accused member `i` at an incarnation older than the one we know alive:
     /// its sender missed a refutation, and gossip about the stale incarnation dies out without
-    /// reaching the member. Tell the sender directly (collected per packet, one answer per packet).
+    /// reaching the member. Tell the sender directly, with the member's own signed alive
+    /// (collected per packet, one answer per packet).
     pub(super) fn correct_stale_sender(&mut self, i: usize, from: Option<SocketAddr>) {
-        let m = &self.members[i].member;
+        let entry = &self.members[i];
         if from.is_none()
-            || m.state != MemberState::Alive
+            || entry.member.state != MemberState::Alive
             || self.corrections.len() >= MAX_CORRECTIONS
         {
             return;
         }
         let alive = wire::Broadcast {
-            kind: Some(wire::broadcast::Kind::Alive(wire::Alive {
-                node: m.name.clone(),
-                incarnation: m.incarnation,
-                addr: Some(encode_addr(m.addr)),
-                meta: m.meta.clone(),
-            })),
+            kind: Some(wire::broadcast::Kind::Alive(entry.alive.clone())),
         };
         self.corrections.push(alive.encode_to_vec().into());
     }
@@ -66,14 +121,17 @@ impl Membership {
         {
             return;
         }
-        let dead = wire::Broadcast {
-            kind: Some(wire::broadcast::Kind::Dead(wire::Dead {
-                node: m.name.clone(),
-                incarnation: m.incarnation,
-                from: self.name.clone(),
-            })),
+        let dead = wire::Dead {
+            node: m.name.clone(),
+            incarnation: m.incarnation,
+            from: self.name.clone(),
         };
-        self.corrections.push(dead.encode_to_vec().into());
+        if let Some(claim) = self.sign_claim(ClaimKind::Dead, &dead) {
+            let dead = wire::Broadcast {
+                kind: Some(wire::broadcast::Kind::Dead(claim)),
+            };
+            self.corrections.push(dead.encode_to_vec().into());
+        }
     }
 
     pub(super) fn handle_broadcast(
@@ -84,9 +142,59 @@ impl Membership {
     ) {
         use wire::broadcast::Kind;
         match kind {
-            Kind::Alive(a) => self.apply_alive(now, a),
-            Kind::Suspect(s) => self.apply_suspect(now, s, from),
-            Kind::Dead(d) => self.apply_dead(now, d, from),
+            Kind::Alive(claim) => self.handle_alive(now, claim),
+            Kind::Suspect(claim) => {
+                let Ok(s) = wire::Suspect::decode(&claim.body[..]) else {
+                    self.stats.packets_invalid += 1;
+                    return;
+                };
+                // An accusation must leave its subject room to refute (accused + 1).
+                if validate_node_name(&s.from).is_err()
+                    || validate_node_name(&s.node).is_err()
+                    || s.incarnation >= MAX_INCARNATION
+                {
+                    self.stats.packets_invalid += 1;
+                    return;
+                }
+                let accusation = Accusation {
+                    node: &s.node,
+                    incarnation: s.incarnation,
+                    accuser: &s.from,
+                };
+                self.accuse(now, accusation, from, Some((ClaimKind::Suspect, claim)));
+            }
+            Kind::Dead(claim) => {
+                let Ok(d) = wire::Dead::decode(&claim.body[..]) else {
+                    self.stats.packets_invalid += 1;
+                    return;
+                };
+                // A leave (from its own subject) may carry MAX_INCARNATION itself; an accusation
+                // not.
+                let limit = if d.from == d.node {
+                    MAX_INCARNATION
+                } else {
+                    MAX_INCARNATION - 1
+                };
+                if validate_node_name(&d.from).is_err()
+                    || validate_node_name(&d.node).is_err()
+                    || d.incarnation > limit
+                {
+                    self.stats.packets_invalid += 1;
+                    return;
+                }
+                if d.from == d.node {
+                    self.handle_leave(now, d, claim, from);
+                } else {
+                    // Another node's declaration of death counts as its suspicion: only a
+                    // member's own leave is final on the word of the network.
+                    let accusation = Accusation {
+                        node: &d.node,
+                        incarnation: d.incarnation,
+                        accuser: &d.from,
+                    };
+                    self.accuse(now, accusation, from, Some((ClaimKind::Dead, claim)));
+                }
+            }
             Kind::App(app) => {
                 if app.key.len() + app.payload.len() > self.config.max_app_broadcast_size {
                     self.stats.packets_invalid += 1;
@@ -100,8 +208,8 @@ impl Membership {
         }
     }
 
-    /// Someone suspects this node or declares it dead at `accused`. At or above the current
-    /// incarnation, refute. Below it, the accuser holds stale news and missed an earlier refutation:
+    /// Someone suspects this node or declares it dead at `accused`, its current incarnation:
+    /// refute. Below it, the accuser holds stale news and missed an earlier refutation:
     /// re-announce the current incarnation (no increment) so it catches up.
     pub(super) fn answer_accusation(&mut self, accused: u64) {
         if !matches!(self.lifecycle, Lifecycle::Running) {
@@ -127,23 +235,50 @@ impl Membership {
         self.broadcast_self_alive();
     }
 
+    /// Signs this node's alive at its current incarnation, address and metadata, keeps it for
+    /// push-pull, and queues it for gossip.
     pub(super) fn broadcast_self_alive(&mut self) {
-        let msg = wire::Alive {
+        self.sign_own_alive();
+        if let Some(claim) = self.own_alive.clone() {
+            self.queue_member_broadcast(self.name.clone(), wire::broadcast::Kind::Alive(claim));
+        }
+    }
+
+    /// Signs this node's alive (after a change of incarnation, address or metadata).
+    pub(super) fn sign_own_alive(&mut self) {
+        let alive = wire::Alive {
             node: self.name.clone(),
             incarnation: self.incarnation,
             addr: Some(encode_addr(self.addr)),
             meta: self.meta.clone(),
         };
-        self.queue_member_broadcast(self.name.clone(), wire::broadcast::Kind::Alive(msg));
+        if let Some(claim) = self.sign_claim(ClaimKind::Alive, &alive) {
+            self.own_alive = Some(claim);
+        }
     }
 
+    /// Queues what a member says of itself (its alive or its leave) for gossip.
     pub(super) fn queue_member_broadcast(&mut self, name: String, kind: wire::broadcast::Kind) {
         let encoded = wire::Broadcast { kind: Some(kind) }.encode_to_vec();
         self.member_queue
-            .push(BroadcastKey::Member(name.to_owned()), encoded.into());
+            .push(BroadcastKey::Member(name), encoded.into());
     }
 
-    pub(super) fn apply_alive(&mut self, now: Instant, a: wire::Alive) {
+    /// Queues an accusation of member `name` for gossip.
+    pub(super) fn queue_accusation(&mut self, name: String, kind: wire::broadcast::Kind) {
+        let encoded = wire::Broadcast { kind: Some(kind) }.encode_to_vec();
+        self.member_queue
+            .push(BroadcastKey::Accusation(name), encoded.into());
+    }
+
+    /// A member's own alive: it is up at an incarnation, with an address and metadata. Checked
+    /// for news first (a claim that changes nothing costs no signature check), then for its
+    /// signature, then applied and passed on unchanged.
+    pub(super) fn handle_alive(&mut self, now: Instant, claim: wire::Signed) {
+        let Ok(a) = wire::Alive::decode(&claim.body[..]) else {
+            self.stats.packets_invalid += 1;
+            return;
+        };
         if validate_node_name(&a.node).is_err()
             || a.meta.len() > self.config.max_meta_size
             || a.incarnation > MAX_INCARNATION
@@ -156,25 +291,67 @@ impl Membership {
             return;
         };
         if a.node == self.name {
-            // Someone announces us with an incarnation we never had (stale state from a previous life)
-            // or with another address: out-announce it. Like an accusation, it must leave room to
-            // refute (`+ 1`).
+            // An alive of ours that we no longer hold (a previous life's, replayed or late):
+            // out-announce it. Like an accusation, it must leave room to refute (`+ 1`).
             if a.incarnation >= MAX_INCARNATION {
                 self.stats.packets_invalid += 1;
                 return;
             }
-            if a.incarnation > self.incarnation
-                || (a.incarnation == self.incarnation && (addr != self.addr || a.meta != self.meta))
-            {
+            let news = a.incarnation > self.incarnation
+                || (a.incarnation == self.incarnation
+                    && (addr != self.addr || a.meta != self.meta));
+            if news && self.verified(&a.node, ClaimKind::Alive, &claim) {
                 self.refute(a.incarnation);
             }
             return;
         }
-        let Some(&i) = self.index.get(&a.node) else {
-            if self.members.len() >= self.config.max_members {
+        let known = self.index.get(&a.node).copied();
+        match known {
+            None if self.members.len() >= self.config.max_members => {
                 self.stats.dropped_for_limits += 1;
                 return;
             }
+            None => {}
+            Some(i) => {
+                let entry = &self.members[i];
+                let known_incarnation = entry.member.incarnation;
+                if a.incarnation <= known_incarnation {
+                    // Old news, or a replay. The one exception: the same incarnation at a new
+                    // address, from a member declared dead long enough ago (it restarted
+                    // without a newer incarnation). Never for a member that left: only a newer
+                    // life comes back from a leave.
+                    let reclaim = a.incarnation == known_incarnation
+                        && addr != entry.member.addr
+                        && entry.member.state == MemberState::Dead
+                        && now.saturating_duration_since(entry.state_change)
+                            >= self.config.dead_node_reclaim_time;
+                    if !reclaim {
+                        return;
+                    }
+                }
+                if a.incarnation - known_incarnation > MAX_INCARNATION_STEP {
+                    self.stats.claims_refused += 1;
+                    return;
+                }
+            }
+        }
+        if !self.verified(&a.node, ClaimKind::Alive, &claim) {
+            return;
+        }
+        self.accept_alive(now, known, a, addr, claims::compact(&claim));
+    }
+
+    /// Applies a checked alive of a member (`i`, if already known).
+    fn accept_alive(
+        &mut self,
+        now: Instant,
+        known: Option<usize>,
+        a: wire::Alive,
+        addr: SocketAddr,
+        claim: wire::Signed,
+    ) {
+        let relay = wire::broadcast::Kind::Alive(claim.clone());
+        let Some(i) = known else {
             let member = Member {
                 name: a.node.clone(),
                 addr,
@@ -186,6 +363,8 @@ impl Membership {
             self.members.push(Entry {
                 member: member.clone(),
                 state_change: now,
+                alive: claim,
+                leave: None,
             });
             // A new member is probed at a random point of the current round.
             let pos = self.rng.random_range(0..=self.probe_order.len());
@@ -195,158 +374,230 @@ impl Membership {
             }
             self.failed.retain(|f| f.name != a.node);
             self.events.push_back(Event::MemberJoined(member));
-            self.queue_member_broadcast(a.node.clone(), wire::broadcast::Kind::Alive(a));
+            self.queue_member_broadcast(a.node, relay);
             return;
         };
-        let entry = &self.members[i];
-        let old = entry.member.state;
-        if addr != entry.member.addr {
-            // Same name, new address: a later life of the member (a higher incarnation: it
-            // restarted and moved), or once the old one is surely gone. Names are bound to
-            // certificates, so two live processes under one name are one operator's mistake,
-            // and the older refutes the newer.
-            let reclaimable = a.incarnation > entry.member.incarnation
-                || old == MemberState::Left
-                || (old == MemberState::Dead
-                    && now.saturating_duration_since(entry.state_change)
-                        >= self.config.dead_node_reclaim_time);
-            if !reclaimable {
-                return;
-            }
-        } else if a.incarnation <= entry.member.incarnation {
-            return;
-        }
         let entry = &mut self.members[i];
+        let old = entry.member.state;
         let meta_changed = entry.member.meta != a.meta || entry.member.addr != addr;
         entry.member.incarnation = a.incarnation;
         entry.member.addr = addr;
         entry.member.meta = a.meta.clone();
         entry.member.state = MemberState::Alive;
+        entry.alive = claim;
+        entry.leave = None;
         if old != MemberState::Alive {
             entry.state_change = now;
         }
         let member = entry.member.clone();
         self.suspicions.remove(&a.node);
         self.failed.retain(|f| f.name != a.node);
-        self.events.push_back(match old {
-            MemberState::Alive if meta_changed => Event::MemberUpdated(member),
-            MemberState::Alive => {
-                self.queue_member_broadcast(a.node.clone(), wire::broadcast::Kind::Alive(a));
-                return;
+        // Accusations of an older incarnation are stale now.
+        self.member_queue
+            .remove(&BroadcastKey::Accusation(a.node.clone()));
+        match old {
+            MemberState::Alive if meta_changed => {
+                self.events.push_back(Event::MemberUpdated(member))
             }
-            MemberState::Suspect => Event::MemberAlive(member),
-            MemberState::Dead | MemberState::Left => Event::MemberJoined(member),
-        });
-        self.queue_member_broadcast(a.node.clone(), wire::broadcast::Kind::Alive(a));
+            MemberState::Alive => {}
+            MemberState::Suspect => self.events.push_back(Event::MemberAlive(member)),
+            MemberState::Dead | MemberState::Left => {
+                self.events.push_back(Event::MemberJoined(member))
+            }
+        }
+        self.queue_member_broadcast(a.node, relay);
     }
 
-    pub(super) fn apply_suspect(
-        &mut self,
-        now: Instant,
-        s: wire::Suspect,
-        from: Option<SocketAddr>,
-    ) {
-        // An accusation must leave its subject room to refute (accused + 1).
-        if validate_node_name(&s.from).is_err() || s.incarnation >= MAX_INCARNATION {
-            self.stats.packets_invalid += 1;
-            return;
-        }
-        if s.node == self.name {
-            self.answer_accusation(s.incarnation);
-            return;
-        }
-        let n = self.cluster_size();
-        let Some(&i) = self.index.get(&s.node) else {
+    /// This node suspects member `i` after its own failed probe: a signed accusation.
+    pub(super) fn suspect_after_probe(&mut self, now: Instant, i: usize) {
+        let m = &self.members[i].member;
+        let s = wire::Suspect {
+            node: m.name.clone(),
+            incarnation: m.incarnation,
+            from: self.name.clone(),
+        };
+        let Some(claim) = self.sign_claim(ClaimKind::Suspect, &s) else {
             return;
         };
-        let entry = &mut self.members[i];
-        if s.incarnation < entry.member.incarnation {
+        let accusation = Accusation {
+            node: &s.node,
+            incarnation: s.incarnation,
+            accuser: &s.from,
+        };
+        self.accuse(now, accusation, None, Some((ClaimKind::Suspect, claim)));
+    }
+
+    /// An accusation (suspect, or another node's declaration of death) of `node` at
+    /// `incarnation` by `accuser`, which signed `claim`. A claim-less accusation comes from a
+    /// push-pull, whose sender the stream authenticates; it is not relayed.
+    ///
+    /// It counts only from a current member, only at the incarnation this node knows (an
+    /// accusation never raises anyone's incarnation: only a member's own alive does), and
+    /// never declares anyone dead here: it starts or confirms a suspicion, which the member
+    /// refutes.
+    pub(super) fn accuse(
+        &mut self,
+        now: Instant,
+        accusation: Accusation<'_>,
+        from: Option<SocketAddr>,
+        claim: Option<(ClaimKind, wire::Signed)>,
+    ) {
+        let Accusation {
+            node,
+            incarnation,
+            accuser,
+        } = accusation;
+        if node == self.name {
+            // About this node itself, any member's word may be answered, even one held gone
+            // (after a partition each side holds the other dead): a refutation only makes this
+            // node more alive.
+            // Nobody knows a newer life of this node than itself: an accusation above its
+            // incarnation is a forgery that would push it towards the maximum.
+            if incarnation > self.incarnation {
+                self.stats.claims_refused += 1;
+                return;
+            }
+            if let (true, Some((kind, claim))) = (incarnation == self.incarnation, &claim) {
+                if !self.verified(accuser, *kind, claim) {
+                    return;
+                }
+            }
+            self.answer_accusation(incarnation);
+            return;
+        }
+        if !self.is_current(accuser) {
+            self.stats.claims_refused += 1;
+            return;
+        }
+        let Some(&i) = self.index.get(node) else {
+            return;
+        };
+        let entry = &self.members[i];
+        if incarnation < entry.member.incarnation {
             self.correct_stale_sender(i, from);
             return;
         }
-        // Left is final until the member itself announces a newer incarnation. A Dead member is
-        // suspected again only at a newer incarnation: someone saw it refute after it was declared.
-        let same = s.incarnation == entry.member.incarnation;
-        match entry.member.state {
-            MemberState::Left => return,
-            MemberState::Dead if same => return,
-            _ => {}
+        if incarnation > entry.member.incarnation {
+            self.stats.claims_refused += 1;
+            return;
         }
-        if entry.member.state == MemberState::Suspect && same {
-            if let Some(timer) = self.suspicions.get_mut(&s.node) {
-                if timer.confirm(&s.from) {
-                    let node = s.node.clone();
-                    self.queue_member_broadcast(node.clone(), wire::broadcast::Kind::Suspect(s));
-                    if let Some(t) = self.suspicions.get(&node) {
-                        if now >= t.deadline {
-                            self.run_suspicion_timers(now);
-                        }
-                    }
-                }
+        let suspect = match entry.member.state {
+            MemberState::Left | MemberState::Dead => return,
+            MemberState::Suspect => true,
+            MemberState::Alive => false,
+        };
+        if suspect
+            && !self
+                .suspicions
+                .get(node)
+                .is_some_and(|timer| timer.would_count(accuser))
+        {
+            return;
+        }
+        if let Some((kind, claim)) = &claim {
+            if !self.verified(accuser, *kind, claim) {
+                return;
+            }
+        }
+        let relay = claim.map(|(kind, claim)| {
+            let claim = claims::compact(&claim);
+            match kind {
+                ClaimKind::Dead => wire::broadcast::Kind::Dead(claim),
+                _ => wire::broadcast::Kind::Suspect(claim),
+            }
+        });
+        if suspect {
+            let Some(timer) = self.suspicions.get_mut(node) else {
+                return;
+            };
+            timer.confirm(accuser);
+            let due = now >= timer.deadline;
+            if let Some(relay) = relay {
+                self.queue_accusation(node.to_owned(), relay);
+            }
+            if due {
+                self.run_suspicion_timers(now);
             }
             return;
         }
-        entry.member.incarnation = s.incarnation;
+        let n = self.cluster_size();
+        let entry = &mut self.members[i];
         entry.member.state = MemberState::Suspect;
         entry.state_change = now;
-        let timer = Suspicion::new(&self.config, n, s.incarnation, &s.from, now);
-        self.suspicions.insert(s.node.clone(), timer);
+        let mut timer = Suspicion::new(&self.config, n, incarnation, accuser, now);
+        timer.buddy = relay
+            .clone()
+            .map(|kind| wire::Broadcast { kind: Some(kind) }.encode_to_vec().into());
+        self.suspicions.insert(node.to_owned(), timer);
         self.events.push_back(Event::MemberSuspect {
-            name: s.node.clone(),
-            incarnation: s.incarnation,
+            name: node.to_owned(),
+            incarnation,
         });
-        let node = s.node.clone();
-        self.queue_member_broadcast(node.clone(), wire::broadcast::Kind::Suspect(s));
+        if let Some(relay) = relay {
+            self.queue_accusation(node.to_owned(), relay);
+        }
     }
 
-    pub(super) fn apply_dead(&mut self, now: Instant, d: wire::Dead, from: Option<SocketAddr>) {
-        // A leave (from its own subject) may carry MAX_INCARNATION itself; an accusation not.
-        let limit = if d.from == d.node {
-            MAX_INCARNATION
-        } else {
-            MAX_INCARNATION - 1
-        };
-        if validate_node_name(&d.from).is_err() || d.incarnation > limit {
-            self.stats.packets_invalid += 1;
-            return;
-        }
+    /// A member's own leave (a `Dead` about itself, signed by it): final until it announces a
+    /// newer life.
+    fn handle_leave(
+        &mut self,
+        now: Instant,
+        d: wire::Dead,
+        claim: wire::Signed,
+        from: Option<SocketAddr>,
+    ) {
         if d.node == self.name {
-            self.answer_accusation(d.incarnation);
+            // A leave of ours we did not make in this life: a previous life's, replayed.
+            // Out-announce it if it is not older than the current incarnation.
+            if d.incarnation < self.incarnation {
+                self.broadcast_self_alive();
+            } else if d.incarnation < MAX_INCARNATION
+                && self.verified(&d.node, ClaimKind::Dead, &claim)
+            {
+                self.refute(d.incarnation);
+            }
             return;
         }
         let Some(&i) = self.index.get(&d.node) else {
             return;
         };
-        let entry = &mut self.members[i];
+        let entry = &self.members[i];
         if d.incarnation < entry.member.incarnation {
             self.correct_stale_sender(i, from);
             return;
         }
-        let left = d.node == d.from;
-        match entry.member.state {
-            MemberState::Left => return,
-            MemberState::Dead if !left => {
-                // Already dead: only remember a newer incarnation, so views converge whatever the
-                // order in which the news arrived.
-                if d.incarnation > entry.member.incarnation {
-                    entry.member.incarnation = d.incarnation;
-                    let name = d.node.clone();
-                    self.queue_member_broadcast(name, wire::broadcast::Kind::Dead(d));
-                }
-                return;
-            }
-            _ => {}
+        if entry.member.state == MemberState::Left {
+            return;
         }
-        entry.member.incarnation = d.incarnation;
+        if d.incarnation - entry.member.incarnation > MAX_INCARNATION_STEP {
+            self.stats.claims_refused += 1;
+            return;
+        }
+        if !self.verified(&d.node, ClaimKind::Dead, &claim) {
+            return;
+        }
+        let claim = claims::compact(&claim);
+        self.mark_gone(now, i, d.incarnation, Some(claim.clone()));
+        self.queue_member_broadcast(d.node, wire::broadcast::Kind::Dead(claim));
+    }
+
+    /// Member `i` is gone at `incarnation`: left, with its signed `leave`, or declared dead by
+    /// this node.
+    fn mark_gone(&mut self, now: Instant, i: usize, incarnation: u64, leave: Option<wire::Signed>) {
+        let left = leave.is_some();
+        let entry = &mut self.members[i];
+        entry.member.incarnation = incarnation;
         entry.member.state = if left {
             MemberState::Left
         } else {
             MemberState::Dead
         };
         entry.state_change = now;
+        entry.leave = leave;
         let (name, addr) = (entry.member.name.clone(), entry.member.addr);
-        self.suspicions.remove(&d.node);
-        if self.probe.as_ref().is_some_and(|p| p.target == d.node) {
+        self.suspicions.remove(&name);
+        if self.probe.as_ref().is_some_and(|p| p.target == name) {
             // Stop probing a member that is gone; the walk moves on at the interval's end.
             if let Some(p) = self.probe.as_mut() {
                 p.acked = true;
@@ -354,18 +605,15 @@ impl Membership {
         }
         if left {
             self.failed.retain(|f| f.name != name);
-            self.events.push_back(Event::MemberLeft {
-                name: name.clone(),
-                incarnation: d.incarnation,
-            });
+            self.events
+                .push_back(Event::MemberLeft { name, incarnation });
         } else {
             self.events.push_back(Event::MemberDead {
                 name: name.clone(),
-                incarnation: d.incarnation,
+                incarnation,
             });
-            self.remember_failed(name.clone(), addr);
+            self.remember_failed(name, addr);
         }
-        self.queue_member_broadcast(name.clone(), wire::broadcast::Kind::Dead(d));
     }
 
     pub(super) fn remember_failed(&mut self, name: String, addr: SocketAddr) {

@@ -23,6 +23,9 @@ pub(crate) struct Suspicion {
     accuser: String,
     confirmations: SmallVec<[String; 4]>,
     pub(crate) deadline: Instant,
+    /// A signed accusation (an encoded `Broadcast`) to show the suspect when probing it (the
+    /// buddy system), so that it refutes at once.
+    pub(crate) buddy: Option<bytes::Bytes>,
 }
 
 /// `(min, max, k)` for a cluster of `n` known members.
@@ -60,17 +63,14 @@ impl Suspicion {
             accuser: accuser.to_owned(),
             confirmations: SmallVec::new(),
             deadline: now + first,
+            buddy: None,
         }
     }
 
     /// Counts `from` as an independent confirmation. Returns true if it was new (and so worth
     /// re-broadcasting); the deadline moves earlier accordingly.
     pub(crate) fn confirm(&mut self, from: &str) -> bool {
-        if self.wanted == 0
-            || self.confirmations.len() as u32 >= self.wanted
-            || from == self.accuser
-            || self.confirmations.iter().any(|c| c == from)
-        {
+        if !self.would_count(from) {
             return false;
         }
         self.confirmations.push(from.to_owned());
@@ -80,6 +80,15 @@ impl Suspicion {
         let timeout = self.max.saturating_sub(span).max(self.min);
         self.deadline = self.start + timeout;
         true
+    }
+
+    /// Whether [`confirm`](Self::confirm) would count `from`: checked before its claim's
+    /// signature, so that repeated news costs no verification.
+    pub(crate) fn would_count(&self, from: &str) -> bool {
+        !(self.wanted == 0
+            || self.confirmations.len() as u32 >= self.wanted
+            || from == self.accuser
+            || self.confirmations.iter().any(|c| c == from))
     }
 
     /// Number of independent confirmations counted so far.

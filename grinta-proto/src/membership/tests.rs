@@ -1,13 +1,27 @@
 //! Unit tests on exact messages and timers.
 
 use super::*;
+use crate::claims::TrustAll;
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 fn node(name: &str, port: u16, t0: Instant) -> Membership {
-    Membership::new(Config::lan(), name, addr(port), u64::from(port), t0).expect("valid config")
+    Membership::new(
+        Config::lan(),
+        name,
+        addr(port),
+        u64::from(port),
+        t0,
+        Box::new(TrustAll),
+    )
+    .expect("valid config")
+}
+
+/// A claim "signed" for [`TrustAll`]: these tests are about the protocol, not signatures.
+fn unsigned(kind: ClaimKind, claim: &impl Message) -> wire::Signed {
+    claims::sign(&TrustAll, kind, claim.encode_to_vec(), false).unwrap()
 }
 
 fn drain(m: &mut Membership) -> Vec<Outgoing> {
@@ -34,16 +48,38 @@ fn join_pair(a: &mut Membership, b: &mut Membership, now: Instant) {
     b.handle_stream(now, a.local_addr(), &reply[0].payload);
 }
 
+/// An alive of "a" at `incarnation`, relayed by "b".
+fn alive_of_a_from_b(incarnation: u64) -> wire::Packet {
+    wire::Packet {
+        sender: "b".into(),
+        message: None,
+        broadcasts: vec![wire::Broadcast {
+            kind: Some(wire::broadcast::Kind::Alive(unsigned(
+                ClaimKind::Alive,
+                &wire::Alive {
+                    node: "a".into(),
+                    incarnation,
+                    addr: Some(encode_addr(addr(1))),
+                    meta: Bytes::new(),
+                },
+            ))),
+        }],
+    }
+}
+
 fn suspect_broadcast(node: &str, incarnation: u64, from: &str) -> Vec<u8> {
     wire::Packet {
         sender: from.into(),
         message: None,
         broadcasts: vec![wire::Broadcast {
-            kind: Some(wire::broadcast::Kind::Suspect(wire::Suspect {
-                node: node.into(),
-                incarnation,
-                from: from.into(),
-            })),
+            kind: Some(wire::broadcast::Kind::Suspect(unsigned(
+                ClaimKind::Suspect,
+                &wire::Suspect {
+                    node: node.into(),
+                    incarnation,
+                    from: from.into(),
+                },
+            ))),
         }],
     }
     .encode_to_vec()
@@ -145,9 +181,13 @@ fn suspicion_of_self_is_refuted_with_a_higher_incarnation() {
     join_pair(&mut a, &mut b, t0);
     drain(&mut a);
     events(&mut a);
+    // Above its own incarnation, an accusation is a forgery: nobody knows a newer life of a
+    // node than itself.
     a.handle_datagram(t0, addr(2), &suspect_broadcast("a", 5, "b"));
-    assert_eq!(a.incarnation(), 6, "max(own + 1, accused + 1)");
-    assert_eq!(events(&mut a), vec![Event::Refuted { incarnation: 6 }]);
+    assert_eq!(a.incarnation(), 1);
+    a.handle_datagram(t0, addr(2), &suspect_broadcast("a", 1, "b"));
+    assert_eq!(a.incarnation(), 2, "own + 1");
+    assert_eq!(events(&mut a), vec![Event::Refuted { incarnation: 2 }]);
     assert_eq!(a.local_health(), 1, "a refutation costs one health point");
     // The refutation rides on the next packet.
     a.handle_timeout(a.next_gossip);
@@ -156,10 +196,13 @@ fn suspicion_of_self_is_refuted_with_a_higher_incarnation() {
         .iter()
         .flat_map(|t| decode_packet(t).broadcasts)
         .find_map(|b| match b.kind {
-            Some(wire::broadcast::Kind::Alive(a)) if a.node == "a" => Some(a.incarnation),
+            Some(wire::broadcast::Kind::Alive(claim)) => wire::Alive::decode(&claim.body[..])
+                .ok()
+                .filter(|a| a.node == "a")
+                .map(|a| a.incarnation),
             _ => None,
         });
-    assert_eq!(alive, Some(6));
+    assert_eq!(alive, Some(2));
 }
 
 #[test]
@@ -193,10 +236,15 @@ fn suspicion_times_out_into_dead_at_the_formula_deadline() {
     let t0 = Instant::now();
     let mut a = node("a", 1, t0);
     let mut b = node("b", 2, t0);
+    let mut c = node("c", 3, t0);
     join_pair(&mut a, &mut b, t0);
+    join_pair(&mut a, &mut c, t0);
     events(&mut a);
-    // n = 2: min = 4 s, k = 0 (n - 2 < 2), so the timer is 4 s.
+    // An accusation from a node that is not a member counts for nothing.
     a.handle_datagram(t0, addr(3), &suspect_broadcast("b", 1, "x"));
+    assert_eq!(a.member("b").unwrap().state, MemberState::Alive);
+    // n = 3: min = 4 s, k = 0 (n - 2 < 2), so the timer is 4 s.
+    a.handle_datagram(t0, addr(3), &suspect_broadcast("b", 1, "c"));
     let deadline = t0 + Duration::from_secs(4);
     a.handle_timeout(deadline - Duration::from_millis(1));
     assert_eq!(a.member("b").unwrap().state, MemberState::Suspect);
@@ -332,15 +380,18 @@ fn bad_addresses_and_names_are_dropped() {
         sender: "x".into(),
         message: None,
         broadcasts: vec![wire::Broadcast {
-            kind: Some(wire::broadcast::Kind::Alive(wire::Alive {
-                node: node.into(),
-                incarnation: 1,
-                addr: Some(wire::SocketAddress {
-                    ip: ip.into(),
-                    port,
-                }),
-                meta: Bytes::new(),
-            })),
+            kind: Some(wire::broadcast::Kind::Alive(unsigned(
+                ClaimKind::Alive,
+                &wire::Alive {
+                    node: node.into(),
+                    incarnation: 1,
+                    addr: Some(wire::SocketAddress {
+                        ip: ip.into(),
+                        port,
+                    }),
+                    meta: Bytes::new(),
+                },
+            ))),
         }],
     };
     a.handle_datagram(
@@ -373,18 +424,21 @@ fn member_table_is_bounded() {
         max_members: 3,
         ..Config::lan()
     };
-    let mut a = Membership::new(config, "a", addr(1), 1, t0).unwrap();
+    let mut a = Membership::new(config, "a", addr(1), 1, t0, Box::new(TrustAll)).unwrap();
     for i in 0..10u16 {
         let p = wire::Packet {
             sender: "x".into(),
             message: None,
             broadcasts: vec![wire::Broadcast {
-                kind: Some(wire::broadcast::Kind::Alive(wire::Alive {
-                    node: format!("n{i}"),
-                    incarnation: 1,
-                    addr: Some(encode_addr(addr(100 + i))),
-                    meta: Bytes::new(),
-                })),
+                kind: Some(wire::broadcast::Kind::Alive(unsigned(
+                    ClaimKind::Alive,
+                    &wire::Alive {
+                        node: format!("n{i}"),
+                        incarnation: 1,
+                        addr: Some(encode_addr(addr(100 + i))),
+                        meta: Bytes::new(),
+                    },
+                ))),
             }],
         };
         a.handle_datagram(t0, addr(2), &p.encode_to_vec());
@@ -400,7 +454,7 @@ fn invalid_settings_are_refused_with_clear_errors() {
         probe_timeout: Duration::from_secs(2),
         ..Config::lan()
     };
-    let err = Membership::new(bad, "a", addr(1), 1, t0).unwrap_err();
+    let err = Membership::new(bad, "a", addr(1), 1, t0, Box::new(TrustAll)).unwrap_err();
     assert_eq!(
         err.to_string(),
         "probe_timeout (2s) must be shorter than probe_interval (1s)"
@@ -417,7 +471,7 @@ fn invalid_settings_are_refused_with_clear_errors() {
         })
     ));
     assert!(matches!(
-        Membership::new(Config::lan(), "", addr(1), 1, t0),
+        Membership::new(Config::lan(), "", addr(1), 1, t0, Box::new(TrustAll)),
         Err(InitError::Name(NameError::Length { len: 0 }))
     ));
     for profile in [Config::lan(), Config::wan(), Config::local()] {
@@ -435,15 +489,18 @@ fn app_broadcasts_get_their_share_of_a_full_packet() {
     // Flood the member queue with news about many members.
     for i in 0..200u16 {
         let p = wire::Packet {
-            sender: "x".into(),
+            sender: "b".into(),
             message: None,
             broadcasts: vec![wire::Broadcast {
-                kind: Some(wire::broadcast::Kind::Alive(wire::Alive {
-                    node: format!("member-{i}"),
-                    incarnation: 1,
-                    addr: Some(encode_addr(addr(1000 + i))),
-                    meta: Bytes::new(),
-                })),
+                kind: Some(wire::broadcast::Kind::Alive(unsigned(
+                    ClaimKind::Alive,
+                    &wire::Alive {
+                        node: format!("member-{i}"),
+                        incarnation: 1,
+                        addr: Some(encode_addr(addr(1000 + i))),
+                        meta: Bytes::new(),
+                    },
+                ))),
             }],
         };
         a.handle_datagram(t0, addr(2), &p.encode_to_vec());
@@ -486,44 +543,24 @@ fn incarnations_beyond_the_bound_are_refused_and_a_node_can_always_refute() {
     assert_eq!(a.incarnation(), 1);
     assert_eq!(a.member("c").unwrap().state, MemberState::Alive);
     assert!(events(&mut a).is_empty());
-    // The highest accusation accepted is still refuted, and others take the refutation.
-    a.handle_datagram(
-        t0,
-        addr(2),
-        &suspect_broadcast("a", MAX_INCARNATION - 1, "b"),
-    );
+    // The highest alive of ours accepted (a previous life's, say) is still refuted.
+    let previous_life = alive_of_a_from_b(MAX_INCARNATION - 1);
+    a.handle_datagram(t0, addr(2), &previous_life.encode_to_vec());
     assert_eq!(a.incarnation(), MAX_INCARNATION);
-    b.handle_datagram(
-        t0,
-        addr(2),
-        &suspect_broadcast("a", MAX_INCARNATION - 1, "c"),
-    );
-    assert_eq!(b.member("a").unwrap().state, MemberState::Suspect);
     a.handle_timeout(a.next_gossip);
     for t in drain(&mut a) {
         if t.channel == Channel::Datagram {
             b.handle_datagram(t0, addr(1), &t.payload);
         }
     }
+    // b refuses the leap: more than MAX_INCARNATION_STEP above what it knows, even signed by
+    // a itself.
     let seen = b.member("a").unwrap();
-    assert_eq!(
-        (seen.state, seen.incarnation),
-        (MemberState::Alive, MAX_INCARNATION)
-    );
+    assert_eq!((seen.state, seen.incarnation), (MemberState::Alive, 1));
+    assert!(b.stats().claims_refused >= 1);
     // An alive claim about us at the bound is refused like an accusation: we stay at the bound,
     // and changing metadata there is a clear error, never a wrap or an unrefutable incarnation.
-    let forged_alive = wire::Packet {
-        sender: "b".into(),
-        message: None,
-        broadcasts: vec![wire::Broadcast {
-            kind: Some(wire::broadcast::Kind::Alive(wire::Alive {
-                node: "a".into(),
-                incarnation: MAX_INCARNATION,
-                addr: Some(encode_addr(addr(1))),
-                meta: Bytes::new(),
-            })),
-        }],
-    };
+    let forged_alive = alive_of_a_from_b(MAX_INCARNATION);
     a.handle_datagram(t0, addr(2), &forged_alive.encode_to_vec());
     assert_eq!(a.incarnation(), MAX_INCARNATION);
     assert!(matches!(
@@ -577,4 +614,45 @@ fn acks_and_nacks_count_only_from_the_node_probed_or_its_helpers() {
     assert!(a.stats().probes_failed > 0, "forged acks did not count");
     assert_eq!(a.member("b").unwrap().state, MemberState::Suspect);
     let _ = now;
+}
+
+#[test]
+fn a_packet_from_a_sender_this_node_missed_asks_it_for_its_state_once() {
+    let t0 = Instant::now();
+    let mut a = node("a", 1, t0);
+    let mut b = node("b", 2, t0);
+    join_pair(&mut a, &mut b, t0);
+    drain(&mut a);
+    // "z" is not a member here (its alive never reached a): a asks it for its state.
+    let ping = wire::Packet {
+        sender: "z".into(),
+        message: Some(wire::packet::Message::Ping(wire::Ping {
+            seq_no: 1,
+            target: "a".into(),
+            source_addr: Some(encode_addr(addr(9))),
+        })),
+        broadcasts: Vec::new(),
+    }
+    .encode_to_vec();
+    a.handle_datagram(t0, addr(9), &ping);
+    let out = drain(&mut a);
+    let asks: Vec<_> = out
+        .iter()
+        .filter(|t| t.channel == Channel::Stream)
+        .collect();
+    assert_eq!(asks.len(), 1);
+    assert_eq!(asks[0].dst, addr(9));
+    assert_eq!(asks[0].dst_name.as_deref(), Some("z"));
+    // Once per push-pull interval, whatever it sends meanwhile.
+    a.handle_datagram(t0 + Duration::from_secs(1), addr(9), &ping);
+    assert!(drain(&mut a).iter().all(|t| t.channel != Channel::Stream));
+    // A member at its known address is not asked.
+    let from_b = wire::Packet {
+        sender: "b".into(),
+        message: None,
+        broadcasts: Vec::new(),
+    }
+    .encode_to_vec();
+    a.handle_datagram(t0, addr(2), &from_b);
+    assert!(drain(&mut a).is_empty());
 }

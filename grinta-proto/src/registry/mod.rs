@@ -44,6 +44,13 @@ pub const MAX_ENDPOINT_NAME_LEN: usize = 128;
 /// `clock + 1` of the owner exact.
 pub const MAX_RECORD_VERSION: u64 = 1 << 62;
 
+/// How far above this node's clock a peer's record version may be (2^32): an owner's clock
+/// follows the cluster's (Lamport), so an honest record is never that far ahead of what this node
+/// has seen. A record beyond it is refused ([`Registry::merge_signed`]); without the bound, a
+/// member's own records could drag every clock towards [`MAX_RECORD_VERSION`] and leave no
+/// room for new writes. Exhausting the room now takes 2^30 accepted records.
+pub const MAX_VERSION_STEP: u64 = 1 << 32;
+
 /// Whether a name has one owner or many.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EndpointKind {
@@ -293,6 +300,8 @@ struct Entry {
     record: Record,
     /// When a tombstone was first seen here (for collection).
     withdrawn_at: Option<Instant>,
+    /// The record as its owner signed it, passed on in push-pull.
+    signed: Option<wire::Signed>,
 }
 
 /// The directory as known by one node.
@@ -531,8 +540,58 @@ impl Registry {
         }
     }
 
+    /// Whether merging `record` could change the table: checked before its signature, so that
+    /// repeated news costs no verification.
+    pub fn is_news(&self, record: &Record) -> bool {
+        if record.version > MAX_RECORD_VERSION
+            || self
+                .gone
+                .get(&record.owner)
+                .is_some_and(|&(inc, _)| record.owner_incarnation <= inc)
+        {
+            return false;
+        }
+        self.records
+            .get(&(record.name.clone(), record.owner.clone()))
+            .is_none_or(|e| record.supersedes(&e.record))
+    }
+
+    /// Whether `record`'s version is more than [`MAX_VERSION_STEP`] above this node's clock.
+    pub fn is_too_far_ahead(&self, record: &Record) -> bool {
+        record.version > self.clock.saturating_add(MAX_VERSION_STEP)
+    }
+
+    /// Merges a record from a peer with its owner's signature (checked by the caller), kept to
+    /// pass the record on in push-pull. Returns whether the table changed.
+    pub fn merge_signed(&mut self, record: Record, signed: wire::Signed, now: Instant) -> bool {
+        if self.is_too_far_ahead(&record) {
+            self.records_refused += 1;
+            return false;
+        }
+        let key = (record.name.clone(), record.owner.clone());
+        let changed = self.merge(record, now);
+        if changed {
+            if let Some(entry) = self.records.get_mut(&key) {
+                entry.signed = Some(signed);
+            }
+        }
+        changed
+    }
+
+    /// Attaches this node's signature to its own `record`, once signed, for push-pull.
+    pub fn set_signature(&mut self, record: &Record, signed: wire::Signed) {
+        if let Some(entry) = self
+            .records
+            .get_mut(&(record.name.clone(), record.owner.clone()))
+            .filter(|e| e.record == *record)
+        {
+            entry.signed = Some(signed);
+        }
+    }
+
     /// Merges a record learnt from a peer. Returns whether the table changed (and so whether the
-    /// record is worth passing on).
+    /// record is worth passing on). A record merged this way carries no signature and is not
+    /// passed on in push-pull: a node merges with [`merge_signed`](Self::merge_signed).
     pub fn merge(&mut self, record: Record, now: Instant) -> bool {
         if record.version > MAX_RECORD_VERSION
             || record.owner_incarnation > crate::membership::MAX_INCARNATION
@@ -587,17 +646,19 @@ impl Registry {
         }
     }
 
-    /// Removes every record of `owner` (declared Dead or Left at `incarnation`) and refuses its
-    /// records of that incarnation or older from now on.
+    /// Removes every record of `owner` written in the life declared Dead or Left at
+    /// `incarnation` (or an older one) and refuses such records from now on. Records of a newer
+    /// life, which may arrive before the news of it (a restarted owner registers before the
+    /// cluster has heard its new alive), stay.
     pub fn drop_owner(&mut self, owner: &str, incarnation: u64, now: Instant) {
         if owner == self.local {
             return;
         }
         let names: Vec<String> = self
             .records
-            .keys()
-            .filter(|(_, o)| o == owner)
-            .map(|(n, _)| n.clone())
+            .iter()
+            .filter(|((_, o), e)| o == owner && e.record.owner_incarnation <= incarnation)
+            .map(|((n, _), _)| n.clone())
             .collect();
         let incarnation = match self.gone.remove(owner) {
             Some((known, at)) => {
@@ -624,8 +685,19 @@ impl Registry {
 
     /// `owner` is alive again at `incarnation` (it refuted or rejoined): accept its newer records.
     pub fn owner_alive(&mut self, owner: &str, incarnation: u64) {
+        self.owner_back(owner, incarnation, false);
+    }
+
+    /// `owner` is a member again at `incarnation`, after membership had forgotten it (a
+    /// partition that outlasted the memory of the dead heals, and the member returns in the life
+    /// it was declared gone in): accept its records of that life again.
+    pub fn owner_returned(&mut self, owner: &str, incarnation: u64) {
+        self.owner_back(owner, incarnation, true);
+    }
+
+    fn owner_back(&mut self, owner: &str, incarnation: u64, same_life: bool) {
         if let Some(&(gone, at)) = self.gone.get(owner) {
-            if incarnation > gone {
+            if incarnation > gone || (same_life && incarnation == gone) {
                 self.gone.remove(owner);
                 self.gone_by_age.remove(&(at, owner.to_owned()));
             }
@@ -680,10 +752,14 @@ impl Registry {
         self.gone.len()
     }
 
-    /// The full table in wire form, for push-pull.
+    /// The full table in wire form, for push-pull: every record with its owner's signature.
     pub fn to_wire(&self) -> wire::RegistryState {
         wire::RegistryState {
-            records: self.records.values().map(|e| e.record.to_wire()).collect(),
+            records: self
+                .records
+                .values()
+                .filter_map(|e| e.signed.clone())
+                .collect(),
         }
     }
 
@@ -700,6 +776,7 @@ impl Registry {
             Entry {
                 record,
                 withdrawn_at,
+                signed: None,
             },
         );
         self.after_change(&name, before);
@@ -729,6 +806,7 @@ impl Registry {
                         Entry {
                             record: tombstone.clone(),
                             withdrawn_at: None,
+                            signed: None,
                         },
                     );
                     self.outbox.push_back(tombstone);
