@@ -599,6 +599,12 @@ impl Membership {
         self.index.get(name).map(|&i| &self.members[i].member)
     }
 
+    /// The latest alive of member `name`, as it signed it: what this node relays and puts in
+    /// push-pulls (for tools that inspect or replay claims).
+    pub fn signed_alive(&self, name: &str) -> Option<&wire::Signed> {
+        self.index.get(name).map(|&i| &self.members[i].alive)
+    }
+
     /// Number of members known as Alive or Suspect, self excluded.
     pub fn live_members(&self) -> usize {
         self.members

@@ -394,6 +394,13 @@ impl Registry {
         self.records.values().map(|e| &e.record)
     }
 
+    /// The record of `name` owned by `owner` as its owner signed it, if held with a signature.
+    pub fn signed_record(&self, name: &str, owner: &str) -> Option<&wire::Signed> {
+        self.records
+            .get(&(name.to_owned(), owner.to_owned()))
+            .and_then(|e| e.signed.as_ref())
+    }
+
     /// Number of records held.
     pub fn len(&self) -> usize {
         self.records.len()
