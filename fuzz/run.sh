@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs one fuzz target on the nightly toolchain: fuzz/run.sh TARGET [SECONDS]
 # Installs cargo-fuzz first if it is missing. New inputs land in fuzz/corpus/TARGET; crashes in
-# fuzz/artifacts/TARGET. Targets: wire_messages wire_framing flow_stream registry_merge node.
+# fuzz/artifacts/TARGET. Targets: wire_messages wire_framing flow_stream registry_merge node
+# signed_claims.
 set -euo pipefail
 cd "$(dirname "$0")"
 target=${1:?usage: fuzz/run.sh TARGET [SECONDS]}
