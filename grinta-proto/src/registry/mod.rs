@@ -524,6 +524,9 @@ impl Registry {
 
     /// The membership incarnation of this node changed: re-issue its claims under it, so records of
     /// the previous life cannot be confused with them. The re-issued records go to the outbox.
+    /// They keep their versions: a claim's precedence in a name conflict (the lowest version
+    /// wins) is when it was made, not when it was last re-issued; the newer incarnation alone
+    /// makes the re-issued record supersede the old one.
     pub fn set_local_incarnation(&mut self, incarnation: u64, now: Instant) {
         if incarnation <= self.local_incarnation {
             return;
@@ -536,9 +539,7 @@ impl Registry {
             .map(|e| e.record.clone())
             .collect();
         for r in mine {
-            let version = tick(&mut self.clock);
             let record = Record {
-                version,
                 owner_incarnation: incarnation,
                 ..r
             };

@@ -393,3 +393,26 @@ fn a_later_life_of_an_owner_wins_and_departed_owners_are_bounded() {
     assert_eq!(d.departed_owners(), 0);
     assert_eq!(d.poll_timeout(), None);
 }
+
+#[test]
+fn a_claim_reissued_under_a_new_incarnation_keeps_its_precedence() {
+    let now = Instant::now();
+    let mut a = reg("a");
+    let mut b = reg("b");
+    let first = a.register("leader", EndpointKind::Exclusive, now).unwrap();
+    // a refutes a suspicion: its claim is re-issued under the new incarnation, same version.
+    a.set_local_incarnation(2, now);
+    let reissued = a.poll_outgoing().unwrap();
+    assert_eq!(reissued.version, first.version);
+    assert_eq!(reissued.owner_incarnation, 2);
+    assert!(reissued.supersedes(&first));
+    // b claimed the name concurrently at the same version: the tie goes to the lower name on
+    // both sides, whichever of a's records b saw.
+    let theirs = b.register("leader", EndpointKind::Exclusive, now).unwrap();
+    assert_eq!(theirs.version, first.version);
+    b.merge(first, now);
+    b.merge(reissued, now);
+    a.merge(theirs, now);
+    assert_eq!(a.resolve("leader"), vec!["a"]);
+    assert_eq!(b.resolve("leader"), vec!["a"]);
+}
