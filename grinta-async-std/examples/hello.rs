@@ -31,9 +31,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     });
-    while client.endpoints("greeter").is_empty() {
-        async_std::task::sleep(Duration::from_millis(20)).await;
-    }
+    client.wait_for("greeter", Duration::from_secs(10)).await?;
     let mut flow = client.dial("greeter").await?;
     flow.send(b"async-std".to_vec()).await?;
     let reply = flow.recv().await?.ok_or("no reply")?;

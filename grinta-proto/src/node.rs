@@ -455,6 +455,18 @@ impl Node {
         Ok(())
     }
 
+    /// Whether a dial of `endpoint` has somewhere to go: this node serves it, or an owner that
+    /// membership does not hold gone.
+    pub fn is_resolvable(&self, endpoint: &str) -> bool {
+        self.registry.resolve(endpoint).iter().any(|o| {
+            *o == self.membership.local_name()
+                || self
+                    .membership
+                    .member(o)
+                    .is_some_and(|m| !matches!(m.state, MemberState::Dead | MemberState::Left))
+        })
+    }
+
     /// Where a dial of `endpoint` would go: this node if it serves the endpoint (local first),
     /// otherwise a random live owner, skipping owners membership does not see alive.
     pub fn resolve(&mut self, endpoint: &str) -> Result<Target, FlowError> {
@@ -800,8 +812,15 @@ impl Node {
             changed |= self.merge_signed_record(now, signed);
         }
         if changed {
-            // Epidemic spread: pass on what was news here.
-            let _ = self.membership.broadcast_app(key, payload);
+            // Epidemic spread: pass on what was news here, to nodes other than its owner.
+            let owner = delta
+                .records
+                .first()
+                .and_then(|r| wire::EndpointRecord::decode(&r.body[..]).ok())
+                .map(|r| r.owner);
+            let _ = self
+                .membership
+                .broadcast_app_about(key, payload, owner.as_deref());
             self.registry_dirty = true;
         }
     }
@@ -837,9 +856,10 @@ impl Node {
         let delta = wire::RegistryDelta {
             records: vec![signed],
         };
-        let _ = self.membership.broadcast_app(
+        let _ = self.membership.broadcast_app_about(
             Bytes::from(record.gossip_key()),
             Bytes::from(delta.encode_to_vec()),
+            Some(&record.owner),
         );
     }
 

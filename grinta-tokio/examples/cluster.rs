@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use grinta_tokio::{DevCa, Fabric, MemberEvent, Profile};
 
-async fn wait_for(
+async fn until(
     what: &str,
     limit: Duration,
     mut done: impl FnMut() -> bool,
@@ -43,7 +43,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         fabrics.push(fabric);
     }
 
-    let formed = wait_for("the cluster to form", Duration::from_secs(20), || {
+    let formed = until("the cluster to form", Duration::from_secs(20), || {
         fabrics.iter().all(|f| f.alive_members().len() == 2)
     })
     .await?;
@@ -64,12 +64,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             });
         }
     });
-    wait_for("the name to spread", Duration::from_secs(10), || {
-        fabrics[..2]
-            .iter()
-            .all(|f| f.endpoints("greet") == ["greeter"])
-    })
-    .await?;
+    for f in &fabrics[..2] {
+        f.wait_for("greeter", Duration::from_secs(10)).await?;
+    }
     println!("node-a and node-b resolve \"greeter\"");
 
     let mut from_a = fabrics[0].dial("greeter").await?;

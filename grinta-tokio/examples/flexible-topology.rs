@@ -42,11 +42,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         });
     }
-    while !fabrics
-        .iter()
-        .all(|f| f.endpoints("ep-").len() == ENDPOINTS)
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    for f in &fabrics {
+        for e in 0..ENDPOINTS {
+            // Gossip spreads a name in well under a second; a node it missed gets it at its next
+            // push-pull (every 15 s in the Local profile).
+            f.wait_for(&format!("ep-{e}"), Duration::from_secs(30))
+                .await?;
+        }
     }
     println!("{ENDPOINTS} endpoints on 3 nodes, visible everywhere");
     let mut tasks = Vec::new();

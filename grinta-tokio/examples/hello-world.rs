@@ -47,12 +47,8 @@ async fn serve(fabric: &Fabric) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 async fn greet(fabric: &Fabric) -> Result<(), Box<dyn std::error::Error>> {
-    for _ in 0..500 {
-        if !fabric.endpoints("hello").is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // The name spreads by gossip: wait until this node can resolve it.
+    fabric.wait_for("hello", Duration::from_secs(10)).await?;
     let mut flow = fabric.dial("hello").await?;
     flow.send(b"world".to_vec()).await?;
     let reply = flow.recv().await?.ok_or("no reply")?;

@@ -38,9 +38,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             });
         }
     });
-    while client.endpoints("echo").is_empty() {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    client
+        .wait_for("echo", std::time::Duration::from_secs(10))
+        .await?;
     let mut flow = client.dial("echo").await?;
     flow.send(b"logged".to_vec()).await?;
     flow.finish().await?;

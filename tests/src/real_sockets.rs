@@ -472,3 +472,64 @@ pub async fn an_endpoint_is_a_stream_of_flows_until_closed<R: Runtime>() {
         .expect("the stream ends");
     assert!(end.is_none(), "{end:?}");
 }
+
+/// `wait_for` returns once a name registered elsewhere has spread (no polling), at once for a
+/// name already resolvable (a local one included), and with `NoSuchEndpoint` when nobody serves
+/// the name within the timeout; after a shutdown it ends with `Shutdown`.
+pub async fn wait_for_returns_when_a_name_spreads<R: Runtime>() {
+    let ca = DevCa::new().expect("dev CA");
+    let fabrics = cluster::<R>(&ca, 2).await;
+    let (client, server) = (fabrics[0].clone(), fabrics[1].clone());
+    let waiting = spawn::<R, _>({
+        let client = client.clone();
+        async move {
+            let started = std::time::Instant::now();
+            let result = client.wait_for("late", Duration::from_secs(20)).await;
+            (result, started.elapsed())
+        }
+    });
+    sleep::<R>(Duration::from_millis(300)).await;
+    let endpoint = server.endpoint("late").expect("endpoint");
+    serve_echo(endpoint);
+    let (result, waited) = within::<R, _>(Duration::from_secs(20), waiting)
+        .await
+        .expect("no hang")
+        .expect("the waiting task ran");
+    result.expect("the name spread");
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    // Resolvable now: a dial works, and waiting again returns at once.
+    let mut flow = client.dial("late").await.expect("dial after wait_for");
+    flow.send(b"hi".to_vec()).await.expect("send");
+    assert_eq!(
+        flow.recv().await.expect("echo").as_deref(),
+        Some(&b"hi"[..])
+    );
+    within::<R, _>(
+        Duration::from_millis(100),
+        client.wait_for("late", Duration::ZERO),
+    )
+    .await
+    .expect("at once")
+    .expect("resolvable");
+    let _local = client.endpoint("mine").expect("endpoint");
+    within::<R, _>(
+        Duration::from_millis(100),
+        client.wait_for("mine", Duration::from_secs(5)),
+    )
+    .await
+    .expect("at once")
+    .expect("a local endpoint is resolvable");
+    // Nobody serves it: the timeout ends the wait with a typed error.
+    let err = client
+        .wait_for("nobody", Duration::from_millis(300))
+        .await
+        .expect_err("no owner");
+    assert!(err.is_no_such_endpoint(), "{err:?}");
+    assert!(client.wait_for("bad name", Duration::ZERO).await.is_err());
+    client.shutdown().await;
+    let err = client
+        .wait_for("late", Duration::from_secs(1))
+        .await
+        .expect_err("down");
+    assert!(err.is_shutdown(), "{err:?}");
+}

@@ -35,4 +35,5 @@ on_both_runtimes!(
     shutdown_lets_open_flows_finish,
     every_handle_sees_every_member_event,
     an_endpoint_is_a_stream_of_flows_until_closed,
+    wait_for_returns_when_a_name_spreads,
 );

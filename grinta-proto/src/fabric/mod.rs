@@ -19,7 +19,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
 use tracing::debug;
@@ -355,6 +355,9 @@ struct Waiters {
     endpoints: HashMap<String, Vec<Waker>>,
     /// Tasks waiting for a member event.
     members: Vec<Waker>,
+    /// Tasks waiting for a name to become resolvable (`wait_for`): woken by every directory or
+    /// membership change.
+    names: Vec<Waker>,
 }
 
 pub(crate) struct Inner {
@@ -513,6 +516,7 @@ impl Inner {
             ws.into_iter().for_each(Waker::wake);
         }
         self.waiters.members.drain(..).for_each(Waker::wake);
+        self.waiters.names.drain(..).for_each(Waker::wake);
     }
 
     fn wake_flow(&mut self, flow: FlowId) {
@@ -566,14 +570,17 @@ impl Inner {
                     FlowEvent::Writable { flow } => self.wake_flow(flow),
                 },
                 Event::Registry(RegistryEvent::NameConflict { name, winner }) => {
+                    self.waiters.names.drain(..).for_each(Waker::wake);
                     self.close_local_backlog(&name, ResetCode::NameConflict);
                     for w in self.waiters.endpoints.remove(&name).unwrap_or_default() {
                         w.wake();
                     }
                     self.conflicts.insert(name, winner);
                 }
-                Event::Registry(_) | Event::ConnectionLost { .. } => {}
+                Event::Registry(_) => self.waiters.names.drain(..).for_each(Waker::wake),
+                Event::ConnectionLost { .. } => {}
                 Event::Membership(e) => {
+                    self.waiters.names.drain(..).for_each(Waker::wake);
                     self.member_events.push(e);
                     for w in self.waiters.members.drain(..) {
                         w.wake();
@@ -811,6 +818,55 @@ impl<R: Runtime> Fabric<R> {
             .into_iter()
             .map(str::to_owned)
             .collect()
+    }
+
+    /// Waits until endpoint `name` can be dialled: a node of the cluster (this one included)
+    /// serves it and membership does not hold that node gone. Returns at once if it already can.
+    ///
+    /// A name spreads by gossip, so a node that has just started (or a name just registered
+    /// elsewhere) is not resolvable at once, and [`dial`](Self::dial) would fail with
+    /// `FlowError::NoSuchEndpoint`. Wait for it instead of polling
+    /// [`endpoints`](Self::endpoints) in a sleep loop.
+    ///
+    /// Errors: [`Error::Registry`] for an invalid name; `FlowError::NoSuchEndpoint` (see
+    /// [`Error::is_no_such_endpoint`]) if `timeout` passes first; [`Error::Shutdown`].
+    ///
+    /// ```no_run
+    /// # async fn demo(fabric: grinta_proto::fabric::Fabric<impl grinta_proto::fabric::Runtime>) -> Result<(), grinta_proto::fabric::Error> {
+    /// use std::time::Duration;
+    ///
+    /// fabric.wait_for("billing", Duration::from_secs(10)).await?;
+    /// let flow = fabric.dial("billing").await?;
+    /// # drop(flow);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// Cancel safety: dropping the future leaves nothing behind.
+    pub async fn wait_for(&self, name: &str, timeout: Duration) -> Result<(), Error> {
+        crate::registry::validate_endpoint_name(name)?;
+        let deadline = R::now() + timeout;
+        let mut sleep = Box::pin(R::sleep_until(deadline));
+        std::future::poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            if inner.shutdown {
+                return Poll::Ready(Err(Error::Shutdown));
+            }
+            if inner.node.is_resolvable(name) {
+                return Poll::Ready(Ok(()));
+            }
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(Error::Flow(FlowError::NoSuchEndpoint {
+                    name: name.to_owned(),
+                })));
+            }
+            let waiters = &mut inner.waiters.names;
+            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                waiters.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// Registers an exclusive endpoint named `name`: dials of `name` from anywhere reach it.

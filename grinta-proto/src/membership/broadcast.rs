@@ -29,6 +29,8 @@ type Rank = (u32, Reverse<usize>, Reverse<u64>);
 struct Item {
     key: BroadcastKey,
     encoded: Bytes,
+    /// The node the news is about or comes from: it knows it already, so it is never sent there.
+    about: Option<Box<str>>,
 }
 
 /// One queue of broadcasts (the membership keeps one for member news, one for application items).
@@ -62,12 +64,24 @@ impl BroadcastQueue {
 
     /// Queues `encoded` (an encoded `grinta.v1.Broadcast`), replacing any item with the same key.
     pub(crate) fn push(&mut self, key: BroadcastKey, encoded: Bytes) {
+        self.push_about(key, encoded, None);
+    }
+
+    /// Queues an item about node `about` (or from it): never sent to that node.
+    pub(crate) fn push_about(&mut self, key: BroadcastKey, encoded: Bytes, about: Option<&str>) {
         self.remove(&key);
         self.framed_bytes += framed_broadcast_len(encoded.len());
         let rank = (0, Reverse(encoded.len()), Reverse(self.next_id));
         self.next_id += 1;
         self.by_key.insert(key.clone(), rank);
-        self.order.insert(rank, Item { key, encoded });
+        self.order.insert(
+            rank,
+            Item {
+                key,
+                encoded,
+                about: about.map(Box::from),
+            },
+        );
         while self.order.len() > self.capacity {
             // The last item is the most sent, smallest and oldest: the least valuable.
             if let Some((_, item)) = self.order.pop_last() {
@@ -110,13 +124,23 @@ impl BroadcastQueue {
     }
 
     /// Takes items in queue order that fit in `budget` bytes (as framed inside a packet), counts one
-    /// transmission for each, and appends them to `out`. Items that reached `limit` transmissions leave
-    /// the queue. Returns the bytes used.
-    pub(crate) fn fill(&mut self, budget: usize, limit: u32, out: &mut Vec<Bytes>) -> usize {
+    /// transmission for each, and appends them to `out`. Items about `dst` are left for packets to
+    /// other nodes. Items that reached `limit` transmissions leave the queue. Returns the bytes
+    /// used.
+    pub(crate) fn fill(
+        &mut self,
+        budget: usize,
+        limit: u32,
+        dst: Option<&str>,
+        out: &mut Vec<Bytes>,
+    ) -> usize {
         let mut used = 0;
         let mut taken: smallvec::SmallVec<[Rank; 16]> = smallvec::SmallVec::new();
         let mut misses = 0;
         for (rank, item) in &self.order {
+            if dst.is_some() && item.about.as_deref() == dst {
+                continue;
+            }
             let need = framed_broadcast_len(item.encoded.len());
             if used + need <= budget {
                 used += need;
@@ -166,7 +190,7 @@ mod tests {
         q.push(app("a"), Bytes::from_static(b"new!"));
         assert_eq!(q.len(), 1);
         let mut out = Vec::new();
-        q.fill(100, 5, &mut out);
+        q.fill(100, 5, None, &mut out);
         assert_eq!(out, vec![Bytes::from_static(b"new!")]);
     }
 
@@ -178,12 +202,24 @@ mod tests {
         q.push(app("large"), Bytes::from_static(b"large"));
         let mut out = Vec::new();
         // Room for exactly one framed item of 5 bytes: the largest goes first.
-        q.fill(framed_broadcast_len(5), 10, &mut out);
+        q.fill(framed_broadcast_len(5), 10, None, &mut out);
         assert_eq!(out, vec![Bytes::from_static(b"large")]);
         out.clear();
         // Now "large" was sent once; the two unsent small ones come first, newest first.
-        q.fill(framed_broadcast_len(2), 10, &mut out);
+        q.fill(framed_broadcast_len(2), 10, None, &mut out);
         assert_eq!(out, vec![Bytes::from_static(b"s2")]);
+    }
+
+    #[test]
+    fn an_item_is_never_sent_to_the_node_it_is_about() {
+        let mut q = BroadcastQueue::new(16);
+        q.push_about(app("r/x/b"), Bytes::from_static(b"b's"), Some("b"));
+        let mut out = Vec::new();
+        q.fill(100, 1, Some("b"), &mut out);
+        assert!(out.is_empty(), "not to its own node, and not counted");
+        q.fill(100, 1, Some("c"), &mut out);
+        assert_eq!(out, vec![Bytes::from_static(b"b's")]);
+        assert!(q.is_empty());
     }
 
     #[test]
@@ -192,7 +228,7 @@ mod tests {
         q.push(app("a"), Bytes::from_static(b"x"));
         for _ in 0..3 {
             let mut out = Vec::new();
-            q.fill(100, 3, &mut out);
+            q.fill(100, 3, None, &mut out);
             assert_eq!(out.len(), 1);
         }
         assert!(q.is_empty());

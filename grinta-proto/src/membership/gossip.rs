@@ -55,10 +55,14 @@ impl Membership {
         // member news left.
         let app_share = budget * usize::from(self.config.app_broadcast_share_percent) / 100;
         let reserved = app_share.min(self.app_queue.framed_bytes());
-        let used = self
-            .member_queue
-            .fill(budget - reserved, limit, &mut broadcasts);
-        self.app_queue.fill(budget - used, limit, &mut broadcasts);
+        let used = self.member_queue.fill(
+            budget - reserved,
+            limit,
+            dst_name.as_deref(),
+            &mut broadcasts,
+        );
+        self.app_queue
+            .fill(budget - used, limit, dst_name.as_deref(), &mut broadcasts);
         if !has_message && broadcasts.is_empty() {
             return false;
         }

@@ -764,6 +764,18 @@ impl Membership {
 
     /// Queues an application item for dissemination. An item with the same key replaces the queued one.
     pub fn broadcast_app(&mut self, key: Bytes, payload: Bytes) -> Result<(), Error> {
+        self.broadcast_app_about(key, payload, None)
+    }
+
+    /// Queues an application item that node `about` originated (a record it owns, say): like
+    /// [`broadcast_app`](Self::broadcast_app), but never sent to that node, which has it, so the
+    /// item's transmissions all go to nodes that may not.
+    pub fn broadcast_app_about(
+        &mut self,
+        key: Bytes,
+        payload: Bytes,
+        about: Option<&str>,
+    ) -> Result<(), Error> {
         let size = key.len() + payload.len();
         if size > self.config.max_app_broadcast_size {
             return Err(Error::AppBroadcastTooLarge {
@@ -778,7 +790,8 @@ impl Membership {
             })),
         }
         .encode_to_vec();
-        self.app_queue.push(BroadcastKey::App(key), encoded.into());
+        self.app_queue
+            .push_about(BroadcastKey::App(key), encoded.into(), about);
         Ok(())
     }
 

@@ -260,8 +260,10 @@ impl Membership {
     /// Queues what a member says of itself (its alive or its leave) for gossip.
     pub(super) fn queue_member_broadcast(&mut self, name: String, kind: wire::broadcast::Kind) {
         let encoded = wire::Broadcast { kind: Some(kind) }.encode_to_vec();
+        // Not to the member itself: it knows what it says (an accusation, below, does go to it).
+        let about = Some(name.clone());
         self.member_queue
-            .push(BroadcastKey::Member(name), encoded.into());
+            .push_about(BroadcastKey::Member(name), encoded.into(), about.as_deref());
     }
 
     /// Queues an accusation of member `name` for gossip.
