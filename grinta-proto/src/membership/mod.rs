@@ -452,12 +452,18 @@ pub struct Membership {
     /// Senders this node did not know, asked for their state, and when (see
     /// `ask_unknown_sender`); at most [`MAX_ASKED`].
     asked: VecDeque<(String, Instant)>,
+    /// Members asked for their state because their packets came from another address than
+    /// they announce, and that address; at most [`MAX_ASKED_AT_ADDRESS`], oldest forgotten.
+    asked_at_address: VecDeque<(String, SocketAddr)>,
     /// The application state sent with the last join request.
     join_app_state: Bytes,
 }
 
 /// Most unknown senders remembered as asked for their state.
 const MAX_ASKED: usize = 64;
+
+/// Most (member, address) pairs remembered as asked for their state.
+const MAX_ASKED_AT_ADDRESS: usize = 1024;
 
 /// The membership's timers, in the order [`Membership::handle_timeout`] runs those due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -556,6 +562,7 @@ impl Membership {
             stats: Stats::default(),
             corrections: Vec::new(),
             asked: VecDeque::new(),
+            asked_at_address: VecDeque::new(),
             join_app_state: Bytes::new(),
         };
         membership.sign_own_alive();

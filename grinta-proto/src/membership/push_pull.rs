@@ -162,31 +162,50 @@ impl Membership {
     /// another address: it missed the sender's latest alive (gossip that died out before
     /// reaching it, a restart elsewhere, news from before a partition healed). The transport
     /// authenticated the sender, but only the sender's own signed alive may change what this
-    /// node holds: ask it for its state with a push-pull, at most once per push-pull interval
-    /// per sender.
+    /// node holds: ask it for its state with a push-pull. An unknown or gone sender is asked at
+    /// most once per push-pull interval; a sender seen at another address than it announces is
+    /// asked once per address (behind a NAT, its packets always come from another address than
+    /// the one it announces, and asking again would teach nothing).
     pub(super) fn ask_unknown_sender(&mut self, now: Instant, from: SocketAddr, sender: &str) {
         if sender == self.name || !self.joined || !matches!(self.lifecycle, Lifecycle::Running) {
             return;
         }
-        let up_to_date = self.index.get(sender).is_some_and(|&i| {
-            let m = &self.members[i].member;
-            !m.state.is_gone() && m.addr == from
-        });
-        if up_to_date {
-            return;
+        let known_at = self
+            .index
+            .get(sender)
+            .map(|&i| &self.members[i].member)
+            .filter(|m| !m.state.is_gone())
+            .map(|m| m.addr);
+        match known_at {
+            Some(addr) if addr == from => return,
+            Some(_) => {
+                if self
+                    .asked_at_address
+                    .iter()
+                    .any(|(n, a)| n == sender && *a == from)
+                {
+                    return;
+                }
+                if self.asked_at_address.len() >= MAX_ASKED_AT_ADDRESS {
+                    self.asked_at_address.pop_front();
+                }
+                self.asked_at_address.push_back((sender.to_owned(), from));
+            }
+            None => {
+                let interval = self.config.push_pull_interval;
+                while self
+                    .asked
+                    .front()
+                    .is_some_and(|(_, at)| now.saturating_duration_since(*at) >= interval)
+                {
+                    self.asked.pop_front();
+                }
+                if self.asked.len() >= MAX_ASKED || self.asked.iter().any(|(n, _)| n == sender) {
+                    return;
+                }
+                self.asked.push_back((sender.to_owned(), now));
+            }
         }
-        let interval = self.config.push_pull_interval;
-        while self
-            .asked
-            .front()
-            .is_some_and(|(_, at)| now.saturating_duration_since(*at) >= interval)
-        {
-            self.asked.pop_front();
-        }
-        if self.asked.len() >= MAX_ASKED || self.asked.iter().any(|(n, _)| n == sender) {
-            return;
-        }
-        self.asked.push_back((sender.to_owned(), now));
         self.send_push_pull(from, Some(sender.to_owned()), false, false);
     }
 

@@ -655,4 +655,14 @@ fn a_packet_from_a_sender_this_node_missed_asks_it_for_its_state_once() {
     .encode_to_vec();
     a.handle_datagram(t0, addr(2), &from_b);
     assert!(drain(&mut a).is_empty());
+    // A member whose packets come from another address than it announces (behind a NAT) is
+    // asked once for that address, never again.
+    for k in 0..3u64 {
+        a.handle_datagram(t0 + Duration::from_secs(100 * k), addr(77), &from_b);
+        let asks = drain(&mut a)
+            .into_iter()
+            .filter(|t| t.channel == Channel::Stream)
+            .count();
+        assert_eq!(asks, usize::from(k == 0), "round {k}");
+    }
 }
