@@ -725,8 +725,13 @@ impl Node {
             return false;
         };
         if record.owner == self.name() {
-            // A record of ours we did not write (a previous life's): the directory out-writes
-            // it with the current state, whoever signed it.
+            // A record of ours we did not write (a previous life's, signed with the same key):
+            // the directory out-writes it with the current state. Only our own signature counts,
+            // or any member could make this node rewrite its records at will.
+            let name = self.name().to_owned();
+            if !self.membership.verify(&name, ClaimKind::Record, signed) {
+                return false;
+            }
             return self.registry.merge(record, now);
         }
         if !self.membership.is_current_member(&record.owner) {
@@ -737,10 +742,6 @@ impl Node {
             return false;
         }
         if !self.registry.is_news(&record) {
-            return false;
-        }
-        if self.registry.is_too_far_ahead(&record) {
-            self.membership.count_refused_claim();
             return false;
         }
         if !self
@@ -807,21 +808,20 @@ impl Node {
             self.undecodable += 1;
             return;
         };
-        let mut changed = false;
         for signed in &delta.records {
-            changed |= self.merge_signed_record(now, signed);
-        }
-        if changed {
-            // Epidemic spread: pass on what was news here, to nodes other than its owner.
-            let owner = delta
-                .records
-                .first()
-                .and_then(|r| wire::EndpointRecord::decode(&r.body[..]).ok())
-                .map(|r| r.owner);
-            let _ = self
-                .membership
-                .broadcast_app_about(key, payload, owner.as_deref());
+            if !self.merge_signed_record(now, signed) {
+                continue;
+            }
             self.registry_dirty = true;
+            // Epidemic spread: pass on what was news here, rebuilt from the checked record
+            // (never the sender's key or the rest of its payload), to nodes other than its owner.
+            if let Some(record) = wire::EndpointRecord::decode(&signed.body[..])
+                .ok()
+                .as_ref()
+                .and_then(Record::from_wire)
+            {
+                self.gossip_record(&record, claims::compact(signed));
+            }
         }
     }
 

@@ -417,6 +417,10 @@ pub struct Membership {
     keys: Box<dyn ClaimKeys>,
     /// This node's alive at its current incarnation, signed (`None` only if signing failed).
     own_alive: Option<wire::Signed>,
+    /// The incarnation `own_alive` was signed at.
+    own_alive_incarnation: u64,
+    /// A refutation happened while processing the current packet or push-pull.
+    refuted_in_input: bool,
 
     members: Vec<Entry>,
     index: HashMap<String, usize>,
@@ -537,6 +541,8 @@ impl Membership {
             rng,
             keys,
             own_alive: None,
+            own_alive_incarnation: 0,
+            refuted_in_input: false,
             members: Vec::new(),
             index: HashMap::new(),
             probe_order: Vec::new(),
@@ -939,6 +945,7 @@ impl Membership {
         if matches!(self.lifecycle, Lifecycle::Left) {
             return;
         }
+        self.refuted_in_input = false;
         if validate_node_name(&packet.sender).is_err() {
             self.stats.packets_invalid += 1;
             return;
@@ -986,6 +993,7 @@ impl Membership {
             return;
         }
         self.stats.push_pulls_received += 1;
+        self.refuted_in_input = false;
         self.merge_remote_state(now, &pp);
         if !pp.app_state.is_empty() {
             self.events.push_back(Event::AppState {

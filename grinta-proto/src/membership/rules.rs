@@ -223,9 +223,13 @@ impl Membership {
     }
 
     pub(super) fn refute(&mut self, accused: u64) {
-        if !matches!(self.lifecycle, Lifecycle::Running) {
+        // One refutation per packet or push-pull: a chain of accusations at this node's
+        // incarnation, the next, and so on, cannot advance it (and make it sign) more than once
+        // per input.
+        if !matches!(self.lifecycle, Lifecycle::Running) || self.refuted_in_input {
             return;
         }
+        self.refuted_in_input = true;
         self.incarnation = self.incarnation.max(accused).saturating_add(1);
         self.stats.refutations += 1;
         self.adjust_health(1);
@@ -244,8 +248,13 @@ impl Membership {
         }
     }
 
-    /// Signs this node's alive (after a change of incarnation, address or metadata).
+    /// Signs this node's alive (after a change of incarnation, address or metadata); the alive
+    /// signed for the current incarnation is reused (its metadata and address change only with
+    /// the incarnation), so re-announcing costs no signature.
     pub(super) fn sign_own_alive(&mut self) {
+        if self.own_alive.is_some() && self.own_alive_incarnation == self.incarnation {
+            return;
+        }
         let alive = wire::Alive {
             node: self.name.clone(),
             incarnation: self.incarnation,
@@ -254,6 +263,7 @@ impl Membership {
         };
         if let Some(claim) = self.sign_claim(ClaimKind::Alive, &alive) {
             self.own_alive = Some(claim);
+            self.own_alive_incarnation = self.incarnation;
         }
     }
 

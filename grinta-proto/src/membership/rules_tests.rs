@@ -238,6 +238,10 @@ fn a_node_refutes_accusations_at_its_incarnation_and_refuses_those_above() {
     assert_eq!(m.incarnation(), 1);
     m.handle_broadcast(now, suspect("me", 1, "b"), None);
     assert_eq!(m.incarnation(), 2, "own + 1");
+    // Within one packet, a chain of accusations (at 2, then 3, ...) advances it once.
+    m.handle_broadcast(now, dead("me", 2, "b"), None);
+    assert_eq!(m.incarnation(), 2, "one refutation per input");
+    m.refuted_in_input = false; // the next packet
     m.handle_broadcast(now, dead("me", 2, "b"), None);
     assert_eq!(m.incarnation(), 3);
     assert!(matches!(

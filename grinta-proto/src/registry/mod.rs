@@ -44,11 +44,11 @@ pub const MAX_ENDPOINT_NAME_LEN: usize = 128;
 /// `clock + 1` of the owner exact.
 pub const MAX_RECORD_VERSION: u64 = 1 << 62;
 
-/// How far above this node's clock a peer's record version may be (2^32): an owner's clock
-/// follows the cluster's (Lamport), so an honest record is never that far ahead of what this node
-/// has seen. A record beyond it is refused ([`Registry::merge_signed`]); without the bound, a
-/// member's own records could drag every clock towards [`MAX_RECORD_VERSION`] and leave no
-/// room for new writes. Exhausting the room now takes 2^30 accepted records.
+/// The most one merged record moves this node's Lamport clock (2^32). An owner's clock follows
+/// the cluster's, so an honest record is never that far ahead of what this node has seen; a
+/// record further ahead is still taken (a node that just joined knows no clock yet), but without
+/// the bound a member's own records could drag every clock towards [`MAX_RECORD_VERSION`] and
+/// leave no room for new writes. Exhausting the room now takes 2^30 accepted records.
 pub const MAX_VERSION_STEP: u64 = 1 << 32;
 
 /// Whether a name has one owner or many.
@@ -564,18 +564,9 @@ impl Registry {
             .is_none_or(|e| record.supersedes(&e.record))
     }
 
-    /// Whether `record`'s version is more than [`MAX_VERSION_STEP`] above this node's clock.
-    pub fn is_too_far_ahead(&self, record: &Record) -> bool {
-        record.version > self.clock.saturating_add(MAX_VERSION_STEP)
-    }
-
     /// Merges a record from a peer with its owner's signature (checked by the caller), kept to
     /// pass the record on in push-pull. Returns whether the table changed.
     pub fn merge_signed(&mut self, record: Record, signed: wire::Signed, now: Instant) -> bool {
-        if self.is_too_far_ahead(&record) {
-            self.records_refused += 1;
-            return false;
-        }
         let key = (record.name.clone(), record.owner.clone());
         let changed = self.merge(record, now);
         if changed {
@@ -613,7 +604,11 @@ impl Registry {
         {
             return false;
         }
-        self.clock = self.clock.max(record.version);
+        self.clock = self.clock.max(
+            record
+                .version
+                .min(self.clock.saturating_add(MAX_VERSION_STEP)),
+        );
         if record.owner == self.local {
             // News about our own records that we did not write: a previous life of this node.
             // Out-write it with the current state.
