@@ -17,6 +17,7 @@
 //!   plug in a socket, a timer and a spawner.
 //! - [`flow`]: flows over QUIC streams (open/accept/reject, messages, finish, reset, back-pressure).
 //! - [`registry`]: the endpoint-name directory (owner-versioned records, conflict resolution).
+//! - [`tags`]: key/value labels a node gives itself, spread in its membership metadata.
 //! - [`transport`]: QUIC connections between nodes (quinn-proto), connected on demand.
 //! - [`node`]: the [`node::Node`] that composes membership and transport for adapters.
 //! - [`tls`]: mutual TLS material and configuration (rustls with ring; dev certificates behind the
@@ -38,6 +39,7 @@ pub mod api {
     };
     pub use crate::node::{NodeConfig, NodeConfigError, NodeError};
     pub use crate::registry::{EndpointKind, RegistryError, RegistryLimits};
+    pub use crate::tags::{TagError, TagFilter, Tags};
     #[cfg(feature = "dev-certs")]
     pub use crate::tls::dev::{DevCa, DevCertError};
     pub use crate::tls::{TlsConfig, TlsError};
@@ -53,6 +55,7 @@ pub mod flow;
 pub mod membership;
 pub mod node;
 pub mod registry;
+pub mod tags;
 pub mod tls;
 pub mod transport;
 pub mod wire;

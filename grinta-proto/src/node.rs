@@ -69,6 +69,7 @@ use crate::membership::{self, Channel, MemberState, Membership};
 use crate::registry::{
     EndpointKind, Record, Registry, RegistryError, RegistryEvent, RegistryLimits,
 };
+use crate::tags::{TagError, TagFilter, Tags};
 use crate::tls::{self, TlsConfig};
 use crate::transport::{
     STREAMS_FOR_EXCHANGES, Transport, TransportError, TransportEvent, TransportLimits,
@@ -104,6 +105,8 @@ pub struct NodeConfig {
     /// The wall clock rustls checks certificate validity against ([`tls::system_time`] by default).
     /// Simulations replace it with a fixed clock.
     pub time_provider: Arc<dyn TimeProvider>,
+    /// The node's tags, announced from its first alive (see [`crate::tags`]).
+    pub tags: Tags,
 }
 
 impl NodeConfig {
@@ -119,6 +122,7 @@ impl NodeConfig {
             transport: TransportLimits::default(),
             registry: RegistryLimits::default(),
             flows: FlowLimits::default(),
+            tags: Tags::new(),
             crypto_provider: tls::crypto_provider(),
             time_provider: tls::system_time(),
         }
@@ -173,6 +177,15 @@ impl NodeConfig {
             if value > membership::MAX_SETTING_DURATION {
                 return Err(NodeConfigError::DurationTooLong { field, value });
             }
+        }
+        let encoded = self.tags.encode().len();
+        let limit = self.membership.max_meta_size;
+        if encoded > limit {
+            return Err(TagError::TooLarge {
+                size: encoded,
+                limit,
+            }
+            .into());
         }
         let advertise = self.advertise_addr();
         if advertise.ip().is_unspecified() || advertise.port() == 0 {
@@ -236,6 +249,9 @@ pub enum NodeConfigError {
         /// The refused address.
         addr: SocketAddr,
     },
+    /// The tags do not fit in the membership metadata.
+    #[error(transparent)]
+    Tags(#[from] TagError),
     /// The stream limit leaves no room for push-pull once a peer has its most flows open.
     #[error(
         "transport max_concurrent_streams {max_concurrent_streams} must be at least {needed} (flows.max_flows_per_peer + {STREAMS_FOR_EXCHANGES} for push-pull): raise it or lower max_flows_per_peer"
@@ -373,7 +389,7 @@ impl Node {
                 .saturating_mul(2)
                 .saturating_add(1),
         )?;
-        let membership = Membership::new(
+        let mut membership = Membership::new(
             membership_config,
             &config.name,
             config.advertise_addr(),
@@ -382,6 +398,10 @@ impl Node {
             Box::new(keys),
         )
         .map_err(|e| NodeError::Config(e.into()))?;
+        if !config.tags.is_empty() {
+            // Checked against max_meta_size in `validate`; a fresh node is running.
+            let _ = membership.update_meta(config.tags.encode());
+        }
         // The directory's records carry the incarnation membership starts at.
         let mut registry = Registry::new(&config.name, config.registry.clone());
         registry.set_local_incarnation(membership.incarnation(), now);
@@ -467,11 +487,47 @@ impl Node {
         })
     }
 
+    /// This node's tags.
+    pub fn tags(&self) -> Tags {
+        Tags::decode(self.membership.local_meta())
+    }
+
+    /// Replaces this node's tags: its next incarnation announces them.
+    pub fn set_tags(&mut self, tags: &Tags) -> Result<(), membership::Error> {
+        self.membership.update_meta(tags.encode())?;
+        self.work_pending = true;
+        Ok(())
+    }
+
     /// Where a dial of `endpoint` would go: this node if it serves the endpoint (local first),
     /// otherwise a random live owner, skipping owners membership does not see alive.
     pub fn resolve(&mut self, endpoint: &str) -> Result<Target, FlowError> {
-        let owners = self.registry.resolve(endpoint);
-        if owners.iter().any(|o| *o == self.membership.local_name()) {
+        self.resolve_where(endpoint, &TagFilter::new())
+    }
+
+    /// Like [`resolve`](Self::resolve), among the owners whose tags match `filter` only.
+    pub fn resolve_where(
+        &mut self,
+        endpoint: &str,
+        filter: &TagFilter,
+    ) -> Result<Target, FlowError> {
+        let local = self.membership.local_name().to_owned();
+        let owners: Vec<&str> = self
+            .registry
+            .resolve(endpoint)
+            .into_iter()
+            .filter(|o| {
+                filter.is_empty()
+                    || if *o == local {
+                        filter.matches(&Tags::decode(self.membership.local_meta()))
+                    } else {
+                        self.membership
+                            .member(o)
+                            .is_some_and(|m| filter.matches(&m.tags()))
+                    }
+            })
+            .collect();
+        if owners.iter().any(|o| *o == local) {
             return Ok(Target::Local);
         }
         let live: Vec<&str> = owners
@@ -512,8 +568,19 @@ impl Node {
     /// [`FlowEvent::Opened`], or fails with [`FlowEvent::DialFailed`]. An endpoint served by this
     /// node is connected in-process by the adapters: here it is [`FlowError::LocalEndpoint`].
     pub fn dial(&mut self, now: Instant, endpoint: &str) -> Result<FlowId, FlowError> {
+        self.dial_where(now, endpoint, &TagFilter::new())
+    }
+
+    /// Like [`dial`](Self::dial), to an owner whose tags match `filter`; `NoSuchEndpoint` if
+    /// no live owner does.
+    pub fn dial_where(
+        &mut self,
+        now: Instant,
+        endpoint: &str,
+        filter: &TagFilter,
+    ) -> Result<FlowId, FlowError> {
         let _span = self.span.clone().entered();
-        let node = match self.resolve(endpoint)? {
+        let node = match self.resolve_where(endpoint, filter)? {
             Target::Local => {
                 return Err(FlowError::LocalEndpoint {
                     name: endpoint.to_owned(),

@@ -533,3 +533,107 @@ pub async fn wait_for_returns_when_a_name_spreads<R: Runtime>() {
         .expect_err("down");
     assert!(err.is_shutdown(), "{err:?}");
 }
+
+/// Tags given at start and changed later are seen on every member, restrict group dials, and
+/// refuse keys and values beyond the limits with a typed error.
+pub async fn tags_are_seen_everywhere_and_restrict_dials<R: Runtime>() {
+    use grinta_proto::tags::TagFilter;
+    let ca = DevCa::new().expect("dev CA");
+    let first = Fabric::<R>::builder("node-0")
+        .dev_certificates(&ca)
+        .profile(Profile::Local)
+        .tag("zone", "eu")
+        .start()
+        .expect("starts");
+    let second = Fabric::<R>::builder("node-1")
+        .dev_certificates(&ca)
+        .profile(Profile::Local)
+        .seed(first.local_addr())
+        .tag("zone", "us")
+        .start()
+        .expect("starts");
+    assert_eq!(first.tags().get("zone"), Some("eu"));
+    let zone_of = |f: &Fabric<R>, name: &str| {
+        f.members()
+            .into_iter()
+            .find(|m| m.name == name)
+            .and_then(|m| m.tags().get("zone").map(str::to_owned))
+    };
+    until::<R>(Duration::from_secs(20), "tags seen", || {
+        zone_of(&first, "node-1").as_deref() == Some("us")
+            && zone_of(&second, "node-0").as_deref() == Some("eu")
+    })
+    .await;
+    // Both serve one group; a dial restricted to a zone reaches that zone's owner.
+    serve_echo(first.group_endpoint("workers").expect("endpoint"));
+    serve_echo(second.group_endpoint("workers").expect("endpoint"));
+    let us = TagFilter::new().eq("zone", "us");
+    let eu = TagFilter::new().eq("zone", "eu");
+    // Each node serves the group itself; the other's claim arrives by gossip.
+    let started = std::time::Instant::now();
+    loop {
+        match (
+            first.dial_where("workers", &us).await,
+            second.dial_where("workers", &eu).await,
+        ) {
+            (Ok(_), Ok(_)) => break,
+            (a, b) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "the group's owners did not spread: {:?} {:?}",
+                    a.err(),
+                    b.err()
+                );
+                sleep::<R>(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    for _ in 0..5 {
+        // node-0 is in the eu zone itself: an unrestricted dial would pick it (local first).
+        let flow = first.dial_where("workers", &us).await.expect("dial us");
+        assert!(!flow.is_local(), "reached node-1 over QUIC");
+        let flow = first.dial_where("workers", &eu).await.expect("dial eu");
+        assert!(flow.is_local(), "node-0 itself");
+        let flow = second.dial_where("workers", &eu).await.expect("dial eu");
+        assert!(!flow.is_local(), "reached node-0 over QUIC");
+    }
+    let err = first
+        .dial_where("workers", &TagFilter::new().eq("zone", "ap"))
+        .await
+        .expect_err("no owner in that zone");
+    assert!(err.is_no_such_endpoint(), "{err:?}");
+    // A change spreads; a removal too.
+    second.set_tag("zone", "ap").expect("set");
+    second.set_tag("role", "worker").expect("set");
+    until::<R>(Duration::from_secs(20), "change seen", || {
+        zone_of(&first, "node-1").as_deref() == Some("ap")
+    })
+    .await;
+    second.remove_tag("role").expect("remove");
+    assert_eq!(second.tags().get("role"), None);
+    // Limits are typed errors.
+    assert!(matches!(
+        second.set_tag("bad key", "x"),
+        Err(Error::Tag(grinta_proto::tags::TagError::InvalidKey { .. }))
+    ));
+    assert!(matches!(
+        second.set_tag("k", &"v".repeat(300)),
+        Err(Error::Tag(
+            grinta_proto::tags::TagError::ValueTooLong { .. }
+        ))
+    ));
+    let mut too_many = Ok(());
+    for i in 0..40 {
+        too_many = too_many.and(second.set_tag(&format!("key-{i:02}"), "vvvvvvvvvvvvvvvvvvvv"));
+    }
+    assert!(matches!(too_many, Err(Error::Tag(_))), "{too_many:?}");
+    assert!(matches!(
+        Fabric::<R>::builder("node-2")
+            .dev_certificates(&ca)
+            .tag("", "x")
+            .start(),
+        Err(Error::Tag(_))
+    ));
+    first.shutdown().await;
+    second.shutdown().await;
+}

@@ -528,3 +528,96 @@ fn a_flood_of_spoofed_initials_cuts_no_one_off() {
         total
     );
 }
+
+#[test]
+fn tags_spread_with_membership_and_restrict_group_dials() {
+    use grinta_proto::flow::FlowEvent;
+    use grinta_proto::registry::EndpointKind;
+    use grinta_proto::tags::{TagFilter, Tags};
+    let (seed, _g) = seed(40);
+    let n = 5;
+    let mut c = formed(seed, n);
+    c.run_for(Duration::from_secs(3));
+    for i in 1..=3 {
+        let mut tags = Tags::new();
+        tags.insert("zone", if i == 2 { "eu" } else { "us" })
+            .unwrap();
+        tags.insert("role", "worker").unwrap();
+        c.sim.with_node(i, |node, now| {
+            node.node.set_tags(&tags).expect("tags fit");
+            node.node
+                .register_endpoint(now, "workers", EndpointKind::Group)
+                .expect("register");
+        });
+    }
+    let spread = c
+        .run_until(Duration::from_secs(30), |c| {
+            (0..n).all(|o| {
+                let m = c.sim.node(o).node.membership();
+                (1..=3).filter(|&i| i != o).all(|i| {
+                    m.member(&node_name(i))
+                        .is_some_and(|m| m.tags().get("role") == Some("worker"))
+                }) && c.sim.node(o).node.registry().resolve("workers").len() == 3
+            })
+        })
+        .expect("tags and names spread");
+    println!("tags visible everywhere after {spread:?}");
+    let seen = c
+        .sim
+        .node(0)
+        .node
+        .membership()
+        .member(&node_name(2))
+        .unwrap()
+        .tags();
+    assert_eq!(
+        seen.iter().collect::<Vec<_>>(),
+        vec![("role", "worker"), ("zone", "eu")]
+    );
+    // Twenty dials restricted to zone=eu all reach node 2; none restricted to an absent zone.
+    let eu = TagFilter::new().eq("zone", "eu");
+    for _ in 0..20 {
+        c.sim
+            .with_node(0, |node, now| node.node.dial_where(now, "workers", &eu))
+            .expect("dial");
+    }
+    c.run_for(Duration::from_secs(2));
+    let peers: Vec<&str> = c
+        .sim
+        .node(0)
+        .flow_events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            FlowEvent::Opened { peer, .. } => Some(peer.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(peers.len(), 20, "seed {seed}: {peers:?}");
+    assert!(
+        peers.iter().all(|p| *p == node_name(2)),
+        "seed {seed}: {peers:?}"
+    );
+    let none = TagFilter::new().eq("zone", "ap");
+    assert!(matches!(
+        c.sim
+            .with_node(0, |node, now| node.node.dial_where(now, "workers", &none)),
+        Err(grinta_proto::flow::FlowError::NoSuchEndpoint { .. })
+    ));
+    // A change spreads too, with the member's next incarnation.
+    let mut moved = Tags::new();
+    moved.insert("zone", "ap").unwrap();
+    c.sim
+        .with_node(3, |node, _| node.node.set_tags(&moved))
+        .expect("tags fit");
+    c.run_until(Duration::from_secs(30), |c| {
+        (0..n).filter(|&o| o != 3).all(|o| {
+            c.sim
+                .node(o)
+                .node
+                .membership()
+                .member(&node_name(3))
+                .is_some_and(|m| m.tags() == moved)
+        })
+    })
+    .expect("the change spread");
+}

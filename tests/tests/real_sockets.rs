@@ -36,4 +36,5 @@ on_both_runtimes!(
     every_handle_sees_every_member_event,
     an_endpoint_is_a_stream_of_flows_until_closed,
     wait_for_returns_when_a_name_spreads,
+    tags_are_seen_everywhere_and_restrict_dials,
 );

@@ -7,6 +7,7 @@ use crate::flow::FlowLimits;
 use crate::membership;
 use crate::node::{NodeConfig, NodeError};
 use crate::registry::RegistryLimits;
+use crate::tags::{TagError, Tags};
 use crate::tls::TlsConfig;
 use crate::transport::TransportLimits;
 
@@ -67,6 +68,8 @@ pub struct FabricBuilder<R: Runtime> {
     registry: RegistryLimits,
     transport: TransportLimits,
     rng_seed: Option<u64>,
+    /// The tags so far, or the first tag refused.
+    tags: Result<Tags, TagError>,
     _runtime: std::marker::PhantomData<fn() -> R>,
 }
 
@@ -94,6 +97,7 @@ impl<R: Runtime> FabricBuilder<R> {
             registry: RegistryLimits::default(),
             transport: TransportLimits::default(),
             rng_seed: None,
+            tags: Ok(Tags::new()),
             _runtime: std::marker::PhantomData,
         }
     }
@@ -192,6 +196,30 @@ impl<R: Runtime> FabricBuilder<R> {
         self
     }
 
+    /// Gives the node tag `key` = `value` from its start (see [`crate::tags`]; it can change
+    /// later with [`Fabric::set_tag`]). A key or value beyond the limits fails `start` with
+    /// [`Error::Tag`].
+    ///
+    /// ```no_run
+    /// # fn demo<R: grinta_proto::fabric::Runtime>(tls: grinta_proto::tls::TlsConfig) -> Result<(), Box<dyn std::error::Error>> {
+    /// use grinta_proto::fabric::Fabric;
+    ///
+    /// let fabric = Fabric::<R>::builder("node-a")
+    ///     .tls(tls)
+    ///     .tag("zone", "eu-west")
+    ///     .tag("role", "billing")
+    ///     .start()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn tag(mut self, key: &str, value: &str) -> Self {
+        if let Ok(tags) = &mut self.tags {
+            if let Err(e) = tags.insert(key, value) {
+                self.tags = Err(e);
+            }
+        }
+        self
+    }
+
     /// Seeds the protocol's randomness (probe order, gossip targets) for reproducible runs;
     /// cryptographic randomness always comes from the TLS provider.
     pub fn rng_seed(mut self, seed: u64) -> Self {
@@ -212,6 +240,7 @@ impl<R: Runtime> FabricBuilder<R> {
         config.flows = self.flows;
         config.registry = self.registry;
         config.transport = self.transport;
+        config.tags = self.tags?;
         Ok(config)
     }
 

@@ -29,6 +29,7 @@ use crate::flow::{FlowError, FlowEvent, FlowId, RejectReason, ResetCode};
 use crate::membership::{Member, MemberState};
 use crate::node::{Event, Node, NodeConfig, NodeError};
 use crate::registry::{EndpointKind, RegistryError, RegistryEvent};
+use crate::tags::{TagError, TagFilter, Tags};
 
 mod builder;
 mod driver;
@@ -221,6 +222,9 @@ pub enum Error {
     /// A typed flow received a message that is not a value of its type (or could not encode one).
     #[error(transparent)]
     Codec(#[from] CodecError),
+    /// A tag cannot be set (see [`crate::tags`] for the limits).
+    #[error(transparent)]
+    Tag(#[from] TagError),
 }
 
 impl From<FlowError> for Error {
@@ -869,6 +873,60 @@ impl<R: Runtime> Fabric<R> {
         .await
     }
 
+    /// This node's tags (see [`crate::tags`]); every node sees them on [`Member::tags`].
+    pub fn tags(&self) -> Tags {
+        self.shared.lock().node.tags()
+    }
+
+    /// Sets tag `key` of this node to `value`. It spreads with the node's next alive: every
+    /// node sees it on [`Member::tags`] about as fast as a join spreads.
+    ///
+    /// Errors: [`Error::Tag`] for a key or value beyond the limits (see [`crate::tags`]) or tags
+    /// that no longer fit in the membership metadata; [`Error::Shutdown`].
+    ///
+    /// ```no_run
+    /// # fn demo(fabric: grinta_proto::fabric::Fabric<impl grinta_proto::fabric::Runtime>) -> Result<(), grinta_proto::fabric::Error> {
+    /// fabric.set_tag("zone", "eu-west")?;
+    /// assert_eq!(fabric.tags().get("zone"), Some("eu-west"));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn set_tag(&self, key: &str, value: &str) -> Result<(), Error> {
+        self.change_tags(|tags| tags.insert(key, value).map(drop))
+    }
+
+    /// Removes tag `key` of this node (nothing happens if it has none).
+    pub fn remove_tag(&self, key: &str) -> Result<(), Error> {
+        self.change_tags(|tags| {
+            tags.remove(key);
+            Ok(())
+        })
+    }
+
+    fn change_tags(
+        &self,
+        change: impl FnOnce(&mut Tags) -> Result<(), TagError>,
+    ) -> Result<(), Error> {
+        self.with(|inner, _now| {
+            if !inner.accepting() {
+                return Err(Error::Shutdown);
+            }
+            let mut tags = inner.node.tags();
+            let before = tags.clone();
+            change(&mut tags)?;
+            if tags == before {
+                return Ok(());
+            }
+            match inner.node.set_tags(&tags) {
+                Ok(()) => Ok(()),
+                Err(crate::membership::Error::MetaTooLarge { size, limit }) => {
+                    Err(TagError::TooLarge { size, limit }.into())
+                }
+                Err(_) => Err(Error::Shutdown),
+            }
+        })
+    }
+
     /// Registers an exclusive endpoint named `name`: dials of `name` from anywhere reach it.
     ///
     /// Fails with [`Error::Registry`] if the name is invalid (1..=128 bytes of
@@ -909,6 +967,24 @@ impl<R: Runtime> Fabric<R> {
     /// chose another branch) abandons the dial and leaves nothing behind: a flow the owner
     /// already accepted is reset, so its acceptor sees it end (`ResetCode::Dropped`).
     pub async fn dial(&self, name: &str) -> Result<Flow<R>, Error> {
+        self.dial_where(name, &TagFilter::new()).await
+    }
+
+    /// Like [`dial`](Self::dial), to an owner of `name` whose tags match `filter` (a group
+    /// endpoint restricted to a zone, say); `FlowError::NoSuchEndpoint` if no live owner does.
+    ///
+    /// ```no_run
+    /// # async fn demo(fabric: grinta_proto::fabric::Fabric<impl grinta_proto::fabric::Runtime>) -> Result<(), grinta_proto::fabric::Error> {
+    /// use grinta_proto::tags::TagFilter;
+    ///
+    /// let flow = fabric
+    ///     .dial_where("workers", &TagFilter::new().eq("zone", "eu-west"))
+    ///     .await?;
+    /// # drop(flow);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn dial_where(&self, name: &str, filter: &TagFilter) -> Result<Flow<R>, Error> {
         enum Dialled {
             Local(LocalEnd),
             Remote(FlowId),
@@ -918,7 +994,7 @@ impl<R: Runtime> Fabric<R> {
             if !inner.accepting() {
                 return Err(Error::Shutdown);
             }
-            match inner.node.dial(now, name) {
+            match inner.node.dial_where(now, name, filter) {
                 Ok(flow) => {
                     inner.dials.insert(flow, None);
                     Ok(Dialled::Remote(flow))

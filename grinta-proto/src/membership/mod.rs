@@ -587,6 +587,11 @@ impl Membership {
         self.addr
     }
 
+    /// This node's metadata, as its alive announces it.
+    pub fn local_meta(&self) -> &Bytes {
+        &self.meta
+    }
+
     /// This node's current incarnation.
     pub fn incarnation(&self) -> u64 {
         self.incarnation
