@@ -781,44 +781,52 @@ impl Node {
     }
 
     /// Merges a signed record from a peer: taken only from its owner, a current member, and
-    /// checked for news before its signature. Returns whether the directory changed.
-    fn merge_signed_record(&mut self, now: Instant, signed: &wire::Signed) -> bool {
+    /// checked for news before its signature. Returns the record and its envelope (copied out of
+    /// the received buffer) when it changed the directory, for the caller to pass on.
+    fn merge_signed_record(
+        &mut self,
+        now: Instant,
+        signed: &wire::Signed,
+    ) -> Option<(Record, wire::Signed)> {
         let Some(record) = wire::EndpointRecord::decode(&signed.body[..])
             .ok()
             .as_ref()
             .and_then(Record::from_wire)
         else {
             self.undecodable += 1;
-            return false;
+            return None;
         };
         if record.owner == self.name() {
             // A record of ours we did not write (a previous life's, signed with the same key):
             // the directory out-writes it with the current state. Only our own signature counts,
             // or any member could make this node rewrite its records at will.
             let name = self.name().to_owned();
-            if !self.membership.verify(&name, ClaimKind::Record, signed) {
-                return false;
+            if self.membership.verify(&name, ClaimKind::Record, signed) {
+                // Corrections go to the outbox, announced like any write of ours.
+                self.registry.merge(record, now);
             }
-            return self.registry.merge(record, now);
+            return None;
         }
         if !self.membership.is_current_member(&record.owner) {
             // Records of nodes that are not (or no longer) members are not taken, but one may
             // have overtaken its owner's alive (a new member, or one back from the dead): held
             // until that alive comes, and dropped if it does not.
             self.hold_for_owner(now, record.owner, signed);
-            return false;
+            return None;
         }
-        if !self.registry.is_news(&record) {
-            return false;
-        }
-        if !self
-            .membership
-            .verify(&record.owner, ClaimKind::Record, signed)
+        if !self.registry.is_news(&record)
+            || !self
+                .membership
+                .verify(&record.owner, ClaimKind::Record, signed)
         {
-            return false;
+            return None;
         }
-        self.registry
-            .merge_signed(record, claims::compact(signed), now)
+        let signed = claims::compact(signed);
+        let merged = self
+            .registry
+            .merge_signed(record.clone(), signed.clone(), now);
+        self.registry_dirty |= merged;
+        merged.then_some((record, signed))
     }
 
     /// Holds a record until its owner's alive arrives (bounded, oldest dropped first).
@@ -854,15 +862,8 @@ impl Node {
                 self.records_held_dropped += 1;
                 continue;
             }
-            if self.merge_signed_record(now, &signed) {
-                self.registry_dirty = true;
-                if let Some(record) = wire::EndpointRecord::decode(&signed.body[..])
-                    .ok()
-                    .as_ref()
-                    .and_then(Record::from_wire)
-                {
-                    self.gossip_record(&record, signed);
-                }
+            if let Some((record, signed)) = self.merge_signed_record(now, &signed) {
+                self.gossip_record(&record, signed);
             }
         }
     }
@@ -876,18 +877,10 @@ impl Node {
             return;
         };
         for signed in &delta.records {
-            if !self.merge_signed_record(now, signed) {
-                continue;
-            }
-            self.registry_dirty = true;
             // Epidemic spread: pass on what was news here, rebuilt from the checked record
             // (never the sender's key or the rest of its payload), to nodes other than its owner.
-            if let Some(record) = wire::EndpointRecord::decode(&signed.body[..])
-                .ok()
-                .as_ref()
-                .and_then(Record::from_wire)
-            {
-                self.gossip_record(&record, claims::compact(signed));
+            if let Some((record, signed)) = self.merge_signed_record(now, signed) {
+                self.gossip_record(&record, signed);
             }
         }
     }
@@ -902,19 +895,11 @@ impl Node {
             return;
         };
         for signed in &state.records {
-            if !self.merge_signed_record(now, signed) {
-                continue;
+            if let Some((record, signed)) = self.merge_signed_record(now, signed) {
+                if record.owner == from {
+                    self.gossip_record(&record, signed);
+                }
             }
-            self.registry_dirty = true;
-            let Some(record) = wire::EndpointRecord::decode(&signed.body[..])
-                .ok()
-                .as_ref()
-                .and_then(Record::from_wire)
-                .filter(|r| r.owner == from)
-            else {
-                continue;
-            };
-            self.gossip_record(&record, signed.clone());
         }
     }
 
