@@ -478,13 +478,93 @@ impl Node {
     /// Whether a dial of `endpoint` has somewhere to go: this node serves it, or an owner that
     /// membership does not hold gone.
     pub fn is_resolvable(&self, endpoint: &str) -> bool {
-        self.registry.resolve(endpoint).iter().any(|o| {
-            *o == self.membership.local_name()
-                || self
-                    .membership
-                    .member(o)
-                    .is_some_and(|m| !matches!(m.state, MemberState::Dead | MemberState::Left))
-        })
+        self.registry
+            .resolve(endpoint)
+            .iter()
+            .any(|o| self.is_live_owner(o))
+    }
+
+    /// The owners a dial of `endpoint` may reach, sorted: those [`Registry::resolve`] gives
+    /// that membership does not hold gone (this node included if it serves it).
+    pub fn live_owners(&self, endpoint: &str) -> Vec<&str> {
+        self.registry
+            .resolve(endpoint)
+            .into_iter()
+            .filter(|o| self.is_live_owner(o))
+            .collect()
+    }
+
+    /// The endpoint names that start with `prefix` and have a live owner (see
+    /// [`live_owners`](Self::live_owners)), each with those owners.
+    pub fn directory_view(&self, prefix: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+        self.registry
+            .names(prefix)
+            .into_iter()
+            .filter_map(|name| {
+                let owners: Vec<String> = self
+                    .live_owners(name)
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect();
+                (!owners.is_empty()).then(|| (name.to_owned(), owners))
+            })
+            .collect()
+    }
+
+    fn is_live_owner(&self, owner: &str) -> bool {
+        owner == self.membership.local_name()
+            || self
+                .membership
+                .member(owner)
+                .is_some_and(|m| !matches!(m.state, MemberState::Dead | MemberState::Left))
+    }
+
+    /// Why member `name` is not (or no longer) in the cluster: `None` while it is alive or
+    /// suspected (or is this node).
+    pub fn member_down_reason(&self, name: &str) -> Option<DownReason> {
+        if name == self.membership.local_name() {
+            return None;
+        }
+        match self.membership.member(name).map(|m| m.state) {
+            Some(MemberState::Alive | MemberState::Suspect) => None,
+            Some(MemberState::Dead) => Some(DownReason::Failed),
+            Some(MemberState::Left) => Some(DownReason::Left),
+            None => Some(DownReason::NotFound),
+        }
+    }
+
+    /// Why `owner` no longer serves `endpoint` (as [`live_owners`](Self::live_owners) sees
+    /// it): `None` if it still does. Its node failed or left; it lost the name to another
+    /// owner's claim; or it withdrew its claim.
+    pub fn owner_down_reason(&self, endpoint: &str, owner: &str) -> Option<DownReason> {
+        if self.live_owners(endpoint).contains(&owner) {
+            return None;
+        }
+        if let Some(reason) = self.member_down_reason(owner) {
+            // A member forgotten since it failed: its records went with it.
+            return Some(if reason == DownReason::NotFound {
+                DownReason::Failed
+            } else {
+                reason
+            });
+        }
+        let winner = self
+            .registry
+            .resolve(endpoint)
+            .first()
+            .map(|w| w.to_string());
+        let lost_here =
+            owner == self.membership.local_name() && self.registry.lost_conflict(endpoint);
+        let outranked = self.registry.owners(endpoint).contains(&owner);
+        match winner {
+            Some(winner)
+                if (lost_here || outranked)
+                    && self.registry.kind(endpoint) == Some(EndpointKind::Exclusive) =>
+            {
+                Some(DownReason::Conflict { winner })
+            }
+            _ => Some(DownReason::Withdrawn),
+        }
     }
 
     /// This node's tags.
@@ -1318,6 +1398,41 @@ fn log_membership_event(event: &membership::Event) {
         M::LeaveComplete => debug!("leave announced: closing connections"),
         M::AppBroadcast { key, .. } => trace!(?key, "directory gossip"),
         M::AppState { .. } => trace!("directory state from a push-pull"),
+    }
+}
+
+/// Why a node or an endpoint is gone, as a monitor reports it (see
+/// [`Node::member_down_reason`] and [`Node::owner_down_reason`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DownReason {
+    /// The node left the cluster on purpose (for an endpoint: its owner did).
+    Left,
+    /// The node was declared failed (for an endpoint: its owner was).
+    Failed,
+    /// The owner withdrew the endpoint (closed or unregistered it).
+    Withdrawn,
+    /// The owner's claim on the exclusive name lost to another node's.
+    Conflict {
+        /// The node that keeps the name.
+        winner: String,
+    },
+    /// Nothing of that name was known when the monitor was made.
+    NotFound,
+    /// This node is shutting down: it can no longer tell.
+    Shutdown,
+}
+
+impl std::fmt::Display for DownReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Left => f.write_str("left the cluster"),
+            Self::Failed => f.write_str("declared failed"),
+            Self::Withdrawn => f.write_str("withdrawn by its owner"),
+            Self::Conflict { winner } => write!(f, "lost to the claim of node {winner:?}"),
+            Self::NotFound => f.write_str("not known"),
+            Self::Shutdown => f.write_str("this node shut down"),
+        }
     }
 }
 

@@ -637,3 +637,208 @@ pub async fn tags_are_seen_everywhere_and_restrict_dials<R: Runtime>() {
     first.shutdown().await;
     second.shutdown().await;
 }
+
+/// The next item of `stream` within 30 s.
+async fn next_within<R: Runtime, S: futures::Stream + Unpin>(stream: &mut S) -> S::Item {
+    use futures::StreamExt;
+    within::<R, _>(Duration::from_secs(30), stream.next())
+        .await
+        .expect("an item within 30 s")
+        .expect("the stream goes on")
+}
+
+/// Name watches start with the current state and report owners added and removed; member
+/// watches each see every event; monitors complete with why a node or an endpoint went away
+/// (withdrawn, failed, left, never known) and at shutdown; every wait is bounded.
+pub async fn watches_and_monitors_follow_the_cluster<R: Runtime>() {
+    use grinta_proto::fabric::{DownReason, NameEvent};
+    let ca = DevCa::new().expect("dev CA");
+    let fabrics = cluster::<R>(&ca, 3).await;
+    let watcher = fabrics[0].clone();
+    let mut names = watcher.watch("svc.");
+    let mut members = watcher.watch_members();
+    let mut members_too = watcher.watch_members();
+
+    let exclusive = fabrics[1].endpoint("svc.a").expect("endpoint");
+    let _group_1 = fabrics[1].group_endpoint("svc.g").expect("endpoint");
+    let _group_2 = fabrics[2].group_endpoint("svc.g").expect("endpoint");
+    let _other = fabrics[1].endpoint("other").expect("endpoint");
+    // Five events: each name added, then its owners; "other" is outside the prefix.
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        seen.push(next_within::<R, _>(&mut names).await);
+    }
+    for owner in ["node-1", "node-2"] {
+        assert!(
+            seen.contains(&NameEvent::OwnerAdded {
+                name: "svc.g".into(),
+                owner: owner.into()
+            }),
+            "{seen:?}"
+        );
+    }
+    let added_at = |e: NameEvent| seen.iter().position(|s| *s == e).expect("reported");
+    assert!(
+        added_at(NameEvent::NameAdded {
+            name: "svc.a".into()
+        }) < added_at(NameEvent::OwnerAdded {
+            name: "svc.a".into(),
+            owner: "node-1".into()
+        })
+    );
+    assert_eq!(names.names().len(), 2, "{:?}", names.names());
+
+    // A new watch starts with the current state, in order.
+    let mut late = watcher.watch("svc.");
+    let mut current = Vec::new();
+    for _ in 0..5 {
+        current.push(next_within::<R, _>(&mut late).await);
+    }
+    assert_eq!(
+        current,
+        vec![
+            NameEvent::NameAdded {
+                name: "svc.a".into()
+            },
+            NameEvent::OwnerAdded {
+                name: "svc.a".into(),
+                owner: "node-1".into()
+            },
+            NameEvent::NameAdded {
+                name: "svc.g".into()
+            },
+            NameEvent::OwnerAdded {
+                name: "svc.g".into(),
+                owner: "node-1".into()
+            },
+            NameEvent::OwnerAdded {
+                name: "svc.g".into(),
+                owner: "node-2".into()
+            },
+        ]
+    );
+
+    // Nothing to monitor: completes at once.
+    let at_once = Duration::from_millis(100);
+    for reason in [
+        within::<R, _>(at_once, watcher.monitor_endpoint("svc.none")).await,
+        within::<R, _>(at_once, watcher.monitor_node("ghost")).await,
+    ] {
+        assert_eq!(reason, Some(DownReason::NotFound));
+    }
+    let endpoint_a = spawn::<R, _>(watcher.monitor_endpoint("svc.a"));
+    let endpoint_g = spawn::<R, _>(watcher.monitor_endpoint("svc.g"));
+    let node_1 = spawn::<R, _>(watcher.monitor_node("node-1"));
+    let node_2 = spawn::<R, _>(watcher.monitor_node("node-2"));
+    let own = spawn::<R, _>(watcher.monitor_node("node-0"));
+    let from_node_1 = spawn::<R, _>(fabrics[1].monitor_endpoint("svc.g"));
+
+    // Withdrawn.
+    exclusive.close();
+    assert_eq!(
+        within::<R, _>(Duration::from_secs(30), endpoint_a).await,
+        Some(Ok(DownReason::Withdrawn))
+    );
+    let mut gone = Vec::new();
+    while gone.len() < 2 {
+        gone.push(next_within::<R, _>(&mut names).await);
+    }
+    assert_eq!(
+        gone,
+        vec![
+            NameEvent::OwnerRemoved {
+                name: "svc.a".into(),
+                owner: "node-1".into()
+            },
+            NameEvent::NameGone {
+                name: "svc.a".into()
+            },
+        ]
+    );
+
+    // Failed: the group keeps its other owner.
+    fabrics[2].abort();
+    assert_eq!(
+        within::<R, _>(Duration::from_secs(30), node_2).await,
+        Some(Ok(DownReason::Failed))
+    );
+    assert_eq!(
+        next_within::<R, _>(&mut names).await,
+        NameEvent::OwnerRemoved {
+            name: "svc.g".into(),
+            owner: "node-2".into()
+        }
+    );
+    // The member watches saw it, each of them.
+    for watch in [&mut members, &mut members_too] {
+        loop {
+            let event = next_within::<R, _>(watch).await.expect("not lagged");
+            if matches!(&event, membership::Event::MemberDead { name, .. } if name == "node-2") {
+                break;
+            }
+        }
+    }
+
+    // Left: the group's last owner goes with its node.
+    fabrics[1].shutdown().await;
+    assert_eq!(
+        within::<R, _>(Duration::from_secs(30), node_1).await,
+        Some(Ok(DownReason::Left))
+    );
+    assert_eq!(
+        within::<R, _>(Duration::from_secs(30), endpoint_g).await,
+        Some(Ok(DownReason::Left))
+    );
+    // On the node that shut down, its own claim was withdrawn as it drained (with node-2's
+    // failure seen in the same look, or not yet), or it was down before it looked: it completes.
+    let own_view = within::<R, _>(Duration::from_secs(30), from_node_1).await;
+    assert!(
+        matches!(
+            own_view,
+            Some(Ok(DownReason::Withdrawn
+                | DownReason::Shutdown
+                | DownReason::Failed))
+        ),
+        "{own_view:?}"
+    );
+    assert_eq!(
+        next_within::<R, _>(&mut names).await,
+        NameEvent::OwnerRemoved {
+            name: "svc.g".into(),
+            owner: "node-1".into()
+        }
+    );
+    assert_eq!(
+        next_within::<R, _>(&mut names).await,
+        NameEvent::NameGone {
+            name: "svc.g".into()
+        }
+    );
+    // Already gone: at once.
+    assert_eq!(
+        within::<R, _>(at_once, watcher.monitor_node("node-1")).await,
+        Some(DownReason::Left)
+    );
+
+    // This node shuts down: watches end, monitors say so.
+    watcher.shutdown().await;
+    assert_eq!(
+        within::<R, _>(Duration::from_secs(5), own).await,
+        Some(Ok(DownReason::Shutdown))
+    );
+    use futures::StreamExt;
+    assert_eq!(
+        within::<R, _>(Duration::from_secs(5), names.next()).await,
+        Some(None)
+    );
+    assert!(
+        within::<R, _>(Duration::from_secs(5), async {
+            while let Some(event) = members.next().await {
+                event.expect("not lagged");
+            }
+        })
+        .await
+        .is_some(),
+        "the member watch ends"
+    );
+}

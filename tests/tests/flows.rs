@@ -193,6 +193,14 @@ fn exclusive_claims_on_both_sides_of_a_partition_resolve_to_one_owner() {
     });
     assert!(told, "the loser was told (seed {seed})");
     assert!(!c.sim.node(loser).node.registry().is_local("leader"));
+    // What an endpoint monitor reports for the losing claim, there.
+    assert_eq!(
+        c.sim
+            .node(loser)
+            .node
+            .owner_down_reason("leader", &node_name(loser)),
+        Some(grinta_proto::node::DownReason::Conflict { winner }),
+    );
 }
 
 // ----- flows -----------------------------------------------------------------------------------

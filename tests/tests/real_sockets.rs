@@ -37,4 +37,5 @@ on_both_runtimes!(
     an_endpoint_is_a_stream_of_flows_until_closed,
     wait_for_returns_when_a_name_spreads,
     tags_are_seen_everywhere_and_restrict_dials,
+    watches_and_monitors_follow_the_cluster,
 );

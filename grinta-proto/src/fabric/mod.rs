@@ -36,10 +36,13 @@ mod driver;
 mod handles;
 mod local;
 mod mailbox;
+mod watch;
 
+pub use crate::node::DownReason;
 pub use builder::{FabricBuilder, Profile};
 pub use driver::SocketStats;
 pub use handles::{Flow, FlowReceiver, FlowSender, TypedFlow, TypedReceiver, TypedSender};
+pub use watch::{EndpointMonitor, MemberWatch, NameEvent, NameWatch, NodeMonitor};
 
 use driver::Driver;
 use handles::Route;
@@ -334,6 +337,11 @@ impl<T: Clone> EventLog<T> {
         self.events.push_back(event);
     }
 
+    /// The cursor of the next event to come.
+    fn end(&self) -> u64 {
+        self.first + self.events.len() as u64
+    }
+
     /// The event at `cursor`, moving it on; `Err(missed)` (and the cursor moved to the oldest
     /// event kept) if the reader fell behind; `Ok(None)` if it has read everything.
     fn read(&self, cursor: &mut u64) -> Result<Option<T>, u64> {
@@ -359,8 +367,8 @@ struct Waiters {
     endpoints: HashMap<String, Vec<Waker>>,
     /// Tasks waiting for a member event.
     members: Vec<Waker>,
-    /// Tasks waiting for a name to become resolvable (`wait_for`): woken by every directory or
-    /// membership change.
+    /// Tasks waiting for a name to become resolvable (`wait_for`), name watches and endpoint
+    /// monitors: woken by every directory or membership change.
     names: Vec<Waker>,
 }
 
@@ -371,6 +379,11 @@ pub(crate) struct Inner {
     conflicts: HashMap<String, String>,
     /// The last member events; each `Fabric` handle reads them with its own cursor.
     member_events: EventLog<crate::membership::Event>,
+    /// Counts the changes of the directory or of membership: watches rebuild their view when it
+    /// moved.
+    directory_changes: u64,
+    /// The registry's generation as of the last `directory_changes` bump.
+    registry_generation: u64,
     /// In-process flows dialled to local endpoints, waiting for `accept`.
     local_backlogs: HashMap<String, VecDeque<LocalEnd>>,
     /// Every in-process flow, to close them at shutdown (pruned as they end).
@@ -584,6 +597,7 @@ impl Inner {
                 Event::Registry(_) => self.waiters.names.drain(..).for_each(Waker::wake),
                 Event::ConnectionLost { .. } => {}
                 Event::Membership(e) => {
+                    self.directory_changes += 1;
                     self.waiters.names.drain(..).for_each(Waker::wake);
                     self.member_events.push(e);
                     for w in self.waiters.members.drain(..) {
@@ -591,6 +605,14 @@ impl Inner {
                     }
                 }
             }
+        }
+        // Changes without an event of their own (an owner joins a group name) move the
+        // directory too.
+        let generation = self.node.registry().generation();
+        if generation != self.registry_generation {
+            self.registry_generation = generation;
+            self.directory_changes += 1;
+            self.waiters.names.drain(..).for_each(Waker::wake);
         }
     }
 }
@@ -692,6 +714,8 @@ impl<R: Runtime> Fabric<R> {
                 dials: HashMap::new(),
                 conflicts: HashMap::new(),
                 member_events: EventLog::new(MEMBER_EVENT_CAPACITY),
+                directory_changes: 0,
+                registry_generation: 0,
                 local_backlogs: HashMap::new(),
                 local_flows: Vec::new(),
                 mailboxes: HashMap::new(),
@@ -871,6 +895,92 @@ impl<R: Runtime> Fabric<R> {
             Poll::Pending
         })
         .await
+    }
+
+    /// Watches the endpoint names that start with `prefix` (`""` for all): a stream of
+    /// [`NameEvent`]s that starts with the current state (`NameAdded`, then `OwnerAdded` for
+    /// each live owner) and goes on with every change this node sees: owners added and
+    /// removed, names gone. It ends when the fabric shuts down. See [`NameWatch`].
+    ///
+    /// ```no_run
+    /// # async fn demo(fabric: grinta_proto::fabric::Fabric<impl grinta_proto::fabric::Runtime>) {
+    /// use futures::StreamExt;
+    /// use grinta_proto::fabric::NameEvent;
+    ///
+    /// let mut workers = fabric.watch("worker.");
+    /// while let Some(event) = workers.next().await {
+    ///     match event {
+    ///         NameEvent::OwnerAdded { name, owner } => println!("{owner} serves {name}"),
+    ///         NameEvent::NameGone { name } => println!("nobody serves {name} any more"),
+    ///         _ => {}
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn watch(&self, prefix: &str) -> NameWatch<R> {
+        NameWatch::new(self.clone(), prefix)
+    }
+
+    /// Watches membership: a stream of every member event (joined, updated, suspect, alive,
+    /// dead, left) from now on, each watch seeing every event; `Err(Error::Lagged)` if it
+    /// falls more than [`MEMBER_EVENT_CAPACITY`] events behind. Take [`members`](Self::members)
+    /// after making the watch for the state it starts from. See [`MemberWatch`].
+    ///
+    /// ```no_run
+    /// # async fn demo(fabric: grinta_proto::fabric::Fabric<impl grinta_proto::fabric::Runtime>) {
+    /// use futures::StreamExt;
+    /// use grinta_proto::membership::Event;
+    ///
+    /// let mut events = fabric.watch_members();
+    /// let members = fabric.members(); // the state the events start from
+    /// # drop(members);
+    /// while let Some(event) = events.next().await {
+    ///     match event {
+    ///         Ok(Event::MemberDead { name, .. }) => println!("{name} failed"),
+    ///         Ok(_) => {}
+    ///         Err(e) => println!("{e}"), // lagged: take `members()` again
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn watch_members(&self) -> MemberWatch<R> {
+        MemberWatch::new(self.clone())
+    }
+
+    /// A future that completes with the [`DownReason`] when member `node` leaves or fails (at
+    /// once if it already has, or if no member of that name is known). See [`NodeMonitor`].
+    ///
+    /// ```no_run
+    /// # async fn demo(fabric: grinta_proto::fabric::Fabric<impl grinta_proto::fabric::Runtime>) {
+    /// use grinta_proto::fabric::DownReason;
+    ///
+    /// match fabric.monitor_node("node-b").await {
+    ///     DownReason::Failed => println!("node-b failed"),
+    ///     DownReason::Left => println!("node-b left"),
+    ///     other => println!("node-b: {other}"),
+    /// }
+    /// # }
+    /// ```
+    pub fn monitor_node(&self, node: &str) -> NodeMonitor<R> {
+        NodeMonitor::new(self.clone(), node)
+    }
+
+    /// A future that completes with the [`DownReason`] when endpoint `name` goes away: every
+    /// owner it had (and, for a group endpoint, every owner that joined since) withdrew it,
+    /// lost it to a conflict, failed or left. At once with [`DownReason::NotFound`] if no live
+    /// node serves it now. See [`EndpointMonitor`].
+    ///
+    /// ```no_run
+    /// # async fn demo(fabric: grinta_proto::fabric::Fabric<impl grinta_proto::fabric::Runtime>) -> Result<(), grinta_proto::fabric::Error> {
+    /// let flow = fabric.dial("billing").await?;
+    /// let gone = fabric.monitor_endpoint("billing");
+    /// // ... use the flow; `gone.await` tells why the endpoint went away.
+    /// # drop(flow); drop(gone);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn monitor_endpoint(&self, name: &str) -> EndpointMonitor<R> {
+        EndpointMonitor::new(self.clone(), name)
     }
 
     /// This node's tags (see [`crate::tags`]); every node sees them on [`Member::tags`].

@@ -328,6 +328,8 @@ pub struct Registry {
     /// Tombstones by the time they were written, oldest first, so expiry never walks the table.
     /// An entry whose record changed since is skipped when it comes up.
     tombstones: BTreeSet<(Instant, (String, String))>,
+    /// Bumped on every change of a record (see [`Registry::generation`]).
+    generation: u64,
 }
 
 impl Registry {
@@ -348,6 +350,7 @@ impl Registry {
             gone_by_age: BTreeSet::new(),
             records_refused: 0,
             tombstones: BTreeSet::new(),
+            generation: 0,
             events: VecDeque::new(),
             outbox: VecDeque::new(),
             lost: BTreeSet::new(),
@@ -399,6 +402,12 @@ impl Registry {
         self.records
             .get(&(name.to_owned(), owner.to_owned()))
             .and_then(|e| e.signed.as_ref())
+    }
+
+    /// A number that changes whenever a record is written, replaced or removed: a reader that
+    /// keeps a view of the table (a watch) rebuilds it only when this moved.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Number of records held.
@@ -787,6 +796,7 @@ impl Registry {
 
     /// Emits name events and resolves conflicts on `name` after its records changed.
     fn after_change(&mut self, name: &str, had_owner: bool) {
+        self.generation = self.generation.wrapping_add(1);
         // A local claim that loses to another owner's is withdrawn.
         if let Some(winner) = self.winner(name).cloned() {
             let mine = self
