@@ -756,6 +756,11 @@ impl Flows {
         self.flows.len()
     }
 
+    /// The node at the other end of flow `id`.
+    pub(crate) fn peer(&self, id: FlowId) -> Option<&str> {
+        self.flows.get(&id).map(|f| f.peer.as_str())
+    }
+
     pub(crate) fn stats(&self, id: FlowId) -> Option<FlowStats> {
         self.flows.get(&id).map(|f| FlowStats {
             send_queued_bytes: f.send_queue.len(),

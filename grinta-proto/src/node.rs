@@ -500,6 +500,7 @@ impl Node {
         self.registry
             .names(prefix)
             .into_iter()
+            .filter(|name| !crate::registry::is_reserved_name(name))
             .filter_map(|name| {
                 let owners: Vec<String> = self
                     .live_owners(name)
@@ -509,6 +510,18 @@ impl Node {
                 (!owners.is_empty()).then(|| (name.to_owned(), owners))
             })
             .collect()
+    }
+
+    /// Whether the tags of `node` (this node or a member) match `filter`.
+    pub fn tags_match(&self, node: &str, filter: &TagFilter) -> bool {
+        filter.is_empty()
+            || if node == self.membership.local_name() {
+                filter.matches(&Tags::decode(self.membership.local_meta()))
+            } else {
+                self.membership
+                    .member(node)
+                    .is_some_and(|m| filter.matches(&m.tags()))
+            }
     }
 
     fn is_live_owner(&self, owner: &str) -> bool {
@@ -596,16 +609,7 @@ impl Node {
             .registry
             .resolve(endpoint)
             .into_iter()
-            .filter(|o| {
-                filter.is_empty()
-                    || if *o == local {
-                        filter.matches(&Tags::decode(self.membership.local_meta()))
-                    } else {
-                        self.membership
-                            .member(o)
-                            .is_some_and(|m| filter.matches(&m.tags()))
-                    }
-            })
+            .filter(|o| self.tags_match(o, filter))
             .collect();
         if owners.iter().any(|o| *o == local) {
             return Ok(Target::Local);
@@ -668,16 +672,39 @@ impl Node {
             }
             Target::Remote { node } => node,
         };
+        self.dial_node(now, endpoint, &node)
+    }
+
+    /// Dials `endpoint` on owner `node` (one of its [`live_owners`](Self::live_owners)), as
+    /// [`dial`](Self::dial) does on the owner it picks. `FlowError::NoSuchEndpoint` if `node`
+    /// does not serve it; `FlowError::LocalEndpoint` if `node` is this node.
+    pub fn dial_node(
+        &mut self,
+        now: Instant,
+        endpoint: &str,
+        node: &str,
+    ) -> Result<FlowId, FlowError> {
+        let _span = self.span.clone().entered();
+        if !self.live_owners(endpoint).contains(&node) {
+            return Err(FlowError::NoSuchEndpoint {
+                name: endpoint.to_owned(),
+            });
+        }
+        if node == self.membership.local_name() {
+            return Err(FlowError::LocalEndpoint {
+                name: endpoint.to_owned(),
+            });
+        }
         let addr = self
             .membership
-            .member(&node)
+            .member(node)
             .map(|m| m.addr)
             .ok_or_else(|| FlowError::NoSuchEndpoint {
                 name: endpoint.to_owned(),
             })?;
         let flow = self
             .flows
-            .dial(now, &mut self.transport, endpoint, &node, addr)?;
+            .dial(now, &mut self.transport, endpoint, node, addr)?;
         self.work_pending = true;
         Ok(flow)
     }
@@ -835,6 +862,11 @@ impl Node {
     /// Flows open on this node.
     pub fn flow_count(&self) -> usize {
         self.flows.len()
+    }
+
+    /// The node at the other end of `flow` (`None` once it ended).
+    pub fn flow_peer(&self, flow: FlowId) -> Option<&str> {
+        self.flows.peer(flow)
     }
 
     /// Buffer levels of one flow (`None` once it ended).

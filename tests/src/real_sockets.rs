@@ -842,3 +842,217 @@ pub async fn watches_and_monitors_follow_the_cluster<R: Runtime>() {
         "the member watch ends"
     );
 }
+
+/// Answers every question on `topic` with `"<node>:<payload>"`, in a task of its own.
+fn answer_queries<R: Runtime>(fabric: &Fabric<R>, topic: &str) {
+    use futures::StreamExt;
+    let mut questions = fabric.handle_queries(topic).expect("handler");
+    let name = fabric.name().to_owned();
+    drop(spawn::<R, _>(async move {
+        while let Some(query) = questions.next().await {
+            let reply = format!("{name}:{}", String::from_utf8_lossy(query.payload()));
+            let _ = query.respond(reply).await;
+        }
+    }));
+}
+
+/// Queries reach every live handler of a topic that matches the options (node names, tags),
+/// end as soon as the last has answered, report who did not answer, stop at their timeout, and
+/// hold under a burst; topics and reserved names are checked.
+pub async fn queries_reach_every_matching_handler<R: Runtime>() {
+    use futures::StreamExt;
+    use grinta_proto::fabric::QueryOptions;
+    use grinta_proto::tags::TagFilter;
+    let ca = DevCa::new().expect("dev CA");
+    let fabrics = cluster::<R>(&ca, 3).await;
+    fabrics[1].set_tag("zone", "a").expect("tag");
+    for f in &fabrics {
+        answer_queries(f, "load");
+    }
+    let origin = fabrics[0].clone();
+    let asked_by = |from: &Fabric<R>, topic: &str| {
+        from.query(topic, bytes::Bytes::new(), QueryOptions::new())
+            .expect("query")
+            .asked()
+    };
+    let asked = |topic: &str| asked_by(&origin, topic);
+    until::<R>(Duration::from_secs(20), "handlers and tags known", || {
+        fabrics.iter().all(|f| asked_by(f, "load") == 3)
+            && origin
+                .members()
+                .iter()
+                .any(|m| m.tags().get("zone") == Some("a"))
+    })
+    .await;
+
+    async fn collect<R: Runtime>(
+        mut replies: grinta_proto::fabric::QueryResponses<R>,
+    ) -> (Vec<(String, String)>, Vec<String>) {
+        let mut got = Vec::new();
+        while let Some((node, reply)) = replies.next().await {
+            got.push((node, String::from_utf8_lossy(&reply).into_owned()));
+        }
+        got.sort();
+        (got, replies.unanswered().to_vec())
+    }
+    let long = QueryOptions::new().timeout(Duration::from_secs(60));
+    // Every handler, this node included; the stream ends with the last answer, long before
+    // the timeout.
+    let (got, unanswered) = within::<R, _>(
+        Duration::from_secs(20),
+        collect(
+            origin
+                .query("load", "cpu".into(), long.clone())
+                .expect("query"),
+        ),
+    )
+    .await
+    .expect("ends when all answered");
+    assert_eq!(
+        got,
+        (0..3)
+            .map(|i| (format!("node-{i}"), format!("node-{i}:cpu")))
+            .collect::<Vec<_>>()
+    );
+    assert!(unanswered.is_empty(), "{unanswered:?}");
+    // By node name, by tag.
+    let (got, _) = collect(
+        origin
+            .query("load", "x".into(), long.clone().node("node-2"))
+            .expect("query"),
+    )
+    .await;
+    assert_eq!(got, vec![("node-2".to_owned(), "node-2:x".to_owned())]);
+    let (got, _) = collect(
+        origin
+            .query(
+                "load",
+                "y".into(),
+                long.clone().filter(TagFilter::new().eq("zone", "a")),
+            )
+            .expect("query"),
+    )
+    .await;
+    assert_eq!(got, vec![("node-1".to_owned(), "node-1:y".to_owned())]);
+    // Fan-out bound: a clear error, nothing asked.
+    let err = origin
+        .query("load", "z".into(), long.clone().max_nodes(2))
+        .expect_err("3 match");
+    assert!(
+        matches!(
+            err.flow_error(),
+            Some(grinta_proto::flow::FlowError::LimitReached { .. })
+        ),
+        "{err:?}"
+    );
+    // A burst: 100 queries at once, 300 answers, from a node connected to every handler.
+    let burst: Vec<_> = (0..100)
+        .map(|i| {
+            let origin = fabrics[2].clone();
+            let long = long.clone();
+            spawn::<R, _>(async move {
+                collect(
+                    origin
+                        .query("load", format!("q{i}").into(), long)
+                        .expect("query"),
+                )
+                .await
+            })
+        })
+        .collect();
+    for (i, done) in burst.into_iter().enumerate() {
+        let (got, unanswered) = within::<R, _>(Duration::from_secs(30), done)
+            .await
+            .expect("burst ends")
+            .expect("task ran");
+        assert_eq!(got.len(), 3, "query {i}: {got:?} {unanswered:?}");
+        assert!(got.iter().all(|(n, r)| *r == format!("{n}:q{i}")));
+    }
+
+    // A handler that drops its questions is reported as unanswered, at once.
+    let mut silent = fabrics[2].handle_queries("silent").expect("handler");
+    drop(spawn::<R, _>(async move {
+        while let Some(query) = silent.next().await {
+            drop(query);
+        }
+    }));
+    answer_queries(&fabrics[1], "silent");
+    // One that keeps its questions unanswered: the timeout ends the query.
+    let mut slow = fabrics[1].handle_queries("slow").expect("handler");
+    drop(spawn::<R, _>(async move {
+        let mut kept = Vec::new();
+        while let Some(query) = slow.next().await {
+            kept.push(query);
+        }
+    }));
+    until::<R>(Duration::from_secs(20), "handlers known", || {
+        asked("silent") == 2 && asked("slow") == 1
+    })
+    .await;
+    let (got, unanswered) = within::<R, _>(
+        Duration::from_secs(20),
+        collect(
+            origin
+                .query("silent", "s".into(), long.clone())
+                .expect("query"),
+        ),
+    )
+    .await
+    .expect("ends without waiting for the timeout");
+    assert_eq!(got, vec![("node-1".to_owned(), "node-1:s".to_owned())]);
+    assert_eq!(unanswered, vec!["node-2".to_owned()]);
+    let started = std::time::Instant::now();
+    let (got, unanswered) = within::<R, _>(
+        Duration::from_secs(20),
+        collect(
+            origin
+                .query(
+                    "slow",
+                    "t".into(),
+                    QueryOptions::new().timeout(Duration::from_millis(500)),
+                )
+                .expect("query"),
+        ),
+    )
+    .await
+    .expect("the timeout ends it");
+    assert!(got.is_empty());
+    assert_eq!(unanswered, vec!["node-1".to_owned()]);
+    assert!(started.elapsed() >= Duration::from_millis(500));
+
+    // Nobody handles it: ends at once, nothing asked.
+    let none = origin
+        .query("nobody", "n".into(), QueryOptions::new())
+        .expect("query");
+    assert_eq!(none.asked(), 0);
+    let (got, _) = within::<R, _>(Duration::from_millis(100), collect(none))
+        .await
+        .expect("at once");
+    assert!(got.is_empty());
+    // Topics and reserved names are checked; handlers are not listed as endpoints.
+    assert!(
+        origin
+            .query("a/b", "n".into(), QueryOptions::new())
+            .is_err()
+    );
+    assert!(origin.handle_queries("").is_err());
+    assert!(
+        origin.handle_queries("load").is_err(),
+        "already handled here"
+    );
+    assert!(origin.endpoint("grinta.query.load").is_err());
+    assert!(origin.group_endpoint("grinta.other").is_err());
+    assert!(
+        origin.endpoints("").is_empty(),
+        "{:?}",
+        origin.endpoints("")
+    );
+    // This node shuts down: a query is refused.
+    origin.shutdown().await;
+    assert!(
+        origin
+            .query("load", "n".into(), QueryOptions::new())
+            .expect_err("down")
+            .is_shutdown()
+    );
+}

@@ -38,4 +38,5 @@ on_both_runtimes!(
     wait_for_returns_when_a_name_spreads,
     tags_are_seen_everywhere_and_restrict_dials,
     watches_and_monitors_follow_the_cluster,
+    queries_reach_every_matching_handler,
 );

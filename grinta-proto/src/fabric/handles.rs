@@ -327,6 +327,8 @@ impl<R: Runtime> FlowCore<R> {
 pub struct Flow<R: Runtime> {
     /// The sending half; receiving goes through the same core.
     tx: FlowSender<R>,
+    /// The node at the other end.
+    peer: String,
     /// Messages taken from the node, not yet returned.
     received: VecDeque<Bytes>,
 }
@@ -356,8 +358,9 @@ async fn recv_bytes<R: Runtime>(
 }
 
 impl<R: Runtime> Flow<R> {
-    pub(crate) fn new(route: Route<R>) -> Self {
+    pub(crate) fn new(route: Route<R>, peer: String) -> Self {
         Self {
+            peer,
             tx: FlowSender {
                 core: FlowCore::new(route),
                 pending: None,
@@ -369,6 +372,13 @@ impl<R: Runtime> Flow<R> {
     /// Whether the other end is in this process (an in-process channel rather than QUIC).
     pub fn is_local(&self) -> bool {
         self.tx.core.is_local()
+    }
+
+    /// The name of the node at the other end: the dialler for an accepted flow, the owner for
+    /// a dialled one (this node's own name for an in-process flow). A remote peer's name is
+    /// the one its certificate proves.
+    pub fn peer(&self) -> &str {
+        &self.peer
     }
 
     /// Sends one message, waiting while the flow's buffer towards the other side is full.
@@ -703,6 +713,7 @@ impl<T: Send + 'static, C: Codec<T> + 'static> ErasedEncode for CodecEncoder<T, 
 pub struct TypedFlow<R: Runtime, T, C> {
     tx: TypedSender<R, T, C>,
     rx: TypedReceiver<R, T, C>,
+    peer: String,
 }
 
 impl<R: Runtime, T, C> std::fmt::Debug for TypedFlow<R, T, C> {
@@ -717,9 +728,10 @@ impl<R: Runtime, T, C> std::fmt::Debug for TypedFlow<R, T, C> {
 impl<R: Runtime, T: Send + 'static, C: Codec<T> + 'static> TypedFlow<R, T, C> {
     pub(crate) fn new(flow: Flow<R>, codec: C) -> Self {
         let codec = Arc::new(codec);
-        let Flow { tx, received } = flow;
+        let Flow { tx, received, peer } = flow;
         let core = tx.core.clone();
         Self {
+            peer,
             tx: TypedSender {
                 tx,
                 encoder: Arc::new(CodecEncoder::<T, C> {
@@ -740,6 +752,11 @@ impl<R: Runtime, T: Send + 'static, C: Codec<T> + 'static> TypedFlow<R, T, C> {
     /// Whether the other end is in this process (values are then moved, never encoded).
     pub fn is_local(&self) -> bool {
         self.tx.is_local()
+    }
+
+    /// The node at the other end (see [`Flow::peer`]).
+    pub fn peer(&self) -> &str {
+        &self.peer
     }
 
     /// Sends one value: moved to an in-process receiver, encoded for a remote one.
@@ -784,6 +801,7 @@ impl<R: Runtime, T: Send + 'static, C: Codec<T> + 'static> TypedFlow<R, T, C> {
         Flow {
             tx: self.tx.tx,
             received: self.rx.rx.received,
+            peer: self.peer,
         }
     }
 }

@@ -36,12 +36,17 @@ mod driver;
 mod handles;
 mod local;
 mod mailbox;
+mod query;
 mod watch;
 
 pub use crate::node::DownReason;
 pub use builder::{FabricBuilder, Profile};
 pub use driver::SocketStats;
 pub use handles::{Flow, FlowReceiver, FlowSender, TypedFlow, TypedReceiver, TypedSender};
+pub use query::{
+    MAX_QUERIES_READING, MAX_TOPIC_LEN, QUERY_ENDPOINT_PREFIX, Query, QueryHandler, QueryOptions,
+    QueryResponses,
+};
 pub use watch::{EndpointMonitor, MemberWatch, NameEvent, NameWatch, NodeMonitor};
 
 use driver::Driver;
@@ -490,11 +495,15 @@ impl Inner {
         if let Some(mailbox) = &mailbox {
             self.mailboxes.insert(id, mailbox.clone());
         }
-        Flow::new(Route::Remote {
-            fabric: fabric.clone(),
-            id,
-            mailbox,
-        })
+        let peer = self.node.flow_peer(id).unwrap_or_default().to_owned();
+        Flow::new(
+            Route::Remote {
+                fabric: fabric.clone(),
+                id,
+                mailbox,
+            },
+            peer,
+        )
     }
 
     /// Registers the task to wake when something happens to remote flow `flow`.
@@ -615,6 +624,18 @@ impl Inner {
             self.waiters.names.drain(..).for_each(Waker::wake);
         }
     }
+}
+
+/// Refuses the fabric's own endpoint names (see [`crate::registry::RESERVED_PREFIX`]).
+fn refuse_reserved(name: &str) -> Result<(), Error> {
+    if crate::registry::is_reserved_name(name) {
+        return Err(RegistryError::InvalidName {
+            name: name.to_owned(),
+            reason: "names that start with \"grinta.\" are reserved for the fabric",
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// A node of the fabric, driven by a runtime `R`. Cheap to clone; every clone is the same node.
@@ -844,6 +865,7 @@ impl<R: Runtime> Fabric<R> {
             .registry()
             .names(prefix)
             .into_iter()
+            .filter(|name| !crate::registry::is_reserved_name(name))
             .map(str::to_owned)
             .collect()
     }
@@ -1040,18 +1062,21 @@ impl<R: Runtime> Fabric<R> {
     /// Registers an exclusive endpoint named `name`: dials of `name` from anywhere reach it.
     ///
     /// Fails with [`Error::Registry`] if the name is invalid (1..=128 bytes of
-    /// `[A-Za-z0-9._-]`), already served here, or owned by another node.
+    /// `[A-Za-z0-9._-]`, not starting with `grinta.`, which the fabric keeps for itself),
+    /// already served here, or owned by another node.
     pub fn endpoint(&self, name: &str) -> Result<Endpoint<R>, Error> {
+        refuse_reserved(name)?;
         self.register(name, EndpointKind::Exclusive)
     }
 
     /// Registers this node as one owner of group endpoint `name`: a dial reaches this node if it
     /// comes from this node, otherwise a random live owner.
     pub fn group_endpoint(&self, name: &str) -> Result<Endpoint<R>, Error> {
+        refuse_reserved(name)?;
         self.register(name, EndpointKind::Group)
     }
 
-    fn register(&self, name: &str, kind: EndpointKind) -> Result<Endpoint<R>, Error> {
+    pub(crate) fn register(&self, name: &str, kind: EndpointKind) -> Result<Endpoint<R>, Error> {
         self.with(|inner, now| {
             if !inner.accepting() {
                 return Err(Error::Shutdown);
@@ -1095,6 +1120,22 @@ impl<R: Runtime> Fabric<R> {
     /// # }
     /// ```
     pub async fn dial_where(&self, name: &str, filter: &TagFilter) -> Result<Flow<R>, Error> {
+        self.dial_with(name, |node, now| node.dial_where(now, name, filter))
+            .await
+    }
+
+    /// Dials `name` on owner `owner` (this node included).
+    pub(crate) async fn dial_owner(&self, name: &str, owner: &str) -> Result<Flow<R>, Error> {
+        self.dial_with(name, |node, now| node.dial_node(now, name, owner))
+            .await
+    }
+
+    /// Dials `name` where `dial` sends it (`FlowError::LocalEndpoint`: in-process).
+    async fn dial_with(
+        &self,
+        name: &str,
+        dial: impl FnOnce(&mut Node, Instant) -> Result<FlowId, FlowError>,
+    ) -> Result<Flow<R>, Error> {
         enum Dialled {
             Local(LocalEnd),
             Remote(FlowId),
@@ -1104,7 +1145,7 @@ impl<R: Runtime> Fabric<R> {
             if !inner.accepting() {
                 return Err(Error::Shutdown);
             }
-            match inner.node.dial_where(now, name, filter) {
+            match dial(&mut inner.node, now) {
                 Ok(flow) => {
                     inner.dials.insert(flow, None);
                     Ok(Dialled::Remote(flow))
@@ -1114,7 +1155,12 @@ impl<R: Runtime> Fabric<R> {
             }
         })?;
         let flow = match dialled {
-            Dialled::Local(end) => return Ok(Flow::new(Route::Local(end, self.clone()))),
+            Dialled::Local(end) => {
+                return Ok(Flow::new(
+                    Route::Local(end, self.clone()),
+                    self.name().to_owned(),
+                ));
+            }
             Dialled::Remote(flow) => flow,
         };
         // Dropped before the answer (a timeout, a `select!`), the guard abandons the dial.
@@ -1311,7 +1357,8 @@ impl<R: Runtime> Endpoint<R> {
             .get_mut(&self.name)
             .and_then(VecDeque::pop_front)
         {
-            return Poll::Ready(Ok(Flow::new(Route::Local(end, self.fabric.clone()))));
+            let peer = self.fabric.name().to_owned();
+            return Poll::Ready(Ok(Flow::new(Route::Local(end, self.fabric.clone()), peer)));
         }
         let waiters = inner
             .waiters

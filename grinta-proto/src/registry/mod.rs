@@ -189,6 +189,16 @@ pub fn validate_endpoint_name(name: &str) -> Result<(), RegistryError> {
     Ok(())
 }
 
+/// Endpoint names that start with this are the fabric's own (the handlers of a query topic,
+/// `grinta.query.<topic>`): an application cannot register them, and listings and watches of
+/// names leave them out.
+pub const RESERVED_PREFIX: &str = "grinta.";
+
+/// Whether `name` is one of the fabric's own endpoint names (see [`RESERVED_PREFIX`]).
+pub fn is_reserved_name(name: &str) -> bool {
+    name.starts_with(RESERVED_PREFIX)
+}
+
 /// Registry limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegistryLimits {
