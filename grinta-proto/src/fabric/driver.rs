@@ -69,6 +69,9 @@ pub(crate) struct Driver<R: Runtime> {
     scheduled: Vec<Arc<Mailbox>>,
     /// Mailboxes whose sender waits for room in the node.
     blocked: Vec<Arc<Mailbox>>,
+    /// When the metrics are published next.
+    #[cfg(feature = "metrics")]
+    next_metrics: Option<Instant>,
 }
 
 impl<R: Runtime> Driver<R> {
@@ -83,6 +86,8 @@ impl<R: Runtime> Driver<R> {
             recv_meta: [RecvMeta::default(); RECV_BUFFERS],
             scheduled: Vec::new(),
             blocked: Vec::new(),
+            #[cfg(feature = "metrics")]
+            next_metrics: None,
             stats: SocketStats {
                 max_transmit_segments: R::max_transmit_segments(&socket),
                 max_receive_segments: R::max_receive_segments(&socket),
@@ -182,6 +187,11 @@ impl<R: Runtime> Driver<R> {
         let more_in_node =
             self.outbox_datagrams >= OUTBOX_DATAGRAMS || inner.node.has_pending_work();
         inner.socket_stats.clone_from(&self.stats);
+        #[cfg(feature = "metrics")]
+        if self.next_metrics.is_none_or(|at| now >= at) {
+            super::metrics::record(&inner);
+            self.next_metrics = Some(now + super::metrics::METRICS_INTERVAL);
+        }
 
         let wake_at = match (inner.node.poll_timeout(), drain_deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),

@@ -11,7 +11,7 @@
 //! cannot starve membership. The socket is batched: several datagrams per send (GSO) and per receive (GRO,
 //! `recvmmsg`) where the adapter's socket allows it.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -36,6 +36,8 @@ mod driver;
 mod handles;
 mod local;
 mod mailbox;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod query;
 mod watch;
 
@@ -43,6 +45,8 @@ pub use crate::node::DownReason;
 pub use builder::{FabricBuilder, Profile};
 pub use driver::SocketStats;
 pub use handles::{Flow, FlowReceiver, FlowSender, TypedFlow, TypedReceiver, TypedSender};
+#[cfg(feature = "metrics")]
+pub use metrics::METRICS_INTERVAL;
 pub use query::{
     MAX_QUERIES_READING, MAX_TOPIC_LEN, QUERY_ENDPOINT_PREFIX, Query, QueryHandler, QueryOptions,
     QueryResponses,
@@ -115,6 +119,57 @@ pub struct FabricStats {
     pub open_flows: usize,
     /// Remote dials waiting for their answer.
     pub pending_dials: usize,
+    /// Per endpoint name dialled or served through this fabric (at most
+    /// [`MAX_NAMES_COUNTED`] names; the others are counted under [`OTHER_NAMES`]).
+    pub endpoints: BTreeMap<String, EndpointStats>,
+    /// Per query topic asked or handled through this fabric (bounded like `endpoints`).
+    pub queries: BTreeMap<String, QueryStats>,
+}
+
+/// Most endpoint names (and, apart, query topics) a fabric keeps counters for; names beyond
+/// them are counted together under [`OTHER_NAMES`], so the counters (and the labels of
+/// metrics) stay bounded whatever names an application uses.
+pub const MAX_NAMES_COUNTED: usize = 1024;
+
+/// The key that counts the names beyond [`MAX_NAMES_COUNTED`].
+pub const OTHER_NAMES: &str = "_other";
+
+/// Counters of one endpoint name, as used through one fabric.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EndpointStats {
+    /// Flows this node's endpoint of that name accepted (in-process ones included).
+    pub flows_accepted: u64,
+    /// Dials of that name from this node that opened a flow.
+    pub dials_opened: u64,
+    /// Dials of that name from this node that failed (no owner, refused, timed out...).
+    pub dials_failed: u64,
+}
+
+/// Counters of one query topic, as used through one fabric.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueryStats {
+    /// Queries this node made.
+    pub queries: u64,
+    /// Nodes those queries asked.
+    pub nodes_asked: u64,
+    /// Replies they received.
+    pub replies: u64,
+    /// Nodes that did not answer them (failed, dropped the question, timed out).
+    pub unanswered: u64,
+    /// Questions this node's handler received.
+    pub questions_handled: u64,
+}
+
+/// Counters kept per name, bounded by [`MAX_NAMES_COUNTED`].
+fn counted<'a, T: Default>(map: &'a mut BTreeMap<String, T>, name: &str) -> &'a mut T {
+    let key = if map.contains_key(name) || map.len() < MAX_NAMES_COUNTED {
+        name
+    } else {
+        OTHER_NAMES
+    };
+    map.entry(key.to_owned()).or_default()
 }
 
 /// What an adapter provides: a UDP socket, a timer, a clock and a spawner.
@@ -398,6 +453,10 @@ pub(crate) struct Inner {
     wakeup: Arc<Wakeup>,
     /// The driver's socket counters, as of its last wake.
     socket_stats: SocketStats,
+    /// See [`FabricStats::endpoints`].
+    endpoint_stats: BTreeMap<String, EndpointStats>,
+    /// See [`FabricStats::queries`].
+    query_stats: BTreeMap<String, QueryStats>,
     /// The runtime's clock: every input given to the node carries the time it is made at.
     clock: fn() -> Instant,
     /// A graceful shutdown is under way: no new flows or endpoints; open flows may finish
@@ -431,6 +490,18 @@ impl Shared {
 }
 
 impl Inner {
+    /// Counts something of endpoint `name` (the fabric's own names are counted as queries).
+    fn count_endpoint(&mut self, name: &str, count: impl FnOnce(&mut EndpointStats)) {
+        if !crate::registry::is_reserved_name(name) {
+            count(counted(&mut self.endpoint_stats, name));
+        }
+    }
+
+    /// Counts something of query `topic`.
+    pub(crate) fn count_query(&mut self, topic: &str, count: impl FnOnce(&mut QueryStats)) {
+        count(counted(&mut self.query_stats, topic));
+    }
+
     pub(crate) fn wake_driver(&mut self) {
         self.wakeup.wake_driver();
     }
@@ -742,6 +813,8 @@ impl<R: Runtime> Fabric<R> {
                 mailboxes: HashMap::new(),
                 wakeup,
                 socket_stats: SocketStats::default(),
+                endpoint_stats: BTreeMap::new(),
+                query_stats: BTreeMap::new(),
                 clock: R::now,
                 draining_until: None,
                 leaving: false,
@@ -1130,8 +1203,28 @@ impl<R: Runtime> Fabric<R> {
             .await
     }
 
-    /// Dials `name` where `dial` sends it (`FlowError::LocalEndpoint`: in-process).
+    /// Dials `name` where `dial` sends it (`FlowError::LocalEndpoint`: in-process), and
+    /// counts the outcome.
     async fn dial_with(
+        &self,
+        name: &str,
+        dial: impl FnOnce(&mut Node, Instant) -> Result<FlowId, FlowError>,
+    ) -> Result<Flow<R>, Error> {
+        let result = self.dial_once(name, dial).await;
+        if crate::registry::validate_endpoint_name(name).is_ok() {
+            let opened = result.is_ok();
+            self.shared.lock().count_endpoint(name, |s| {
+                if opened {
+                    s.dials_opened += 1;
+                } else {
+                    s.dials_failed += 1;
+                }
+            });
+        }
+        result
+    }
+
+    async fn dial_once(
         &self,
         name: &str,
         dial: impl FnOnce(&mut Node, Instant) -> Result<FlowId, FlowError>,
@@ -1209,6 +1302,8 @@ impl<R: Runtime> Fabric<R> {
             pending_dials: inner.dials.len(),
             node: inner.node.stats(),
             socket: inner.socket_stats.clone(),
+            endpoints: inner.endpoint_stats.clone(),
+            queries: inner.query_stats.clone(),
         }
     }
 
@@ -1350,6 +1445,7 @@ impl<R: Runtime> Endpoint<R> {
         }
         let now = inner.now();
         if let Some(id) = inner.node.accept(now, &self.name) {
+            inner.count_endpoint(&self.name, |s| s.flows_accepted += 1);
             return Poll::Ready(Ok(inner.open_remote(&self.fabric, id)));
         }
         if let Some(end) = inner
@@ -1357,6 +1453,7 @@ impl<R: Runtime> Endpoint<R> {
             .get_mut(&self.name)
             .and_then(VecDeque::pop_front)
         {
+            inner.count_endpoint(&self.name, |s| s.flows_accepted += 1);
             let peer = self.fabric.name().to_owned();
             return Poll::Ready(Ok(Flow::new(Route::Local(end, self.fabric.clone()), peer)));
         }

@@ -142,7 +142,10 @@ type Ask = Pin<Box<dyn Future<Output = Result<Option<Bytes>, Error>> + Send>>;
 /// [`asked`](Self::asked) how many were asked.
 pub struct QueryResponses<R: Runtime> {
     fabric: Fabric<R>,
+    topic: String,
     endpoint: String,
+    /// Replies returned so far.
+    replies: u64,
     payload: Bytes,
     asked: usize,
     /// Nodes not asked yet.
@@ -175,6 +178,24 @@ impl<R: Runtime> QueryResponses<R> {
     /// far, before).
     pub fn unanswered(&self) -> &[String] {
         &self.unanswered
+    }
+
+    /// Ends the query: what is still asked or waiting is unanswered, and the counters learn
+    /// the outcome.
+    fn end(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        // Dropping an ask abandons its dial or resets its flow.
+        self.unanswered
+            .extend(self.in_flight.drain(..).map(|(node, _)| node));
+        self.unanswered.extend(self.waiting.drain(..));
+        let (replies, unanswered) = (self.replies, self.unanswered.len() as u64);
+        self.fabric.shared.lock().count_query(&self.topic, |s| {
+            s.replies += replies;
+            s.unanswered += unanswered;
+        });
     }
 
     fn ask(&self, node: String) -> Ask {
@@ -213,6 +234,7 @@ impl<R: Runtime> futures_core::Stream for QueryResponses<R> {
                     let (node, _) = this.in_flight.swap_remove(i);
                     match result {
                         Ok(Some(reply)) => {
+                            this.replies += 1;
                             // A slot is free: the next poll starts the next node.
                             if !this.waiting.is_empty() {
                                 cx.waker().wake_by_ref();
@@ -231,14 +253,17 @@ impl<R: Runtime> futures_core::Stream for QueryResponses<R> {
         }
         let timed_out = this.deadline.as_mut().poll(cx).is_ready();
         if timed_out || (this.in_flight.is_empty() && this.waiting.is_empty()) {
-            this.done = true;
-            // Dropping an ask abandons its dial or resets its flow.
-            this.unanswered
-                .extend(this.in_flight.drain(..).map(|(node, _)| node));
-            this.unanswered.extend(this.waiting.drain(..));
+            this.end();
             return Poll::Ready(None);
         }
         Poll::Pending
+    }
+}
+
+impl<R: Runtime> Drop for QueryResponses<R> {
+    /// Dropped before its end, the query is abandoned: its open asks are reset.
+    fn drop(&mut self) {
+        self.end();
     }
 }
 
@@ -339,6 +364,11 @@ impl<R: Runtime> futures_core::Stream for QueryHandler<R> {
                 Poll::Ready(query) => {
                     drop(this.reading.swap_remove(i));
                     if let Some(query) = query {
+                        if let Some(endpoint) = &this.endpoint {
+                            endpoint.fabric.shared.lock().count_query(&this.topic, |s| {
+                                s.questions_handled += 1;
+                            });
+                        }
                         return Poll::Ready(Some(query));
                     }
                 }
@@ -403,8 +433,15 @@ impl<R: Runtime> Fabric<R> {
                 limit: options.max_nodes,
             }));
         }
+        let asked = nodes.len() as u64;
+        self.shared.lock().count_query(topic, |s| {
+            s.queries += 1;
+            s.nodes_asked += asked;
+        });
         Ok(QueryResponses {
             fabric: self.clone(),
+            topic: topic.to_owned(),
+            replies: 0,
             endpoint,
             payload,
             asked: nodes.len(),
