@@ -97,6 +97,9 @@ pub struct NodeConfig {
     pub transport: TransportLimits,
     /// Endpoint-directory limits.
     pub registry: RegistryLimits,
+    /// Limits of the replicated key/value table ([`RegistryLimits::key_value`]):
+    /// `max_local_endpoints` counts the keys this node holds.
+    pub kv: RegistryLimits,
     /// Flow limits (message size, buffers, backlog, dial timeout).
     pub flows: FlowLimits,
     /// The crypto provider (rustls with ring, see [`tls::crypto_provider`]). Simulations replace it
@@ -121,6 +124,7 @@ impl NodeConfig {
             membership: membership::Config::lan(),
             transport: TransportLimits::default(),
             registry: RegistryLimits::default(),
+            kv: RegistryLimits::key_value(),
             flows: FlowLimits::default(),
             tags: Tags::new(),
             crypto_provider: tls::crypto_provider(),
@@ -334,6 +338,12 @@ pub const RECORDS_AWAITING_OWNER: usize = 1024;
 /// How long a record waits for its owner's alive.
 pub const RECORD_HOLD_TIME: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// The push-pull state (the directory and the key/value table, encoded) is rebuilt at most this
+/// often while they change, and always before this node answers or starts a push-pull exchange
+/// of its own making (a join), so that a burst of changes costs one encoding, not one each.
+/// A periodic push-pull may carry a state this old: gossip has carried the changes already.
+pub const APP_STATE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// One grinta node.
 #[derive(Debug)]
 pub struct Node {
@@ -341,8 +351,12 @@ pub struct Node {
     registry: Registry,
     flows: Flows,
     rng: ChaCha8Rng,
-    /// The registry changed since the push-pull state was last encoded.
+    /// The replicated key/value table: records of kind `Value`, spread like the directory's.
+    kv: Registry,
+    /// The directory or the key/value table changed since the push-pull state was last encoded.
     registry_dirty: bool,
+    /// When the push-pull state was last encoded (see [`APP_STATE_INTERVAL`]).
+    app_state_encoded_at: Instant,
     /// Signed records whose owner is not a member yet: (owner, when held, record).
     awaiting_owner: VecDeque<(String, Instant, wire::Signed)>,
     records_held: u64,
@@ -405,9 +419,13 @@ impl Node {
         // The directory's records carry the incarnation membership starts at.
         let mut registry = Registry::new(&config.name, config.registry.clone());
         registry.set_local_incarnation(membership.incarnation(), now);
+        let mut kv = Registry::new(&config.name, config.kv.clone());
+        kv.set_local_incarnation(membership.incarnation(), now);
         Ok(Self {
             membership,
             registry,
+            kv,
+            app_state_encoded_at: now,
             flows: Flows::new(&config.name, config.flows.clone()),
             rng: ChaCha8Rng::seed_from_u64(seed ^ 0x666c_6f77),
             registry_dirty: false,
@@ -447,6 +465,100 @@ impl Node {
     /// The endpoint directory.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// The replicated key/value table (records of kind [`EndpointKind::Value`]): read it with
+    /// [`Registry::get`] and [`Registry::entries`].
+    pub fn kv(&self) -> &Registry {
+        &self.kv
+    }
+
+    /// The table that holds records of `kind`.
+    fn table(&self, kind: EndpointKind) -> &Registry {
+        if kind == EndpointKind::Value {
+            &self.kv
+        } else {
+            &self.registry
+        }
+    }
+
+    fn table_mut(&mut self, kind: EndpointKind) -> &mut Registry {
+        if kind == EndpointKind::Value {
+            &mut self.kv
+        } else {
+            &mut self.registry
+        }
+    }
+
+    /// Writes `key` = `value` in the key/value table and announces it (see [`Registry::put`]).
+    pub fn kv_put(&mut self, now: Instant, key: &str, value: Bytes) -> Result<(), RegistryError> {
+        let _span = self.span.clone().entered();
+        let record = self.kv.put(key, value, now)?;
+        self.announce(&record);
+        self.work_pending = true;
+        Ok(())
+    }
+
+    /// Writes an entry that outlives this node (see [`Registry::put_durable`]) and announces it.
+    pub fn kv_put_durable(
+        &mut self,
+        now: Instant,
+        key: &str,
+        value: Bytes,
+    ) -> Result<(), RegistryError> {
+        let _span = self.span.clone().entered();
+        let record = self.kv.put_durable(key, value, now)?;
+        self.announce(&record);
+        self.work_pending = true;
+        Ok(())
+    }
+
+    /// Member `gone` failed or left: if this node is the live member with the lowest name, it
+    /// writes `gone`'s durable entries again as its own (others may think they are too, for a
+    /// while: the last write wins, and the others withdraw theirs).
+    fn adopt_durable_entries(&mut self, now: Instant, gone: &str) {
+        let entries = self.kv.durable_entries_of(gone);
+        if entries.is_empty() {
+            return;
+        }
+        let local = self.membership.local_name();
+        let lowest = self
+            .membership
+            .members()
+            .filter(|m| m.state == MemberState::Alive && m.name != gone)
+            .all(|m| m.name.as_str() > local);
+        if !lowest {
+            return;
+        }
+        debug!(
+            writer = gone,
+            entries = entries.len(),
+            "taking over durable entries"
+        );
+        for entry in entries {
+            if let Ok(record) = self.kv.put_durable(&entry.name, entry.value, now) {
+                self.announce(&record);
+            }
+        }
+    }
+
+    /// Deletes `key` from the key/value table and announces it (see [`Registry::delete`]).
+    /// Returns whether the key held an entry.
+    pub fn kv_delete(&mut self, now: Instant, key: &str) -> Result<bool, RegistryError> {
+        let _span = self.span.clone().entered();
+        let Some(tombstone) = self.kv.delete(key, now)? else {
+            return Ok(false);
+        };
+        self.announce(&tombstone);
+        self.work_pending = true;
+        Ok(true)
+    }
+
+    /// A number that moves whenever the directory or the key/value table changes.
+    pub fn directory_generation(&self) -> u64 {
+        self.registry
+            .generation()
+            .wrapping_add(self.kv.generation())
     }
 
     /// Registers endpoint `name` on this node and announces it to the cluster.
@@ -881,7 +993,8 @@ impl Node {
         let Some(signed) = self.membership.sign(ClaimKind::Record, &record.to_wire()) else {
             return;
         };
-        self.registry.set_signature(record, signed.clone());
+        self.table_mut(record.kind)
+            .set_signature(record, signed.clone());
         let delta = wire::RegistryDelta {
             records: vec![signed],
         };
@@ -915,7 +1028,7 @@ impl Node {
             let name = self.name().to_owned();
             if self.membership.verify(&name, ClaimKind::Record, signed) {
                 // Corrections go to the outbox, announced like any write of ours.
-                self.registry.merge(record, now);
+                self.table_mut(record.kind).merge(record, now);
             }
             return None;
         }
@@ -926,7 +1039,7 @@ impl Node {
             self.hold_for_owner(now, record.owner, signed);
             return None;
         }
-        if !self.registry.is_news(&record)
+        if !self.table(record.kind).is_news(&record)
             || !self
                 .membership
                 .verify(&record.owner, ClaimKind::Record, signed)
@@ -935,7 +1048,7 @@ impl Node {
         }
         let signed = claims::compact(signed);
         let merged = self
-            .registry
+            .table_mut(record.kind)
             .merge_signed(record.clone(), signed.clone(), now);
         self.registry_dirty |= merged;
         merged.then_some((record, signed))
@@ -981,7 +1094,7 @@ impl Node {
     }
 
     fn handle_registry_gossip(&mut self, now: Instant, key: Bytes, payload: Bytes) {
-        if !key.starts_with(b"r/") {
+        if !key.starts_with(b"r/") && !key.starts_with(b"k/") {
             return;
         }
         let Ok(delta) = wire::RegistryDelta::decode(payload.clone()) else {
@@ -1035,6 +1148,8 @@ impl Node {
             M::LeaveComplete => self.transport.close_all(now),
             M::MemberDead { name, incarnation } | M::MemberLeft { name, incarnation } => {
                 self.registry.drop_owner(name, *incarnation, now);
+                self.adopt_durable_entries(now, name);
+                self.kv.drop_owner(name, *incarnation, now);
                 self.registry_dirty = true;
                 self.flows.on_peer_gone(&mut self.transport, name);
                 self.transport.close_peer(now, name);
@@ -1042,14 +1157,19 @@ impl Node {
             M::MemberJoined(m) | M::MemberAlive(m) | M::MemberUpdated(m) => {
                 if matches!(event, M::MemberJoined(_)) {
                     self.registry.owner_returned(&m.name, m.incarnation);
+                    self.kv.owner_returned(&m.name, m.incarnation);
                     self.release_held_records(now, &m.name);
                 } else {
                     self.registry.owner_alive(&m.name, m.incarnation);
+                    self.kv.owner_alive(&m.name, m.incarnation);
                 }
                 // A member that moved (it restarted elsewhere): its old address is gone.
                 self.transport.close_peer_elsewhere(now, &m.name, m.addr);
             }
-            M::Refuted { incarnation } => self.registry.set_local_incarnation(*incarnation, now),
+            M::Refuted { incarnation } => {
+                self.registry.set_local_incarnation(*incarnation, now);
+                self.kv.set_local_incarnation(*incarnation, now);
+            }
             M::AppBroadcast { key, payload } => {
                 return self.handle_registry_gossip(now, key.clone(), payload.clone());
             }
@@ -1088,6 +1208,9 @@ impl Node {
         let _span = self.span.clone().entered();
         let mut seeds = self.seeds.clone();
         seeds.extend_from_slice(extra_seeds);
+        if self.registry_dirty {
+            self.encode_app_state(now);
+        }
         self.membership.join(now, &seeds);
         self.work_pending = true;
     }
@@ -1177,9 +1300,11 @@ impl Node {
         let _span = self.span.clone().entered();
         self.transport.handle_timeout(now);
         self.flows.handle_timeout(now, &mut self.transport);
-        if self.registry.poll_timeout().is_some_and(|t| t <= now) {
-            self.registry.handle_timeout(now);
-            self.registry_dirty = true;
+        for table in [&mut self.registry, &mut self.kv] {
+            if table.poll_timeout().is_some_and(|t| t <= now) {
+                table.handle_timeout(now);
+                self.registry_dirty = true;
+            }
         }
         if self.membership.poll_timeout().is_some_and(|t| t <= now) {
             self.membership.handle_timeout(now);
@@ -1212,7 +1337,9 @@ impl Node {
             self.membership.poll_timeout(),
             self.transport.poll_timeout(),
             self.registry.poll_timeout(),
+            self.kv.poll_timeout(),
             self.flows.poll_timeout(),
+            self.app_state_due(),
         ]
         .into_iter()
         .flatten()
@@ -1245,7 +1372,11 @@ impl Node {
                 progressed = true;
                 self.handle_membership_event(now, event);
             }
-            while let Some(record) = self.registry.poll_outgoing() {
+            while let Some(record) = self
+                .registry
+                .poll_outgoing()
+                .or_else(|| self.kv.poll_outgoing())
+            {
                 progressed = true;
                 self.announce(&record);
             }
@@ -1265,10 +1396,8 @@ impl Node {
                 progressed = true;
                 self.events.push_back(Event::Flow(event));
             }
-            if self.registry_dirty {
-                self.registry_dirty = false;
-                self.membership
-                    .set_app_state(Bytes::from(self.registry.to_wire().encode_to_vec()));
+            if self.app_state_due().is_some_and(|at| at <= now) {
+                self.encode_app_state(now);
             }
             if !progressed {
                 break;
@@ -1311,8 +1440,28 @@ impl Node {
         let Some((_, addr)) = self.transport.peer_of(conn) else {
             return false;
         };
+        // An answer (a joiner's, say) carries the state as it is now.
+        if self.registry_dirty {
+            self.encode_app_state(now);
+        }
         self.membership.handle_push_pull(now, addr, pp);
         true
+    }
+
+    /// When the push-pull state must be encoded again, if it changed.
+    fn app_state_due(&self) -> Option<Instant> {
+        self.registry_dirty
+            .then(|| self.app_state_encoded_at + APP_STATE_INTERVAL)
+    }
+
+    /// Encodes the directory and the key/value table for push-pull.
+    fn encode_app_state(&mut self, now: Instant) {
+        self.registry_dirty = false;
+        self.app_state_encoded_at = now;
+        let mut state = self.registry.to_wire();
+        state.records.extend(self.kv.to_wire().records);
+        self.membership
+            .set_app_state(Bytes::from(state.encode_to_vec()));
     }
 
     fn handle_transport_event(&mut self, now: Instant, event: TransportEvent) {

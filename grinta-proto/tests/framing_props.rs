@@ -175,16 +175,30 @@ fn push_pull() -> impl Strategy<Value = wire::PushPull> {
 }
 
 fn registry_state() -> impl Strategy<Value = wire::RegistryState> {
-    let record = (name(), name(), any::<u64>(), any::<u64>(), 0i32..3, 0i32..3).prop_map(
-        |(name, owner, owner_incarnation, version, state, kind)| wire::EndpointRecord {
-            name,
-            owner,
-            owner_incarnation,
-            version,
-            state,
-            kind,
-        },
-    );
+    let record = (
+        name(),
+        name(),
+        any::<u64>(),
+        any::<u64>(),
+        0i32..3,
+        0i32..4,
+        proptest::collection::vec(any::<u8>(), 0..600),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(name, owner, owner_incarnation, version, state, kind, value, durable)| {
+                wire::EndpointRecord {
+                    name,
+                    owner,
+                    owner_incarnation,
+                    version,
+                    state,
+                    kind,
+                    value: value.into(),
+                    durable,
+                }
+            },
+        );
     proptest::collection::vec(record, 0..12).prop_map(|records| wire::RegistryState {
         records: records
             .iter()

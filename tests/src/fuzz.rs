@@ -148,10 +148,28 @@ struct ArbRecord {
     version: ArbNum,
     claimed: bool,
     group: bool,
+    /// A key/value entry (durable if `group`) rather than an endpoint record.
+    value: bool,
 }
 
 impl ArbRecord {
     fn record(&self) -> Record {
+        if self.value {
+            return Record {
+                name: format!("k{}", self.name % 8),
+                owner: format!("o{}", self.owner % 6),
+                owner_incarnation: self.owner_incarnation.get(),
+                version: self.version.get(),
+                claimed: self.claimed,
+                kind: EndpointKind::Value,
+                value: if self.claimed {
+                    bytes::Bytes::from(format!("{}", self.version.get()))
+                } else {
+                    bytes::Bytes::new()
+                },
+                durable: self.claimed && self.group,
+            };
+        }
         Record {
             name: format!("n{}", self.name % 8),
             owner: format!("o{}", self.owner % 6),
@@ -163,6 +181,8 @@ impl ArbRecord {
             } else {
                 EndpointKind::Exclusive
             },
+            value: bytes::Bytes::new(),
+            durable: false,
         }
     }
 }
@@ -171,9 +191,13 @@ impl ArbRecord {
 /// registry of its own records and foreign ones never breaks its limits or panics.
 pub fn registry_merge(data: &[u8]) {
     let mut u = Unstructured::new(data);
-    let Ok(records) = Vec::<ArbRecord>::arbitrary(&mut u) else {
+    let Ok(all) = Vec::<ArbRecord>::arbitrary(&mut u) else {
         return;
     };
+    // A node keeps endpoint records and key/value entries in two tables, never mixed.
+    let (values, records): (Vec<ArbRecord>, Vec<ArbRecord>) =
+        all.into_iter().partition(|r| r.value);
+    key_value_merge(&values);
     let now = Instant::now();
     let limits = RegistryLimits {
         max_records: 32,
@@ -221,6 +245,61 @@ pub fn registry_merge(data: &[u8]) {
                 .all(|r| r.version <= grinta_proto::registry::MAX_RECORD_VERSION + (1 << 20)),
             "versions stay within the bound (plus the node's own writes)"
         );
+    }
+}
+
+/// The key/value table: arbitrary entries merged in either order give the same entries; a
+/// writer's puts, deletes, takeovers and departures interleaved with hostile entries never
+/// break its limits, and every key it reads is the last write it holds.
+fn key_value_merge(records: &[ArbRecord]) {
+    let now = Instant::now();
+    let limits = RegistryLimits {
+        max_records: 32,
+        max_local_endpoints: 8,
+        ..RegistryLimits::key_value()
+    };
+    let mut forward = Registry::new("observer", limits.clone());
+    let mut backward = Registry::new("observer", limits.clone());
+    for r in records {
+        forward.merge(r.record(), now);
+    }
+    for r in records.iter().rev() {
+        backward.merge(r.record(), now);
+    }
+    if records.len() <= 32 {
+        let a: Vec<_> = forward.entries("").into_iter().cloned().collect();
+        let b: Vec<_> = backward.entries("").into_iter().cloned().collect();
+        assert_eq!(a, b, "merge order changed the entries");
+    }
+    let mut writer = Registry::new("o1", limits);
+    for (i, r) in records.iter().enumerate() {
+        let key = format!("k{}", r.name % 8);
+        match i % 6 {
+            0 => {
+                let _ = writer.put(&key, "mine".into(), now);
+            }
+            1 => {
+                let _ = writer.delete(&key, now);
+            }
+            2 => {
+                let _ = writer.put_durable(&key, "durable".into(), now);
+            }
+            3 => writer.drop_owner(&format!("o{}", r.owner % 6), r.owner_incarnation.get(), now),
+            4 => writer.set_local_incarnation(r.owner_incarnation.get(), now),
+            _ => {
+                for entry in writer.durable_entries_of(&format!("o{}", r.owner % 6)) {
+                    let _ = writer.put_durable(&entry.name, entry.value, now);
+                }
+            }
+        }
+        writer.merge(r.record(), now);
+        while writer.poll_outgoing().is_some() {}
+        assert!(writer.len() <= 32);
+        for entry in writer.entries("") {
+            assert!(entry.claimed && entry.kind == EndpointKind::Value);
+            assert_eq!(writer.get(&entry.name), Some(entry));
+        }
+        assert!(writer.resolve(&key).is_empty(), "entries are not endpoints");
     }
 }
 
@@ -518,6 +597,8 @@ fn crafted_packet(
                 version,
                 claimed: true,
                 kind: EndpointKind::Exclusive,
+                value: bytes::Bytes::new(),
+                durable: false,
             };
             let delta = wire::RegistryDelta {
                 records: peer

@@ -40,6 +40,8 @@ pub struct SimulatedNode {
     pub registry_events: Vec<(Instant, RegistryEvent)>,
     /// Names the directory held when the join completed.
     pub names_at_join: Option<Vec<String>>,
+    /// Entries the key/value table held when the join completed.
+    pub entries_at_join: Option<usize>,
     /// Flow events: (time, event).
     pub flow_events: Vec<(Instant, FlowEvent)>,
     /// The application driving this node's flows, if any.
@@ -56,6 +58,7 @@ impl SimulatedNode {
             connections_lost: Vec::new(),
             registry_events: Vec::new(),
             names_at_join: None,
+            entries_at_join: None,
             flow_events: Vec::new(),
             app: None,
             violation: None,
@@ -110,6 +113,7 @@ impl SimNode for SimulatedNode {
                     {
                         let names = self.node.registry().names("");
                         self.names_at_join = Some(names.into_iter().map(str::to_owned).collect());
+                        self.entries_at_join = Some(self.node.kv().entries("").len());
                     }
                     if let Err(v) = self.seen.record(now, &e) {
                         self.violation

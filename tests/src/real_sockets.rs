@@ -1056,3 +1056,129 @@ pub async fn queries_reach_every_matching_handler<R: Runtime>() {
             .is_shutdown()
     );
 }
+
+/// The replicated key/value table: a write is read on every node, watched from the current
+/// state, overwritten and deleted by others, gone with its writer, and bounded by clear errors.
+pub async fn the_key_value_table_is_shared_and_watched<R: Runtime>() {
+    use futures::StreamExt;
+    use grinta_proto::fabric::{KvEvent, MAX_KEY_LEN, MAX_VALUE_LEN};
+    let ca = DevCa::new().expect("dev CA");
+    let fabrics = cluster::<R>(&ca, 3).await;
+    let (reader, writer, other) = (fabrics[0].kv(), fabrics[1].kv(), fabrics[2].kv());
+    writer.put("config/limit", "100").expect("put");
+    writer.put("config/zone", "eu").expect("put");
+    writer.put("elsewhere", "x").expect("put");
+    until::<R>(Duration::from_secs(20), "writes spread", || {
+        fabrics
+            .iter()
+            .all(|f| f.kv().entries("config/").len() == 2 && f.kv().get("elsewhere").is_some())
+    })
+    .await;
+    let entry = reader.get("config/limit").expect("entry");
+    assert_eq!(
+        (&entry.value[..], entry.writer.as_str()),
+        (&b"100"[..], "node-1")
+    );
+    assert_eq!(reader.len(), 3);
+
+    // A watch starts with the current entries under its prefix, in key order.
+    let mut watch = reader.watch("config/");
+    let first = next_within::<R, _>(&mut watch).await;
+    let second = next_within::<R, _>(&mut watch).await;
+    assert!(
+        matches!((&first, &second), (KvEvent::Set { key: a, .. }, KvEvent::Set { key: b, .. })
+            if a == "config/limit" && b == "config/zone"),
+        "{first:?} {second:?}"
+    );
+    // Another node overwrites: the later write wins everywhere, written by it.
+    other.put("config/limit", "200").expect("put");
+    match next_within::<R, _>(&mut watch).await {
+        KvEvent::Set { key, entry } => {
+            assert_eq!(key, "config/limit");
+            assert_eq!(
+                (&entry.value[..], entry.writer.as_str()),
+                (&b"200"[..], "node-2")
+            );
+        }
+        e => panic!("{e:?}"),
+    }
+    until::<R>(Duration::from_secs(20), "the overwrite spread", || {
+        fabrics
+            .iter()
+            .all(|f| f.kv().get("config/limit").is_some_and(|e| e.value == "200"))
+    })
+    .await;
+    // Any node deletes, whoever wrote.
+    assert!(reader.delete("config/zone").expect("delete"));
+    assert!(
+        !reader.delete("config/zone").expect("delete"),
+        "already gone"
+    );
+    assert_eq!(
+        next_within::<R, _>(&mut watch).await,
+        KvEvent::Deleted {
+            key: "config/zone".into()
+        }
+    );
+    until::<R>(Duration::from_secs(20), "the delete spread", || {
+        fabrics.iter().all(|f| f.kv().get("config/zone").is_none())
+    })
+    .await;
+
+    // Limits: clear errors.
+    let too_long = "k".repeat(MAX_KEY_LEN + 1);
+    for err in [
+        writer.put(&too_long, "v").expect_err("key too long"),
+        writer.put("bad key", "v").expect_err("bad key"),
+        writer.put("", "v").expect_err("empty key"),
+        writer
+            .put("big", vec![0u8; MAX_VALUE_LEN + 1])
+            .expect_err("value too large"),
+    ] {
+        assert!(err.registry_error().is_some(), "{err:?}");
+    }
+    writer
+        .put(&"k".repeat(MAX_KEY_LEN), vec![7u8; MAX_VALUE_LEN])
+        .expect("the largest key and value");
+    until::<R>(Duration::from_secs(20), "the largest entry spread", || {
+        reader
+            .get(&"k".repeat(MAX_KEY_LEN))
+            .is_some_and(|e| e.value.len() == MAX_VALUE_LEN)
+    })
+    .await;
+
+    // The writer of config/limit leaves: its entry vanishes everywhere, but its durable entry
+    // is taken over by node-0, the live member with the lowest name.
+    other.put_durable("durable", "d").expect("put");
+    until::<R>(Duration::from_secs(20), "the durable entry spread", || {
+        reader.get("durable").is_some_and(|e| e.durable)
+    })
+    .await;
+    fabrics[2].shutdown().await;
+    assert_eq!(
+        next_within::<R, _>(&mut watch).await,
+        KvEvent::Deleted {
+            key: "config/limit".into()
+        }
+    );
+    assert!(reader.get("config/limit").is_none());
+    assert!(reader.get("elsewhere").is_some(), "node-1's entries stay");
+    until::<R>(
+        Duration::from_secs(20),
+        "the durable entry taken over",
+        || {
+            [&reader, &writer].iter().all(|kv| {
+                kv.get("durable")
+                    .is_some_and(|e| e.writer == "node-0" && e.value == "d" && e.durable)
+            })
+        },
+    )
+    .await;
+    assert!(other.put("late", "x").expect_err("down").is_shutdown());
+    fabrics[0].shutdown().await;
+    assert_eq!(
+        within::<R, _>(Duration::from_secs(5), watch.next()).await,
+        Some(None),
+        "the watch ends"
+    );
+}

@@ -100,6 +100,8 @@ fn record(name: &str, owner: &str, owner_incarnation: u64, version: u64) -> wire
         version,
         claimed: true,
         kind: EndpointKind::Exclusive,
+        value: bytes::Bytes::new(),
+        durable: false,
     }
     .to_wire()
 }

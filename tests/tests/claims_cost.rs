@@ -79,6 +79,8 @@ fn bytes_and_cpu_per_claim() {
         version: 12_345,
         claimed: true,
         kind: EndpointKind::Exclusive,
+        value: bytes::Bytes::new(),
+        durable: false,
     }
     .to_wire();
     let unsigned = |body: Vec<u8>| wire::Signed {

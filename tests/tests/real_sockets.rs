@@ -39,4 +39,5 @@ on_both_runtimes!(
     tags_are_seen_everywhere_and_restrict_dials,
     watches_and_monitors_follow_the_cluster,
     queries_reach_every_matching_handler,
+    the_key_value_table_is_shared_and_watched,
 );

@@ -85,6 +85,10 @@ pub(crate) fn record(inner: &Inner) {
             .count(),
     );
     level("grinta_directory_records", registry.len());
+    let kv = inner.node.kv();
+    level("grinta_kv_entries", kv.entries("").len());
+    level("grinta_kv_records", kv.len());
+    count("grinta_kv_records_refused_total", kv.records_refused());
     count(
         "grinta_directory_records_refused_total",
         registry.records_refused(),

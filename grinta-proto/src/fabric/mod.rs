@@ -34,6 +34,7 @@ use crate::tags::{TagError, TagFilter, Tags};
 mod builder;
 mod driver;
 mod handles;
+mod kv;
 mod local;
 mod mailbox;
 #[cfg(feature = "metrics")]
@@ -45,6 +46,7 @@ pub use crate::node::DownReason;
 pub use builder::{FabricBuilder, Profile};
 pub use driver::SocketStats;
 pub use handles::{Flow, FlowReceiver, FlowSender, TypedFlow, TypedReceiver, TypedSender};
+pub use kv::{Kv, KvEntry, KvEvent, KvWatch, MAX_KEY_LEN, MAX_VALUE_LEN};
 #[cfg(feature = "metrics")]
 pub use metrics::METRICS_INTERVAL;
 pub use query::{
@@ -688,7 +690,7 @@ impl Inner {
         }
         // Changes without an event of their own (an owner joins a group name) move the
         // directory too.
-        let generation = self.node.registry().generation();
+        let generation = self.node.directory_generation();
         if generation != self.registry_generation {
             self.registry_generation = generation;
             self.directory_changes += 1;

@@ -96,18 +96,74 @@ fn register(waiters: &mut Vec<Waker>, cx: &Context<'_>) {
 /// names under its prefix. Watch the prefix you need.
 pub struct NameWatch<R: Runtime> {
     fabric: Fabric<R>,
+    view: ViewWatch<Vec<String>, NameEvent>,
+}
+
+/// What a watch of keyed state (names, key/value entries) keeps: its view of the keys under a
+/// prefix, rebuilt when the directory moved, and the events that turn the old view into the new.
+pub(super) struct ViewWatch<V, E> {
     prefix: String,
-    view: View,
+    view: BTreeMap<String, V>,
     /// The fabric's directory change count when `view` was made.
     seen: Option<u64>,
-    pending: VecDeque<NameEvent>,
+    pending: VecDeque<E>,
+}
+
+impl<V, E> ViewWatch<V, E> {
+    pub(super) fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            view: BTreeMap::new(),
+            seen: None,
+            pending: VecDeque::new(),
+        }
+    }
+
+    pub(super) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub(super) fn view(&self) -> &BTreeMap<String, V> {
+        &self.view
+    }
+
+    /// The next event: rebuilds the view with `build` if the directory moved and reports the
+    /// difference with `diff`; `None` once the fabric is down.
+    pub(super) fn poll_next<R: Runtime>(
+        &mut self,
+        fabric: &Fabric<R>,
+        cx: &Context<'_>,
+        build: impl Fn(&crate::node::Node, &str) -> BTreeMap<String, V>,
+        diff: impl Fn(&BTreeMap<String, V>, &BTreeMap<String, V>, &mut VecDeque<E>),
+    ) -> Poll<Option<E>> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Poll::Ready(Some(event));
+            }
+            let mut inner = fabric.shared.lock();
+            if inner.shutdown {
+                return Poll::Ready(None);
+            }
+            if self.seen != Some(inner.directory_changes) {
+                self.seen = Some(inner.directory_changes);
+                let view = build(&inner.node, &self.prefix);
+                diff(&self.view, &view, &mut self.pending);
+                self.view = view;
+                if !self.pending.is_empty() {
+                    continue;
+                }
+            }
+            register(&mut inner.waiters.names, cx);
+            return Poll::Pending;
+        }
+    }
 }
 
 impl<R: Runtime> std::fmt::Debug for NameWatch<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NameWatch")
-            .field("prefix", &self.prefix)
-            .field("names", &self.view.len())
+            .field("prefix", &self.view.prefix())
+            .field("names", &self.view.view().len())
             .finish_non_exhaustive()
     }
 }
@@ -116,16 +172,13 @@ impl<R: Runtime> NameWatch<R> {
     pub(super) fn new(fabric: Fabric<R>, prefix: &str) -> Self {
         Self {
             fabric,
-            prefix: prefix.to_owned(),
-            view: View::new(),
-            seen: None,
-            pending: VecDeque::new(),
+            view: ViewWatch::new(prefix),
         }
     }
 
     /// The names under the prefix with their live owners, as of the last event returned.
     pub fn names(&self) -> &BTreeMap<String, Vec<String>> {
-        &self.view
+        self.view.view()
     }
 }
 
@@ -134,26 +187,12 @@ impl<R: Runtime> futures_core::Stream for NameWatch<R> {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<NameEvent>> {
         let this = self.get_mut();
-        loop {
-            if let Some(event) = this.pending.pop_front() {
-                return Poll::Ready(Some(event));
-            }
-            let mut inner = this.fabric.shared.lock();
-            if inner.shutdown {
-                return Poll::Ready(None);
-            }
-            if this.seen != Some(inner.directory_changes) {
-                this.seen = Some(inner.directory_changes);
-                let view = inner.node.directory_view(&this.prefix);
-                diff(&this.view, &view, &mut this.pending);
-                this.view = view;
-                if !this.pending.is_empty() {
-                    continue;
-                }
-            }
-            register(&mut inner.waiters.names, cx);
-            return Poll::Pending;
-        }
+        this.view.poll_next(
+            &this.fabric,
+            cx,
+            |node, prefix| node.directory_view(prefix),
+            diff,
+        )
     }
 }
 

@@ -15,6 +15,12 @@
 //! When membership declares a node Dead or Left, [`Registry::drop_owner`] removes every record it
 //! owns; records of that owner's past incarnations are refused afterwards.
 //!
+//! The same table, holding records of kind [`EndpointKind::Value`], is the replicated key/value
+//! table ([`Registry::put`], [`Registry::get`], [`Registry::delete`]): a node keeps one of each,
+//! never mixed. There the last write of a key wins, the highest `(version, owner)` of all its
+//! records, tombstones included; an owner whose entry is overwritten withdraws it at its own
+//! version, so it never comes back.
+//!
 //! ```
 //! use grinta_proto::registry::{EndpointKind, Registry, RegistryLimits};
 //! use std::time::Instant;
@@ -31,6 +37,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use hashbrown::HashMap;
 
 use crate::wire;
@@ -58,6 +65,9 @@ pub enum EndpointKind {
     Exclusive,
     /// Shared by many owners; a dial picks one.
     Group,
+    /// Not an endpoint: an entry of the replicated key/value table (see [`Registry::put`]).
+    /// The last write of a key wins: of all its records, the highest `(version, owner)`.
+    Value,
 }
 
 impl EndpointKind {
@@ -65,8 +75,42 @@ impl EndpointKind {
         match self {
             Self::Exclusive => wire::EndpointKind::Exclusive,
             Self::Group => wire::EndpointKind::Group,
+            Self::Value => wire::EndpointKind::Value,
         }
     }
+}
+
+/// Longest key of the key/value table, in bytes.
+pub const MAX_KEY_LEN: usize = 128;
+
+/// Largest value of the key/value table, in bytes: a signed entry with the longest key and
+/// value still rides in one membership datagram.
+pub const MAX_VALUE_LEN: usize = 512;
+
+/// Checks a key of the key/value table: 1..=128 bytes of `[A-Za-z0-9._/:-]`.
+///
+/// ```
+/// use grinta_proto::registry::validate_key;
+/// assert!(validate_key("config/eu-west:limit").is_ok());
+/// assert!(validate_key("no spaces").is_err());
+/// ```
+pub fn validate_key(key: &str) -> Result<(), RegistryError> {
+    if key.is_empty() || key.len() > MAX_KEY_LEN {
+        return Err(RegistryError::InvalidName {
+            name: key.chars().take(MAX_KEY_LEN + 8).collect(),
+            reason: "a key is 1..=128 bytes long",
+        });
+    }
+    if !key
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/' | b':'))
+    {
+        return Err(RegistryError::InvalidName {
+            name: key.to_owned(),
+            reason: "a key may only hold A-Z, a-z, 0-9, '.', '_', '-', '/' and ':'",
+        });
+    }
+    Ok(())
 }
 
 /// One `(name, owner)` record.
@@ -82,8 +126,12 @@ pub struct Record {
     pub version: u64,
     /// Claimed (true) or withdrawn (a tombstone).
     pub claimed: bool,
-    /// Exclusive or group.
+    /// Exclusive or group; or [`EndpointKind::Value`] for a key/value entry.
     pub kind: EndpointKind,
+    /// The value of a key/value entry; empty for an endpoint and a tombstone.
+    pub value: Bytes,
+    /// A key/value entry that outlives its writer (see [`Registry::put_durable`]).
+    pub durable: bool,
 }
 
 impl Record {
@@ -100,12 +148,14 @@ impl Record {
                 wire::RecordState::Withdrawn as i32
             },
             kind: self.kind.to_wire() as i32,
+            value: self.value.clone(),
+            durable: self.durable,
         }
     }
 
-    /// Reads a wire record; `None` if a field is invalid (bad name, unknown state or kind).
+    /// Reads a wire record; `None` if a field is invalid (bad name or key, unknown state or
+    /// kind, a value beyond [`MAX_VALUE_LEN`] or on an endpoint or a tombstone).
     pub fn from_wire(r: &wire::EndpointRecord) -> Option<Self> {
-        validate_endpoint_name(&r.name).ok()?;
         crate::membership::validate_node_name(&r.owner).ok()?;
         let claimed = match wire::RecordState::try_from(r.state).ok()? {
             wire::RecordState::Claimed => true,
@@ -115,8 +165,20 @@ impl Record {
         let kind = match wire::EndpointKind::try_from(r.kind).ok()? {
             wire::EndpointKind::Exclusive => EndpointKind::Exclusive,
             wire::EndpointKind::Group => EndpointKind::Group,
+            wire::EndpointKind::Value => EndpointKind::Value,
             wire::EndpointKind::Unspecified => return None,
         };
+        if kind == EndpointKind::Value {
+            validate_key(&r.name).ok()?;
+            if r.value.len() > MAX_VALUE_LEN || (!claimed && !r.value.is_empty()) {
+                return None;
+            }
+        } else {
+            validate_endpoint_name(&r.name).ok()?;
+            if !r.value.is_empty() || r.durable {
+                return None;
+            }
+        }
         // Numbers a peer chose: refused beyond the documented bounds, so arithmetic on them
         // cannot overflow.
         if r.version > MAX_RECORD_VERSION
@@ -131,13 +193,19 @@ impl Record {
             version: r.version,
             claimed,
             kind,
+            value: r.value.clone(),
+            durable: r.durable,
         })
     }
 
     /// The gossip key of this record: replace-by-key in the dissemination queue.
     pub fn gossip_key(&self) -> Vec<u8> {
         let mut key = Vec::with_capacity(self.name.len() + self.owner.len() + 3);
-        key.extend_from_slice(b"r/");
+        key.extend_from_slice(if self.kind == EndpointKind::Value {
+            b"k/"
+        } else {
+            b"r/"
+        });
         key.extend_from_slice(self.name.as_bytes());
         key.push(b'/');
         key.extend_from_slice(self.owner.as_bytes());
@@ -216,6 +284,18 @@ pub struct RegistryLimits {
     pub departed_owner_ttl: Duration,
 }
 
+impl RegistryLimits {
+    /// The limits of a node's replicated key/value table: 16,384 keys written by the node
+    /// (`max_local_endpoints`), 65,536 records in all (entries and tombstones of every owner),
+    /// tombstones and departed owners kept 10 minutes.
+    pub fn key_value() -> Self {
+        Self {
+            max_local_endpoints: 16_384,
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for RegistryLimits {
     fn default() -> Self {
         Self {
@@ -271,6 +351,14 @@ pub enum RegistryError {
     NotRegistered {
         /// The name.
         name: String,
+    },
+    /// A value of the key/value table is larger than [`MAX_VALUE_LEN`].
+    #[error("a value of {len} bytes is larger than the limit of {limit} bytes")]
+    ValueTooLarge {
+        /// The value's size.
+        len: usize,
+        /// The limit.
+        limit: usize,
     },
     /// A table limit was reached.
     #[error("{what} limit of {limit} reached")]
@@ -340,6 +428,8 @@ pub struct Registry {
     tombstones: BTreeSet<(Instant, (String, String))>,
     /// Bumped on every change of a record (see [`Registry::generation`]).
     generation: u64,
+    /// Live claims (endpoints or entries) of this node.
+    local_claims: usize,
 }
 
 impl Registry {
@@ -361,6 +451,7 @@ impl Registry {
             records_refused: 0,
             tombstones: BTreeSet::new(),
             generation: 0,
+            local_claims: 0,
             events: VecDeque::new(),
             outbox: VecDeque::new(),
             lost: BTreeSet::new(),
@@ -465,6 +556,12 @@ impl Registry {
         now: Instant,
     ) -> Result<Record, RegistryError> {
         validate_endpoint_name(name)?;
+        if kind == EndpointKind::Value {
+            return Err(RegistryError::InvalidName {
+                name: name.to_owned(),
+                reason: "a key/value entry is written with put, not registered",
+            });
+        }
         if self.is_local(name) {
             return Err(RegistryError::AlreadyRegistered {
                 name: name.to_owned(),
@@ -485,12 +582,7 @@ impl Registry {
                 });
             }
         }
-        let local = self
-            .records
-            .values()
-            .filter(|e| e.record.owner == self.local && e.record.claimed)
-            .count();
-        if local >= self.limits.max_local_endpoints {
+        if self.local_claims >= self.limits.max_local_endpoints {
             tracing::debug!(
                 endpoint = name,
                 "endpoint refused: max_local_endpoints reached"
@@ -517,6 +609,8 @@ impl Registry {
             version,
             claimed: true,
             kind,
+            value: Bytes::new(),
+            durable: false,
         };
         self.apply(record.clone(), now);
         Ok(record)
@@ -639,6 +733,10 @@ impl Registry {
                     version,
                     owner_incarnation: self.local_incarnation,
                     kind: current.map_or(record.kind, |c| c.record.kind),
+                    value: current
+                        .filter(|c| c.record.claimed)
+                        .map_or_else(Bytes::new, |c| c.record.value.clone()),
+                    durable: current.is_some_and(|c| c.record.claimed && c.record.durable),
                     ..record
                 };
                 self.apply(corrected.clone(), now);
@@ -701,7 +799,7 @@ impl Registry {
         for name in names {
             let before = self.claims(&name).next().is_some();
             self.records.remove(&(name.clone(), owner.to_owned()));
-            self.after_change(&name, before);
+            self.after_change(&name, before, now);
         }
     }
 
@@ -788,12 +886,21 @@ impl Registry {
     fn apply(&mut self, record: Record, now: Instant) {
         let name = record.name.clone();
         let before = self.claims(&name).next().is_some();
+        self.insert(record, now);
+        self.after_change(&name, before, now);
+    }
+
+    /// Stores `record` (unsigned until [`set_signature`](Self::set_signature)), keeping the
+    /// tombstone index and the count of local claims.
+    fn insert(&mut self, record: Record, now: Instant) {
         let withdrawn_at = (!record.claimed).then_some(now);
         if let Some(at) = withdrawn_at {
             self.tombstones
                 .insert((at, (record.name.clone(), record.owner.clone())));
         }
-        self.records.insert(
+        let local = record.owner == self.local;
+        let claimed = record.claimed;
+        let old = self.records.insert(
             (record.name.clone(), record.owner.clone()),
             Entry {
                 record,
@@ -801,12 +908,46 @@ impl Registry {
                 signed: None,
             },
         );
-        self.after_change(&name, before);
+        if local {
+            if old.is_some_and(|e| e.record.claimed) {
+                self.local_claims -= 1;
+            }
+            if claimed {
+                self.local_claims += 1;
+            }
+        }
     }
 
     /// Emits name events and resolves conflicts on `name` after its records changed.
-    fn after_change(&mut self, name: &str, had_owner: bool) {
+    fn after_change(&mut self, name: &str, had_owner: bool, now: Instant) {
         self.generation = self.generation.wrapping_add(1);
+        let is_value = self
+            .records_of(name)
+            .next()
+            .is_some_and(|r| r.kind == EndpointKind::Value);
+        if is_value {
+            // A local entry overwritten by a later write of another owner is withdrawn, at its
+            // own version: the tombstone replaces it but never outranks the later write.
+            let overwritten = self
+                .last_write(name)
+                .is_some_and(|last| last.owner != self.local);
+            let mine = self
+                .records
+                .get(&(name.to_owned(), self.local.clone()))
+                .filter(|e| e.record.claimed)
+                .map(|e| e.record.clone());
+            if let (true, Some(mine)) = (overwritten, mine) {
+                let tombstone = Record {
+                    claimed: false,
+                    value: Bytes::new(),
+                    durable: false,
+                    ..mine
+                };
+                self.insert(tombstone.clone(), now);
+                self.outbox.push_back(tombstone);
+            }
+            return;
+        }
         // A local claim that loses to another owner's is withdrawn.
         if let Some(winner) = self.winner(name).cloned() {
             let mine = self
@@ -824,14 +965,7 @@ impl Registry {
                         version,
                         ..mine
                     };
-                    self.records.insert(
-                        (name.to_owned(), self.local.clone()),
-                        Entry {
-                            record: tombstone.clone(),
-                            withdrawn_at: None,
-                            signed: None,
-                        },
-                    );
+                    self.insert(tombstone.clone(), now);
                     self.outbox.push_back(tombstone);
                     self.lost.insert(name.to_owned());
                     self.events.push_back(RegistryEvent::NameConflict {
@@ -853,6 +987,178 @@ impl Registry {
         }
     }
 
+    /// Every record of `name` (claims and tombstones, every owner), sorted by owner.
+    fn records_of<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a Record> + use<'a> {
+        let name = name.to_owned();
+        self.records
+            .range((name.clone(), String::new())..)
+            .take_while(move |((n, _), _)| *n == name)
+            .map(|(_, e)| &e.record)
+    }
+
+    /// The last write of key/value `key`: of all its records, the highest `(version, owner)`.
+    fn last_write(&self, key: &str) -> Option<&Record> {
+        self.records_of(key)
+            .max_by(|a, b| (a.version, &a.owner).cmp(&(b.version, &b.owner)))
+    }
+
+    /// The entry that holds key `key` of a key/value table (its last write, unless that
+    /// deleted it).
+    ///
+    /// ```
+    /// use grinta_proto::registry::{Registry, RegistryLimits};
+    /// use std::time::Instant;
+    ///
+    /// let now = Instant::now();
+    /// let mut a = Registry::new("node-a", RegistryLimits::default());
+    /// let mut b = Registry::new("node-b", RegistryLimits::default());
+    /// b.merge(a.put("limit", "10".into(), now)?, now);
+    /// b.put("limit", "20".into(), now)?; // later: wins
+    /// assert_eq!(&b.get("limit").unwrap().value[..], b"20");
+    /// assert_eq!(b.get("limit").unwrap().owner, "node-b");
+    /// # Ok::<(), grinta_proto::registry::RegistryError>(())
+    /// ```
+    pub fn get(&self, key: &str) -> Option<&Record> {
+        self.last_write(key).filter(|r| r.claimed)
+    }
+
+    /// The entries of a key/value table whose key starts with `prefix`, sorted by key.
+    pub fn entries(&self, prefix: &str) -> Vec<&Record> {
+        let mut out: Vec<&Record> = Vec::new();
+        let mut last: Option<&Record> = None;
+        for ((name, _), entry) in self
+            .records
+            .range((prefix.to_owned(), String::new())..)
+            .take_while(|((n, _), _)| n.starts_with(prefix))
+        {
+            let r = &entry.record;
+            match last {
+                Some(l) if l.name == *name => {
+                    if (r.version, &r.owner) > (l.version, &l.owner) {
+                        last = Some(r);
+                    }
+                }
+                _ => {
+                    out.extend(last.filter(|l| l.claimed));
+                    last = Some(r);
+                }
+            }
+        }
+        out.extend(last.filter(|l| l.claimed));
+        out
+    }
+
+    /// Writes key `key` = `value` in a key/value table, as this node: the write wins over every
+    /// earlier one of the key. Returns the record to disseminate.
+    ///
+    /// Errors: [`RegistryError::InvalidName`] for a key that is not 1..=128 bytes of
+    /// `[A-Za-z0-9._/:-]`, [`RegistryError::ValueTooLarge`] beyond [`MAX_VALUE_LEN`],
+    /// [`RegistryError::LimitReached`] beyond `max_local_endpoints` keys of this node or
+    /// `max_records` in all.
+    pub fn put(&mut self, key: &str, value: Bytes, now: Instant) -> Result<Record, RegistryError> {
+        self.write(key, value, false, now)
+    }
+
+    /// Like [`put`](Self::put), for an entry that outlives this node: when it fails or leaves,
+    /// the live member with the lowest node name writes the entry again as its own (see
+    /// [`durable_entries_of`](Self::durable_entries_of)).
+    pub fn put_durable(
+        &mut self,
+        key: &str,
+        value: Bytes,
+        now: Instant,
+    ) -> Result<Record, RegistryError> {
+        self.write(key, value, true, now)
+    }
+
+    /// The durable entries `owner` holds (the last writes of their keys), to take over when it
+    /// is gone.
+    pub fn durable_entries_of(&self, owner: &str) -> Vec<Record> {
+        self.records
+            .values()
+            .map(|e| &e.record)
+            .filter(|r| r.owner == owner && r.claimed && r.durable)
+            .filter(|r| self.last_write(&r.name) == Some(*r))
+            .cloned()
+            .collect()
+    }
+
+    fn write(
+        &mut self,
+        key: &str,
+        value: Bytes,
+        durable: bool,
+        now: Instant,
+    ) -> Result<Record, RegistryError> {
+        validate_key(key)?;
+        if value.len() > MAX_VALUE_LEN {
+            return Err(RegistryError::ValueTooLarge {
+                len: value.len(),
+                limit: MAX_VALUE_LEN,
+            });
+        }
+        let mine = self
+            .records
+            .get(&(key.to_owned(), self.local.clone()))
+            .map(|e| e.record.claimed);
+        if mine != Some(true) && self.local_claims >= self.limits.max_local_endpoints {
+            return Err(RegistryError::LimitReached {
+                what: "max_local_entries",
+                limit: self.limits.max_local_endpoints,
+            });
+        }
+        if mine.is_none() && self.records.len() >= self.limits.max_records {
+            return Err(RegistryError::LimitReached {
+                what: "max_records",
+                limit: self.limits.max_records,
+            });
+        }
+        let version = self.write_version(key);
+        let record = Record {
+            name: key.to_owned(),
+            owner: self.local.clone(),
+            owner_incarnation: self.local_incarnation,
+            version,
+            claimed: true,
+            kind: EndpointKind::Value,
+            value,
+            durable,
+        };
+        self.apply(record.clone(), now);
+        Ok(record)
+    }
+
+    /// Deletes key `key` of a key/value table, whoever wrote it: a tombstone of this node that
+    /// wins over every earlier write. Returns the tombstone to disseminate, or `None` if the
+    /// key holds no entry.
+    pub fn delete(&mut self, key: &str, now: Instant) -> Result<Option<Record>, RegistryError> {
+        validate_key(key)?;
+        if self.get(key).is_none() {
+            return Ok(None);
+        }
+        let version = self.write_version(key);
+        let tombstone = Record {
+            name: key.to_owned(),
+            owner: self.local.clone(),
+            owner_incarnation: self.local_incarnation,
+            version,
+            claimed: false,
+            kind: EndpointKind::Value,
+            value: Bytes::new(),
+            durable: false,
+        };
+        self.apply(tombstone.clone(), now);
+        Ok(Some(tombstone))
+    }
+
+    /// The version of a new write of `key`: the next of this node's clock, and above every
+    /// write of the key seen (one far ahead moved the clock by [`MAX_VERSION_STEP`] only).
+    fn write_version(&mut self, key: &str) -> u64 {
+        let seen = self.last_write(key).map_or(0, |r| r.version);
+        self.clock = self.clock.max(seen.min(MAX_RECORD_VERSION - 1));
+        tick(&mut self.clock)
+    }
+
     /// Live owners of `name` that win it: the single winner of an exclusive name, every claim of
     /// the winning kind for a group name.
     pub fn resolve(&self, name: &str) -> Vec<&str> {
@@ -860,6 +1166,8 @@ impl Registry {
             return Vec::new();
         };
         match winner.kind {
+            // Entries of the key/value table are not endpoints.
+            EndpointKind::Value => Vec::new(),
             EndpointKind::Exclusive => vec![winner.owner.as_str()],
             EndpointKind::Group => {
                 let kind = winner.kind;

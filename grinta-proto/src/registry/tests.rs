@@ -163,6 +163,8 @@ fn stale_records_about_ourselves_are_out_written() {
         version: 7,
         claimed: true,
         kind: EndpointKind::Exclusive,
+        value: bytes::Bytes::new(),
+        durable: false,
     };
     assert!(!a.merge(stale, now));
     let fix = a.poll_outgoing().expect("a correction");
@@ -197,6 +199,8 @@ fn limits_are_enforced() {
         version: 1,
         claimed: true,
         kind: EndpointKind::Group,
+        value: bytes::Bytes::new(),
+        durable: false,
     };
     assert!(a.merge(foreign("f1"), now));
     assert!(!a.merge(foreign("f2"), now), "table full");
@@ -235,6 +239,8 @@ fn arb_record() -> impl Strategy<Value = Record> {
             } else {
                 EndpointKind::Exclusive
             },
+            value: bytes::Bytes::new(),
+            durable: false,
         })
 }
 
@@ -304,6 +310,8 @@ fn versions_and_incarnations_beyond_the_bounds_are_refused_without_panic() {
         version,
         claimed: true,
         kind: EndpointKind::Exclusive,
+        value: bytes::Bytes::new(),
+        durable: false,
     };
     // A relayed record "from" the owner itself with an absurd version: refused, no panic.
     for version in [MAX_RECORD_VERSION + 1, u64::MAX] {
@@ -344,6 +352,8 @@ fn a_later_life_of_an_owner_wins_and_departed_owners_are_bounded() {
         version: 1_000,
         claimed: true,
         kind: EndpointKind::Exclusive,
+        value: bytes::Bytes::new(),
+        durable: false,
     };
     let new = Record {
         owner_incarnation: 9,
@@ -420,4 +430,209 @@ fn a_claim_reissued_under_a_new_incarnation_keeps_its_precedence() {
     a.merge(theirs, now);
     assert_eq!(a.resolve("leader"), vec!["a"]);
     assert_eq!(b.resolve("leader"), vec!["a"]);
+}
+
+// ----- the key/value table ----------------------------------------------------------------------
+
+/// Delivers every record each node wrote (its writes and the withdrawals it made) to every
+/// other node, until nothing new is produced.
+fn sync_all(nodes: &mut [Registry], written: &mut [Vec<Record>], now: Instant) {
+    loop {
+        let mut moved = false;
+        for (i, node) in nodes.iter_mut().enumerate() {
+            while let Some(r) = node.poll_outgoing() {
+                written[i].push(r);
+            }
+        }
+        for (from, records) in written.iter().enumerate() {
+            for (to, node) in nodes.iter_mut().enumerate() {
+                if from != to {
+                    for r in records {
+                        moved |= node.merge(r.clone(), now);
+                    }
+                }
+            }
+        }
+        for (i, node) in nodes.iter_mut().enumerate() {
+            while let Some(r) = node.poll_outgoing() {
+                written[i].push(r);
+                moved = true;
+            }
+        }
+        if !moved {
+            return;
+        }
+    }
+}
+
+#[test]
+fn the_last_write_of_a_key_wins_and_a_delete_is_a_write() {
+    let now = Instant::now();
+    let mut nodes = [reg("a"), reg("b")];
+    let mut written = vec![Vec::new(), Vec::new()];
+    written[0].push(nodes[0].put("k", "1".into(), now).unwrap());
+    sync_all(&mut nodes, &mut written, now);
+    assert_eq!(&nodes[1].get("k").unwrap().value[..], b"1");
+    // b overwrites: a withdraws its entry, without outranking b's.
+    written[1].push(nodes[1].put("k", "2".into(), now).unwrap());
+    sync_all(&mut nodes, &mut written, now);
+    for n in &nodes {
+        let e = n.get("k").unwrap();
+        assert_eq!((&e.value[..], e.owner.as_str()), (&b"2"[..], "b"));
+    }
+    // b fails: the key vanishes (a's old value does not come back).
+    nodes[0].drop_owner("b", 1, now);
+    assert!(nodes[0].get("k").is_none());
+    // a deletes a key b wrote.
+    let mut nodes = [reg("a"), reg("b")];
+    let mut written = vec![Vec::new(), Vec::new()];
+    written[1].push(nodes[1].put("x", "v".into(), now).unwrap());
+    sync_all(&mut nodes, &mut written, now);
+    let tombstone = nodes[0].delete("x", now).unwrap().expect("x held an entry");
+    written[0].push(tombstone);
+    assert!(nodes[0].delete("x", now).unwrap().is_none(), "nothing left");
+    sync_all(&mut nodes, &mut written, now);
+    assert!(nodes.iter().all(|n| n.get("x").is_none()));
+    // Written again after the delete: it is back.
+    written[1].push(nodes[1].put("x", "w".into(), now).unwrap());
+    sync_all(&mut nodes, &mut written, now);
+    assert!(nodes.iter().all(|n| n.get("x").is_some()));
+    assert_eq!(nodes[0].entries("").len(), 1);
+    assert!(
+        nodes[0].resolve("x").is_empty(),
+        "an entry is not an endpoint"
+    );
+}
+
+#[test]
+fn keys_values_and_table_sizes_are_bounded() {
+    let now = Instant::now();
+    let mut a = Registry::new(
+        "a",
+        RegistryLimits {
+            max_local_endpoints: 300,
+            max_records: 500,
+            ..RegistryLimits::key_value()
+        },
+    );
+    assert!(a.put(&"k".repeat(MAX_KEY_LEN), Bytes::new(), now).is_ok());
+    assert!(matches!(
+        a.put(&"k".repeat(MAX_KEY_LEN + 1), Bytes::new(), now),
+        Err(RegistryError::InvalidName { .. })
+    ));
+    assert!(a.put("a b", Bytes::new(), now).is_err());
+    assert!(a.put("", Bytes::new(), now).is_err());
+    assert!(a.put("v", vec![0u8; MAX_VALUE_LEN].into(), now).is_ok());
+    assert_eq!(
+        a.put("v", vec![0u8; MAX_VALUE_LEN + 1].into(), now),
+        Err(RegistryError::ValueTooLarge {
+            len: MAX_VALUE_LEN + 1,
+            limit: MAX_VALUE_LEN
+        })
+    );
+    // 10,000 writes of distinct keys: 300 taken, the rest refused; rewriting a key is free.
+    let taken = (0..10_000)
+        .filter(|i| a.put(&format!("key/{i}"), "x".into(), now).is_ok())
+        .count();
+    assert_eq!(taken, 298, "two keys were written above");
+    assert!(a.put("key/0", "again".into(), now).is_ok());
+    // Deleting frees a slot.
+    assert!(a.delete("key/1", now).unwrap().is_some());
+    assert!(a.put("key/new", "x".into(), now).is_ok());
+    // Another node's 10,000 entries: the table stops at max_records.
+    let mut b = Registry::new("b", RegistryLimits::key_value());
+    let mut merged = 0;
+    for i in 0..10_000 {
+        let r = b.put(&format!("b/{i}"), "y".into(), now).unwrap();
+        merged += usize::from(a.merge(r, now));
+    }
+    assert_eq!(a.len(), 500);
+    assert!(merged < 500);
+    assert_eq!(a.records_refused(), 10_000 - merged as u64);
+    // Malformed entries from the wire are refused.
+    let mut bad = b.put("ok", "v".into(), now).unwrap().to_wire();
+    bad.value = vec![0u8; MAX_VALUE_LEN + 1].into();
+    assert!(Record::from_wire(&bad).is_none());
+    let mut bad = b.delete("ok", now).unwrap().unwrap().to_wire();
+    bad.value = "x".into();
+    assert!(
+        Record::from_wire(&bad).is_none(),
+        "a tombstone carries no value"
+    );
+    let mut bad = b.put("ok", "v".into(), now).unwrap().to_wire();
+    bad.kind = wire::EndpointKind::Exclusive as i32;
+    assert!(
+        Record::from_wire(&bad).is_none(),
+        "an endpoint carries no value"
+    );
+    assert!(b.register("svc", EndpointKind::Value, now).is_err());
+}
+
+#[test]
+fn durable_entries_are_listed_for_takeover_only_while_they_are_the_last_write() {
+    let now = Instant::now();
+    let mut nodes = [reg("a"), reg("b")];
+    let mut written = vec![Vec::new(), Vec::new()];
+    written[1].push(nodes[1].put_durable("d", "1".into(), now).unwrap());
+    written[1].push(nodes[1].put("plain", "2".into(), now).unwrap());
+    sync_all(&mut nodes, &mut written, now);
+    let listed = nodes[0].durable_entries_of("b");
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].durable && listed[0].name == "d");
+    // Taken over by a: a's write wins, b's entry is no longer b's to hand on.
+    written[0].push(
+        nodes[0]
+            .put_durable("d", listed[0].value.clone(), now)
+            .unwrap(),
+    );
+    sync_all(&mut nodes, &mut written, now);
+    assert!(nodes[0].durable_entries_of("b").is_empty());
+    assert_eq!(nodes[1].get("d").unwrap().owner, "a");
+    assert!(nodes[1].get("d").unwrap().durable);
+    // An endpoint record marked durable is malformed.
+    let mut bad = nodes[0]
+        .register("svc", EndpointKind::Group, now)
+        .unwrap()
+        .to_wire();
+    bad.durable = true;
+    assert!(Record::from_wire(&bad).is_none());
+}
+
+proptest! {
+    /// Three writers put and delete two keys, syncing at random moments: once everything is
+    /// delivered, every node holds the same entry for each key, and it is the write with the
+    /// highest (version, writer), unless that write was a delete.
+    #[test]
+    fn key_value_writes_converge_on_the_last(
+        ops in proptest::collection::vec((0usize..3, 0usize..2, any::<bool>(), any::<bool>()), 1..40),
+    ) {
+        let now = Instant::now();
+        let mut nodes = [reg("a"), reg("b"), reg("c")];
+        let mut written = vec![Vec::new(), Vec::new(), Vec::new()];
+        let keys = ["k0", "k1"];
+        for (i, (writer, key, delete, sync)) in ops.into_iter().enumerate() {
+            let record = if delete {
+                nodes[writer].delete(keys[key], now).unwrap()
+            } else {
+                Some(nodes[writer].put(keys[key], format!("{i}").into(), now).unwrap())
+            };
+            written[writer].extend(record);
+            if sync {
+                sync_all(&mut nodes, &mut written, now);
+            }
+        }
+        sync_all(&mut nodes, &mut written, now);
+        for key in keys {
+            let last = written
+                .iter()
+                .flatten()
+                .filter(|r| r.name == key)
+                .max_by(|x, y| (x.version, &x.owner, !x.claimed).cmp(&(y.version, &y.owner, !y.claimed)))
+                .cloned();
+            let expected = last.filter(|r| r.claimed).map(|r| r.value);
+            for n in &nodes {
+                prop_assert_eq!(n.get(key).map(|r| r.value.clone()), expected.clone());
+            }
+        }
+    }
 }
