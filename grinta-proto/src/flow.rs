@@ -63,6 +63,8 @@ pub struct FlowLimits {
     pub local_capacity: usize,
     /// How long a graceful shutdown lets open flows finish before resetting them (5 s).
     pub shutdown_grace: Duration,
+    /// How long a request (`Fabric::request`) waits for its reply, the dial included (10 s).
+    pub request_timeout: Duration,
 }
 
 impl Default for FlowLimits {
@@ -78,6 +80,7 @@ impl Default for FlowLimits {
             max_pending_dials: 4096,
             local_capacity: 256,
             shutdown_grace: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -286,6 +289,20 @@ pub enum FlowError {
         /// The endpoint.
         name: String,
     },
+    /// A request got no reply in time (the dial, the exchange and the reply together).
+    #[error("request to {endpoint:?} got no reply within {after:?}")]
+    RequestTimeout {
+        /// The endpoint.
+        endpoint: String,
+        /// The timeout.
+        after: Duration,
+    },
+    /// The owner ended a request's flow without a reply.
+    #[error("the owner of {endpoint:?} ended the request without a reply")]
+    NoReply {
+        /// The endpoint.
+        endpoint: String,
+    },
 }
 
 impl FlowError {
@@ -435,6 +452,9 @@ struct Flow {
     /// Accepted by the node but not yet by the application: nothing is read from the stream
     /// beyond its `FlowOpen`, so a flow waiting in a backlog holds no more than QUIC's windows.
     awaiting_accept: bool,
+    /// A request's message, written right after the `FlowOpen` (with the end) when the stream
+    /// opens, without waiting for the owner's answer.
+    early: Option<Bytes>,
     messages_sent: u64,
     bytes_sent: u64,
     messages_received: u64,
@@ -859,6 +879,7 @@ impl Flows {
                 recv_queue: VecDeque::new(),
                 recv_bytes: 0,
                 remote_finished: false,
+                early: None,
                 send_queue: SendQueue::default(),
                 finish_requested: false,
                 fin_sent: false,
@@ -922,6 +943,27 @@ impl Flows {
         Ok(id)
     }
 
+    /// Starts a dial like [`dial`](Self::dial) that carries one message and the end of the
+    /// sending side: they are written with the `FlowOpen`, so on an open connection the owner
+    /// has the open, the message and the end after half a round trip, and its answer and reply
+    /// can travel together. If the owner refuses, it discards them.
+    pub(crate) fn dial_request(
+        &mut self,
+        now: Instant,
+        transport: &mut impl FlowStreams,
+        (endpoint, peer, addr): (&str, &str, std::net::SocketAddr),
+        message: Bytes,
+    ) -> Result<FlowId, FlowError> {
+        let id = self.dial(now, transport, endpoint, peer, addr)?;
+        if let Some(flow) = self.flows.get_mut(&id) {
+            flow.messages_sent += 1;
+            flow.bytes_sent += message.len() as u64;
+            flow.early = Some(message);
+            flow.finish_requested = true;
+        }
+        Ok(id)
+    }
+
     pub(crate) fn on_stream_opened(
         &mut self,
         now: Instant,
@@ -947,6 +989,9 @@ impl Flows {
             max_message_size: self.limits.max_message_size as u64,
         };
         flow.send_queue.push_control(&open);
+        if let Some(message) = flow.early.take() {
+            flow.send_queue.push_message(message);
+        }
         self.flush(transport, id);
     }
 

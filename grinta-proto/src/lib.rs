@@ -31,7 +31,11 @@ pub mod api {
     #[cfg(feature = "json")]
     pub use crate::codec::JsonCodec;
     pub use crate::codec::{BytesCodec, Codec, CodecAction, CodecError, ProstCodec};
-    pub use crate::fabric::MEMBER_EVENT_CAPACITY;
+    pub use crate::fabric::{
+        DownReason, EndpointStats, KvEntry, KvEvent, MAX_KEY_LEN, MAX_NAMES_COUNTED,
+        MAX_REQUESTS_READING, MAX_TOPIC_LEN, MAX_VALUE_LEN, MEMBER_EVENT_CAPACITY, NameEvent,
+        OTHER_NAMES, QueryOptions, QueryStats,
+    };
     pub use crate::flow::{FlowError, FlowLimits, FlowStats, RejectReason, ResetCode};
     pub use crate::membership::{
         Config as MembershipConfig, ConfigError as MembershipConfigError, Event as MemberEvent,

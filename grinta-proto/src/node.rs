@@ -163,6 +163,7 @@ impl NodeConfig {
         for (field, value) in [
             ("flows.dial_timeout", self.flows.dial_timeout),
             ("flows.shutdown_grace", self.flows.shutdown_grace),
+            ("flows.request_timeout", self.flows.request_timeout),
             ("transport.idle_timeout", self.transport.idle_timeout),
             (
                 "transport.handshake_timeout",
@@ -796,6 +797,48 @@ impl Node {
         endpoint: &str,
         node: &str,
     ) -> Result<FlowId, FlowError> {
+        self.dial_node_with(now, endpoint, node, None)
+    }
+
+    /// Sends a request to `endpoint` (on the owner [`resolve`](Self::resolve) picks): a dial
+    /// that carries `message` and the end of the sending side with its open, so that on an
+    /// open connection the request costs one round trip. The flow opens like a dial's
+    /// ([`FlowEvent::Opened`] or [`FlowEvent::DialFailed`]); the reply is its first message.
+    pub fn dial_request(
+        &mut self,
+        now: Instant,
+        endpoint: &str,
+        message: Bytes,
+    ) -> Result<FlowId, FlowError> {
+        let node = match self.resolve(endpoint)? {
+            Target::Local => {
+                return Err(FlowError::LocalEndpoint {
+                    name: endpoint.to_owned(),
+                });
+            }
+            Target::Remote { node } => node,
+        };
+        self.dial_node_with(now, endpoint, &node, Some(message))
+    }
+
+    /// Like [`dial_request`](Self::dial_request), to owner `node`.
+    pub fn dial_node_request(
+        &mut self,
+        now: Instant,
+        endpoint: &str,
+        node: &str,
+        message: Bytes,
+    ) -> Result<FlowId, FlowError> {
+        self.dial_node_with(now, endpoint, node, Some(message))
+    }
+
+    fn dial_node_with(
+        &mut self,
+        now: Instant,
+        endpoint: &str,
+        node: &str,
+        request: Option<Bytes>,
+    ) -> Result<FlowId, FlowError> {
         let _span = self.span.clone().entered();
         if !self.live_owners(endpoint).contains(&node) {
             return Err(FlowError::NoSuchEndpoint {
@@ -814,9 +857,17 @@ impl Node {
             .ok_or_else(|| FlowError::NoSuchEndpoint {
                 name: endpoint.to_owned(),
             })?;
-        let flow = self
-            .flows
-            .dial(now, &mut self.transport, endpoint, node, addr)?;
+        let flow = match request {
+            Some(message) => self.flows.dial_request(
+                now,
+                &mut self.transport,
+                (endpoint, node, addr),
+                message,
+            )?,
+            None => self
+                .flows
+                .dial(now, &mut self.transport, endpoint, node, addr)?,
+        };
         self.work_pending = true;
         Ok(flow)
     }

@@ -1182,3 +1182,135 @@ pub async fn the_key_value_table_is_shared_and_watched<R: Runtime>() {
         "the watch ends"
     );
 }
+
+/// Answers every request on `endpoint` with its upper-case copy, in a task of its own.
+fn serve_upper<R: Runtime>(endpoint: grinta_proto::fabric::Endpoint<R>) {
+    use futures::StreamExt;
+    let mut requests = endpoint.into_requests();
+    drop(spawn::<R, _>(async move {
+        while let Some(Ok(request)) = requests.next().await {
+            let reply = request.payload().to_ascii_uppercase();
+            let _ = request.respond(reply).await;
+        }
+    }));
+}
+
+/// Requests get their reply, remote and in-process, typed or not, a burst of 1,000 at once;
+/// and every way one can fail gives a typed error: no such endpoint, no reply, dropped, too
+/// large, too slow.
+pub async fn requests_get_one_reply_each<R: Runtime>() {
+    use futures::StreamExt;
+    use grinta_proto::codec::ProstCodec;
+    use grinta_proto::flow::FlowError;
+    let ca = DevCa::new().expect("dev CA");
+    let fabrics = cluster::<R>(&ca, 2).await;
+    let (client, server) = (fabrics[0].clone(), fabrics[1].clone());
+    serve_upper(server.endpoint("upper").expect("endpoint"));
+    serve_upper(client.endpoint("local-upper").expect("endpoint"));
+    client
+        .wait_for("upper", Duration::from_secs(20))
+        .await
+        .expect("name spread");
+
+    assert_eq!(
+        &client.request("upper", "hello").await.expect("reply")[..],
+        b"HELLO"
+    );
+    assert_eq!(
+        &client
+            .request("local-upper", "in process")
+            .await
+            .expect("reply")[..],
+        b"IN PROCESS"
+    );
+    let codec = ProstCodec::<String>::new();
+    let typed: String = client
+        .request_with("upper", &"typed".to_owned(), &codec, &codec)
+        .await
+        .expect("typed reply");
+    // The server upper-cases the encoded bytes: the length prefix survives, the text does not.
+    assert_eq!(typed, "TYPED");
+
+    // A burst: 1,000 requests at once, each with its own reply.
+    let burst: Vec<_> = (0..1000)
+        .map(|i| {
+            let client = client.clone();
+            spawn::<R, _>(async move { (i, client.request("upper", format!("r{i}")).await) })
+        })
+        .collect();
+    for done in burst {
+        let (i, reply) = within::<R, _>(Duration::from_secs(60), done)
+            .await
+            .expect("burst ends")
+            .expect("task ran");
+        assert_eq!(reply.expect("reply"), format!("R{i}").into_bytes());
+    }
+
+    // Failures, each typed.
+    let err = client.request("nobody", "x").await.expect_err("no owner");
+    assert!(err.is_no_such_endpoint(), "{err:?}");
+    let no_reply = server.endpoint("no-reply").expect("endpoint");
+    drop(spawn::<R, _>(async move {
+        while let Ok(mut flow) = no_reply.accept().await {
+            let _ = flow.recv().await;
+            let _ = flow.finish().await;
+        }
+    }));
+    let mut dropping = server
+        .endpoint("dropping")
+        .expect("endpoint")
+        .into_requests();
+    drop(spawn::<R, _>(async move {
+        while let Some(Ok(request)) = dropping.next().await {
+            drop(request);
+        }
+    }));
+    let mut keeping = server
+        .endpoint("keeping")
+        .expect("endpoint")
+        .into_requests();
+    drop(spawn::<R, _>(async move {
+        let mut kept = Vec::new();
+        while let Some(Ok(request)) = keeping.next().await {
+            kept.push(request);
+        }
+    }));
+    for name in ["no-reply", "dropping", "keeping"] {
+        client
+            .wait_for(name, Duration::from_secs(20))
+            .await
+            .expect("name spread");
+    }
+    let err = client.request("no-reply", "x").await.expect_err("no reply");
+    assert!(
+        matches!(err.flow_error(), Some(FlowError::NoReply { .. })),
+        "{err:?}"
+    );
+    let err = client.request("dropping", "x").await.expect_err("dropped");
+    assert!(err.reset_code().is_some(), "{err:?}");
+    let started = std::time::Instant::now();
+    let err = client
+        .request_with_timeout("keeping", "x", Duration::from_millis(300))
+        .await
+        .expect_err("too slow");
+    assert!(err.is_timeout(), "{err:?}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let err = client
+        .request("upper", vec![b'a'; 5 << 20])
+        .await
+        .expect_err("beyond max_message_size");
+    assert!(err.flow_error().is_some(), "{err:?}");
+    // The server still answers afterwards.
+    assert_eq!(
+        &client.request("upper", "still").await.expect("reply")[..],
+        b"STILL"
+    );
+    client.shutdown().await;
+    assert!(
+        client
+            .request("upper", "x")
+            .await
+            .expect_err("down")
+            .is_shutdown()
+    );
+}

@@ -952,3 +952,130 @@ fn a_slow_reader_slows_its_writer() {
     );
     assert!(sent.borrow().would_block > 0, "the writer was told to wait");
 }
+
+// ----- requests --------------------------------------------------------------------------------
+
+/// Answers each request (every message) with its upper-case copy and the end of the flow.
+struct Upper;
+
+impl Upper {
+    fn answer(node: &mut Node, now: Instant, flow: FlowId) {
+        while let Ok(Recv::Message(m)) = node.recv(now, flow) {
+            let _ = node.send(flow, Bytes::from(m.to_ascii_uppercase()));
+            let _ = node.finish(flow);
+        }
+    }
+}
+
+impl FlowApp for Upper {
+    fn on_event(&mut self, node: &mut Node, now: Instant, event: &FlowEvent) {
+        match event {
+            FlowEvent::Incoming { endpoint, .. } => {
+                while let Some(flow) = node.accept(now, endpoint) {
+                    Self::answer(node, now, flow);
+                }
+            }
+            FlowEvent::Readable { flow } => Self::answer(node, now, *flow),
+            _ => {}
+        }
+    }
+}
+
+/// When node `i` first saw `event` about `flow` after `since`.
+fn flow_event_at(
+    c: &Cluster<SimulatedNode>,
+    i: usize,
+    since: Instant,
+    want: impl Fn(&FlowEvent) -> bool,
+) -> Option<Instant> {
+    c.sim
+        .node(i)
+        .flow_events
+        .iter()
+        .find(|(t, e)| *t >= since && want(e))
+        .map(|(t, _)| *t)
+}
+
+#[test]
+fn a_request_costs_one_round_trip_on_an_open_connection() {
+    let (seed, _g) = seed(9);
+    // 5 ms each way, no jitter: a round trip is 10 ms.
+    let net = NetConfig {
+        latency: Duration::from_millis(5),
+        jitter: Duration::ZERO,
+        ..NetConfig::default()
+    };
+    let ca = DevCa::new().expect("dev CA");
+    let mut c = Cluster::nodes(seed, net, node_membership_config(), certificates(&ca, 2));
+    c.form(Duration::from_millis(100));
+    c.run_until(Duration::from_secs(30), |c| c.converged())
+        .expect("formed");
+    c.sim.node_mut(1).app = Some(Box::new(Upper));
+    register(&mut c, 1, "upper", EndpointKind::Exclusive);
+    c.run_until(Duration::from_secs(10), |c| {
+        !owners(c, 0, "upper").is_empty()
+    })
+    .expect("name spread");
+    let (mut requests, mut exchanges) = (Vec::new(), Vec::new());
+    for k in 0..10 {
+        // A request: open, message and end together.
+        let t0 = c.sim.now();
+        let message = Bytes::from(format!("hello {k}"));
+        let flow = c
+            .sim
+            .with_node(0, |n, now| n.node.dial_request(now, "upper", message))
+            .expect("request");
+        c.run_until(Duration::from_secs(5), |c| {
+            flow_event_at(c, 0, t0, |e| *e == FlowEvent::Readable { flow }).is_some()
+        })
+        .expect("reply");
+        let replied =
+            flow_event_at(&c, 0, t0, |e| *e == FlowEvent::Readable { flow }).expect("reply");
+        let reply = c.sim.with_node(0, |n, now| n.node.recv(now, flow));
+        assert_eq!(reply, Ok(Recv::Message(Bytes::from(format!("HELLO {k}")))));
+        requests.push(replied - t0);
+        c.sim.with_node(0, |n, _| n.node.drop_flow(flow));
+        c.run_for(Duration::from_millis(50));
+
+        // The same exchange as a dial, then the message once the flow is open.
+        let t0 = c.sim.now();
+        let flow = c
+            .sim
+            .with_node(0, |n, now| n.node.dial(now, "upper"))
+            .expect("dial");
+        c.run_until(Duration::from_secs(5), |c| {
+            flow_event_at(
+                c,
+                0,
+                t0,
+                |e| matches!(e, FlowEvent::Opened { flow: f, .. } if *f == flow),
+            )
+            .is_some()
+        })
+        .expect("open");
+        c.sim.with_node(0, |n, _| {
+            n.node.send(flow, Bytes::from_static(b"x")).expect("send");
+            n.node.finish(flow).expect("finish");
+        });
+        c.run_until(Duration::from_secs(5), |c| {
+            flow_event_at(c, 0, t0, |e| *e == FlowEvent::Readable { flow }).is_some()
+        })
+        .expect("reply");
+        let replied =
+            flow_event_at(&c, 0, t0, |e| *e == FlowEvent::Readable { flow }).expect("reply");
+        exchanges.push(replied - t0);
+        c.sim.with_node(0, |n, _| n.node.drop_flow(flow));
+        c.run_for(Duration::from_millis(50));
+    }
+    let worst = |v: &[Duration]| v.iter().max().copied().expect("runs");
+    println!(
+        "round trip 10 ms: request {:?} at worst, dial then exchange {:?}",
+        worst(&requests),
+        worst(&exchanges)
+    );
+    assert!(worst(&requests) < Duration::from_millis(15), "{requests:?}");
+    assert!(
+        exchanges.iter().all(|d| *d >= Duration::from_millis(20)),
+        "{exchanges:?}"
+    );
+}

@@ -40,4 +40,5 @@ on_both_runtimes!(
     watches_and_monitors_follow_the_cluster,
     queries_reach_every_matching_handler,
     the_key_value_table_is_shared_and_watched,
+    requests_get_one_reply_each,
 );

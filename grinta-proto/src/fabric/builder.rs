@@ -184,6 +184,12 @@ impl<R: Runtime> FabricBuilder<R> {
         self
     }
 
+    /// How long [`Fabric::request`] waits for a reply, the dial included (default 10 s).
+    pub fn request_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.flows.request_timeout = timeout;
+        self
+    }
+
     /// Endpoint-directory limits.
     pub fn registry_limits(mut self, limits: RegistryLimits) -> Self {
         self.registry = limits;

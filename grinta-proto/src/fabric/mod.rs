@@ -40,6 +40,7 @@ mod mailbox;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod query;
+mod request;
 mod watch;
 
 pub use crate::node::DownReason;
@@ -50,9 +51,9 @@ pub use kv::{Kv, KvEntry, KvEvent, KvWatch, MAX_KEY_LEN, MAX_VALUE_LEN};
 #[cfg(feature = "metrics")]
 pub use metrics::METRICS_INTERVAL;
 pub use query::{
-    MAX_QUERIES_READING, MAX_TOPIC_LEN, QUERY_ENDPOINT_PREFIX, Query, QueryHandler, QueryOptions,
-    QueryResponses,
+    MAX_TOPIC_LEN, QUERY_ENDPOINT_PREFIX, Query, QueryHandler, QueryOptions, QueryResponses,
 };
+pub use request::{MAX_REQUESTS_READING, Request, Requests};
 pub use watch::{EndpointMonitor, MemberWatch, NameEvent, NameWatch, NodeMonitor};
 
 use driver::Driver;
@@ -352,9 +353,12 @@ impl Error {
         matches!(self, Self::Flow(FlowError::NoSuchEndpoint { .. }))
     }
 
-    /// Whether the dial timed out.
+    /// Whether the dial (or the request) timed out.
     pub fn is_timeout(&self) -> bool {
-        matches!(self, Self::Flow(FlowError::DialTimeout { .. }))
+        matches!(
+            self,
+            Self::Flow(FlowError::DialTimeout { .. } | FlowError::RequestTimeout { .. })
+        )
     }
 
     /// Whether the other node failed or left, or the connection to it was lost.
@@ -1199,15 +1203,9 @@ impl<R: Runtime> Fabric<R> {
             .await
     }
 
-    /// Dials `name` on owner `owner` (this node included).
-    pub(crate) async fn dial_owner(&self, name: &str, owner: &str) -> Result<Flow<R>, Error> {
-        self.dial_with(name, |node, now| node.dial_node(now, name, owner))
-            .await
-    }
-
     /// Dials `name` where `dial` sends it (`FlowError::LocalEndpoint`: in-process), and
     /// counts the outcome.
-    async fn dial_with(
+    pub(crate) async fn dial_with(
         &self,
         name: &str,
         dial: impl FnOnce(&mut Node, Instant) -> Result<FlowId, FlowError>,
@@ -1524,7 +1522,8 @@ impl<R: Runtime> Drop for Endpoint<R> {
 
 /// Declares the user-facing type aliases of an adapter for its runtime type `$runtime`:
 /// `Fabric`, `FabricBuilder`, `Endpoint`, `Flow`, `FlowSender`, `FlowReceiver`, `TypedFlow`,
-/// `TypedSender`, `TypedReceiver`, and
+/// `TypedSender`, `TypedReceiver`, `Request`, `Requests`, `Query`, `QueryHandler`,
+/// `QueryResponses`, the watches and monitors, `Kv` and `KvWatch`, and
 /// re-exports `Error` and `Profile`. Both adapters use it, so their APIs cannot drift apart.
 #[macro_export]
 macro_rules! runtime_aliases {
@@ -1547,6 +1546,28 @@ macro_rules! runtime_aliases {
         pub type TypedSender<T, C> = $crate::fabric::TypedSender<$runtime, T, C>;
         /// The receiving half of a `TypedFlow` on this runtime.
         pub type TypedReceiver<T, C> = $crate::fabric::TypedReceiver<$runtime, T, C>;
+        /// A request received by an endpoint, to answer with `respond`.
+        pub type Request = $crate::fabric::Request<$runtime>;
+        /// The requests sent to an endpoint (`Endpoint::into_requests`).
+        pub type Requests = $crate::fabric::Requests<$runtime>;
+        /// A question of a query, received by a `QueryHandler`.
+        pub type Query = $crate::fabric::Query<$runtime>;
+        /// The questions asked of this node on a topic (`Fabric::handle_queries`).
+        pub type QueryHandler = $crate::fabric::QueryHandler<$runtime>;
+        /// The answers to a query (`Fabric::query`).
+        pub type QueryResponses = $crate::fabric::QueryResponses<$runtime>;
+        /// A watch of the endpoint names under a prefix (`Fabric::watch`).
+        pub type NameWatch = $crate::fabric::NameWatch<$runtime>;
+        /// A watch of the membership events (`Fabric::watch_members`).
+        pub type MemberWatch = $crate::fabric::MemberWatch<$runtime>;
+        /// Completes when a node goes away (`Fabric::monitor_node`).
+        pub type NodeMonitor = $crate::fabric::NodeMonitor<$runtime>;
+        /// Completes when an endpoint goes away (`Fabric::monitor_endpoint`).
+        pub type EndpointMonitor = $crate::fabric::EndpointMonitor<$runtime>;
+        /// The replicated key/value table (`Fabric::kv`).
+        pub type Kv = $crate::fabric::Kv<$runtime>;
+        /// A watch of the key/value entries under a prefix (`Kv::watch`).
+        pub type KvWatch = $crate::fabric::KvWatch<$runtime>;
         pub use $crate::api::*;
         pub use $crate::fabric::{Error, FabricStats, Profile, SocketStats};
     };

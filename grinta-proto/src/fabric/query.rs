@@ -4,7 +4,8 @@
 //! `grinta.query.t` ([`Fabric::handle_queries`]), so the handlers of a topic spread by gossip
 //! like any group endpoint, and every node knows them. [`Fabric::query`] picks the live handlers
 //! that match its [`QueryOptions`] (node names, a tag filter) and asks each one directly: a flow
-//! to that node carrying the payload and its end, answered by one reply and its end. Connections
+//! to that node carrying the payload and its end, answered by one reply and its end (a
+//! [`Fabric::request`] to that node: one round trip on an open connection). Connections
 //! are made as needed (a node need not be connected to every other beforehand; a member it met
 //! before resumes its TLS session), at most [`QueryOptions::concurrency`] at once.
 //!
@@ -21,7 +22,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{Endpoint, Error, Fabric, Flow, Runtime};
+use super::request::{Request, Requests};
+use super::{Error, Fabric, Runtime};
 use crate::flow::FlowError;
 use crate::registry::{MAX_ENDPOINT_NAME_LEN, RegistryError, validate_endpoint_name};
 use crate::tags::TagFilter;
@@ -31,10 +33,6 @@ pub const QUERY_ENDPOINT_PREFIX: &str = "grinta.query.";
 
 /// Longest query topic, in bytes (an endpoint name less [`QUERY_ENDPOINT_PREFIX`]).
 pub const MAX_TOPIC_LEN: usize = MAX_ENDPOINT_NAME_LEN - QUERY_ENDPOINT_PREFIX.len();
-
-/// Queries read at once by one [`QueryHandler`] before it yields them; beyond it, new
-/// questions are refused (reset) until reads complete.
-pub const MAX_QUERIES_READING: usize = 256;
 
 /// The endpoint name of `topic`, checked: 1..=[`MAX_TOPIC_LEN`] bytes of `[A-Za-z0-9._-]`.
 fn topic_endpoint(topic: &str) -> Result<String, Error> {
@@ -131,7 +129,7 @@ impl QueryOptions {
     }
 }
 
-type Ask = Pin<Box<dyn Future<Output = Result<Option<Bytes>, Error>> + Send>>;
+type Ask = Pin<Box<dyn Future<Output = Result<Bytes, Error>> + Send>>;
 
 /// The answers to a query, as `(node, reply)` in the order they arrive: made by
 /// [`Fabric::query`].
@@ -152,6 +150,7 @@ pub struct QueryResponses<R: Runtime> {
     waiting: VecDeque<String>,
     in_flight: Vec<(String, Ask)>,
     concurrency: usize,
+    timeout: Duration,
     deadline: Pin<Box<R::Sleep>>,
     unanswered: Vec<String>,
     done: bool,
@@ -198,15 +197,16 @@ impl<R: Runtime> QueryResponses<R> {
         });
     }
 
+    /// One question: a request to `node`, which the query's deadline bounds.
     fn ask(&self, node: String) -> Ask {
         let fabric = self.fabric.clone();
         let endpoint = self.endpoint.clone();
         let payload = self.payload.clone();
+        let timeout = self.timeout;
         Box::pin(async move {
-            let mut flow: Flow<R> = fabric.dial_owner(&endpoint, &node).await?;
-            flow.send(payload).await?;
-            flow.finish().await?;
-            flow.recv().await
+            fabric
+                .request_owner(&endpoint, &node, payload, timeout)
+                .await
         })
     }
 }
@@ -233,7 +233,7 @@ impl<R: Runtime> futures_core::Stream for QueryResponses<R> {
                 Poll::Ready(result) => {
                     let (node, _) = this.in_flight.swap_remove(i);
                     match result {
-                        Ok(Some(reply)) => {
+                        Ok(reply) => {
                             this.replies += 1;
                             // A slot is free: the next poll starts the next node.
                             if !this.waiting.is_empty() {
@@ -241,7 +241,7 @@ impl<R: Runtime> futures_core::Stream for QueryResponses<R> {
                             }
                             return Poll::Ready(Some((node, reply)));
                         }
-                        Ok(None) | Err(_) => this.unanswered.push(node),
+                        Err(_) => this.unanswered.push(node),
                     }
                     // Start the next waiting node, if any.
                     if let Some(next) = this.waiting.pop_front() {
@@ -267,62 +267,26 @@ impl<R: Runtime> Drop for QueryResponses<R> {
     }
 }
 
-/// One question of a query, received by a [`QueryHandler`].
-///
-/// Answer it with [`respond`](Self::respond); dropping it unanswered tells the asking node
+/// One question of a query, received by a [`QueryHandler`]: a [`Request`] on the topic's
+/// endpoint. Answer it with [`Request::respond`]; dropping it unanswered tells the asking node
 /// that this node did not answer.
-pub struct Query<R: Runtime> {
-    flow: Flow<R>,
-    payload: Bytes,
-}
-
-impl<R: Runtime> std::fmt::Debug for Query<R> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Query")
-            .field("from", &self.flow.peer())
-            .field("payload_len", &self.payload.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl<R: Runtime> Query<R> {
-    /// The node that asks.
-    pub fn from(&self) -> &str {
-        self.flow.peer()
-    }
-
-    /// The question.
-    pub fn payload(&self) -> &Bytes {
-        &self.payload
-    }
-
-    /// Answers the question: the asking node's stream yields `(this node, reply)`. Fails like a
-    /// flow's `send` (the asker gave up, or its node failed; `FlowError::MessageTooLarge` for a
-    /// reply beyond its `max_message_size`).
-    pub async fn respond(mut self, reply: impl Into<Bytes>) -> Result<(), Error> {
-        self.flow.send(reply).await?;
-        self.flow.finish().await
-    }
-}
-
-type Reading<R> = Pin<Box<dyn Future<Output = Option<Query<R>>> + Send>>;
+pub type Query<R> = Request<R>;
 
 /// The questions asked of this node on a topic: made by [`Fabric::handle_queries`].
 ///
-/// A stream of [`Query`]s, each answered with [`Query::respond`]. While it exists this node
+/// A stream of [`Query`]s, each answered with [`Request::respond`]. While it exists this node
 /// is one of the topic's handlers, known to every node by gossip; dropping it withdraws the
-/// node. Questions are read as they arrive, at most [`MAX_QUERIES_READING`] at once.
+/// node. Questions are read as they arrive, at most [`MAX_REQUESTS_READING`](super::MAX_REQUESTS_READING) at once. The
+/// stream ends when the fabric shuts down.
 pub struct QueryHandler<R: Runtime> {
     topic: String,
-    endpoint: Option<Endpoint<R>>,
-    reading: Vec<Reading<R>>,
+    requests: Requests<R>,
 }
 
 impl<R: Runtime> std::fmt::Debug for QueryHandler<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QueryHandler")
             .field("topic", &self.topic)
-            .field("reading", &self.reading.len())
             .finish_non_exhaustive()
     }
 }
@@ -339,45 +303,22 @@ impl<R: Runtime> futures_core::Stream for QueryHandler<R> {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Query<R>>> {
         let this = self.get_mut();
-        while let Some(endpoint) = &this.endpoint {
-            match endpoint.poll_accept(cx) {
-                Poll::Pending => break,
-                Poll::Ready(Ok(mut flow)) => {
-                    if this.reading.len() >= MAX_QUERIES_READING {
-                        // The asker sees this node as not answering.
-                        let _ = flow.reset(0);
-                        continue;
+        loop {
+            return match Pin::new(&mut this.requests).poll_next(cx) {
+                Poll::Ready(Some(Ok(query))) => {
+                    if let Some(fabric) = this.requests.fabric() {
+                        fabric.shared.lock().count_query(&this.topic, |s| {
+                            s.questions_handled += 1;
+                        });
                     }
-                    this.reading.push(Box::pin(async move {
-                        let payload = flow.recv().await.ok()??;
-                        Some(Query { flow, payload })
-                    }));
+                    Poll::Ready(Some(query))
                 }
-                // Shut down (or an error no group endpoint has): no more questions.
-                Poll::Ready(Err(_)) => this.endpoint = None,
-            }
+                // A group endpoint never loses a conflict: nothing else ends it.
+                Poll::Ready(Some(Err(_))) => continue,
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            };
         }
-        let mut i = 0;
-        while i < this.reading.len() {
-            match this.reading[i].as_mut().poll(cx) {
-                Poll::Pending => i += 1,
-                Poll::Ready(query) => {
-                    drop(this.reading.swap_remove(i));
-                    if let Some(query) = query {
-                        if let Some(endpoint) = &this.endpoint {
-                            endpoint.fabric.shared.lock().count_query(&this.topic, |s| {
-                                s.questions_handled += 1;
-                            });
-                        }
-                        return Poll::Ready(Some(query));
-                    }
-                }
-            }
-        }
-        if this.endpoint.is_none() && this.reading.is_empty() {
-            return Poll::Ready(None);
-        }
-        Poll::Pending
     }
 }
 
@@ -448,6 +389,7 @@ impl<R: Runtime> Fabric<R> {
             waiting: nodes,
             in_flight: Vec::new(),
             concurrency: options.concurrency.max(1),
+            timeout: options.timeout,
             deadline: Box::pin(R::sleep_until(R::now() + options.timeout)),
             unanswered: Vec::new(),
             done: false,
@@ -477,8 +419,7 @@ impl<R: Runtime> Fabric<R> {
         let endpoint = self.register(&endpoint, crate::registry::EndpointKind::Group)?;
         Ok(QueryHandler {
             topic: topic.to_owned(),
-            endpoint: Some(endpoint),
-            reading: Vec::new(),
+            requests: endpoint.into_requests(),
         })
     }
 }
