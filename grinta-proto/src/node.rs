@@ -422,6 +422,9 @@ impl Node {
         registry.set_local_incarnation(membership.incarnation(), now);
         let mut kv = Registry::new(&config.name, config.kv.clone());
         kv.set_local_incarnation(membership.incarnation(), now);
+        // The fabric starts incarnations at the wall clock in ms: versions of this life's writes
+        // then follow those of a previous life under the same name.
+        kv.raise_clock(membership.incarnation());
         Ok(Self {
             membership,
             registry,
@@ -493,11 +496,7 @@ impl Node {
 
     /// Writes `key` = `value` in the key/value table and announces it (see [`Registry::put`]).
     pub fn kv_put(&mut self, now: Instant, key: &str, value: Bytes) -> Result<(), RegistryError> {
-        let _span = self.span.clone().entered();
-        let record = self.kv.put(key, value, now)?;
-        self.announce(&record);
-        self.work_pending = true;
-        Ok(())
+        self.kv_write(now, key, value, false)
     }
 
     /// Writes an entry that outlives this node (see [`Registry::put_durable`]) and announces it.
@@ -507,11 +506,7 @@ impl Node {
         key: &str,
         value: Bytes,
     ) -> Result<(), RegistryError> {
-        let _span = self.span.clone().entered();
-        let record = self.kv.put_durable(key, value, now)?;
-        self.announce(&record);
-        self.work_pending = true;
-        Ok(())
+        self.kv_write(now, key, value, true)
     }
 
     /// Member `gone` failed or left: if this node is the live member with the lowest name, it
@@ -537,8 +532,9 @@ impl Node {
             "taking over durable entries"
         );
         for entry in entries {
-            if let Ok(record) = self.kv.put_durable(&entry.name, entry.value, now) {
-                self.announce(&record);
+            match self.kv.adopt(&entry, now) {
+                Ok(record) => self.announce(&record),
+                Err(e) => debug!(key = %entry.name, error = %e, "durable entry not taken over"),
             }
         }
     }
@@ -1040,8 +1036,14 @@ impl Node {
     /// Signs a record of this node and queues it for gossip, keyed so that a newer record
     /// replaces it.
     fn announce(&mut self, record: &Record) {
+        let signed = self.membership.sign(ClaimKind::Record, &record.to_wire());
+        self.announce_signed(record, signed);
+    }
+
+    /// Queues `record`, signed as `signed`, for gossip and the next push-pull.
+    fn announce_signed(&mut self, record: &Record, signed: Option<wire::Signed>) {
         self.registry_dirty = true;
-        let Some(signed) = self.membership.sign(ClaimKind::Record, &record.to_wire()) else {
+        let Some(signed) = signed else {
             return;
         };
         self.table_mut(record.kind)
@@ -1049,11 +1051,47 @@ impl Node {
         let delta = wire::RegistryDelta {
             records: vec![signed],
         };
-        // A record is at most two 128-byte names and a few integers: far below the broadcast limit.
-        let _ = self.membership.broadcast_app(
+        // An endpoint record is at most two 128-byte names and a few integers: far below the
+        // broadcast limit. A key/value entry was checked to fit before it was written.
+        if let Err(e) = self.membership.broadcast_app(
             Bytes::from(record.gossip_key()),
             Bytes::from(delta.encode_to_vec()),
-        );
+        ) {
+            debug!(error = %e, "record not gossiped; push-pull carries it");
+        }
+    }
+
+    /// Writes a key/value entry: checked against the table's limits, signed, and refused with
+    /// [`RegistryError::ValueTooLarge`] if the signed entry would not fit one gossip item
+    /// (`max_app_broadcast_size`), then announced.
+    fn kv_write(
+        &mut self,
+        now: Instant,
+        key: &str,
+        value: Bytes,
+        durable: bool,
+    ) -> Result<(), RegistryError> {
+        let _span = self.span.clone().entered();
+        let value_len = value.len();
+        let record = self.kv.prepare_write(key, value, durable)?;
+        let signed = self.membership.sign(ClaimKind::Record, &record.to_wire());
+        if let Some(signed) = &signed {
+            let delta = wire::RegistryDelta {
+                records: vec![signed.clone()],
+            };
+            let size = record.gossip_key().len() + delta.encoded_len();
+            let limit = self.membership.config().max_app_broadcast_size;
+            if size > limit {
+                return Err(RegistryError::ValueTooLarge {
+                    len: value_len,
+                    limit: value_len.saturating_sub(size - limit),
+                });
+            }
+        }
+        self.kv.commit_write(record.clone(), now);
+        self.announce_signed(&record, signed);
+        self.work_pending = true;
+        Ok(())
     }
 
     /// Merges a signed record from a peer: taken only from its owner, a current member, and
@@ -1353,9 +1391,15 @@ impl Node {
         self.flows.handle_timeout(now, &mut self.transport);
         for table in [&mut self.registry, &mut self.kv] {
             if table.poll_timeout().is_some_and(|t| t <= now) {
+                let before = table.generation();
                 table.handle_timeout(now);
-                self.registry_dirty = true;
+                self.registry_dirty |= table.generation() != before;
             }
+        }
+        // Due here, not only when packets are built: a driver whose send queue is full does
+        // not build any, and the deadline must not stay in the past.
+        if self.app_state_due().is_some_and(|at| at <= now) {
+            self.encode_app_state(now);
         }
         if self.membership.poll_timeout().is_some_and(|t| t <= now) {
             self.membership.handle_timeout(now);

@@ -1146,6 +1146,30 @@ pub async fn the_key_value_table_is_shared_and_watched<R: Runtime>() {
             .is_some_and(|e| e.value.len() == MAX_VALUE_LEN)
     })
     .await;
+    // A signed entry must fit one gossip item with the writer's name: a node with a long name
+    // is told how large a value still fits with that key.
+    // (DNS labels are at most 63 bytes: the certificate names it in two.)
+    let long_name = Fabric::<R>::builder(&format!("{}.{}", "n".repeat(60), "n".repeat(59)))
+        .dev_certificates(&ca)
+        .profile(Profile::Local)
+        .start()
+        .expect("starts");
+    let long_key = "k".repeat(MAX_KEY_LEN);
+    let err = long_name
+        .kv()
+        .put(&long_key, vec![0u8; MAX_VALUE_LEN])
+        .expect_err("too large to gossip");
+    let Some(grinta_proto::registry::RegistryError::ValueTooLarge { limit, .. }) =
+        err.registry_error()
+    else {
+        panic!("{err:?}");
+    };
+    assert!(*limit < MAX_VALUE_LEN, "{limit}");
+    long_name
+        .kv()
+        .put(&long_key, vec![0u8; *limit])
+        .expect("the largest value that fits");
+    long_name.shutdown().await;
 
     // The writer of config/limit leaves: its entry vanishes everywhere, but its durable entry
     // is taken over by node-0, the live member with the lowest name.

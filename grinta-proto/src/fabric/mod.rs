@@ -703,6 +703,14 @@ impl Inner {
     }
 }
 
+/// `now + timeout`, or a century from now for a timeout that would overflow the clock
+/// (`Duration::MAX` meaning "no timeout").
+pub(crate) fn deadline_after(now: Instant, timeout: Duration) -> Instant {
+    now.checked_add(timeout)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(now)
+}
+
 /// Refuses the fabric's own endpoint names (see [`crate::registry::RESERVED_PREFIX`]).
 fn refuse_reserved(name: &str) -> Result<(), Error> {
     if crate::registry::is_reserved_name(name) {
@@ -974,7 +982,7 @@ impl<R: Runtime> Fabric<R> {
     /// Cancel safety: dropping the future leaves nothing behind.
     pub async fn wait_for(&self, name: &str, timeout: Duration) -> Result<(), Error> {
         crate::registry::validate_endpoint_name(name)?;
-        let deadline = R::now() + timeout;
+        let deadline = deadline_after(R::now(), timeout);
         let mut sleep = Box::pin(R::sleep_until(deadline));
         std::future::poll_fn(|cx| {
             let mut inner = self.shared.lock();

@@ -390,7 +390,10 @@ impl<R: Runtime> Fabric<R> {
             in_flight: Vec::new(),
             concurrency: options.concurrency.max(1),
             timeout: options.timeout,
-            deadline: Box::pin(R::sleep_until(R::now() + options.timeout)),
+            deadline: Box::pin(R::sleep_until(super::deadline_after(
+                R::now(),
+                options.timeout,
+            ))),
             unanswered: Vec::new(),
             done: false,
         })

@@ -132,8 +132,28 @@ impl<R: Runtime> Stream for Requests<R> {
             match endpoint.poll_accept(cx) {
                 Poll::Pending => break,
                 Poll::Ready(Ok(mut flow)) => {
+                    // A requester sends its message with the open: one that sends nothing
+                    // within the dial timeout does not keep a slot.
+                    let limit = endpoint
+                        .fabric
+                        .shared
+                        .lock()
+                        .node
+                        .flow_limits()
+                        .dial_timeout;
+                    let deadline = R::sleep_until(super::deadline_after(R::now(), limit));
                     this.reading.push(Box::pin(async move {
-                        let payload = flow.recv().await.ok()??;
+                        let payload = {
+                            let read = async { flow.recv().await.ok().flatten() };
+                            let (mut read, mut deadline) = (pin!(read), pin!(deadline));
+                            std::future::poll_fn(|cx| {
+                                if let Poll::Ready(payload) = read.as_mut().poll(cx) {
+                                    return Poll::Ready(payload);
+                                }
+                                deadline.as_mut().poll(cx).map(|()| None)
+                            })
+                            .await?
+                        };
                         Some(Request { flow, payload })
                     }));
                 }
@@ -295,7 +315,7 @@ impl<R: Runtime> Fabric<R> {
                 })),
             }
         };
-        let deadline = R::sleep_until(R::now() + timeout);
+        let deadline = R::sleep_until(super::deadline_after(R::now(), timeout));
         let (mut exchange, mut deadline) = (pin!(exchange), pin!(deadline));
         std::future::poll_fn(|cx| {
             if let Poll::Ready(result) = exchange.as_mut().poll(cx) {

@@ -244,8 +244,9 @@ impl<R: Runtime> futures_core::Stream for MemberWatch<R> {
 ///
 /// It completes at once with [`DownReason::NotFound`] if the node was not a member when the
 /// monitor was made, or with its reason if it had already failed or left; with
-/// [`DownReason::Shutdown`] if this fabric shuts down first. A failure or leave is never missed,
-/// even if the node comes back before the monitor is polled. Monitoring this node's own name
+/// [`DownReason::Shutdown`] if this fabric shuts down first. A failure or leave is not missed
+/// even if the node comes back before the monitor is polled, unless the monitor falls more
+/// than [`MEMBER_EVENT_CAPACITY`](super::MEMBER_EVENT_CAPACITY) events behind while it does. Monitoring this node's own name
 /// completes only at shutdown. It holds a handle on the fabric: the node runs while it exists.
 #[must_use = "a monitor does nothing unless awaited"]
 pub struct NodeMonitor<R: Runtime> {
@@ -297,6 +298,7 @@ impl<R: Runtime> Future for NodeMonitor<R> {
             return Poll::Ready(reason.clone());
         }
         let mut inner = this.fabric.shared.lock();
+        let mut lagged = false;
         loop {
             match inner.member_events.read(&mut this.cursor) {
                 Ok(Some(MemberEvent::MemberDead { name, .. })) if name == this.node => {
@@ -305,17 +307,18 @@ impl<R: Runtime> Future for NodeMonitor<R> {
                 Ok(Some(MemberEvent::MemberLeft { name, .. })) if name == this.node => {
                     return Poll::Ready(DownReason::Left);
                 }
+                Ok(Some(_)) => {}
                 // Events were lost: the node's state now is what is left to go by.
-                Ok(Some(_)) | Err(_) => {}
+                Err(_) => lagged = true,
                 Ok(None) => break,
             }
         }
-        if let Some(reason) = inner
-            .node
-            .member_down_reason(&this.node)
-            .filter(|r| *r != DownReason::NotFound)
-        {
-            return Poll::Ready(reason);
+        match inner.node.member_down_reason(&this.node) {
+            // Known when the monitor was made, forgotten since, and its end lost with the
+            // events this monitor missed: it failed (or left) a while ago.
+            Some(DownReason::NotFound) if lagged => return Poll::Ready(DownReason::Failed),
+            Some(DownReason::NotFound) | None => {}
+            Some(reason) => return Poll::Ready(reason),
         }
         if inner.shutdown {
             return Poll::Ready(DownReason::Shutdown);

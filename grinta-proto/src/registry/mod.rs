@@ -175,7 +175,10 @@ impl Record {
             }
         } else {
             validate_endpoint_name(&r.name).ok()?;
-            if !r.value.is_empty() || r.durable {
+            if !r.value.is_empty()
+                || r.durable
+                || (kind == EndpointKind::Exclusive && is_reserved_name(&r.name))
+            {
                 return None;
             }
         }
@@ -282,15 +285,26 @@ pub struct RegistryLimits {
     /// How long a departed owner is remembered: longer than a record of its last life can
     /// still circulate (gossip retransmits, push-pull periods).
     pub departed_owner_ttl: Duration,
+    /// Most bytes of records held, as they travel in a push-pull (see [`record_cost`]): the
+    /// directory and the key/value table ride together in each push-pull, within the
+    /// membership's `max_push_pull_size` (8 MiB), so each keeps to a share of it.
+    pub max_bytes: usize,
+}
+
+/// What a record costs in a push-pull, in bytes, as [`RegistryLimits::max_bytes`] counts it: its
+/// name, owner and value, and 112 bytes for its numbers, signature and framing.
+pub fn record_cost(record: &Record) -> usize {
+    record.name.len() + record.owner.len() + record.value.len() + 112
 }
 
 impl RegistryLimits {
     /// The limits of a node's replicated key/value table: 16,384 keys written by the node
-    /// (`max_local_endpoints`), 65,536 records in all (entries and tombstones of every owner),
-    /// tombstones and departed owners kept 10 minutes.
+    /// (`max_local_endpoints`), 65,536 records in all (entries and tombstones of every owner)
+    /// and 3 MiB of them (`max_bytes`), tombstones and departed owners kept 10 minutes.
     pub fn key_value() -> Self {
         Self {
             max_local_endpoints: 16_384,
+            max_bytes: 3 << 20,
             ..Self::default()
         }
     }
@@ -304,6 +318,7 @@ impl Default for RegistryLimits {
             tombstone_ttl: Duration::from_secs(600),
             max_departed_owners: 16_384,
             departed_owner_ttl: Duration::from_secs(600),
+            max_bytes: 4 << 20,
         }
     }
 }
@@ -430,6 +445,8 @@ pub struct Registry {
     generation: u64,
     /// Live claims (endpoints or entries) of this node.
     local_claims: usize,
+    /// What the records held cost ([`record_cost`]).
+    bytes: usize,
 }
 
 impl Registry {
@@ -452,6 +469,7 @@ impl Registry {
             tombstones: BTreeSet::new(),
             generation: 0,
             local_claims: 0,
+            bytes: 0,
             events: VecDeque::new(),
             outbox: VecDeque::new(),
             lost: BTreeSet::new(),
@@ -562,6 +580,12 @@ impl Registry {
                 reason: "a key/value entry is written with put, not registered",
             });
         }
+        if is_reserved_name(name) && kind == EndpointKind::Exclusive {
+            return Err(RegistryError::InvalidName {
+                name: name.to_owned(),
+                reason: "names that start with \"grinta.\" are the fabric's own group endpoints",
+            });
+        }
         if self.is_local(name) {
             return Err(RegistryError::AlreadyRegistered {
                 name: name.to_owned(),
@@ -600,8 +624,7 @@ impl Registry {
                 limit: self.limits.max_records,
             });
         }
-        self.lost.remove(name);
-        let version = tick(&mut self.clock);
+        let version = self.clock.saturating_add(1);
         let record = Record {
             name: name.to_owned(),
             owner: self.local.clone(),
@@ -612,6 +635,14 @@ impl Registry {
             value: Bytes::new(),
             durable: false,
         };
+        if !self.fits(&record) {
+            return Err(RegistryError::LimitReached {
+                what: "max_bytes",
+                limit: self.limits.max_bytes,
+            });
+        }
+        self.lost.remove(name);
+        self.clock = version;
         self.apply(record.clone(), now);
         Ok(record)
     }
@@ -726,6 +757,31 @@ impl Registry {
             // News about our own records that we did not write: a previous life of this node.
             // Out-write it with the current state.
             let current = self.records.get(&(record.name.clone(), self.local.clone()));
+            if record.kind == EndpointKind::Value && current.is_none_or(|c| !c.record.claimed) {
+                // An entry of a previous life, where this life holds none: never a fresh write
+                // (that would outrank every later write of the key). A durable entry is taken
+                // back as this life's; any other is withdrawn at its own version; a tombstone
+                // needs nothing.
+                if current.is_none_or(|c| record.supersedes(&c.record)) && record.claimed {
+                    let corrected = if record.durable && current.is_none() {
+                        Record {
+                            owner_incarnation: self.local_incarnation,
+                            ..record
+                        }
+                    } else {
+                        Record {
+                            owner_incarnation: self.local_incarnation,
+                            claimed: false,
+                            value: Bytes::new(),
+                            durable: false,
+                            ..record
+                        }
+                    };
+                    self.apply(corrected.clone(), now);
+                    self.outbox.push_back(corrected);
+                }
+                return false;
+            }
             if current.is_none_or(|c| record.supersedes(&c.record)) {
                 let version = tick(&mut self.clock);
                 let corrected = Record {
@@ -745,16 +801,19 @@ impl Registry {
             return false;
         }
         let key = (record.name.clone(), record.owner.clone());
+        let full = !self.fits(&record)
+            || (!self.records.contains_key(&key) && self.records.len() >= self.limits.max_records);
         match self.records.get(&key) {
             Some(existing) if !record.supersedes(&existing.record) => false,
-            None if self.records.len() >= self.limits.max_records => {
+            _ if full => {
                 self.records_refused += 1;
                 // Logged at 1, 2, 4, 8, ... refusals: a flood cannot flood the log.
                 if self.records_refused.is_power_of_two() {
                     tracing::debug!(
                         refused = self.records_refused,
-                        limit = self.limits.max_records,
-                        "endpoint record from a peer dropped: max_records reached"
+                        max_records = self.limits.max_records,
+                        max_bytes = self.limits.max_bytes,
+                        "record from a peer dropped: max_records or max_bytes reached"
                     );
                 }
                 false
@@ -798,7 +857,7 @@ impl Registry {
         }
         for name in names {
             let before = self.claims(&name).next().is_some();
-            self.records.remove(&(name.clone(), owner.to_owned()));
+            self.remove(&(name.clone(), owner.to_owned()));
             self.after_change(&name, before, now);
         }
     }
@@ -840,7 +899,8 @@ impl Registry {
                 .get(&key)
                 .is_some_and(|e| e.withdrawn_at == Some(at))
             {
-                self.records.remove(&key);
+                self.remove(&key);
+                self.generation = self.generation.wrapping_add(1);
             }
         }
         let departed_ttl = self.limits.departed_owner_ttl;
@@ -900,6 +960,7 @@ impl Registry {
         }
         let local = record.owner == self.local;
         let claimed = record.claimed;
+        self.bytes += record_cost(&record);
         let old = self.records.insert(
             (record.name.clone(), record.owner.clone()),
             Entry {
@@ -908,6 +969,9 @@ impl Registry {
                 signed: None,
             },
         );
+        if let Some(old) = &old {
+            self.bytes -= record_cost(&old.record);
+        }
         if local {
             if old.is_some_and(|e| e.record.claimed) {
                 self.local_claims -= 1;
@@ -916,6 +980,29 @@ impl Registry {
                 self.local_claims += 1;
             }
         }
+    }
+
+    /// Removes the record of `key`, keeping the byte count.
+    fn remove(&mut self, key: &(String, String)) -> Option<Entry> {
+        let old = self.records.remove(key);
+        if let Some(old) = &old {
+            self.bytes -= record_cost(&old.record);
+        }
+        old
+    }
+
+    /// Whether holding `record` (in place of what its key holds) stays within `max_bytes`.
+    fn fits(&self, record: &Record) -> bool {
+        let old = self
+            .records
+            .get(&(record.name.clone(), record.owner.clone()))
+            .map_or(0, |e| record_cost(&e.record));
+        self.bytes - old + record_cost(record) <= self.limits.max_bytes
+    }
+
+    /// What the records held cost ([`record_cost`]), against [`RegistryLimits::max_bytes`].
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Emits name events and resolves conflicts on `name` after its records changed.
@@ -1056,7 +1143,9 @@ impl Registry {
     /// [`RegistryError::LimitReached`] beyond `max_local_endpoints` keys of this node or
     /// `max_records` in all.
     pub fn put(&mut self, key: &str, value: Bytes, now: Instant) -> Result<Record, RegistryError> {
-        self.write(key, value, false, now)
+        let record = self.prepare_write(key, value, false)?;
+        self.commit_write(record.clone(), now);
+        Ok(record)
     }
 
     /// Like [`put`](Self::put), for an entry that outlives this node: when it fails or leaves,
@@ -1068,7 +1157,25 @@ impl Registry {
         value: Bytes,
         now: Instant,
     ) -> Result<Record, RegistryError> {
-        self.write(key, value, true, now)
+        let record = self.prepare_write(key, value, true)?;
+        self.commit_write(record.clone(), now);
+        Ok(record)
+    }
+
+    /// Writes `record`, made by [`prepare_write`](Self::prepare_write) (a node checks that its
+    /// signed form fits a gossip item in between).
+    pub fn commit_write(&mut self, record: Record, now: Instant) {
+        self.clock = self.clock.max(record.version);
+        self.apply(record, now);
+    }
+
+    /// Takes over `entry`, a durable entry of a node that is gone: written as this node's,
+    /// whatever this node's own key limit (the cluster keeps the entry).
+    pub fn adopt(&mut self, entry: &Record, now: Instant) -> Result<Record, RegistryError> {
+        let mut record = self.prepare(&entry.name, entry.value.clone(), true, false)?;
+        record.durable = true;
+        self.commit_write(record.clone(), now);
+        Ok(record)
     }
 
     /// The durable entries `owner` holds (the last writes of their keys), to take over when it
@@ -1083,12 +1190,23 @@ impl Registry {
             .collect()
     }
 
-    fn write(
+    /// The record a write of `key` = `value` would make, checked against every limit, without
+    /// writing it (see [`commit_write`](Self::commit_write)).
+    pub fn prepare_write(
         &mut self,
         key: &str,
         value: Bytes,
         durable: bool,
-        now: Instant,
+    ) -> Result<Record, RegistryError> {
+        self.prepare(key, value, durable, true)
+    }
+
+    fn prepare(
+        &mut self,
+        key: &str,
+        value: Bytes,
+        durable: bool,
+        local_limit: bool,
     ) -> Result<Record, RegistryError> {
         validate_key(key)?;
         if value.len() > MAX_VALUE_LEN {
@@ -1101,7 +1219,8 @@ impl Registry {
             .records
             .get(&(key.to_owned(), self.local.clone()))
             .map(|e| e.record.claimed);
-        if mine != Some(true) && self.local_claims >= self.limits.max_local_endpoints {
+        if local_limit && mine != Some(true) && self.local_claims >= self.limits.max_local_endpoints
+        {
             return Err(RegistryError::LimitReached {
                 what: "max_local_entries",
                 limit: self.limits.max_local_endpoints,
@@ -1113,7 +1232,7 @@ impl Registry {
                 limit: self.limits.max_records,
             });
         }
-        let version = self.write_version(key);
+        let version = self.write_version(key)?;
         let record = Record {
             name: key.to_owned(),
             owner: self.local.clone(),
@@ -1124,7 +1243,12 @@ impl Registry {
             value,
             durable,
         };
-        self.apply(record.clone(), now);
+        if !self.fits(&record) {
+            return Err(RegistryError::LimitReached {
+                what: "max_bytes",
+                limit: self.limits.max_bytes,
+            });
+        }
         Ok(record)
     }
 
@@ -1136,7 +1260,8 @@ impl Registry {
         if self.get(key).is_none() {
             return Ok(None);
         }
-        let version = self.write_version(key);
+        let version = self.write_version(key)?;
+        self.clock = version;
         let tombstone = Record {
             name: key.to_owned(),
             owner: self.local.clone(),
@@ -1152,11 +1277,27 @@ impl Registry {
     }
 
     /// The version of a new write of `key`: the next of this node's clock, and above every
-    /// write of the key seen (one far ahead moved the clock by [`MAX_VERSION_STEP`] only).
-    fn write_version(&mut self, key: &str) -> u64 {
+    /// write of the key seen (a merged write far ahead moved the clock by
+    /// [`MAX_VERSION_STEP`] only). The clock moves when the write is committed.
+    /// [`RegistryError::LimitReached`] if that would pass [`MAX_RECORD_VERSION`]: a key written
+    /// at the very top of the range can no longer be outranked.
+    fn write_version(&self, key: &str) -> Result<u64, RegistryError> {
         let seen = self.last_write(key).map_or(0, |r| r.version);
-        self.clock = self.clock.max(seen.min(MAX_RECORD_VERSION - 1));
-        tick(&mut self.clock)
+        let version = self.clock.max(seen).saturating_add(1);
+        if version > MAX_RECORD_VERSION {
+            return Err(RegistryError::LimitReached {
+                what: "record version",
+                limit: usize::try_from(MAX_RECORD_VERSION).unwrap_or(usize::MAX),
+            });
+        }
+        Ok(version)
+    }
+
+    /// Moves this node's clock to at least `floor` (at most half the version range): the
+    /// key/value table starts its clock at the node's start time, so that the writes of a node
+    /// restarted under the same name follow those of its previous life.
+    pub fn raise_clock(&mut self, floor: u64) {
+        self.clock = self.clock.max(floor.min(MAX_RECORD_VERSION / 2));
     }
 
     /// Live owners of `name` that win it: the single winner of an exclusive name, every claim of

@@ -636,3 +636,123 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_previous_life_never_outranks_later_writes() {
+    let now = Instant::now();
+    let mut nodes = [reg("a"), reg("b")];
+    let mut written = vec![Vec::new(), Vec::new()];
+    written[0].push(nodes[0].put("k", "a".into(), now).unwrap());
+    written[0].push(nodes[0].put_durable("d", "kept".into(), now).unwrap());
+    sync_all(&mut nodes, &mut written, now);
+    written[1].push(nodes[1].put("k", "b".into(), now).unwrap());
+    sync_all(&mut nodes, &mut written, now);
+    // a's own withdrawal comes back to it after it collected it: nothing to correct.
+    let withdrawal = written[0]
+        .iter()
+        .find(|r| r.name == "k" && !r.claimed)
+        .cloned()
+        .expect("a withdrew k");
+    let mut collected = Registry::new("a", RegistryLimits::key_value());
+    assert!(!collected.merge(withdrawal, now));
+    assert!(collected.poll_outgoing().is_none(), "no correction written");
+    // a restarts (incarnation 2, empty table) and hears of its previous life's entries: the
+    // plain one is withdrawn at its own version, the durable one taken back as this life's.
+    let mut reborn = Registry::new("a", RegistryLimits::key_value());
+    reborn.set_local_incarnation(2, now);
+    for r in written[0].clone() {
+        reborn.merge(r, now);
+    }
+    let corrections: Vec<Record> = std::iter::from_fn(|| reborn.poll_outgoing()).collect();
+    let durable = corrections
+        .iter()
+        .find(|r| r.name == "d")
+        .expect("durable entry taken back");
+    assert!(durable.claimed && durable.durable && durable.owner_incarnation == 2);
+    let b_value = nodes[1].get("k").unwrap().clone();
+    for r in corrections {
+        assert!(
+            r.name != "k" || r.version < b_value.version,
+            "a correction never outranks b's later write: {r:?}"
+        );
+        nodes[1].merge(r, now);
+    }
+    assert_eq!(nodes[1].get("k"), Some(&b_value));
+    assert_eq!(&nodes[1].get("d").unwrap().value[..], b"kept");
+}
+
+#[test]
+fn versions_bytes_and_reserved_names_are_bounded() {
+    let now = Instant::now();
+    // A key written at the top of the version range can no longer be outranked: a clear error.
+    let mut a = Registry::new("a", RegistryLimits::key_value());
+    let top = Record {
+        name: "k".into(),
+        owner: "x".into(),
+        owner_incarnation: 1,
+        version: MAX_RECORD_VERSION,
+        claimed: true,
+        kind: EndpointKind::Value,
+        value: "v".into(),
+        durable: false,
+    };
+    assert!(a.merge(top, now));
+    assert!(matches!(
+        a.put("k", "mine".into(), now),
+        Err(RegistryError::LimitReached {
+            what: "record version",
+            ..
+        })
+    ));
+    assert!(a.delete("k", now).is_err());
+    assert!(a.put("other", "fine".into(), now).is_ok());
+    assert!(a.records().all(|r| r.version <= MAX_RECORD_VERSION));
+    // A clock raised to the start time (in ms) puts this life's writes after the last's.
+    let mut b = Registry::new("b", RegistryLimits::key_value());
+    b.raise_clock(1_700_000_000_000);
+    assert!(b.put("k2", "v".into(), now).unwrap().version > 1_700_000_000_000);
+    b.raise_clock(u64::MAX);
+    assert!(b.put("k3", "v".into(), now).unwrap().version <= MAX_RECORD_VERSION);
+
+    // Bytes: 10,000 writes of 400-byte values stop at max_bytes, locally and from a peer.
+    let limits = RegistryLimits {
+        max_bytes: 1 << 20,
+        ..RegistryLimits::key_value()
+    };
+    let mut c = Registry::new("c", limits.clone());
+    let mut d = Registry::new("d", RegistryLimits::key_value());
+    let (mut taken, mut merged) = (0, 0);
+    for i in 0..10_000 {
+        let value = Bytes::from(vec![b'x'; 400]);
+        if c.put(&format!("c/{i}"), value.clone(), now).is_ok() {
+            taken += 1;
+        }
+        if let Ok(r) = d.put(&format!("d/{i}"), value, now) {
+            merged += usize::from(c.merge(r, now));
+        }
+    }
+    assert!(c.bytes() <= 1 << 20, "{}", c.bytes());
+    assert!(taken > 0 && taken + merged < 10_000 && merged < 10_000);
+    assert!(c.records_refused() > 0);
+    assert!(matches!(
+        c.put("one-more", Bytes::from(vec![b'x'; 400]), now),
+        Err(RegistryError::LimitReached {
+            what: "max_bytes",
+            ..
+        })
+    ));
+
+    // Reserved names: the fabric's own, never exclusive.
+    let mut e = reg("e");
+    assert!(matches!(
+        e.register("grinta.query.t", EndpointKind::Exclusive, now),
+        Err(RegistryError::InvalidName { .. })
+    ));
+    let group = e
+        .register("grinta.query.t", EndpointKind::Group, now)
+        .unwrap();
+    let mut hijack = group.to_wire();
+    hijack.kind = wire::EndpointKind::Exclusive as i32;
+    assert!(Record::from_wire(&hijack).is_none());
+    assert!(Record::from_wire(&group.to_wire()).is_some());
+}
