@@ -899,6 +899,11 @@ impl Flows {
         id
     }
 
+    /// Whether this node is shutting down (no new flows).
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.shutting_down
+    }
+
     /// Starts a dial of `endpoint` at node `peer` (at `addr`).
     pub(crate) fn dial(
         &mut self,

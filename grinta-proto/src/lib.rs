@@ -15,6 +15,7 @@
 //! - [`codec`]: codecs for typed flows (bytes, prost, serde JSON behind the `json` feature).
 //! - [`fabric`]: the user API (`Fabric`, `Endpoint`, `Flow`), runtime-independent; the adapters
 //!   plug in a socket, a timer and a spawner.
+//! - [`datagram`]: application datagrams (unreliable, in QUIC DATAGRAM frames) and their queues.
 //! - [`flow`]: flows over QUIC streams (open/accept/reject, messages, finish, reset, back-pressure).
 //! - [`registry`]: the endpoint-name directory (owner-versioned records, conflict resolution).
 //! - [`tags`]: key/value labels a node gives itself, spread in its membership metadata.
@@ -54,6 +55,7 @@ pub mod api {
 pub mod adapter;
 pub mod claims;
 pub mod codec;
+pub mod datagram;
 pub mod fabric;
 pub mod flow;
 pub mod membership;

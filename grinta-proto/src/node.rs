@@ -303,6 +303,11 @@ pub enum Event {
     Registry(RegistryEvent),
     /// Something happened to a flow.
     Flow(FlowEvent),
+    /// An application datagram waits for local endpoint `endpoint` ([`Node::recv_datagram`]).
+    Datagram {
+        /// The endpoint.
+        endpoint: String,
+    },
     /// A QUIC connection to a peer ended (idle, closed or failed).
     ConnectionLost {
         /// The peer's name, if the connection was bound to one.
@@ -329,6 +334,8 @@ pub struct NodeStats {
     pub records_held: u64,
     /// Held records dropped: the buffer was full, or the owner did not show up in time.
     pub records_held_dropped: u64,
+    /// Application datagrams sent, received and dropped.
+    pub datagrams: crate::datagram::DatagramStats,
 }
 
 /// Most endpoint records held while their owner's alive has not arrived (gossip relays them in
@@ -354,6 +361,8 @@ pub struct Node {
     rng: ChaCha8Rng,
     /// The replicated key/value table: records of kind `Value`, spread like the directory's.
     kv: Registry,
+    /// Application datagrams waiting for this node's endpoints.
+    datagrams: crate::datagram::Datagrams,
     /// The directory or the key/value table changed since the push-pull state was last encoded.
     registry_dirty: bool,
     /// When the push-pull state was last encoded (see [`APP_STATE_INTERVAL`]).
@@ -429,6 +438,7 @@ impl Node {
             membership,
             registry,
             kv,
+            datagrams: crate::datagram::Datagrams::default(),
             app_state_encoded_at: now,
             flows: Flows::new(&config.name, config.flows.clone()),
             rng: ChaCha8Rng::seed_from_u64(seed ^ 0x666c_6f77),
@@ -551,6 +561,85 @@ impl Node {
         Ok(true)
     }
 
+    /// Sends an application datagram to `endpoint` (on the owner [`resolve`](Self::resolve)
+    /// picks; this node's own endpoints get it at once): unreliable, unordered, never waiting.
+    /// Returns whether it left (a datagram dropped for want of room is not an error, only
+    /// counted in [`NodeStats::datagrams`]).
+    ///
+    /// Errors: `FlowError::MessageTooLarge` beyond [`MAX_DATAGRAM_SIZE`](crate::datagram::MAX_DATAGRAM_SIZE),
+    /// `FlowError::NoSuchEndpoint`, `FlowError::ShuttingDown`.
+    pub fn send_datagram(
+        &mut self,
+        now: Instant,
+        endpoint: &str,
+        payload: Bytes,
+    ) -> Result<bool, FlowError> {
+        use crate::datagram::{MAX_DATAGRAM_SIZE, encode};
+        if payload.len() > MAX_DATAGRAM_SIZE {
+            return Err(FlowError::MessageTooLarge {
+                size: payload.len() as u64,
+                limit: MAX_DATAGRAM_SIZE as u64,
+            });
+        }
+        if self.flows.is_shutting_down() {
+            return Err(FlowError::ShuttingDown);
+        }
+        let node = match self.resolve(endpoint)? {
+            Target::Local => {
+                let from = self.membership.local_name().to_owned();
+                let delivered = self.datagrams.deliver(endpoint, &from, payload);
+                self.datagrams.count_sent(delivered);
+                if delivered {
+                    self.events.push_back(Event::Datagram {
+                        endpoint: endpoint.to_owned(),
+                    });
+                }
+                return Ok(delivered);
+            }
+            Target::Remote { node } => node,
+        };
+        let Some(addr) = self.membership.member(&node).map(|m| m.addr) else {
+            return Err(FlowError::NoSuchEndpoint {
+                name: endpoint.to_owned(),
+            });
+        };
+        let sent = self
+            .transport
+            .send_app_datagram(now, &node, addr, encode(endpoint, payload));
+        self.datagrams.count_sent(sent);
+        self.work_pending = true;
+        Ok(sent)
+    }
+
+    /// The next application datagram for local endpoint `endpoint`: the sending node's name and
+    /// the payload.
+    pub fn recv_datagram(&mut self, endpoint: &str) -> Option<(String, Bytes)> {
+        self.datagrams.recv(endpoint)
+    }
+
+    /// A datagram arrived on connection `conn`: queued for its endpoint if this node serves it.
+    fn deliver_datagram(&mut self, conn: quinn_proto::ConnectionHandle, data: Bytes) {
+        let Some((endpoint, payload)) = crate::datagram::decode(data) else {
+            self.datagrams.count_dropped();
+            return;
+        };
+        let Some(from) = self
+            .transport
+            .peer_of(conn)
+            .map(|(name, _)| name.to_owned())
+        else {
+            self.datagrams.count_dropped();
+            return;
+        };
+        if !self.registry.is_local(&endpoint) {
+            self.datagrams.count_dropped();
+            return;
+        }
+        if self.datagrams.deliver(&endpoint, &from, payload) {
+            self.events.push_back(Event::Datagram { endpoint });
+        }
+    }
+
     /// A number that moves whenever the directory or the key/value table changes.
     pub fn directory_generation(&self) -> u64 {
         self.registry
@@ -579,6 +668,7 @@ impl Node {
         let record = self.registry.unregister(name, now)?;
         self.flows
             .on_endpoint_closed(&mut self.transport, name, ResetCode::EndpointClosed);
+        self.datagrams.close(name);
         self.announce(&record);
         self.work_pending = true;
         Ok(())
@@ -1278,6 +1368,7 @@ impl Node {
             undecodable: self.undecodable,
             records_held: self.records_held,
             records_held_dropped: self.records_held_dropped,
+            datagrams: self.datagrams.stats(),
         }
     }
 
@@ -1562,6 +1653,9 @@ impl Node {
     fn handle_transport_event(&mut self, now: Instant, event: TransportEvent) {
         match event {
             TransportEvent::Datagram { conn, data } => {
+                if crate::datagram::is_app_datagram(&data) {
+                    return self.deliver_datagram(conn, data);
+                }
                 let Ok(packet) = wire::Packet::decode(data) else {
                     self.undecodable += 1;
                     return;

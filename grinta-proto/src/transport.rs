@@ -850,6 +850,38 @@ impl Transport {
         self.dirty.insert(ch);
     }
 
+    /// Sends an application datagram (see [`crate::datagram`]) to the peer, connecting first if
+    /// needed; `false` if it was dropped: membership keeps priority, so it goes only while the
+    /// connection's datagram buffer has [`APP_DATAGRAM_HEADROOM`](crate::datagram::APP_DATAGRAM_HEADROOM)
+    /// to spare (or, while the connection is being made, while half its queue is free).
+    pub(crate) fn send_app_datagram(
+        &mut self,
+        now: Instant,
+        name: &str,
+        addr: SocketAddr,
+        data: Bytes,
+    ) -> bool {
+        let Some(ch) = self.connection_for(now, Some(name), addr) else {
+            return false;
+        };
+        let limit = self.limits.max_queued_datagrams / 2;
+        let Some(c) = self.conns.get_mut(&ch) else {
+            return false;
+        };
+        let sent = if c.datagrams_ready {
+            c.conn.datagrams().send_buffer_space()
+                >= crate::datagram::APP_DATAGRAM_HEADROOM + data.len()
+                && c.conn.datagrams().send(data, false).is_ok()
+        } else if c.queued_datagrams.len() < limit {
+            c.queued_datagrams.push_back(data);
+            true
+        } else {
+            false
+        };
+        self.dirty.insert(ch);
+        sent
+    }
+
     /// Opens a stream to the peer and sends `data` as one framed message on it.
     pub(crate) fn send_request(
         &mut self,

@@ -44,6 +44,18 @@ pub fn wire_messages(data: &[u8]) {
         6 => round_trip::<wire::EndpointRecord>(bytes),
         _ => round_trip::<wire::Broadcast>(bytes),
     }
+    // Every input is also an application datagram as a peer might send it: it decodes (and
+    // re-encodes) or is refused, never a panic.
+    if let Some((endpoint, payload)) =
+        grinta_proto::datagram::decode(bytes::Bytes::copy_from_slice(data))
+    {
+        let again = grinta_proto::datagram::encode(&endpoint, payload.clone());
+        assert_eq!(
+            grinta_proto::datagram::decode(again),
+            Some((endpoint, payload)),
+            "decode(encode(d)) == d"
+        );
+    }
 }
 
 /// The stream framing decoder, fed in pieces whose size the first byte picks.

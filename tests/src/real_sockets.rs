@@ -1338,3 +1338,104 @@ pub async fn requests_get_one_reply_each<R: Runtime>() {
             .is_shutdown()
     );
 }
+
+/// Datagrams reach an endpoint with their sender's name, remote and in-process; a burst of
+/// 100,000 never blocks the sender and costs membership nothing; every misuse is a typed error.
+pub async fn datagrams_arrive_and_never_block<R: Runtime>() {
+    use grinta_proto::flow::FlowError;
+    let ca = DevCa::new().expect("dev CA");
+    let fabrics = cluster::<R>(&ca, 2).await;
+    let (client, server) = (fabrics[0].clone(), fabrics[1].clone());
+    let inbox = server.endpoint("inbox").expect("endpoint");
+    client
+        .wait_for("inbox", Duration::from_secs(20))
+        .await
+        .expect("name spread");
+
+    // Paced: each arrives, with the sender's name.
+    for i in 0..100u32 {
+        client
+            .send_datagram("inbox", format!("d{i}"))
+            .expect("sent");
+        let (from, payload) = within::<R, _>(Duration::from_secs(5), inbox.recv_datagram())
+            .await
+            .expect("arrives on loopback")
+            .expect("datagram");
+        assert_eq!(from, "node-0");
+        assert_eq!(payload, format!("d{i}").into_bytes());
+    }
+    // In-process, from this node to its own endpoint.
+    server.send_datagram("inbox", "local").expect("sent");
+    assert_eq!(
+        inbox.recv_datagram().await.expect("datagram"),
+        ("node-1".to_owned(), bytes::Bytes::from_static(b"local"))
+    );
+    // The largest, and one byte more.
+    let max = client.max_datagram_size();
+    client
+        .send_datagram("inbox", vec![7u8; max])
+        .expect("the largest datagram");
+    let (_, largest) = within::<R, _>(Duration::from_secs(5), inbox.recv_datagram())
+        .await
+        .expect("arrives")
+        .expect("datagram");
+    assert_eq!(largest.len(), max);
+    let err = client
+        .send_datagram("inbox", vec![7u8; max + 1])
+        .expect_err("too large");
+    assert!(
+        matches!(err.flow_error(), Some(FlowError::MessageTooLarge { .. })),
+        "{err:?}"
+    );
+    assert!(
+        client
+            .send_datagram("nobody", "x")
+            .expect_err("no owner")
+            .is_no_such_endpoint()
+    );
+    assert!(client.send_datagram("bad name", "x").is_err());
+
+    // A burst of 100,000 returns at once (what has no room is dropped and counted), and
+    // membership does not notice.
+    let started = std::time::Instant::now();
+    for i in 0..100_000u32 {
+        client
+            .send_datagram("inbox", i.to_be_bytes().to_vec())
+            .expect("never an error");
+    }
+    let burst_took = started.elapsed();
+    let stats = client.stats().node.datagrams;
+    assert_eq!(
+        stats.sent + stats.dropped_sending,
+        100 + 1 + 100_000,
+        "{stats:?} after {burst_took:?}"
+    );
+    let mut received = 0;
+    while let Some(Ok(_)) = within::<R, _>(Duration::from_millis(500), inbox.recv_datagram()).await
+    {
+        received += 1;
+    }
+    assert!(received > 0 && received <= 1024 + 102, "{received}");
+    let server_stats = server.stats().node.datagrams;
+    assert!(
+        server_stats.dropped_receiving > 0 || stats.dropped_sending > 0,
+        "a burst beyond the queue is dropped somewhere: {server_stats:?} {stats:?}"
+    );
+    sleep::<R>(Duration::from_millis(500)).await;
+    for f in &fabrics {
+        assert_eq!(f.alive_members().len(), 1, "membership kept its priority");
+        assert_eq!(f.stats().node.membership.suspicions_raised, 0);
+    }
+    // Closing the endpoint: datagrams for it are dropped; shutting down ends the wait.
+    inbox.close();
+    client.shutdown().await;
+    assert!(
+        client
+            .send_datagram("inbox", "x")
+            .expect_err("down")
+            .is_shutdown()
+    );
+    let late = server.endpoint("late").expect("endpoint");
+    server.shutdown().await;
+    assert!(late.recv_datagram().await.expect_err("down").is_shutdown());
+}

@@ -1079,3 +1079,57 @@ fn a_request_costs_one_round_trip_on_an_open_connection() {
         "{exchanges:?}"
     );
 }
+
+// ----- datagrams ---------------------------------------------------------------------------------
+
+#[test]
+fn bursts_of_datagrams_never_starve_membership() {
+    let (seed, _g) = seed(10);
+    let n = 5;
+    let mut c = formed(seed, n);
+    c.run_for(Duration::from_secs(2));
+    register(&mut c, 1, "inbox", EndpointKind::Exclusive);
+    c.run_until(Duration::from_secs(10), |c| {
+        !owners(c, 0, "inbox").is_empty()
+    })
+    .expect("name spread");
+    let suspicions = |c: &Cluster<SimulatedNode>| -> u64 {
+        (0..n)
+            .map(|i| c.sim.node(i).node.stats().membership.suspicions_raised)
+            .sum()
+    };
+    let before = suspicions(&c);
+    let mut received = 0;
+    for burst in 0..10u32 {
+        // 10,000 datagrams of 900 bytes in one input: far more than a connection carries at once.
+        c.sim.with_node(0, |n, now| {
+            for i in 0..10_000u32 {
+                let mut payload = vec![0u8; 900];
+                payload[..4].copy_from_slice(&(burst * 10_000 + i).to_be_bytes());
+                n.node
+                    .send_datagram(now, "inbox", Bytes::from(payload))
+                    .expect("never an error");
+            }
+        });
+        c.run_for(Duration::from_secs(1));
+        while c
+            .sim
+            .with_node(1, |n, _| n.node.recv_datagram("inbox"))
+            .is_some_and(|(from, _)| from == node_name(0))
+        {
+            received += 1;
+        }
+    }
+    c.run_for(Duration::from_secs(10));
+    let sender = c.sim.node(0).node.stats().datagrams;
+    let receiver = c.sim.node(1).node.stats().datagrams;
+    println!("100,000 datagrams: {sender:?}; receiver {receiver:?}; read {received}");
+    assert_eq!(sender.sent + sender.dropped_sending, 100_000);
+    assert!(received > 1000, "{received}");
+    assert_eq!(
+        suspicions(&c),
+        before,
+        "no probe lost to the bursts (seed {seed})"
+    );
+    assert!(c.converged());
+}

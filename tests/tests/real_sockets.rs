@@ -41,4 +41,5 @@ on_both_runtimes!(
     queries_reach_every_matching_handler,
     the_key_value_table_is_shared_and_watched,
     requests_get_one_reply_each,
+    datagrams_arrive_and_never_block,
 );

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use hashbrown::HashMap;
 use tracing::debug;
 
@@ -431,6 +432,8 @@ struct Waiters {
     flows: HashMap<FlowId, Vec<Waker>>,
     /// Per endpoint: tasks waiting in `accept`.
     endpoints: HashMap<String, Vec<Waker>>,
+    /// Per endpoint: tasks waiting in `recv_datagram`.
+    datagrams: HashMap<String, Vec<Waker>>,
     /// Tasks waiting for a member event.
     members: Vec<Waker>,
     /// Tasks waiting for a name to become resolvable (`wait_for`), name watches and endpoint
@@ -618,6 +621,9 @@ impl Inner {
         for (_, ws) in self.waiters.endpoints.drain() {
             ws.into_iter().for_each(Waker::wake);
         }
+        for (_, ws) in self.waiters.datagrams.drain() {
+            ws.into_iter().for_each(Waker::wake);
+        }
         self.waiters.members.drain(..).for_each(Waker::wake);
         self.waiters.names.drain(..).for_each(Waker::wake);
     }
@@ -682,6 +688,11 @@ impl Inner {
                 }
                 Event::Registry(_) => self.waiters.names.drain(..).for_each(Waker::wake),
                 Event::ConnectionLost { .. } => {}
+                Event::Datagram { endpoint } => {
+                    for w in self.waiters.datagrams.remove(&endpoint).unwrap_or_default() {
+                        w.wake();
+                    }
+                }
                 Event::Membership(e) => {
                     self.directory_changes += 1;
                     self.waiters.names.drain(..).for_each(Waker::wake);
@@ -1146,6 +1157,41 @@ impl<R: Runtime> Fabric<R> {
         })
     }
 
+    /// Sends `message` to endpoint `name` as a datagram: unreliable and unordered, in a QUIC
+    /// DATAGRAM frame (or in-process, to an endpoint of this node), received with
+    /// [`Endpoint::recv_datagram`]. It never waits: a datagram the connection has no room for
+    /// (membership keeps priority) or that its receiver has no room for is dropped and counted
+    /// in [`FabricStats`] (`node.datagrams`). The first datagrams to a node not yet connected
+    /// wait for the connection (a few of them).
+    ///
+    /// Errors: [`Error::Registry`] for an invalid name; `FlowError::MessageTooLarge` beyond
+    /// [`max_datagram_size`](Self::max_datagram_size); `FlowError::NoSuchEndpoint`;
+    /// [`Error::Shutdown`].
+    ///
+    /// ```no_run
+    /// # fn demo(fabric: grinta_proto::fabric::Fabric<impl grinta_proto::fabric::Runtime>) -> Result<(), grinta_proto::fabric::Error> {
+    /// fabric.send_datagram("telemetry", "cpu=0.42")?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn send_datagram(&self, name: &str, message: impl Into<Bytes>) -> Result<(), Error> {
+        crate::registry::validate_endpoint_name(name)?;
+        let message = message.into();
+        self.with(|inner, now| {
+            if !inner.accepting() {
+                return Err(Error::Shutdown);
+            }
+            inner.node.send_datagram(now, name, message)?;
+            Ok(())
+        })
+    }
+
+    /// The largest datagram [`send_datagram`](Self::send_datagram) takes, in bytes
+    /// ([`MAX_DATAGRAM_SIZE`](crate::datagram::MAX_DATAGRAM_SIZE): 960, whatever the path).
+    pub fn max_datagram_size(&self) -> usize {
+        crate::datagram::MAX_DATAGRAM_SIZE
+    }
+
     /// Registers an exclusive endpoint named `name`: dials of `name` from anywhere reach it.
     ///
     /// Fails with [`Error::Registry`] if the name is invalid (1..=128 bytes of
@@ -1439,6 +1485,46 @@ impl<R: Runtime> Endpoint<R> {
         drop(self);
     }
 
+    /// The next datagram sent to this endpoint ([`Fabric::send_datagram`]): the sending node's
+    /// name and the payload. Datagrams are unordered and may be lost; at most
+    /// [`DATAGRAM_QUEUE`](crate::datagram::DATAGRAM_QUEUE) wait here, beyond which new ones are
+    /// dropped. [`Error::Shutdown`] once the fabric is shut down.
+    ///
+    /// Cancel safety: dropping the future loses no datagram.
+    ///
+    /// ```no_run
+    /// # async fn demo(fabric: grinta_proto::fabric::Fabric<impl grinta_proto::fabric::Runtime>) -> Result<(), grinta_proto::fabric::Error> {
+    /// let telemetry = fabric.endpoint("telemetry")?;
+    /// loop {
+    ///     let (from, payload) = telemetry.recv_datagram().await?;
+    ///     println!("{from}: {payload:?}");
+    /// }
+    /// # }
+    /// ```
+    pub async fn recv_datagram(&self) -> Result<(String, Bytes), Error> {
+        std::future::poll_fn(|cx| self.poll_recv_datagram(cx)).await
+    }
+
+    /// Polls for the next datagram (see [`recv_datagram`](Self::recv_datagram)).
+    pub fn poll_recv_datagram(&self, cx: &mut Context<'_>) -> Poll<Result<(String, Bytes), Error>> {
+        let mut inner = self.fabric.shared.lock();
+        if let Some(datagram) = inner.node.recv_datagram(&self.name) {
+            return Poll::Ready(Ok(datagram));
+        }
+        if inner.shutdown {
+            return Poll::Ready(Err(Error::Shutdown));
+        }
+        let waiters = inner
+            .waiters
+            .datagrams
+            .entry(self.name.clone())
+            .or_default();
+        if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            waiters.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
     /// Polls for the next flow (see [`accept`](Self::accept)).
     pub fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<Result<Flow<R>, Error>> {
         let mut inner = self.fabric.shared.lock();
@@ -1522,6 +1608,7 @@ impl<R: Runtime> Drop for Endpoint<R> {
         self.fabric.with(|inner, now| {
             inner.close_local_backlog(&name, ResetCode::EndpointClosed);
             inner.waiters.endpoints.remove(&name);
+            inner.waiters.datagrams.remove(&name);
             inner.conflicts.remove(&name);
             let _ = inner.node.unregister_endpoint(now, &name);
         });

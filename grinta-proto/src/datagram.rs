@@ -1,0 +1,187 @@
+//! Application datagrams: unreliable, unordered messages to an endpoint, in QUIC DATAGRAM frames.
+//!
+//! A datagram travels on the connection between two nodes, which membership packets share, as
+//! the byte [`APP_DATAGRAM_TAG`] followed by a `grinta.v1.AppDatagram`. Membership keeps
+//! priority: an application datagram is sent only while the connection's datagram buffer has
+//! room to spare ([`APP_DATAGRAM_HEADROOM`]), and is dropped (and counted) otherwise, so a
+//! sender is never blocked and never crowds out probes. A receiving node queues at most
+//! [`DATAGRAM_QUEUE`] datagrams per endpoint for its application; beyond that it drops them.
+
+use std::collections::VecDeque;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use hashbrown::HashMap;
+use prost::Message;
+
+use crate::registry::validate_endpoint_name;
+use crate::wire;
+
+/// The first byte of an application datagram; a membership packet never starts with it.
+pub const APP_DATAGRAM_TAG: u8 = 0xFF;
+
+/// The largest payload of an application datagram, in bytes, whatever the endpoint's name: the
+/// datagram, its endpoint name and framing fit the 1,100-byte membership packet budget, which
+/// every path between nodes carries.
+pub const MAX_DATAGRAM_SIZE: usize = 960;
+
+/// Datagrams queued per local endpoint for the application; beyond it they are dropped.
+pub const DATAGRAM_QUEUE: usize = 1024;
+
+/// Bytes of a connection's datagram send buffer kept for membership: an application datagram
+/// is dropped rather than use them.
+pub const APP_DATAGRAM_HEADROOM: usize = 64 * 1024;
+
+/// Frames a datagram for `endpoint`.
+pub fn encode(endpoint: &str, payload: Bytes) -> Bytes {
+    let message = wire::AppDatagram {
+        endpoint: endpoint.to_owned(),
+        payload,
+    };
+    let mut out = BytesMut::with_capacity(1 + message.encoded_len());
+    out.put_u8(APP_DATAGRAM_TAG);
+    message.encode(&mut out).unwrap_or_default();
+    out.freeze()
+}
+
+/// Reads a datagram framed by [`encode`]: `None` if it is not one, or not valid.
+pub fn decode(mut data: Bytes) -> Option<(String, Bytes)> {
+    if data.first() != Some(&APP_DATAGRAM_TAG) {
+        return None;
+    }
+    let _ = data.split_to(1);
+    let message = wire::AppDatagram::decode(data).ok()?;
+    validate_endpoint_name(&message.endpoint).ok()?;
+    if message.payload.len() > MAX_DATAGRAM_SIZE {
+        return None;
+    }
+    Some((message.endpoint, message.payload))
+}
+
+/// Whether `data` is an application datagram (rather than a membership packet).
+pub fn is_app_datagram(data: &[u8]) -> bool {
+    data.first() == Some(&APP_DATAGRAM_TAG)
+}
+
+/// Counters of application datagrams.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DatagramStats {
+    /// Datagrams handed to a connection (or delivered in-process).
+    pub sent: u64,
+    /// Datagrams not sent: no connection, or its buffer had no room to spare for them.
+    pub dropped_sending: u64,
+    /// Datagrams queued for a local endpoint.
+    pub received: u64,
+    /// Datagrams that arrived and were dropped: no such endpoint here, its queue full, or not
+    /// valid.
+    pub dropped_receiving: u64,
+}
+
+/// The datagrams waiting for this node's endpoints.
+#[derive(Debug, Default)]
+pub struct Datagrams {
+    queues: HashMap<String, VecDeque<(String, Bytes)>>,
+    stats: DatagramStats,
+}
+
+impl Datagrams {
+    /// Queues a datagram from node `from` for local endpoint `endpoint`; `false` (counted) if its
+    /// queue is full.
+    pub fn deliver(&mut self, endpoint: &str, from: &str, payload: Bytes) -> bool {
+        let queue = self.queues.entry_ref(endpoint).or_default();
+        if queue.len() >= DATAGRAM_QUEUE {
+            self.stats.dropped_receiving += 1;
+            return false;
+        }
+        queue.push_back((from.to_owned(), payload));
+        self.stats.received += 1;
+        true
+    }
+
+    /// The next datagram for `endpoint`: the sending node's name and the payload.
+    pub fn recv(&mut self, endpoint: &str) -> Option<(String, Bytes)> {
+        let queue = self.queues.get_mut(endpoint)?;
+        let next = queue.pop_front();
+        if queue.is_empty() {
+            self.queues.remove(endpoint);
+        }
+        next
+    }
+
+    /// Drops what waits for `endpoint` (it was closed).
+    pub fn close(&mut self, endpoint: &str) {
+        self.queues.remove(endpoint);
+    }
+
+    /// Counts a datagram sent, or dropped before it was.
+    pub fn count_sent(&mut self, sent: bool) {
+        if sent {
+            self.stats.sent += 1;
+        } else {
+            self.stats.dropped_sending += 1;
+        }
+    }
+
+    /// Counts a datagram dropped on arrival.
+    pub fn count_dropped(&mut self) {
+        self.stats.dropped_receiving += 1;
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> DatagramStats {
+        self.stats.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datagrams_round_trip_and_other_bytes_are_refused() {
+        let framed = encode("svc", Bytes::from_static(b"hi"));
+        assert!(is_app_datagram(&framed));
+        assert_eq!(
+            decode(framed),
+            Some(("svc".to_owned(), Bytes::from_static(b"hi")))
+        );
+        // A membership packet is never taken for one.
+        let packet = wire::Packet {
+            sender: "node-a".into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert!(!is_app_datagram(&packet));
+        assert_eq!(decode(Bytes::from(packet)), None);
+        assert_eq!(
+            decode(Bytes::from_static(&[APP_DATAGRAM_TAG, 0xff, 0xff])),
+            None
+        );
+        assert_eq!(decode(encode("bad name", Bytes::new())), None);
+        assert_eq!(
+            decode(encode("svc", Bytes::from(vec![0u8; MAX_DATAGRAM_SIZE + 1]))),
+            None
+        );
+        assert_eq!(decode(Bytes::new()), None);
+    }
+
+    #[test]
+    fn queues_are_bounded_per_endpoint() {
+        let mut d = Datagrams::default();
+        for i in 0..10_000u32 {
+            d.deliver("a", "n", Bytes::from(i.to_be_bytes().to_vec()));
+        }
+        assert_eq!(d.stats().received, DATAGRAM_QUEUE as u64);
+        assert_eq!(d.stats().dropped_receiving, 10_000 - DATAGRAM_QUEUE as u64);
+        assert!(
+            d.deliver("b", "n", Bytes::new()),
+            "another endpoint has its own queue"
+        );
+        assert_eq!(
+            d.recv("a").map(|(_, p)| p),
+            Some(Bytes::from(0u32.to_be_bytes().to_vec()))
+        );
+        d.close("a");
+        assert_eq!(d.recv("a"), None);
+    }
+}
