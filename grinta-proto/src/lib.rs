@@ -35,7 +35,7 @@ pub mod api {
     pub use crate::fabric::{
         DownReason, EndpointStats, KvEntry, KvEvent, MAX_KEY_LEN, MAX_NAMES_COUNTED,
         MAX_REQUESTS_READING, MAX_TOPIC_LEN, MAX_VALUE_LEN, MEMBER_EVENT_CAPACITY, NameEvent,
-        OTHER_NAMES, QueryOptions, QueryStats,
+        OTHER_NAMES, PUBLISH_BUFFER, QueryOptions, QueryStats, SUBSCRIPTION_QUEUE, TopicStats,
     };
     pub use crate::flow::{FlowError, FlowLimits, FlowStats, RejectReason, ResetCode};
     pub use crate::membership::{

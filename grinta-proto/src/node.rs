@@ -631,7 +631,7 @@ impl Node {
             self.datagrams.count_dropped();
             return;
         };
-        if !self.registry.is_local(&endpoint) {
+        if !self.registry.is_local(&endpoint) || crate::registry::is_reserved_name(&endpoint) {
             self.datagrams.count_dropped();
             return;
         }

@@ -42,4 +42,5 @@ on_both_runtimes!(
     the_key_value_table_is_shared_and_watched,
     requests_get_one_reply_each,
     datagrams_arrive_and_never_block,
+    topics_reach_every_subscriber,
 );

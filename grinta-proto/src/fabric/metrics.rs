@@ -100,6 +100,15 @@ pub(crate) fn record(inner: &Inner) {
         counter!("grinta_endpoint_dials_failed_total", &labels).absolute(e.dials_failed);
     }
 
+    // Topics.
+    for (topic, t) in &inner.topics.stats() {
+        let labels = [("node", node.clone()), ("topic", topic.clone())];
+        counter!("grinta_topic_published_total", &labels).absolute(t.published);
+        counter!("grinta_topic_sent_total", &labels).absolute(t.sent);
+        counter!("grinta_topic_received_total", &labels).absolute(t.received);
+        counter!("grinta_topic_dropped_total", &labels).absolute(t.dropped);
+    }
+
     // Queries.
     for (topic, q) in &inner.query_stats {
         let labels = [("node", node.clone()), ("topic", topic.clone())];

@@ -42,6 +42,7 @@ mod mailbox;
 mod metrics;
 mod query;
 mod request;
+mod topic;
 mod watch;
 
 pub use crate::node::DownReason;
@@ -55,6 +56,10 @@ pub use query::{
     MAX_TOPIC_LEN, QUERY_ENDPOINT_PREFIX, Query, QueryHandler, QueryOptions, QueryResponses,
 };
 pub use request::{MAX_REQUESTS_READING, Request, Requests};
+pub use topic::{
+    PUBLISH_BUFFER, SUBSCRIPTION_QUEUE, SUBSCRIPTION_QUEUE_BYTES, Subscription,
+    TOPIC_ENDPOINT_PREFIX, TopicStats,
+};
 pub use watch::{EndpointMonitor, MemberWatch, NameEvent, NameWatch, NodeMonitor};
 
 use driver::Driver;
@@ -128,6 +133,8 @@ pub struct FabricStats {
     pub endpoints: BTreeMap<String, EndpointStats>,
     /// Per query topic asked or handled through this fabric (bounded like `endpoints`).
     pub queries: BTreeMap<String, QueryStats>,
+    /// Per pub/sub topic published or subscribed to on this node.
+    pub topics: BTreeMap<String, TopicStats>,
 }
 
 /// Most endpoint names (and, apart, query topics) a fabric keeps counters for; names beyond
@@ -466,6 +473,8 @@ pub(crate) struct Inner {
     endpoint_stats: BTreeMap<String, EndpointStats>,
     /// See [`FabricStats::queries`].
     query_stats: BTreeMap<String, QueryStats>,
+    /// Subscriptions, and the flows of published messages.
+    topics: topic::Topics,
     /// The runtime's clock: every input given to the node carries the time it is made at.
     clock: fn() -> Instant,
     /// A graceful shutdown is under way: no new flows or endpoints; open flows may finish
@@ -544,6 +553,7 @@ impl Inner {
 
     fn go_down(&mut self) {
         self.shutdown = true;
+        self.topics.close();
         self.close_local_flows();
         self.wake_all();
     }
@@ -638,6 +648,10 @@ impl Inner {
     fn dispatch(&mut self) {
         while let Some(event) = self.node.poll_event() {
             match event {
+                Event::Flow(e) if self.topics.owns(&e) => {
+                    let now = (self.clock)();
+                    self.topics.on_flow_event(&mut self.node, now, e);
+                }
                 Event::Flow(e) => match e {
                     FlowEvent::Opened { flow, .. } => match self.dials.get_mut(&flow) {
                         Some(slot) => {
@@ -723,7 +737,7 @@ pub(crate) fn deadline_after(now: Instant, timeout: Duration) -> Instant {
 }
 
 /// Refuses the fabric's own endpoint names (see [`crate::registry::RESERVED_PREFIX`]).
-fn refuse_reserved(name: &str) -> Result<(), Error> {
+pub(crate) fn refuse_reserved(name: &str) -> Result<(), Error> {
     if crate::registry::is_reserved_name(name) {
         return Err(RegistryError::InvalidName {
             name: name.to_owned(),
@@ -840,6 +854,7 @@ impl<R: Runtime> Fabric<R> {
                 socket_stats: SocketStats::default(),
                 endpoint_stats: BTreeMap::new(),
                 query_stats: BTreeMap::new(),
+                topics: topic::Topics::default(),
                 clock: R::now,
                 draining_until: None,
                 leaving: false,
@@ -1176,6 +1191,7 @@ impl<R: Runtime> Fabric<R> {
     /// ```
     pub fn send_datagram(&self, name: &str, message: impl Into<Bytes>) -> Result<(), Error> {
         crate::registry::validate_endpoint_name(name)?;
+        refuse_reserved(name)?;
         let message = message.into();
         self.with(|inner, now| {
             if !inner.accepting() {
@@ -1253,6 +1269,7 @@ impl<R: Runtime> Fabric<R> {
     /// # }
     /// ```
     pub async fn dial_where(&self, name: &str, filter: &TagFilter) -> Result<Flow<R>, Error> {
+        refuse_reserved(name)?;
         self.dial_with(name, |node, now| node.dial_where(now, name, filter))
             .await
     }
@@ -1358,6 +1375,7 @@ impl<R: Runtime> Fabric<R> {
             socket: inner.socket_stats.clone(),
             endpoints: inner.endpoint_stats.clone(),
             queries: inner.query_stats.clone(),
+            topics: inner.topics.stats(),
         }
     }
 
@@ -1383,8 +1401,9 @@ impl<R: Runtime> Fabric<R> {
                 return;
             }
             let grace = inner.node.flow_limits().shutdown_grace;
-            inner.draining_until = Some(now + grace);
+            inner.draining_until = Some(deadline_after(now, grace));
             inner.node.stop_accepting(now);
+            inner.topics.drain(&mut inner.node);
             let names: Vec<String> = inner.local_backlogs.keys().cloned().collect();
             for name in names {
                 inner.close_local_backlog(&name, ResetCode::ShuttingDown);
@@ -1663,6 +1682,8 @@ macro_rules! runtime_aliases {
         pub type Kv = $crate::fabric::Kv<$runtime>;
         /// A watch of the key/value entries under a prefix (`Kv::watch`).
         pub type KvWatch = $crate::fabric::KvWatch<$runtime>;
+        /// A subscription to a topic (`Fabric::subscribe`).
+        pub type Subscription = $crate::fabric::Subscription<$runtime>;
         pub use $crate::api::*;
         pub use $crate::fabric::{Error, FabricStats, Profile, SocketStats};
     };

@@ -123,67 +123,75 @@ impl<R: Runtime> Stream for Requests<R> {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        // Beyond MAX_REQUESTS_READING, flows wait in the endpoint's accept backlog (bounded by
-        // `accept_backlog`): a finished read wakes this stream, which then accepts more.
-        while this.reading.len() < MAX_REQUESTS_READING {
-            let Some(endpoint) = &this.endpoint else {
-                break;
-            };
-            match endpoint.poll_accept(cx) {
-                Poll::Pending => break,
-                Poll::Ready(Ok(mut flow)) => {
-                    // A requester sends its message with the open: one that sends nothing
-                    // within the dial timeout does not keep a slot.
-                    let limit = endpoint
-                        .fabric
-                        .shared
-                        .lock()
-                        .node
-                        .flow_limits()
-                        .dial_timeout;
-                    let deadline = R::sleep_until(super::deadline_after(R::now(), limit));
-                    this.reading.push(Box::pin(async move {
-                        let payload = {
-                            let read = async { flow.recv().await.ok().flatten() };
-                            let (mut read, mut deadline) = (pin!(read), pin!(deadline));
-                            std::future::poll_fn(|cx| {
-                                if let Poll::Ready(payload) = read.as_mut().poll(cx) {
-                                    return Poll::Ready(payload);
-                                }
-                                deadline.as_mut().poll(cx).map(|()| None)
-                            })
-                            .await?
-                        };
-                        Some(Request { flow, payload })
-                    }));
-                }
-                Poll::Ready(Err(e)) => {
-                    this.endpoint = None;
-                    if !e.is_shutdown() {
-                        this.ended = Some(e);
+        loop {
+            // Beyond MAX_REQUESTS_READING, flows wait in the endpoint's accept backlog (bounded
+            // by `accept_backlog`): a finished read frees a slot, and this loop accepts again.
+            while this.reading.len() < MAX_REQUESTS_READING {
+                let Some(endpoint) = &this.endpoint else {
+                    break;
+                };
+                match endpoint.poll_accept(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(Ok(mut flow)) => {
+                        // A requester sends its message with the open: one that sends nothing
+                        // within the dial timeout does not keep a slot.
+                        let limit = endpoint
+                            .fabric
+                            .shared
+                            .lock()
+                            .node
+                            .flow_limits()
+                            .dial_timeout;
+                        let deadline = R::sleep_until(super::deadline_after(R::now(), limit));
+                        this.reading.push(Box::pin(async move {
+                            let payload = {
+                                let read = async { flow.recv().await.ok().flatten() };
+                                let (mut read, mut deadline) = (pin!(read), pin!(deadline));
+                                std::future::poll_fn(|cx| {
+                                    if let Poll::Ready(payload) = read.as_mut().poll(cx) {
+                                        return Poll::Ready(payload);
+                                    }
+                                    deadline.as_mut().poll(cx).map(|()| None)
+                                })
+                                .await?
+                            };
+                            Some(Request { flow, payload })
+                        }));
+                    }
+                    Poll::Ready(Err(e)) => {
+                        this.endpoint = None;
+                        if !e.is_shutdown() {
+                            this.ended = Some(e);
+                        }
                     }
                 }
             }
-        }
-        let mut i = 0;
-        while i < this.reading.len() {
-            match this.reading[i].as_mut().poll(cx) {
-                Poll::Pending => i += 1,
-                Poll::Ready(request) => {
-                    drop(this.reading.swap_remove(i));
-                    if let Some(request) = request {
-                        return Poll::Ready(Some(Ok(request)));
+            let was_full = this.reading.len() >= MAX_REQUESTS_READING;
+            let mut i = 0;
+            while i < this.reading.len() {
+                match this.reading[i].as_mut().poll(cx) {
+                    Poll::Pending => i += 1,
+                    Poll::Ready(request) => {
+                        drop(this.reading.swap_remove(i));
+                        if let Some(request) = request {
+                            return Poll::Ready(Some(Ok(request)));
+                        }
                     }
                 }
             }
+            if let Some(e) = this.ended.take() {
+                return Poll::Ready(Some(Err(e)));
+            }
+            if this.endpoint.is_none() && this.reading.is_empty() {
+                return Poll::Ready(None);
+            }
+            // Slots freed while accepting was skipped: accept again, or no waker would wait
+            // on the backlog.
+            if was_full && this.reading.len() < MAX_REQUESTS_READING && this.endpoint.is_some() {
+                continue;
+            }
+            return Poll::Pending;
         }
-        if let Some(e) = this.ended.take() {
-            return Poll::Ready(Some(Err(e)));
-        }
-        if this.endpoint.is_none() && this.reading.is_empty() {
-            return Poll::Ready(None);
-        }
-        Poll::Pending
     }
 }
 
@@ -242,6 +250,7 @@ impl<R: Runtime> Fabric<R> {
         message: impl Into<Bytes>,
         timeout: Duration,
     ) -> Result<Bytes, Error> {
+        super::refuse_reserved(name)?;
         let message = message.into();
         let early = message.clone();
         self.request_via(
