@@ -52,9 +52,7 @@ pub use handles::{Flow, FlowReceiver, FlowSender, TypedFlow, TypedReceiver, Type
 pub use kv::{Kv, KvEntry, KvEvent, KvWatch, MAX_KEY_LEN, MAX_VALUE_LEN};
 #[cfg(feature = "metrics")]
 pub use metrics::METRICS_INTERVAL;
-pub use query::{
-    MAX_TOPIC_LEN, QUERY_ENDPOINT_PREFIX, Query, QueryHandler, QueryOptions, QueryResponses,
-};
+pub use query::{QUERY_ENDPOINT_PREFIX, Query, QueryHandler, QueryOptions, QueryResponses};
 pub use request::{MAX_REQUESTS_READING, Request, Requests};
 pub use topic::{
     PUBLISH_BUFFER, SUBSCRIPTION_QUEUE, SUBSCRIPTION_QUEUE_BYTES, Subscription,
@@ -734,6 +732,31 @@ pub(crate) fn deadline_after(now: Instant, timeout: Duration) -> Instant {
     now.checked_add(timeout)
         .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
         .unwrap_or(now)
+}
+
+/// Longest query or pub/sub topic, in bytes: an endpoint name less its prefix
+/// ([`QUERY_ENDPOINT_PREFIX`], [`TOPIC_ENDPOINT_PREFIX`], 13 bytes each).
+pub const MAX_TOPIC_LEN: usize =
+    crate::registry::MAX_ENDPOINT_NAME_LEN - QUERY_ENDPOINT_PREFIX.len();
+
+const _: () = assert!(QUERY_ENDPOINT_PREFIX.len() == TOPIC_ENDPOINT_PREFIX.len());
+
+/// The endpoint name of a query or pub/sub `topic` under `prefix`, checked: 1..=
+/// [`MAX_TOPIC_LEN`] bytes of `[A-Za-z0-9._-]`.
+fn topic_endpoint(prefix: &str, topic: &str) -> Result<String, Error> {
+    if topic.is_empty() || topic.len() > MAX_TOPIC_LEN {
+        return Err(RegistryError::InvalidName {
+            name: topic.chars().take(MAX_TOPIC_LEN + 8).collect(),
+            reason: "a topic is 1..=115 bytes long",
+        }
+        .into());
+    }
+    let name = format!("{prefix}{topic}");
+    crate::registry::validate_endpoint_name(&name).map_err(|_| RegistryError::InvalidName {
+        name: topic.to_owned(),
+        reason: "a topic may only hold A-Z, a-z, 0-9, '.', '_' and '-'",
+    })?;
+    Ok(name)
 }
 
 /// Refuses the fabric's own endpoint names (see [`crate::registry::RESERVED_PREFIX`]).

@@ -25,31 +25,10 @@ use bytes::Bytes;
 use super::request::{Request, Requests};
 use super::{Error, Fabric, Runtime};
 use crate::flow::FlowError;
-use crate::registry::{MAX_ENDPOINT_NAME_LEN, RegistryError, validate_endpoint_name};
 use crate::tags::TagFilter;
 
 /// The prefix of the group endpoint through which a node handles a query topic.
 pub const QUERY_ENDPOINT_PREFIX: &str = "grinta.query.";
-
-/// Longest query topic, in bytes (an endpoint name less [`QUERY_ENDPOINT_PREFIX`]).
-pub const MAX_TOPIC_LEN: usize = MAX_ENDPOINT_NAME_LEN - QUERY_ENDPOINT_PREFIX.len();
-
-/// The endpoint name of `topic`, checked: 1..=[`MAX_TOPIC_LEN`] bytes of `[A-Za-z0-9._-]`.
-fn topic_endpoint(topic: &str) -> Result<String, Error> {
-    if topic.is_empty() || topic.len() > MAX_TOPIC_LEN {
-        return Err(RegistryError::InvalidName {
-            name: topic.chars().take(MAX_TOPIC_LEN + 8).collect(),
-            reason: "a query topic is 1..=115 bytes long",
-        }
-        .into());
-    }
-    let name = format!("{QUERY_ENDPOINT_PREFIX}{topic}");
-    validate_endpoint_name(&name).map_err(|_| RegistryError::InvalidName {
-        name: topic.to_owned(),
-        reason: "a query topic may only hold A-Z, a-z, 0-9, '.', '_' and '-'",
-    })?;
-    Ok(name)
-}
 
 /// Which nodes a query asks, and for how long (see [`Fabric::query`]).
 ///
@@ -353,7 +332,7 @@ impl<R: Runtime> Fabric<R> {
         payload: Bytes,
         options: QueryOptions,
     ) -> Result<QueryResponses<R>, Error> {
-        let endpoint = topic_endpoint(topic)?;
+        let endpoint = super::topic_endpoint(QUERY_ENDPOINT_PREFIX, topic)?;
         let nodes: VecDeque<String> = {
             let inner = self.shared.lock();
             if !inner.accepting() {
@@ -418,7 +397,7 @@ impl<R: Runtime> Fabric<R> {
     /// # }
     /// ```
     pub fn handle_queries(&self, topic: &str) -> Result<QueryHandler<R>, Error> {
-        let endpoint = topic_endpoint(topic)?;
+        let endpoint = super::topic_endpoint(QUERY_ENDPOINT_PREFIX, topic)?;
         let endpoint = self.register(&endpoint, crate::registry::EndpointKind::Group)?;
         Ok(QueryHandler {
             topic: topic.to_owned(),
@@ -433,10 +412,25 @@ mod tests {
 
     #[test]
     fn topics_are_checked() {
-        assert_eq!(topic_endpoint("load").expect("valid"), "grinta.query.load");
-        assert!(topic_endpoint("").is_err());
-        assert!(topic_endpoint("a/b").is_err());
-        assert!(topic_endpoint(&"x".repeat(MAX_TOPIC_LEN)).is_ok());
-        assert!(topic_endpoint(&"x".repeat(MAX_TOPIC_LEN + 1)).is_err());
+        assert_eq!(
+            super::super::topic_endpoint(QUERY_ENDPOINT_PREFIX, "load").expect("valid"),
+            "grinta.query.load"
+        );
+        assert!(super::super::topic_endpoint(QUERY_ENDPOINT_PREFIX, "").is_err());
+        assert!(super::super::topic_endpoint(QUERY_ENDPOINT_PREFIX, "a/b").is_err());
+        assert!(
+            super::super::topic_endpoint(
+                QUERY_ENDPOINT_PREFIX,
+                &"x".repeat(super::super::MAX_TOPIC_LEN)
+            )
+            .is_ok()
+        );
+        assert!(
+            super::super::topic_endpoint(
+                QUERY_ENDPOINT_PREFIX,
+                &"x".repeat(super::super::MAX_TOPIC_LEN + 1)
+            )
+            .is_err()
+        );
     }
 }

@@ -26,7 +26,7 @@ use hashbrown::{HashMap, HashSet};
 use super::{Error, Fabric, Runtime};
 use crate::flow::{FlowError, FlowEvent, FlowId, Recv};
 use crate::node::Node;
-use crate::registry::{EndpointKind, MAX_ENDPOINT_NAME_LEN, RegistryError, validate_endpoint_name};
+use crate::registry::{EndpointKind, RegistryError};
 
 /// The prefix of the group endpoint through which a node receives a topic.
 pub const TOPIC_ENDPOINT_PREFIX: &str = "grinta.topic.";
@@ -42,24 +42,6 @@ pub const SUBSCRIPTION_QUEUE_BYTES: usize = 4 << 20;
 /// Bytes a publishing node holds for one subscribing node before `publish` waits (on top of
 /// the flow's own send buffer).
 pub const PUBLISH_BUFFER: usize = 1 << 20;
-
-/// The endpoint name of `topic`, checked: 1..=115 bytes of `[A-Za-z0-9._-]`.
-fn topic_endpoint(topic: &str) -> Result<String, Error> {
-    let max = MAX_ENDPOINT_NAME_LEN - TOPIC_ENDPOINT_PREFIX.len();
-    if topic.is_empty() || topic.len() > max {
-        return Err(RegistryError::InvalidName {
-            name: topic.chars().take(max + 8).collect(),
-            reason: "a topic is 1..=115 bytes long",
-        }
-        .into());
-    }
-    let name = format!("{TOPIC_ENDPOINT_PREFIX}{topic}");
-    validate_endpoint_name(&name).map_err(|_| RegistryError::InvalidName {
-        name: topic.to_owned(),
-        reason: "a topic may only hold A-Z, a-z, 0-9, '.', '_' and '-'",
-    })?;
-    Ok(name)
-}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -570,7 +552,7 @@ impl<R: Runtime> Drop for Subscription<R> {
             // either alive or gone with its endpoint.
             drop(queue);
             if inner.topics.unsubscribe(&mut inner.node, &topic) {
-                if let Ok(endpoint) = topic_endpoint(&topic) {
+                if let Ok(endpoint) = super::topic_endpoint(TOPIC_ENDPOINT_PREFIX, &topic) {
                     let _ = inner.node.unregister_endpoint(now, &endpoint);
                 }
             }
@@ -617,7 +599,7 @@ impl<R: Runtime> Fabric<R> {
     /// The nodes subscribed to `topic` as this node knows them (this node included), sorted:
     /// those a [`publish`](Self::publish) now reaches. Empty for an invalid topic.
     pub fn subscribers(&self, topic: &str) -> Vec<String> {
-        let Ok(endpoint) = topic_endpoint(topic) else {
+        let Ok(endpoint) = super::topic_endpoint(TOPIC_ENDPOINT_PREFIX, topic) else {
             return Vec::new();
         };
         self.shared
@@ -637,7 +619,7 @@ impl<R: Runtime> Fabric<R> {
     }
 
     fn subscribe_with(&self, topic: &str, reliable: bool) -> Result<Subscription<R>, Error> {
-        let endpoint = topic_endpoint(topic)?;
+        let endpoint = super::topic_endpoint(TOPIC_ENDPOINT_PREFIX, topic)?;
         let queue = Arc::new(Mutex::new(Queue {
             reliable,
             ..Queue::default()
@@ -686,7 +668,7 @@ impl<R: Runtime> Fabric<R> {
     ///
     /// Cancel safety: dropping the future before it completes publishes nothing.
     pub async fn publish(&self, topic: &str, message: impl Into<Bytes>) -> Result<(), Error> {
-        let endpoint = topic_endpoint(topic)?;
+        let endpoint = super::topic_endpoint(TOPIC_ENDPOINT_PREFIX, topic)?;
         let message = message.into();
         let limit = self.shared.lock().node.flow_limits().max_message_size;
         if message.len() > limit {
@@ -724,10 +706,13 @@ mod tests {
 
     #[test]
     fn topics_are_checked() {
-        assert_eq!(topic_endpoint("news").expect("valid"), "grinta.topic.news");
-        assert!(topic_endpoint("").is_err());
-        assert!(topic_endpoint("a b").is_err());
-        assert!(topic_endpoint(&"t".repeat(115)).is_ok());
-        assert!(topic_endpoint(&"t".repeat(116)).is_err());
+        assert_eq!(
+            super::super::topic_endpoint(TOPIC_ENDPOINT_PREFIX, "news").expect("valid"),
+            "grinta.topic.news"
+        );
+        assert!(super::super::topic_endpoint(TOPIC_ENDPOINT_PREFIX, "").is_err());
+        assert!(super::super::topic_endpoint(TOPIC_ENDPOINT_PREFIX, "a b").is_err());
+        assert!(super::super::topic_endpoint(TOPIC_ENDPOINT_PREFIX, &"t".repeat(115)).is_ok());
+        assert!(super::super::topic_endpoint(TOPIC_ENDPOINT_PREFIX, &"t".repeat(116)).is_err());
     }
 }
