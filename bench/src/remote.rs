@@ -16,6 +16,9 @@ const BULK_MESSAGES: usize = 256;
 const SMALL: usize = 64;
 const SMALL_MESSAGES: usize = 300_000;
 const ROUND_TRIPS: usize = 5_000;
+const REQUESTS: usize = 2_000;
+const REQUESTERS: usize = 64;
+const REQUESTS_EACH: usize = 300;
 
 async fn until(mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -60,7 +63,16 @@ async fn grinta_pair() -> GrintaPair {
             }
         });
     }
-    until(|| a.endpoints("").len() == 2).await;
+    // `req` answers each request with its message.
+    let mut requests = b.endpoint("req").expect("endpoint").into_requests();
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        while let Some(Ok(request)) = requests.next().await {
+            let reply = request.payload().clone();
+            let _ = request.respond(reply).await;
+        }
+    });
+    until(|| a.endpoints("").len() == 3).await;
     GrintaPair { a, b, ca }
 }
 
@@ -93,6 +105,42 @@ async fn grinta_rtt(a: &Fabric) -> Vec<Duration> {
     }
     v.sort();
     v
+}
+
+/// Sequential requests of `SMALL` bytes to `req`: their round trips, sorted.
+async fn grinta_request_rtt(a: &Fabric) -> Vec<Duration> {
+    let message = Bytes::from(vec![5u8; SMALL]);
+    let mut v = Vec::new();
+    for i in 0..REQUESTS + 200 {
+        let t = Instant::now();
+        let reply = a.request("req", message.clone()).await.expect("reply");
+        assert_eq!(reply.len(), SMALL);
+        if i >= 200 {
+            v.push(t.elapsed());
+        }
+    }
+    v.sort();
+    v
+}
+
+/// `REQUESTERS` tasks sending `REQUESTS_EACH` requests each: requests per second.
+async fn grinta_request_throughput(a: &Fabric) -> f64 {
+    let message = Bytes::from(vec![5u8; SMALL]);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..REQUESTERS)
+        .map(|_| {
+            let (a, message) = (a.clone(), message.clone());
+            tokio::spawn(async move {
+                for _ in 0..REQUESTS_EACH {
+                    a.request("req", message.clone()).await.expect("reply");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("requester");
+    }
+    (REQUESTERS * REQUESTS_EACH) as f64 / start.elapsed().as_secs_f64()
 }
 
 /// Dial (through the owner's accept and answer) over the existing connection.
@@ -334,6 +382,19 @@ mod raw {
         v
     }
 
+    /// A request as a user would write it with quinn: a new bidi stream, the length-prefixed
+    /// message and the end, then the reply read back.
+    pub(super) async fn request(conn: &quinn::Connection, message: &[u8]) {
+        let (mut send, mut recv) = conn.open_bi().await.expect("open");
+        let mut out = vec![1u8];
+        prost::encoding::encode_varint(message.len() as u64, &mut out);
+        out.extend_from_slice(message);
+        send.write_all(&out).await.expect("write");
+        send.finish().expect("finish");
+        let mut reply = vec![0u8; out.len() - 1];
+        recv.read_exact(&mut reply).await.expect("reply");
+    }
+
     /// Open a stream and complete one 1-byte round trip on it.
     pub(super) async fn open_and_round_trip(conn: &quinn::Connection) {
         let (mut send, mut recv) = conn.open_bi().await.expect("open");
@@ -429,6 +490,51 @@ pub(crate) async fn run() -> Vec<Measurement> {
         "us",
         "raw quinn: open a bidi stream + one round trip",
         percentile_us(&base, 0.5),
+    ));
+    // Requests: one round trip each, against a quinn stream opened per request.
+    let grtt = grinta_request_rtt(&pair.a).await;
+    let message = vec![5u8; SMALL];
+    let mut base = Vec::new();
+    for i in 0..REQUESTS + 200 {
+        let t = Instant::now();
+        raw::request(&quinn.conn, &message).await;
+        if i >= 200 {
+            base.push(t.elapsed());
+        }
+    }
+    base.sort();
+    out.extend(round_trips(
+        "request_rtt",
+        &grtt,
+        "raw quinn: a bidi stream per request, message + end, reply",
+        &base,
+    ));
+    let mut g = Vec::new();
+    let mut b = Vec::new();
+    for _ in 0..3 {
+        g.push(grinta_request_throughput(&pair.a).await);
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..REQUESTERS)
+            .map(|_| {
+                let (conn, message) = (quinn.conn.clone(), message.clone());
+                tokio::spawn(async move {
+                    for _ in 0..REQUESTS_EACH {
+                        raw::request(&conn, &message).await;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("requester");
+        }
+        b.push((REQUESTERS * REQUESTS_EACH) as f64 / start.elapsed().as_secs_f64());
+    }
+    out.push(Measurement::higher(
+        "request_throughput",
+        middle(g),
+        "req/s",
+        "raw quinn: 64 tasks, a bidi stream per request",
+        middle(b),
     ));
     let dial_new = grinta_dial_new_peer(&pair).await;
     let mut base = Vec::new();
