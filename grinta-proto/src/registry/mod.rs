@@ -218,18 +218,23 @@ impl Record {
     /// Which of two records for the same key wins: the later life of the owner (higher owner
     /// incarnation: a restarted owner's clock starts again, so versions compare only within one
     /// life), then the higher version, then (so that the order is total and merges commute even
-    /// on inconsistent input) withdrawn over claimed, group over exclusive.
+    /// on inconsistent input, such as two different records an owner signed at one version)
+    /// withdrawn over claimed, group over exclusive, durable over not, the greater value.
     pub fn supersedes(&self, other: &Record) -> bool {
         (
             self.owner_incarnation,
             self.version,
             !self.claimed,
             self.kind,
+            self.durable,
+            &self.value,
         ) > (
             other.owner_incarnation,
             other.version,
             !other.claimed,
             other.kind,
+            other.durable,
+            &other.value,
         )
     }
 }
