@@ -146,8 +146,8 @@ pub(crate) async fn run() -> Vec<Measurement> {
     let fabric = fabric("bench-local");
     let mut g = Vec::new();
     let mut b = Vec::new();
-    // Interleaved, three runs each, medians.
-    for _ in 0..3 {
+    // Interleaved, five runs each, medians.
+    for _ in 0..5 {
         g.push(grinta_throughput(&fabric, MESSAGES).await);
         b.push(mpsc_throughput(capacity, MESSAGES).await);
     }

@@ -9,8 +9,10 @@
 
 mod core_cost;
 mod local;
+mod patterns;
 mod remote;
 mod scale;
+mod tcp_tls;
 
 use std::path::PathBuf;
 
@@ -161,6 +163,10 @@ fn main() {
     if wanted("remote") {
         eprintln!("remote flows...");
         push(runtime.block_on(remote::run()));
+    }
+    if wanted("patterns") {
+        eprintln!("datagrams and pub/sub...");
+        push(runtime.block_on(patterns::run()));
     }
     if wanted("core") {
         eprintln!("core cost...");

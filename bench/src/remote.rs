@@ -9,12 +9,15 @@ use grinta_proto::tls::dev::DevCa;
 use grinta_proto::tls::{TlsConfig, crypto_provider};
 use grinta_tokio::{Fabric, Profile};
 
+use crate::tcp_tls::TcpTls;
 use crate::{Measurement, middle, percentile_us, round_trips};
 
 const BULK_MESSAGE: usize = 1 << 20;
 const BULK_MESSAGES: usize = 256;
 const SMALL: usize = 64;
 const SMALL_MESSAGES: usize = 300_000;
+/// Messages handed over at once in the small-message stream, by both sides.
+const SMALL_BATCH: usize = 1000;
 const ROUND_TRIPS: usize = 5_000;
 const REQUESTS: usize = 2_000;
 const REQUESTERS: usize = 64;
@@ -76,14 +79,25 @@ async fn grinta_pair() -> GrintaPair {
     GrintaPair { a, b, ca }
 }
 
-/// Sends `count` messages of `size` bytes through a new flow to `sink` and waits for the end:
-/// messages per second.
-async fn grinta_stream(a: &Fabric, size: usize, count: usize) -> f64 {
+/// Sends `count` messages of `size` bytes through a new flow to `sink`, `batch` per
+/// `send_many` (1: one `send` each), and waits for the end: messages per second.
+async fn grinta_stream(a: &Fabric, size: usize, count: usize, batch: usize) -> f64 {
     let mut flow = a.dial("sink").await.expect("dial");
     let message = Bytes::from(vec![3u8; size]);
     let start = Instant::now();
-    for _ in 0..count {
-        flow.send(message.clone()).await.expect("send");
+    if batch == 1 {
+        for _ in 0..count {
+            flow.send(message.clone()).await.expect("send");
+        }
+    } else {
+        let mut sent = 0;
+        while sent < count {
+            let k = batch.min(count - sent);
+            flow.send_many(std::iter::repeat_n(message.clone(), k))
+                .await
+                .expect("send_many");
+            sent += k;
+        }
     }
     flow.finish().await.expect("finish");
     // The sink finishes after reading everything: its end marks full delivery.
@@ -177,19 +191,39 @@ async fn grinta_dial_new_peer(pair: &GrintaPair) -> f64 {
     percentile_us(&v, 0.5)
 }
 
-mod raw {
+pub(crate) mod raw {
     //! The baseline: what a user would write with quinn directly.
 
     use super::*;
     use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 
-    pub(super) struct QuinnPair {
-        pub(super) server: quinn::Endpoint,
-        pub(super) client: quinn::Endpoint,
-        pub(super) conn: quinn::Connection,
+    pub(crate) struct QuinnPair {
+        pub(crate) server: quinn::Endpoint,
+        pub(crate) client: quinn::Endpoint,
+        /// The client's connection to the server.
+        pub(crate) conn: quinn::Connection,
+        /// The same connection, as the server accepted it.
+        pub(crate) server_conn: quinn::Connection,
     }
 
     fn configs(ca: &DevCa) -> (quinn::ServerConfig, quinn::ClientConfig) {
+        let (server_tls, client_tls) = tls_configs(ca, b"bench");
+        (
+            quinn::ServerConfig::with_crypto(Arc::new(
+                QuicServerConfig::try_from(server_tls).expect("quic server"),
+            )),
+            quinn::ClientConfig::new(Arc::new(
+                QuicClientConfig::try_from(client_tls).expect("quic client"),
+            )),
+        )
+    }
+
+    /// Mutual TLS 1.3 with ring, as grinta uses it: the server `quinn-server`, the client
+    /// `quinn-client`, both issued by `ca`, speaking `alpn`.
+    pub(crate) fn tls_configs(
+        ca: &DevCa,
+        alpn: &[u8],
+    ) -> (rustls::ServerConfig, rustls::ClientConfig) {
         let provider = crypto_provider();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.certificate().clone()).expect("CA");
@@ -208,34 +242,33 @@ mod raw {
             .with_client_cert_verifier(verifier)
             .with_single_cert(server.cert_chain, server.key)
             .expect("server cert");
-        server_tls.alpn_protocols = vec![b"bench".to_vec()];
+        server_tls.alpn_protocols = vec![alpn.to_vec()];
         let mut client_tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .expect("tls13")
             .with_root_certificates(roots)
             .with_client_auth_cert(client.cert_chain, client.key)
             .expect("client cert");
-        client_tls.alpn_protocols = vec![b"bench".to_vec()];
-        (
-            quinn::ServerConfig::with_crypto(Arc::new(
-                QuicServerConfig::try_from(server_tls).expect("quic server"),
-            )),
-            quinn::ClientConfig::new(Arc::new(
-                QuicClientConfig::try_from(client_tls).expect("quic client"),
-            )),
-        )
+        client_tls.alpn_protocols = vec![alpn.to_vec()];
+        (server_tls, client_tls)
     }
 
     /// A server that, per bidi stream, either echoes length-prefixed messages or counts them.
-    pub(super) async fn pair(ca: &DevCa) -> QuinnPair {
+    pub(crate) async fn pair(ca: &DevCa) -> QuinnPair {
         let (server_config, client_config) = configs(ca);
         let server = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().expect("addr"))
             .expect("server");
         let accept = server.clone();
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
+            let mut first = Some(first_tx);
             while let Some(incoming) = accept.accept().await {
+                let first = first.take();
                 tokio::spawn(async move {
                     let Ok(conn) = incoming.await else { return };
+                    if let Some(first) = first {
+                        let _ = first.send(conn.clone());
+                    }
                     while let Ok((send, recv)) = conn.accept_bi().await {
                         tokio::spawn(serve_stream(send, recv));
                     }
@@ -244,10 +277,12 @@ mod raw {
         });
         let client = new_client(client_config);
         let conn = connect(&client, &server).await;
+        let server_conn = first_rx.await.expect("the server accepts the connection");
         QuinnPair {
             server,
             client,
             conn,
+            server_conn,
         }
     }
 
@@ -410,7 +445,7 @@ pub(crate) async fn profile(small: bool, baseline: bool) {
     let pair = grinta_pair().await;
     let quinn = raw::pair(&pair.ca).await;
     let (size, count, batch) = if small {
-        (SMALL, SMALL_MESSAGES, 1000)
+        (SMALL, SMALL_MESSAGES, SMALL_BATCH)
     } else {
         (BULK_MESSAGE, BULK_MESSAGES, 1)
     };
@@ -420,7 +455,7 @@ pub(crate) async fn profile(small: bool, baseline: bool) {
         let rate = if baseline {
             raw::stream(&quinn.conn, size, count, batch).await
         } else {
-            grinta_stream(&pair.a, size, count).await
+            grinta_stream(&pair.a, size, count, batch).await
         };
         rates.push(rate * size as f64 / 1e6);
     }
@@ -436,35 +471,58 @@ pub(crate) async fn run() -> Vec<Measurement> {
 
     // Bulk: 1 MiB messages.
     let mb = |msgs_per_s: f64| msgs_per_s * BULK_MESSAGE as f64 / 1e6;
+    let tcp = TcpTls::start(&pair.ca).await;
     let mut g = Vec::new();
     let mut b = Vec::new();
+    let mut t = Vec::new();
     for _ in 0..3 {
-        g.push(mb(grinta_stream(&pair.a, BULK_MESSAGE, BULK_MESSAGES).await));
+        g.push(mb(
+            grinta_stream(&pair.a, BULK_MESSAGE, BULK_MESSAGES, 1).await
+        ));
         b.push(mb(
             raw::stream(&quinn.conn, BULK_MESSAGE, BULK_MESSAGES, 1).await
         ));
+        t.push(mb(tcp.stream(BULK_MESSAGE, BULK_MESSAGES, 1).await));
     }
+    let bulk = middle(g);
     out.push(Measurement::higher(
         "remote_flow_bulk",
-        middle(g),
+        bulk,
         "MB/s",
         "raw quinn, one bidi stream, length-prefixed 1 MiB writes",
         middle(b),
     ));
+    out.push(Measurement::higher(
+        "tcp_tls_flow_bulk",
+        bulk,
+        "MB/s",
+        "TCP + TLS 1.3 (tokio-rustls), length-delimited 1 MiB frames, one flush each",
+        middle(t),
+    ));
 
-    // Small messages.
+    // Small messages, five interleaved runs: both sides hand over 1000 messages at a time.
     let mut g = Vec::new();
     let mut b = Vec::new();
-    for _ in 0..3 {
-        g.push(grinta_stream(&pair.a, SMALL, SMALL_MESSAGES).await);
-        b.push(raw::stream(&quinn.conn, SMALL, SMALL_MESSAGES, 1000).await);
+    let mut t = Vec::new();
+    for _ in 0..5 {
+        g.push(grinta_stream(&pair.a, SMALL, SMALL_MESSAGES, SMALL_BATCH).await);
+        b.push(raw::stream(&quinn.conn, SMALL, SMALL_MESSAGES, SMALL_BATCH).await);
+        t.push(tcp.stream(SMALL, SMALL_MESSAGES, SMALL_BATCH).await);
     }
+    let small = middle(g);
     out.push(Measurement::higher(
         "remote_flow_64b",
-        middle(g),
+        small,
         "msg/s",
-        "raw quinn, the same frames batched 1000 per write",
+        "raw quinn, the same frames batched 1000 per write (grinta: send_many of 1000)",
         middle(b),
+    ));
+    out.push(Measurement::higher(
+        "tcp_tls_flow_64b",
+        small,
+        "msg/s",
+        "TCP + TLS 1.3 (tokio-rustls), length-delimited frames, a flush per 1000",
+        middle(t),
     ));
 
     // Latency.

@@ -84,28 +84,66 @@ pub struct Datagrams {
     stats: DatagramStats,
 }
 
+/// What [`Datagrams::deliver`] did with a datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Queued behind others: whoever reads the endpoint already knows there is something.
+    Queued,
+    /// Queued in an empty queue: a reader waiting for the endpoint must be told.
+    First,
+    /// Dropped (counted): the endpoint's queue is full.
+    Dropped,
+}
+
+impl Delivery {
+    /// Whether the datagram was queued.
+    pub fn is_queued(self) -> bool {
+        self != Self::Dropped
+    }
+}
+
 impl Datagrams {
-    /// Queues a datagram from node `from` for local endpoint `endpoint`; `false` (counted) if its
-    /// queue is full.
-    pub fn deliver(&mut self, endpoint: &str, from: &str, payload: Bytes) -> bool {
-        let queue = self.queues.entry_ref(endpoint).or_default();
+    /// Queues a datagram from node `from` for local endpoint `endpoint`; dropped (counted) if
+    /// its queue is full.
+    pub fn deliver(&mut self, endpoint: &str, from: &str, payload: Bytes) -> Delivery {
+        // An endpoint's queue stays until it closes, so a steady stream allocates no key.
+        let queue = match self.queues.get_mut(endpoint) {
+            Some(queue) => queue,
+            None => self.queues.entry_ref(endpoint).or_default(),
+        };
         if queue.len() >= DATAGRAM_QUEUE {
             self.stats.dropped_receiving += 1;
-            return false;
+            return Delivery::Dropped;
         }
+        let first = queue.is_empty();
         queue.push_back((from.to_owned(), payload));
         self.stats.received += 1;
-        true
+        if first {
+            Delivery::First
+        } else {
+            Delivery::Queued
+        }
     }
 
     /// The next datagram for `endpoint`: the sending node's name and the payload.
     pub fn recv(&mut self, endpoint: &str) -> Option<(String, Bytes)> {
-        let queue = self.queues.get_mut(endpoint)?;
-        let next = queue.pop_front();
-        if queue.is_empty() {
-            self.queues.remove(endpoint);
-        }
-        next
+        self.queues.get_mut(endpoint)?.pop_front()
+    }
+
+    /// Moves up to `max` datagrams waiting for `endpoint` to the end of `into`; returns how
+    /// many.
+    pub fn recv_batch(
+        &mut self,
+        endpoint: &str,
+        into: &mut VecDeque<(String, Bytes)>,
+        max: usize,
+    ) -> usize {
+        let Some(queue) = self.queues.get_mut(endpoint) else {
+            return 0;
+        };
+        let n = queue.len().min(max);
+        into.extend(queue.drain(..n));
+        n
     }
 
     /// Drops what waits for `endpoint` (it was closed).
@@ -173,10 +211,17 @@ mod tests {
         }
         assert_eq!(d.stats().received, DATAGRAM_QUEUE as u64);
         assert_eq!(d.stats().dropped_receiving, 10_000 - DATAGRAM_QUEUE as u64);
-        assert!(
+        assert_eq!(
             d.deliver("b", "n", Bytes::new()),
+            Delivery::First,
             "another endpoint has its own queue"
         );
+        assert_eq!(d.deliver("b", "n", Bytes::new()), Delivery::Queued);
+        let mut batch = VecDeque::new();
+        assert_eq!(d.recv_batch("b", &mut batch, 1), 1);
+        assert_eq!(d.recv_batch("b", &mut batch, 64), 1);
+        assert_eq!(d.recv_batch("b", &mut batch, 64), 0);
+        assert_eq!(d.deliver("b", "n", Bytes::new()), Delivery::First);
         assert_eq!(
             d.recv("a").map(|(_, p)| p),
             Some(Bytes::from(0u32.to_be_bytes().to_vec()))

@@ -303,7 +303,8 @@ pub enum Event {
     Registry(RegistryEvent),
     /// Something happened to a flow.
     Flow(FlowEvent),
-    /// An application datagram waits for local endpoint `endpoint` ([`Node::recv_datagram`]).
+    /// Application datagrams wait for local endpoint `endpoint` ([`Node::recv_datagrams`]), whose
+    /// queue was empty: told once until the queue is emptied again.
     Datagram {
         /// The endpoint.
         endpoint: String,
@@ -586,15 +587,16 @@ impl Node {
         }
         let node = match self.resolve(endpoint)? {
             Target::Local => {
-                let from = self.membership.local_name().to_owned();
-                let delivered = self.datagrams.deliver(endpoint, &from, payload);
-                self.datagrams.count_sent(delivered);
-                if delivered {
+                let delivery =
+                    self.datagrams
+                        .deliver(endpoint, self.membership.local_name(), payload);
+                self.datagrams.count_sent(delivery.is_queued());
+                if delivery == crate::datagram::Delivery::First {
                     self.events.push_back(Event::Datagram {
                         endpoint: endpoint.to_owned(),
                     });
                 }
-                return Ok(delivered);
+                return Ok(delivery.is_queued());
             }
             Target::Remote { node } => node,
         };
@@ -617,17 +619,24 @@ impl Node {
         self.datagrams.recv(endpoint)
     }
 
+    /// Moves up to `max` datagrams waiting for local endpoint `endpoint` to the end of `into`;
+    /// returns how many. [`Event::Datagram`] comes again only once they were all taken.
+    pub fn recv_datagrams(
+        &mut self,
+        endpoint: &str,
+        into: &mut VecDeque<(String, Bytes)>,
+        max: usize,
+    ) -> usize {
+        self.datagrams.recv_batch(endpoint, into, max)
+    }
+
     /// A datagram arrived on connection `conn`: queued for its endpoint if this node serves it.
     fn deliver_datagram(&mut self, conn: quinn_proto::ConnectionHandle, data: Bytes) {
         let Some((endpoint, payload)) = crate::datagram::decode(data) else {
             self.datagrams.count_dropped();
             return;
         };
-        let Some(from) = self
-            .transport
-            .peer_of(conn)
-            .map(|(name, _)| name.to_owned())
-        else {
+        let Some((from, _)) = self.transport.peer_of(conn) else {
             self.datagrams.count_dropped();
             return;
         };
@@ -635,7 +644,8 @@ impl Node {
             self.datagrams.count_dropped();
             return;
         }
-        if self.datagrams.deliver(&endpoint, &from, payload) {
+        // The reader is told when its queue fills from empty; it drains it before waiting again.
+        if self.datagrams.deliver(&endpoint, from, payload) == crate::datagram::Delivery::First {
             self.events.push_back(Event::Datagram { endpoint });
         }
     }
@@ -803,48 +813,41 @@ impl Node {
         endpoint: &str,
         filter: &TagFilter,
     ) -> Result<Target, FlowError> {
-        let local = self.membership.local_name().to_owned();
-        let owners: Vec<&str> = self
-            .registry
-            .resolve(endpoint)
-            .into_iter()
-            .filter(|o| self.tags_match(o, filter))
-            .collect();
-        if owners.iter().any(|o| *o == local) {
+        let mut owners = self.registry.resolve(endpoint);
+        if !filter.is_empty() {
+            owners.retain(|o| self.tags_match(o, filter));
+        }
+        let membership = &self.membership;
+        if owners.contains(&membership.local_name()) {
             return Ok(Target::Local);
         }
-        let live: Vec<&str> = owners
-            .iter()
-            .copied()
-            .filter(|o| {
-                self.membership
-                    .member(o)
-                    .is_some_and(|m| m.state == MemberState::Alive)
-            })
-            .collect();
+        let state = |o: &str| membership.member(o).map(|m| m.state);
+        let alive = |o: &&str| state(o) == Some(MemberState::Alive);
         // Suspected owners are a last resort: they may still answer.
-        let candidates = if live.is_empty() {
-            owners
-                .iter()
-                .copied()
-                .filter(|o| {
-                    self.membership
-                        .member(o)
-                        .is_some_and(|m| !matches!(m.state, MemberState::Dead | MemberState::Left))
-                })
-                .collect()
-        } else {
-            live
+        let not_gone = |o: &&str| {
+            state(o).is_some_and(|s| !matches!(s, MemberState::Dead | MemberState::Left))
         };
-        if candidates.is_empty() {
+        let live = owners.iter().filter(|o| alive(o)).count();
+        let usable: &dyn Fn(&&str) -> bool = if live > 0 { &alive } else { &not_gone };
+        let count = if live > 0 {
+            live
+        } else {
+            owners.iter().filter(|o| usable(o)).count()
+        };
+        if count == 0 {
             return Err(FlowError::NoSuchEndpoint {
                 name: endpoint.to_owned(),
             });
         }
-        let pick = candidates[self.rng.random_range(0..candidates.len())];
-        Ok(Target::Remote {
-            node: pick.to_owned(),
-        })
+        let k = self.rng.random_range(0..count);
+        match owners.iter().filter(|o| usable(o)).nth(k) {
+            Some(pick) => Ok(Target::Remote {
+                node: (*pick).to_owned(),
+            }),
+            None => Err(FlowError::NoSuchEndpoint {
+                name: endpoint.to_owned(),
+            }),
+        }
     }
 
     /// Dials `endpoint` on a remote owner (see [`resolve`](Self::resolve)); the flow is usable after

@@ -43,4 +43,5 @@ on_both_runtimes!(
     requests_get_one_reply_each,
     datagrams_arrive_and_never_block,
     topics_reach_every_subscriber,
+    send_many_delivers_batches_in_order,
 );

@@ -201,45 +201,55 @@ impl Mailbox {
         Some(mailbox)
     }
 
-    /// The sending half: queues `message` without the node's lock.
-    pub(crate) fn stage(
+    /// The sending half, without the node's lock: queues `first`, then the messages of `rest` in order, under
+    /// one lock, until one does not fit. `Staged::Queued` means all of them were queued; any other
+    /// answer is about the message it stopped at (the ones before it are queued, the rest of
+    /// `rest` is untouched).
+    pub(crate) fn stage_many(
         self: &Arc<Self>,
         cx: &Context<'_>,
         wakeup: &Wakeup,
-        message: Bytes,
+        first: Bytes,
+        rest: &mut dyn Iterator<Item = Bytes>,
     ) -> Staged {
-        let len = message.len();
-        if len as u64 > self.peer_max_message {
-            return Staged::TooLarge {
-                size: len as u64,
-                limit: self.peer_max_message,
-            };
-        }
         let mut out = lock(&self.outbox);
-        if out.closed {
-            return Staged::AskNode(message);
-        }
-        if !out.has_room(len, self.send_buffer) {
-            out.wanted = Some(len);
-            match &out.waker {
-                Some(w) if w.will_wake(cx.waker()) => {}
-                _ => out.waker = Some(cx.waker().clone()),
-            }
-            drop(out);
-            wakeup.schedule(self);
-            return Staged::Full(message);
-        }
         let was_empty = out.queue.is_empty();
-        out.messages += 1;
-        out.bytes += len as u64;
-        out.queue.push_message(message);
+        let mut next = Some(first);
+        let staged = loop {
+            let Some(message) = next.take() else {
+                break Staged::Queued;
+            };
+            let len = message.len();
+            if len as u64 > self.peer_max_message {
+                break Staged::TooLarge {
+                    size: len as u64,
+                    limit: self.peer_max_message,
+                };
+            }
+            if out.closed {
+                break Staged::AskNode(message);
+            }
+            if !out.has_room(len, self.send_buffer) {
+                out.wanted = Some(len);
+                match &out.waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => out.waker = Some(cx.waker().clone()),
+                }
+                break Staged::Full(message);
+            }
+            out.messages += 1;
+            out.bytes += len as u64;
+            out.queue.push_message(message);
+            next = rest.next();
+        };
+        let filled = was_empty && !out.queue.is_empty();
         drop(out);
-        // The first message since the last hand-over asks the driver to come; the following ones
-        // join it.
-        if was_empty {
+        // The first message since the last hand-over asks the driver to come (the following ones
+        // join it); a sender waiting for room asks it to make some.
+        if filled || matches!(staged, Staged::Full(_)) {
             wakeup.schedule(self);
         }
-        Staged::Queued
+        staged
     }
 
     /// The receiving half: the next message, taking everything the inbox holds into `received`.

@@ -701,8 +701,9 @@ impl Inner {
                 Event::Registry(_) => self.waiters.names.drain(..).for_each(Waker::wake),
                 Event::ConnectionLost { .. } => {}
                 Event::Datagram { endpoint } => {
-                    for w in self.waiters.datagrams.remove(&endpoint).unwrap_or_default() {
-                        w.wake();
+                    // The waiters' list stays (emptied) until the endpoint closes.
+                    if let Some(waiters) = self.waiters.datagrams.get_mut(&endpoint) {
+                        waiters.drain(..).for_each(Waker::wake);
                     }
                 }
                 Event::Membership(e) => {
@@ -1259,6 +1260,7 @@ impl<R: Runtime> Fabric<R> {
                 fabric: self.clone(),
                 name: name.to_owned(),
                 ended: false,
+                datagrams: Mutex::default(),
             })
         })
     }
@@ -1494,7 +1496,13 @@ pub struct Endpoint<R: Runtime> {
     name: String,
     /// As a `Stream`: the error that ends it was returned.
     ended: bool,
+    /// Datagrams taken from the node, not yet returned: a busy reader locks the node once per
+    /// [`DATAGRAM_BATCH`].
+    datagrams: Mutex<VecDeque<(String, Bytes)>>,
 }
+
+/// Datagrams an endpoint takes from the node at once.
+const DATAGRAM_BATCH: usize = 64;
 
 impl<R: Runtime> std::fmt::Debug for Endpoint<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1549,18 +1557,25 @@ impl<R: Runtime> Endpoint<R> {
 
     /// Polls for the next datagram (see [`recv_datagram`](Self::recv_datagram)).
     pub fn poll_recv_datagram(&self, cx: &mut Context<'_>) -> Poll<Result<(String, Bytes), Error>> {
+        let mut taken = self.datagrams.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(datagram) = taken.pop_front() {
+            return Poll::Ready(Ok(datagram));
+        }
         let mut inner = self.fabric.shared.lock();
-        if let Some(datagram) = inner.node.recv_datagram(&self.name) {
+        inner
+            .node
+            .recv_datagrams(&self.name, &mut taken, DATAGRAM_BATCH);
+        if let Some(datagram) = taken.pop_front() {
             return Poll::Ready(Ok(datagram));
         }
         if inner.shutdown {
             return Poll::Ready(Err(Error::Shutdown));
         }
-        let waiters = inner
-            .waiters
-            .datagrams
-            .entry(self.name.clone())
-            .or_default();
+        // The queue is empty: the next datagram for it wakes this task.
+        let waiters = match inner.waiters.datagrams.get_mut(&self.name) {
+            Some(waiters) => waiters,
+            None => inner.waiters.datagrams.entry_ref(&self.name).or_default(),
+        };
         if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
             waiters.push(cx.waker().clone());
         }
