@@ -184,7 +184,7 @@ impl<R: Runtime> FlowCore<R> {
             return Poll::Ready(Ok(Some(Message::Bytes(m))));
         }
         match &self.route {
-            Route::Local(end, _) => end.poll_recv(cx),
+            Route::Local(end, _) => end.poll_recv(cx, received, RECV_BATCH),
             Route::Remote {
                 fabric,
                 id,

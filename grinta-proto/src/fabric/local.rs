@@ -219,8 +219,15 @@ impl LocalEnd {
         Poll::Ready(Ok(()))
     }
 
-    /// The next message; `Ok(None)` once the other side finished and everything was read.
-    pub(crate) fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Result<Option<Message>, Error>> {
+    /// The next message; `Ok(None)` once the other side finished and everything was read. Up to
+    /// `batch` plain messages queued behind it move to `received` under the same lock, so a busy
+    /// reader locks once per batch rather than once per message.
+    pub(crate) fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        received: &mut VecDeque<Bytes>,
+        batch: usize,
+    ) -> Poll<Result<Option<Message>, Error>> {
         let mut state = self.flow.lock();
         if let Some(closed) = state.closed {
             return Poll::Ready(Err(closed.error()));
@@ -228,6 +235,16 @@ impl LocalEnd {
         let incoming = &mut state.directions[1 - self.side];
         if let Some(m) = incoming.queue.pop_front() {
             incoming.queued_bytes -= m.wire_len();
+            for _ in 0..batch {
+                // A typed value stays for a receiver that may want it as a value.
+                if !matches!(incoming.queue.front(), Some(Message::Bytes(_))) {
+                    break;
+                }
+                if let Some(Message::Bytes(b)) = incoming.queue.pop_front() {
+                    incoming.queued_bytes -= b.len();
+                    received.push_back(b);
+                }
+            }
             let mut writer = incoming.writer.take();
             drop(state);
             wake(&mut writer);
@@ -313,10 +330,52 @@ mod tests {
     }
 
     fn recv(end: &LocalEnd) -> Poll<Result<Option<Bytes>, String>> {
-        end.poll_recv(&mut cx()).map(|r| {
+        // One at a time: these tests are about the flow's queue.
+        end.poll_recv(&mut cx(), &mut VecDeque::new(), 0).map(|r| {
             r.map(|m| m.map(|m| m.into_bytes().unwrap()))
                 .map_err(|e| e.to_string())
         })
+    }
+
+    struct NoEncoder;
+
+    impl ErasedEncode for NoEncoder {
+        fn encode(&self, _: &(dyn Any + Send)) -> Result<Bytes, CodecError> {
+            Err(CodecError::encode::<u32>("not needed"))
+        }
+    }
+
+    #[test]
+    fn a_reader_takes_plain_messages_in_batches_and_values_one_by_one() {
+        let (a, b) = LocalFlow::pair(16, 1 << 20, 1 << 20);
+        for m in ["1", "2", "3"] {
+            assert!(a.poll_send(&mut cx(), &mut bytes(m)).is_ready());
+        }
+        let mut value = Some(Message::Value {
+            value: Box::new(7u32),
+            encoder: Arc::new(NoEncoder),
+        });
+        assert!(a.poll_send(&mut cx(), &mut value).is_ready());
+        assert!(a.poll_send(&mut cx(), &mut bytes("4")).is_ready());
+        let mut received = VecDeque::new();
+        let first = b.poll_recv(&mut cx(), &mut received, 64);
+        assert!(matches!(first, Poll::Ready(Ok(Some(Message::Bytes(ref m)))) if m == "1"));
+        assert_eq!(
+            received,
+            ["2", "3"],
+            "the plain messages behind it, in order"
+        );
+        received.clear();
+        // The value is not turned into bytes: it comes alone, as a value.
+        let second = b.poll_recv(&mut cx(), &mut received, 64);
+        match second {
+            Poll::Ready(Ok(Some(Message::Value { value, .. }))) => {
+                assert_eq!(value.downcast_ref::<u32>(), Some(&7));
+            }
+            _ => panic!("the value comes next"),
+        }
+        assert_eq!(received, ["4"], "what follows the value comes behind it");
+        assert!(recv(&b).is_pending());
     }
 
     #[test]
