@@ -175,6 +175,9 @@ fn main() {
     if wanted("scale") {
         eprintln!("scale...");
         push(scale::run());
+    } else if filter == "state" {
+        eprintln!("state per member and per connection...");
+        push(scale::state());
     }
 
     println!(

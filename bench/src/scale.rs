@@ -157,6 +157,13 @@ pub(crate) fn run() -> Vec<Measurement> {
             &note,
         ));
     }
+    out.extend(state());
+    out
+}
+
+/// Heap per member entry and per connection.
+pub(crate) fn state() -> Vec<Measurement> {
+    let mut out = Vec::new();
     // State per known member: the slope of heap over view entries between two cluster sizes.
     let (a, b) = (20usize, 60usize);
     let per_member = (member_cluster_heap(b) as f64 - member_cluster_heap(a) as f64)

@@ -42,10 +42,20 @@ use crate::wire::{ConnectionCloseCode, StreamErrorCode};
 /// at its flow limit still exchanges membership state.
 pub const STREAMS_FOR_EXCHANGES: u32 = 64;
 
+/// Concurrent bidirectional streams a peer may open on a new connection. QUIC keeps state for
+/// every stream it allows at once (about 100 bytes each), so a connection starts small and its
+/// allowance doubles, up to `TransportLimits::max_concurrent_streams`, whenever the peer holds
+/// half of it open: a connection that only carries membership costs a few KiB, a busy one
+/// grows to what its peer uses within a few round trips.
+pub const INITIAL_STREAM_ALLOWANCE: u32 = 16;
+
 /// Transport limits and timers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransportLimits {
-    /// Most QUIC connections open at once; further incoming connections are refused.
+    /// Most QUIC connections open at once. At the limit, a new connection (dialled or
+    /// accepted) closes the least recently used idle one (no flows, exchanges or holds); with
+    /// none idle, dials fail and incoming connections are refused. Closed connections are freed
+    /// within a few round trips.
     pub max_connections: usize,
     /// Datagrams queued per connection while its handshake runs; beyond it they are dropped.
     pub max_queued_datagrams: usize,
@@ -53,7 +63,12 @@ pub struct TransportLimits {
     pub max_queued_stream_messages: usize,
     /// Largest stream message (push-pull) accepted, in bytes.
     pub max_stream_message_size: usize,
-    /// A connection that carries nothing this long is closed.
+    /// A connection that carries nothing this long is closed (30 min). A node probes each member
+    /// once per round of N probe periods, so this keeps the connections a probe round uses
+    /// open up to about 1,800 members: probes need no new handshakes, and the cost per node stays
+    /// flat as the cluster grows. Each open connection costs about 17 KiB; `max_connections`
+    /// bounds them. A connection never tied to a member (its peer crashed before saying who it
+    /// was) lives this long too.
     pub idle_timeout: Duration,
     /// Most concurrent bidirectional streams a peer may open on one connection: its flows to
     /// this node plus its push-pull exchanges, so at least `FlowLimits::max_flows_per_peer` +
@@ -92,7 +107,7 @@ impl Default for TransportLimits {
             max_queued_datagrams: 64,
             max_queued_stream_messages: 8,
             max_stream_message_size: 8 << 20,
-            idle_timeout: Duration::from_secs(120),
+            idle_timeout: Duration::from_secs(30 * 60),
             max_concurrent_streams: 1024 + STREAMS_FOR_EXCHANGES,
             mtu_discovery: true,
             max_handshaking: 1024,
@@ -131,6 +146,9 @@ pub struct TransportStats {
     pub udp_received: u64,
     /// UDP datagrams sent.
     pub udp_sent: u64,
+    /// Idle connections closed to make room for a new one at `max_connections` (the least
+    /// recently used first).
+    pub connections_evicted: u64,
 }
 
 /// Streams held on a node's connections, summed over them (see
@@ -299,6 +317,9 @@ struct Conn {
     /// finished, reset or stopped (quinn lets any permitted id be touched, and counts wrongly
     /// if an unaccepted one is).
     accepted_bi: u64,
+    /// When a packet last arrived on it or a message was last sent through it: the least
+    /// recently used idle connection makes room at `max_connections`.
+    last_used: Instant,
     /// While positive, the connection is kept open with PINGs even when nothing else flows.
     holds: u32,
     /// When the last keep-alive PING was sent (or the hold began).
@@ -341,8 +362,8 @@ impl Conn {
         dialled: bool,
         now: Instant,
         handshake_timeout: Duration,
-    ) -> Self {
-        Self {
+    ) -> Box<Self> {
+        Box::new(Self {
             conn,
             addr,
             peer,
@@ -360,8 +381,9 @@ impl Conn {
             draining: hashbrown::HashSet::new(),
             pending_flow_opens: VecDeque::new(),
             holds: 0,
+            last_used: now,
             last_keep_alive: now,
-        }
+        })
     }
 }
 
@@ -371,7 +393,8 @@ pub(crate) struct Transport {
     client: ClientConfig,
     /// Client configuration for dialling seeds known only by address (name checked on first message).
     client_any_name: ClientConfig,
-    conns: BTreeMap<ConnectionHandle, Conn>,
+    /// Boxed: a connection's state is several KiB, and the map's nodes hold eleven values each.
+    conns: BTreeMap<ConnectionHandle, Box<Conn>>,
     /// Each connection's next deadline (QUIC timers, handshake timeout, exchange timeouts,
     /// keep-alive), ordered: `poll_timeout` reads the first, `handle_timeout` takes those due,
     /// so no input costs a walk over every connection. Updated whenever a connection is driven.
@@ -552,7 +575,9 @@ impl Transport {
             .max_idle_timeout(Some(
                 VarInt::from_u64(idle_millis).unwrap_or(VarInt::MAX).into(),
             ))
-            .max_concurrent_bidi_streams(VarInt::from_u32(limits.max_concurrent_streams))
+            .max_concurrent_bidi_streams(VarInt::from_u32(
+                INITIAL_STREAM_ALLOWANCE.min(limits.max_concurrent_streams),
+            ))
             .receive_window(VarInt::from_u32(limits.receive_window))
             .stream_receive_window(VarInt::from_u32(limits.stream_receive_window))
             .max_concurrent_uni_streams(VarInt::from_u32(0))
@@ -752,7 +777,8 @@ impl Transport {
     ) -> Option<ConnectionHandle> {
         if let Some(name) = name {
             if let Some(&ch) = self.by_name.get(name) {
-                if self.conns.get(&ch).is_some_and(|c| c.addr == addr) {
+                if let Some(c) = self.conns.get_mut(&ch).filter(|c| c.addr == addr) {
+                    c.last_used = now;
                     return Some(ch);
                 }
             }
@@ -783,7 +809,7 @@ impl Transport {
         if let Some(ch) = fallback {
             return Some(ch);
         }
-        if !self.accepting || self.conns.len() >= self.limits.max_connections {
+        if !self.accepting || !self.room_for_connection(now) {
             return None;
         }
         let (config, server_name) = match name {
@@ -1033,6 +1059,21 @@ impl Transport {
         }
     }
 
+    /// Doubles the streams the peer may hold open at once (up to `max`) when it holds half of
+    /// them: see [`INITIAL_STREAM_ALLOWANCE`]. The new allowance reaches the peer in the next
+    /// packet (the caller's connection is driven after every event).
+    fn grow_stream_allowance(c: &mut Conn, max: u32) {
+        let allowance = c.conn.max_concurrent_streams(Dir::Bi);
+        let open = c.conn.streams().remote_open_streams(Dir::Bi);
+        if allowance < u64::from(max) && open.saturating_mul(2) >= allowance {
+            let grown = allowance.saturating_mul(2).min(u64::from(max));
+            c.conn.set_max_concurrent_streams(
+                Dir::Bi,
+                VarInt::from_u64(grown).unwrap_or(VarInt::MAX),
+            );
+        }
+    }
+
     /// Reads and discards what `id` holds; true once its receiving half is gone (the peer's end
     /// or reset was read, or it was gone already).
     fn discard(c: &mut Conn, id: StreamId) -> bool {
@@ -1208,13 +1249,14 @@ impl Transport {
             Some(DatagramEvent::ConnectionEvent(ch, event)) => {
                 if let Some(c) = self.conns.get_mut(&ch) {
                     c.conn.handle_event(event);
+                    c.last_used = now;
                     self.dirty.insert(ch);
                 }
             }
             Some(DatagramEvent::NewConnection(incoming)) => {
                 if !self.accepting
-                    || self.conns.len() >= self.limits.max_connections
                     || self.handshaking >= self.limits.max_handshaking
+                    || !self.room_for_connection(now)
                 {
                     self.stats.connections_refused += 1;
                     // Logged at 1, 2, 4, 8, ... refusals: a flood cannot flood the log.
@@ -1593,6 +1635,41 @@ impl Transport {
 
     /// Closes connection `ch` from this side with `reason`. A connection closed here raises no
     /// event of its own, so what ran on it fails now ([`connection_lost`](Self::connection_lost)).
+    /// Whether a new connection fits under `max_connections`, closing the least recently used
+    /// idle one (established, no flows, exchanges or holds) if that is what it takes. The walk
+    /// over the connections happens only at the limit, once per new connection.
+    fn room_for_connection(&mut self, now: Instant) -> bool {
+        if self.conns.len() < self.limits.max_connections {
+            return true;
+        }
+        let idle = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.established
+                    && c.holds == 0
+                    && c.flow_streams.is_empty()
+                    && c.inbound.is_empty()
+                    && c.outbound.is_empty()
+                    && c.pending_flow_opens.is_empty()
+                    && !c.conn.is_closed()
+            })
+            .min_by_key(|(_, c)| c.last_used)
+            .map(|(&ch, _)| ch);
+        let Some(ch) = idle else {
+            return false;
+        };
+        self.stats.connections_evicted += 1;
+        debug!(
+            peer = ?self.conns.get(&ch).and_then(|c| c.peer.clone()),
+            "connection budget: closing the least recently used idle connection"
+        );
+        // It stays in the map for the few round trips QUIC takes to drain it: the open
+        // connections stay at the limit.
+        self.close_here(now, ch, b"connection budget");
+        true
+    }
+
     fn close_here(&mut self, now: Instant, ch: ConnectionHandle, reason: &'static [u8]) {
         let Some(c) = self.conns.get_mut(&ch) else {
             return;
@@ -1709,6 +1786,7 @@ impl Transport {
                     c.accepted_bi = c.accepted_bi.max(id.index() + 1);
                     accepted.push(id);
                 }
+                Self::grow_stream_allowance(c, self.limits.max_concurrent_streams);
                 for id in accepted {
                     self.read_stream(now, ch, id);
                 }

@@ -24,7 +24,6 @@ use grinta_proto::membership::MemberState;
 use grinta_proto::node::{Node, StreamStats};
 use grinta_proto::registry::EndpointKind;
 use grinta_proto::tls::dev::DevCa;
-use grinta_proto::transport::TransportLimits;
 use grinta_tests::engine::NetConfig;
 use grinta_tests::membership_sim::{Cluster, node_name};
 use grinta_tests::node_sim::{FlowApp, SimulatedNode, certificates, node_membership_config};
@@ -39,6 +38,9 @@ const NAMES_BOUND: Duration = Duration::from_secs(45);
 /// to the member that went: it goes with QUIC's idle timeout, counted from this node's first
 /// unanswered packet into it (a stream reset, perhaps at a dial timeout after the healing).
 const STREAMS_BOUND: Duration = Duration::from_secs(130);
+/// The nodes' idle timeout here: short, so that connections a crashed process left behind go
+/// within the bounds above (the default is sized for large clusters' probe rounds).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What happened to one dialled flow.
 #[derive(Debug, Default)]
@@ -314,7 +316,13 @@ fn run_seed(seed: u64) {
         loss,
         duplicate: rng_setup.random_range(0.0..0.05),
     };
-    let mut c = Cluster::nodes(seed, net, node_membership_config(), certificates(&ca, N));
+    let mut c = Cluster::nodes_with(
+        seed,
+        net,
+        node_membership_config(),
+        certificates(&ca, N),
+        |config| config.transport.idle_timeout = IDLE_TIMEOUT,
+    );
     c.form(Duration::from_millis(300));
     let log = Rc::new(RefCell::new(ChaosLog::default()));
     let mut chaos = Chaos {
@@ -436,7 +444,7 @@ fn run_seed(seed: u64) {
         let flows_done = (0..N).all(|i| chaos.c.sim.node(i).node.flow_count() == 0);
         // Long enough for connections to a previous process at the same address to reach
         // their idle timeout (a restarted process cannot know them).
-        let settled = TransportLimits::default().idle_timeout + Duration::from_secs(10);
+        let settled = IDLE_TIMEOUT + Duration::from_secs(10);
         if names_ok && flows_done && chaos.c.sim.now() - quiet > settled {
             break;
         }

@@ -11,6 +11,7 @@ use grinta_proto::flow::{FlowError, FlowEvent, FlowId, RejectReason};
 use grinta_proto::node::Node;
 use grinta_proto::registry::{EndpointKind, RegistryError};
 use grinta_proto::tls::dev::DevCa;
+use grinta_tests::engine::NetConfig;
 use grinta_tests::membership_sim::{Cluster, node_addr};
 use grinta_tests::node_sim::{FlowApp, SimulatedNode, certificates, node_membership_config};
 use grinta_tests::{lan, seed};
@@ -48,7 +49,7 @@ fn app(c: &mut Cluster<SimulatedNode>, i: usize) -> Rc<RefCell<Log>> {
 }
 
 #[test]
-fn connections_beyond_the_limit_are_refused_and_the_others_still_served() {
+fn connections_beyond_the_limit_are_refused_when_none_is_idle_and_the_others_still_served() {
     let (seed, _g) = seed(1);
     let ca = DevCa::new().unwrap();
     let mut c = Cluster::nodes_with(
@@ -67,20 +68,7 @@ fn connections_beyond_the_limit_are_refused_and_the_others_still_served() {
     c.sim
         .with_node(1, |n, now| n.node.join(now, &[node_addr(0)]));
     c.run_for(Duration::from_secs(2));
-    c.sim
-        .with_node(2, |n, now| n.node.join(now, &[node_addr(0)]));
-    c.run_for(Duration::from_secs(5));
-    let stats = c.sim.node(0).node.stats().transport;
-    assert!(
-        stats.connections_refused > 0,
-        "the third node was refused: {stats:?}"
-    );
-    assert_eq!(c.sim.node(0).node.connection_count(), 1);
-    assert!(
-        c.sim.node(2).node.membership().member("node-0").is_none(),
-        "node 2 never got in"
-    );
-    // Node 0 keeps serving node 1.
+    // Node 1 holds a flow to node 0: its connection is not idle, so nothing can be evicted.
     c.sim
         .with_node(0, |n, now| {
             n.node
@@ -93,7 +81,26 @@ fn connections_beyond_the_limit_are_refused_and_the_others_still_served() {
         .unwrap();
     c.run_for(Duration::from_secs(2));
     assert_eq!(client.borrow().opened.len(), 1);
-    assert_eq!(served.borrow().accepted.len(), 1);
+    c.sim
+        .with_node(2, |n, now| n.node.join(now, &[node_addr(0)]));
+    c.run_for(Duration::from_secs(5));
+    let stats = c.sim.node(0).node.stats().transport;
+    assert!(
+        stats.connections_refused > 0 && stats.connections_evicted == 0,
+        "the third node was refused: {stats:?}"
+    );
+    assert_eq!(c.sim.node(0).node.connection_count(), 1);
+    assert!(
+        c.sim.node(2).node.membership().member("node-0").is_none(),
+        "node 2 never got in"
+    );
+    // Node 0 keeps serving node 1.
+    c.sim
+        .with_node(1, |n, now| n.node.dial(now, "svc"))
+        .unwrap();
+    c.run_for(Duration::from_secs(2));
+    assert_eq!(client.borrow().opened.len(), 2);
+    assert_eq!(served.borrow().accepted.len(), 2);
 }
 
 #[test]
@@ -233,4 +240,49 @@ fn endpoints_per_node_and_name_length_are_typed_errors() {
         "existing endpoints keep serving"
     );
     assert_eq!(served.borrow().accepted.len(), 1);
+}
+
+/// With fewer connections allowed than members, a node closes its least recently used idle
+/// connection to make room: connections stay within the budget (plus those still draining),
+/// membership stays whole and nobody is declared dead. (Here rather than beside the scale tests,
+/// which count TLS signatures process-wide.)
+#[test]
+fn a_connection_budget_below_the_cluster_size_evicts_idle_connections() {
+    let (seed, _g) = seed(34);
+    let n = 12;
+    let budget = 4;
+    let ca = DevCa::new().expect("dev CA");
+    let mut c: Cluster<SimulatedNode> = Cluster::nodes_with(
+        seed,
+        NetConfig::default(),
+        node_membership_config(),
+        certificates(&ca, n),
+        move |config| config.transport.max_connections = budget,
+    );
+    c.form(Duration::from_millis(50 * n as u64));
+    let mut most = 0;
+    for _ in 0..120 {
+        c.run_for(Duration::from_secs(1));
+        for i in 0..n {
+            most = most.max(c.sim.node(i).node.connection_count());
+        }
+    }
+    let evicted: u64 = (0..n)
+        .map(|i| c.sim.node(i).node.stats().transport.connections_evicted)
+        .sum();
+    let failed: u64 = (0..n)
+        .map(|i| c.sim.node(i).node.stats().membership.probes_failed)
+        .sum();
+    println!("{evicted} evictions, at most {most} connections on a node, {failed} failed probes");
+    assert!(c.converged(), "seed {seed}");
+    assert!(
+        evicted > 100,
+        "seed {seed}: the budget was used ({evicted})"
+    );
+    // Closed connections drain within a few round trips.
+    assert!(most <= budget + 4, "seed {seed}: {most} connections");
+    for i in 0..n {
+        let dead = &c.sim.node(i).seen.dead_events;
+        assert!(dead.is_empty(), "seed {seed}: node {i} saw {dead:?}");
+    }
 }

@@ -29,10 +29,13 @@ const BYSTANDER: usize = 2;
 /// The attacker's messages, and how much it keeps queued per flow.
 const CHUNK: usize = 16 * 1024;
 
-/// Keeps every open flow's send buffer full.
+/// Keeps every open flow's send buffer full, once told to flood: the worst case is every flow
+/// open, then all of them sending (a peer that floods while it still opens flows fills the
+/// connection's window before its last opens get through, and holds fewer flows).
 #[derive(Default)]
 struct Flooder {
     open: HashSet<FlowId>,
+    flooding: bool,
 }
 
 impl Flooder {
@@ -48,9 +51,11 @@ impl FlowApp for FlooderApp {
         match event {
             FlowEvent::Opened { flow, .. } => {
                 self.0.borrow_mut().open.insert(*flow);
-                Flooder::fill(node, *flow);
+                if self.0.borrow().flooding {
+                    Flooder::fill(node, *flow);
+                }
             }
-            FlowEvent::Writable { flow } => Flooder::fill(node, *flow),
+            FlowEvent::Writable { flow } if self.0.borrow().flooding => Flooder::fill(node, *flow),
             FlowEvent::Closed { flow, .. } | FlowEvent::DialFailed { flow, .. } => {
                 self.0.borrow_mut().open.remove(flow);
             }
@@ -150,6 +155,17 @@ fn a_peer_flooding_every_flow_it_may_stays_within_the_per_peer_bound() {
         .sim
         .with_node(BYSTANDER, |n, now| n.node.dial(now, "echo"))
         .expect("bystander dial");
+    // Every flow opens (the target's stream allowance grows as they come), then the flood.
+    c.run_until(Duration::from_secs(5), |_| {
+        flooder.borrow().open.len() >= dialled
+    });
+    flooder.borrow_mut().flooding = true;
+    let open: Vec<FlowId> = flooder.borrow().open.iter().copied().collect();
+    c.sim.with_node(ATTACKER, |n, _| {
+        for flow in open {
+            Flooder::fill(&mut n.node, flow);
+        }
+    });
     let mut peak = 0usize;
     let mut echoes_seen = 0;
     for second in 0..20 {
