@@ -31,15 +31,27 @@ pub const DATAGRAM_QUEUE: usize = 1024;
 /// is dropped rather than use them.
 pub const APP_DATAGRAM_HEADROOM: usize = 64 * 1024;
 
-/// Frames a datagram for `endpoint`.
+/// Frames a datagram for `endpoint`: the tag, then the `AppDatagram` fields written in place
+/// (the bytes prost writes, without first copying the name into a message).
 pub fn encode(endpoint: &str, payload: Bytes) -> Bytes {
-    let message = wire::AppDatagram {
-        endpoint: endpoint.to_owned(),
-        payload,
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+    let field = |len: usize| {
+        if len == 0 {
+            0
+        } else {
+            1 + encoded_len_varint(len as u64) + len
+        }
     };
-    let mut out = BytesMut::with_capacity(1 + message.encoded_len());
+    let mut out = BytesMut::with_capacity(1 + field(endpoint.len()) + field(payload.len()));
     out.put_u8(APP_DATAGRAM_TAG);
-    message.encode(&mut out).unwrap_or_default();
+    for (tag, bytes) in [(1, endpoint.as_bytes()), (2, &payload[..])] {
+        // proto3: empty fields are not written.
+        if !bytes.is_empty() {
+            encode_key(tag, WireType::LengthDelimited, &mut out);
+            encode_varint(bytes.len() as u64, &mut out);
+            out.put_slice(bytes);
+        }
+    }
     out.freeze()
 }
 
@@ -201,6 +213,23 @@ mod tests {
             None
         );
         assert_eq!(decode(Bytes::new()), None);
+    }
+
+    #[test]
+    fn encode_writes_what_prost_writes() {
+        for (endpoint, payload) in [
+            ("svc", vec![1u8; 64]),
+            ("a", Vec::new()),
+            ("telemetry.cpu", vec![7u8; MAX_DATAGRAM_SIZE]),
+        ] {
+            let message = wire::AppDatagram {
+                endpoint: endpoint.to_owned(),
+                payload: Bytes::from(payload.clone()),
+            };
+            let mut expected = vec![APP_DATAGRAM_TAG];
+            expected.extend_from_slice(&message.encode_to_vec());
+            assert_eq!(&encode(endpoint, Bytes::from(payload))[..], &expected[..]);
+        }
     }
 
     #[test]

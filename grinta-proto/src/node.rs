@@ -675,10 +675,11 @@ impl Node {
     /// waiting in its accept backlog are reset; accepted flows carry on.
     pub fn unregister_endpoint(&mut self, now: Instant, name: &str) -> Result<(), RegistryError> {
         let _span = self.span.clone().entered();
+        // What waits for the endpoint goes even if the name was no longer this node's.
+        self.datagrams.close(name);
         let record = self.registry.unregister(name, now)?;
         self.flows
             .on_endpoint_closed(&mut self.transport, name, ResetCode::EndpointClosed);
-        self.datagrams.close(name);
         self.announce(&record);
         self.work_pending = true;
         Ok(())

@@ -1254,29 +1254,16 @@ impl Transport {
                 }
             }
             Some(DatagramEvent::NewConnection(incoming)) => {
-                if !self.accepting
-                    || self.handshaking >= self.limits.max_handshaking
-                    || !self.room_for_connection(now)
-                {
-                    self.stats.connections_refused += 1;
-                    // Logged at 1, 2, 4, 8, ... refusals: a flood cannot flood the log.
-                    if self.stats.connections_refused.is_power_of_two() {
-                        debug!(
-                            %from,
-                            refused = self.stats.connections_refused,
-                            connections = self.conns.len(),
-                            handshaking = self.handshaking,
-                            "incoming connection refused: connection or handshake limit reached"
-                        );
-                    }
-                    let t = self.endpoint.refuse(incoming, &mut buf);
-                    self.queue_quinn_transmit(&t, &buf);
+                if !self.accepting || self.handshaking >= self.limits.max_handshaking {
+                    self.refuse_incoming(incoming, from, &mut buf);
                 } else if self.handshaking >= self.limits.retry_above_handshaking
                     && !incoming.remote_address_validated()
                     && incoming.may_retry()
                 {
                     // Under load: the source proves it receives at its address before it gets
-                    // any state here (a spoofed one never comes back).
+                    // any state here (a spoofed one never comes back). This also bounds what
+                    // spoofed handshakes can evict at the connection limit: at most
+                    // `retry_above_handshaking` per handshake timeout.
                     match self.endpoint.retry(incoming, &mut buf) {
                         Ok(t) => {
                             self.stats.retries_sent += 1;
@@ -1289,12 +1276,10 @@ impl Transport {
                             }
                             self.queue_quinn_transmit(&t, &buf);
                         }
-                        Err(e) => {
-                            self.stats.connections_refused += 1;
-                            let t = self.endpoint.refuse(e.into_incoming(), &mut buf);
-                            self.queue_quinn_transmit(&t, &buf);
-                        }
+                        Err(e) => self.refuse_incoming(e.into_incoming(), from, &mut buf),
                     }
+                } else if !self.room_for_connection(now) {
+                    self.refuse_incoming(incoming, from, &mut buf);
                 } else {
                     match self.endpoint.accept(incoming, now, &mut buf, None) {
                         Ok((ch, conn)) => {
@@ -1633,29 +1618,52 @@ impl Transport {
         }
     }
 
-    /// Closes connection `ch` from this side with `reason`. A connection closed here raises no
-    /// event of its own, so what ran on it fails now ([`connection_lost`](Self::connection_lost)).
+    /// Refuses an incoming connection (limits reached), counted.
+    fn refuse_incoming(
+        &mut self,
+        incoming: quinn_proto::Incoming,
+        from: SocketAddr,
+        buf: &mut Vec<u8>,
+    ) {
+        self.stats.connections_refused += 1;
+        // Logged at 1, 2, 4, 8, ... refusals: a flood cannot flood the log.
+        if self.stats.connections_refused.is_power_of_two() {
+            debug!(
+                %from,
+                refused = self.stats.connections_refused,
+                connections = self.conns.len(),
+                handshaking = self.handshaking,
+                "incoming connection refused: connection or handshake limit reached"
+            );
+        }
+        let t = self.endpoint.refuse(incoming, buf);
+        self.queue_quinn_transmit(&t, buf);
+    }
+
     /// Whether a new connection fits under `max_connections`, closing the least recently used
-    /// idle one (established, no flows, exchanges or holds) if that is what it takes. The walk
-    /// over the connections happens only at the limit, once per new connection.
+    /// idle one (established, no flows, exchanges, holds or unacknowledged stream data) if that
+    /// is what it takes. The walk over the
+    /// connections happens only at the limit, once per new connection.
     fn room_for_connection(&mut self, now: Instant) -> bool {
         if self.conns.len() < self.limits.max_connections {
             return true;
         }
         let idle = self
             .conns
-            .iter()
+            .iter_mut()
             .filter(|(_, c)| {
                 c.established
                     && c.holds == 0
                     && c.flow_streams.is_empty()
                     && c.inbound.is_empty()
                     && c.outbound.is_empty()
+                    && c.draining.is_empty()
                     && c.pending_flow_opens.is_empty()
                     && !c.conn.is_closed()
             })
-            .min_by_key(|(_, c)| c.last_used)
-            .map(|(&ch, _)| ch);
+            .map(|(&ch, c)| (ch, c.last_used))
+            .min_by_key(|&(_, used)| used)
+            .map(|(ch, _)| ch);
         let Some(ch) = idle else {
             return false;
         };
@@ -1670,6 +1678,8 @@ impl Transport {
         true
     }
 
+    /// Closes connection `ch` from this side with `reason`. A connection closed here raises no
+    /// event of its own, so what ran on it fails now ([`connection_lost`](Self::connection_lost)).
     fn close_here(&mut self, now: Instant, ch: ConnectionHandle, reason: &'static [u8]) {
         let Some(c) = self.conns.get_mut(&ch) else {
             return;

@@ -21,6 +21,10 @@ use super::local::{ErasedEncode, LocalEnd, Message};
 use super::mailbox::{Mailbox, Staged, Taken, Wakeup};
 use super::{Error, Fabric, Runtime};
 
+/// Messages `send_many` takes from its caller's iterator before queueing them under the mailbox's
+/// lock.
+const STAGE_CHUNK: usize = 256;
+
 /// Messages a receiving half takes from the node at once (beyond the one it returns), so that a
 /// reader of a busy flow locks the node once per batch rather than once per message.
 const RECV_BATCH: usize = 64;
@@ -580,6 +584,7 @@ impl<R: Runtime> FlowSender<R> {
         I::Item: Into<Bytes>,
     {
         let mut rest = messages.into_iter().map(Into::into);
+        let mut chunk = VecDeque::new();
         if let (
             None,
             Route::Remote {
@@ -590,17 +595,33 @@ impl<R: Runtime> FlowSender<R> {
         ) = (&self.pending, &self.core.route)
         {
             // The data path of an open remote flow: straight into its mailbox, as many messages
-            // per lock as fit.
+            // per lock as fit. The caller's iterator runs here, never under the mailbox's lock
+            // (it may call into the fabric).
             let wakeup = &fabric.shared.wakeup;
-            let mut slot = rest.next();
-            match poll_fn(|cx| poll_mailbox(mailbox, wakeup, cx, &mut slot, &mut rest)).await {
-                None => return Ok(()),
-                Some(Err(e)) => return Err(e),
-                // Not plainly open: the general path asks the node, for this one and the rest.
-                Some(Ok(message)) => self.send_message(Message::Bytes(message)).await?,
+            loop {
+                chunk.extend(rest.by_ref().take(STAGE_CHUNK));
+                let mut slot = chunk.pop_front();
+                if slot.is_none() {
+                    return Ok(());
+                }
+                let stopped = poll_fn(|cx| {
+                    let mut queued = std::iter::from_fn(|| chunk.pop_front());
+                    poll_mailbox(mailbox, wakeup, cx, &mut slot, &mut queued)
+                })
+                .await;
+                match stopped {
+                    None => {}
+                    Some(Err(e)) => return Err(e),
+                    // Not plainly open: the general path asks the node, for this one and the
+                    // rest.
+                    Some(Ok(message)) => {
+                        chunk.push_front(message);
+                        break;
+                    }
+                }
             }
         }
-        for message in rest {
+        for message in chunk.into_iter().chain(rest) {
             self.send_message(Message::Bytes(message)).await?;
         }
         Ok(())

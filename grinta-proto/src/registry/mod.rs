@@ -556,10 +556,10 @@ impl Registry {
 
     /// Live claims on `name`, sorted by owner.
     fn claims<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a Record> + use<'a> {
-        let name = name.to_owned();
+        let from = (name.to_owned(), String::new());
         self.records
-            .range((name.clone(), String::new())..)
-            .take_while(move |((n, _), _)| *n == name)
+            .range(&from..)
+            .take_while(move |((n, _), _)| *n == from.0)
             .map(|(_, e)| &e.record)
             .filter(|r| r.claimed)
     }
@@ -1081,10 +1081,10 @@ impl Registry {
 
     /// Every record of `name` (claims and tombstones, every owner), sorted by owner.
     fn records_of<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a Record> + use<'a> {
-        let name = name.to_owned();
+        let from = (name.to_owned(), String::new());
         self.records
-            .range((name.clone(), String::new())..)
-            .take_while(move |((n, _), _)| *n == name)
+            .range(&from..)
+            .take_while(move |((n, _), _)| *n == from.0)
             .map(|(_, e)| &e.record)
     }
 
