@@ -49,6 +49,35 @@ pub const STREAMS_FOR_EXCHANGES: u32 = 64;
 /// grows to what its peer uses within a few round trips.
 pub const INITIAL_STREAM_ALLOWANCE: u32 = 16;
 
+/// Records that connection `ch` is bound to peer `name` (see `Transport::by_peer`).
+fn index_peer(
+    by_peer: &mut HashMap<String, smallvec::SmallVec<[ConnectionHandle; 2]>>,
+    ch: ConnectionHandle,
+    name: &str,
+) {
+    let chs = match by_peer.get_mut(name) {
+        Some(chs) => chs,
+        None => by_peer.entry_ref(name).or_default(),
+    };
+    if !chs.contains(&ch) {
+        chs.push(ch);
+    }
+}
+
+/// Records that connection `ch` is no longer bound to peer `name`.
+fn unindex_peer(
+    by_peer: &mut HashMap<String, smallvec::SmallVec<[ConnectionHandle; 2]>>,
+    ch: ConnectionHandle,
+    name: &str,
+) {
+    if let Some(chs) = by_peer.get_mut(name) {
+        chs.retain(|c| *c != ch);
+        if chs.is_empty() {
+            by_peer.remove(name);
+        }
+    }
+}
+
 /// Transport limits and timers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransportLimits {
@@ -402,6 +431,9 @@ pub(crate) struct Transport {
     /// The entry of each connection in `deadlines`.
     deadline_of: HashMap<ConnectionHandle, Instant>,
     by_name: HashMap<String, ConnectionHandle>,
+    /// Every connection bound to each peer name (`Conn::peer`), so that what concerns one peer
+    /// (it left, failed or moved) visits its connections only, not every connection.
+    by_peer: HashMap<String, smallvec::SmallVec<[ConnectionHandle; 2]>>,
     local_name: String,
     limits: TransportLimits,
     outgoing: VecDeque<Transmit>,
@@ -669,6 +701,7 @@ impl Transport {
             deadlines: BTreeSet::new(),
             deadline_of: HashMap::new(),
             by_name: HashMap::new(),
+            by_peer: HashMap::new(),
             local_name: local_name.to_owned(),
             limits,
             outgoing: VecDeque::new(),
@@ -710,6 +743,7 @@ impl Transport {
                     });
                 if proven && name != self.local_name {
                     c.peer = Some(name.to_owned());
+                    index_peer(&mut self.by_peer, conn, name);
                     self.bind_name(conn, name);
                 }
                 proven && name != self.local_name
@@ -739,6 +773,7 @@ impl Transport {
                     self.by_name.insert(name.to_owned(), conn);
                     if let Some(old) = self.conns.get_mut(&existing) {
                         old.peer = None;
+                        unindex_peer(&mut self.by_peer, existing, name);
                         self.replaced.push(existing);
                     }
                     return;
@@ -836,6 +871,7 @@ impl Transport {
                     ),
                 );
                 if let Some(n) = name {
+                    index_peer(&mut self.by_peer, ch, n);
                     self.bind_name(ch, n);
                 }
                 self.dirty.insert(ch);
@@ -1430,15 +1466,15 @@ impl Transport {
     /// sending into one the restarted process cannot know.
     pub(crate) fn close_peer(&mut self, now: Instant, name: &str) {
         self.by_name.remove(name);
-        for (ch, c) in self.conns.iter_mut() {
-            if c.peer.as_deref() == Some(name) {
+        for ch in self.by_peer.remove(name).unwrap_or_default() {
+            if let Some(c) = self.conns.get_mut(&ch) {
                 c.conn.close(
                     now,
                     VarInt::from_u32(ConnectionCloseCode::Idle as u32),
                     Bytes::from_static(b"peer declared gone"),
                 );
                 c.peer = None;
-                self.dirty.insert(*ch);
+                self.dirty.insert(ch);
             }
         }
         self.drive(now);
@@ -1447,12 +1483,16 @@ impl Transport {
     /// Closes the connections to node `name` at any address but `addr` (it moved).
     pub(crate) fn close_peer_elsewhere(&mut self, now: Instant, name: &str, addr: SocketAddr) {
         let stale: Vec<ConnectionHandle> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| {
-                c.peer.as_deref() == Some(name) && c.addr != addr && !c.conn.is_closed()
+            .by_peer
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter(|ch| {
+                self.conns
+                    .get(ch)
+                    .is_some_and(|c| c.addr != addr && !c.conn.is_closed())
             })
-            .map(|(ch, _)| *ch)
+            .copied()
             .collect();
         for &ch in &stale {
             self.close_here(now, ch, b"peer moved");
@@ -1735,14 +1775,11 @@ impl Transport {
             self.handshaking = self.handshaking.saturating_sub(1);
         }
         if let Some(name) = &c.peer {
+            unindex_peer(&mut self.by_peer, ch, name);
             if self.by_name.get(name) == Some(&ch) {
                 self.by_name.remove(name);
                 // Fall back to another connection to the same peer, if any.
-                if let Some((&other, _)) = self
-                    .conns
-                    .iter()
-                    .find(|(_, o)| o.peer.as_deref() == Some(name.as_str()))
-                {
+                if let Some(&other) = self.by_peer.get(name).and_then(|chs| chs.first()) {
                     self.by_name.insert(name.clone(), other);
                 }
             }

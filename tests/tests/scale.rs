@@ -119,6 +119,30 @@ fn cost_per_node_as_the_cluster_grows() {
             c.probes_failed
         );
     }
+    // For docs/plots/scale_plot.py.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/scale");
+    let mut csv = String::from(
+        "n,cpu_us_per_node_s,handshakes_per_node_min,resumed,connections_per_node,heap_mib_per_node,probes_failed\n",
+    );
+    for c in &costs {
+        csv.push_str(&format!(
+            "{},{:.1},{:.2},{:.3},{:.1},{:.2},{}\n",
+            c.n,
+            c.cpu_us_per_node_s,
+            c.handshakes_per_node_min,
+            c.resumed,
+            c.connections_per_node,
+            c.heap_per_node / (1024.0 * 1024.0),
+            c.probes_failed
+        ));
+    }
+    if std::fs::create_dir_all(&dir).is_ok() {
+        let path = dir.join("cost.csv");
+        match std::fs::write(&path, csv) {
+            Ok(()) => println!("wrote {}", path.display()),
+            Err(e) => println!("cannot write {}: {e}", path.display()),
+        }
+    }
     if let (Some(first), Some(last)) = (costs.first(), costs.last()) {
         println!(
             "CPU per node at N={} is {:.2}x N={}",
