@@ -1217,13 +1217,21 @@ impl<R: Runtime> Fabric<R> {
         crate::registry::validate_endpoint_name(name)?;
         refuse_reserved(name)?;
         let message = message.into();
-        self.with(|inner, now| {
-            if !inner.accepting() {
-                return Err(Error::Shutdown);
-            }
-            inner.node.send_datagram(now, name, message)?;
-            Ok(())
-        })
+        let mut inner = self.shared.lock();
+        if !inner.accepting() {
+            return Err(Error::Shutdown);
+        }
+        // The driver is woken only when this datagram gives it work it did not have yet: a
+        // burst of datagrams costs one wake, not one per datagram.
+        let had_work = inner.node.has_pending_work();
+        let now = R::now();
+        inner.node.send_datagram(now, name, message)?;
+        // An in-process delivery wakes the endpoint's reader.
+        inner.dispatch();
+        if !had_work {
+            inner.wake_driver();
+        }
+        Ok(())
     }
 
     /// The largest datagram [`send_datagram`](Self::send_datagram) takes, in bytes
