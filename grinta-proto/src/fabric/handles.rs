@@ -599,11 +599,13 @@ impl<R: Runtime> FlowSender<R> {
             // (it may call into the fabric).
             let wakeup = &fabric.shared.wakeup;
             loop {
-                chunk.extend(rest.by_ref().take(STAGE_CHUNK));
-                let mut slot = chunk.pop_front();
+                // Every message of the previous chunk was queued: the next ones. A lone message
+                // (`send`) stays in `slot` and the chunk allocates nothing.
+                let mut slot = rest.next();
                 if slot.is_none() {
                     return Ok(());
                 }
+                chunk.extend(rest.by_ref().take(STAGE_CHUNK - 1));
                 let stopped = poll_fn(|cx| {
                     let mut queued = std::iter::from_fn(|| chunk.pop_front());
                     poll_mailbox(mailbox, wakeup, cx, &mut slot, &mut queued)
