@@ -27,6 +27,14 @@ struct ScaleReport {
     view_entries: usize,
     /// Simulated seconds reached: less than 60 when the run stopped at the memory budget.
     simulated_s: f64,
+    /// Push-pull messages sent by all nodes (requests and replies), and their bytes.
+    push_pulls: u64,
+    push_pull_bytes: u64,
+    /// Membership datagrams sent by all nodes.
+    packets: u64,
+    /// Suspicions raised and deaths declared by all nodes (a lossless run should have none).
+    suspicions: u64,
+    deaths: u64,
 }
 
 /// The scale runs stop when the heap passes this, so the suite fits a 24 GiB machine.
@@ -62,7 +70,15 @@ pub(crate) fn child(n: usize) {
     let view_entries = (0..n)
         .map(|i| c.sim.node(i).membership.members().count())
         .sum();
+    let total = |f: fn(&grinta_proto::membership::Stats) -> u64| -> u64 {
+        (0..n).map(|i| f(&c.sim.node(i).membership.stats())).sum()
+    };
     let report = ScaleReport {
+        push_pulls: total(|s| s.push_pulls_sent),
+        push_pull_bytes: total(|s| s.push_pull_bytes_sent),
+        packets: total(|s| s.packets_sent),
+        suspicions: total(|s| s.suspicions_raised),
+        deaths: total(|s| s.deaths_declared),
         nodes: n,
         wall_s,
         peak_rss_mib: alloc::peak_rss_bytes() as f64 / (1 << 20) as f64,

@@ -600,7 +600,7 @@ impl Node {
             }
             Target::Remote { node } => node,
         };
-        let Some(addr) = self.membership.member(&node).map(|m| m.addr) else {
+        let Some(addr) = self.membership.member_addr(&node) else {
             return Err(FlowError::NoSuchEndpoint {
                 name: endpoint.to_owned(),
             });
@@ -748,7 +748,7 @@ impl Node {
         if name == self.membership.local_name() {
             return None;
         }
-        match self.membership.member(name).map(|m| m.state) {
+        match self.membership.member_state(name) {
             Some(MemberState::Alive | MemberState::Suspect) => None,
             Some(MemberState::Dead) => Some(DownReason::Failed),
             Some(MemberState::Left) => Some(DownReason::Left),
@@ -822,7 +822,7 @@ impl Node {
         if owners.contains(&membership.local_name()) {
             return Ok(Target::Local);
         }
-        let state = |o: &str| membership.member(o).map(|m| m.state);
+        let state = |o: &str| membership.member_state(o);
         let alive = |o: &&str| state(o) == Some(MemberState::Alive);
         // Suspected owners are a last resort: they may still answer.
         let not_gone = |o: &&str| {

@@ -49,8 +49,11 @@ pub struct Observations {
     pub joined_at: Option<Instant>,
     /// When the leave completed.
     pub leave_complete_at: Option<Instant>,
-    /// Highest incarnation seen per member while it is known.
-    incarnations: HashMap<String, u64>,
+    /// Highest incarnation seen per member while it is known, by node number (`node-<i>`): a
+    /// 10,000-node run holds a hundred million of them, so no name is stored.
+    incarnations: Vec<u64>,
+    /// The same for members named otherwise.
+    other_incarnations: HashMap<String, u64>,
 }
 
 impl Observations {
@@ -60,7 +63,7 @@ impl Observations {
         match event {
             Event::MemberJoined(m) => {
                 self.dead.remove(&m.name);
-                self.incarnations.insert(m.name.clone(), m.incarnation);
+                *self.incarnation_slot(&m.name) = m.incarnation;
                 Ok(())
             }
             Event::MemberUpdated(m) => self.check_incarnation(&m.name, m.incarnation),
@@ -98,8 +101,20 @@ impl Observations {
         }
     }
 
+    fn incarnation_slot(&mut self, name: &str) -> &mut u64 {
+        match name_index(name) {
+            Some(i) => {
+                if self.incarnations.len() <= i {
+                    self.incarnations.resize(i + 1, 0);
+                }
+                &mut self.incarnations[i]
+            }
+            None => self.other_incarnations.entry(name.to_owned()).or_insert(0),
+        }
+    }
+
     fn check_incarnation(&mut self, name: &str, incarnation: u64) -> Result<(), String> {
-        let last = self.incarnations.entry(name.to_owned()).or_insert(0);
+        let last = self.incarnation_slot(name);
         if incarnation < *last {
             return Err(format!(
                 "incarnation of {name} went back from {last} to {incarnation}"

@@ -926,13 +926,7 @@ impl<R: Runtime> Fabric<R> {
     /// those that failed or left while the node still remembers them. See
     /// [`alive_members`](Self::alive_members) for the live ones.
     pub fn members(&self) -> Vec<Member> {
-        self.shared
-            .lock()
-            .node
-            .membership()
-            .members()
-            .cloned()
-            .collect()
+        self.shared.lock().node.membership().members().collect()
     }
 
     /// The members this node sees alive (itself excluded).
@@ -943,7 +937,6 @@ impl<R: Runtime> Fabric<R> {
             .membership()
             .members()
             .filter(|m| m.state == MemberState::Alive)
-            .cloned()
             .collect()
     }
 

@@ -9,14 +9,12 @@ impl Membership {
             return;
         }
         let dead_time = self.config.gossip_to_the_dead_time;
+        let epoch = self.members.epoch();
         let targets = self.random_members_with(self.config.gossip_nodes, |e| {
-            !e.member.state.is_gone() || now.saturating_duration_since(e.state_change) < dead_time
+            !e.state.is_gone() || e.in_state_for(epoch, now) < dead_time
         });
         for i in targets {
-            let (addr, name) = (
-                self.members[i].member.addr,
-                self.members[i].member.name.clone(),
-            );
+            let (addr, name) = (self.members[i].addr, self.members[i].name().to_owned());
             if self.send_packet(addr, Some(name), None, &[]) {
                 self.stats.gossip_packets_sent += 1;
             }
@@ -89,14 +87,6 @@ impl Membership {
     }
 
     /// Up to `k` distinct random members matching `filter`.
-    pub(super) fn random_members(
-        &mut self,
-        k: usize,
-        filter: impl Fn(&Member) -> bool,
-    ) -> Vec<usize> {
-        self.random_members_with(k, |e| filter(&e.member))
-    }
-
     pub(super) fn random_members_with(
         &mut self,
         k: usize,

@@ -46,13 +46,13 @@
 mod broadcast;
 mod config;
 mod suspicion;
+mod table;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hashbrown::HashMap;
 use prost::Message;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -63,6 +63,7 @@ use crate::wire;
 use broadcast::{BroadcastKey, BroadcastQueue, framed_broadcast_len};
 pub use config::{Config, ConfigError, MAX_SETTING_DURATION, MIN_PACKET_SIZE};
 use suspicion::Suspicion;
+use table::{Entry, MemberTable};
 
 /// Longest node name, in bytes.
 pub const MAX_NAME_LEN: usize = 128;
@@ -381,16 +382,6 @@ struct IndirectProbe {
     nack_sent: bool,
 }
 
-#[derive(Debug)]
-struct Entry {
-    member: Member,
-    state_change: Instant,
-    /// The member's latest alive, signed by it: relayed in push-pull and corrections.
-    alive: wire::Signed,
-    /// Its leave, signed by it, while it is Left.
-    leave: Option<wire::Signed>,
-}
-
 #[derive(Debug, Clone)]
 struct FailedMember {
     name: String,
@@ -422,9 +413,10 @@ pub struct Membership {
     /// A refutation happened while processing the current packet or push-pull.
     refuted_in_input: bool,
 
-    members: Vec<Entry>,
-    index: HashMap<String, usize>,
-    probe_order: Vec<String>,
+    members: MemberTable,
+    /// The probe walk: positions in `members`, valid until the next reshuffle (members are only
+    /// removed when it reshuffles).
+    probe_order: Vec<u32>,
     probe_cursor: usize,
     probe: Option<Probe>,
     next_probe: Instant,
@@ -465,6 +457,11 @@ pub struct Membership {
 
 /// Most unknown senders remembered as asked for their state.
 const MAX_ASKED: usize = 64;
+
+/// Cluster size up to which [`MAX_ASKED`] asks per push-pull interval are allowed; past it, the
+/// allowance shrinks in proportion (one ask costs a push-pull of the whole state both ways): 20
+/// at 100 members, 2 at 1,000, 1 from 2,048 on.
+const ASK_FULL_ALLOWANCE_UP_TO: usize = 32;
 
 /// Most (member, address) pairs remembered as asked for their state.
 const MAX_ASKED_AT_ADDRESS: usize = 1024;
@@ -543,8 +540,7 @@ impl Membership {
             own_alive: None,
             own_alive_incarnation: 0,
             refuted_in_input: false,
-            members: Vec::new(),
-            index: HashMap::new(),
+            members: MemberTable::new(now),
             probe_order: Vec::new(),
             probe_cursor: 0,
             probe: None,
@@ -608,27 +604,38 @@ impl Membership {
     }
 
     /// Every member this node knows, itself excluded, in no particular order.
-    pub fn members(&self) -> impl Iterator<Item = &Member> {
-        self.members.iter().map(|e| &e.member)
+    ///
+    /// Each [`Member`] is built on the way out (the table keeps members compact); to ask about
+    /// one member, [`member_state`](Self::member_state) and [`member_addr`](Self::member_addr)
+    /// build nothing.
+    pub fn members(&self) -> impl Iterator<Item = Member> + '_ {
+        self.members.iter().map(|e| e.member())
     }
 
     /// One member by name.
-    pub fn member(&self, name: &str) -> Option<&Member> {
-        self.index.get(name).map(|&i| &self.members[i].member)
+    pub fn member(&self, name: &str) -> Option<Member> {
+        self.members.find(name).map(|i| self.members[i].member())
+    }
+
+    /// The state of member `name`, if known.
+    pub fn member_state(&self, name: &str) -> Option<MemberState> {
+        self.members.find(name).map(|i| self.members[i].state)
+    }
+
+    /// The address of member `name`, if known.
+    pub fn member_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.members.find(name).map(|i| self.members[i].addr)
     }
 
     /// The latest alive of member `name`, as it signed it: what this node relays and puts in
     /// push-pulls (for tools that inspect or replay claims).
-    pub fn signed_alive(&self, name: &str) -> Option<&wire::Signed> {
-        self.index.get(name).map(|&i| &self.members[i].alive)
+    pub fn signed_alive(&self, name: &str) -> Option<wire::Signed> {
+        self.members.find(name).map(|i| self.members[i].alive())
     }
 
     /// Number of members known as Alive or Suspect, self excluded.
     pub fn live_members(&self) -> usize {
-        self.members
-            .iter()
-            .filter(|e| !e.member.state.is_gone())
-            .count()
+        self.members.iter().filter(|e| !e.state.is_gone()).count()
     }
 
     /// Whether `name` is this node or a member not declared gone: the nodes whose accusations
@@ -1011,6 +1018,11 @@ impl Membership {
             self.joined = true;
             self.join_retry = None;
             self.events.push_back(Event::Joined);
+            // The join was a full exchange: the next one is due a (size-scaled) interval later,
+            // at a random point of it so that nodes joining together do not exchange together.
+            let interval = self.push_pull_interval();
+            self.next_push_pull =
+                now + interval / 2 + interval.mul_f64(self.rng.random::<f64>() / 2.0);
             if pp.reply && self.app_state != self.join_app_state {
                 // The application changed its state (registered endpoints, say) while the join
                 // was under way: the seed has not seen it yet.

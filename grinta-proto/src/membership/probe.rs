@@ -27,12 +27,10 @@ impl Membership {
     pub(super) fn next_probe_target(&mut self, now: Instant) -> Option<usize> {
         for _ in 0..2 {
             while self.probe_cursor < self.probe_order.len() {
-                let name = &self.probe_order[self.probe_cursor];
+                let i = self.probe_order[self.probe_cursor] as usize;
                 self.probe_cursor += 1;
-                if let Some(&i) = self.index.get(name) {
-                    if !self.members[i].member.state.is_gone() {
-                        return Some(i);
-                    }
+                if i < self.members.len() && !self.members[i].state.is_gone() {
+                    return Some(i);
                 }
             }
             self.reshuffle_probe_order(now);
@@ -46,24 +44,34 @@ impl Membership {
             .members
             .iter()
             .filter(|e| {
-                e.member.state.is_gone()
-                    && now.saturating_duration_since(e.state_change)
-                        >= self.config.gossip_to_the_dead_time
+                e.state.is_gone()
+                    && self.members.in_state_for(e, now) >= self.config.gossip_to_the_dead_time
             })
-            .map(|e| e.member.name.clone())
+            .map(|e| e.name().to_owned())
             .collect();
         for name in reap {
             self.remove_member(&name);
         }
-        let last = self.probe_order.last().cloned();
-        self.probe_order = self.members.iter().map(|e| e.member.name.clone()).collect();
+        let last = self
+            .probe_order
+            .last()
+            .and_then(|&i| self.members.iter().nth(i as usize))
+            .map(|e| e.name().to_owned());
+        let mut order = std::mem::take(&mut self.probe_order);
+        order.clear();
+        order.extend(0..self.members.len() as u32);
+        self.probe_order = order;
         // Fisher-Yates with our seeded generator.
         for i in (1..self.probe_order.len()).rev() {
             let j = self.rng.random_range(0..=i);
             self.probe_order.swap(i, j);
         }
         // Never probe the same member twice in a row across the wrap-around.
-        if self.probe_order.len() > 1 && self.probe_order.first() == last.as_ref() {
+        let first = self
+            .probe_order
+            .first()
+            .map(|&i| self.members[i as usize].name());
+        if self.probe_order.len() > 1 && first.is_some() && first == last.as_deref() {
             let j = self.rng.random_range(1..self.probe_order.len());
             self.probe_order.swap(0, j);
         }
@@ -71,13 +79,8 @@ impl Membership {
     }
 
     pub(super) fn remove_member(&mut self, name: &str) {
-        let Some(i) = self.index.remove(name) else {
+        if !self.members.remove(name) {
             return;
-        };
-        self.members.swap_remove(i);
-        if i < self.members.len() {
-            let moved = self.members[i].member.name.clone();
-            self.index.insert(moved, i);
         }
         self.suspicions.remove(name);
         self.member_queue
@@ -93,7 +96,7 @@ impl Membership {
             return;
         };
         let seq = self.next_seq();
-        let target = self.members[i].member.clone();
+        let target = self.members[i].member();
         let buddy: Option<Bytes> = if target.state == MemberState::Suspect && self.config.lifeguard
         {
             // Buddy system: tell the target it is suspected (with a signed accusation) so it
@@ -135,15 +138,15 @@ impl Membership {
         };
         p.indirect_sent = true;
         let (target, addr, seq, end_at) = (p.target.clone(), p.addr, p.seq, p.end_at);
-        let helpers = self.random_members(self.config.indirect_checks, |m| {
-            m.state == MemberState::Alive && m.name != target
+        let helpers = self.random_members_with(self.config.indirect_checks, |m| {
+            m.state == MemberState::Alive && m.name() != target
         });
         let budget = end_at.saturating_duration_since(now);
         let want_nack = self.config.lifeguard;
         for h in &helpers {
             let (helper_addr, helper_name) = {
-                let m = &self.members[*h].member;
-                (m.addr, m.name.clone())
+                let m = &self.members[*h];
+                (m.addr, m.name().to_owned())
             };
             let msg = wire::packet::Message::IndirectPing(wire::IndirectPing {
                 seq_no: seq,
@@ -158,7 +161,7 @@ impl Membership {
         }
         let helper_names: Vec<String> = helpers
             .iter()
-            .map(|&h| self.members[h].member.name.clone())
+            .map(|&h| self.members[h].name().to_owned())
             .collect();
         if let Some(p) = self.probe.as_mut() {
             p.expected_nacks = if want_nack { helpers.len() as u32 } else { 0 };
@@ -180,10 +183,10 @@ impl Membership {
             i64::from(p.expected_nacks.saturating_sub(p.nacks))
         };
         self.adjust_health(delta);
-        let Some(&i) = self.index.get(&p.target) else {
+        let Some(i) = self.members.find(&p.target) else {
             return;
         };
-        let m = &self.members[i].member;
+        let m = &self.members[i];
         if m.state.is_gone() {
             return;
         }

@@ -55,13 +55,13 @@ impl Membership {
         });
         for e in &self.members {
             members.push(wire::MemberEntry {
-                node: e.member.name.clone(),
-                addr: Some(encode_addr(e.member.addr)),
-                incarnation: e.member.incarnation,
-                state: e.member.state.to_wire() as i32,
-                meta: e.member.meta.clone(),
-                alive: Some(e.alive.clone()),
-                leave: e.leave.clone(),
+                node: e.name().to_owned(),
+                addr: Some(encode_addr(e.addr)),
+                incarnation: e.incarnation,
+                state: e.state.to_wire() as i32,
+                meta: e.meta(),
+                alive: Some(e.alive()),
+                leave: e.leave().cloned(),
             });
         }
         wire::PushPull {
@@ -115,12 +115,9 @@ impl Membership {
     }
 
     pub(super) fn periodic_push_pull(&mut self, _now: Instant) {
-        let picked = self.random_members(1, |m| m.state == MemberState::Alive);
+        let picked = self.random_members_with(1, |m| m.state == MemberState::Alive);
         if let Some(&i) = picked.first() {
-            let (addr, name) = (
-                self.members[i].member.addr,
-                self.members[i].member.name.clone(),
-            );
+            let (addr, name) = (self.members[i].addr, self.members[i].name().to_owned());
             self.send_push_pull(addr, Some(name), false, false);
         }
     }
@@ -135,7 +132,7 @@ impl Membership {
                 !self
                     .members
                     .iter()
-                    .any(|e| e.member.addr == *s && !e.member.state.is_gone())
+                    .any(|e| e.addr == *s && !e.state.is_gone())
             })
             .collect();
         let total = self.failed.len() + seeds.len();
@@ -165,15 +162,18 @@ impl Membership {
     /// node holds: ask it for its state with a push-pull. An unknown or gone sender is asked at
     /// most once per push-pull interval; a sender seen at another address than it announces is
     /// asked once per address (behind a NAT, its packets always come from another address than
-    /// the one it announces, and asking again would teach nothing).
+    /// the one it announces, and asking again would teach nothing). Past 32 members the number of
+    /// unknown senders asked per interval shrinks with the cluster's size, as each ask moves the
+    /// whole state: during a mass join most senders are unknown for a moment, and gossip teaches
+    /// them anyway.
     pub(super) fn ask_unknown_sender(&mut self, now: Instant, from: SocketAddr, sender: &str) {
         if sender == self.name || !self.joined || !matches!(self.lifecycle, Lifecycle::Running) {
             return;
         }
         let known_at = self
-            .index
-            .get(sender)
-            .map(|&i| &self.members[i].member)
+            .members
+            .find(sender)
+            .map(|i| &self.members[i])
             .filter(|m| !m.state.is_gone())
             .map(|m| m.addr);
         match known_at {
@@ -200,7 +200,9 @@ impl Membership {
                 {
                     self.asked.pop_front();
                 }
-                if self.asked.len() >= MAX_ASKED || self.asked.iter().any(|(n, _)| n == sender) {
+                let allowance = (MAX_ASKED * ASK_FULL_ALLOWANCE_UP_TO / self.cluster_size())
+                    .clamp(1, MAX_ASKED);
+                if self.asked.len() >= allowance || self.asked.iter().any(|(n, _)| n == sender) {
                     return;
                 }
                 self.asked.push_back((sender.to_owned(), now));

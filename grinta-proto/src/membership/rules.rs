@@ -21,10 +21,10 @@ impl Membership {
             .collect();
         for (name, incarnation) in due {
             self.suspicions.remove(&name);
-            let Some(&i) = self.index.get(&name) else {
+            let Some(i) = self.members.find(&name) else {
                 continue;
             };
-            if self.members[i].member.state != MemberState::Suspect {
+            if self.members[i].state != MemberState::Suspect {
                 continue;
             }
             self.stats.deaths_declared += 1;
@@ -84,9 +84,9 @@ impl Membership {
     pub(super) fn is_current(&self, name: &str) -> bool {
         name == self.name
             || self
-                .index
-                .get(name)
-                .is_some_and(|&i| !self.members[i].member.state.is_gone())
+                .members
+                .find(name)
+                .is_some_and(|i| !self.members[i].state.is_gone())
     }
 
     /// A packet from `from` accused member `i` at an incarnation older than the one we know alive:
@@ -96,13 +96,13 @@ impl Membership {
     pub(super) fn correct_stale_sender(&mut self, i: usize, from: Option<SocketAddr>) {
         let entry = &self.members[i];
         if from.is_none()
-            || entry.member.state != MemberState::Alive
+            || entry.state != MemberState::Alive
             || self.corrections.len() >= MAX_CORRECTIONS
         {
             return;
         }
         let alive = wire::Broadcast {
-            kind: Some(wire::broadcast::Kind::Alive(entry.alive.clone())),
+            kind: Some(wire::broadcast::Kind::Alive(entry.alive())),
         };
         self.corrections.push(alive.encode_to_vec().into());
     }
@@ -111,10 +111,10 @@ impl Membership {
     /// partition, or gossip that died out before reaching it). Tell it, so that it refutes;
     /// otherwise it would go on probing a cluster that ignores it.
     pub(super) fn correct_dead_sender(&mut self, sender: &str) {
-        let Some(&i) = self.index.get(sender) else {
+        let Some(i) = self.members.find(sender) else {
             return;
         };
-        let m = &self.members[i].member;
+        let m = &self.members[i];
         if m.state != MemberState::Dead
             || m.incarnation >= MAX_INCARNATION
             || self.corrections.len() >= MAX_CORRECTIONS
@@ -122,7 +122,7 @@ impl Membership {
             return;
         }
         let dead = wire::Dead {
-            node: m.name.clone(),
+            node: m.name().to_owned(),
             incarnation: m.incarnation,
             from: self.name.clone(),
         };
@@ -317,7 +317,7 @@ impl Membership {
             }
             return;
         }
-        let known = self.index.get(&a.node).copied();
+        let known = self.members.find(&a.node);
         match known {
             None if self.members.len() >= self.config.max_members => {
                 self.stats.dropped_for_limits += 1;
@@ -326,16 +326,16 @@ impl Membership {
             None => {}
             Some(i) => {
                 let entry = &self.members[i];
-                let known_incarnation = entry.member.incarnation;
+                let known_incarnation = entry.incarnation;
                 if a.incarnation <= known_incarnation {
                     // Old news, or a replay. The one exception: the same incarnation at a new
                     // address, from a member declared dead long enough ago (it restarted
                     // without a newer incarnation). Never for a member that left: only a newer
                     // life comes back from a leave.
                     let reclaim = a.incarnation == known_incarnation
-                        && addr != entry.member.addr
-                        && entry.member.state == MemberState::Dead
-                        && now.saturating_duration_since(entry.state_change)
+                        && addr != entry.addr
+                        && entry.state == MemberState::Dead
+                        && self.members.in_state_for(entry, now)
                             >= self.config.dead_node_reclaim_time;
                     if !reclaim {
                         return;
@@ -350,7 +350,7 @@ impl Membership {
         if !self.verified(&a.node, ClaimKind::Alive, &claim) {
             return;
         }
-        self.accept_alive(now, known, a, addr, claims::compact(&claim));
+        self.accept_alive(now, known, a, addr, claim);
     }
 
     /// Applies a checked alive of a member (`i`, if already known).
@@ -362,46 +362,33 @@ impl Membership {
         addr: SocketAddr,
         claim: wire::Signed,
     ) {
-        let relay = wire::broadcast::Kind::Alive(claim.clone());
         let Some(i) = known else {
-            let member = Member {
-                name: a.node.clone(),
-                addr,
-                incarnation: a.incarnation,
-                state: MemberState::Alive,
-                meta: a.meta.clone(),
-            };
-            self.index.insert(a.node.clone(), self.members.len());
-            self.members.push(Entry {
-                member: member.clone(),
-                state_change: now,
-                alive: claim,
-                leave: None,
-            });
-            // A new member is probed at a random point of the current round.
+            let i = self
+                .members
+                .insert(now, &a.node, a.incarnation, addr, a.meta, &claim);
+            // A new member is probed at a random point of the current round: it takes a random
+            // place in the walk, and the member that held it moves to the end (still probed this
+            // round if it had not been yet, twice if it had).
             let pos = self.rng.random_range(0..=self.probe_order.len());
-            self.probe_order.insert(pos, a.node.clone());
-            if pos < self.probe_cursor {
-                self.probe_cursor += 1;
-            }
+            self.probe_order.push(i as u32);
+            let last = self.probe_order.len() - 1;
+            self.probe_order.swap(pos, last);
             self.failed.retain(|f| f.name != a.node);
-            self.events.push_back(Event::MemberJoined(member));
+            self.events
+                .push_back(Event::MemberJoined(self.members[i].member()));
+            let relay = wire::broadcast::Kind::Alive(self.members[i].alive());
             self.queue_member_broadcast(a.node, relay);
             return;
         };
+        let relay = wire::broadcast::Kind::Alive(claims::compact(&claim));
         let entry = &mut self.members[i];
-        let old = entry.member.state;
-        let meta_changed = entry.member.meta != a.meta || entry.member.addr != addr;
-        entry.member.incarnation = a.incarnation;
-        entry.member.addr = addr;
-        entry.member.meta = a.meta.clone();
-        entry.member.state = MemberState::Alive;
-        entry.alive = claim;
-        entry.leave = None;
+        let old = entry.state;
+        let meta_changed = !entry.meta_eq(&a.meta) || entry.addr != addr;
+        entry.set_alive(a.incarnation, addr, a.meta, &claim);
         if old != MemberState::Alive {
-            entry.state_change = now;
+            self.members.touch(i, now);
         }
-        let member = entry.member.clone();
+        let member = self.members[i].member();
         self.suspicions.remove(&a.node);
         self.failed.retain(|f| f.name != a.node);
         // Accusations of an older incarnation are stale now.
@@ -422,9 +409,9 @@ impl Membership {
 
     /// This node suspects member `i` after its own failed probe: a signed accusation.
     pub(super) fn suspect_after_probe(&mut self, now: Instant, i: usize) {
-        let m = &self.members[i].member;
+        let m = &self.members[i];
         let s = wire::Suspect {
-            node: m.name.clone(),
+            node: m.name().to_owned(),
             incarnation: m.incarnation,
             from: self.name.clone(),
         };
@@ -481,19 +468,19 @@ impl Membership {
             self.stats.claims_refused += 1;
             return;
         }
-        let Some(&i) = self.index.get(node) else {
+        let Some(i) = self.members.find(node) else {
             return;
         };
         let entry = &self.members[i];
-        if incarnation < entry.member.incarnation {
+        if incarnation < entry.incarnation {
             self.correct_stale_sender(i, from);
             return;
         }
-        if incarnation > entry.member.incarnation {
+        if incarnation > entry.incarnation {
             self.stats.claims_refused += 1;
             return;
         }
-        let suspect = match entry.member.state {
+        let suspect = match entry.state {
             MemberState::Left | MemberState::Dead => return,
             MemberState::Suspect => true,
             MemberState::Alive => false,
@@ -533,9 +520,8 @@ impl Membership {
             return;
         }
         let n = self.cluster_size();
-        let entry = &mut self.members[i];
-        entry.member.state = MemberState::Suspect;
-        entry.state_change = now;
+        self.members[i].state = MemberState::Suspect;
+        self.members.touch(i, now);
         let mut timer = Suspicion::new(&self.config, n, incarnation, accuser, now);
         timer.buddy = relay
             .clone()
@@ -571,18 +557,18 @@ impl Membership {
             }
             return;
         }
-        let Some(&i) = self.index.get(&d.node) else {
+        let Some(i) = self.members.find(&d.node) else {
             return;
         };
         let entry = &self.members[i];
-        if d.incarnation < entry.member.incarnation {
+        if d.incarnation < entry.incarnation {
             self.correct_stale_sender(i, from);
             return;
         }
-        if entry.member.state == MemberState::Left {
+        if entry.state == MemberState::Left {
             return;
         }
-        if d.incarnation - entry.member.incarnation > MAX_INCARNATION_STEP {
+        if d.incarnation - entry.incarnation > MAX_INCARNATION_STEP {
             self.stats.claims_refused += 1;
             return;
         }
@@ -598,16 +584,10 @@ impl Membership {
     /// this node.
     fn mark_gone(&mut self, now: Instant, i: usize, incarnation: u64, leave: Option<wire::Signed>) {
         let left = leave.is_some();
-        let entry = &mut self.members[i];
-        entry.member.incarnation = incarnation;
-        entry.member.state = if left {
-            MemberState::Left
-        } else {
-            MemberState::Dead
-        };
-        entry.state_change = now;
-        entry.leave = leave;
-        let (name, addr) = (entry.member.name.clone(), entry.member.addr);
+        self.members[i].set_gone(incarnation, leave);
+        self.members.touch(i, now);
+        let entry = &self.members[i];
+        let (name, addr) = (entry.name().to_owned(), entry.addr);
         self.suspicions.remove(&name);
         if self.probe.as_ref().is_some_and(|p| p.target == name) {
             // Stop probing a member that is gone; the walk moves on at the interval's end.

@@ -319,7 +319,11 @@ fn a_new_member_is_inserted_into_the_probe_walk_once() {
         m.handle_alive(now, alive(name, 1, 7010));
         m.handle_alive(now, alive(name, 1, 7010));
     }
-    let mut order = m.probe_order.clone();
+    let mut order: Vec<&str> = m
+        .probe_order
+        .iter()
+        .map(|&i| m.members[i as usize].name())
+        .collect();
     order.sort();
     assert_eq!(order, ["b", "c", "d", "e"]);
     assert_eq!(

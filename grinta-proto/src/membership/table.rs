@@ -1,0 +1,399 @@
+//! The member table: one compact entry per known member, found by name.
+//!
+//! A node of a 10,000-member cluster holds 10,000 entries, and a simulation of that cluster holds
+//! a hundred million, so an entry keeps only what every member has:
+//!
+//! - name, address, incarnation, state and when the state last changed, inline (80 bytes);
+//! - the rest in a box that most entries of an unsigned run never need ([`Extra`]): the metadata
+//!   when there is some, the alive's signature and certificates, the alive's body when it does
+//!   not re-encode from the entry, and the signed leave of a member that left.
+//!
+//! The name lives in the entry alone: the index stores positions, hashed by the name they point
+//! at, and the probe walk stores positions too.
+
+use std::hash::BuildHasher;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hashbrown::{DefaultHashBuilder, HashTable};
+use prost::Message;
+
+use super::{Member, MemberState, encode_addr};
+use crate::wire;
+
+/// One known member.
+#[derive(Debug)]
+pub(super) struct Entry {
+    name: Box<str>,
+    pub(super) addr: SocketAddr,
+    /// The latest incarnation known, from its own alive or from an accusation or leave.
+    pub(super) incarnation: u64,
+    /// When the state last changed, in milliseconds after the table's epoch.
+    since_ms: u64,
+    pub(super) state: MemberState,
+    extra: Option<Box<Extra>>,
+}
+
+/// What only some entries need.
+#[derive(Debug, Default)]
+struct Extra {
+    meta: Bytes,
+    /// The latest alive as signed; its `body` is empty when it re-encodes from the entry (name,
+    /// address, `alive_incarnation`, metadata).
+    alive: wire::Signed,
+    /// The incarnation of that alive when the entry's moved past it (an accusation or leave).
+    alive_incarnation: Option<u64>,
+    /// The member's signed leave, while it is Left.
+    leave: Option<wire::Signed>,
+}
+
+impl Entry {
+    pub(super) fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(super) fn meta(&self) -> Bytes {
+        self.extra
+            .as_ref()
+            .map(|x| x.meta.clone())
+            .unwrap_or_default()
+    }
+
+    pub(super) fn meta_eq(&self, meta: &[u8]) -> bool {
+        self.extra.as_ref().map_or(&[][..], |x| &x.meta[..]) == meta
+    }
+
+    /// The member as the public API shows it.
+    pub(super) fn member(&self) -> Member {
+        Member {
+            name: self.name.to_string(),
+            addr: self.addr,
+            incarnation: self.incarnation,
+            state: self.state,
+            meta: self.meta(),
+        }
+    }
+
+    fn alive_incarnation(&self) -> u64 {
+        self.extra
+            .as_ref()
+            .and_then(|x| x.alive_incarnation)
+            .unwrap_or(self.incarnation)
+    }
+
+    fn encode_alive_body(&self) -> Vec<u8> {
+        wire::Alive {
+            node: self.name.to_string(),
+            incarnation: self.alive_incarnation(),
+            addr: Some(encode_addr(self.addr)),
+            meta: self.meta(),
+        }
+        .encode_to_vec()
+    }
+
+    /// The member's latest alive, as it signed it.
+    pub(super) fn alive(&self) -> wire::Signed {
+        match &self.extra {
+            Some(x) if !x.alive.body.is_empty() => x.alive.clone(),
+            Some(x) => wire::Signed {
+                body: self.encode_alive_body().into(),
+                ..x.alive.clone()
+            },
+            None => wire::Signed {
+                body: self.encode_alive_body().into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    pub(super) fn leave(&self) -> Option<&wire::Signed> {
+        self.extra.as_ref().and_then(|x| x.leave.as_ref())
+    }
+
+    /// Takes a new alive of the member (`claim`, whose body says `incarnation`, `addr` and
+    /// `meta`): the member is Alive again, at that incarnation and address.
+    pub(super) fn set_alive(
+        &mut self,
+        incarnation: u64,
+        addr: SocketAddr,
+        meta: Bytes,
+        claim: &wire::Signed,
+    ) {
+        self.incarnation = incarnation;
+        self.addr = addr;
+        self.state = MemberState::Alive;
+        let mut extra = Extra {
+            meta,
+            // Copied out of the received packet, without the body (kept below only if needed).
+            alive: crate::claims::compact(&wire::Signed {
+                body: Bytes::new(),
+                ..claim.clone()
+            }),
+            alive_incarnation: None,
+            leave: None,
+        };
+        self.extra = None;
+        let needed = !extra.meta.is_empty()
+            || extra.alive.scheme != 0
+            || !extra.alive.signature.is_empty()
+            || !extra.alive.certificates.is_empty();
+        if needed {
+            self.extra = Some(Box::new(std::mem::take(&mut extra)));
+        }
+        // Keep the body only when it does not come back from the entry byte for byte (a signer
+        // may encode fields we do not know, or in another order).
+        if self.encode_alive_body() != claim.body[..] {
+            self.extra_mut().alive.body = Bytes::copy_from_slice(&claim.body);
+        }
+    }
+
+    /// The member is gone at `incarnation`: Left with its signed `leave`, or Dead.
+    pub(super) fn set_gone(&mut self, incarnation: u64, leave: Option<wire::Signed>) {
+        if incarnation != self.alive_incarnation() {
+            let alive_incarnation = self.alive_incarnation();
+            self.extra_mut().alive_incarnation = Some(alive_incarnation);
+        }
+        self.incarnation = incarnation;
+        self.state = if leave.is_some() {
+            MemberState::Left
+        } else {
+            MemberState::Dead
+        };
+        if leave.is_some() || self.extra.is_some() {
+            self.extra_mut().leave = leave;
+        }
+    }
+
+    /// How long the member has been in its state at `now`, given the table's epoch.
+    pub(super) fn in_state_for(&self, epoch: Instant, now: Instant) -> Duration {
+        let at = epoch
+            .checked_add(Duration::from_millis(self.since_ms))
+            .unwrap_or(epoch);
+        now.saturating_duration_since(at)
+    }
+
+    fn extra_mut(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Default::default)
+    }
+}
+
+/// Every member this node knows, found by name in constant time.
+#[derive(Debug)]
+pub(super) struct MemberTable {
+    entries: Vec<Entry>,
+    /// Positions in `entries`, hashed by the name of the entry they point at.
+    index: HashTable<u32>,
+    hasher: DefaultHashBuilder,
+    epoch: Instant,
+}
+
+impl MemberTable {
+    pub(super) fn new(epoch: Instant) -> Self {
+        Self {
+            entries: Vec::new(),
+            index: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
+            epoch,
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub(super) fn iter(&self) -> std::slice::Iter<'_, Entry> {
+        self.entries.iter()
+    }
+
+    /// Where member `name` is.
+    pub(super) fn find(&self, name: &str) -> Option<usize> {
+        let hash = self.hasher.hash_one(name);
+        self.index
+            .find(hash, |&i| &*self.entries[i as usize].name == name)
+            .map(|&i| i as usize)
+    }
+
+    /// Adds a new member, Alive since `now`, and returns its position. The caller checked that
+    /// it is not known yet.
+    pub(super) fn insert(
+        &mut self,
+        now: Instant,
+        name: &str,
+        incarnation: u64,
+        addr: SocketAddr,
+        meta: Bytes,
+        claim: &wire::Signed,
+    ) -> usize {
+        let i = self.entries.len();
+        let mut entry = Entry {
+            name: name.into(),
+            addr,
+            incarnation,
+            since_ms: 0,
+            state: MemberState::Alive,
+            extra: None,
+        };
+        entry.set_alive(incarnation, addr, meta, claim);
+        entry.since_ms = self.millis(now);
+        // Past a thousand entries, grow by an eighth rather than doubling: a large table wastes
+        // at most an eighth of its room, and growth stays geometric.
+        if self.entries.len() == self.entries.capacity() && self.entries.len() >= 1024 {
+            self.entries.reserve_exact(self.entries.len() / 8);
+        }
+        self.entries.push(entry);
+        let hash = self.hasher.hash_one(name);
+        let (entries, hasher) = (&self.entries, &self.hasher);
+        self.index.insert_unique(hash, i as u32, |&j| {
+            hasher.hash_one(&*entries[j as usize].name)
+        });
+        i
+    }
+
+    /// Forgets member `name`; the last entry takes its position.
+    pub(super) fn remove(&mut self, name: &str) -> bool {
+        let Some(i) = self.find(name) else {
+            return false;
+        };
+        let hash = self.hasher.hash_one(name);
+        if let Ok(slot) = self.index.find_entry(hash, |&j| j as usize == i) {
+            slot.remove();
+        }
+        self.entries.swap_remove(i);
+        if let Some(moved) = self.entries.get(i) {
+            let last = self.entries.len();
+            let hash = self.hasher.hash_one(&*moved.name);
+            if let Some(slot) = self.index.find_mut(hash, |&j| j as usize == last) {
+                *slot = i as u32;
+            }
+        }
+        true
+    }
+
+    fn millis(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// How long entry `e` has been in its state at `now`.
+    pub(super) fn in_state_for(&self, e: &Entry, now: Instant) -> Duration {
+        e.in_state_for(self.epoch, now)
+    }
+
+    /// The instant state times count from (for [`Entry::in_state_for`]).
+    pub(super) fn epoch(&self) -> Instant {
+        self.epoch
+    }
+
+    /// Records that entry `i`'s state changed at `now`.
+    pub(super) fn touch(&mut self, i: usize, now: Instant) {
+        self.entries[i].since_ms = self.millis(now);
+    }
+}
+
+impl std::ops::Index<usize> for MemberTable {
+    type Output = Entry;
+
+    fn index(&self, i: usize) -> &Entry {
+        &self.entries[i]
+    }
+}
+
+impl std::ops::IndexMut<usize> for MemberTable {
+    fn index_mut(&mut self, i: usize) -> &mut Entry {
+        &mut self.entries[i]
+    }
+}
+
+impl<'a> IntoIterator for &'a MemberTable {
+    type Item = &'a Entry;
+    type IntoIter = std::slice::Iter<'a, Entry>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.entries.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim() -> wire::Signed {
+        wire::Signed::default()
+    }
+
+    #[test]
+    fn entries_are_found_by_name_after_removals() {
+        let now = Instant::now();
+        let mut t = MemberTable::new(now);
+        let addr: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        for i in 0..10_000u64 {
+            t.insert(now, &format!("n{i}"), i, addr, Bytes::new(), &claim());
+        }
+        for i in (0..10_000u64).step_by(3) {
+            assert!(t.remove(&format!("n{i}")));
+        }
+        assert!(!t.remove("n0"));
+        for i in 0..10_000u64 {
+            let found = t.find(&format!("n{i}"));
+            if i % 3 == 0 {
+                assert_eq!(found, None);
+            } else {
+                let e = &t[found.expect("kept")];
+                assert_eq!((e.name(), e.incarnation), (&*format!("n{i}"), i));
+            }
+        }
+        assert_eq!(t.len(), 10_000 - 3334);
+    }
+
+    #[test]
+    fn an_unsigned_canonical_alive_needs_no_box_and_comes_back_whole() {
+        let now = Instant::now();
+        let mut t = MemberTable::new(now);
+        let addr: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let body = wire::Alive {
+            node: "b".into(),
+            incarnation: 3,
+            addr: Some(encode_addr(addr)),
+            meta: Bytes::new(),
+        }
+        .encode_to_vec();
+        let signed = wire::Signed {
+            body: body.clone().into(),
+            ..Default::default()
+        };
+        let i = t.insert(now, "b", 3, addr, Bytes::new(), &signed);
+        assert!(t[i].extra.is_none());
+        assert_eq!(t[i].alive(), signed);
+        // Declared dead at a later incarnation: the alive still says 3.
+        t[i].set_gone(5, None);
+        assert_eq!(t[i].incarnation, 5);
+        assert_eq!(t[i].alive(), signed);
+        // A body with an unknown field is kept as it came.
+        let mut odd = body.clone();
+        odd.extend_from_slice(&[0x78, 0x01]); // field 15, varint 1
+        let odd = wire::Signed {
+            body: odd.into(),
+            signature: Bytes::from_static(b"sig"),
+            scheme: 0x0807,
+            ..Default::default()
+        };
+        t[i].set_alive(3, addr, Bytes::new(), &odd);
+        assert_eq!(t[i].alive(), odd);
+        assert_eq!(t[i].state, MemberState::Alive);
+    }
+
+    #[test]
+    fn state_times_round_to_the_millisecond() {
+        let now = Instant::now();
+        let mut t = MemberTable::new(now);
+        let addr: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let i = t.insert(now, "b", 1, addr, Bytes::new(), &claim());
+        let later = now + Duration::from_millis(1500);
+        t.touch(i, later);
+        assert_eq!(t.in_state_for(&t[i], later), Duration::ZERO);
+        assert_eq!(
+            t.in_state_for(&t[i], later + Duration::from_secs(2)),
+            Duration::from_secs(2)
+        );
+    }
+}
