@@ -68,7 +68,7 @@ pub(crate) fn child(n: usize) {
     let stats = c.sim.stats();
     let messages = (stats.datagrams_sent + stats.reliable_sent) as f64;
     let view_entries = (0..n)
-        .map(|i| c.sim.node(i).membership.members().count())
+        .map(|i| c.sim.node(i).membership.member_states().count())
         .sum();
     let total = |f: fn(&grinta_proto::membership::Stats) -> u64| -> u64 {
         (0..n).map(|i| f(&c.sim.node(i).membership.stats())).sum()

@@ -729,8 +729,8 @@ impl Node {
                 filter.matches(&Tags::decode(self.membership.local_meta()))
             } else {
                 self.membership
-                    .member(node)
-                    .is_some_and(|m| filter.matches(&m.tags()))
+                    .member_meta(node)
+                    .is_some_and(|meta| filter.matches(&Tags::decode(&meta)))
             }
     }
 
@@ -738,8 +738,8 @@ impl Node {
         owner == self.membership.local_name()
             || self
                 .membership
-                .member(owner)
-                .is_some_and(|m| !matches!(m.state, MemberState::Dead | MemberState::Left))
+                .member_state(owner)
+                .is_some_and(|state| !matches!(state, MemberState::Dead | MemberState::Left))
     }
 
     /// Why member `name` is not (or no longer) in the cluster: `None` while it is alive or
@@ -942,8 +942,7 @@ impl Node {
         }
         let addr = self
             .membership
-            .member(node)
-            .map(|m| m.addr)
+            .member_addr(node)
             .ok_or_else(|| FlowError::NoSuchEndpoint {
                 name: endpoint.to_owned(),
             })?;

@@ -102,7 +102,8 @@ impl Observations {
     }
 
     fn incarnation_slot(&mut self, name: &str) -> &mut u64 {
-        match name_index(name) {
+        // Only names exactly as `node_name` writes them, below a bound, take the compact slots.
+        match name_index(name).filter(|&i| i < 1 << 20 && name == node_name(i)) {
             Some(i) => {
                 if self.incarnations.len() <= i {
                     self.incarnations.resize(i + 1, 0);
@@ -427,21 +428,22 @@ impl<N: ClusterNode> Cluster<N> {
     /// Whether every up node sees exactly the other up nodes as Alive, and every down node as gone
     /// (Dead, Left, or forgotten).
     pub fn converged(&self) -> bool {
-        let up: Vec<usize> = (0..self.sim.len()).filter(|&i| self.sim.is_up(i)).collect();
-        up.iter().all(|&i| self.view_is_exact(i, &up))
+        let up: Vec<bool> = (0..self.sim.len()).map(|i| self.sim.is_up(i)).collect();
+        let count = up.iter().filter(|&&u| u).count();
+        (0..self.sim.len()).all(|i| !up[i] || self.view_is_exact(i, &up, count))
     }
 
-    /// Whether node `i` sees exactly `up` (minus itself) as Alive.
-    fn view_is_exact(&self, i: usize, up: &[usize]) -> bool {
+    /// Whether node `i` sees exactly the `count` nodes marked in `up` (minus itself) as Alive.
+    fn view_is_exact(&self, i: usize, up: &[bool], count: usize) -> bool {
         let m = self.sim.node(i).membership();
         let alive = m
-            .members()
-            .filter(|x| x.state == MemberState::Alive)
+            .member_states()
+            .filter(|&(_, state)| state == MemberState::Alive)
             .count();
-        alive == up.len() - 1
-            && m.members().all(|x| {
-                let up_peer = name_index(&x.name).is_some_and(|j| up.contains(&j));
-                (x.state == MemberState::Alive) == up_peer
+        alive == count - 1
+            && m.member_states().all(|(name, state)| {
+                let up_peer = name_index(name).is_some_and(|j| up.get(j) == Some(&true));
+                (state == MemberState::Alive) == up_peer
             })
     }
 

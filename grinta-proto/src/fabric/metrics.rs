@@ -31,14 +31,20 @@ pub(crate) fn record(inner: &Inner) {
 
     // Membership.
     let membership = inner.node.membership();
-    for (state, label) in [
+    let mut by_state = [0usize; 4];
+    let states = [
         (MemberState::Alive, "alive"),
         (MemberState::Suspect, "suspect"),
         (MemberState::Dead, "dead"),
         (MemberState::Left, "left"),
-    ] {
-        let members = membership.members().filter(|m| m.state == state).count();
-        gauge!("grinta_members", "node" => node.clone(), "state" => label).set(members as f64);
+    ];
+    for (_, state) in membership.member_states() {
+        if let Some(k) = states.iter().position(|&(s, _)| s == state) {
+            by_state[k] += 1;
+        }
+    }
+    for (k, (_, label)) in states.iter().enumerate() {
+        gauge!("grinta_members", "node" => node.clone(), "state" => *label).set(by_state[k] as f64);
     }
     let stats = inner.node.stats();
     let m = &stats.membership;

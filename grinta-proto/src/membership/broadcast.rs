@@ -5,10 +5,11 @@
 //! current `retransmit_mult x ceil(log10(n + 1))`), then dropped.
 
 use std::cmp::Reverse;
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
+use std::hash::{BuildHasher, Hash};
 
 use bytes::Bytes;
-use hashbrown::HashMap;
+use hashbrown::{DefaultHashBuilder, HashTable};
 
 /// Replace-by-key identity of a broadcast.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -22,22 +23,57 @@ pub(crate) enum BroadcastKey {
     App(Bytes),
 }
 
+impl BroadcastKey {
+    /// The member a member item is about.
+    fn member(&self) -> Option<&str> {
+        match self {
+            Self::Member(name) | Self::Accusation(name) => Some(name),
+            Self::App(_) => None,
+        }
+    }
+}
+
 /// Position in the queue: fewest transmits, then largest, then newest.
 type Rank = (u32, Reverse<usize>, Reverse<u64>);
+
+/// The node an item is never sent to, as it knows it already.
+#[derive(Debug)]
+enum About {
+    Nobody,
+    /// The member the key names (a member's own word, or an accusation of it).
+    KeyMember,
+    Node(Box<str>),
+}
 
 #[derive(Debug)]
 struct Item {
     key: BroadcastKey,
     encoded: Bytes,
-    /// The node the news is about or comes from: it knows it already, so it is never sent there.
-    about: Option<Box<str>>,
+    about: About,
+    rank: Rank,
+}
+
+impl Item {
+    fn is_about(&self, node: &str) -> bool {
+        match &self.about {
+            About::Nobody => false,
+            About::KeyMember => self.key.member() == Some(node),
+            About::Node(n) => &**n == node,
+        }
+    }
 }
 
 /// One queue of broadcasts (the membership keeps one for member news, one for application items).
+///
+/// Items live in slots; the order is a set of (rank, slot) and the key index holds slots, so
+/// counting a transmission moves an item in the order without hashing its key.
 #[derive(Debug)]
 pub(crate) struct BroadcastQueue {
-    order: BTreeMap<Rank, Item>,
-    by_key: HashMap<BroadcastKey, Rank>,
+    slots: Vec<Option<Item>>,
+    free: Vec<u32>,
+    order: BTreeSet<(Rank, u32)>,
+    by_key: HashTable<u32>,
+    hasher: DefaultHashBuilder,
     next_id: u64,
     capacity: usize,
     dropped: u64,
@@ -53,8 +89,11 @@ pub(crate) fn framed_broadcast_len(len: usize) -> usize {
 impl BroadcastQueue {
     pub(crate) fn new(capacity: usize) -> Self {
         Self {
-            order: BTreeMap::new(),
-            by_key: HashMap::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            order: BTreeSet::new(),
+            by_key: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
             next_id: 0,
             capacity: capacity.max(1),
             dropped: 0,
@@ -73,23 +112,66 @@ impl BroadcastQueue {
         self.framed_bytes += framed_broadcast_len(encoded.len());
         let rank = (0, Reverse(encoded.len()), Reverse(self.next_id));
         self.next_id += 1;
-        self.by_key.insert(key.clone(), rank);
-        self.order.insert(
+        let about = match about {
+            None => About::Nobody,
+            Some(node) if key.member() == Some(node) => About::KeyMember,
+            Some(node) => About::Node(node.into()),
+        };
+        let hash = self.hasher.hash_one(&key);
+        let item = Item {
+            key,
+            encoded,
+            about,
             rank,
-            Item {
-                key,
-                encoded,
-                about: about.map(Box::from),
-            },
-        );
+        };
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = Some(item);
+                slot
+            }
+            None => {
+                self.slots.push(Some(item));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        self.by_key.insert_unique(hash, slot, |&s| {
+            slots[s as usize]
+                .as_ref()
+                .map_or(0, |item| hasher.hash_one(&item.key))
+        });
+        self.order.insert((rank, slot));
         while self.order.len() > self.capacity {
             // The last item is the most sent, smallest and oldest: the least valuable.
-            if let Some((_, item)) = self.order.pop_last() {
-                self.by_key.remove(&item.key);
-                self.framed_bytes -= framed_broadcast_len(item.encoded.len());
+            if let Some((_, slot)) = self.order.pop_last() {
+                self.release(slot);
                 self.dropped += 1;
             }
         }
+    }
+
+    /// Frees `slot` (already out of the order): out of the key index too.
+    fn release(&mut self, slot: u32) {
+        let Some(item) = self.slots[slot as usize].take() else {
+            return;
+        };
+        let hash = self.hasher.hash_one(&item.key);
+        if let Ok(entry) = self.by_key.find_entry(hash, |&s| s == slot) {
+            entry.remove();
+        }
+        self.framed_bytes -= framed_broadcast_len(item.encoded.len());
+        self.free.push(slot);
+    }
+
+    fn find(&self, key: &BroadcastKey) -> Option<u32> {
+        let hash = self.hasher.hash_one(key);
+        self.by_key
+            .find(hash, |&s| {
+                self.slots[s as usize]
+                    .as_ref()
+                    .is_some_and(|item| item.key == *key)
+            })
+            .copied()
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -101,7 +183,7 @@ impl BroadcastQueue {
     }
 
     pub(crate) fn contains(&self, key: &BroadcastKey) -> bool {
-        self.by_key.contains_key(key)
+        self.find(key).is_some()
     }
 
     /// Items dropped because the queue was full.
@@ -111,10 +193,11 @@ impl BroadcastQueue {
 
     /// Removes the item with this key, if queued.
     pub(crate) fn remove(&mut self, key: &BroadcastKey) {
-        if let Some(rank) = self.by_key.remove(key) {
-            if let Some(item) = self.order.remove(&rank) {
-                self.framed_bytes -= framed_broadcast_len(item.encoded.len());
+        if let Some(slot) = self.find(key) {
+            if let Some(item) = &self.slots[slot as usize] {
+                self.order.remove(&(item.rank, slot));
             }
+            self.release(slot);
         }
     }
 
@@ -135,16 +218,19 @@ impl BroadcastQueue {
         out: &mut Vec<Bytes>,
     ) -> usize {
         let mut used = 0;
-        let mut taken: smallvec::SmallVec<[Rank; 16]> = smallvec::SmallVec::new();
+        let mut taken: smallvec::SmallVec<[(Rank, u32); 16]> = smallvec::SmallVec::new();
         let mut misses = 0;
-        for (rank, item) in &self.order {
-            if dst.is_some() && item.about.as_deref() == dst {
+        for &(rank, slot) in &self.order {
+            let Some(item) = &self.slots[slot as usize] else {
+                continue;
+            };
+            if dst.is_some_and(|dst| item.is_about(dst)) {
                 continue;
             }
             let need = framed_broadcast_len(item.encoded.len());
             if used + need <= budget {
                 used += need;
-                taken.push(*rank);
+                taken.push((rank, slot));
                 out.push(item.encoded.clone());
             } else {
                 misses += 1;
@@ -155,20 +241,17 @@ impl BroadcastQueue {
                 }
             }
         }
-        for rank in taken {
-            let Some(item) = self.order.remove(&rank) else {
-                continue;
-            };
+        for (rank, slot) in taken {
+            self.order.remove(&(rank, slot));
             let transmits = rank.0 + 1;
             if transmits >= limit {
-                self.by_key.remove(&item.key);
-                self.framed_bytes -= framed_broadcast_len(item.encoded.len());
+                self.release(slot);
             } else {
                 let new_rank = (transmits, rank.1, rank.2);
-                if let Some(r) = self.by_key.get_mut(&item.key) {
-                    *r = new_rank;
+                if let Some(item) = self.slots[slot as usize].as_mut() {
+                    item.rank = new_rank;
                 }
-                self.order.insert(new_rank, item);
+                self.order.insert((new_rank, slot));
             }
         }
         used
@@ -243,5 +326,38 @@ mod tests {
         assert_eq!(q.len(), 2);
         assert_eq!(q.dropped(), 1);
         assert!(!q.contains(&app("a")), "oldest of equal items is dropped");
+    }
+
+    #[test]
+    fn ten_thousand_items_through_a_small_queue_leave_nothing_behind() {
+        let mut q = BroadcastQueue::new(1000);
+        for i in 0..10_000u32 {
+            let key = if i % 2 == 0 {
+                BroadcastKey::Member(format!("n{}", i % 3000))
+            } else {
+                BroadcastKey::Accusation(format!("n{}", i % 3000))
+            };
+            q.push_about(
+                key,
+                Bytes::from(vec![0u8; 10 + (i % 30) as usize]),
+                Some("n7"),
+            );
+            assert!(q.len() <= 1000);
+        }
+        // Among unsent items the largest stay: the last one pushed at the largest size does.
+        assert!(q.contains(&BroadcastKey::Accusation("n989".into())));
+        let mut out = Vec::new();
+        q.fill(1100, 3, Some("n7"), &mut out);
+        assert!(out.is_empty(), "every item is about n7 and none goes there");
+        let mut rounds = 0;
+        while !q.is_empty() {
+            q.fill(1100, 3, Some("n8"), &mut out);
+            rounds += 1;
+            assert!(rounds < 1000, "the queue drains");
+        }
+        assert_eq!(out.len(), 3000, "each of the 1000 items kept is sent 3 times");
+        assert_eq!(q.framed_bytes(), 0);
+        assert_eq!(q.by_key.len(), 0);
+        assert_eq!(q.free.len(), q.slots.len(), "every slot is free again");
     }
 }

@@ -39,7 +39,7 @@
 //! b.handle_stream(t0, a.local_addr(), &reply.payload);
 //!
 //! assert_eq!(a.members().count(), 1);
-//! assert_eq!(b.members().next().map(|m| m.name.as_str()), Some("a"));
+//! assert_eq!(b.members().next().map(|m| m.name), Some("a".to_owned()));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
@@ -620,6 +620,16 @@ impl Membership {
     /// The state of member `name`, if known.
     pub fn member_state(&self, name: &str) -> Option<MemberState> {
         self.members.find(name).map(|i| self.members[i].state)
+    }
+
+    /// The metadata of member `name`, if known.
+    pub fn member_meta(&self, name: &str) -> Option<Bytes> {
+        self.members.find(name).map(|i| self.members[i].meta())
+    }
+
+    /// Every member's name and state, built from the table as it is (no allocation).
+    pub fn member_states(&self) -> impl Iterator<Item = (&str, MemberState)> + '_ {
+        self.members.iter().map(|e| (e.name(), e.state))
     }
 
     /// The address of member `name`, if known.

@@ -39,6 +39,12 @@ impl Membership {
     }
 
     pub(super) fn reshuffle_probe_order(&mut self, now: Instant) {
+        // The member probed last, named before reaping moves positions.
+        let last = self
+            .probe_order
+            .last()
+            .filter(|&&i| (i as usize) < self.members.len())
+            .map(|&i| self.members[i as usize].name().to_owned());
         // Forget Dead and Left members once they have been gossiped about long enough.
         let reap: Vec<String> = self
             .members
@@ -52,11 +58,6 @@ impl Membership {
         for name in reap {
             self.remove_member(&name);
         }
-        let last = self
-            .probe_order
-            .last()
-            .and_then(|&i| self.members.iter().nth(i as usize))
-            .map(|e| e.name().to_owned());
         let mut order = std::mem::take(&mut self.probe_order);
         order.clear();
         order.extend(0..self.members.len() as u32);
@@ -76,6 +77,31 @@ impl Membership {
             self.probe_order.swap(0, j);
         }
         self.probe_cursor = 0;
+    }
+
+    /// A new member (position `i`) is probed at a random point of the current round, in O(1):
+    /// it takes a random place in the walk and the member there moves, so that every member is
+    /// still probed once per round. A place not yet walked gives its member to the end; a place
+    /// already walked gives it to the cursor's place, whose member goes to the end, and the
+    /// cursor moves past the moved member (walked already).
+    pub(super) fn place_in_probe_walk(&mut self, i: usize) {
+        let i = i as u32;
+        let pos = self.rng.random_range(0..=self.probe_order.len());
+        if pos >= self.probe_cursor || self.probe_cursor >= self.probe_order.len() {
+            // Not walked yet (or the round is over): swap with the end.
+            self.probe_order.push(i);
+            let end = self.probe_order.len() - 1;
+            self.probe_order.swap(pos, end);
+            return;
+        }
+        // `pos` was walked: its member keeps its walked status at the cursor's place, and the
+        // member that waited there goes to the end.
+        let c = self.probe_cursor;
+        let waiting = self.probe_order[c];
+        self.probe_order.push(waiting);
+        self.probe_order[c] = self.probe_order[pos];
+        self.probe_order[pos] = i;
+        self.probe_cursor += 1;
     }
 
     pub(super) fn remove_member(&mut self, name: &str) {

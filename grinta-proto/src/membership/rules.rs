@@ -366,13 +366,7 @@ impl Membership {
             let i = self
                 .members
                 .insert(now, &a.node, a.incarnation, addr, a.meta, &claim);
-            // A new member is probed at a random point of the current round: it takes a random
-            // place in the walk, and the member that held it moves to the end (still probed this
-            // round if it had not been yet, twice if it had).
-            let pos = self.rng.random_range(0..=self.probe_order.len());
-            self.probe_order.push(i as u32);
-            let last = self.probe_order.len() - 1;
-            self.probe_order.swap(pos, last);
+            self.place_in_probe_walk(i);
             self.failed.retain(|f| f.name != a.node);
             self.events
                 .push_back(Event::MemberJoined(self.members[i].member()));
