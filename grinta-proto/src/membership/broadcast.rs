@@ -355,7 +355,11 @@ mod tests {
             rounds += 1;
             assert!(rounds < 1000, "the queue drains");
         }
-        assert_eq!(out.len(), 3000, "each of the 1000 items kept is sent 3 times");
+        assert_eq!(
+            out.len(),
+            3000,
+            "each of the 1000 items kept is sent 3 times"
+        );
         assert_eq!(q.framed_bytes(), 0);
         assert_eq!(q.by_key.len(), 0);
         assert_eq!(q.free.len(), q.slots.len(), "every slot is free again");

@@ -63,6 +63,12 @@ pub struct Config {
     pub app_broadcast_share_percent: u8,
     /// Most members tracked, self excluded; news about further members is dropped and counted.
     pub max_members: usize,
+    /// Most member news queued for gossip at once (a member's own alive or leave, and one
+    /// accusation per member); beyond it the most-sent, smallest, oldest item is dropped, and
+    /// push-pull repairs what gossip then misses. Each member has at most two items, so below
+    /// half this many members nothing is dropped; it bounds the queue in a mass join of a large
+    /// cluster, where every node would otherwise hold news of every other (about 200 bytes each).
+    pub max_member_broadcasts: usize,
     /// Most application broadcasts queued at once; the oldest, most-sent ones are dropped beyond it.
     pub max_app_broadcasts: usize,
     /// Largest metadata a member may carry, in bytes.
@@ -113,6 +119,7 @@ impl Config {
             max_push_pull_size: 8 << 20,
             app_broadcast_share_percent: 30,
             max_members: 16_384,
+            max_member_broadcasts: 4096,
             max_app_broadcasts: 4096,
             max_meta_size: 512,
             max_app_broadcast_size: 1024,
@@ -217,6 +224,7 @@ impl Config {
             self.awareness_max_multiplier.into(),
         )?;
         positive("max_members", self.max_members as u64)?;
+        positive("max_member_broadcasts", self.max_member_broadcasts as u64)?;
         if self.app_broadcast_share_percent > 100 {
             return Err(ConfigError::Inconsistent {
                 reason: "app_broadcast_share_percent must be within 0..=100",

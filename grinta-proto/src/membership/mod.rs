@@ -528,7 +528,7 @@ impl Membership {
         let next_reconnect = now + jitter(&mut rng, config.reconnect_interval);
         let initial_incarnation = config.initial_incarnation;
         let mut membership = Self {
-            member_queue: BroadcastQueue::new(2 * config.max_members + 1),
+            member_queue: BroadcastQueue::new(config.max_member_broadcasts),
             app_queue: BroadcastQueue::new(config.max_app_broadcasts),
             config,
             name: name.to_owned(),

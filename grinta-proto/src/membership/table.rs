@@ -3,7 +3,8 @@
 //! A node of a 10,000-member cluster holds 10,000 entries, and a simulation of that cluster holds
 //! a hundred million, so an entry keeps only what every member has:
 //!
-//! - name, address, incarnation, state and when the state last changed, inline (80 bytes);
+//! - name (inline up to 22 bytes), address, incarnation, state and when the state last changed
+//!   (88 bytes);
 //! - the rest in a box that most entries of an unsigned run never need ([`Extra`]): the metadata
 //!   when there is some, the alive's signature and certificates, the alive's body when it does
 //!   not re-encode from the entry, and the signed leave of a member that left.
@@ -22,10 +23,51 @@ use prost::Message;
 use super::{Member, MemberState, encode_addr};
 use crate::wire;
 
+/// A member's name, inline when short (as most are): the index compares names on every lookup,
+/// and an inline name is read with the entry instead of from another allocation.
+#[derive(Debug)]
+enum Name {
+    Inline { len: u8, bytes: [u8; INLINE_NAME] },
+    Heap(Box<str>),
+}
+
+/// Longest name kept inline; the entry then takes as much room as with a boxed name and pointer.
+const INLINE_NAME: usize = 22;
+
+impl Name {
+    fn new(name: &str) -> Self {
+        if name.len() <= INLINE_NAME {
+            let mut bytes = [0u8; INLINE_NAME];
+            bytes[..name.len()].copy_from_slice(name.as_bytes());
+            Self::Inline {
+                len: name.len() as u8,
+                bytes,
+            }
+        } else {
+            Self::Heap(name.into())
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Self::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Self::Heap(name) => name.as_bytes(),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // Made from a `&str` cut at its end: always UTF-8.
+            Self::Inline { .. } => std::str::from_utf8(self.as_bytes()).unwrap_or_default(),
+            Self::Heap(name) => name,
+        }
+    }
+}
+
 /// One known member.
 #[derive(Debug)]
 pub(super) struct Entry {
-    name: Box<str>,
+    name: Name,
     pub(super) addr: SocketAddr,
     /// The latest incarnation known, from its own alive or from an accusation or leave.
     pub(super) incarnation: u64,
@@ -50,7 +92,7 @@ struct Extra {
 
 impl Entry {
     pub(super) fn name(&self) -> &str {
-        &self.name
+        self.name.as_str()
     }
 
     pub(super) fn meta(&self) -> Bytes {
@@ -67,7 +109,7 @@ impl Entry {
     /// The member as the public API shows it.
     pub(super) fn member(&self) -> Member {
         Member {
-            name: self.name.to_string(),
+            name: self.name().to_owned(),
             addr: self.addr,
             incarnation: self.incarnation,
             state: self.state,
@@ -84,7 +126,7 @@ impl Entry {
 
     fn encode_alive_body(&self) -> Vec<u8> {
         wire::Alive {
-            node: self.name.to_string(),
+            node: self.name().to_owned(),
             incarnation: self.alive_incarnation(),
             addr: Some(encode_addr(self.addr)),
             meta: self.meta(),
@@ -210,7 +252,9 @@ impl MemberTable {
     pub(super) fn find(&self, name: &str) -> Option<usize> {
         let hash = self.hasher.hash_one(name);
         self.index
-            .find(hash, |&i| &*self.entries[i as usize].name == name)
+            .find(hash, |&i| {
+                self.entries[i as usize].name.as_bytes() == name.as_bytes()
+            })
             .map(|&i| i as usize)
     }
 
@@ -227,7 +271,7 @@ impl MemberTable {
     ) -> usize {
         let i = self.entries.len();
         let mut entry = Entry {
-            name: name.into(),
+            name: Name::new(name),
             addr,
             incarnation,
             since_ms: 0,
@@ -245,7 +289,7 @@ impl MemberTable {
         let hash = self.hasher.hash_one(name);
         let (entries, hasher) = (&self.entries, &self.hasher);
         self.index.insert_unique(hash, i as u32, |&j| {
-            hasher.hash_one(&*entries[j as usize].name)
+            hasher.hash_one(entries[j as usize].name())
         });
         i
     }
@@ -262,7 +306,7 @@ impl MemberTable {
         self.entries.swap_remove(i);
         if let Some(moved) = self.entries.get(i) {
             let last = self.entries.len();
-            let hash = self.hasher.hash_one(&*moved.name);
+            let hash = self.hasher.hash_one(moved.name());
             if let Some(slot) = self.index.find_mut(hash, |&j| j as usize == last) {
                 *slot = i as u32;
             }
@@ -319,6 +363,31 @@ mod tests {
 
     fn claim() -> wire::Signed {
         wire::Signed::default()
+    }
+
+    #[test]
+    fn an_entry_takes_88_bytes() {
+        assert!(
+            std::mem::size_of::<Entry>() <= 88,
+            "{}",
+            std::mem::size_of::<Entry>()
+        );
+    }
+
+    #[test]
+    fn short_and_long_names_are_found() {
+        let now = Instant::now();
+        let mut t = MemberTable::new(now);
+        let addr: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let long = "a-name-longer-than-twenty-two-bytes.example.com";
+        for name in ["", "x", "exactly-22-bytes-long!", long] {
+            t.insert(now, name, 1, addr, Bytes::new(), &claim());
+        }
+        for name in ["", "x", "exactly-22-bytes-long!", long] {
+            let i = t.find(name).expect("found");
+            assert_eq!(t[i].name(), name);
+        }
+        assert_eq!(t.find("exactly-22-bytes-long"), None);
     }
 
     #[test]
