@@ -40,6 +40,9 @@ struct ScaleReport {
 /// The scale runs stop when the heap passes this, so the suite fits a 24 GiB machine.
 const MEMORY_BUDGET: usize = 12 << 30;
 
+/// ... or when a run has taken this much wall time (`GRINTA_SCALE_WALL_S` overrides it).
+const WALL_BUDGET: Duration = Duration::from_secs(900);
+
 /// Child process: `n` nodes join over the first 30 simulated seconds (each through a node that
 /// joined before it), and the whole run lasts 60 simulated seconds.
 pub(crate) fn child(n: usize) {
@@ -48,7 +51,12 @@ pub(crate) fn child(n: usize) {
     let mut c = Cluster::new(7, n, Config::lan(), lan());
     let start = c.sim.now();
     let spread = Duration::from_secs(30);
-    let over_budget = || alloc::live_bytes() - heap_before > MEMORY_BUDGET;
+    let wall_budget = std::env::var("GRINTA_SCALE_WALL_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(WALL_BUDGET, Duration::from_secs);
+    let over_budget =
+        || alloc::live_bytes() - heap_before > MEMORY_BUDGET || wall.elapsed() > wall_budget;
     for i in 1..n {
         if i % 64 == 0 && over_budget() {
             break;
@@ -148,7 +156,7 @@ pub(crate) fn run() -> Vec<Measurement> {
         eprintln!("  scale {n}: {r:?}");
         let note = if r.simulated_s + 0.01 < WINDOW.as_secs_f64() {
             format!(
-                "membership simulator, {n} nodes: stopped at the 12 GiB heap budget after {:.1} simulated s ({} view entries)",
+                "membership simulator, {n} nodes: stopped at the 12 GiB heap or 15 min wall budget after {:.1} simulated s ({} view entries)",
                 r.simulated_s, r.view_entries
             )
         } else {

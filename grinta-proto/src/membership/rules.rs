@@ -287,6 +287,20 @@ impl Membership {
     /// for news first (a claim that changes nothing costs no signature check), then for its
     /// signature, then applied and passed on unchanged.
     pub(super) fn handle_alive(&mut self, now: Instant, claim: wire::Signed) {
+        // Most alives a node hears are news it has (gossip repeats each item many times): tell
+        // them by name and incarnation alone, without decoding the rest.
+        if let Some((node, incarnation)) = peek_alive(&claim.body) {
+            if let Some(i) = self.members.find(node) {
+                let e = &self.members[i];
+                // Older, or the same without the one exception below (a Dead member back at
+                // another address): nothing to do.
+                if incarnation < e.incarnation
+                    || (incarnation == e.incarnation && e.state != MemberState::Dead)
+                {
+                    return;
+                }
+            }
+        }
         let Ok(a) = wire::Alive::decode(&claim.body[..]) else {
             self.stats.packets_invalid += 1;
             return;
@@ -615,3 +629,25 @@ impl Membership {
 #[cfg(test)]
 #[path = "rules_tests.rs"]
 mod tests;
+
+/// The name and incarnation an encoded `Alive` carries, read in place; `None` if it does not
+/// parse that far (the full decode then rejects it).
+fn peek_alive(body: &[u8]) -> Option<(&str, u64)> {
+    use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
+    let mut buf = body;
+    let (mut node, mut incarnation) = (None, 0u64);
+    while !buf.is_empty() {
+        let (tag, wire_type) = decode_key(&mut buf).ok()?;
+        match (tag, wire_type) {
+            (1, WireType::LengthDelimited) => {
+                let len = usize::try_from(decode_varint(&mut buf).ok()?).ok()?;
+                let bytes = buf.get(..len)?;
+                node = Some(std::str::from_utf8(bytes).ok()?);
+                buf = &buf[len..];
+            }
+            (2, WireType::Varint) => incarnation = decode_varint(&mut buf).ok()?,
+            _ => skip_field(wire_type, tag, &mut buf, DecodeContext::default()).ok()?,
+        }
+    }
+    Some((node?, incarnation))
+}

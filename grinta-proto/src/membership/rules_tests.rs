@@ -356,3 +356,48 @@ fn trust_all_takes_unsigned_claims() {
     m.handle_alive(now, claim);
     assert_eq!(state(&m, "b").0, MemberState::Alive);
 }
+
+#[test]
+fn peeking_an_alive_reads_what_decoding_reads() {
+    let body = |node: &str, incarnation: u64, meta: &'static [u8]| {
+        wire::Alive {
+            node: node.into(),
+            incarnation,
+            addr: Some(encode_addr(addr(7002))),
+            meta: Bytes::from_static(meta),
+        }
+        .encode_to_vec()
+    };
+    for (node, incarnation, meta) in [
+        ("b", 1, &b""[..]),
+        ("node-9999", u64::MAX, &b"tags"[..]),
+        ("x", 0, &[0u8; 300][..]),
+    ] {
+        let mut encoded = body(node, incarnation, meta);
+        assert_eq!(super::peek_alive(&encoded), Some((node, incarnation)));
+        // An unknown field is skipped, as decoding skips it.
+        encoded.extend_from_slice(&[0x78, 0x05]);
+        assert_eq!(super::peek_alive(&encoded), Some((node, incarnation)));
+        // Every cut either peeks what the full decode reads, or gives up.
+        for cut in 0..encoded.len() {
+            let part = &encoded[..cut];
+            if let Some(peeked) = super::peek_alive(part) {
+                let decoded = wire::Alive::decode(part).expect("decodes where peeking did");
+                assert_eq!(peeked, (decoded.node.as_str(), decoded.incarnation));
+            }
+        }
+    }
+    assert_eq!(super::peek_alive(&[0xff, 0xff]), None);
+}
+
+#[test]
+fn old_news_is_dropped_before_decoding_but_a_dead_member_back_elsewhere_is_not() {
+    let (mut m, now) = table();
+    m.handle_alive(now, alive("c", 5, 7010));
+    let verified = m.stats().claims_verified;
+    // The same and older incarnations change nothing and check no signature.
+    m.handle_alive(now, alive("c", 5, 7010));
+    m.handle_alive(now, alive("c", 4, 7010));
+    assert_eq!(m.stats().claims_verified, verified);
+    assert_eq!(state(&m, "c").0, MemberState::Alive);
+}
