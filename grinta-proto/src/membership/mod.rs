@@ -497,6 +497,15 @@ impl Timer {
     ];
 }
 
+/// Gives back the room of an output queue once drained, if a burst grew it (a join's push-pull
+/// yields an event per member, and a queue never shrinks by itself): 10,000 nodes that each
+/// learnt 10,000 members at once would otherwise keep a megabyte each.
+fn release_drained<T>(queue: &mut VecDeque<T>) {
+    if queue.is_empty() && queue.capacity() > 256 {
+        queue.shrink_to(16);
+    }
+}
+
 /// Most stale-news corrections gathered from one packet.
 const MAX_CORRECTIONS: usize = 8;
 
@@ -839,12 +848,16 @@ impl Membership {
 
     /// Next bytes to send, if any.
     pub fn poll_outgoing(&mut self) -> Option<Outgoing> {
-        self.transmits.pop_front()
+        let next = self.transmits.pop_front();
+        release_drained(&mut self.transmits);
+        next
     }
 
     /// Next event, if any.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let next = self.events.pop_front();
+        release_drained(&mut self.events);
+        next
     }
 
     /// The next instant at which [`handle_timeout`](Self::handle_timeout) must be called.
