@@ -5,6 +5,8 @@
 //!
 //! `NODES=100,300 WINDOW=120 cargo test --release -p grinta-tests --test scale -- --ignored --nocapture`
 //! (`IDLE_S=<seconds>` overrides the idle timeout).
+//!
+//! One test runs in CI: the push-pull of a 1,000-node, 10,000-name state, signed throughout.
 
 use std::time::{Duration, Instant};
 
@@ -199,5 +201,177 @@ fn reconnections_resume_their_tls_session() {
     assert!(
         signatures < handshakes / 2,
         "{signatures} signatures for {handshakes} handshakes: sessions are not resumed"
+    );
+}
+
+/// Issue 16, item 6: a push-pull of the whole state of a 1,000-node cluster with 10,000 names,
+/// every claim signed with real certificates, stays within a node's push-pull limit with its
+/// directory aboard, and a joiner that receives it holds every member and every name at once.
+#[test]
+fn a_push_pull_of_1000_members_and_10000_names_fits_and_completes_a_joiner() {
+    use bytes::Bytes;
+    use grinta_proto::claims::{self, CertificateKeys, ClaimKind};
+    use grinta_proto::membership::{Event, MemberState, Membership};
+    use grinta_proto::node::NodeConfig;
+    use grinta_proto::registry::{EndpointKind, Record};
+    use grinta_proto::{tls, wire};
+    use grinta_tests::membership_sim::{node_addr, node_name};
+    use prost::Message;
+
+    let (n, names) = (1000usize, 10_000usize);
+    let ca = DevCa::new().expect("dev CA");
+    // Node n is the joiner.
+    let certs = certificates(&ca, n + 1);
+    let keys = |i: usize, capacity: usize| {
+        CertificateKeys::new(
+            &certs[i],
+            &node_name(i),
+            tls::crypto_provider(),
+            tls::system_time(),
+            capacity,
+        )
+        .expect("keys")
+    };
+    let signers: Vec<CertificateKeys> = (0..n).map(|i| keys(i, 16)).collect();
+    let addr = |i: usize| {
+        let a = node_addr(i);
+        let ip = match a.ip() {
+            std::net::IpAddr::V4(v4) => Bytes::copy_from_slice(&v4.octets()),
+            std::net::IpAddr::V6(v6) => Bytes::copy_from_slice(&v6.octets()),
+        };
+        wire::SocketAddress {
+            ip,
+            port: u32::from(a.port()),
+        }
+    };
+    let alives: Vec<wire::Signed> = (0..n)
+        .map(|i| {
+            let body = wire::Alive {
+                node: node_name(i),
+                incarnation: 1,
+                addr: Some(addr(i)),
+                meta: Bytes::new(),
+            };
+            claims::sign(&signers[i], ClaimKind::Alive, body.encode_to_vec(), true).expect("sign")
+        })
+        .collect();
+    let records: Vec<wire::Signed> = (0..names)
+        .map(|j| {
+            let owner = j % n;
+            let record = Record {
+                name: format!("service-{j}"),
+                owner: node_name(owner),
+                owner_incarnation: 1,
+                version: j as u64 + 1,
+                claimed: true,
+                kind: EndpointKind::Group,
+                value: Bytes::new(),
+                durable: false,
+            };
+            let body = record.to_wire().encode_to_vec();
+            claims::sign(&signers[owner], ClaimKind::Record, body, false).expect("sign")
+        })
+        .collect();
+    let app_state = Bytes::from(wire::RegistryState { records }.encode_to_vec());
+
+    // Node 0 learns the cluster from node 1's push-pull, then answers a joiner with all of it.
+    let config = NodeConfig::new(&node_name(0), node_addr(0), certs[0].clone()).membership_config();
+    let now = Instant::now();
+    let mut node0 = Membership::new(
+        config.clone(),
+        &node_name(0),
+        node_addr(0),
+        1,
+        now,
+        Box::new(keys(0, 2 * n)),
+    )
+    .expect("node 0");
+    node0.set_app_state(app_state.clone());
+    let members = (1..n)
+        .map(|i| wire::MemberEntry {
+            node: node_name(i),
+            addr: Some(addr(i)),
+            incarnation: 1,
+            state: wire::MemberState::Alive as i32,
+            meta: Bytes::new(),
+            alive: Some(alives[i].clone()),
+            leave: None,
+        })
+        .collect();
+    let from_node1 = wire::PushPull {
+        protocol_version: wire::PROTOCOL_VERSION,
+        sender: node_name(1),
+        join: false,
+        reply: true,
+        members,
+        app_state: Bytes::new(),
+    };
+    node0.handle_stream(now, node_addr(1), &from_node1.encode_to_vec());
+    assert_eq!(
+        node0.member_states().count(),
+        n - 1,
+        "node 0 took every member"
+    );
+    while node0.poll_outgoing().is_some() {}
+
+    let mut joiner = Membership::new(
+        config.clone(),
+        &node_name(n),
+        node_addr(n),
+        2,
+        now,
+        Box::new(keys(n, 2 * n)),
+    )
+    .expect("joiner");
+    joiner.join(now, &[node_addr(0)]);
+    let request = joiner.poll_outgoing().expect("join request");
+    let dropped = node0.stats().dropped_for_limits;
+    node0.handle_stream(now, node_addr(n), &request.payload);
+    let reply = std::iter::from_fn(|| node0.poll_outgoing())
+        .find(|t| t.dst == node_addr(n))
+        .expect("push-pull reply");
+    assert_eq!(
+        node0.stats().dropped_for_limits,
+        dropped,
+        "the directory was not left out"
+    );
+    println!(
+        "push-pull of {n} signed members and {names} signed names: {} bytes (limit {}); directory {} bytes",
+        reply.payload.len(),
+        config.max_push_pull_size,
+        app_state.len()
+    );
+    assert!(reply.payload.len() <= config.max_push_pull_size);
+
+    joiner.handle_stream(now, node_addr(0), &reply.payload);
+    let alive = joiner
+        .member_states()
+        .filter(|&(_, state)| state == MemberState::Alive)
+        .count();
+    assert_eq!(alive, n, "the joiner holds every member at join");
+    let state = std::iter::from_fn(|| joiner.poll_event())
+        .find_map(|e| match e {
+            Event::AppState { state, .. } => Some(state),
+            _ => None,
+        })
+        .expect("the directory came with the push-pull");
+    let received = wire::RegistryState::decode(state).expect("directory");
+    assert_eq!(received.records.len(), names);
+    // Every name checks against its owner's certificate, learnt from the owner's alive.
+    let mut verifier = keys(n, 2 * n);
+    for (i, alive) in alives.iter().enumerate() {
+        claims::verify(&mut verifier, &node_name(i), ClaimKind::Alive, alive).expect("alive");
+    }
+    let mut seen = std::collections::HashSet::new();
+    for signed in &received.records {
+        let record = wire::EndpointRecord::decode(&signed.body[..]).expect("record");
+        claims::verify(&mut verifier, &record.owner, ClaimKind::Record, signed)
+            .expect("record signature");
+        seen.insert(record.name);
+    }
+    assert_eq!(
+        seen.len(),
+        names,
+        "every name is in the joiner's directory at join"
     );
 }
