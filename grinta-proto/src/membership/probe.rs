@@ -58,10 +58,8 @@ impl Membership {
         for name in reap {
             self.remove_member(&name);
         }
-        let mut order = std::mem::take(&mut self.probe_order);
-        order.clear();
-        order.extend(0..self.members.len() as u32);
-        self.probe_order = order;
+        self.probe_order.clear();
+        self.probe_order.extend(0..self.members.len() as u32);
         // Fisher-Yates with our seeded generator.
         for i in (1..self.probe_order.len()).rev() {
             let j = self.rng.random_range(0..=i);

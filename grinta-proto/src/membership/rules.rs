@@ -376,6 +376,7 @@ impl Membership {
         addr: SocketAddr,
         claim: wire::Signed,
     ) {
+        let relay = wire::broadcast::Kind::Alive(claims::compact(&claim));
         let Some(i) = known else {
             let i = self
                 .members
@@ -384,11 +385,9 @@ impl Membership {
             self.failed.retain(|f| f.name != a.node);
             self.events
                 .push_back(Event::MemberJoined(self.members[i].member()));
-            let relay = wire::broadcast::Kind::Alive(self.members[i].alive());
             self.queue_member_broadcast(a.node, relay);
             return;
         };
-        let relay = wire::broadcast::Kind::Alive(claims::compact(&claim));
         let entry = &mut self.members[i];
         let old = entry.state;
         let meta_changed = !entry.meta_eq(&a.meta) || entry.addr != addr;

@@ -165,24 +165,23 @@ impl Entry {
         self.incarnation = incarnation;
         self.addr = addr;
         self.state = MemberState::Alive;
-        let mut extra = Extra {
-            meta,
-            // Copied out of the received packet, without the body (kept below only if needed).
-            alive: crate::claims::compact(&wire::Signed {
-                body: Bytes::new(),
-                ..claim.clone()
-            }),
-            alive_incarnation: None,
-            leave: None,
-        };
-        self.extra = None;
-        let needed = !extra.meta.is_empty()
-            || extra.alive.scheme != 0
-            || !extra.alive.signature.is_empty()
-            || !extra.alive.certificates.is_empty();
-        if needed {
-            self.extra = Some(Box::new(std::mem::take(&mut extra)));
-        }
+        let needed = !meta.is_empty()
+            || claim.scheme != 0
+            || !claim.signature.is_empty()
+            || !claim.certificates.is_empty();
+        self.extra = needed.then(|| {
+            Box::new(Extra {
+                meta,
+                // Copied out of the received packet, without the body (kept below only if
+                // needed).
+                alive: crate::claims::compact(&wire::Signed {
+                    body: Bytes::new(),
+                    ..claim.clone()
+                }),
+                alive_incarnation: None,
+                leave: None,
+            })
+        });
         // Keep the body only when it does not come back from the entry byte for byte (a signer
         // may encode fields we do not know, or in another order).
         if self.encode_alive_body() != claim.body[..] {
