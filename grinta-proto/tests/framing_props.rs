@@ -154,6 +154,21 @@ fn push_pull() -> impl Strategy<Value = wire::PushPull> {
             )),
             leave: None,
         });
+    let digest = (name(), any::<u64>(), 0i32..6, any::<u32>()).prop_map(
+        |(node, incarnation, state, fingerprint)| wire::MemberDigest {
+            node,
+            incarnation,
+            state,
+            fingerprint,
+        },
+    );
+    let exchange = (
+        proptest::collection::vec(digest, 0..12),
+        proptest::collection::vec(name(), 0..6),
+        any::<bool>(),
+        any::<u64>(),
+        any::<bool>(),
+    );
     (
         any::<u32>(),
         name(),
@@ -161,15 +176,29 @@ fn push_pull() -> impl Strategy<Value = wire::PushPull> {
         any::<bool>(),
         proptest::collection::vec(entry, 0..12),
         proptest::collection::vec(any::<u8>(), 0..64),
+        exchange,
     )
         .prop_map(
-            |(protocol_version, sender, join, reply, members, app_state)| wire::PushPull {
+            |(
+                protocol_version,
+                sender,
+                join,
+                reply,
+                members,
+                app_state,
+                (digest, want, want_app_state, app_state_digest, push),
+            )| wire::PushPull {
                 protocol_version,
                 sender,
                 join,
                 reply,
                 members,
                 app_state: app_state.into(),
+                digest,
+                want,
+                want_app_state,
+                app_state_digest,
+                push,
             },
         )
 }

@@ -304,7 +304,7 @@ fn a_push_pull_of_1000_members_and_10000_names_fits_and_completes_a_joiner() {
         join: false,
         reply: true,
         members,
-        app_state: Bytes::new(),
+        ..Default::default()
     };
     node0.handle_stream(now, node_addr(1), &from_node1.encode_to_vec());
     assert_eq!(
@@ -374,4 +374,34 @@ fn a_push_pull_of_1000_members_and_10000_names_fits_and_completes_a_joiner() {
         names,
         "every name is in the joiner's directory at join"
     );
+
+    // Later exchanges between the two, which now agree, carry a digest and nothing in full.
+    joiner.set_app_state(app_state.clone());
+    while joiner.poll_outgoing().is_some() {}
+    while node0.poll_outgoing().is_some() {}
+    joiner.handle_timeout(now + config.push_pull_interval * 20);
+    let request = std::iter::from_fn(|| joiner.poll_outgoing())
+        .find(|t| t.channel == grinta_proto::membership::Channel::Stream)
+        .expect("a periodic push-pull (to a random member: node 0 answers it here)");
+    node0.handle_stream(now, node_addr(n), &request.payload);
+    let reply = std::iter::from_fn(|| node0.poll_outgoing())
+        .find(|t| t.dst == node_addr(n))
+        .expect("push-pull reply");
+    println!(
+        "digest exchange of the same state: request {} bytes ({} per member), reply {} bytes",
+        request.payload.len(),
+        request.payload.len() / (n + 1),
+        reply.payload.len()
+    );
+    assert!(request.payload.len() < 40 * (n + 1));
+    assert!(reply.payload.len() < 100, "nothing to send back");
+    let members_sent = joiner.stats().push_pull_members_sent;
+    joiner.handle_stream(now, node_addr(0), &reply.payload);
+    assert!(
+        std::iter::from_fn(|| joiner.poll_outgoing()).all(
+            |t| t.dst != node_addr(0) || t.channel != grinta_proto::membership::Channel::Stream
+        ),
+        "nothing wanted"
+    );
+    assert_eq!(joiner.stats().push_pull_members_sent, members_sent);
 }

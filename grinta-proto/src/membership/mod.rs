@@ -323,6 +323,9 @@ pub struct Stats {
     pub push_pulls_sent: u64,
     /// Push-pull bytes sent.
     pub push_pull_bytes_sent: u64,
+    /// Members sent in full in push-pulls (a join's exchange carries every member; other
+    /// exchanges carry a digest and then only the members the other side lacks).
+    pub push_pull_members_sent: u64,
     /// Push-pull messages received.
     pub push_pulls_received: u64,
     /// Probes that ended without an ack.
@@ -429,6 +432,8 @@ pub struct Membership {
     member_queue: BroadcastQueue,
     app_queue: BroadcastQueue,
     app_state: Bytes,
+    /// `push_pull::app_state_digest(&app_state)`.
+    app_state_digest: u64,
 
     next_gossip: Instant,
     next_push_pull: Instant,
@@ -459,7 +464,8 @@ pub struct Membership {
 const MAX_ASKED: usize = 64;
 
 /// Cluster size up to which [`MAX_ASKED`] asks per push-pull interval are allowed; past it, the
-/// allowance shrinks in proportion (one ask costs a push-pull of the whole state both ways): 20
+/// allowance shrinks in proportion (one ask costs a digest of every member, and during a mass
+/// join, when most senders are unknown, much of the state itself): 20
 /// at 100 members, 2 at 1,000, 1 from 2,048 on.
 const ASK_FULL_ALLOWANCE_UP_TO: usize = 32;
 
@@ -559,6 +565,7 @@ impl Membership {
             suspicions: BTreeMap::new(),
             indirect: BTreeMap::new(),
             app_state: Bytes::new(),
+            app_state_digest: push_pull::app_state_digest(&[]),
             next_gossip,
             next_push_pull,
             next_reconnect,
@@ -841,6 +848,7 @@ impl Membership {
 
     /// Sets the application state carried in every push-pull (for example the endpoint table).
     pub fn set_app_state(&mut self, state: Bytes) {
+        self.app_state_digest = push_pull::app_state_digest(&state);
         self.app_state = state;
     }
 
@@ -1049,11 +1057,13 @@ impl Membership {
             if pp.reply && self.app_state != self.join_app_state {
                 // The application changed its state (registered endpoints, say) while the join
                 // was under way: the seed has not seen it yet.
-                self.send_push_pull(from, Some(pp.sender.clone()), false, false);
+                self.send_push_pull(from, Some(pp.sender.clone()), push_pull::Exchange::Digest);
             }
         }
-        if !pp.reply {
-            self.send_push_pull(from, Some(pp.sender.clone()), false, true);
+        if pp.reply {
+            self.push_wanted(from, &pp);
+        } else {
+            self.answer_push_pull(from, &pp);
         }
     }
 }

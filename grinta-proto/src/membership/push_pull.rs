@@ -1,12 +1,65 @@
-//! Push-pull (full state exchange), join, reconnecting to failed members and seeds, and
+//! Push-pull (state exchange: whole on a join, by digest otherwise), join, reconnecting to failed members and seeds, and
 //! leaving.
 
 use super::*;
 
+/// Whose entry of one member is newer, as a push-pull digest compares them.
+struct Version {
+    incarnation: u64,
+    state: wire::MemberState,
+    fingerprint: u32,
+}
+
+impl Version {
+    /// Whether `self` holds something `other` lacks: a newer incarnation, another address or
+    /// metadata at the same one (a restart without a newer incarnation, or a previous life's
+    /// claim), or a signed leave. A Suspect or Dead state needs no full entry: the digest itself
+    /// carries it as an accusation.
+    fn has_news_for(&self, other: &Version) -> bool {
+        self.incarnation > other.incarnation
+            || (self.incarnation == other.incarnation
+                && (self.fingerprint != other.fingerprint
+                    || (self.state == wire::MemberState::Left
+                        && other.state != wire::MemberState::Left)))
+    }
+}
+
+/// The fingerprint of a member's address and metadata in a push-pull digest: the first four
+/// bytes of the SHA-256 of the IP address's bytes, the port (big-endian) and the metadata.
+pub(super) fn fingerprint(addr: SocketAddr, meta: &[u8]) -> u32 {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    match addr.ip() {
+        IpAddr::V4(v4) => ctx.update(&v4.octets()),
+        IpAddr::V6(v6) => ctx.update(&v6.octets()),
+    }
+    ctx.update(&addr.port().to_be_bytes());
+    ctx.update(meta);
+    let d = ctx.finish();
+    let b = d.as_ref();
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// The digest of the application state carried in push-pulls: the first eight bytes of its
+/// SHA-256.
+pub(super) fn app_state_digest(state: &[u8]) -> u64 {
+    let d = ring::digest::digest(&ring::digest::SHA256, state);
+    let b = d.as_ref();
+    u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+}
+
+/// What a node sends in a push-pull.
+pub(super) enum Exchange {
+    /// A join: the whole state, answered with the whole state.
+    Join,
+    /// A periodic exchange, a reconnection or a question to a sender this node missed: the
+    /// digest, answered with what differs.
+    Digest,
+}
+
 impl Membership {
     /// Merges a peer's state: each member's own signed alive and leave, then the peer's
-    /// accusations (its Suspect and Dead entries), which count as its suspicions: the stream
-    /// authenticates the peer, so they need no signature of their own.
+    /// accusations (its Suspect and Dead entries, in full or in its digest), which count as its
+    /// suspicions: the stream authenticates the peer, so they need no signature of their own.
     pub(super) fn merge_remote_state(&mut self, now: Instant, pp: &wire::PushPull) {
         for e in &pp.members {
             if let Some(alive) = &e.alive {
@@ -26,25 +79,47 @@ impl Membership {
                 }
                 // Never trust a remote "dead": it becomes a local suspicion that the member can refute.
                 wire::MemberState::Dead | wire::MemberState::Suspect => {
-                    if validate_node_name(&e.node).is_err() || e.incarnation >= MAX_INCARNATION {
-                        self.stats.packets_invalid += 1;
-                        continue;
-                    }
-                    let accusation = rules::Accusation {
-                        node: &e.node,
-                        incarnation: e.incarnation,
-                        accuser: &pp.sender,
-                    };
-                    self.accuse(now, accusation, None, None);
+                    self.take_remote_accusation(now, &e.node, e.incarnation, &pp.sender);
                 }
                 wire::MemberState::Alive | wire::MemberState::Unspecified => {}
             }
         }
+        for d in &pp.digest {
+            let state =
+                wire::MemberState::try_from(d.state).unwrap_or(wire::MemberState::Unspecified);
+            if !matches!(state, wire::MemberState::Dead | wire::MemberState::Suspect) {
+                continue;
+            }
+            // An accusation above the incarnation this node holds waits for the member's
+            // newer alive, which the exchange brings in full (`want`).
+            let held = if d.node == self.name {
+                Some(self.incarnation)
+            } else {
+                self.members
+                    .find(&d.node)
+                    .map(|i| self.members[i].incarnation)
+            };
+            if held.is_some_and(|held| d.incarnation <= held) {
+                self.take_remote_accusation(now, &d.node, d.incarnation, &pp.sender);
+            }
+        }
     }
 
-    pub(super) fn local_state(&self, join: bool, reply: bool) -> wire::PushPull {
-        let mut members = Vec::with_capacity(self.members.len() + 1);
-        members.push(wire::MemberEntry {
+    fn take_remote_accusation(&mut self, now: Instant, node: &str, incarnation: u64, by: &str) {
+        if validate_node_name(node).is_err() || incarnation >= MAX_INCARNATION {
+            self.stats.packets_invalid += 1;
+            return;
+        }
+        let accusation = rules::Accusation {
+            node,
+            incarnation,
+            accuser: by,
+        };
+        self.accuse(now, accusation, None, None);
+    }
+
+    fn own_entry(&self) -> wire::MemberEntry {
+        wire::MemberEntry {
             node: self.name.clone(),
             addr: Some(encode_addr(self.addr)),
             incarnation: self.incarnation,
@@ -52,42 +127,229 @@ impl Membership {
             meta: self.meta.clone(),
             alive: self.own_alive.clone(),
             leave: None,
-        });
-        for e in &self.members {
-            members.push(wire::MemberEntry {
-                node: e.name().to_owned(),
-                addr: Some(encode_addr(e.addr)),
-                incarnation: e.incarnation,
-                state: e.state.to_wire() as i32,
-                meta: e.meta(),
-                alive: Some(e.alive()),
-                leave: e.leave().cloned(),
-            });
-        }
-        wire::PushPull {
-            protocol_version: wire::PROTOCOL_VERSION,
-            sender: self.name.clone(),
-            join,
-            reply,
-            members,
-            app_state: self.app_state.clone(),
         }
     }
 
+    fn member_entry(&self, i: usize) -> wire::MemberEntry {
+        let e = &self.members[i];
+        wire::MemberEntry {
+            node: e.name().to_owned(),
+            addr: Some(encode_addr(e.addr)),
+            incarnation: e.incarnation,
+            state: e.state.to_wire() as i32,
+            meta: e.meta(),
+            alive: Some(e.alive()),
+            leave: e.leave().cloned(),
+        }
+    }
+
+    fn own_version(&self) -> Version {
+        Version {
+            incarnation: self.incarnation,
+            state: wire::MemberState::Alive,
+            fingerprint: fingerprint(self.addr, &self.meta),
+        }
+    }
+
+    fn member_version(&self, i: usize) -> Version {
+        let e = &self.members[i];
+        Version {
+            incarnation: e.incarnation,
+            state: e.state.to_wire(),
+            fingerprint: fingerprint(e.addr, e.meta_bytes()),
+        }
+    }
+
+    fn digest_of(node: &str, v: Version) -> wire::MemberDigest {
+        wire::MemberDigest {
+            node: node.to_owned(),
+            incarnation: v.incarnation,
+            state: v.state as i32,
+            fingerprint: v.fingerprint,
+        }
+    }
+
+    fn message(&self, reply: bool) -> wire::PushPull {
+        wire::PushPull {
+            protocol_version: wire::PROTOCOL_VERSION,
+            sender: self.name.clone(),
+            reply,
+            app_state_digest: self.app_state_digest,
+            ..Default::default()
+        }
+    }
+
+    /// The whole state: every member in full, and the application state.
+    pub(super) fn local_state(&self, join: bool, reply: bool) -> wire::PushPull {
+        let mut members = Vec::with_capacity(self.members.len() + 1);
+        members.push(self.own_entry());
+        members.extend((0..self.members.len()).map(|i| self.member_entry(i)));
+        wire::PushPull {
+            join,
+            members,
+            app_state: self.app_state.clone(),
+            ..self.message(reply)
+        }
+    }
+
+    /// A digest request: every member by name, incarnation, state and fingerprint.
+    fn digest_request(&self) -> wire::PushPull {
+        let mut digest = Vec::with_capacity(self.members.len() + 1);
+        digest.push(Self::digest_of(&self.name, self.own_version()));
+        digest.extend(
+            (0..self.members.len())
+                .map(|i| Self::digest_of(self.members[i].name(), self.member_version(i))),
+        );
+        wire::PushPull {
+            digest,
+            ..self.message(false)
+        }
+    }
+
+    /// The answer to a digest request: the members the requester lacks or holds older, this
+    /// node's other accusations, and the members this node wants in full.
+    fn digest_reply(&self, request: &wire::PushPull) -> wire::PushPull {
+        let mut reply = self.message(true);
+        let mut seen = vec![false; self.members.len()];
+        let mut own_seen = false;
+        for d in &request.digest {
+            let theirs = Version {
+                incarnation: d.incarnation,
+                state: wire::MemberState::try_from(d.state)
+                    .unwrap_or(wire::MemberState::Unspecified),
+                fingerprint: d.fingerprint,
+            };
+            if theirs.state == wire::MemberState::Unspecified {
+                continue;
+            }
+            let (mine, i) = if d.node == self.name {
+                if std::mem::replace(&mut own_seen, true) {
+                    continue;
+                }
+                (self.own_version(), None)
+            } else if let Some(i) = self.members.find(&d.node) {
+                if std::mem::replace(&mut seen[i], true) {
+                    continue;
+                }
+                (self.member_version(i), Some(i))
+            } else {
+                if reply.want.len() < self.config.max_members {
+                    reply.want.push(d.node.clone());
+                }
+                continue;
+            };
+            if theirs.has_news_for(&mine) {
+                reply.want.push(d.node.clone());
+            }
+            if mine.has_news_for(&theirs) {
+                reply.members.push(match i {
+                    Some(i) => self.member_entry(i),
+                    None => self.own_entry(),
+                });
+            } else if matches!(
+                mine.state,
+                wire::MemberState::Suspect | wire::MemberState::Dead
+            ) {
+                reply.digest.push(Self::digest_of(&d.node, mine));
+            }
+        }
+        if !own_seen {
+            // First, so that the requester knows the sender of the accusations after it.
+            reply.members.insert(0, self.own_entry());
+        }
+        for (i, seen) in seen.into_iter().enumerate() {
+            if !seen {
+                reply.members.push(self.member_entry(i));
+            }
+        }
+        if request.app_state_digest != self.app_state_digest {
+            reply.app_state = self.app_state.clone();
+            reply.want_app_state = true;
+        }
+        reply
+    }
+
+    /// What a digest reply asked for: the members it wants (each once), and the application
+    /// state.
+    fn push_for(&self, reply: &wire::PushPull) -> wire::PushPull {
+        let mut push = wire::PushPull {
+            push: true,
+            ..self.message(false)
+        };
+        let mut sent = vec![false; self.members.len()];
+        let mut own_sent = false;
+        for name in &reply.want {
+            if *name == self.name {
+                if !std::mem::replace(&mut own_sent, true) {
+                    // First, so that the receiver knows the sender of the accusations after it.
+                    push.members.insert(0, self.own_entry());
+                }
+            } else if let Some(i) = self.members.find(name) {
+                if !std::mem::replace(&mut sent[i], true) {
+                    push.members.push(self.member_entry(i));
+                }
+            }
+        }
+        if reply.want_app_state {
+            push.app_state = self.app_state.clone();
+        }
+        push
+    }
+
+    /// Sends a push-pull request: a join or a digest.
     pub(super) fn send_push_pull(
         &mut self,
         dst: SocketAddr,
         dst_name: Option<String>,
-        join: bool,
-        reply: bool,
+        exchange: Exchange,
     ) {
-        let mut state = self.local_state(join, reply);
-        let mut payload = state.encode_to_vec();
+        let message = match exchange {
+            Exchange::Join => self.local_state(true, false),
+            Exchange::Digest => self.digest_request(),
+        };
+        self.send_message(dst, dst_name, message, Channel::Stream);
+    }
+
+    /// Answers a push-pull request from `from` (already merged).
+    pub(super) fn answer_push_pull(&mut self, from: SocketAddr, request: &wire::PushPull) {
+        let reply = if request.push {
+            self.message(true)
+        } else if request.digest.is_empty() {
+            // A join (or a peer that sends its whole state): the whole state back.
+            self.local_state(false, true)
+        } else {
+            self.digest_reply(request)
+        };
+        self.send_message(
+            from,
+            Some(request.sender.clone()),
+            reply,
+            Channel::StreamReply,
+        );
+    }
+
+    /// Sends what a digest reply from `from` asked for, if anything.
+    pub(super) fn push_wanted(&mut self, from: SocketAddr, reply: &wire::PushPull) {
+        if reply.want.is_empty() && !reply.want_app_state {
+            return;
+        }
+        let push = self.push_for(reply);
+        self.send_message(from, Some(reply.sender.clone()), push, Channel::Stream);
+    }
+
+    fn send_message(
+        &mut self,
+        dst: SocketAddr,
+        dst_name: Option<String>,
+        mut message: wire::PushPull,
+        channel: Channel,
+    ) {
+        let mut payload = message.encode_to_vec();
         if payload.len() > self.config.max_push_pull_size {
             // Too large for one exchange: send the members without the application state rather than
             // nothing; the application state is repaired by gossip.
-            state.app_state = Bytes::new();
-            payload = state.encode_to_vec();
+            message.app_state = Bytes::new();
+            payload = message.encode_to_vec();
             self.stats.dropped_for_limits += 1;
             if payload.len() > self.config.max_push_pull_size {
                 return;
@@ -95,14 +357,11 @@ impl Membership {
         }
         self.stats.push_pulls_sent += 1;
         self.stats.push_pull_bytes_sent += payload.len() as u64;
+        self.stats.push_pull_members_sent += message.members.len() as u64;
         self.transmits.push_back(Outgoing {
             dst,
             dst_name,
-            channel: if reply {
-                Channel::StreamReply
-            } else {
-                Channel::Stream
-            },
+            channel,
             payload,
         });
     }
@@ -110,7 +369,7 @@ impl Membership {
     pub(super) fn send_join_attempt(&mut self, _now: Instant) {
         self.join_app_state = self.app_state.clone();
         for seed in self.seeds.clone() {
-            self.send_push_pull(seed, None, true, false);
+            self.send_push_pull(seed, None, Exchange::Join);
         }
     }
 
@@ -118,7 +377,7 @@ impl Membership {
         let picked = self.random_members_with(1, |m| m.state == MemberState::Alive);
         if let Some(&i) = picked.first() {
             let (addr, name) = (self.members[i].addr, self.members[i].name().to_owned());
-            self.send_push_pull(addr, Some(name), false, false);
+            self.send_push_pull(addr, Some(name), Exchange::Digest);
         }
     }
 
@@ -149,7 +408,7 @@ impl Membership {
             (seeds[slot - self.failed.len()], None)
         };
         self.stats.reconnect_attempts += 1;
-        self.send_push_pull(addr, name, false, false);
+        self.send_push_pull(addr, name, Exchange::Digest);
         let spacing =
             (self.config.reconnect_interval / total as u32).max(self.config.gossip_interval);
         self.next_reconnect = now + spacing;
@@ -163,8 +422,8 @@ impl Membership {
     /// most once per push-pull interval; a sender seen at another address than it announces is
     /// asked once per address (behind a NAT, its packets always come from another address than
     /// the one it announces, and asking again would teach nothing). Past 32 members the number of
-    /// unknown senders asked per interval shrinks with the cluster's size, as each ask moves the
-    /// whole state: during a mass join most senders are unknown for a moment, and gossip teaches
+    /// unknown senders asked per interval shrinks with the cluster's size, as each ask moves a
+    /// digest of every member: during a mass join most senders are unknown for a moment, and gossip teaches
     /// them anyway.
     pub(super) fn ask_unknown_sender(&mut self, now: Instant, from: SocketAddr, sender: &str) {
         if sender == self.name || !self.joined || !matches!(self.lifecycle, Lifecycle::Running) {
@@ -208,7 +467,7 @@ impl Membership {
                 self.asked.push_back((sender.to_owned(), now));
             }
         }
-        self.send_push_pull(from, Some(sender.to_owned()), false, false);
+        self.send_push_pull(from, Some(sender.to_owned()), Exchange::Digest);
     }
 
     pub(super) fn finish_leave(&mut self) {

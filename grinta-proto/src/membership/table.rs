@@ -102,8 +102,12 @@ impl Entry {
             .unwrap_or_default()
     }
 
+    pub(super) fn meta_bytes(&self) -> &[u8] {
+        self.extra.as_ref().map_or(&[][..], |x| &x.meta[..])
+    }
+
     pub(super) fn meta_eq(&self, meta: &[u8]) -> bool {
-        self.extra.as_ref().map_or(&[][..], |x| &x.meta[..]) == meta
+        self.meta_bytes() == meta
     }
 
     /// The member as the public API shows it.

@@ -666,3 +666,290 @@ fn a_packet_from_a_sender_this_node_missed_asks_it_for_its_state_once() {
         assert_eq!(asks, usize::from(k == 0), "round {k}");
     }
 }
+
+/// Makes `m` learn member `name` at `port` and `incarnation` from its own alive.
+fn learn(m: &mut Membership, name: &str, port: u16, incarnation: u64, now: Instant) {
+    let alive = wire::Alive {
+        node: name.into(),
+        incarnation,
+        addr: Some(encode_addr(addr(port))),
+        meta: Bytes::new(),
+    };
+    m.handle_alive(now, unsigned(ClaimKind::Alive, &alive));
+}
+
+fn decode_push_pull(t: &Outgoing) -> wire::PushPull {
+    wire::PushPull::decode(&t.payload[..]).expect("valid push-pull")
+}
+
+fn names(entries: &[wire::MemberEntry]) -> Vec<&str> {
+    let mut names: Vec<&str> = entries.iter().map(|e| e.node.as_str()).collect();
+    names.sort_unstable();
+    names
+}
+
+/// The messages of one push-pull exchange that `x` starts with `y`.
+struct Exchanged {
+    request: wire::PushPull,
+    reply: wire::PushPull,
+    push: Option<wire::PushPull>,
+}
+
+/// Runs a digest exchange from `x` to `y` by hand, as a node's transport would.
+fn digest_exchange(x: &mut Membership, y: &mut Membership, now: Instant) -> Exchanged {
+    drain(x);
+    drain(y);
+    x.send_push_pull(
+        y.local_addr(),
+        Some(y.name.clone()),
+        push_pull::Exchange::Digest,
+    );
+    let request = drain(x);
+    assert_eq!(request.len(), 1);
+    assert_eq!(request[0].channel, Channel::Stream);
+    y.handle_stream(now, x.local_addr(), &request[0].payload);
+    let reply: Vec<_> = drain(y)
+        .into_iter()
+        .filter(|t| t.channel == Channel::StreamReply)
+        .collect();
+    assert_eq!(reply.len(), 1, "one reply");
+    x.handle_stream(now, y.local_addr(), &reply[0].payload);
+    let push: Vec<_> = drain(x)
+        .into_iter()
+        .filter(|t| t.channel == Channel::Stream)
+        .collect();
+    assert!(push.len() <= 1);
+    let push = push.first().map(|t| {
+        y.handle_stream(now, x.local_addr(), &t.payload);
+        let ack: Vec<_> = drain(y)
+            .into_iter()
+            .filter(|t| t.channel == Channel::StreamReply)
+            .collect();
+        assert_eq!(ack.len(), 1, "a push is acknowledged");
+        let ack_message = decode_push_pull(&ack[0]);
+        assert!(ack_message.members.is_empty() && ack_message.app_state.is_empty());
+        x.handle_stream(now, y.local_addr(), &ack[0].payload);
+        assert!(
+            drain(x).iter().all(|t| t.channel != Channel::Stream),
+            "an acknowledgement ends the exchange"
+        );
+        decode_push_pull(t)
+    });
+    Exchanged {
+        request: decode_push_pull(&request[0]),
+        reply: decode_push_pull(&reply[0]),
+        push,
+    }
+}
+
+#[test]
+fn a_digest_exchange_between_nodes_that_agree_moves_no_member_in_full() {
+    let t0 = Instant::now();
+    let mut a = node("a", 1, t0);
+    let mut b = node("b", 2, t0);
+    let mut c = node("c", 3, t0);
+    join_pair(&mut a, &mut b, t0);
+    join_pair(&mut a, &mut c, t0);
+    learn(&mut b, "c", 3, c.incarnation(), t0);
+    let x = digest_exchange(&mut b, &mut c, t0);
+    assert!(x.request.members.is_empty());
+    assert_eq!(x.request.digest.len(), 3, "b, a and c");
+    assert!(x.reply.members.is_empty(), "{:?}", names(&x.reply.members));
+    assert!(x.reply.want.is_empty());
+    assert!(x.reply.app_state.is_empty() && !x.reply.want_app_state);
+    assert!(x.push.is_none());
+    assert_eq!(b.stats().push_pull_members_sent, 1, "b's join only");
+}
+
+#[test]
+fn a_digest_exchange_gives_each_side_what_it_lacks_or_holds_older() {
+    let t0 = Instant::now();
+    let mut x = node("x", 1, t0);
+    let mut y = node("y", 2, t0);
+    learn(&mut x, "m1", 11, 1, t0);
+    learn(&mut x, "m2", 12, 0, t0);
+    learn(&mut x, "m3", 13, 0, t0);
+    learn(&mut y, "m1", 11, 0, t0);
+    learn(&mut y, "m2", 12, 2, t0);
+    learn(&mut y, "m4", 14, 0, t0);
+    // x suspects m1 at the incarnation y does not know yet.
+    let from_m3 = suspect_broadcast("m1", 1, "m3");
+    x.handle_datagram(t0, addr(13), &from_m3);
+    assert_eq!(x.member("m1").map(|m| m.state), Some(MemberState::Suspect));
+
+    let ex = digest_exchange(&mut x, &mut y, t0);
+    assert_eq!(names(&ex.reply.members), ["m2", "m4", "y"]);
+    let mut want = ex.reply.want.clone();
+    want.sort_unstable();
+    assert_eq!(want, ["m1", "m3", "x"]);
+    let push = ex.push.expect("x sends what y wants");
+    assert_eq!(push.members[0].node, "x", "the sender first");
+    assert_eq!(names(&push.members), ["m1", "m3", "x"]);
+
+    // Both end where a full exchange would have left them.
+    for (name, incarnation) in [("m1", 1), ("m2", 2), ("m3", 0), ("m4", 0)] {
+        for m in [&x, &y] {
+            assert_eq!(
+                m.member(name).map(|m| m.incarnation),
+                Some(incarnation),
+                "{name} at {}",
+                m.name
+            );
+        }
+    }
+    assert!(x.member("y").is_some() && y.member("x").is_some());
+    assert_eq!(
+        y.member("m1").map(|m| m.state),
+        Some(MemberState::Suspect),
+        "x's accusation holds at y"
+    );
+
+    // Now they agree: the next exchange, either way, moves nothing in full.
+    for ex in [
+        digest_exchange(&mut x, &mut y, t0),
+        digest_exchange(&mut y, &mut x, t0),
+    ] {
+        assert!(ex.reply.members.is_empty() && ex.reply.want.is_empty());
+        assert!(ex.push.is_none());
+    }
+}
+
+#[test]
+fn a_suspicion_both_sides_hold_is_confirmed_by_the_digest() {
+    let t0 = Instant::now();
+    let mut x = node("x", 1, t0);
+    let mut y = node("y", 2, t0);
+    join_pair(&mut x, &mut y, t0);
+    for m in [&mut x, &mut y] {
+        learn(m, "m1", 11, 0, t0);
+        learn(m, "m2", 12, 0, t0);
+        learn(m, "m3", 13, 0, t0);
+    }
+    x.handle_datagram(t0, addr(12), &suspect_broadcast("m1", 0, "m2"));
+    y.handle_datagram(t0, addr(13), &suspect_broadcast("m1", 0, "m3"));
+    let ex = digest_exchange(&mut x, &mut y, t0);
+    assert!(ex.reply.members.is_empty());
+    assert_eq!(ex.reply.digest.len(), 1, "y's accusation of m1");
+    // Each side counts the other as one more accuser of m1: its suspicion timer shortened.
+    for m in [&x, &y] {
+        let timer = m.suspicions.get("m1").expect("still suspected");
+        assert_eq!(timer.confirmations(), 1, "at {}", m.name);
+    }
+}
+
+#[test]
+fn a_previous_life_at_the_same_incarnation_elsewhere_is_exchanged_and_refuted() {
+    let t0 = Instant::now();
+    let mut x = node("x", 1, t0);
+    // x holds "y" from a previous life at port 5; y is back at port 6, at the same incarnation.
+    let mut y = node("y", 6, t0);
+    let life = y.incarnation();
+    learn(&mut x, "y", 5, life, t0);
+    learn(&mut y, "x", 1, x.incarnation(), t0);
+    let ex = digest_exchange(&mut y, &mut x, t0);
+    assert_eq!(
+        names(&ex.reply.members),
+        ["y"],
+        "x's entry of y, different at {life}"
+    );
+    assert_eq!(ex.reply.want, ["y"]);
+    assert!(y.incarnation() > life, "y out-announced its previous life");
+}
+
+#[test]
+fn application_states_travel_only_when_they_differ() {
+    let t0 = Instant::now();
+    let mut x = node("x", 1, t0);
+    let mut y = node("y", 2, t0);
+    join_pair(&mut x, &mut y, t0);
+    x.set_app_state(Bytes::from_static(b"same"));
+    y.set_app_state(Bytes::from_static(b"same"));
+    events(&mut x);
+    events(&mut y);
+    let ex = digest_exchange(&mut x, &mut y, t0);
+    assert!(ex.reply.app_state.is_empty() && !ex.reply.want_app_state);
+    assert!(ex.push.is_none());
+
+    y.set_app_state(Bytes::from_static(b"y's"));
+    let ex = digest_exchange(&mut x, &mut y, t0);
+    assert_eq!(&ex.reply.app_state[..], b"y's");
+    assert_eq!(&ex.push.expect("x's state").app_state[..], b"same");
+    let at_x = events(&mut x);
+    let at_y = events(&mut y);
+    assert!(at_x.contains(&Event::AppState {
+        from: "y".into(),
+        state: Bytes::from_static(b"y's")
+    }));
+    assert!(at_y.contains(&Event::AppState {
+        from: "x".into(),
+        state: Bytes::from_static(b"same")
+    }));
+}
+
+#[test]
+fn hostile_digests_and_want_lists_cost_each_member_once() {
+    let t0 = Instant::now();
+    let mut x = node("x", 1, t0);
+    let mut y = node("y", 2, t0);
+    join_pair(&mut x, &mut y, t0);
+    for k in 0..50u16 {
+        learn(&mut x, &format!("m{k}"), 100 + k, 0, t0);
+    }
+    // A request that lists every member 200 times and 10,000 names nobody has: the reply
+    // wants each unknown name, never more than the member limit, and sends each member once.
+    let mut digest = Vec::new();
+    for _ in 0..200 {
+        for k in 0..50u16 {
+            digest.push(wire::MemberDigest {
+                node: format!("m{k}"),
+                incarnation: 0,
+                state: wire::MemberState::Alive as i32,
+                fingerprint: 0,
+            });
+        }
+    }
+    digest.extend((0..10_000).map(|k| wire::MemberDigest {
+        node: format!("ghost{k}"),
+        incarnation: u64::MAX,
+        state: wire::MemberState::Dead as i32,
+        fingerprint: 0,
+    }));
+    let request = wire::PushPull {
+        protocol_version: wire::PROTOCOL_VERSION,
+        sender: "y".into(),
+        digest,
+        ..Default::default()
+    };
+    drain(&mut x);
+    x.handle_stream(t0, addr(2), &request.encode_to_vec());
+    let reply: Vec<_> = drain(&mut x)
+        .into_iter()
+        .filter(|t| t.channel == Channel::StreamReply)
+        .collect();
+    let reply = decode_push_pull(&reply[0]);
+    // Fingerprint 0 differs from every real one: each member once, in full and wanted.
+    assert_eq!(reply.members.len(), 50 + 2, "m0..m49, x and y");
+    assert_eq!(reply.want.len(), 50 + 10_000);
+    assert!(x.member("ghost0").is_none());
+
+    // A reply that wants every member 1,000 times: the push sends each once.
+    let want: Vec<String> = (0..1000)
+        .flat_map(|_| (0..50).map(|k| format!("m{k}")).chain(["x".to_owned()]))
+        .collect();
+    let reply = wire::PushPull {
+        protocol_version: wire::PROTOCOL_VERSION,
+        sender: "y".into(),
+        reply: true,
+        want,
+        ..Default::default()
+    };
+    x.handle_stream(t0, addr(2), &reply.encode_to_vec());
+    let push: Vec<_> = drain(&mut x)
+        .into_iter()
+        .filter(|t| t.channel == Channel::Stream)
+        .collect();
+    assert_eq!(push.len(), 1);
+    let push = decode_push_pull(&push[0]);
+    assert_eq!(push.members.len(), 51);
+    assert_eq!(push.members[0].node, "x");
+}
