@@ -1612,17 +1612,23 @@ impl Node {
     }
 
     /// Decodes a push-pull message from `conn`, checks that its sender is the connection's
-    /// authenticated peer, and hands it to membership. Returns whether it was delivered.
+    /// authenticated peer and that it is what its stream says (a request, or the `reply` to
+    /// one), and hands it to membership. Returns whether it was delivered.
     fn deliver_push_pull(
         &mut self,
         now: Instant,
         conn: quinn_proto::ConnectionHandle,
         data: Bytes,
+        reply: bool,
     ) -> bool {
         let Ok(pp) = wire::PushPull::decode(data) else {
             self.undecodable += 1;
             return false;
         };
+        if pp.reply != reply {
+            self.undecodable += 1;
+            return false;
+        }
         if !self.transport.authenticate(conn, &pp.sender) {
             return false;
         }
@@ -1675,7 +1681,7 @@ impl Node {
             }
             TransportEvent::StreamRequest { conn, stream, data } => {
                 let mut replied = false;
-                if self.deliver_push_pull(now, conn, data) {
+                if self.deliver_push_pull(now, conn, data, false) {
                     // The reply is produced during that call; send it back on the request's
                     // stream.
                     let mut others = Vec::new();
@@ -1702,7 +1708,7 @@ impl Node {
                 }
             }
             TransportEvent::StreamReply { conn, data } => {
-                self.deliver_push_pull(now, conn, data);
+                self.deliver_push_pull(now, conn, data, true);
             }
             TransportEvent::FlowStreamOpened {
                 token,

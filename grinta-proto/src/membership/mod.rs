@@ -458,7 +458,14 @@ pub struct Membership {
     asked_at_address: VecDeque<(String, SocketAddr)>,
     /// The application state sent with the last join request.
     join_app_state: Bytes,
+    /// Where this node sent digest requests not answered yet, oldest first; at most
+    /// [`MAX_DIGESTS_AWAITING_REPLY`]. Only the answer to one of them may ask for members.
+    digests_sent: VecDeque<SocketAddr>,
 }
+
+/// Most digest requests awaiting their answer (a node starts about one per push-pull interval,
+/// plus reconnections and asks of unknown senders).
+const MAX_DIGESTS_AWAITING_REPLY: usize = 64;
 
 /// Most unknown senders remembered as asked for their state.
 const MAX_ASKED: usize = 64;
@@ -581,6 +588,7 @@ impl Membership {
             corrections: Vec::new(),
             asked: VecDeque::new(),
             asked_at_address: VecDeque::new(),
+            digests_sent: VecDeque::new(),
             join_app_state: Bytes::new(),
         };
         membership.sign_own_alive();

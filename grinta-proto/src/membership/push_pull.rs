@@ -212,6 +212,10 @@ impl Membership {
         let mut reply = self.message(true);
         let mut seen = vec![false; self.members.len()];
         let mut own_seen = false;
+        let mut unknown = hashbrown::HashSet::new();
+        // The requester's accusations counted during the merge only if it is a current member
+        // here; otherwise they come again in full, after its own entry.
+        let requester_current = self.is_current(&request.sender);
         for d in &request.digest {
             let theirs = Version {
                 incarnation: d.incarnation,
@@ -233,19 +237,27 @@ impl Membership {
                 }
                 (self.member_version(i), Some(i))
             } else {
-                if reply.want.len() < self.config.max_members {
+                if unknown.len() < self.config.max_members
+                    && validate_node_name(&d.node).is_ok()
+                    && unknown.insert(d.node.as_str())
+                {
                     reply.want.push(d.node.clone());
                 }
                 continue;
             };
-            if theirs.has_news_for(&mine) {
+            let accusation = matches!(
+                theirs.state,
+                wire::MemberState::Suspect | wire::MemberState::Dead
+            );
+            if theirs.has_news_for(&mine) || (accusation && i.is_some() && !requester_current) {
                 reply.want.push(d.node.clone());
             }
             if mine.has_news_for(&theirs) {
-                reply.members.push(match i {
-                    Some(i) => self.member_entry(i),
-                    None => self.own_entry(),
-                });
+                match i {
+                    Some(i) => reply.members.push(self.member_entry(i)),
+                    // First, so that the requester knows the sender of the accusations after it.
+                    None => reply.members.insert(0, self.own_entry()),
+                }
             } else if matches!(
                 mine.state,
                 wire::MemberState::Suspect | wire::MemberState::Dead
@@ -254,7 +266,6 @@ impl Membership {
             }
         }
         if !own_seen {
-            // First, so that the requester knows the sender of the accusations after it.
             reply.members.insert(0, self.own_entry());
         }
         for (i, seen) in seen.into_iter().enumerate() {
@@ -305,7 +316,13 @@ impl Membership {
     ) {
         let message = match exchange {
             Exchange::Join => self.local_state(true, false),
-            Exchange::Digest => self.digest_request(),
+            Exchange::Digest => {
+                if self.digests_sent.len() >= MAX_DIGESTS_AWAITING_REPLY {
+                    self.digests_sent.pop_front();
+                }
+                self.digests_sent.push_back(dst);
+                self.digest_request()
+            }
         };
         self.send_message(dst, dst_name, message, Channel::Stream);
     }
@@ -328,12 +345,25 @@ impl Membership {
         );
     }
 
-    /// Sends what a digest reply from `from` asked for, if anything.
+    /// Sends what the reply from `from` to this node's digest request asked for, if anything;
+    /// once per request, and never for any other reply (a peer cannot keep this node sending).
     pub(super) fn push_wanted(&mut self, from: SocketAddr, reply: &wire::PushPull) {
-        if reply.want.is_empty() && !reply.want_app_state {
+        let Some(k) = self.digests_sent.iter().position(|&dst| dst == from) else {
             return;
-        }
-        let push = self.push_for(reply);
+        };
+        self.digests_sent.remove(k);
+        let push = if reply.app_state_digest == 0 {
+            // A peer that does not read digests (an older version): it took nothing from the
+            // request, so it gets the whole state (and answers it with its own).
+            wire::PushPull {
+                push: true,
+                ..self.local_state(false, false)
+            }
+        } else if reply.want.is_empty() && !reply.want_app_state {
+            return;
+        } else {
+            self.push_for(reply)
+        };
         self.send_message(from, Some(reply.sender.clone()), push, Channel::Stream);
     }
 

@@ -941,15 +941,96 @@ fn hostile_digests_and_want_lists_cost_each_member_once() {
         sender: "y".into(),
         reply: true,
         want,
+        app_state_digest: 1,
         ..Default::default()
     };
-    x.handle_stream(t0, addr(2), &reply.encode_to_vec());
+    let pushes = |x: &mut Membership| {
+        x.handle_stream(t0, addr(2), &reply.encode_to_vec());
+        drain(x)
+            .into_iter()
+            .filter(|t| t.channel == Channel::Stream)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        pushes(&mut x).is_empty(),
+        "no digest request of x's to answer"
+    );
+    x.send_push_pull(addr(2), Some("y".into()), push_pull::Exchange::Digest);
+    drain(&mut x);
+    let push = pushes(&mut x);
+    assert_eq!(push.len(), 1);
+    let push = decode_push_pull(&push[0]);
+    assert_eq!(push.members.len(), 51);
+    assert_eq!(push.members[0].node, "x");
+    // Once per request: the same answer again (to the push, say) asks for nothing.
+    assert!(pushes(&mut x).is_empty());
+}
+
+#[test]
+fn accusations_of_a_requester_this_node_does_not_hold_come_again_after_its_entry() {
+    let t0 = Instant::now();
+    let mut x = node("x", 1, t0);
+    let mut y = node("y", 2, t0);
+    for m in [&mut x, &mut y] {
+        learn(m, "m1", 11, 1, t0);
+        learn(m, "m2", 12, 1, t0);
+    }
+    // x suspects m1; y does not know x (it missed x's alive).
+    x.handle_datagram(t0, addr(12), &suspect_broadcast("m1", 1, "m2"));
+    learn(&mut x, "y", 2, y.incarnation(), t0);
+    let ex = digest_exchange(&mut x, &mut y, t0);
+    let mut want = ex.reply.want.clone();
+    want.sort_unstable();
+    assert_eq!(want, ["m1", "x"]);
+    let push = ex.push.expect("x sends itself and its accusation");
+    assert_eq!(push.members[0].node, "x");
+    assert_eq!(y.member("m1").map(|m| m.state), Some(MemberState::Suspect));
+}
+
+#[test]
+fn a_peer_that_does_not_read_digests_gets_the_whole_state() {
+    let t0 = Instant::now();
+    let mut x = node("x", 1, t0);
+    for k in 0..5u16 {
+        learn(&mut x, &format!("m{k}"), 100 + k, 1, t0);
+    }
+    x.send_push_pull(addr(2), Some("y".into()), push_pull::Exchange::Digest);
+    drain(&mut x);
+    // Its answer: its whole state, without any field it does not know.
+    let old_reply = wire::PushPull {
+        protocol_version: wire::PROTOCOL_VERSION,
+        sender: "y".into(),
+        reply: true,
+        members: vec![wire::MemberEntry {
+            node: "y".into(),
+            addr: Some(encode_addr(addr(2))),
+            incarnation: 1,
+            state: wire::MemberState::Alive as i32,
+            meta: Bytes::new(),
+            alive: Some(unsigned(
+                ClaimKind::Alive,
+                &wire::Alive {
+                    node: "y".into(),
+                    incarnation: 1,
+                    addr: Some(encode_addr(addr(2))),
+                    meta: Bytes::new(),
+                },
+            )),
+            leave: None,
+        }],
+        ..Default::default()
+    };
+    x.handle_stream(t0, addr(2), &old_reply.encode_to_vec());
+    assert!(x.member("y").is_some());
     let push: Vec<_> = drain(&mut x)
         .into_iter()
         .filter(|t| t.channel == Channel::Stream)
         .collect();
     assert_eq!(push.len(), 1);
     let push = decode_push_pull(&push[0]);
-    assert_eq!(push.members.len(), 51);
-    assert_eq!(push.members[0].node, "x");
+    assert_eq!(push.members.len(), 7, "x, y and m0..m4");
+    assert!(
+        !push.reply,
+        "an older peer reads it as a request with the whole state"
+    );
 }
