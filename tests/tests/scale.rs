@@ -70,6 +70,12 @@ fn measure(seed: u64, n: usize, window: Duration) -> Cost {
     };
     let (h0, f0) = totals(&c);
     let s0 = grinta_tests::det_crypto::signatures();
+    // A profiler attached from here sees the window alone.
+    eprintln!(
+        "N={n}: formed; measuring {} simulated s (process {})",
+        window.as_secs(),
+        std::process::id()
+    );
     let wall = Instant::now();
     c.run_for(window);
     let took = wall.elapsed();
