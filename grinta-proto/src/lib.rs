@@ -56,6 +56,7 @@ pub mod adapter;
 pub mod claims;
 pub mod codec;
 pub mod datagram;
+mod deadlines;
 pub mod fabric;
 pub mod flow;
 pub mod membership;

@@ -16,7 +16,7 @@
 //! sends on the connection dialled by the node with the lower name once it is established, and the
 //! other one idles out.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -34,6 +34,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::CertificateDer;
 use tracing::debug;
 
+use crate::deadlines::Deadlines;
 use crate::tls::{self, NodeTls};
 use crate::wire::framing::{self, FrameDecoder};
 use crate::wire::{ConnectionCloseCode, StreamErrorCode};
@@ -427,9 +428,7 @@ pub(crate) struct Transport {
     /// Each connection's next deadline (QUIC timers, handshake timeout, exchange timeouts,
     /// keep-alive), ordered: `poll_timeout` reads the first, `handle_timeout` takes those due,
     /// so no input costs a walk over every connection. Updated whenever a connection is driven.
-    deadlines: BTreeSet<(Instant, ConnectionHandle)>,
-    /// The entry of each connection in `deadlines`.
-    deadline_of: HashMap<ConnectionHandle, Instant>,
+    deadlines: Deadlines<ConnectionHandle>,
     by_name: HashMap<String, ConnectionHandle>,
     /// Every connection bound to each peer name (`Conn::peer`), so that what concerns one peer
     /// (it left, failed or moved) visits its connections only, not every connection.
@@ -698,8 +697,7 @@ impl Transport {
             client: client_config,
             client_any_name,
             conns: BTreeMap::new(),
-            deadlines: BTreeSet::new(),
-            deadline_of: HashMap::new(),
+            deadlines: Deadlines::default(),
             by_name: HashMap::new(),
             by_peer: HashMap::new(),
             local_name: local_name.to_owned(),
@@ -1386,12 +1384,7 @@ impl Transport {
     /// Runs connection timers due at `now`: only the connections whose deadline passed.
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
         let interval = self.keep_alive_interval();
-        while let Some(&(at, ch)) = self.deadlines.first() {
-            if at > now {
-                break;
-            }
-            self.deadlines.pop_first();
-            self.deadline_of.remove(&ch);
+        while let Some(ch) = self.deadlines.pop_due(now) {
             let Some(c) = self.conns.get_mut(&ch) else {
                 continue;
             };
@@ -1425,17 +1418,15 @@ impl Transport {
 
     /// The earliest connection deadline (QUIC timers and keep-alives of held connections).
     pub(crate) fn poll_timeout(&mut self) -> Option<Instant> {
-        self.deadlines.first().map(|&(at, _)| at)
+        self.deadlines.first()
     }
 
     /// Puts connection `ch`'s next deadline in the index (or takes it out if it has none or is
     /// gone).
     fn reschedule(&mut self, ch: ConnectionHandle) {
-        if let Some(old) = self.deadline_of.remove(&ch) {
-            self.deadlines.remove(&(old, ch));
-        }
         let interval = self.keep_alive_interval();
         let Some(c) = self.conns.get_mut(&ch) else {
+            self.deadlines.set(ch, None);
             return;
         };
         let keep_alive = (c.holds > 0 && c.established).then(|| c.last_keep_alive + interval);
@@ -1445,10 +1436,7 @@ impl Transport {
             .into_iter()
             .flatten()
             .min();
-        if let Some(at) = next {
-            self.deadlines.insert((at, ch));
-            self.deadline_of.insert(ch, at);
-        }
+        self.deadlines.set(ch, next);
     }
 
     pub(crate) fn poll_transmit(&mut self) -> Option<Transmit> {
@@ -1765,9 +1753,7 @@ impl Transport {
     }
 
     fn remove_conn(&mut self, ch: ConnectionHandle) {
-        if let Some(at) = self.deadline_of.remove(&ch) {
-            self.deadlines.remove(&(at, ch));
-        }
+        self.deadlines.set(ch, None);
         let Some(c) = self.conns.remove(&ch) else {
             return;
         };

@@ -156,7 +156,7 @@ impl Membership {
         Version {
             incarnation: e.incarnation,
             state: e.state.to_wire(),
-            fingerprint: fingerprint(e.addr, e.meta_bytes()),
+            fingerprint: e.fingerprint(),
         }
     }
 

@@ -74,6 +74,9 @@ pub(super) struct Entry {
     /// When the state last changed, in milliseconds after the table's epoch.
     since_ms: u64,
     pub(super) state: MemberState,
+    /// [`fingerprint`](super::push_pull::fingerprint) of the address and metadata, for
+    /// push-pull digests.
+    fingerprint: u32,
     extra: Option<Box<Extra>>,
 }
 
@@ -100,6 +103,11 @@ impl Entry {
             .as_ref()
             .map(|x| x.meta.clone())
             .unwrap_or_default()
+    }
+
+    /// The push-pull fingerprint of the member's address and metadata.
+    pub(super) fn fingerprint(&self) -> u32 {
+        self.fingerprint
     }
 
     pub(super) fn meta_bytes(&self) -> &[u8] {
@@ -169,6 +177,7 @@ impl Entry {
         self.incarnation = incarnation;
         self.addr = addr;
         self.state = MemberState::Alive;
+        self.fingerprint = super::push_pull::fingerprint(addr, &meta);
         let needed = !meta.is_empty()
             || claim.scheme != 0
             || !claim.signature.is_empty()
@@ -279,6 +288,7 @@ impl MemberTable {
             incarnation,
             since_ms: 0,
             state: MemberState::Alive,
+            fingerprint: 0,
             extra: None,
         };
         entry.set_alive(incarnation, addr, meta, claim);
