@@ -19,6 +19,8 @@ const SLACK: usize = 64;
 pub(crate) struct Deadlines<K> {
     heap: BinaryHeap<Reverse<(Instant, K)>>,
     current: HashMap<K, Instant>,
+    /// The heap's top is known to be live (it is asked for far more often than it changes).
+    top_live: bool,
 }
 
 impl<K> Default for Deadlines<K> {
@@ -26,6 +28,7 @@ impl<K> Default for Deadlines<K> {
         Self {
             heap: BinaryHeap::new(),
             current: HashMap::new(),
+            top_live: false,
         }
     }
 }
@@ -33,6 +36,7 @@ impl<K> Default for Deadlines<K> {
 impl<K: Copy + Eq + Hash + Ord> Deadlines<K> {
     /// Sets `key`'s deadline, or takes it out of the index (`None`).
     pub(crate) fn set(&mut self, key: K, at: Option<Instant>) {
+        self.top_live = false;
         let Some(at) = at else {
             self.current.remove(&key);
             return;
@@ -65,12 +69,17 @@ impl<K: Copy + Eq + Hash + Ord> Deadlines<K> {
         }
         self.heap.pop();
         self.current.remove(&key);
+        self.top_live = false;
         Some(key)
     }
 
     fn skip_stale(&mut self) {
+        if self.top_live {
+            return;
+        }
         while let Some(&Reverse((at, key))) = self.heap.peek() {
             if self.current.get(&key) == Some(&at) {
+                self.top_live = true;
                 return;
             }
             self.heap.pop();
