@@ -168,6 +168,7 @@ fn push_pull() -> impl Strategy<Value = wire::PushPull> {
         any::<bool>(),
         any::<u64>(),
         any::<bool>(),
+        any::<u64>(),
     );
     (
         any::<u32>(),
@@ -186,7 +187,7 @@ fn push_pull() -> impl Strategy<Value = wire::PushPull> {
                 reply,
                 members,
                 app_state,
-                (digest, want, want_app_state, app_state_digest, push),
+                (digest, want, want_app_state, app_state_digest, push, members_sum),
             )| wire::PushPull {
                 protocol_version,
                 sender,
@@ -199,6 +200,7 @@ fn push_pull() -> impl Strategy<Value = wire::PushPull> {
                 want_app_state,
                 app_state_digest,
                 push,
+                members_sum,
             },
         )
 }

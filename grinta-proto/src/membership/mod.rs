@@ -458,14 +458,15 @@ pub struct Membership {
     asked_at_address: VecDeque<(String, SocketAddr)>,
     /// The application state sent with the last join request.
     join_app_state: Bytes,
-    /// Where this node sent digest requests not answered yet, oldest first; at most
-    /// [`MAX_DIGESTS_AWAITING_REPLY`]. Only the answer to one of them may ask for members.
-    digests_sent: VecDeque<SocketAddr>,
+    /// Where this node sent sum and digest requests not answered yet, and which, oldest first;
+    /// at most [`MAX_EXCHANGES_AWAITING_REPLY`]. Only the answer to one of them may ask for
+    /// members.
+    exchanges_sent: VecDeque<(SocketAddr, push_pull::Exchange)>,
 }
 
-/// Most digest requests awaiting their answer (a node starts about one per push-pull interval,
-/// plus reconnections and asks of unknown senders).
-const MAX_DIGESTS_AWAITING_REPLY: usize = 64;
+/// Most push-pull requests awaiting their answer (a node starts about one per push-pull
+/// interval, plus reconnections and asks of unknown senders).
+const MAX_EXCHANGES_AWAITING_REPLY: usize = 64;
 
 /// Most unknown senders remembered as asked for their state.
 const MAX_ASKED: usize = 64;
@@ -588,7 +589,7 @@ impl Membership {
             corrections: Vec::new(),
             asked: VecDeque::new(),
             asked_at_address: VecDeque::new(),
-            digests_sent: VecDeque::new(),
+            exchanges_sent: VecDeque::new(),
             join_app_state: Bytes::new(),
         };
         membership.sign_own_alive();
@@ -1065,7 +1066,7 @@ impl Membership {
             if pp.reply && self.app_state != self.join_app_state {
                 // The application changed its state (registered endpoints, say) while the join
                 // was under way: the seed has not seen it yet.
-                self.send_push_pull(from, Some(pp.sender.clone()), push_pull::Exchange::Digest);
+                self.send_push_pull(from, Some(pp.sender.clone()), push_pull::Exchange::Sum);
             }
         }
         if pp.reply {

@@ -39,6 +39,26 @@ pub(super) fn fingerprint(addr: SocketAddr, meta: &[u8]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
 
+/// A member's version as a push-pull sum counts it: the first eight bytes of the SHA-256 of
+/// its name, a zero byte, its incarnation (big-endian), its state (the wire enum's value, one
+/// byte) and its fingerprint (big-endian).
+pub(super) fn version_hash(
+    name: &str,
+    incarnation: u64,
+    state: MemberState,
+    fingerprint: u32,
+) -> u64 {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(name.as_bytes());
+    ctx.update(&[0]);
+    ctx.update(&incarnation.to_be_bytes());
+    ctx.update(&[state.to_wire() as u8]);
+    ctx.update(&fingerprint.to_be_bytes());
+    let d = ctx.finish();
+    let b = d.as_ref();
+    u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+}
+
 /// The digest of the application state carried in push-pulls: the first eight bytes of its
 /// SHA-256.
 pub(super) fn app_state_digest(state: &[u8]) -> u64 {
@@ -48,11 +68,15 @@ pub(super) fn app_state_digest(state: &[u8]) -> u64 {
 }
 
 /// What a node sends in a push-pull.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Exchange {
     /// A join: the whole state, answered with the whole state.
     Join,
-    /// A periodic exchange, a reconnection or a question to a sender this node missed: the
-    /// digest, answered with what differs.
+    /// A periodic exchange: the members' sum, answered with nothing if the receiver's is the
+    /// same, with the receiver's digest otherwise.
+    Sum,
+    /// A reconnection or a question to a sender this node missed (whose states surely differ):
+    /// the digest, answered with what differs.
     Digest,
 }
 
@@ -160,6 +184,17 @@ impl Membership {
         }
     }
 
+    /// The XOR of the version hashes of every member, this node included.
+    fn members_sum(&self) -> u64 {
+        self.members.sum()
+            ^ version_hash(
+                &self.name,
+                self.incarnation,
+                MemberState::Alive,
+                fingerprint(self.addr, &self.meta),
+            )
+    }
+
     fn digest_of(node: &str, v: Version) -> wire::MemberDigest {
         wire::MemberDigest {
             node: node.to_owned(),
@@ -192,18 +227,29 @@ impl Membership {
         }
     }
 
-    /// A digest request: every member by name, incarnation, state and fingerprint.
-    fn digest_request(&self) -> wire::PushPull {
+    /// Every member by name, incarnation, state and fingerprint, this node first.
+    fn full_digest(&self) -> Vec<wire::MemberDigest> {
         let mut digest = Vec::with_capacity(self.members.len() + 1);
         digest.push(Self::digest_of(&self.name, self.own_version()));
         digest.extend(
             (0..self.members.len())
                 .map(|i| Self::digest_of(self.members[i].name(), self.member_version(i))),
         );
-        wire::PushPull {
-            digest,
-            ..self.message(false)
+        digest
+    }
+
+    /// The answer to a sum request: nothing if the sums agree, this node's digest otherwise;
+    /// and the application state if the two differ.
+    fn sum_reply(&self, request: &wire::PushPull) -> wire::PushPull {
+        let mut reply = self.message(true);
+        if request.members_sum != self.members_sum() {
+            reply.digest = self.full_digest();
         }
+        if request.app_state_digest != self.app_state_digest {
+            reply.app_state = self.app_state.clone();
+            reply.want_app_state = true;
+        }
+        reply
     }
 
     /// The answer to a digest request: the members the requester lacks or holds older, this
@@ -280,31 +326,57 @@ impl Membership {
         reply
     }
 
-    /// What a digest reply asked for: the members it wants (each once), and the application
-    /// state.
-    fn push_for(&self, reply: &wire::PushPull) -> wire::PushPull {
-        let mut push = wire::PushPull {
-            push: true,
-            ..self.message(false)
-        };
+    /// The members `want` names, each once, this node first if it is one of them (so that the
+    /// receiver knows the sender of the accusations after it).
+    fn wanted_entries(&self, want: &[String]) -> Vec<wire::MemberEntry> {
+        let mut entries = Vec::new();
         let mut sent = vec![false; self.members.len()];
         let mut own_sent = false;
-        for name in &reply.want {
+        for name in want {
             if *name == self.name {
                 if !std::mem::replace(&mut own_sent, true) {
-                    // First, so that the receiver knows the sender of the accusations after it.
-                    push.members.insert(0, self.own_entry());
+                    entries.insert(0, self.own_entry());
                 }
             } else if let Some(i) = self.members.find(name) {
                 if !std::mem::replace(&mut sent[i], true) {
-                    push.members.push(self.member_entry(i));
+                    entries.push(self.member_entry(i));
                 }
             }
         }
-        if reply.want_app_state {
-            push.app_state = self.app_state.clone();
+        entries
+    }
+
+    /// What a digest reply asked for: the members it wants (each once), and the application
+    /// state.
+    fn push_for(&self, reply: &wire::PushPull) -> wire::PushPull {
+        wire::PushPull {
+            push: true,
+            members: self.wanted_entries(&reply.want),
+            app_state: if reply.want_app_state {
+                self.app_state.clone()
+            } else {
+                Bytes::new()
+            },
+            ..self.message(false)
         }
-        push
+    }
+
+    /// The answer to a sum reply that carried the other side's digest: what it lacks or holds
+    /// older, this node's accusations, what this node wants, and the application state if asked.
+    fn push_against(&self, reply: &wire::PushPull) -> wire::PushPull {
+        let diff = self.digest_reply(reply);
+        wire::PushPull {
+            push: true,
+            members: diff.members,
+            digest: diff.digest,
+            want: diff.want,
+            app_state: if reply.want_app_state {
+                self.app_state.clone()
+            } else {
+                Bytes::new()
+            },
+            ..self.message(false)
+        }
     }
 
     /// Sends a push-pull request: a join or a digest.
@@ -316,12 +388,22 @@ impl Membership {
     ) {
         let message = match exchange {
             Exchange::Join => self.local_state(true, false),
-            Exchange::Digest => {
-                if self.digests_sent.len() >= MAX_DIGESTS_AWAITING_REPLY {
-                    self.digests_sent.pop_front();
+            Exchange::Sum | Exchange::Digest => {
+                if self.exchanges_sent.len() >= MAX_EXCHANGES_AWAITING_REPLY {
+                    self.exchanges_sent.pop_front();
                 }
-                self.digests_sent.push_back(dst);
-                self.digest_request()
+                self.exchanges_sent.push_back((dst, exchange));
+                if exchange == Exchange::Sum {
+                    wire::PushPull {
+                        members_sum: self.members_sum(),
+                        ..self.message(false)
+                    }
+                } else {
+                    wire::PushPull {
+                        digest: self.full_digest(),
+                        ..self.message(false)
+                    }
+                }
             }
         };
         self.send_message(dst, dst_name, message, Channel::Stream);
@@ -330,12 +412,17 @@ impl Membership {
     /// Answers a push-pull request from `from` (already merged).
     pub(super) fn answer_push_pull(&mut self, from: SocketAddr, request: &wire::PushPull) {
         let reply = if request.push {
-            self.message(true)
-        } else if request.digest.is_empty() {
+            wire::PushPull {
+                members: self.wanted_entries(&request.want),
+                ..self.message(true)
+            }
+        } else if !request.digest.is_empty() {
+            self.digest_reply(request)
+        } else if request.members.is_empty() && request.members_sum != 0 {
+            self.sum_reply(request)
+        } else {
             // A join (or a peer that sends its whole state): the whole state back.
             self.local_state(false, true)
-        } else {
-            self.digest_reply(request)
         };
         self.send_message(
             from,
@@ -348,10 +435,12 @@ impl Membership {
     /// Sends what the reply from `from` to this node's digest request asked for, if anything;
     /// once per request, and never for any other reply (a peer cannot keep this node sending).
     pub(super) fn push_wanted(&mut self, from: SocketAddr, reply: &wire::PushPull) {
-        let Some(k) = self.digests_sent.iter().position(|&dst| dst == from) else {
+        let Some(k) = self.exchanges_sent.iter().position(|&(dst, _)| dst == from) else {
             return;
         };
-        self.digests_sent.remove(k);
+        let Some((_, sent)) = self.exchanges_sent.remove(k) else {
+            return;
+        };
         let push = if reply.app_state_digest == 0 {
             // A peer that does not read digests (an older version): it took nothing from the
             // request, so it gets the whole state (and answers it with its own).
@@ -359,6 +448,17 @@ impl Membership {
                 push: true,
                 ..self.local_state(false, false)
             }
+        } else if sent == Exchange::Sum && !reply.digest.is_empty() {
+            // The sums differ: answer the other side's digest.
+            let push = self.push_against(reply);
+            if push.members.is_empty()
+                && push.digest.is_empty()
+                && push.want.is_empty()
+                && push.app_state.is_empty()
+            {
+                return;
+            }
+            push
         } else if reply.want.is_empty() && !reply.want_app_state {
             return;
         } else {
@@ -407,7 +507,7 @@ impl Membership {
         let picked = self.random_members_with(1, |m| m.state == MemberState::Alive);
         if let Some(&i) = picked.first() {
             let (addr, name) = (self.members[i].addr, self.members[i].name().to_owned());
-            self.send_push_pull(addr, Some(name), Exchange::Digest);
+            self.send_push_pull(addr, Some(name), Exchange::Sum);
         }
     }
 

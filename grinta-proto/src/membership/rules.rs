@@ -388,10 +388,11 @@ impl Membership {
             self.queue_member_broadcast(a.node, relay);
             return;
         };
-        let entry = &mut self.members[i];
+        let entry = &self.members[i];
         let old = entry.state;
         let meta_changed = !entry.meta_eq(&a.meta) || entry.addr != addr;
-        entry.set_alive(a.incarnation, addr, a.meta, &claim);
+        self.members
+            .set_alive(i, a.incarnation, addr, a.meta, &claim);
         if old != MemberState::Alive {
             self.members.touch(i, now);
         }
@@ -527,7 +528,7 @@ impl Membership {
             return;
         }
         let n = self.cluster_size();
-        self.members[i].state = MemberState::Suspect;
+        self.members.set_suspect(i);
         self.members.touch(i, now);
         let mut timer = Suspicion::new(&self.config, n, incarnation, accuser, now);
         timer.buddy = relay
@@ -591,7 +592,7 @@ impl Membership {
     /// this node.
     fn mark_gone(&mut self, now: Instant, i: usize, incarnation: u64, leave: Option<wire::Signed>) {
         let left = leave.is_some();
-        self.members[i].set_gone(incarnation, leave);
+        self.members.set_gone(i, incarnation, leave);
         self.members.touch(i, now);
         let entry = &self.members[i];
         let (name, addr) = (entry.name().to_owned(), entry.addr);

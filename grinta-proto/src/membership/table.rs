@@ -73,6 +73,7 @@ pub(super) struct Entry {
     pub(super) incarnation: u64,
     /// When the state last changed, in milliseconds after the table's epoch.
     since_ms: u64,
+    /// Changed only through the table, which keeps its sum.
     pub(super) state: MemberState,
     /// [`fingerprint`](super::push_pull::fingerprint) of the address and metadata, for
     /// push-pull digests.
@@ -167,13 +168,7 @@ impl Entry {
 
     /// Takes a new alive of the member (`claim`, whose body says `incarnation`, `addr` and
     /// `meta`): the member is Alive again, at that incarnation and address.
-    pub(super) fn set_alive(
-        &mut self,
-        incarnation: u64,
-        addr: SocketAddr,
-        meta: Bytes,
-        claim: &wire::Signed,
-    ) {
+    fn set_alive(&mut self, incarnation: u64, addr: SocketAddr, meta: Bytes, claim: &wire::Signed) {
         self.incarnation = incarnation;
         self.addr = addr;
         self.state = MemberState::Alive;
@@ -203,7 +198,7 @@ impl Entry {
     }
 
     /// The member is gone at `incarnation`: Left with its signed `leave`, or Dead.
-    pub(super) fn set_gone(&mut self, incarnation: u64, leave: Option<wire::Signed>) {
+    fn set_gone(&mut self, incarnation: u64, leave: Option<wire::Signed>) {
         if incarnation != self.alive_incarnation() {
             let alive_incarnation = self.alive_incarnation();
             self.extra_mut().alive_incarnation = Some(alive_incarnation);
@@ -227,6 +222,11 @@ impl Entry {
         now.saturating_duration_since(at)
     }
 
+    /// This entry's share of the table's [`sum`](MemberTable::sum).
+    fn version_hash(&self) -> u64 {
+        super::push_pull::version_hash(self.name(), self.incarnation, self.state, self.fingerprint)
+    }
+
     fn extra_mut(&mut self) -> &mut Extra {
         self.extra.get_or_insert_with(Default::default)
     }
@@ -240,6 +240,9 @@ pub(super) struct MemberTable {
     index: HashTable<u32>,
     hasher: DefaultHashBuilder,
     epoch: Instant,
+    /// The XOR of every entry's version hash (name, incarnation, state, fingerprint): two
+    /// tables that hold the same versions have the same sum, kept up to date by every change.
+    sum: u64,
 }
 
 impl MemberTable {
@@ -249,7 +252,44 @@ impl MemberTable {
             index: HashTable::new(),
             hasher: DefaultHashBuilder::default(),
             epoch,
+            sum: 0,
         }
+    }
+
+    /// The XOR of every entry's version hash.
+    pub(super) fn sum(&self) -> u64 {
+        self.sum
+    }
+
+    /// Changes entry `i` with `change`, keeping the sum.
+    fn change(&mut self, i: usize, change: impl FnOnce(&mut Entry)) {
+        let e = &mut self.entries[i];
+        self.sum ^= e.version_hash();
+        change(e);
+        self.sum ^= e.version_hash();
+    }
+
+    /// Takes a new alive of member `i` (`claim`, whose body says `incarnation`, `addr` and
+    /// `meta`): it is Alive again, at that incarnation and address.
+    pub(super) fn set_alive(
+        &mut self,
+        i: usize,
+        incarnation: u64,
+        addr: SocketAddr,
+        meta: Bytes,
+        claim: &wire::Signed,
+    ) {
+        self.change(i, |e| e.set_alive(incarnation, addr, meta, claim));
+    }
+
+    /// Member `i` is gone at `incarnation`: Left with its signed `leave`, or Dead.
+    pub(super) fn set_gone(&mut self, i: usize, incarnation: u64, leave: Option<wire::Signed>) {
+        self.change(i, |e| e.set_gone(incarnation, leave));
+    }
+
+    /// Member `i` is suspected (at its incarnation).
+    pub(super) fn set_suspect(&mut self, i: usize) {
+        self.change(i, |e| e.state = MemberState::Suspect);
     }
 
     pub(super) fn len(&self) -> usize {
@@ -298,6 +338,7 @@ impl MemberTable {
         if self.entries.len() == self.entries.capacity() && self.entries.len() >= 1024 {
             self.entries.reserve_exact(self.entries.len() / 8);
         }
+        self.sum ^= entry.version_hash();
         self.entries.push(entry);
         let hash = self.hasher.hash_one(name);
         let (entries, hasher) = (&self.entries, &self.hasher);
@@ -316,7 +357,7 @@ impl MemberTable {
         if let Ok(slot) = self.index.find_entry(hash, |&j| j as usize == i) {
             slot.remove();
         }
-        self.entries.swap_remove(i);
+        self.sum ^= self.entries.swap_remove(i).version_hash();
         if let Some(moved) = self.entries.get(i) {
             let last = self.entries.len();
             let hash = self.hasher.hash_one(moved.name());
@@ -355,12 +396,6 @@ impl std::ops::Index<usize> for MemberTable {
     }
 }
 
-impl std::ops::IndexMut<usize> for MemberTable {
-    fn index_mut(&mut self, i: usize) -> &mut Entry {
-        &mut self.entries[i]
-    }
-}
-
 impl<'a> IntoIterator for &'a MemberTable {
     type Item = &'a Entry;
     type IntoIter = std::slice::Iter<'a, Entry>;
@@ -376,6 +411,48 @@ mod tests {
 
     fn claim() -> wire::Signed {
         wire::Signed::default()
+    }
+
+    #[test]
+    fn the_sum_follows_every_change_of_10000_entries() {
+        let now = Instant::now();
+        let mut t = MemberTable::new(now);
+        let from_scratch = |t: &MemberTable| t.iter().fold(0u64, |sum, e| sum ^ e.version_hash());
+        for k in 0..10_000u32 {
+            let addr = SocketAddr::from(([127, 0, 0, 1], (k % 60_000) as u16 + 1));
+            t.insert(now, &format!("member-{k}"), 1, addr, Bytes::new(), &claim());
+        }
+        assert_eq!(t.sum(), from_scratch(&t));
+        for k in (0..10_000u32).step_by(3) {
+            t.remove(&format!("member-{k}"));
+        }
+        for k in (1..10_000u32).step_by(3) {
+            let i = t.find(&format!("member-{k}")).expect("kept");
+            match k % 4 {
+                0 => t.set_suspect(i),
+                1 => t.set_gone(i, 2, None),
+                2 => t.set_gone(i, 2, Some(claim())),
+                _ => {
+                    let addr = SocketAddr::from(([127, 0, 0, 2], 9));
+                    t.set_alive(i, 3, addr, Bytes::from_static(b"meta"), &claim());
+                }
+            }
+        }
+        assert_eq!(t.sum(), from_scratch(&t));
+        // Two tables that hold the same versions, built in another order, agree.
+        let mut u = MemberTable::new(now);
+        for e in t.iter().rev() {
+            let i = u.insert(now, e.name(), e.incarnation, e.addr, e.meta(), &claim());
+            match e.state {
+                MemberState::Alive => {}
+                MemberState::Suspect => u.set_suspect(i),
+                MemberState::Dead => u.set_gone(i, e.incarnation, None),
+                MemberState::Left => u.set_gone(i, e.incarnation, Some(claim())),
+            }
+        }
+        assert_eq!(u.sum(), t.sum());
+        u.set_suspect(0);
+        assert_ne!(u.sum(), t.sum());
     }
 
     #[test]
@@ -447,7 +524,7 @@ mod tests {
         assert!(t[i].extra.is_none());
         assert_eq!(t[i].alive(), signed);
         // Declared dead at a later incarnation: the alive still says 3.
-        t[i].set_gone(5, None);
+        t.set_gone(i, 5, None);
         assert_eq!(t[i].incarnation, 5);
         assert_eq!(t[i].alive(), signed);
         // A body with an unknown field is kept as it came.
@@ -459,7 +536,7 @@ mod tests {
             scheme: 0x0807,
             ..Default::default()
         };
-        t[i].set_alive(3, addr, Bytes::new(), &odd);
+        t.set_alive(i, 3, addr, Bytes::new(), &odd);
         assert_eq!(t[i].alive(), odd);
         assert_eq!(t[i].state, MemberState::Alive);
     }

@@ -1034,3 +1034,101 @@ fn a_peer_that_does_not_read_digests_gets_the_whole_state() {
         "an older peer reads it as a request with the whole state"
     );
 }
+
+/// Runs a periodic (sum) exchange from `x` to `y` by hand: the messages, in order.
+fn sum_exchange(x: &mut Membership, y: &mut Membership, now: Instant) -> Vec<wire::PushPull> {
+    drain(x);
+    drain(y);
+    x.send_push_pull(
+        y.local_addr(),
+        Some(y.name.clone()),
+        push_pull::Exchange::Sum,
+    );
+    let mut messages = Vec::new();
+    let (mut from, mut to) = (x, y);
+    let mut expect = Channel::Stream;
+    for _ in 0..6 {
+        let out: Vec<_> = drain(from)
+            .into_iter()
+            .filter(|t| t.channel.is_reliable())
+            .collect();
+        let Some(t) = out.first() else {
+            break;
+        };
+        assert_eq!(out.len(), 1);
+        assert_eq!(t.channel, expect, "request, reply, request, reply");
+        expect = if expect == Channel::Stream {
+            Channel::StreamReply
+        } else {
+            Channel::Stream
+        };
+        messages.push(decode_push_pull(t));
+        to.handle_stream(now, from.local_addr(), &t.payload);
+        std::mem::swap(&mut from, &mut to);
+    }
+    messages
+}
+
+#[test]
+fn a_periodic_exchange_between_nodes_that_agree_is_two_small_messages() {
+    let t0 = Instant::now();
+    let mut x = node("x", 1, t0);
+    let mut y = node("y", 2, t0);
+    join_pair(&mut x, &mut y, t0);
+    for m in [&mut x, &mut y] {
+        for k in 0..100u16 {
+            learn(m, &format!("m{k}"), 100 + k, 1, t0);
+        }
+    }
+    let messages = sum_exchange(&mut x, &mut y, t0);
+    assert_eq!(messages.len(), 2);
+    for m in &messages {
+        assert!(m.members.is_empty() && m.digest.is_empty() && m.want.is_empty());
+        assert!(m.encoded_len() < 40, "{} bytes", m.encoded_len());
+    }
+}
+
+#[test]
+fn a_periodic_exchange_between_nodes_that_differ_ends_like_a_full_one() {
+    let t0 = Instant::now();
+    let mut x = node("x", 1, t0);
+    let mut y = node("y", 2, t0);
+    join_pair(&mut x, &mut y, t0);
+    learn(&mut x, "m1", 11, 1, t0);
+    learn(&mut x, "m2", 12, 1, t0);
+    learn(&mut x, "m3", 13, 1, t0);
+    learn(&mut y, "m1", 11, 2, t0);
+    learn(&mut y, "m2", 12, 1, t0);
+    learn(&mut y, "m4", 14, 1, t0);
+    x.handle_datagram(t0, addr(13), &suspect_broadcast("m2", 1, "m3"));
+    x.set_app_state(Bytes::from_static(b"x's"));
+    let messages = sum_exchange(&mut x, &mut y, t0);
+    assert_eq!(messages.len(), 4, "sum, digest, push, answer");
+    assert!(messages[0].digest.is_empty() && messages[0].members_sum != 0);
+    assert_eq!(messages[1].digest.len(), 5, "y, x, m1, m2, m4");
+    assert_eq!(names(&messages[2].members), ["m3"], "what y lacks");
+    let mut want = messages[2].want.clone();
+    want.sort_unstable();
+    assert_eq!(want, ["m1", "m4"]);
+    assert_eq!(messages[2].digest.len(), 1, "x's accusation of m2");
+    assert_eq!(&messages[2].app_state[..], b"x's");
+    assert_eq!(names(&messages[3].members), ["m1", "m4"]);
+    for (name, incarnation) in [("m1", 2), ("m2", 1), ("m3", 1), ("m4", 1)] {
+        for m in [&x, &y] {
+            assert_eq!(
+                m.member(name).map(|m| m.incarnation),
+                Some(incarnation),
+                "{name} at {}",
+                m.name
+            );
+        }
+    }
+    assert_eq!(y.member("m2").map(|m| m.state), Some(MemberState::Suspect));
+    assert!(events(&mut y).contains(&Event::AppState {
+        from: "x".into(),
+        state: Bytes::from_static(b"x's")
+    }));
+    // They agree now (once y's application took x's state as its own).
+    y.set_app_state(Bytes::from_static(b"x's"));
+    assert_eq!(sum_exchange(&mut y, &mut x, t0).len(), 2);
+}
