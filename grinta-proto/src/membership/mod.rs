@@ -461,12 +461,16 @@ pub struct Membership {
     /// Where this node sent sum and digest requests not answered yet, and which, oldest first;
     /// at most [`MAX_EXCHANGES_AWAITING_REPLY`]. Only the answer to one of them may ask for
     /// members.
-    exchanges_sent: VecDeque<(SocketAddr, push_pull::Exchange)>,
+    exchanges_sent: VecDeque<(SocketAddr, push_pull::Exchange, Instant)>,
 }
 
 /// Most push-pull requests awaiting their answer (a node starts about one per push-pull
 /// interval, plus reconnections and asks of unknown senders).
 const MAX_EXCHANGES_AWAITING_REPLY: usize = 64;
+
+/// How long a push-pull request waits for its answer at most (a node's transport gives up on
+/// an exchange after 10 s).
+const EXCHANGE_REPLY_WAIT: Duration = Duration::from_secs(60);
 
 /// Most unknown senders remembered as asked for their state.
 const MAX_ASKED: usize = 64;
@@ -1066,11 +1070,11 @@ impl Membership {
             if pp.reply && self.app_state != self.join_app_state {
                 // The application changed its state (registered endpoints, say) while the join
                 // was under way: the seed has not seen it yet.
-                self.send_push_pull(from, Some(pp.sender.clone()), push_pull::Exchange::Sum);
+                self.send_push_pull(now, from, Some(pp.sender.clone()), push_pull::Exchange::Sum);
             }
         }
         if pp.reply {
-            self.push_wanted(from, &pp);
+            self.push_wanted(now, from, &pp);
         } else {
             self.answer_push_pull(from, &pp);
         }

@@ -242,7 +242,8 @@ impl Membership {
     /// and the application state if the two differ.
     fn sum_reply(&self, request: &wire::PushPull) -> wire::PushPull {
         let mut reply = self.message(true);
-        if request.members_sum != self.members_sum() {
+        reply.members_sum = self.members_sum();
+        if request.members_sum != reply.members_sum {
             reply.digest = self.full_digest();
         }
         if request.app_state_digest != self.app_state_digest {
@@ -382,6 +383,7 @@ impl Membership {
     /// Sends a push-pull request: a join or a digest.
     pub(super) fn send_push_pull(
         &mut self,
+        now: Instant,
         dst: SocketAddr,
         dst_name: Option<String>,
         exchange: Exchange,
@@ -392,7 +394,7 @@ impl Membership {
                 if self.exchanges_sent.len() >= MAX_EXCHANGES_AWAITING_REPLY {
                     self.exchanges_sent.pop_front();
                 }
-                self.exchanges_sent.push_back((dst, exchange));
+                self.exchanges_sent.push_back((dst, exchange, now));
                 if exchange == Exchange::Sum {
                     wire::PushPull {
                         members_sum: self.members_sum(),
@@ -413,6 +415,7 @@ impl Membership {
     pub(super) fn answer_push_pull(&mut self, from: SocketAddr, request: &wire::PushPull) {
         let reply = if request.push {
             wire::PushPull {
+                push: true,
                 members: self.wanted_entries(&request.want),
                 ..self.message(true)
             }
@@ -432,38 +435,60 @@ impl Membership {
         );
     }
 
-    /// Sends what the reply from `from` to this node's digest request asked for, if anything;
-    /// once per request, and never for any other reply (a peer cannot keep this node sending).
-    pub(super) fn push_wanted(&mut self, from: SocketAddr, reply: &wire::PushPull) {
-        let Some(k) = self.exchanges_sent.iter().position(|&(dst, _)| dst == from) else {
+    /// Sends what the reply from `from` to this node's sum or digest request asked for, if
+    /// anything; once per request, and never for any other reply (a peer cannot keep this node
+    /// sending).
+    pub(super) fn push_wanted(&mut self, now: Instant, from: SocketAddr, reply: &wire::PushPull) {
+        if reply.push {
+            // The answer to a push: the exchange is over.
             return;
+        }
+        while self
+            .exchanges_sent
+            .front()
+            .is_some_and(|&(_, _, at)| now.saturating_duration_since(at) > EXCHANGE_REPLY_WAIT)
+        {
+            self.exchanges_sent.pop_front();
+        }
+        // A sum answer carries the answerer's sum; a digest answer (or a whole state from a
+        // peer that reads neither) does not.
+        let answers = |kind: Exchange| {
+            self.exchanges_sent
+                .iter()
+                .position(|&(dst, sent, _)| dst == from && sent == kind)
         };
-        let Some((_, sent)) = self.exchanges_sent.remove(k) else {
-            return;
-        };
-        let push = if reply.app_state_digest == 0 {
-            // A peer that does not read digests (an older version): it took nothing from the
-            // request, so it gets the whole state (and answers it with its own).
-            wire::PushPull {
-                push: true,
-                ..self.local_state(false, false)
-            }
-        } else if sent == Exchange::Sum && !reply.digest.is_empty() {
-            // The sums differ: answer the other side's digest.
-            let push = self.push_against(reply);
-            if push.members.is_empty()
-                && push.digest.is_empty()
-                && push.want.is_empty()
-                && push.app_state.is_empty()
-            {
-                return;
-            }
-            push
-        } else if reply.want.is_empty() && !reply.want_app_state {
-            return;
+        let k = if reply.members_sum != 0 {
+            answers(Exchange::Sum)
         } else {
-            self.push_for(reply)
+            answers(Exchange::Digest).or_else(|| answers(Exchange::Sum))
         };
+        let Some((_, sent, _)) = k.and_then(|k| self.exchanges_sent.remove(k)) else {
+            return;
+        };
+        let push =
+            if reply.app_state_digest == 0 || (sent == Exchange::Sum && reply.members_sum == 0) {
+                // A peer that reads neither sums nor digests (an older version): it took nothing
+                // from the request, so it gets the whole state (and answers it with its own).
+                wire::PushPull {
+                    push: true,
+                    ..self.local_state(false, false)
+                }
+            } else if sent == Exchange::Sum && !reply.digest.is_empty() {
+                // The sums differ: answer the other side's digest.
+                let push = self.push_against(reply);
+                if push.members.is_empty()
+                    && push.digest.is_empty()
+                    && push.want.is_empty()
+                    && push.app_state.is_empty()
+                {
+                    return;
+                }
+                push
+            } else if reply.want.is_empty() && !reply.want_app_state {
+                return;
+            } else {
+                self.push_for(reply)
+            };
         self.send_message(from, Some(reply.sender.clone()), push, Channel::Stream);
     }
 
@@ -496,18 +521,18 @@ impl Membership {
         });
     }
 
-    pub(super) fn send_join_attempt(&mut self, _now: Instant) {
+    pub(super) fn send_join_attempt(&mut self, now: Instant) {
         self.join_app_state = self.app_state.clone();
         for seed in self.seeds.clone() {
-            self.send_push_pull(seed, None, Exchange::Join);
+            self.send_push_pull(now, seed, None, Exchange::Join);
         }
     }
 
-    pub(super) fn periodic_push_pull(&mut self, _now: Instant) {
+    pub(super) fn periodic_push_pull(&mut self, now: Instant) {
         let picked = self.random_members_with(1, |m| m.state == MemberState::Alive);
         if let Some(&i) = picked.first() {
             let (addr, name) = (self.members[i].addr, self.members[i].name().to_owned());
-            self.send_push_pull(addr, Some(name), Exchange::Sum);
+            self.send_push_pull(now, addr, Some(name), Exchange::Sum);
         }
     }
 
@@ -538,7 +563,7 @@ impl Membership {
             (seeds[slot - self.failed.len()], None)
         };
         self.stats.reconnect_attempts += 1;
-        self.send_push_pull(addr, name, Exchange::Digest);
+        self.send_push_pull(now, addr, name, Exchange::Digest);
         let spacing =
             (self.config.reconnect_interval / total as u32).max(self.config.gossip_interval);
         self.next_reconnect = now + spacing;
@@ -597,7 +622,7 @@ impl Membership {
                 self.asked.push_back((sender.to_owned(), now));
             }
         }
-        self.send_push_pull(from, Some(sender.to_owned()), Exchange::Digest);
+        self.send_push_pull(now, from, Some(sender.to_owned()), Exchange::Digest);
     }
 
     pub(super) fn finish_leave(&mut self) {

@@ -700,6 +700,7 @@ fn digest_exchange(x: &mut Membership, y: &mut Membership, now: Instant) -> Exch
     drain(x);
     drain(y);
     x.send_push_pull(
+        now,
         y.local_addr(),
         Some(y.name.clone()),
         push_pull::Exchange::Digest,
@@ -955,7 +956,7 @@ fn hostile_digests_and_want_lists_cost_each_member_once() {
         pushes(&mut x).is_empty(),
         "no digest request of x's to answer"
     );
-    x.send_push_pull(addr(2), Some("y".into()), push_pull::Exchange::Digest);
+    x.send_push_pull(t0, addr(2), Some("y".into()), push_pull::Exchange::Digest);
     drain(&mut x);
     let push = pushes(&mut x);
     assert_eq!(push.len(), 1);
@@ -994,7 +995,7 @@ fn a_peer_that_does_not_read_digests_gets_the_whole_state() {
     for k in 0..5u16 {
         learn(&mut x, &format!("m{k}"), 100 + k, 1, t0);
     }
-    x.send_push_pull(addr(2), Some("y".into()), push_pull::Exchange::Digest);
+    x.send_push_pull(t0, addr(2), Some("y".into()), push_pull::Exchange::Digest);
     drain(&mut x);
     // Its answer: its whole state, without any field it does not know.
     let old_reply = wire::PushPull {
@@ -1040,6 +1041,7 @@ fn sum_exchange(x: &mut Membership, y: &mut Membership, now: Instant) -> Vec<wir
     drain(x);
     drain(y);
     x.send_push_pull(
+        now,
         y.local_addr(),
         Some(y.name.clone()),
         push_pull::Exchange::Sum,
@@ -1131,4 +1133,83 @@ fn a_periodic_exchange_between_nodes_that_differ_ends_like_a_full_one() {
     // They agree now (once y's application took x's state as its own).
     y.set_app_state(Bytes::from_static(b"x's"));
     assert_eq!(sum_exchange(&mut y, &mut x, t0).len(), 2);
+}
+
+#[test]
+fn answers_are_matched_to_the_request_they_answer() {
+    let t0 = Instant::now();
+    let mut x = node("x", 1, t0);
+    for k in 0..3u16 {
+        learn(&mut x, &format!("m{k}"), 100 + k, 1, t0);
+    }
+    x.send_push_pull(t0, addr(2), Some("y".into()), push_pull::Exchange::Sum);
+    x.send_push_pull(t0, addr(2), Some("y".into()), push_pull::Exchange::Digest);
+    drain(&mut x);
+    let answer = |x: &mut Membership, reply: wire::PushPull| {
+        let reply = wire::PushPull {
+            protocol_version: wire::PROTOCOL_VERSION,
+            sender: "y".into(),
+            reply: true,
+            app_state_digest: 1,
+            ..reply
+        };
+        x.handle_stream(t0, addr(2), &reply.encode_to_vec());
+        drain(x)
+            .into_iter()
+            .filter(|t| t.channel == Channel::Stream)
+            .map(|t| decode_push_pull(&t))
+            .collect::<Vec<_>>()
+    };
+    // The answer to a push ends an exchange: it answers neither request.
+    let pushed = answer(
+        &mut x,
+        wire::PushPull {
+            push: true,
+            want: vec!["m0".into()],
+            ..Default::default()
+        },
+    );
+    assert!(pushed.is_empty());
+    // A digest answer wanting m0 goes to the digest request, whatever was sent first.
+    let pushed = answer(
+        &mut x,
+        wire::PushPull {
+            want: vec!["m0".into()],
+            ..Default::default()
+        },
+    );
+    assert_eq!(pushed.len(), 1);
+    assert_eq!(names(&pushed[0].members), ["m0"]);
+    // A sum answer with a digest that lacks everything: x answers with what y lacks.
+    let pushed = answer(
+        &mut x,
+        wire::PushPull {
+            members_sum: 7,
+            digest: vec![wire::MemberDigest {
+                node: "y".into(),
+                incarnation: 1,
+                state: wire::MemberState::Alive as i32,
+                fingerprint: 0,
+            }],
+            ..Default::default()
+        },
+    );
+    assert_eq!(pushed.len(), 1);
+    assert_eq!(names(&pushed[0].members), ["m0", "m1", "m2", "x"]);
+    assert_eq!(pushed[0].want, ["y"]);
+    // Both requests are answered: the same answers again send nothing.
+    let again = answer(
+        &mut x,
+        wire::PushPull {
+            want: vec!["m0".into()],
+            ..Default::default()
+        },
+    );
+    assert!(again.is_empty());
+    // A peer that reads no sums answers one with its whole state: it gets the whole state.
+    x.send_push_pull(t0, addr(2), Some("y".into()), push_pull::Exchange::Sum);
+    drain(&mut x);
+    let pushed = answer(&mut x, wire::PushPull::default());
+    assert_eq!(pushed.len(), 1);
+    assert_eq!(pushed[0].members.len(), 4, "x and m0..m2");
 }
