@@ -1213,3 +1213,73 @@ fn answers_are_matched_to_the_request_they_answer() {
     assert_eq!(pushed.len(), 1);
     assert_eq!(pushed[0].members.len(), 4, "x and m0..m2");
 }
+
+/// What one node holds of member `k` (of five) in the exchange property below: unknown, or
+/// known at an incarnation, suspected (by member `(k + 1) % 5`) or not.
+type Held = Option<(u64, bool)>;
+
+/// Two nodes built from `xs` and `ys` (one `Held` per member), joined to each other.
+fn divergent_pair(xs: &[Held], ys: &[Held], t0: Instant) -> (Membership, Membership) {
+    let mut x = node("x", 1, t0);
+    let mut y = node("y", 2, t0);
+    join_pair(&mut x, &mut y, t0);
+    for (m, held) in [(&mut x, xs), (&mut y, ys)] {
+        // Every accuser is known at incarnation 1 at least, so that its accusations count.
+        for (k, h) in held.iter().enumerate() {
+            let incarnation = h.map_or(1, |(i, _)| i);
+            if h.is_some() || held.iter().any(|h| h.is_some_and(|(_, s)| s)) {
+                learn(m, &format!("m{k}"), 100 + k as u16, incarnation, t0);
+            }
+        }
+        for (k, h) in held.iter().enumerate() {
+            if let Some((i, true)) = h {
+                let accuser = format!("m{}", (k + 1) % held.len());
+                let packet = suspect_broadcast(&format!("m{k}"), *i, &accuser);
+                m.handle_datagram(t0, addr(100 + ((k + 1) % held.len()) as u16), &packet);
+            }
+        }
+        drain(m);
+    }
+    (x, y)
+}
+
+fn view(m: &Membership) -> Vec<(String, u64, MemberState)> {
+    let mut v: Vec<_> = m
+        .members()
+        .into_iter()
+        .filter(|e| e.name.starts_with('m'))
+        .map(|e| (e.name, e.incarnation, e.state))
+        .collect();
+    v.sort();
+    v
+}
+
+proptest::proptest! {
+    /// Whatever two nodes hold, a periodic (sum) exchange leaves both where a full exchange
+    /// (a join's) leaves them.
+    #[test]
+    fn a_sum_exchange_ends_where_a_full_exchange_does(
+        xs in proptest::collection::vec(proptest::option::of((1u64..4, proptest::bool::ANY)), 5),
+        ys in proptest::collection::vec(proptest::option::of((1u64..4, proptest::bool::ANY)), 5),
+    ) {
+        let t0 = Instant::now();
+        let (mut x, mut y) = divergent_pair(&xs, &ys, t0);
+        sum_exchange(&mut x, &mut y, t0);
+        let (mut fx, mut fy) = divergent_pair(&xs, &ys, t0);
+        fx.send_push_pull(t0, fy.local_addr(), Some("y".into()), push_pull::Exchange::Join);
+        let request = drain(&mut fx);
+        fy.handle_stream(t0, fx.local_addr(), &request[0].payload);
+        let reply: Vec<_> = drain(&mut fy)
+            .into_iter()
+            .filter(|t| t.channel == Channel::StreamReply)
+            .collect();
+        fx.handle_stream(t0, fy.local_addr(), &reply[0].payload);
+        proptest::prop_assert_eq!(view(&x), view(&fx));
+        proptest::prop_assert_eq!(view(&y), view(&fy));
+        // And the two agree on every incarnation.
+        let incarnations = |v: Vec<(String, u64, MemberState)>| {
+            v.into_iter().map(|(n, i, _)| (n, i)).collect::<Vec<_>>()
+        };
+        proptest::prop_assert_eq!(incarnations(view(&x)), incarnations(view(&y)));
+    }
+}
