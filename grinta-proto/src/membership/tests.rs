@@ -1246,7 +1246,6 @@ fn divergent_pair(xs: &[Held], ys: &[Held], t0: Instant) -> (Membership, Members
 fn view(m: &Membership) -> Vec<(String, u64, MemberState)> {
     let mut v: Vec<_> = m
         .members()
-        .into_iter()
         .filter(|e| e.name.starts_with('m'))
         .map(|e| (e.name, e.incarnation, e.state))
         .collect();
