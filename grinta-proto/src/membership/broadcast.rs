@@ -8,58 +8,73 @@ use std::cmp::Reverse;
 use std::collections::BTreeSet;
 use std::hash::{BuildHasher, Hash};
 
-use bytes::Bytes;
 use hashbrown::{DefaultHashBuilder, HashTable};
+use smallvec::SmallVec;
 
 /// Replace-by-key identity of a broadcast.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum BroadcastKey {
     /// What a member says of itself (alive, leave): the newest replaces the older.
-    Member(String),
+    Member(MemberName),
     /// An accusation of a member (suspect, dead), queued apart from its own word: an accusation
     /// at a newer incarnation must not displace the alive that makes that incarnation known.
-    Accusation(String),
+    Accusation(MemberName),
     /// An application item, keyed by the application.
-    App(Bytes),
+    App(Box<[u8]>),
 }
 
 impl BroadcastKey {
     /// The member a member item is about.
-    fn member(&self) -> Option<&str> {
+    fn member(&self) -> Option<&[u8]> {
         match self {
-            Self::Member(name) | Self::Accusation(name) => Some(name),
+            Self::Member(name) | Self::Accusation(name) => Some(&name.0),
             Self::App(_) => None,
         }
     }
 }
 
-/// Position in the queue: fewest transmits, then largest, then newest.
-type Rank = (u32, Reverse<usize>, Reverse<u64>);
+/// A member's name in a key, inline up to 16 bytes (as most are): a node of a large cluster
+/// queues thousands of keys.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct MemberName(SmallVec<[u8; 16]>);
 
-/// The node an item is never sent to, as it knows it already.
-#[derive(Debug)]
-enum About {
-    Nobody,
-    /// The member the key names (a member's own word, or an accusation of it).
-    KeyMember,
-    Node(Box<str>),
+impl From<&str> for MemberName {
+    fn from(name: &str) -> Self {
+        Self(SmallVec::from_slice(name.as_bytes()))
+    }
 }
 
+/// Position in the queue: fewest transmits, then largest, then newest.
+type Rank = (u32, Reverse<u32>, Reverse<u64>);
+
+/// Encoded bytes kept in the item itself: an unsigned member's alive fits, so a queue of member
+/// news in an unsigned cluster allocates nothing per item.
+const INLINE_ENCODED: usize = 40;
+
+/// A queued broadcast. A node of a large cluster holds thousands, so an item keeps its rank as
+/// the transmissions and the push number, and small payloads inline.
 #[derive(Debug)]
 struct Item {
     key: BroadcastKey,
-    encoded: Bytes,
-    about: About,
-    rank: Rank,
+    encoded: SmallVec<[u8; INLINE_ENCODED]>,
+    /// A node this item is never sent to, as it knows it already.
+    about: Option<Box<str>>,
+    /// Which push this was (newer pushes rank first among equals).
+    id: u64,
+    transmits: u32,
+    /// Never sent to the member the key names either (a member's own word).
+    about_key_member: bool,
 }
 
 impl Item {
     fn is_about(&self, node: &str) -> bool {
-        match &self.about {
-            About::Nobody => false,
-            About::KeyMember => self.key.member() == Some(node),
-            About::Node(n) => &**n == node,
-        }
+        (self.about_key_member && self.key.member() == Some(node.as_bytes()))
+            || self.about.as_deref() == Some(node)
+    }
+
+    fn rank(&self) -> Rank {
+        let len = u32::try_from(self.encoded.len()).unwrap_or(u32::MAX);
+        (self.transmits, Reverse(len), Reverse(self.id))
     }
 }
 
@@ -86,6 +101,14 @@ pub(crate) fn framed_broadcast_len(len: usize) -> usize {
     1 + prost::encoding::encoded_len_varint(len as u64) + len
 }
 
+/// Appends `broadcast` (an encoded `grinta.v1.Broadcast`) to `out` as a `Packet`'s field 6
+/// (`broadcasts`, length-delimited).
+pub(crate) fn put_framed_broadcast(broadcast: &[u8], out: &mut Vec<u8>) {
+    prost::encoding::encode_key(6, prost::encoding::WireType::LengthDelimited, out);
+    prost::encoding::encode_varint(broadcast.len() as u64, out);
+    out.extend_from_slice(broadcast);
+}
+
 impl BroadcastQueue {
     pub(crate) fn new(capacity: usize) -> Self {
         Self {
@@ -102,34 +125,39 @@ impl BroadcastQueue {
     }
 
     /// Queues `encoded` (an encoded `grinta.v1.Broadcast`), replacing any item with the same key.
-    pub(crate) fn push(&mut self, key: BroadcastKey, encoded: Bytes) {
+    pub(crate) fn push(&mut self, key: BroadcastKey, encoded: &[u8]) {
         self.push_about(key, encoded, None);
     }
 
     /// Queues an item about node `about` (or from it): never sent to that node.
-    pub(crate) fn push_about(&mut self, key: BroadcastKey, encoded: Bytes, about: Option<&str>) {
+    pub(crate) fn push_about(&mut self, key: BroadcastKey, encoded: &[u8], about: Option<&str>) {
         self.remove(&key);
         self.framed_bytes += framed_broadcast_len(encoded.len());
-        let rank = (0, Reverse(encoded.len()), Reverse(self.next_id));
-        self.next_id += 1;
-        let about = match about {
-            None => About::Nobody,
-            Some(node) if key.member() == Some(node) => About::KeyMember,
-            Some(node) => About::Node(node.into()),
-        };
-        let hash = self.hasher.hash_one(&key);
+        let about_key_member = about.is_some() && key.member() == about.map(str::as_bytes);
         let item = Item {
+            about: about.filter(|_| !about_key_member).map(Into::into),
+            about_key_member,
+            encoded: SmallVec::from_slice(encoded),
             key,
-            encoded,
-            about,
-            rank,
+            id: self.next_id,
+            transmits: 0,
         };
+        self.next_id += 1;
+        let rank = item.rank();
+        let hash = self.hasher.hash_one(&item.key);
         let slot = match self.free.pop() {
             Some(slot) => {
                 self.slots[slot as usize] = Some(item);
                 slot
             }
             None => {
+                // A full queue holds `capacity` items and one more while it drops one: grow to
+                // that and no further, rather than doubling past it.
+                if self.slots.len() == self.slots.capacity() {
+                    let room = (self.capacity + 1).saturating_sub(self.slots.len());
+                    self.slots
+                        .reserve_exact(self.slots.len().max(8).min(room.max(1)));
+                }
                 self.slots.push(Some(item));
                 (self.slots.len() - 1) as u32
             }
@@ -195,7 +223,7 @@ impl BroadcastQueue {
     pub(crate) fn remove(&mut self, key: &BroadcastKey) {
         if let Some(slot) = self.find(key) {
             if let Some(item) = &self.slots[slot as usize] {
-                self.order.remove(&(item.rank, slot));
+                self.order.remove(&(item.rank(), slot));
             }
             self.release(slot);
         }
@@ -207,15 +235,15 @@ impl BroadcastQueue {
     }
 
     /// Takes items in queue order that fit in `budget` bytes (as framed inside a packet), counts one
-    /// transmission for each, and appends them to `out`. Items about `dst` are left for packets to
-    /// other nodes. Items that reached `limit` transmissions leave the queue. Returns the bytes
-    /// used.
+    /// transmission for each, and appends them to `out` framed as a `Packet`'s `broadcasts`. Items
+    /// about `dst` are left for packets to other nodes. Items that reached `limit` transmissions
+    /// leave the queue. Returns the bytes used.
     pub(crate) fn fill(
         &mut self,
         budget: usize,
         limit: u32,
         dst: Option<&str>,
-        out: &mut Vec<Bytes>,
+        out: &mut Vec<u8>,
     ) -> usize {
         let mut used = 0;
         let mut taken: smallvec::SmallVec<[(Rank, u32); 16]> = smallvec::SmallVec::new();
@@ -231,7 +259,7 @@ impl BroadcastQueue {
             if used + need <= budget {
                 used += need;
                 taken.push((rank, slot));
-                out.push(item.encoded.clone());
+                put_framed_broadcast(&item.encoded, out);
             } else {
                 misses += 1;
                 // Smaller items follow within a transmit count, but scanning a long queue for a gap is
@@ -247,11 +275,10 @@ impl BroadcastQueue {
             if transmits >= limit {
                 self.release(slot);
             } else {
-                let new_rank = (transmits, rank.1, rank.2);
                 if let Some(item) = self.slots[slot as usize].as_mut() {
-                    item.rank = new_rank;
+                    item.transmits = transmits;
+                    self.order.insert((item.rank(), slot));
                 }
-                self.order.insert((new_rank, slot));
             }
         }
         used
@@ -263,56 +290,76 @@ mod tests {
     use super::*;
 
     fn app(key: &str) -> BroadcastKey {
-        BroadcastKey::App(Bytes::copy_from_slice(key.as_bytes()))
+        BroadcastKey::App(key.as_bytes().into())
+    }
+
+    /// Fills a packet's worth from `q` and returns the broadcasts it framed, checking that the
+    /// bytes used are the bytes framed.
+    fn fill(q: &mut BroadcastQueue, budget: usize, limit: u32, dst: Option<&str>) -> Vec<Vec<u8>> {
+        let mut framed = Vec::new();
+        let used = q.fill(budget, limit, dst, &mut framed);
+        assert_eq!(used, framed.len());
+        assert!(used <= budget);
+        let mut buf = &framed[..];
+        let mut out = Vec::new();
+        while !buf.is_empty() {
+            let (tag, wire_type) = prost::encoding::decode_key(&mut buf).expect("key");
+            assert_eq!(
+                (tag, wire_type),
+                (6, prost::encoding::WireType::LengthDelimited)
+            );
+            let len = prost::encoding::decode_varint(&mut buf).expect("length") as usize;
+            out.push(buf[..len].to_vec());
+            buf = &buf[len..];
+        }
+        out
     }
 
     #[test]
     fn replace_by_key_keeps_one_item() {
         let mut q = BroadcastQueue::new(16);
-        q.push(app("a"), Bytes::from_static(b"old"));
-        q.push(app("a"), Bytes::from_static(b"new!"));
+        q.push(app("a"), b"old");
+        q.push(app("a"), b"new!");
         assert_eq!(q.len(), 1);
-        let mut out = Vec::new();
-        q.fill(100, 5, None, &mut out);
-        assert_eq!(out, vec![Bytes::from_static(b"new!")]);
+        assert_eq!(fill(&mut q, 100, 5, None), vec![b"new!".to_vec()]);
     }
 
     #[test]
     fn fewest_sent_then_largest_then_newest() {
         let mut q = BroadcastQueue::new(16);
-        q.push(app("small-old"), Bytes::from_static(b"s1"));
-        q.push(app("small-new"), Bytes::from_static(b"s2"));
-        q.push(app("large"), Bytes::from_static(b"large"));
-        let mut out = Vec::new();
+        q.push(app("small-old"), b"s1");
+        q.push(app("small-new"), b"s2");
+        q.push(app("large"), b"large");
         // Room for exactly one framed item of 5 bytes: the largest goes first.
-        q.fill(framed_broadcast_len(5), 10, None, &mut out);
-        assert_eq!(out, vec![Bytes::from_static(b"large")]);
-        out.clear();
+        assert_eq!(
+            fill(&mut q, framed_broadcast_len(5), 10, None),
+            vec![b"large".to_vec()]
+        );
         // Now "large" was sent once; the two unsent small ones come first, newest first.
-        q.fill(framed_broadcast_len(2), 10, None, &mut out);
-        assert_eq!(out, vec![Bytes::from_static(b"s2")]);
+        assert_eq!(
+            fill(&mut q, framed_broadcast_len(2), 10, None),
+            vec![b"s2".to_vec()]
+        );
     }
 
     #[test]
     fn an_item_is_never_sent_to_the_node_it_is_about() {
         let mut q = BroadcastQueue::new(16);
-        q.push_about(app("r/x/b"), Bytes::from_static(b"b's"), Some("b"));
-        let mut out = Vec::new();
-        q.fill(100, 1, Some("b"), &mut out);
-        assert!(out.is_empty(), "not to its own node, and not counted");
-        q.fill(100, 1, Some("c"), &mut out);
-        assert_eq!(out, vec![Bytes::from_static(b"b's")]);
+        q.push_about(app("r/x/b"), b"b's", Some("b"));
+        assert!(
+            fill(&mut q, 100, 1, Some("b")).is_empty(),
+            "not to its own node, and not counted"
+        );
+        assert_eq!(fill(&mut q, 100, 1, Some("c")), vec![b"b's".to_vec()]);
         assert!(q.is_empty());
     }
 
     #[test]
     fn items_leave_after_the_limit() {
         let mut q = BroadcastQueue::new(16);
-        q.push(app("a"), Bytes::from_static(b"x"));
+        q.push(app("a"), b"x");
         for _ in 0..3 {
-            let mut out = Vec::new();
-            q.fill(100, 3, None, &mut out);
-            assert_eq!(out.len(), 1);
+            assert_eq!(fill(&mut q, 100, 3, None).len(), 1);
         }
         assert!(q.is_empty());
     }
@@ -320,9 +367,9 @@ mod tests {
     #[test]
     fn capacity_drops_the_least_valuable() {
         let mut q = BroadcastQueue::new(2);
-        q.push(app("a"), Bytes::from_static(b"a"));
-        q.push(app("b"), Bytes::from_static(b"b"));
-        q.push(app("c"), Bytes::from_static(b"c"));
+        q.push(app("a"), b"a");
+        q.push(app("b"), b"b");
+        q.push(app("c"), b"c");
         assert_eq!(q.len(), 2);
         assert_eq!(q.dropped(), 1);
         assert!(!q.contains(&app("a")), "oldest of equal items is dropped");
@@ -333,25 +380,25 @@ mod tests {
         let mut q = BroadcastQueue::new(1000);
         for i in 0..10_000u32 {
             let key = if i % 2 == 0 {
-                BroadcastKey::Member(format!("n{}", i % 3000))
+                BroadcastKey::Member(format!("n{}", i % 3000).as_str().into())
             } else {
-                BroadcastKey::Accusation(format!("n{}", i % 3000))
+                BroadcastKey::Accusation(format!("n{}", i % 3000).as_str().into())
             };
-            q.push_about(
-                key,
-                Bytes::from(vec![0u8; 10 + (i % 30) as usize]),
-                Some("n7"),
-            );
+            // Inline and on the heap.
+            let encoded = vec![0u8; 10 + 2 * (i % 30) as usize];
+            q.push_about(key, &encoded, Some("n7"));
             assert!(q.len() <= 1000);
         }
         // Among unsent items the largest stay: the last one pushed at the largest size does.
         assert!(q.contains(&BroadcastKey::Accusation("n989".into())));
+        assert!(
+            fill(&mut q, 1100, 3, Some("n7")).is_empty(),
+            "every item is about n7 and none goes there"
+        );
         let mut out = Vec::new();
-        q.fill(1100, 3, Some("n7"), &mut out);
-        assert!(out.is_empty(), "every item is about n7 and none goes there");
         let mut rounds = 0;
         while !q.is_empty() {
-            q.fill(1100, 3, Some("n8"), &mut out);
+            out.extend(fill(&mut q, 1100, 3, Some("n8")));
             rounds += 1;
             assert!(rounds < 1000, "the queue drains");
         }
@@ -363,5 +410,10 @@ mod tests {
         assert_eq!(q.framed_bytes(), 0);
         assert_eq!(q.by_key.len(), 0);
         assert_eq!(q.free.len(), q.slots.len(), "every slot is free again");
+        assert!(
+            q.slots.capacity() <= 1001,
+            "slots grow to the capacity and one more, not past it: {}",
+            q.slots.capacity()
+        );
     }
 }

@@ -67,7 +67,11 @@ pub struct Config {
     /// accusation per member); beyond it the most-sent, smallest, oldest item is dropped, and
     /// push-pull repairs what gossip then misses. Each member has at most two items, so below
     /// half this many members nothing is dropped; it bounds the queue in a mass join of a large
-    /// cluster, where every node would otherwise hold news of every other (about 200 bytes each).
+    /// cluster, where every node would otherwise hold news of every other (about 150 bytes each
+    /// when unsigned). The default, 1024, is about what a node's gossip sends in a minute (32
+    /// unsigned items per 1200-byte packet, 15 gossip packets a second, each item sent up to 20
+    /// times at 10,000 members): news queued beyond that would wait longer than push-pull takes
+    /// to repair it.
     pub max_member_broadcasts: usize,
     /// Most application broadcasts queued at once; the oldest, most-sent ones are dropped beyond it.
     pub max_app_broadcasts: usize,
@@ -119,7 +123,7 @@ impl Config {
             max_push_pull_size: 8 << 20,
             app_broadcast_share_percent: 30,
             max_members: 16_384,
-            max_member_broadcasts: 4096,
+            max_member_broadcasts: 1024,
             max_app_broadcasts: 4096,
             max_meta_size: 512,
             max_app_broadcast_size: 1024,

@@ -14,7 +14,7 @@ impl Membership {
             !e.state.is_gone() || e.in_state_for(epoch, now) < dead_time
         });
         for i in targets {
-            let (addr, name) = (self.members[i].addr, self.members[i].name().to_owned());
+            let (addr, name) = (self.members[i].addr(), self.members[i].name().to_owned());
             if self.send_packet(addr, Some(name), None, &[]) {
                 self.stats.gossip_packets_sent += 1;
             }
@@ -38,13 +38,13 @@ impl Membership {
             broadcasts: Vec::new(),
         };
         let mut payload = header.encode_to_vec();
-        let mut budget = self.config.max_packet_size.saturating_sub(payload.len());
-        let mut broadcasts: Vec<Bytes> = Vec::new();
+        let header_len = payload.len();
+        let mut budget = self.config.max_packet_size.saturating_sub(header_len);
         for item in first {
             let need = framed_broadcast_len(item.len());
             if need <= budget {
                 budget -= need;
-                broadcasts.push(item.clone());
+                put_framed_broadcast(item, &mut payload);
             }
         }
         let limit = self.retransmit_limit();
@@ -53,26 +53,13 @@ impl Membership {
         // member news left.
         let app_share = budget * usize::from(self.config.app_broadcast_share_percent) / 100;
         let reserved = app_share.min(self.app_queue.framed_bytes());
-        let used = self.member_queue.fill(
-            budget - reserved,
-            limit,
-            dst_name.as_deref(),
-            &mut broadcasts,
-        );
+        let used =
+            self.member_queue
+                .fill(budget - reserved, limit, dst_name.as_deref(), &mut payload);
         self.app_queue
-            .fill(budget - used, limit, dst_name.as_deref(), &mut broadcasts);
-        if !has_message && broadcasts.is_empty() {
+            .fill(budget - used, limit, dst_name.as_deref(), &mut payload);
+        if !has_message && payload.len() == header_len {
             return false;
-        }
-        for b in &broadcasts {
-            // Field 6 (`broadcasts`), wire type 2 (length-delimited).
-            prost::encoding::encode_key(
-                6,
-                prost::encoding::WireType::LengthDelimited,
-                &mut payload,
-            );
-            prost::encoding::encode_varint(b.len() as u64, &mut payload);
-            payload.extend_from_slice(b);
         }
         debug_assert!(payload.len() <= self.config.max_packet_size.max(header.encoded_len()));
         self.stats.packets_sent += 1;

@@ -60,7 +60,7 @@ use tracing::{debug, trace, warn};
 
 use crate::claims::{self, ClaimKeys, ClaimKind};
 use crate::wire;
-use broadcast::{BroadcastKey, BroadcastQueue, framed_broadcast_len};
+use broadcast::{BroadcastKey, BroadcastQueue, framed_broadcast_len, put_framed_broadcast};
 pub use config::{Config, ConfigError, MAX_SETTING_DURATION, MIN_PACKET_SIZE};
 use suspicion::Suspicion;
 use table::{Entry, MemberTable};
@@ -663,7 +663,7 @@ impl Membership {
 
     /// The address of member `name`, if known.
     pub fn member_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.members.find(name).map(|i| self.members[i].addr)
+        self.members.find(name).map(|i| self.members[i].addr())
     }
 
     /// The latest alive of member `name`, as it signed it: what this node relays and puts in
@@ -855,7 +855,7 @@ impl Membership {
         }
         .encode_to_vec();
         self.app_queue
-            .push_about(BroadcastKey::App(key), encoded.into(), about);
+            .push_about(BroadcastKey::App(key[..].into()), &encoded, about);
         Ok(())
     }
 
@@ -957,7 +957,7 @@ impl Membership {
                     self.gossip(now);
                     self.next_gossip = now + self.config.gossip_interval;
                 }
-                let key = BroadcastKey::Member(self.name.clone());
+                let key = BroadcastKey::Member(self.name.as_str().into());
                 if now >= deadline || !self.member_queue.contains(&key) {
                     self.finish_leave();
                 }

@@ -107,10 +107,9 @@ impl Membership {
             return;
         }
         self.suspicions.remove(name);
+        self.member_queue.remove(&BroadcastKey::Member(name.into()));
         self.member_queue
-            .remove(&BroadcastKey::Member(name.to_owned()));
-        self.member_queue
-            .remove(&BroadcastKey::Accusation(name.to_owned()));
+            .remove(&BroadcastKey::Accusation(name.into()));
     }
 
     pub(super) fn start_probe(&mut self, now: Instant) {
@@ -170,7 +169,7 @@ impl Membership {
         for h in &helpers {
             let (helper_addr, helper_name) = {
                 let m = &self.members[*h];
-                (m.addr, m.name().to_owned())
+                (m.addr(), m.name().to_owned())
             };
             let msg = wire::packet::Message::IndirectPing(wire::IndirectPing {
                 seq_no: seq,

@@ -158,7 +158,7 @@ impl Membership {
         let e = &self.members[i];
         wire::MemberEntry {
             node: e.name().to_owned(),
-            addr: Some(encode_addr(e.addr)),
+            addr: Some(encode_addr(e.addr())),
             incarnation: e.incarnation,
             state: e.state.to_wire() as i32,
             meta: e.meta(),
@@ -531,7 +531,7 @@ impl Membership {
     pub(super) fn periodic_push_pull(&mut self, now: Instant) {
         let picked = self.random_members_with(1, |m| m.state == MemberState::Alive);
         if let Some(&i) = picked.first() {
-            let (addr, name) = (self.members[i].addr, self.members[i].name().to_owned());
+            let (addr, name) = (self.members[i].addr(), self.members[i].name().to_owned());
             self.send_push_pull(now, addr, Some(name), Exchange::Sum);
         }
     }
@@ -546,7 +546,7 @@ impl Membership {
                 !self
                     .members
                     .iter()
-                    .any(|e| e.addr == *s && !e.state.is_gone())
+                    .any(|e| e.addr() == *s && !e.state.is_gone())
             })
             .collect();
         let total = self.failed.len() + seeds.len();
@@ -589,7 +589,7 @@ impl Membership {
             .find(sender)
             .map(|i| &self.members[i])
             .filter(|m| !m.state.is_gone())
-            .map(|m| m.addr);
+            .map(|m| m.addr());
         match known_at {
             Some(addr) if addr == from => return,
             Some(_) => {

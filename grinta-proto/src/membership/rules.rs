@@ -271,16 +271,15 @@ impl Membership {
     pub(super) fn queue_member_broadcast(&mut self, name: String, kind: wire::broadcast::Kind) {
         let encoded = wire::Broadcast { kind: Some(kind) }.encode_to_vec();
         // Not to the member itself: it knows what it says (an accusation, below, does go to it).
-        let about = Some(name.clone());
-        self.member_queue
-            .push_about(BroadcastKey::Member(name), encoded.into(), about.as_deref());
+        let key = BroadcastKey::Member(name.as_str().into());
+        self.member_queue.push_about(key, &encoded, Some(&name));
     }
 
     /// Queues an accusation of member `name` for gossip.
     pub(super) fn queue_accusation(&mut self, name: String, kind: wire::broadcast::Kind) {
         let encoded = wire::Broadcast { kind: Some(kind) }.encode_to_vec();
         self.member_queue
-            .push(BroadcastKey::Accusation(name), encoded.into());
+            .push(BroadcastKey::Accusation(name.as_str().into()), &encoded);
     }
 
     /// A member's own alive: it is up at an incarnation, with an address and metadata. Checked
@@ -347,7 +346,7 @@ impl Membership {
                     // without a newer incarnation). Never for a member that left: only a newer
                     // life comes back from a leave.
                     let reclaim = a.incarnation == known_incarnation
-                        && addr != entry.addr
+                        && addr != entry.addr()
                         && entry.state == MemberState::Dead
                         && self.members.in_state_for(entry, now)
                             >= self.config.dead_node_reclaim_time;
@@ -390,7 +389,7 @@ impl Membership {
         };
         let entry = &self.members[i];
         let old = entry.state;
-        let meta_changed = !entry.meta_eq(&a.meta) || entry.addr != addr;
+        let meta_changed = !entry.meta_eq(&a.meta) || entry.addr() != addr;
         self.members
             .set_alive(i, a.incarnation, addr, a.meta, &claim);
         if old != MemberState::Alive {
@@ -401,7 +400,7 @@ impl Membership {
         self.failed.retain(|f| f.name != a.node);
         // Accusations of an older incarnation are stale now.
         self.member_queue
-            .remove(&BroadcastKey::Accusation(a.node.clone()));
+            .remove(&BroadcastKey::Accusation(a.node.as_str().into()));
         match old {
             MemberState::Alive if meta_changed => {
                 self.events.push_back(Event::MemberUpdated(member))
@@ -595,7 +594,7 @@ impl Membership {
         self.members.set_gone(i, incarnation, leave);
         self.members.touch(i, now);
         let entry = &self.members[i];
-        let (name, addr) = (entry.name().to_owned(), entry.addr);
+        let (name, addr) = (entry.name().to_owned(), entry.addr());
         self.suspicions.remove(&name);
         if self.probe.as_ref().is_some_and(|p| p.target == name) {
             // Stop probing a member that is gone; the walk moves on at the interval's end.

@@ -1,19 +1,20 @@
 //! The member table: one compact entry per known member, found by name.
 //!
 //! A node of a 10,000-member cluster holds 10,000 entries, and a simulation of that cluster holds
-//! a hundred million, so an entry keeps only what every member has:
+//! a hundred million, so an entry keeps only what every member has, in 48 bytes:
 //!
-//! - name (inline up to 22 bytes), address, incarnation, state and when the state last changed
-//!   (88 bytes);
-//! - the rest in a box that most entries of an unsigned run never need ([`Extra`]): the metadata
-//!   when there is some, the alive's signature and certificates, the alive's body when it does
-//!   not re-encode from the entry, and the signed leave of a member that left.
+//! - a name of up to 15 bytes, an IPv4 address and port, the incarnation, the state, when the
+//!   state last changed (in tenths of a second) and the push-pull fingerprint;
+//! - the rest in a box that most entries of an unsigned run never need ([`Extra`]): a longer
+//!   name, an IPv6 address, the metadata when there is some, the alive's signature and
+//!   certificates, the alive's body when it does not re-encode from the entry, and the signed
+//!   leave of a member that left.
 //!
 //! The name lives in the entry alone: the index stores positions, hashed by the name they point
 //! at, and the probe walk stores positions too.
 
 use std::hash::BuildHasher;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -23,67 +24,47 @@ use prost::Message;
 use super::{Member, MemberState, encode_addr};
 use crate::wire;
 
-/// A member's name, inline when short (as most are): the index compares names on every lookup,
-/// and an inline name is read with the entry instead of from another allocation.
-#[derive(Debug)]
-enum Name {
-    Inline { len: u8, bytes: [u8; INLINE_NAME] },
-    Heap(Box<str>),
-}
+/// Longest name kept in the entry itself; longer ones live in its box.
+const INLINE_NAME: usize = 15;
 
-/// Longest name kept inline; the entry then takes as much room as with a boxed name and pointer.
-const INLINE_NAME: usize = 22;
+/// The length byte of a name kept in the box.
+const NAME_IN_BOX: u8 = u8::MAX;
 
-impl Name {
-    fn new(name: &str) -> Self {
-        if name.len() <= INLINE_NAME {
-            let mut bytes = [0u8; INLINE_NAME];
-            bytes[..name.len()].copy_from_slice(name.as_bytes());
-            Self::Inline {
-                len: name.len() as u8,
-                bytes,
-            }
-        } else {
-            Self::Heap(name.into())
-        }
-    }
-
-    fn as_bytes(&self) -> &[u8] {
-        match self {
-            Self::Inline { len, bytes } => &bytes[..usize::from(*len)],
-            Self::Heap(name) => name.as_bytes(),
-        }
-    }
-
-    fn as_str(&self) -> &str {
-        match self {
-            // Made from a `&str` cut at its end: always UTF-8.
-            Self::Inline { .. } => std::str::from_utf8(self.as_bytes()).unwrap_or_default(),
-            Self::Heap(name) => name,
-        }
-    }
-}
+/// Unit of [`Entry::since`]: state times are kept to a tenth of a second, which a `u32` counts
+/// for 13 years.
+const SINCE_UNIT_MS: u64 = 100;
 
 /// One known member.
 #[derive(Debug)]
 pub(super) struct Entry {
-    name: Name,
-    pub(super) addr: SocketAddr,
+    /// `[length, bytes..]` of a name of up to [`INLINE_NAME`] bytes; `[NAME_IN_BOX, 0..]` for a
+    /// longer name, kept in `extra`.
+    name: [u8; 1 + INLINE_NAME],
     /// The latest incarnation known, from its own alive or from an accusation or leave.
     pub(super) incarnation: u64,
-    /// When the state last changed, in milliseconds after the table's epoch.
-    since_ms: u64,
-    /// Changed only through the table, which keeps its sum.
-    pub(super) state: MemberState,
+    extra: Option<Box<Extra>>,
+    /// When the state last changed, in tenths of a second after the table's epoch, rounded up
+    /// (so a time in state is never overstated).
+    since: u32,
     /// [`fingerprint`](super::push_pull::fingerprint) of the address and metadata, for
     /// push-pull digests.
     fingerprint: u32,
-    extra: Option<Box<Extra>>,
+    /// The IPv4 address, or zeros when the address is IPv6 (kept in `extra`).
+    ip4: [u8; 4],
+    port: u16,
+    /// Changed only through the table, which keeps its sum.
+    pub(super) state: MemberState,
+    /// The address is IPv6, in `extra`.
+    addr_in_box: bool,
 }
 
 /// What only some entries need.
 #[derive(Debug, Default)]
 struct Extra {
+    /// A name longer than [`INLINE_NAME`] bytes.
+    long_name: Option<Box<str>>,
+    /// An IPv6 address (with its flow information and scope).
+    addr6: Option<SocketAddr>,
     meta: Bytes,
     /// The latest alive as signed; its `body` is empty when it re-encodes from the entry (name,
     /// address, `alive_incarnation`, metadata).
@@ -95,8 +76,69 @@ struct Extra {
 }
 
 impl Entry {
+    fn new(name: &str) -> Self {
+        let mut entry = Self {
+            name: [0; 1 + INLINE_NAME],
+            incarnation: 0,
+            extra: None,
+            since: 0,
+            fingerprint: 0,
+            ip4: [0; 4],
+            port: 0,
+            state: MemberState::Alive,
+            addr_in_box: false,
+        };
+        if name.len() <= INLINE_NAME {
+            entry.name[0] = name.len() as u8;
+            entry.name[1..=name.len()].copy_from_slice(name.as_bytes());
+        } else {
+            entry.name[0] = NAME_IN_BOX;
+            entry.extra_mut().long_name = Some(name.into());
+        }
+        entry
+    }
+
+    fn name_bytes(&self) -> &[u8] {
+        match self.name[0] {
+            NAME_IN_BOX => self
+                .extra
+                .as_ref()
+                .and_then(|x| x.long_name.as_deref())
+                .map_or(&[][..], str::as_bytes),
+            len => &self.name[1..=usize::from(len).min(INLINE_NAME)],
+        }
+    }
+
     pub(super) fn name(&self) -> &str {
-        self.name.as_str()
+        // Copied from a `&str` whole: always UTF-8.
+        std::str::from_utf8(self.name_bytes()).unwrap_or_default()
+    }
+
+    /// The member's address.
+    pub(super) fn addr(&self) -> SocketAddr {
+        match self.extra.as_ref().and_then(|x| x.addr6) {
+            Some(addr) if self.addr_in_box => addr,
+            _ => SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(self.ip4), self.port)),
+        }
+    }
+
+    fn set_addr(&mut self, addr: SocketAddr) {
+        match addr {
+            SocketAddr::V4(v4) => {
+                self.ip4 = v4.ip().octets();
+                self.port = v4.port();
+                self.addr_in_box = false;
+                if let Some(x) = self.extra.as_mut() {
+                    x.addr6 = None;
+                }
+            }
+            SocketAddr::V6(_) => {
+                self.ip4 = [0; 4];
+                self.port = addr.port();
+                self.addr_in_box = true;
+                self.extra_mut().addr6 = Some(addr);
+            }
+        }
     }
 
     pub(super) fn meta(&self) -> Bytes {
@@ -123,7 +165,7 @@ impl Entry {
     pub(super) fn member(&self) -> Member {
         Member {
             name: self.name().to_owned(),
-            addr: self.addr,
+            addr: self.addr(),
             incarnation: self.incarnation,
             state: self.state,
             meta: self.meta(),
@@ -141,7 +183,7 @@ impl Entry {
         wire::Alive {
             node: self.name().to_owned(),
             incarnation: self.alive_incarnation(),
-            addr: Some(encode_addr(self.addr)),
+            addr: Some(encode_addr(self.addr())),
             meta: self.meta(),
         }
         .encode_to_vec()
@@ -170,15 +212,15 @@ impl Entry {
     /// `meta`): the member is Alive again, at that incarnation and address.
     fn set_alive(&mut self, incarnation: u64, addr: SocketAddr, meta: Bytes, claim: &wire::Signed) {
         self.incarnation = incarnation;
-        self.addr = addr;
         self.state = MemberState::Alive;
         self.fingerprint = super::push_pull::fingerprint(addr, &meta);
-        let needed = !meta.is_empty()
-            || claim.scheme != 0
-            || !claim.signature.is_empty()
-            || !claim.certificates.is_empty();
-        self.extra = needed.then(|| {
+        let long_name = self.extra.as_mut().and_then(|x| x.long_name.take());
+        let signed =
+            claim.scheme != 0 || !claim.signature.is_empty() || !claim.certificates.is_empty();
+        self.extra = (long_name.is_some() || !meta.is_empty() || signed).then(|| {
             Box::new(Extra {
+                long_name,
+                addr6: None,
                 meta,
                 // Copied out of the received packet, without the body (kept below only if
                 // needed).
@@ -190,6 +232,7 @@ impl Entry {
                 leave: None,
             })
         });
+        self.set_addr(addr);
         // Keep the body only when it does not come back from the entry byte for byte (a signer
         // may encode fields we do not know, or in another order).
         if self.encode_alive_body() != claim.body[..] {
@@ -214,10 +257,11 @@ impl Entry {
         }
     }
 
-    /// How long the member has been in its state at `now`, given the table's epoch.
+    /// How long the member has been in its state at `now`, given the table's epoch (to within
+    /// a tenth of a second, never more than it has been).
     pub(super) fn in_state_for(&self, epoch: Instant, now: Instant) -> Duration {
         let at = epoch
-            .checked_add(Duration::from_millis(self.since_ms))
+            .checked_add(Duration::from_millis(u64::from(self.since) * SINCE_UNIT_MS))
             .unwrap_or(epoch);
         now.saturating_duration_since(at)
     }
@@ -305,7 +349,7 @@ impl MemberTable {
         let hash = self.hasher.hash_one(name);
         self.index
             .find(hash, |&i| {
-                self.entries[i as usize].name.as_bytes() == name.as_bytes()
+                self.entries[i as usize].name_bytes() == name.as_bytes()
             })
             .map(|&i| i as usize)
     }
@@ -322,17 +366,9 @@ impl MemberTable {
         claim: &wire::Signed,
     ) -> usize {
         let i = self.entries.len();
-        let mut entry = Entry {
-            name: Name::new(name),
-            addr,
-            incarnation,
-            since_ms: 0,
-            state: MemberState::Alive,
-            fingerprint: 0,
-            extra: None,
-        };
+        let mut entry = Entry::new(name);
         entry.set_alive(incarnation, addr, meta, claim);
-        entry.since_ms = self.millis(now);
+        entry.since = self.since(now);
         // Past a thousand entries, grow by an eighth rather than doubling: a large table wastes
         // at most an eighth of its room, and growth stays geometric.
         if self.entries.len() == self.entries.capacity() && self.entries.len() >= 1024 {
@@ -368,8 +404,10 @@ impl MemberTable {
         true
     }
 
-    fn millis(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    /// `now` in [`Entry::since`]'s unit: tenths of a second after the epoch, rounded up.
+    fn since(&self, now: Instant) -> u32 {
+        let ms = now.saturating_duration_since(self.epoch).as_millis();
+        u32::try_from(ms.div_ceil(u128::from(SINCE_UNIT_MS))).unwrap_or(u32::MAX)
     }
 
     /// How long entry `e` has been in its state at `now`.
@@ -384,7 +422,7 @@ impl MemberTable {
 
     /// Records that entry `i`'s state changed at `now`.
     pub(super) fn touch(&mut self, i: usize, now: Instant) {
-        self.entries[i].since_ms = self.millis(now);
+        self.entries[i].since = self.since(now);
     }
 }
 
@@ -442,7 +480,7 @@ mod tests {
         // Two tables that hold the same versions, built in another order, agree.
         let mut u = MemberTable::new(now);
         for e in t.iter().rev() {
-            let i = u.insert(now, e.name(), e.incarnation, e.addr, e.meta(), &claim());
+            let i = u.insert(now, e.name(), e.incarnation, e.addr(), e.meta(), &claim());
             match e.state {
                 MemberState::Alive => {}
                 MemberState::Suspect => u.set_suspect(i),
@@ -456,9 +494,9 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_takes_88_bytes() {
+    fn an_entry_takes_48_bytes() {
         assert!(
-            std::mem::size_of::<Entry>() <= 88,
+            std::mem::size_of::<Entry>() <= 48,
             "{}",
             std::mem::size_of::<Entry>()
         );
@@ -469,15 +507,28 @@ mod tests {
         let now = Instant::now();
         let mut t = MemberTable::new(now);
         let addr: SocketAddr = "127.0.0.1:7000".parse().unwrap();
-        let long = "a-name-longer-than-twenty-two-bytes.example.com";
-        for name in ["", "x", "exactly-22-bytes-long!", long] {
+        let long = "a-name-longer-than-fifteen-bytes.example.com";
+        let v6: SocketAddr = "[fe80::1%3]:7000".parse().unwrap();
+        for name in ["", "x", "fifteen-bytes!!", "sixteen-bytes!!!", long] {
             t.insert(now, name, 1, addr, Bytes::new(), &claim());
+            let i = t.find(name).expect("found");
+            assert_eq!(t[i].name[0] == NAME_IN_BOX, name.len() > 15, "{name}");
         }
-        for name in ["", "x", "exactly-22-bytes-long!", long] {
+        for name in ["", "x", "fifteen-bytes!!", "sixteen-bytes!!!", long] {
             let i = t.find(name).expect("found");
             assert_eq!(t[i].name(), name);
+            assert_eq!(t[i].addr(), addr);
+            // Moved to an IPv6 address (scope kept) and back, with the name kept.
+            t.set_alive(i, 2, v6, Bytes::new(), &claim());
+            assert_eq!((t[i].name(), t[i].addr()), (name, v6));
+            t.set_alive(i, 3, addr, Bytes::from_static(b"m"), &claim());
+            assert_eq!((t[i].name(), t[i].addr()), (name, addr));
+            assert_eq!(&t[i].meta()[..], b"m");
+            t.set_gone(i, 4, None);
+            assert_eq!((t[i].name(), t[i].addr()), (name, addr));
         }
-        assert_eq!(t.find("exactly-22-bytes-long"), None);
+        assert_eq!(t.find("fifteen-bytes!"), None);
+        assert_eq!(t.find("sixteen-bytes!!"), None);
     }
 
     #[test]
@@ -542,17 +593,24 @@ mod tests {
     }
 
     #[test]
-    fn state_times_round_to_the_millisecond() {
+    fn state_times_are_never_overstated_and_kept_to_a_tenth_of_a_second() {
         let now = Instant::now();
         let mut t = MemberTable::new(now);
         let addr: SocketAddr = "127.0.0.1:7000".parse().unwrap();
         let i = t.insert(now, "b", 1, addr, Bytes::new(), &claim());
-        let later = now + Duration::from_millis(1500);
+        let later = now + Duration::from_millis(1530);
         t.touch(i, later);
         assert_eq!(t.in_state_for(&t[i], later), Duration::ZERO);
         assert_eq!(
             t.in_state_for(&t[i], later + Duration::from_secs(2)),
-            Duration::from_secs(2)
+            Duration::from_millis(1930)
+        );
+        // Ten years on, times are still counted.
+        let decade = now + Duration::from_secs(10 * 365 * 86_400);
+        t.touch(i, decade);
+        assert_eq!(
+            t.in_state_for(&t[i], decade + Duration::from_secs(30)),
+            Duration::from_secs(30)
         );
     }
 }
