@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use grinta_proto::membership::Config;
 use grinta_proto::tls::dev::DevCa;
-use grinta_tests::membership_sim::{Cluster, node_addr};
+use grinta_tests::membership_sim::{Cluster, MemberNode, node_addr};
 use grinta_tests::node_sim::{certificates, node_membership_config};
 use grinta_tests::{alloc, lan};
 use serde::{Deserialize, Serialize};
@@ -57,10 +57,26 @@ pub(crate) fn child(n: usize) {
         .map_or(WALL_BUDGET, Duration::from_secs);
     let over_budget =
         || alloc::live_bytes() - heap_before > MEMORY_BUDGET || wall.elapsed() > wall_budget;
+    // Progress on stderr, once per simulated 5 s: where the time and the memory go.
+    let mut next_report = start;
+    let mut report = |c: &Cluster<MemberNode>| {
+        let now = c.sim.now();
+        if now >= next_report {
+            next_report = now + Duration::from_secs(5);
+            eprintln!(
+                "  {n} nodes: {:.0} simulated s, {:.0} s wall, {} MiB live heap, peak RSS {} MiB",
+                (now - start).as_secs_f64(),
+                wall.elapsed().as_secs_f64(),
+                (alloc::live_bytes() - heap_before) >> 20,
+                alloc::peak_rss_bytes() >> 20,
+            );
+        }
+    };
     for i in 1..n {
         if i % 64 == 0 && over_budget() {
             break;
         }
+        report(&c);
         let at = start + spread.mul_f64(i as f64 / n as f64);
         c.sim.run_until(at);
         let seed = node_addr((i - 1) / 2);
@@ -70,6 +86,7 @@ pub(crate) fn child(n: usize) {
     while c.sim.now() < start + WINDOW && !over_budget() {
         let step = (start + WINDOW - c.sim.now()).min(Duration::from_millis(250));
         c.sim.run_for(step);
+        report(&c);
     }
     let simulated_s = (c.sim.now() - start).as_secs_f64();
     let wall_s = wall.elapsed().as_secs_f64();

@@ -50,9 +50,10 @@ pub struct Observations {
     /// When the leave completed.
     pub leave_complete_at: Option<Instant>,
     /// Highest incarnation seen per member while it is known, by node number (`node-<i>`): a
-    /// 10,000-node run holds a hundred million of them, so no name is stored.
-    incarnations: Vec<u64>,
-    /// The same for members named otherwise.
+    /// 10,000-node run holds a hundred million of them, so no name is stored, and incarnations
+    /// from `u32::MAX` up are kept in `other_incarnations` ([`Self::IN_MAP`] here).
+    incarnations: Vec<u32>,
+    /// The same for members named otherwise, and for large incarnations.
     other_incarnations: HashMap<String, u64>,
 }
 
@@ -63,7 +64,7 @@ impl Observations {
         match event {
             Event::MemberJoined(m) => {
                 self.dead.remove(&m.name);
-                *self.incarnation_slot(&m.name) = m.incarnation;
+                self.set_incarnation(&m.name, m.incarnation);
                 Ok(())
             }
             Event::MemberUpdated(m) => self.check_incarnation(&m.name, m.incarnation),
@@ -101,27 +102,55 @@ impl Observations {
         }
     }
 
-    fn incarnation_slot(&mut self, name: &str) -> &mut u64 {
+    /// In `incarnations`: the member's incarnation is in `other_incarnations`.
+    const IN_MAP: u32 = u32::MAX;
+
+    /// The compact slot of member `name`, if it has one.
+    fn compact_slot(&mut self, name: &str) -> Option<&mut u32> {
         // Only names exactly as `node_name` writes them, below a bound, take the compact slots.
-        match name_index(name).filter(|&i| i < 1 << 20 && name == node_name(i)) {
-            Some(i) => {
-                if self.incarnations.len() <= i {
-                    self.incarnations.resize(i + 1, 0);
+        let i = name_index(name).filter(|&i| i < 1 << 20 && name == node_name(i))?;
+        if self.incarnations.len() <= i {
+            self.incarnations.resize(i + 1, 0);
+        }
+        Some(&mut self.incarnations[i])
+    }
+
+    fn last_incarnation(&mut self, name: &str) -> u64 {
+        match self.compact_slot(name) {
+            Some(&mut slot) if slot != Self::IN_MAP => u64::from(slot),
+            _ => self.other_incarnations.get(name).copied().unwrap_or(0),
+        }
+    }
+
+    fn set_incarnation(&mut self, name: &str, incarnation: u64) {
+        let compact = u32::try_from(incarnation)
+            .ok()
+            .filter(|&i| i != Self::IN_MAP);
+        match (self.compact_slot(name), compact) {
+            (Some(slot), Some(incarnation)) => {
+                let was_in_map = *slot == Self::IN_MAP;
+                *slot = incarnation;
+                if was_in_map {
+                    self.other_incarnations.remove(name);
                 }
-                &mut self.incarnations[i]
             }
-            None => self.other_incarnations.entry(name.to_owned()).or_insert(0),
+            (slot, _) => {
+                if let Some(slot) = slot {
+                    *slot = Self::IN_MAP;
+                }
+                self.other_incarnations.insert(name.to_owned(), incarnation);
+            }
         }
     }
 
     fn check_incarnation(&mut self, name: &str, incarnation: u64) -> Result<(), String> {
-        let last = self.incarnation_slot(name);
-        if incarnation < *last {
+        let last = self.last_incarnation(name);
+        if incarnation < last {
             return Err(format!(
                 "incarnation of {name} went back from {last} to {incarnation}"
             ));
         }
-        *last = incarnation;
+        self.set_incarnation(name, incarnation);
         Ok(())
     }
 }
