@@ -2,7 +2,7 @@
 # Runs one fuzz target on the nightly toolchain: fuzz/run.sh TARGET [SECONDS]
 # Installs cargo-fuzz first if it is missing. New inputs land in fuzz/corpus/TARGET; crashes in
 # fuzz/artifacts/TARGET. Targets: wire_messages wire_framing flow_stream registry_merge node
-# signed_claims.
+# signed_claims push_pull.
 set -euo pipefail
 cd "$(dirname "$0")"
 target=${1:?usage: fuzz/run.sh TARGET [SECONDS]}

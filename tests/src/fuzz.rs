@@ -868,4 +868,269 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("flow_stream", flow_stream),
     ("registry_merge", registry_merge),
     ("node", node),
+    ("push_pull", push_pull),
 ];
+
+/// Names a hostile push-pull may use: the target itself, the members it knows, strangers, a
+/// name too long to keep inline, and an invalid (empty) name, so that inputs collide with the
+/// target's own state.
+const PUSH_PULL_NAMES: [&str; 8] = [
+    "target",
+    "m1",
+    "m2",
+    "m3",
+    "stranger",
+    "a-member-name-longer-than-fifteen-bytes",
+    "",
+    "m4",
+];
+
+fn push_pull_name(i: u8) -> &'static str {
+    PUSH_PULL_NAMES[usize::from(i) % PUSH_PULL_NAMES.len()]
+}
+
+fn push_pull_addr(i: u8) -> SocketAddr {
+    SocketAddr::from(([127, 0, 1, 10 + i % PUSH_PULL_NAMES.len() as u8], 7000))
+}
+
+/// A member as a hostile push-pull describes it: every number over its whole range.
+#[derive(Arbitrary, Debug)]
+struct FuzzMember {
+    name: u8,
+    incarnation: u64,
+    state: i32,
+    fingerprint: u32,
+    /// 0: none, 1: IPv4, 2: IPv6, else a malformed address.
+    addr_kind: u8,
+    port: u32,
+    meta: Vec<u8>,
+    /// The incarnation the member's signed alive says, when it differs from the entry's.
+    alive_incarnation: Option<u64>,
+}
+
+impl FuzzMember {
+    fn addr(&self) -> Option<wire::SocketAddress> {
+        let ip: &[u8] = match self.addr_kind % 4 {
+            0 => return None,
+            1 => &[127, 0, 1, 20],
+            2 => &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            _ => &[1, 2, 3],
+        };
+        Some(wire::SocketAddress {
+            ip: Bytes::copy_from_slice(ip),
+            port: self.port,
+        })
+    }
+
+    fn entry(&self) -> wire::MemberEntry {
+        let node = push_pull_name(self.name).to_owned();
+        let alive = wire::Alive {
+            node: node.clone(),
+            incarnation: self.alive_incarnation.unwrap_or(self.incarnation),
+            addr: self.addr(),
+            meta: Bytes::copy_from_slice(&self.meta),
+        };
+        wire::MemberEntry {
+            node,
+            addr: self.addr(),
+            incarnation: self.incarnation,
+            state: self.state,
+            meta: Bytes::copy_from_slice(&self.meta),
+            alive: Some(
+                claims::sign(
+                    &claims::TrustAll,
+                    ClaimKind::Alive,
+                    alive.encode_to_vec(),
+                    false,
+                )
+                .expect("TrustAll signs"),
+            ),
+            ..Default::default()
+        }
+    }
+
+    fn digest(&self) -> wire::MemberDigest {
+        wire::MemberDigest {
+            node: push_pull_name(self.name).to_owned(),
+            incarnation: self.incarnation,
+            state: self.state,
+            fingerprint: self.fingerprint,
+        }
+    }
+}
+
+#[derive(Arbitrary, Debug)]
+enum PushPullOp {
+    /// A push-pull from the address of name `from`, built field by field.
+    Receive {
+        from: u8,
+        sender: u8,
+        wrong_version: bool,
+        join: bool,
+        reply: bool,
+        push: bool,
+        members: Vec<FuzzMember>,
+        digest: Vec<FuzzMember>,
+        want: Vec<u8>,
+        want_app_state: bool,
+        app_state: Vec<u8>,
+        app_state_digest: u64,
+        members_sum: u64,
+    },
+    /// Bytes as they come, from the address of name `from`.
+    Raw { from: u8, bytes: Vec<u8> },
+    /// Time passes: periodic exchanges and probes go out (and the next receives may answer them).
+    Wait { ms: u16 },
+}
+
+/// Drains what the target sends and checks it: stream messages decode and stay within the
+/// push-pull size limit, an answer is marked as one, datagrams stay within the packet size.
+fn drain_push_pull_target(
+    target: &mut grinta_proto::membership::Membership,
+    config: &grinta_proto::membership::Config,
+) {
+    use grinta_proto::membership::Channel;
+    while let Some(out) = target.poll_outgoing() {
+        match out.channel {
+            Channel::Datagram => {
+                wire::Packet::decode(&out.payload[..]).expect("a sent packet decodes");
+            }
+            Channel::Stream | Channel::StreamReply => {
+                assert!(
+                    out.payload.len() <= config.max_push_pull_size,
+                    "push-pull of {} bytes over the {}-byte limit",
+                    out.payload.len(),
+                    config.max_push_pull_size
+                );
+                let pp =
+                    wire::PushPull::decode(&out.payload[..]).expect("a sent push-pull decodes");
+                assert_eq!(pp.reply, out.channel == Channel::StreamReply, "{pp:?}");
+                assert_eq!(pp.sender, "target");
+            }
+        }
+    }
+    while target.poll_event().is_some() {}
+}
+
+/// Push-pull messages as a hostile peer might send them, fed to `Membership::handle_stream` (what
+/// a node calls with every push-pull stream it receives) of a node that knows three members:
+/// members in full and digests with any incarnation, state value, fingerprint and address, want
+/// lists, sums, application states and flags in any combination, interleaved with the passing of
+/// time so that the node's own exchanges go out and hostile answers meet them. The node must never
+/// panic, never send a push-pull over its size limit, never hold more members than its limit,
+/// never let its own incarnation go back, never take a peer's word for an entry of its own, and
+/// still answer an honest joiner at the end.
+pub fn push_pull(data: &[u8]) {
+    use grinta_proto::membership::{Config, Membership};
+    let mut u = Unstructured::new(data);
+    let Ok(ops) = Vec::<PushPullOp>::arbitrary(&mut u) else {
+        return;
+    };
+    let config = Config {
+        max_members: 6,
+        max_push_pull_size: 16 << 10,
+        ..Config::lan()
+    };
+    let t0 = Instant::now();
+    let mut now = t0;
+    let new_node = |name: u8, now: Instant| {
+        Membership::new(
+            config.clone(),
+            push_pull_name(name),
+            push_pull_addr(name),
+            u64::from(name),
+            now,
+            Box::new(claims::TrustAll),
+        )
+        .expect("valid node")
+    };
+    let mut target = new_node(0, now);
+    // The target learns m1, m2 and m3 as they join it.
+    let join = |target: &mut Membership, joiner: &mut Membership, now: Instant| {
+        joiner.join(now, &[target.local_addr()]);
+        while let Some(out) = joiner.poll_outgoing() {
+            target.handle_stream(now, joiner.local_addr(), &out.payload);
+            while let Some(reply) = target.poll_outgoing() {
+                joiner.handle_stream(now, target.local_addr(), &reply.payload);
+            }
+        }
+    };
+    for name in 1..=3 {
+        let mut member = new_node(name, now);
+        join(&mut target, &mut member, now);
+    }
+    drain_push_pull_target(&mut target, &config);
+    let mut incarnation = target.incarnation();
+    for op in ops.into_iter().take(64) {
+        match op {
+            PushPullOp::Receive {
+                from,
+                sender,
+                wrong_version,
+                join,
+                reply,
+                push,
+                members,
+                digest,
+                want,
+                want_app_state,
+                app_state,
+                app_state_digest,
+                members_sum,
+            } => {
+                let pp = wire::PushPull {
+                    protocol_version: if wrong_version {
+                        wire::PROTOCOL_VERSION + 1
+                    } else {
+                        wire::PROTOCOL_VERSION
+                    },
+                    sender: push_pull_name(sender).to_owned(),
+                    join,
+                    reply,
+                    members: members.iter().take(64).map(FuzzMember::entry).collect(),
+                    app_state: app_state.into(),
+                    digest: digest.iter().take(64).map(FuzzMember::digest).collect(),
+                    want: want
+                        .iter()
+                        .take(64)
+                        .map(|&n| push_pull_name(n).to_owned())
+                        .collect(),
+                    want_app_state,
+                    app_state_digest,
+                    push,
+                    members_sum,
+                };
+                target.handle_stream(now, push_pull_addr(from), &pp.encode_to_vec());
+            }
+            PushPullOp::Raw { from, bytes } => {
+                target.handle_stream(now, push_pull_addr(from), &bytes);
+            }
+            PushPullOp::Wait { ms } => {
+                now += Duration::from_millis(u64::from(ms) * 4);
+                target.handle_timeout(now);
+            }
+        }
+        drain_push_pull_target(&mut target, &config);
+        assert!(
+            target.members().count() <= config.max_members,
+            "the member limit holds"
+        );
+        assert!(
+            target.incarnation() >= incarnation,
+            "own incarnation never goes back"
+        );
+        incarnation = target.incarnation();
+        assert!(
+            target.member_states().all(|(name, _)| name != "target"),
+            "no peer's word puts the node in its own table"
+        );
+        assert_eq!(target.member_state("target"), None);
+    }
+    // An honest node still joins through the target and learns it.
+    let mut joiner = new_node(7, now);
+    join(&mut target, &mut joiner, now);
+    assert!(
+        joiner.members().any(|m| m.name == "target"),
+        "an honest joiner learns the target"
+    );
+}
