@@ -984,16 +984,27 @@ enum PushPullOp {
 }
 
 /// Drains what the target sends and checks it: stream messages decode and stay within the
-/// push-pull size limit, an answer is marked as one, datagrams stay within the packet size.
+/// push-pull size limit, an answer is marked as one, datagrams decode and stay within the packet
+/// size. Returns how many answers it sent.
 fn drain_push_pull_target(
     target: &mut grinta_proto::membership::Membership,
     config: &grinta_proto::membership::Config,
-) {
+) -> usize {
     use grinta_proto::membership::Channel;
+    let mut answers = 0;
     while let Some(out) = target.poll_outgoing() {
         match out.channel {
             Channel::Datagram => {
-                wire::Packet::decode(&out.payload[..]).expect("a sent packet decodes");
+                let packet = wire::Packet::decode(&out.payload[..]).expect("a sent packet decodes");
+                let header = wire::Packet {
+                    broadcasts: Vec::new(),
+                    ..packet
+                };
+                assert!(
+                    out.payload.len() <= config.max_packet_size.max(header.encoded_len()),
+                    "a packet of {} bytes",
+                    out.payload.len()
+                );
             }
             Channel::Stream | Channel::StreamReply => {
                 assert!(
@@ -1006,10 +1017,12 @@ fn drain_push_pull_target(
                     wire::PushPull::decode(&out.payload[..]).expect("a sent push-pull decodes");
                 assert_eq!(pp.reply, out.channel == Channel::StreamReply, "{pp:?}");
                 assert_eq!(pp.sender, "target");
+                answers += usize::from(pp.reply);
             }
         }
     }
     while target.poll_event().is_some() {}
+    answers
 }
 
 /// Push-pull messages as a hostile peer might send them, fed to `Membership::handle_stream` (what
@@ -1061,6 +1074,8 @@ pub fn push_pull(data: &[u8]) {
     }
     drain_push_pull_target(&mut target, &config);
     let mut incarnation = target.incarnation();
+    // Whether the last input was a request the target must answer, once.
+    let mut must_answer;
     for op in ops.into_iter().take(64) {
         match op {
             PushPullOp::Receive {
@@ -1078,13 +1093,15 @@ pub fn push_pull(data: &[u8]) {
                 app_state_digest,
                 members_sum,
             } => {
+                let sender_name = push_pull_name(sender);
+                must_answer = !wrong_version && !reply && !sender_name.is_empty();
                 let pp = wire::PushPull {
                     protocol_version: if wrong_version {
                         wire::PROTOCOL_VERSION + 1
                     } else {
                         wire::PROTOCOL_VERSION
                     },
-                    sender: push_pull_name(sender).to_owned(),
+                    sender: sender_name.to_owned(),
                     join,
                     reply,
                     members: members.iter().take(64).map(FuzzMember::entry).collect(),
@@ -1103,14 +1120,25 @@ pub fn push_pull(data: &[u8]) {
                 target.handle_stream(now, push_pull_addr(from), &pp.encode_to_vec());
             }
             PushPullOp::Raw { from, bytes } => {
+                must_answer = false;
                 target.handle_stream(now, push_pull_addr(from), &bytes);
             }
             PushPullOp::Wait { ms } => {
+                must_answer = false;
                 now += Duration::from_millis(u64::from(ms) * 4);
                 target.handle_timeout(now);
             }
         }
-        drain_push_pull_target(&mut target, &config);
+        let answers = drain_push_pull_target(&mut target, &config);
+        assert!(answers <= 1, "one answer per request at most");
+        if must_answer {
+            assert_eq!(answers, 1, "a well-formed request is answered");
+        }
+        for m in target.members() {
+            assert!(!m.name.is_empty());
+            assert_eq!(target.member_addr(&m.name), Some(m.addr), "{m:?}");
+            assert!(!m.addr.ip().is_unspecified(), "{m:?}");
+        }
         assert!(
             target.members().count() <= config.max_members,
             "the member limit holds"

@@ -110,6 +110,10 @@ impl Observations {
         // Only names exactly as `node_name` writes them, below a bound, take the compact slots.
         let i = name_index(name).filter(|&i| i < 1 << 20 && name == node_name(i))?;
         if self.incarnations.len() <= i {
+            // Grow by an eighth, not by doubling: a 10,000-node run holds 10,000 of these.
+            let len = (i + 1).max(self.incarnations.len() + self.incarnations.len() / 8);
+            self.incarnations
+                .reserve_exact(len - self.incarnations.len());
             self.incarnations.resize(i + 1, 0);
         }
         Some(&mut self.incarnations[i])

@@ -64,6 +64,8 @@ struct Item {
     transmits: u32,
     /// Never sent to the member the key names either (a member's own word).
     about_key_member: bool,
+    /// Never dropped to make room (the node's own leave, which the node waits for).
+    pinned: bool,
 }
 
 impl Item {
@@ -131,6 +133,16 @@ impl BroadcastQueue {
 
     /// Queues an item about node `about` (or from it): never sent to that node.
     pub(crate) fn push_about(&mut self, key: BroadcastKey, encoded: &[u8], about: Option<&str>) {
+        self.push_item(key, encoded, about, false);
+    }
+
+    /// Queues an item that is never dropped to make room: it leaves the queue only once sent
+    /// `limit` times (or replaced, or removed). For the node's own leave, which it waits to send.
+    pub(crate) fn push_pinned(&mut self, key: BroadcastKey, encoded: &[u8]) {
+        self.push_item(key, encoded, None, true);
+    }
+
+    fn push_item(&mut self, key: BroadcastKey, encoded: &[u8], about: Option<&str>, pinned: bool) {
         self.remove(&key);
         self.framed_bytes += framed_broadcast_len(encoded.len());
         let about_key_member = about.is_some() && key.member() == about.map(str::as_bytes);
@@ -141,6 +153,7 @@ impl BroadcastQueue {
             key,
             id: self.next_id,
             transmits: 0,
+            pinned,
         };
         self.next_id += 1;
         let rank = item.rank();
@@ -170,11 +183,18 @@ impl BroadcastQueue {
         });
         self.order.insert((rank, slot));
         while self.order.len() > self.capacity {
-            // The last item is the most sent, smallest and oldest: the least valuable.
-            if let Some((_, slot)) = self.order.pop_last() {
-                self.release(slot);
-                self.dropped += 1;
-            }
+            // The last item is the most sent, smallest and oldest: the least valuable, unless
+            // pinned (a queue holds at most one pinned item, so the walk stops at the next).
+            let slots = &self.slots;
+            let victim = self.order.iter().rev().copied().find(|&(_, slot)| {
+                !slots[slot as usize]
+                    .as_ref()
+                    .is_some_and(|item| item.pinned)
+            });
+            let Some(victim) = victim else { break };
+            self.order.remove(&victim);
+            self.release(victim.1);
+            self.dropped += 1;
         }
     }
 
@@ -373,6 +393,24 @@ mod tests {
         assert_eq!(q.len(), 2);
         assert_eq!(q.dropped(), 1);
         assert!(!q.contains(&app("a")), "oldest of equal items is dropped");
+    }
+
+    #[test]
+    fn a_pinned_item_is_never_dropped_to_make_room() {
+        let mut q = BroadcastQueue::new(4);
+        // The smallest, oldest item: the first to go, were it not pinned.
+        q.push_pinned(BroadcastKey::Member("me".into()), b"l");
+        for i in 0..10_000u32 {
+            q.push(app(&format!("k{i}")), b"larger item");
+            assert!(q.len() <= 4);
+        }
+        assert!(q.contains(&BroadcastKey::Member("me".into())));
+        assert_eq!(q.dropped(), 10_000 - 3);
+        // It leaves once sent `limit` times.
+        for _ in 0..3 {
+            fill(&mut q, 1000, 3, None);
+        }
+        assert!(q.is_empty());
     }
 
     #[test]

@@ -68,10 +68,10 @@ pub struct Config {
     /// push-pull repairs what gossip then misses. Each member has at most two items, so below
     /// half this many members nothing is dropped; it bounds the queue in a mass join of a large
     /// cluster, where every node would otherwise hold news of every other (about 150 bytes each
-    /// when unsigned). The default, 1024, is about what a node's gossip sends in a minute (32
-    /// unsigned items per 1200-byte packet, 15 gossip packets a second, each item sent up to 20
-    /// times at 10,000 members): news queued beyond that would wait longer than push-pull takes
-    /// to repair it.
+    /// when unsigned). The default, 1024, is about what a node's gossip sends in under a minute
+    /// (32 unsigned items per 1200-byte packet, 15 gossip packets a second, each item sent up to
+    /// 20 times at 10,000 members: 43 s): news queued beyond that would wait longer than
+    /// push-pull takes to repair it. The node's own leave is never dropped.
     pub max_member_broadcasts: usize,
     /// Most application broadcasts queued at once; the oldest, most-sent ones are dropped beyond it.
     pub max_app_broadcasts: usize,

@@ -812,7 +812,13 @@ impl Membership {
             from: self.name.clone(),
         };
         if let Some(claim) = self.sign_claim(ClaimKind::Dead, &msg) {
-            self.queue_member_broadcast(self.name.clone(), wire::broadcast::Kind::Dead(claim));
+            // Pinned: a full queue must not drop the leave this node waits to send.
+            let encoded = wire::Broadcast {
+                kind: Some(wire::broadcast::Kind::Dead(claim)),
+            }
+            .encode_to_vec();
+            self.member_queue
+                .push_pinned(BroadcastKey::Member(self.name.as_str().into()), &encoded);
         }
         self.probe = None;
         if self.live_members() == 0 {

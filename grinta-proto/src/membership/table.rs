@@ -31,7 +31,8 @@ const INLINE_NAME: usize = 15;
 const NAME_IN_BOX: u8 = u8::MAX;
 
 /// Unit of [`Entry::since`]: state times are kept to a tenth of a second, which a `u32` counts
-/// for 13 years.
+/// for 13.6 years of the table's life. Past that, every change reads as made at that point, so
+/// times in state are overstated; no node is expected to run that long without a restart.
 const SINCE_UNIT_MS: u64 = 100;
 
 /// One known member.
@@ -44,7 +45,7 @@ pub(super) struct Entry {
     pub(super) incarnation: u64,
     extra: Option<Box<Extra>>,
     /// When the state last changed, in tenths of a second after the table's epoch, rounded up
-    /// (so a time in state is never overstated).
+    /// (so a time in state is never overstated within [`SINCE_UNIT_MS`]'s 13.6 years).
     since: u32,
     /// [`fingerprint`](super::push_pull::fingerprint) of the address and metadata, for
     /// push-pull digests.

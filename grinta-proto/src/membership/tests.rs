@@ -354,6 +354,40 @@ fn graceful_leave_is_recorded_as_left() {
 }
 
 #[test]
+fn a_leave_goes_out_even_when_the_gossip_queue_is_full() {
+    let t0 = Instant::now();
+    let mut b = node("b", 2, t0);
+    // 3,000 members, each with news larger than the leave: the queue (1,024 items) is full of
+    // unsent items, and a leave not pinned would be the first dropped.
+    for i in 0..3000u16 {
+        learn(&mut b, &format!("member-{i}"), 10_000 + i, 1, t0);
+    }
+    drain(&mut b);
+    b.leave(t0);
+    let mut leaves_sent = 0;
+    while !b.has_left() {
+        for t in drain(&mut b) {
+            if t.channel != Channel::Datagram {
+                continue;
+            }
+            leaves_sent += decode_packet(&t)
+                .broadcasts
+                .iter()
+                .filter(|x| {
+                    matches!(&x.kind, Some(wire::broadcast::Kind::Dead(claim))
+                        if wire::Dead::decode(&claim.body[..]).is_ok_and(|d| d.node == "b"))
+                })
+                .count();
+        }
+        let now = b.poll_timeout().unwrap();
+        assert!(now <= t0 + b.config().leave_timeout);
+        b.handle_timeout(now);
+    }
+    assert!(leaves_sent > 0, "the leave was sent before the node left");
+    assert!(events(&mut b).contains(&Event::LeaveComplete));
+}
+
+#[test]
 fn garbage_never_panics_nor_changes_state() {
     let t0 = Instant::now();
     let mut a = node("a", 1, t0);
