@@ -7,8 +7,10 @@
 //!
 //! The crypto provider is a single choice, made in [`crypto_provider`]: rustls with `ring`.
 
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
@@ -169,10 +171,123 @@ impl TlsConfig {
     }
 }
 
-/// TLS sessions a node remembers for resumption, as client and as server (each a few hundred
-/// bytes): enough for every peer of a cluster of this many nodes to reconnect without a full
-/// handshake.
+/// TLS sessions a node remembers for resumption, as client (one ticket for each of this many
+/// servers) and as server (this many sessions; each a few hundred bytes): enough for every peer
+/// of a cluster of this many nodes to reconnect without a full handshake.
 pub const TLS_SESSION_CACHE: usize = 4096;
+
+/// At most one value per key for up to `capacity` keys; past that, the key first inserted is
+/// forgotten.
+#[derive(Debug)]
+struct OnePerKey<K, V> {
+    values: HashMap<K, V>,
+    /// Keys in the order they were first inserted.
+    order: VecDeque<K>,
+    capacity: usize,
+}
+
+impl<K: Hash + Eq + Clone, V: Default> OnePerKey<K, V> {
+    fn new(capacity: usize) -> Self {
+        Self {
+            values: HashMap::new(),
+            order: VecDeque::new(),
+            capacity,
+        }
+    }
+
+    /// The value of `key`, made (with its default) if it has none.
+    fn get_or_insert(&mut self, key: K) -> &mut V {
+        if !self.values.contains_key(&key) {
+            if self.values.len() >= self.capacity {
+                if let Some(oldest) = self.order.pop_front() {
+                    self.values.remove(&oldest);
+                }
+            }
+            self.order.push_back(key.clone());
+        }
+        self.values.entry(key).or_default()
+    }
+
+    fn get_mut(&mut self, key: &K) -> Option<&mut V> {
+        self.values.get_mut(key)
+    }
+}
+
+/// What the client remembers of one server: the key exchange it chose and one ticket.
+#[derive(Debug, Default)]
+struct ServerSession {
+    kx_hint: Option<rustls::NamedGroup>,
+    ticket: Option<rustls::client::Tls13ClientSessionValue>,
+}
+
+/// The client's resumption store: one TLS 1.3 ticket per server, for [`TLS_SESSION_CACHE`]
+/// servers. A node's server sends one ticket per handshake and a ticket is used once, so one is
+/// all a client can use; rustls's `ClientSessionMemoryCache` keeps room for eight per server and
+/// remembers an eighth as many servers as its size (512 for 4,096), so past 512 peers a node
+/// would reconnect to some with a full handshake.
+#[derive(Debug)]
+struct SessionTickets(Mutex<OnePerKey<ServerName<'static>, ServerSession>>);
+
+impl SessionTickets {
+    fn new(servers: usize) -> Self {
+        Self(Mutex::new(OnePerKey::new(servers)))
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut OnePerKey<ServerName<'static>, ServerSession>) -> T,
+    ) -> T {
+        // A panic while holding the lock leaves nothing half-done worth refusing.
+        let mut sessions = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut sessions)
+    }
+}
+
+impl rustls::client::ClientSessionStore for SessionTickets {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: rustls::NamedGroup) {
+        self.with(|s| s.get_or_insert(server_name).kx_hint = Some(group));
+    }
+
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        let name = server_name.to_owned();
+        self.with(|s| s.get_mut(&name).and_then(|x| x.kx_hint))
+    }
+
+    // TLS 1.3 only: nothing to keep for TLS 1.2.
+    fn set_tls12_session(
+        &self,
+        _server_name: ServerName<'static>,
+        _value: rustls::client::Tls12ClientSessionValue,
+    ) {
+    }
+
+    fn tls12_session(
+        &self,
+        _server_name: &ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        None
+    }
+
+    fn remove_tls12_session(&self, _server_name: &ServerName<'static>) {}
+
+    fn insert_tls13_ticket(
+        &self,
+        server_name: ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.with(|s| s.get_or_insert(server_name).ticket = Some(value));
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        server_name: &ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.with(|s| s.get_mut(server_name).and_then(|x| x.ticket.take()))
+    }
+}
 
 /// The rustls configurations of one node.
 #[derive(Debug, Clone)]
@@ -234,7 +349,8 @@ pub(crate) fn build(
         .with_client_auth_cert(tls.cert_chain.clone(), tls.key.clone_key())?;
     client.alpn_protocols = vec![ALPN.to_vec()];
     client.enable_early_data = false;
-    client.resumption = rustls::client::Resumption::in_memory_sessions(TLS_SESSION_CACHE);
+    client.resumption =
+        rustls::client::Resumption::store(Arc::new(SessionTickets::new(TLS_SESSION_CACHE)));
 
     let mut any = client.clone();
     let inner =
@@ -479,5 +595,45 @@ pub mod dev {
             assert!(missing.unwrap_err().to_string().contains("nope.pem"));
             std::fs::remove_dir_all(&dir).unwrap();
         }
+    }
+}
+
+#[cfg(test)]
+mod session_tests {
+    use super::*;
+
+    #[test]
+    fn one_value_per_key_for_as_many_keys_as_the_capacity_the_first_inserted_forgotten() {
+        let mut m: OnePerKey<u32, Option<u32>> = OnePerKey::new(4096);
+        for k in 0..10_000u32 {
+            *m.get_or_insert(k) = Some(k);
+            // A second value for the same key replaces the first.
+            *m.get_or_insert(k) = Some(k + 1);
+            assert!(m.values.len() <= 4096 && m.order.len() == m.values.len());
+        }
+        for k in 0..10_000u32 {
+            let kept = m.get_mut(&k).and_then(|v| v.take());
+            assert_eq!(kept, (k >= 10_000 - 4096).then_some(k + 1), "{k}");
+        }
+        // Taken once: nothing left to take, and the key stays known.
+        assert_eq!(m.get_mut(&9_999).and_then(|v| v.take()), None);
+        assert_eq!(m.values.len(), 4096);
+    }
+
+    #[test]
+    fn the_client_remembers_a_key_exchange_for_each_of_4096_servers() {
+        use rustls::client::ClientSessionStore;
+        let store = SessionTickets::new(TLS_SESSION_CACHE);
+        let name = |i: usize| ServerName::try_from(format!("node-{i}")).expect("a DNS name");
+        for i in 0..TLS_SESSION_CACHE {
+            store.set_kx_hint(name(i), rustls::NamedGroup::X25519);
+        }
+        // rustls's own memory cache of this size remembers 512 servers.
+        for i in 0..TLS_SESSION_CACHE {
+            assert_eq!(store.kx_hint(&name(i)), Some(rustls::NamedGroup::X25519));
+        }
+        store.set_kx_hint(name(TLS_SESSION_CACHE), rustls::NamedGroup::X25519);
+        assert_eq!(store.kx_hint(&name(0)), None, "the first one is forgotten");
+        assert!(store.take_tls13_ticket(&name(1)).is_none());
     }
 }
