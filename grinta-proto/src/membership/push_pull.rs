@@ -27,16 +27,30 @@ impl Version {
 /// The fingerprint of a member's address and metadata in a push-pull digest: the first four
 /// bytes of the SHA-256 of the IP address's bytes, the port (big-endian) and the metadata.
 pub(super) fn fingerprint(addr: SocketAddr, meta: &[u8]) -> u32 {
+    let (v4, v6);
+    let ip: &[u8] = match addr.ip() {
+        IpAddr::V4(ip) => {
+            v4 = ip.octets();
+            &v4
+        }
+        IpAddr::V6(ip) => {
+            v6 = ip.octets();
+            &v6
+        }
+    };
+    u32::from_be_bytes(sha256_prefix(&[ip, &addr.port().to_be_bytes(), meta]))
+}
+
+/// The first `N` bytes of the SHA-256 of `parts` one after the other: what push-pull's
+/// fingerprints, version hashes and application-state digests keep.
+fn sha256_prefix<const N: usize>(parts: &[&[u8]]) -> [u8; N] {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    match addr.ip() {
-        IpAddr::V4(v4) => ctx.update(&v4.octets()),
-        IpAddr::V6(v6) => ctx.update(&v6.octets()),
+    for part in parts {
+        ctx.update(part);
     }
-    ctx.update(&addr.port().to_be_bytes());
-    ctx.update(meta);
-    let d = ctx.finish();
-    let b = d.as_ref();
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+    let mut prefix = [0u8; N];
+    prefix.copy_from_slice(&ctx.finish().as_ref()[..N]);
+    prefix
 }
 
 /// A member's version as a push-pull sum counts it: the first eight bytes of the SHA-256 of
@@ -48,23 +62,19 @@ pub(super) fn version_hash(
     state: MemberState,
     fingerprint: u32,
 ) -> u64 {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    ctx.update(name.as_bytes());
-    ctx.update(&[0]);
-    ctx.update(&incarnation.to_be_bytes());
-    ctx.update(&[state.to_wire() as u8]);
-    ctx.update(&fingerprint.to_be_bytes());
-    let d = ctx.finish();
-    let b = d.as_ref();
-    u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+    u64::from_be_bytes(sha256_prefix(&[
+        name.as_bytes(),
+        &[0],
+        &incarnation.to_be_bytes(),
+        &[state.to_wire() as u8],
+        &fingerprint.to_be_bytes(),
+    ]))
 }
 
 /// The digest of the application state carried in push-pulls: the first eight bytes of its
 /// SHA-256.
 pub(super) fn app_state_digest(state: &[u8]) -> u64 {
-    let d = ring::digest::digest(&ring::digest::SHA256, state);
-    let b = d.as_ref();
-    u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+    u64::from_be_bytes(sha256_prefix(&[state]))
 }
 
 /// What a node sends in a push-pull.
@@ -631,5 +641,43 @@ impl Membership {
         self.suspicions.clear();
         self.indirect.clear();
         self.events.push_back(Event::LeaveComplete);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bytes the wire schema specifies, hashed whole.
+    fn sha256(bytes: &[u8]) -> Vec<u8> {
+        ring::digest::digest(&ring::digest::SHA256, bytes)
+            .as_ref()
+            .to_vec()
+    }
+
+    #[test]
+    fn fingerprints_version_hashes_and_state_digests_are_sha256_prefixes_of_the_specified_bytes() {
+        let v4: SocketAddr = "10.1.2.3:7946".parse().unwrap();
+        let v6: SocketAddr = "[fe80::1]:7946".parse().unwrap();
+        let mut b = vec![10, 1, 2, 3, 0x1f, 0x0a];
+        b.extend_from_slice(b"meta");
+        assert_eq!(fingerprint(v4, b"meta").to_be_bytes()[..], sha256(&b)[..4]);
+        let mut b = vec![
+            0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0x1f, 0x0a,
+        ];
+        assert_eq!(fingerprint(v6, b"").to_be_bytes()[..], sha256(&b)[..4]);
+        b.clear();
+        b.extend_from_slice(b"node-1\0");
+        b.extend_from_slice(&u64::MAX.to_be_bytes());
+        b.push(MemberState::Suspect.to_wire() as u8);
+        b.extend_from_slice(&0xdead_beef_u32.to_be_bytes());
+        assert_eq!(
+            version_hash("node-1", u64::MAX, MemberState::Suspect, 0xdead_beef).to_be_bytes()[..],
+            sha256(&b)[..8]
+        );
+        assert_eq!(
+            app_state_digest(b"state").to_be_bytes()[..],
+            sha256(b"state")[..8]
+        );
     }
 }
