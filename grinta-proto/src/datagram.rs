@@ -5,7 +5,8 @@
 //! priority: an application datagram is sent only while the connection's datagram buffer has
 //! room to spare ([`APP_DATAGRAM_HEADROOM`]), and is dropped (and counted) otherwise, so a
 //! sender is never blocked and never crowds out probes. A receiving node queues at most
-//! [`DATAGRAM_QUEUE`] datagrams per endpoint for its application; beyond that it drops them.
+//! [`DATAGRAM_QUEUE`] datagrams ([`DATAGRAM_QUEUE_BYTES`] of payload) per endpoint for its
+//! application; beyond that it drops them.
 
 use std::collections::VecDeque;
 
@@ -24,8 +25,15 @@ pub const APP_DATAGRAM_TAG: u8 = 0xFF;
 /// every path between nodes carries.
 pub const MAX_DATAGRAM_SIZE: usize = 960;
 
-/// Datagrams queued per local endpoint for the application; beyond it they are dropped.
-pub const DATAGRAM_QUEUE: usize = 1024;
+/// Datagrams queued per local endpoint for the application; beyond it they are dropped. One
+/// receive of the node's driver may bring several thousand (GRO batches of a busy sender), so the
+/// queue holds a few such batches while its reader catches up. The queue also holds at most
+/// [`DATAGRAM_QUEUE_BYTES`] of payload.
+pub const DATAGRAM_QUEUE: usize = 8192;
+
+/// Bytes of payload queued per local endpoint for the application; beyond it datagrams are
+/// dropped (1,092 of the largest datagrams; 8,192 of 128 bytes).
+pub const DATAGRAM_QUEUE_BYTES: usize = 1 << 20;
 
 /// Bytes of a connection's datagram send buffer kept for membership: an application datagram
 /// is dropped rather than use them.
@@ -34,15 +42,8 @@ pub const APP_DATAGRAM_HEADROOM: usize = 64 * 1024;
 /// Frames a datagram for `endpoint`: the tag, then the `AppDatagram` fields written in place
 /// (the bytes prost writes, without first copying the name into a message).
 pub fn encode(endpoint: &str, payload: Bytes) -> Bytes {
-    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
-    let field = |len: usize| {
-        if len == 0 {
-            0
-        } else {
-            1 + encoded_len_varint(len as u64) + len
-        }
-    };
-    let mut out = BytesMut::with_capacity(1 + field(endpoint.len()) + field(payload.len()));
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    let mut out = BytesMut::with_capacity(encoded_len(endpoint, payload.len()));
     out.put_u8(APP_DATAGRAM_TAG);
     for (tag, bytes) in [(1, endpoint.as_bytes()), (2, &payload[..])] {
         // proto3: empty fields are not written.
@@ -53,6 +54,19 @@ pub fn encode(endpoint: &str, payload: Bytes) -> Bytes {
         }
     }
     out.freeze()
+}
+
+/// The length of what [`encode`] makes of `endpoint` and a payload of `payload_len` bytes.
+pub fn encoded_len(endpoint: &str, payload_len: usize) -> usize {
+    use prost::encoding::encoded_len_varint;
+    let field = |len: usize| {
+        if len == 0 {
+            0
+        } else {
+            1 + encoded_len_varint(len as u64) + len
+        }
+    };
+    1 + field(endpoint.len()) + field(payload_len)
 }
 
 /// Reads a datagram framed by [`encode`]: `None` if it is not one, or not valid.
@@ -92,8 +106,24 @@ pub struct DatagramStats {
 /// The datagrams waiting for this node's endpoints.
 #[derive(Debug, Default)]
 pub struct Datagrams {
-    queues: HashMap<String, VecDeque<(String, Bytes)>>,
+    queues: HashMap<String, Queue>,
     stats: DatagramStats,
+}
+
+/// The datagrams waiting for one endpoint.
+#[derive(Debug, Default)]
+struct Queue {
+    datagrams: VecDeque<(String, Bytes)>,
+    /// Bytes of payload in `datagrams`.
+    bytes: usize,
+}
+
+impl Queue {
+    fn pop(&mut self) -> Option<(String, Bytes)> {
+        let datagram = self.datagrams.pop_front()?;
+        self.bytes -= datagram.1.len();
+        Some(datagram)
+    }
 }
 
 /// What [`Datagrams::deliver`] did with a datagram.
@@ -123,12 +153,15 @@ impl Datagrams {
             Some(queue) => queue,
             None => self.queues.entry_ref(endpoint).or_default(),
         };
-        if queue.len() >= DATAGRAM_QUEUE {
+        if queue.datagrams.len() >= DATAGRAM_QUEUE
+            || queue.bytes + payload.len() > DATAGRAM_QUEUE_BYTES
+        {
             self.stats.dropped_receiving += 1;
             return Delivery::Dropped;
         }
-        let first = queue.is_empty();
-        queue.push_back((from.to_owned(), payload));
+        let first = queue.datagrams.is_empty();
+        queue.bytes += payload.len();
+        queue.datagrams.push_back((from.to_owned(), payload));
         self.stats.received += 1;
         if first {
             Delivery::First
@@ -139,7 +172,7 @@ impl Datagrams {
 
     /// The next datagram for `endpoint`: the sending node's name and the payload.
     pub fn recv(&mut self, endpoint: &str) -> Option<(String, Bytes)> {
-        self.queues.get_mut(endpoint)?.pop_front()
+        self.queues.get_mut(endpoint)?.pop()
     }
 
     /// Moves up to `max` datagrams waiting for `endpoint` to the end of `into`; returns how
@@ -153,8 +186,15 @@ impl Datagrams {
         let Some(queue) = self.queues.get_mut(endpoint) else {
             return 0;
         };
-        let n = queue.len().min(max);
-        into.extend(queue.drain(..n));
+        let n = queue.datagrams.len().min(max);
+        if n == queue.datagrams.len() {
+            queue.bytes = 0;
+            into.append(&mut queue.datagrams);
+        } else {
+            for _ in 0..n {
+                into.extend(queue.pop());
+            }
+        }
         n
     }
 
@@ -170,6 +210,17 @@ impl Datagrams {
         } else {
             self.stats.dropped_sending += 1;
         }
+    }
+
+    /// Counts `sent` datagrams sent of `offered`, the others dropped before they were.
+    pub fn count_sent_batch(&mut self, sent: usize, offered: usize) {
+        self.stats.sent += sent as u64;
+        self.stats.dropped_sending += offered.saturating_sub(sent) as u64;
+    }
+
+    /// Counts `n` datagrams dropped before they were sent.
+    pub fn count_dropped_sending(&mut self, n: u64) {
+        self.stats.dropped_sending += n;
     }
 
     /// Counts a datagram dropped on arrival.
@@ -228,6 +279,7 @@ mod tests {
             };
             let mut expected = vec![APP_DATAGRAM_TAG];
             expected.extend_from_slice(&message.encode_to_vec());
+            assert_eq!(encoded_len(endpoint, payload.len()), expected.len());
             assert_eq!(&encode(endpoint, Bytes::from(payload))[..], &expected[..]);
         }
     }
@@ -257,5 +309,26 @@ mod tests {
         );
         d.close("a");
         assert_eq!(d.recv("a"), None);
+    }
+
+    #[test]
+    fn queues_are_bounded_in_bytes_too() {
+        let mut d = Datagrams::default();
+        let large = Bytes::from(vec![0u8; MAX_DATAGRAM_SIZE]);
+        for _ in 0..10_000 {
+            d.deliver("a", "n", large.clone());
+        }
+        let fit = DATAGRAM_QUEUE_BYTES / MAX_DATAGRAM_SIZE;
+        assert_eq!(d.stats().received, fit as u64);
+        // Reading frees room, in bytes as in datagrams.
+        let mut batch = VecDeque::new();
+        assert_eq!(d.recv_batch("a", &mut batch, 10), 10);
+        for _ in 0..20 {
+            d.deliver("a", "n", large.clone());
+        }
+        assert_eq!(d.stats().received, fit as u64 + 10);
+        assert_eq!(d.recv_batch("a", &mut batch, usize::MAX), fit);
+        assert!(d.recv("a").is_none());
+        assert_eq!(d.deliver("a", "n", large), Delivery::First);
     }
 }

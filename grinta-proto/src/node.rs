@@ -59,6 +59,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rustls::crypto::CryptoProvider;
 use rustls::time_provider::TimeProvider;
+use smallvec::SmallVec;
 use tracing::{debug, trace};
 
 use crate::claims::{self, CertificateKeys, ClaimKind};
@@ -575,7 +576,7 @@ impl Node {
         endpoint: &str,
         payload: Bytes,
     ) -> Result<bool, FlowError> {
-        use crate::datagram::{MAX_DATAGRAM_SIZE, encode};
+        use crate::datagram::MAX_DATAGRAM_SIZE;
         if payload.len() > MAX_DATAGRAM_SIZE {
             return Err(FlowError::MessageTooLarge {
                 size: payload.len() as u64,
@@ -605,12 +606,104 @@ impl Node {
                 name: endpoint.to_owned(),
             });
         };
-        let sent = self
-            .transport
-            .send_app_datagram(now, &node, addr, encode(endpoint, payload));
+        let sent =
+            self.transport
+                .send_app_datagrams(now, &node, addr, endpoint, std::iter::once(payload))
+                == 1;
         self.datagrams.count_sent(sent);
         self.work_pending = true;
         Ok(sent)
+    }
+
+    /// Sends a batch of application datagrams to `endpoint`, each as
+    /// [`send_datagram`](Self::send_datagram) would (an owner picked per datagram), looking its
+    /// owners up once; a datagram that cannot be sent (the endpoint has no owner any more, the
+    /// node is shutting down, it is too large) is dropped and counted in
+    /// [`NodeStats::datagrams`]. This is how a runtime hands over what its senders queued
+    /// outside the node.
+    pub fn send_datagrams(
+        &mut self,
+        now: Instant,
+        endpoint: &str,
+        payloads: impl IntoIterator<Item = Bytes>,
+    ) {
+        use crate::datagram::MAX_DATAGRAM_SIZE;
+        let route = if self.flows.is_shutting_down() {
+            DatagramRoute::Nowhere
+        } else {
+            match owners_to_use(
+                &self.registry,
+                &self.membership,
+                endpoint,
+                &TagFilter::new(),
+            ) {
+                Err(_) => DatagramRoute::Nowhere,
+                Ok(Owners::Local) => DatagramRoute::Local,
+                Ok(Owners::Remote(owners)) => DatagramRoute::Remote(
+                    owners
+                        .into_iter()
+                        .filter_map(|o| Some((o.to_owned(), self.membership.member_addr(o)?)))
+                        .collect(),
+                ),
+            }
+        };
+        let too_large = std::cell::Cell::new(0u64);
+        let mut payloads = payloads.into_iter().filter(|payload| {
+            let fits = payload.len() <= MAX_DATAGRAM_SIZE;
+            if !fits {
+                too_large.set(too_large.get() + 1);
+            }
+            fits
+        });
+        match &route {
+            // One owner: the whole batch to one connection.
+            DatagramRoute::Remote(owners) if owners.len() == 1 => {
+                let (node, addr) = &owners[0];
+                let mut offered = 0;
+                let sent = self.transport.send_app_datagrams(
+                    now,
+                    node,
+                    *addr,
+                    endpoint,
+                    payloads.by_ref().inspect(|_| offered += 1),
+                );
+                self.datagrams.count_sent_batch(sent, offered);
+                self.work_pending = true;
+            }
+            DatagramRoute::Remote(owners) if !owners.is_empty() => {
+                for payload in payloads.by_ref() {
+                    let (node, addr) = &owners[self.rng.random_range(0..owners.len())];
+                    let sent = self.transport.send_app_datagrams(
+                        now,
+                        node,
+                        *addr,
+                        endpoint,
+                        std::iter::once(payload),
+                    ) == 1;
+                    self.datagrams.count_sent(sent);
+                    self.work_pending = true;
+                }
+            }
+            DatagramRoute::Local => {
+                for payload in payloads.by_ref() {
+                    if self.send_datagram(now, endpoint, payload).is_err() {
+                        self.datagrams.count_dropped_sending(1);
+                    }
+                }
+            }
+            DatagramRoute::Remote(_) | DatagramRoute::Nowhere => {
+                let dropped = payloads.by_ref().count();
+                self.datagrams.count_dropped_sending(dropped as u64);
+            }
+        }
+        self.datagrams.count_dropped_sending(too_large.get());
+    }
+
+    /// Counts `n` application datagrams the runtime dropped before handing them to the node
+    /// (its queue for [`send_datagrams`](Self::send_datagrams) was full), in
+    /// [`NodeStats::datagrams`].
+    pub fn count_datagrams_dropped(&mut self, n: u64) {
+        self.datagrams.count_dropped_sending(n);
     }
 
     /// The next application datagram for local endpoint `endpoint`: the sending node's name and
@@ -724,14 +817,7 @@ impl Node {
 
     /// Whether the tags of `node` (this node or a member) match `filter`.
     pub fn tags_match(&self, node: &str, filter: &TagFilter) -> bool {
-        filter.is_empty()
-            || if node == self.membership.local_name() {
-                filter.matches(&Tags::decode(self.membership.local_meta()))
-            } else {
-                self.membership
-                    .member_meta(node)
-                    .is_some_and(|meta| filter.matches(&Tags::decode(&meta)))
-            }
+        tags_match(&self.membership, node, filter)
     }
 
     fn is_live_owner(&self, owner: &str) -> bool {
@@ -814,41 +900,14 @@ impl Node {
         endpoint: &str,
         filter: &TagFilter,
     ) -> Result<Target, FlowError> {
-        let mut owners = self.registry.resolve(endpoint);
-        if !filter.is_empty() {
-            owners.retain(|o| self.tags_match(o, filter));
-        }
-        let membership = &self.membership;
-        if owners.contains(&membership.local_name()) {
-            return Ok(Target::Local);
-        }
-        let state = |o: &str| membership.member_state(o);
-        let alive = |o: &&str| state(o) == Some(MemberState::Alive);
-        // Suspected owners are a last resort: they may still answer.
-        let not_gone = |o: &&str| {
-            state(o).is_some_and(|s| !matches!(s, MemberState::Dead | MemberState::Left))
+        let owners = match owners_to_use(&self.registry, &self.membership, endpoint, filter)? {
+            Owners::Local => return Ok(Target::Local),
+            Owners::Remote(owners) => owners,
         };
-        let live = owners.iter().filter(|o| alive(o)).count();
-        let usable: &dyn Fn(&&str) -> bool = if live > 0 { &alive } else { &not_gone };
-        let count = if live > 0 {
-            live
-        } else {
-            owners.iter().filter(|o| usable(o)).count()
-        };
-        if count == 0 {
-            return Err(FlowError::NoSuchEndpoint {
-                name: endpoint.to_owned(),
-            });
-        }
-        let k = self.rng.random_range(0..count);
-        match owners.iter().filter(|o| usable(o)).nth(k) {
-            Some(pick) => Ok(Target::Remote {
-                node: (*pick).to_owned(),
-            }),
-            None => Err(FlowError::NoSuchEndpoint {
-                name: endpoint.to_owned(),
-            }),
-        }
+        let k = self.rng.random_range(0..owners.len());
+        Ok(Target::Remote {
+            node: owners[k].to_owned(),
+        })
     }
 
     /// Dials `endpoint` on a remote owner (see [`resolve`](Self::resolve)); the flow is usable after
@@ -1813,6 +1872,75 @@ impl std::fmt::Display for DownReason {
             Self::Shutdown => f.write_str("this node shut down"),
         }
     }
+}
+
+/// The owners of `endpoint` whose tags match `filter` that a dial may go to: this node if it
+/// is one; otherwise the live ones, or if there are none the suspected ones (a last resort:
+/// they may still answer). `NoSuchEndpoint` if there are none of either.
+///
+/// A function of the node's fields it reads, so that the node's random generator can pick among
+/// the owners while they are borrowed.
+fn owners_to_use<'a>(
+    registry: &'a Registry,
+    membership: &Membership,
+    endpoint: &str,
+    filter: &TagFilter,
+) -> Result<Owners<'a>, FlowError> {
+    let mut owners = registry.resolve(endpoint);
+    if !filter.is_empty() {
+        owners.retain(|o| tags_match(membership, o, filter));
+    }
+    if owners.contains(&membership.local_name()) {
+        return Ok(Owners::Local);
+    }
+    let states: SmallVec<[Option<MemberState>; 4]> =
+        owners.iter().map(|o| membership.member_state(o)).collect();
+    let alive = |s: &Option<MemberState>| *s == Some(MemberState::Alive);
+    let not_gone = |s: &Option<MemberState>| {
+        s.is_some_and(|s| !matches!(s, MemberState::Dead | MemberState::Left))
+    };
+    let usable: &dyn Fn(&Option<MemberState>) -> bool = if states.iter().any(alive) {
+        &alive
+    } else {
+        &not_gone
+    };
+    let mut usable_states = states.iter();
+    owners.retain(|_| usable_states.next().is_some_and(usable));
+    if owners.is_empty() {
+        return Err(FlowError::NoSuchEndpoint {
+            name: endpoint.to_owned(),
+        });
+    }
+    Ok(Owners::Remote(owners))
+}
+
+/// See [`Node::tags_match`].
+fn tags_match(membership: &Membership, node: &str, filter: &TagFilter) -> bool {
+    filter.is_empty()
+        || if node == membership.local_name() {
+            filter.matches(&Tags::decode(membership.local_meta()))
+        } else {
+            membership
+                .member_meta(node)
+                .is_some_and(|meta| filter.matches(&Tags::decode(&meta)))
+        }
+}
+
+/// Where the datagrams of one name go, in [`Node::send_datagrams`].
+enum DatagramRoute {
+    /// No owner to send to: dropped.
+    Nowhere,
+    /// This node serves it.
+    Local,
+    /// Its owners and their addresses; one is picked per datagram.
+    Remote(Vec<(String, SocketAddr)>),
+}
+
+/// The owners a dial may go to (see [`owners_to_use`]).
+enum Owners<'a> {
+    Local,
+    /// At least one.
+    Remote(Vec<&'a str>),
 }
 
 /// Where a dial goes.

@@ -910,34 +910,46 @@ impl Transport {
         self.dirty.insert(ch);
     }
 
-    /// Sends an application datagram (see [`crate::datagram`]) to the peer, connecting first if
-    /// needed; `false` if it was dropped: membership keeps priority, so it goes only while the
-    /// connection's datagram buffer has [`APP_DATAGRAM_HEADROOM`](crate::datagram::APP_DATAGRAM_HEADROOM)
-    /// to spare (or, while the connection is being made, while half its queue is free).
-    pub(crate) fn send_app_datagram(
+    /// Sends application datagrams for `endpoint` (each framed by [`crate::datagram::encode`])
+    /// to the peer, connecting first if needed. Returns how many were sent; the others were
+    /// dropped: membership keeps priority, so a datagram goes only while the connection's
+    /// datagram buffer has [`APP_DATAGRAM_HEADROOM`](crate::datagram::APP_DATAGRAM_HEADROOM) to
+    /// spare (or, while the connection is being made, while half its queue is free). A dropped
+    /// datagram is not framed: a sender far faster than the connection costs little more than
+    /// the count.
+    pub(crate) fn send_app_datagrams(
         &mut self,
         now: Instant,
         name: &str,
         addr: SocketAddr,
-        data: Bytes,
-    ) -> bool {
+        endpoint: &str,
+        payloads: impl IntoIterator<Item = Bytes>,
+    ) -> usize {
+        use crate::datagram::{APP_DATAGRAM_HEADROOM, encode, encoded_len};
         let Some(ch) = self.connection_for(now, Some(name), addr) else {
-            return false;
+            return 0;
         };
         let limit = self.limits.max_queued_datagrams / 2;
         let Some(c) = self.conns.get_mut(&ch) else {
-            return false;
+            return 0;
         };
-        let sent = if c.datagrams_ready {
-            c.conn.datagrams().send_buffer_space()
-                >= crate::datagram::APP_DATAGRAM_HEADROOM + data.len()
-                && c.conn.datagrams().send(data, false).is_ok()
-        } else if c.queued_datagrams.len() < limit {
-            c.queued_datagrams.push_back(data);
-            true
-        } else {
-            false
-        };
+        let mut sent = 0;
+        for payload in payloads {
+            let queued = if c.datagrams_ready {
+                let len = encoded_len(endpoint, payload.len());
+                c.conn.datagrams().send_buffer_space() >= APP_DATAGRAM_HEADROOM + len
+                    && c.conn
+                        .datagrams()
+                        .send(encode(endpoint, payload), false)
+                        .is_ok()
+            } else if c.queued_datagrams.len() < limit {
+                c.queued_datagrams.push_back(encode(endpoint, payload));
+                true
+            } else {
+                false
+            };
+            sent += usize::from(queued);
+        }
         self.dirty.insert(ch);
         sent
     }

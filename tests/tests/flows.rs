@@ -1102,13 +1102,21 @@ fn bursts_of_datagrams_never_starve_membership() {
     let mut received = 0;
     for burst in 0..10u32 {
         // 10,000 datagrams of 900 bytes in one input: far more than a connection carries at once.
+        // Half the bursts one by one, half as the batches runtimes hand over.
         c.sim.with_node(0, |n, now| {
-            for i in 0..10_000u32 {
+            let payloads = (0..10_000u32).map(|i| {
                 let mut payload = vec![0u8; 900];
                 payload[..4].copy_from_slice(&(burst * 10_000 + i).to_be_bytes());
-                n.node
-                    .send_datagram(now, "inbox", Bytes::from(payload))
-                    .expect("never an error");
+                Bytes::from(payload)
+            });
+            if burst % 2 == 0 {
+                for payload in payloads {
+                    n.node
+                        .send_datagram(now, "inbox", payload)
+                        .expect("never an error");
+                }
+            } else {
+                n.node.send_datagrams(now, "inbox", payloads);
             }
         });
         c.run_for(Duration::from_secs(1));
@@ -1126,6 +1134,24 @@ fn bursts_of_datagrams_never_starve_membership() {
     println!("100,000 datagrams: {sender:?}; receiver {receiver:?}; read {received}");
     assert_eq!(sender.sent + sender.dropped_sending, 100_000);
     assert!(received > 1000, "{received}");
+    // A batch to a name nobody serves, or with datagrams too large, is dropped and counted.
+    c.sim.with_node(0, |n, now| {
+        n.node
+            .send_datagrams(now, "nobody", (0..1000).map(|_| Bytes::from_static(b"x")));
+        n.node.send_datagrams(
+            now,
+            "inbox",
+            [Bytes::from(vec![
+                0u8;
+                grinta_proto::datagram::MAX_DATAGRAM_SIZE
+                    + 1
+            ])],
+        );
+        n.node.count_datagrams_dropped(5);
+    });
+    let after = c.sim.node(0).node.stats().datagrams;
+    assert_eq!(after.sent, sender.sent);
+    assert_eq!(after.dropped_sending, sender.dropped_sending + 1000 + 1 + 5);
     assert_eq!(
         suspicions(&c),
         before,

@@ -18,6 +18,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use tracing::debug;
 
+use super::datagram_outbox::Run;
 use super::mailbox::Mailbox;
 use super::{DRIVER_BUDGET, RecvMeta, Runtime, Shared};
 use crate::node::{Node, Transmit};
@@ -69,6 +70,8 @@ pub(crate) struct Driver<R: Runtime> {
     scheduled: Vec<Arc<Mailbox>>,
     /// Mailboxes whose sender waits for room in the node.
     blocked: Vec<Arc<Mailbox>>,
+    /// Datagrams taken from the fabric's datagram outbox this round.
+    datagrams: Vec<Run>,
     /// When the metrics are published next.
     #[cfg(feature = "metrics")]
     next_metrics: Option<Instant>,
@@ -86,6 +89,7 @@ impl<R: Runtime> Driver<R> {
             recv_meta: [RecvMeta::default(); RECV_BUFFERS],
             scheduled: Vec::new(),
             blocked: Vec::new(),
+            datagrams: Vec::new(),
             #[cfg(feature = "metrics")]
             next_metrics: None,
             stats: SocketStats {
@@ -163,6 +167,8 @@ impl<R: Runtime> Driver<R> {
         for mailbox in &self.scheduled {
             mailbox.hand_over(&mut inner.node, now);
         }
+        // And so do the datagrams senders queued outside the lock.
+        inner.hand_over_datagrams(now, &mut self.datagrams);
         self.take_transmits(&mut inner.node, now);
         // After the transmits: building more packets may have driven connections that raised
         // events.

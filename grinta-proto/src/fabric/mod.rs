@@ -33,6 +33,7 @@ use crate::registry::{EndpointKind, RegistryError, RegistryEvent};
 use crate::tags::{TagError, TagFilter, Tags};
 
 mod builder;
+mod datagram_outbox;
 mod driver;
 mod handles;
 mod kv;
@@ -47,6 +48,7 @@ mod watch;
 
 pub use crate::node::DownReason;
 pub use builder::{FabricBuilder, Profile};
+pub use datagram_outbox::DATAGRAM_OUTBOX;
 pub use driver::SocketStats;
 pub use handles::{Flow, FlowReceiver, FlowSender, TypedFlow, TypedReceiver, TypedSender};
 pub use kv::{Kv, KvEntry, KvEvent, KvWatch, MAX_KEY_LEN, MAX_VALUE_LEN};
@@ -60,6 +62,7 @@ pub use topic::{
 };
 pub use watch::{EndpointMonitor, MemberWatch, NameEvent, NameWatch, NodeMonitor};
 
+use datagram_outbox::DatagramOutbox;
 use driver::Driver;
 use handles::Route;
 use local::{Closed, LocalEnd, LocalFlow};
@@ -465,6 +468,7 @@ pub(crate) struct Inner {
     /// The mailbox of every remote flow that has a handle.
     mailboxes: HashMap<FlowId, Arc<Mailbox>>,
     wakeup: Arc<Wakeup>,
+    datagram_outbox: Arc<DatagramOutbox>,
     /// The driver's socket counters, as of its last wake.
     socket_stats: SocketStats,
     /// See [`FabricStats::endpoints`].
@@ -493,6 +497,8 @@ pub(crate) struct Shared {
     handles: AtomicUsize,
     /// The driver's waker and scheduled mailboxes, under a lock of their own.
     pub(crate) wakeup: Arc<Wakeup>,
+    /// Datagrams to names known to lead to other nodes, under a lock of their own.
+    pub(crate) datagram_outbox: Arc<DatagramOutbox>,
     local_addr: SocketAddr,
     /// The node's name (fixed for its life).
     name: String,
@@ -527,6 +533,23 @@ impl Inner {
         self.shutdown && (outbox_empty || self.abandoned)
     }
 
+    /// Hands the datagrams senders queued outside the lock (see [`datagram_outbox`]) to the
+    /// node, which routes and frames them; `runs` is scratch space, left empty. The driver does
+    /// it every round, and [`Fabric::stats`] before it counts. Returns whether there were any.
+    pub(crate) fn hand_over_datagrams(
+        &mut self,
+        now: Instant,
+        runs: &mut Vec<datagram_outbox::Run>,
+    ) -> bool {
+        let dropped = self.datagram_outbox.take(runs);
+        self.node.count_datagrams_dropped(dropped);
+        let any = !runs.is_empty();
+        for run in runs.drain(..) {
+            self.node.send_datagrams(now, &run.endpoint, run.payloads);
+        }
+        any
+    }
+
     /// The runtime's current time.
     pub(crate) fn now(&self) -> Instant {
         (self.clock)()
@@ -551,6 +574,7 @@ impl Inner {
 
     fn go_down(&mut self) {
         self.shutdown = true;
+        self.datagram_outbox.close();
         self.topics.close();
         self.close_local_flows();
         self.wake_all();
@@ -708,6 +732,7 @@ impl Inner {
                 }
                 Event::Membership(e) => {
                     self.directory_changes += 1;
+                    self.datagram_outbox.forget_routes();
                     self.waiters.names.drain(..).for_each(Waker::wake);
                     self.member_events.push(e);
                     for w in self.waiters.members.drain(..) {
@@ -722,6 +747,7 @@ impl Inner {
         if generation != self.registry_generation {
             self.registry_generation = generation;
             self.directory_changes += 1;
+            self.datagram_outbox.forget_routes();
             self.waiters.names.drain(..).for_each(Waker::wake);
         }
     }
@@ -861,8 +887,10 @@ impl<R: Runtime> Fabric<R> {
         let mut node = Node::new(config, seed, now)?;
         node.join(now, &[]);
         let wakeup = Arc::new(Wakeup::default());
+        let datagram_outbox = Arc::new(DatagramOutbox::default());
         let shared = Arc::new(Shared {
             wakeup: wakeup.clone(),
+            datagram_outbox: datagram_outbox.clone(),
             inner: Mutex::new(Inner {
                 node,
                 waiters: Waiters::default(),
@@ -875,6 +903,7 @@ impl<R: Runtime> Fabric<R> {
                 local_flows: Vec::new(),
                 mailboxes: HashMap::new(),
                 wakeup,
+                datagram_outbox,
                 socket_stats: SocketStats::default(),
                 endpoint_stats: BTreeMap::new(),
                 query_stats: BTreeMap::new(),
@@ -1196,6 +1225,10 @@ impl<R: Runtime> Fabric<R> {
     /// in [`FabricStats`] (`node.datagrams`). The first datagrams to a node not yet connected
     /// wait for the connection (a few of them).
     ///
+    /// Once a name is known to lead to another node, its datagrams are queued for the node's
+    /// driver without taking the node's lock (at most [`DATAGRAM_OUTBOX`]; beyond that they are
+    /// dropped and counted), so a tight sending loop does not contend with the driver.
+    ///
     /// Errors: [`Error::Registry`] for an invalid name; `FlowError::MessageTooLarge` beyond
     /// [`max_datagram_size`](Self::max_datagram_size); `FlowError::NoSuchEndpoint`;
     /// [`Error::Shutdown`].
@@ -1210,6 +1243,25 @@ impl<R: Runtime> Fabric<R> {
         crate::registry::validate_endpoint_name(name)?;
         refuse_reserved(name)?;
         let message = message.into();
+        if message.len() > crate::datagram::MAX_DATAGRAM_SIZE {
+            return Err(FlowError::MessageTooLarge {
+                size: message.len() as u64,
+                limit: crate::datagram::MAX_DATAGRAM_SIZE as u64,
+            }
+            .into());
+        }
+        // A name known to lead to another node: queued for the driver without the node's lock
+        // (see `datagram_outbox`).
+        let message = match self.shared.datagram_outbox.push(name, message) {
+            datagram_outbox::Push::Queued { wake } => {
+                if wake {
+                    self.shared.wakeup.wake_driver();
+                }
+                return Ok(());
+            }
+            datagram_outbox::Push::Dropped => return Ok(()),
+            datagram_outbox::Push::ThroughNode(message) => message,
+        };
         let mut inner = self.shared.lock();
         if !inner.accepting() {
             return Err(Error::Shutdown);
@@ -1219,6 +1271,11 @@ impl<R: Runtime> Fabric<R> {
         let had_work = inner.node.has_pending_work();
         let now = R::now();
         inner.node.send_datagram(now, name, message)?;
+        if !inner.node.registry().is_local(name) {
+            // It went to another node: the next ones may skip the node's lock until the
+            // directory changes.
+            inner.datagram_outbox.learn_remote(name);
+        }
         // An in-process delivery wakes the endpoint's reader.
         inner.dispatch();
         if !had_work {
@@ -1393,7 +1450,13 @@ impl<R: Runtime> Fabric<R> {
     /// # }
     /// ```
     pub fn stats(&self) -> FabricStats {
-        let inner = self.shared.lock();
+        let mut inner = self.shared.lock();
+        // Datagrams still queued for the driver are sent (or dropped) first, so the counts
+        // cover every datagram sent before this call.
+        let now = inner.now();
+        if inner.hand_over_datagrams(now, &mut Vec::new()) {
+            inner.wake_driver();
+        }
         FabricStats {
             open_flows: inner.node.flow_count(),
             pending_dials: inner.dials.len(),
@@ -1428,6 +1491,7 @@ impl<R: Runtime> Fabric<R> {
             }
             let grace = inner.node.flow_limits().shutdown_grace;
             inner.draining_until = Some(deadline_after(now, grace));
+            inner.datagram_outbox.close();
             inner.node.stop_accepting(now);
             inner.topics.drain(&mut inner.node);
             let names: Vec<String> = inner.local_backlogs.keys().cloned().collect();
@@ -1497,13 +1561,13 @@ pub struct Endpoint<R: Runtime> {
     name: String,
     /// As a `Stream`: the error that ends it was returned.
     ended: bool,
-    /// Datagrams taken from the node, not yet returned: a busy reader locks the node once per
-    /// [`DATAGRAM_BATCH`].
+    /// Datagrams taken from the node, not yet returned: a busy reader takes the node's whole
+    /// queue for it each time it locks the node.
     datagrams: Mutex<VecDeque<(String, Bytes)>>,
 }
 
-/// Datagrams an endpoint takes from the node at once.
-const DATAGRAM_BATCH: usize = 64;
+/// Datagrams an endpoint takes from the node at once: all it holds for it.
+const DATAGRAM_BATCH: usize = crate::datagram::DATAGRAM_QUEUE;
 
 impl<R: Runtime> std::fmt::Debug for Endpoint<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -34,7 +34,10 @@
 //! # Ok::<(), grinta_proto::registry::RegistryError>(())
 //! ```
 
+use std::borrow::Borrow;
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ops::Bound;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -422,6 +425,50 @@ struct Entry {
     signed: Option<wire::Signed>,
 }
 
+/// A `(name, owner)` key of the directory's records, owned (as stored) or borrowed (to look one
+/// up without copying the strings): both order as the pair of strings does.
+trait RecordKey {
+    fn parts(&self) -> (&str, &str);
+}
+
+impl RecordKey for (String, String) {
+    fn parts(&self) -> (&str, &str) {
+        (&self.0, &self.1)
+    }
+}
+
+impl RecordKey for (&str, &str) {
+    fn parts(&self) -> (&str, &str) {
+        (self.0, self.1)
+    }
+}
+
+impl<'a> Borrow<dyn RecordKey + 'a> for (String, String) {
+    fn borrow(&self) -> &(dyn RecordKey + 'a) {
+        self
+    }
+}
+
+impl PartialEq for dyn RecordKey + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn RecordKey + '_ {}
+
+impl PartialOrd for dyn RecordKey + '_ {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for dyn RecordKey + '_ {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.parts().cmp(&other.parts())
+    }
+}
+
 /// The directory as known by one node.
 #[derive(Debug)]
 pub struct Registry {
@@ -506,8 +553,7 @@ impl Registry {
 
     /// Whether this node holds a live claim on `name`.
     pub fn is_local(&self, name: &str) -> bool {
-        self.records
-            .get(&(name.to_owned(), self.local.clone()))
+        self.record_of(name, &self.local)
             .is_some_and(|e| e.record.claimed)
     }
 
@@ -555,13 +601,13 @@ impl Registry {
     }
 
     /// Live claims on `name`, sorted by owner.
-    fn claims<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a Record> + use<'a> {
-        let from = (name.to_owned(), String::new());
-        self.records
-            .range(&from..)
-            .take_while(move |((n, _), _)| *n == from.0)
-            .map(|(_, e)| &e.record)
-            .filter(|r| r.claimed)
+    fn claims<'a, 'n>(&'a self, name: &'n str) -> impl Iterator<Item = &'a Record> + use<'a, 'n> {
+        self.records_of(name).filter(|r| r.claimed)
+    }
+
+    /// The record of `(name, owner)`.
+    fn record_of(&self, name: &str, owner: &str) -> Option<&Entry> {
+        self.records.get(&(name, owner) as &dyn RecordKey)
     }
 
     /// The claim that keeps an exclusive name: the lowest (version, owner). For a group name, every
@@ -654,8 +700,11 @@ impl Registry {
 
     /// Withdraws this node's claim on `name`. Returns the tombstone to disseminate.
     pub fn unregister(&mut self, name: &str, now: Instant) -> Result<Record, RegistryError> {
-        let key = (name.to_owned(), self.local.clone());
-        let Some(entry) = self.records.get(&key).filter(|e| e.record.claimed) else {
+        let Some(claim) = self
+            .record_of(name, &self.local)
+            .filter(|e| e.record.claimed)
+            .map(|e| e.record.clone())
+        else {
             return Err(RegistryError::NotRegistered {
                 name: name.to_owned(),
             });
@@ -665,7 +714,7 @@ impl Registry {
             claimed: false,
             version,
             owner_incarnation: self.local_incarnation,
-            ..entry.record.clone()
+            ..claim
         };
         self.apply(record.clone(), now);
         Ok(record)
@@ -761,7 +810,8 @@ impl Registry {
         if record.owner == self.local {
             // News about our own records that we did not write: a previous life of this node.
             // Out-write it with the current state.
-            let current = self.records.get(&(record.name.clone(), self.local.clone()));
+            let key: &dyn RecordKey = &(record.name.as_str(), self.local.as_str());
+            let current = self.records.get(key);
             if record.kind == EndpointKind::Value && current.is_none_or(|c| !c.record.claimed) {
                 // An entry of a previous life, where this life holds none: never a fresh write
                 // (that would outrank every later write of the key). A durable entry is taken
@@ -1080,11 +1130,14 @@ impl Registry {
     }
 
     /// Every record of `name` (claims and tombstones, every owner), sorted by owner.
-    fn records_of<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a Record> + use<'a> {
-        let from = (name.to_owned(), String::new());
+    fn records_of<'a, 'n>(
+        &'a self,
+        name: &'n str,
+    ) -> impl Iterator<Item = &'a Record> + use<'a, 'n> {
+        let from: &dyn RecordKey = &(name, "");
         self.records
-            .range(&from..)
-            .take_while(move |((n, _), _)| *n == from.0)
+            .range::<dyn RecordKey, _>((Bound::Included(from), Bound::Unbounded))
+            .take_while(move |((n, _), _)| n == name)
             .map(|(_, e)| &e.record)
     }
 
