@@ -3,7 +3,7 @@
 //!
 //! `cargo run --release -p grinta-bench` runs everything, prints a table and writes
 //! `target/bench/results.json`. `-- <filter>` runs only the measurements whose name contains
-//! the filter. `-- --profile bulk|small|quinn-bulk|quinn-small` runs one side of a remote
+//! the filter. `-- --profile bulk|small|quinn-bulk|quinn-small|requests` runs one side of a remote
 //! throughput measurement for about ten seconds and prints socket counters, for `perf record`. The scale measurements run in child processes (the same binary, `--scale N`) so
 //! each reports its own peak memory.
 
@@ -136,6 +136,10 @@ fn main() {
     if args.first().map(String::as_str) == Some("--profile") {
         // Only grinta's side of one remote measurement, in a loop: a target for `perf record`.
         let kind = args.get(1).map(String::as_str).unwrap_or("bulk");
+        if kind == "requests" {
+            runtime.block_on(remote::profile_requests());
+            return;
+        }
         runtime.block_on(remote::profile(
             kind.contains("small"),
             kind.contains("quinn"),

@@ -439,6 +439,18 @@ pub(crate) mod raw {
     }
 }
 
+/// Runs grinta's request throughput measurement (64 requesters) for about ten seconds, then
+/// prints the rates.
+pub(crate) async fn profile_requests() {
+    let pair = grinta_pair().await;
+    let start = Instant::now();
+    let mut rates = Vec::new();
+    while start.elapsed() < Duration::from_secs(10) {
+        rates.push(grinta_request_throughput(&pair.a).await);
+    }
+    eprintln!("requests per second per run: {rates:.0?}");
+}
+
 /// Runs grinta's (or with `baseline` raw quinn's) bulk or small-message stream for about ten
 /// seconds, then prints the rate and grinta's socket counters.
 pub(crate) async fn profile(small: bool, baseline: bool) {

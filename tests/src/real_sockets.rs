@@ -1430,8 +1430,20 @@ pub async fn datagrams_arrive_and_never_block<R: Runtime>() {
         assert_eq!(f.alive_members().len(), 1, "membership kept its priority");
         assert_eq!(f.stats().node.membership.suspicions_raised, 0);
     }
-    // Closing the endpoint: datagrams for it are dropped; shutting down ends the wait.
+    // Closing the endpoint: datagrams for it are dropped. The sender had queued them outside its
+    // node's lock, the name being known to lead to the server; once the withdrawal reaches it,
+    // sending answers `NoSuchEndpoint` again. Shutting down ends the wait.
     inbox.close();
+    until::<R>(
+        Duration::from_secs(20),
+        "the withdrawal reaches the sender",
+        || {
+            client
+                .send_datagram("inbox", "x")
+                .is_err_and(|e| e.is_no_such_endpoint())
+        },
+    )
+    .await;
     client.shutdown().await;
     assert!(
         client

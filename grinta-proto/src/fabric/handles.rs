@@ -380,6 +380,17 @@ impl<R: Runtime> Flow<R> {
         self.tx.core.is_local()
     }
 
+    /// Records that the node already finished this flow's sending side (a request's open
+    /// carried its end): dropping the handle then releases the flow rather than resetting it.
+    pub(crate) fn finished_by_node(&self) {
+        let _ = self.tx.core.state.compare_exchange(
+            OPEN,
+            FINISHED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
     /// The name of the node at the other end: the dialler for an accepted flow, the owner for
     /// a dialled one (this node's own name for an in-process flow). A remote peer's name is
     /// the one its certificate proves.

@@ -316,6 +316,10 @@ impl<R: Runtime> Fabric<R> {
                 // In-process: nothing travelled with the dial.
                 flow.send(message).await?;
                 flow.finish().await?;
+            } else {
+                // The message and the end went with the open: once the reply is read, the flow
+                // is released, not reset (which would cost both nodes a packet).
+                flow.finished_by_node();
             }
             match flow.recv().await? {
                 Some(reply) => Ok(reply),
