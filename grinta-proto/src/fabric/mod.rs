@@ -502,6 +502,8 @@ pub(crate) struct Shared {
     local_addr: SocketAddr,
     /// The node's name (fixed for its life).
     name: String,
+    /// The node's flow limits (fixed for its life), read without its lock.
+    pub(crate) flow_limits: crate::flow::FlowLimits,
 }
 
 impl Shared {
@@ -888,7 +890,9 @@ impl<R: Runtime> Fabric<R> {
         node.join(now, &[]);
         let wakeup = Arc::new(Wakeup::default());
         let datagram_outbox = Arc::new(DatagramOutbox::default());
+        let flow_limits = node.flow_limits().clone();
         let shared = Arc::new(Shared {
+            flow_limits,
             wakeup: wakeup.clone(),
             datagram_outbox: datagram_outbox.clone(),
             inner: Mutex::new(Inner {

@@ -135,13 +135,7 @@ impl<R: Runtime> Stream for Requests<R> {
                     Poll::Ready(Ok(mut flow)) => {
                         // A requester sends its message with the open: one that sends nothing
                         // within the dial timeout does not keep a slot.
-                        let limit = endpoint
-                            .fabric
-                            .shared
-                            .lock()
-                            .node
-                            .flow_limits()
-                            .dial_timeout;
+                        let limit = endpoint.fabric.shared.flow_limits.dial_timeout;
                         let deadline = R::sleep_until(super::deadline_after(R::now(), limit));
                         this.reading.push(Box::pin(async move {
                             let payload = {
@@ -239,7 +233,7 @@ impl<R: Runtime> Fabric<R> {
     ///
     /// Cancel safety: dropping the future abandons the request (its flow is reset).
     pub async fn request(&self, name: &str, message: impl Into<Bytes>) -> Result<Bytes, Error> {
-        let timeout = self.shared.lock().node.flow_limits().request_timeout;
+        let timeout = self.shared.flow_limits.request_timeout;
         self.request_with_timeout(name, message, timeout).await
     }
 
