@@ -161,6 +161,10 @@ impl Datagrams {
         }
         let first = queue.datagrams.is_empty();
         queue.bytes += payload.len();
+        // A received payload shares the buffer of its whole receive (up to 64 KiB of coalesced
+        // packets): copied, a queued datagram holds its own bytes only, and the byte bound is
+        // the memory held.
+        let payload = Bytes::copy_from_slice(&payload);
         queue.datagrams.push_back((from.to_owned(), payload));
         self.stats.received += 1;
         if first {

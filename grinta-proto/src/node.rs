@@ -691,11 +691,12 @@ impl Node {
                     }
                 }
             }
-            DatagramRoute::Remote(_) | DatagramRoute::Nowhere => {
-                let dropped = payloads.by_ref().count();
-                self.datagrams.count_dropped_sending(dropped as u64);
-            }
+            DatagramRoute::Remote(_) | DatagramRoute::Nowhere => {}
         }
+        // What was not offered to a connection (no owner, or no connection to be had) is
+        // dropped, and counted like the rest.
+        let rest = payloads.count();
+        self.datagrams.count_dropped_sending(rest as u64);
         self.datagrams.count_dropped_sending(too_large.get());
     }
 

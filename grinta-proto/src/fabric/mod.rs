@@ -547,7 +547,12 @@ impl Inner {
         self.node.count_datagrams_dropped(dropped);
         let any = !runs.is_empty();
         for run in runs.drain(..) {
-            self.node.send_datagrams(now, &run.endpoint, run.payloads);
+            if self.shutdown {
+                // No driver sends any more (abandoned, or down): dropped, not handed to the node.
+                self.node.count_datagrams_dropped(run.payloads.len() as u64);
+            } else {
+                self.node.send_datagrams(now, &run.endpoint, run.payloads);
+            }
         }
         any
     }
@@ -1234,8 +1239,9 @@ impl<R: Runtime> Fabric<R> {
     /// dropped and counted), so a tight sending loop does not contend with the driver.
     ///
     /// Errors: [`Error::Registry`] for an invalid name; `FlowError::MessageTooLarge` beyond
-    /// [`max_datagram_size`](Self::max_datagram_size); `FlowError::NoSuchEndpoint`;
-    /// [`Error::Shutdown`].
+    /// [`max_datagram_size`](Self::max_datagram_size); `FlowError::NoSuchEndpoint` (for a name
+    /// withdrawn a moment ago, a few datagrams may still be accepted and then dropped, counted,
+    /// until the node's driver has seen the change); [`Error::Shutdown`].
     ///
     /// ```no_run
     /// # fn demo(fabric: grinta_proto::fabric::Fabric<impl grinta_proto::fabric::Runtime>) -> Result<(), grinta_proto::fabric::Error> {

@@ -310,13 +310,17 @@ impl<R: Runtime> Fabric<R> {
                 // In-process: nothing travelled with the dial.
                 flow.send(message).await?;
                 flow.finish().await?;
-            } else {
-                // The message and the end went with the open: once the reply is read, the flow
-                // is released, not reset (which would cost both nodes a packet).
-                flow.finished_by_node();
             }
             match flow.recv().await? {
-                Some(reply) => Ok(reply),
+                Some(reply) => {
+                    if !flow.is_local() {
+                        // The message and the end went with the open: once the reply is read,
+                        // the flow is released, not reset (which would cost both nodes a
+                        // packet). A request given up before its reply still resets it.
+                        flow.finished_by_node();
+                    }
+                    Ok(reply)
+                }
                 None => Err(Error::Flow(FlowError::NoReply {
                     endpoint: name.to_owned(),
                 })),
