@@ -606,10 +606,10 @@ impl Node {
                 name: endpoint.to_owned(),
             });
         };
-        let sent =
+        let (sent, _) =
             self.transport
-                .send_app_datagrams(now, &node, addr, endpoint, std::iter::once(payload))
-                == 1;
+                .send_app_datagrams(now, &node, addr, endpoint, std::iter::once(payload));
+        let sent = sent == 1;
         self.datagrams.count_sent(sent);
         self.work_pending = true;
         Ok(sent)
@@ -659,13 +659,12 @@ impl Node {
             // One owner: the whole batch to one connection.
             DatagramRoute::Remote(owners) if owners.len() == 1 => {
                 let (node, addr) = &owners[0];
-                let mut offered = 0;
-                let sent = self.transport.send_app_datagrams(
+                let (sent, offered) = self.transport.send_app_datagrams(
                     now,
                     node,
                     *addr,
                     endpoint,
-                    payloads.by_ref().inspect(|_| offered += 1),
+                    payloads.by_ref(),
                 );
                 self.datagrams.count_sent_batch(sent, offered);
                 self.work_pending = true;
@@ -673,14 +672,14 @@ impl Node {
             DatagramRoute::Remote(owners) if !owners.is_empty() => {
                 for payload in payloads.by_ref() {
                     let (node, addr) = &owners[self.rng.random_range(0..owners.len())];
-                    let sent = self.transport.send_app_datagrams(
+                    let (sent, _) = self.transport.send_app_datagrams(
                         now,
                         node,
                         *addr,
                         endpoint,
                         std::iter::once(payload),
-                    ) == 1;
-                    self.datagrams.count_sent(sent);
+                    );
+                    self.datagrams.count_sent(sent == 1);
                     self.work_pending = true;
                 }
             }

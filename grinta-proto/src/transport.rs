@@ -911,8 +911,8 @@ impl Transport {
     }
 
     /// Sends application datagrams for `endpoint` (each framed by [`crate::datagram::encode`])
-    /// to the peer, connecting first if needed. Returns how many were sent; the others were
-    /// dropped: membership keeps priority, so a datagram goes only while the connection's
+    /// to the peer, connecting first if needed. Takes every datagram of `payloads` and returns
+    /// how many were sent and how many there were; the others were dropped: membership keeps priority, so a datagram goes only while the connection's
     /// datagram buffer has [`APP_DATAGRAM_HEADROOM`](crate::datagram::APP_DATAGRAM_HEADROOM) to
     /// spare (or, while the connection is being made, while half its queue is free). A dropped
     /// datagram is not framed: a sender far faster than the connection costs little more than
@@ -924,17 +924,19 @@ impl Transport {
         addr: SocketAddr,
         endpoint: &str,
         payloads: impl IntoIterator<Item = Bytes>,
-    ) -> usize {
+    ) -> (usize, usize) {
         use crate::datagram::{APP_DATAGRAM_HEADROOM, encode, encoded_len};
+        let payloads = payloads.into_iter();
         let Some(ch) = self.connection_for(now, Some(name), addr) else {
-            return 0;
+            return (0, payloads.count());
         };
         let limit = self.limits.max_queued_datagrams / 2;
         let Some(c) = self.conns.get_mut(&ch) else {
-            return 0;
+            return (0, payloads.count());
         };
-        let mut sent = 0;
+        let (mut sent, mut offered) = (0, 0);
         for payload in payloads {
+            offered += 1;
             let queued = if c.datagrams_ready {
                 let len = encoded_len(endpoint, payload.len());
                 c.conn.datagrams().send_buffer_space() >= APP_DATAGRAM_HEADROOM + len
@@ -951,7 +953,7 @@ impl Transport {
             sent += usize::from(queued);
         }
         self.dirty.insert(ch);
-        sent
+        (sent, offered)
     }
 
     /// Opens a stream to the peer and sends `data` as one framed message on it.

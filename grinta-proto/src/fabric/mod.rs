@@ -181,7 +181,11 @@ fn counted<'a, T: Default>(map: &'a mut BTreeMap<String, T>, name: &str) -> &'a 
     } else {
         OTHER_NAMES
     };
-    map.entry(key.to_owned()).or_default()
+    // A name already counted is found without copying it.
+    if !map.contains_key(key) {
+        map.insert(key.to_owned(), T::default());
+    }
+    map.get_mut(key).expect("inserted above")
 }
 
 /// What an adapter provides: a UDP socket, a timer, a clock and a spawner.
