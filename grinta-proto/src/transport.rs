@@ -817,30 +817,45 @@ impl Transport {
             }
         }
         // Any live connection to that address that is (or may become) the named peer: one still
-        // handshaking, or the peer moved and a connection to its new address is already open.
-        // By address alone (a seed), the connection the peer's name is bound to comes first: an
-        // unbound one may lead to a previous process at that address.
-        let candidates = self.conns.iter().filter(|(_, c)| {
-            c.addr == addr
-                && !c.conn.is_closed()
-                && match name {
-                    Some(n) => c.peer.as_deref() == Some(n),
-                    None => true,
-                }
-        });
-        let mut fallback = None;
-        for (&ch, c) in candidates {
-            let bound = c
-                .peer
-                .as_deref()
-                .is_some_and(|p| self.by_name.get(p) == Some(&ch));
-            if bound || name.is_some() {
-                return Some(ch);
+        // handshaking, or the peer moved and a connection to its new address is already open
+        // (the peer's own connections only, not every connection: the lowest handle first).
+        if let Some(n) = name {
+            let live = self
+                .by_peer
+                .get(n)
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|ch| {
+                    self.conns
+                        .get(ch)
+                        .is_some_and(|c| c.addr == addr && !c.conn.is_closed())
+                })
+                .min();
+            if live.is_some() {
+                return live;
             }
-            fallback.get_or_insert(ch);
-        }
-        if let Some(ch) = fallback {
-            return Some(ch);
+        } else {
+            // By address alone (a seed, when joining), the connection the peer's name is bound
+            // to comes first: an unbound one may lead to a previous process at that address.
+            let mut fallback = None;
+            for (&ch, c) in self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.addr == addr && !c.conn.is_closed())
+            {
+                let bound = c
+                    .peer
+                    .as_deref()
+                    .is_some_and(|p| self.by_name.get(p) == Some(&ch));
+                if bound {
+                    return Some(ch);
+                }
+                fallback.get_or_insert(ch);
+            }
+            if fallback.is_some() {
+                return fallback;
+            }
         }
         if !self.accepting || !self.room_for_connection(now) {
             return None;
