@@ -1378,42 +1378,36 @@ impl<R: Runtime> Fabric<R> {
         name: &str,
         dial: impl FnOnce(&mut Node, Instant) -> Result<FlowId, FlowError>,
     ) -> Result<Flow<R>, Error> {
-        let result = self.dial_once(name, dial).await;
-        if crate::registry::validate_endpoint_name(name).is_ok() {
-            let opened = result.is_ok();
-            self.shared.lock().count_endpoint(name, |s| {
+        enum Dialled {
+            Local(LocalEnd),
+            Remote(FlowId),
+        }
+        crate::registry::validate_endpoint_name(name)?;
+        // The dial is counted under the lock that settles it, not under one more.
+        let count = |inner: &mut Inner, opened: bool| {
+            inner.count_endpoint(name, |s| {
                 if opened {
                     s.dials_opened += 1;
                 } else {
                     s.dials_failed += 1;
                 }
             });
-        }
-        result
-    }
-
-    async fn dial_once(
-        &self,
-        name: &str,
-        dial: impl FnOnce(&mut Node, Instant) -> Result<FlowId, FlowError>,
-    ) -> Result<Flow<R>, Error> {
-        enum Dialled {
-            Local(LocalEnd),
-            Remote(FlowId),
-        }
-        crate::registry::validate_endpoint_name(name)?;
+        };
         let dialled = self.with(|inner, now| {
             if !inner.accepting() {
+                count(inner, false);
                 return Err(Error::Shutdown);
             }
-            match dial(&mut inner.node, now) {
+            let dialled = match dial(&mut inner.node, now) {
                 Ok(flow) => {
                     inner.dials.insert(flow, None);
-                    Ok(Dialled::Remote(flow))
+                    return Ok(Dialled::Remote(flow));
                 }
                 Err(FlowError::LocalEndpoint { .. }) => inner.dial_local(name).map(Dialled::Local),
                 Err(e) => Err(e.into()),
-            }
+            };
+            count(inner, dialled.is_ok());
+            dialled
         })?;
         let flow = match dialled {
             Dialled::Local(end) => {
@@ -1436,13 +1430,17 @@ impl<R: Runtime> Fabric<R> {
                 Some(Some(_)) => {
                     guard.answered = true;
                     let result = inner.dials.remove(&flow).flatten().unwrap_or(Ok(()));
+                    count(&mut inner, result.is_ok());
                     Poll::Ready(
                         result
                             .map(|()| inner.open_remote(self, flow))
                             .map_err(Error::from),
                     )
                 }
-                _ if inner.shutdown => Poll::Ready(Err(Error::Shutdown)),
+                _ if inner.shutdown => {
+                    count(&mut inner, false);
+                    Poll::Ready(Err(Error::Shutdown))
+                }
                 _ => {
                     inner.wait_flow(flow, cx);
                     Poll::Pending
