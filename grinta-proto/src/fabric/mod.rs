@@ -1378,10 +1378,6 @@ impl<R: Runtime> Fabric<R> {
         name: &str,
         dial: impl FnOnce(&mut Node, Instant) -> Result<FlowId, FlowError>,
     ) -> Result<Flow<R>, Error> {
-        enum Dialled {
-            Local(LocalEnd),
-            Remote(FlowId),
-        }
         crate::registry::validate_endpoint_name(name)?;
         // The dial is counted under the lock that settles it, not under one more.
         let count = |inner: &mut Inner, opened: bool| {
@@ -1393,42 +1389,56 @@ impl<R: Runtime> Fabric<R> {
                 }
             });
         };
-        let dialled = self.with(|inner, now| {
-            if !inner.accepting() {
-                count(inner, false);
-                return Err(Error::Shutdown);
-            }
-            let dialled = match dial(&mut inner.node, now) {
-                Ok(flow) => {
-                    inner.dials.insert(flow, None);
-                    return Ok(Dialled::Remote(flow));
-                }
-                Err(FlowError::LocalEndpoint { .. }) => inner.dial_local(name).map(Dialled::Local),
-                Err(e) => Err(e.into()),
-            };
-            count(inner, dialled.is_ok());
-            dialled
-        })?;
-        let flow = match dialled {
-            Dialled::Local(end) => {
-                return Ok(Flow::new(
-                    Route::Local(end, self.clone()),
-                    self.name().to_owned(),
-                ));
-            }
-            Dialled::Remote(flow) => flow,
-        };
-        // Dropped before the answer (a timeout, a `select!`), the guard abandons the dial.
-        let mut guard = DialGuard {
-            fabric: self,
-            flow,
-            answered: false,
-        };
+        // The first poll dials and, for a remote owner, registers for the answer under the same
+        // lock; later polls look for the answer. Dropped before it (a timeout, a `select!`), the
+        // guard abandons the dial.
+        let mut dial = Some(dial);
+        let mut guard: Option<DialGuard<'_, R>> = None;
         std::future::poll_fn(|cx| {
             let mut inner = self.shared.lock();
+            if let Some(dial) = dial.take() {
+                let inner = &mut *inner;
+                if !inner.accepting() {
+                    count(inner, false);
+                    return Poll::Ready(Err(Error::Shutdown));
+                }
+                let now = inner.now();
+                let dialled = match dial(&mut inner.node, now) {
+                    Ok(flow) => {
+                        inner.dials.insert(flow, None);
+                        inner.wait_flow(flow, cx);
+                        guard = Some(DialGuard {
+                            fabric: self,
+                            flow,
+                            answered: false,
+                        });
+                        None
+                    }
+                    Err(FlowError::LocalEndpoint { .. }) => {
+                        Some(inner.dial_local(name).map(|end| {
+                            Flow::new(Route::Local(end, self.clone()), self.name().to_owned())
+                        }))
+                    }
+                    Err(e) => Some(Err(e.into())),
+                };
+                if let Some(result) = &dialled {
+                    count(inner, result.is_ok());
+                }
+                inner.dispatch();
+                inner.wake_driver();
+                return match dialled {
+                    Some(result) => Poll::Ready(result),
+                    None => Poll::Pending,
+                };
+            }
+            let Some(g) = guard.as_mut() else {
+                // Polled again after it completed: the dial is over.
+                return Poll::Ready(Err(Error::Shutdown));
+            };
+            let flow = g.flow;
             match inner.dials.get(&flow) {
                 Some(Some(_)) => {
-                    guard.answered = true;
+                    g.answered = true;
                     let result = inner.dials.remove(&flow).flatten().unwrap_or(Ok(()));
                     count(&mut inner, result.is_ok());
                     Poll::Ready(
