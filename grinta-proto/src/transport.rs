@@ -927,11 +927,11 @@ impl Transport {
 
     /// Sends application datagrams for `endpoint` (each framed by [`crate::datagram::encode`])
     /// to the peer, connecting first if needed. Takes every datagram of `payloads` and returns
-    /// how many were sent and how many there were; the others were dropped: membership keeps priority, so a datagram goes only while the connection's
-    /// datagram buffer has [`APP_DATAGRAM_HEADROOM`](crate::datagram::APP_DATAGRAM_HEADROOM) to
-    /// spare (or, while the connection is being made, while half its queue is free). A dropped
-    /// datagram is not framed: a sender far faster than the connection costs little more than
-    /// the count.
+    /// how many were sent and how many there were; the others were dropped: membership keeps
+    /// priority, so a datagram goes only while the connection's datagram buffer has
+    /// [`APP_DATAGRAM_HEADROOM`](crate::datagram::APP_DATAGRAM_HEADROOM) to spare (or, while the
+    /// connection is being made, while half its queue is free). A dropped datagram is not
+    /// framed: a sender far faster than the connection costs little more than the count.
     pub(crate) fn send_app_datagrams(
         &mut self,
         now: Instant,

@@ -707,8 +707,13 @@ impl<R: Runtime> FlowSender<R> {
     }
 
     /// Finishes the sending side and lets the flow go (see `FlowCore::finish_and_release`).
+    /// With the receiving half still alive (a split flow), only finishes: the flow is released
+    /// when that half drops too.
     pub(crate) async fn finish_and_release(mut self) -> Result<(), Error> {
         self.flush_pending().await?;
+        if Arc::strong_count(&self.core) > 1 {
+            return self.core.finish();
+        }
         self.core.finish_and_release()
     }
 

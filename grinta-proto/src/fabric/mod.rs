@@ -1432,7 +1432,8 @@ impl<R: Runtime> Fabric<R> {
                 };
             }
             let Some(g) = guard.as_mut() else {
-                // Polled again after it completed: the dial is over.
+                // Only a first poll that completed leaves no guard, and a completed future is
+                // not polled again; answered as a dial that cannot go on would be.
                 return Poll::Ready(Err(Error::Shutdown));
             };
             let flow = g.flow;
