@@ -1083,6 +1083,54 @@ fn a_request_costs_one_round_trip_on_an_open_connection() {
 // ----- datagrams ---------------------------------------------------------------------------------
 
 #[test]
+fn a_batch_of_datagrams_to_a_group_spreads_over_its_owners() {
+    let (seed, _g) = seed(11);
+    let n = 4;
+    let mut c = formed(seed, n);
+    c.run_for(Duration::from_secs(2));
+    for owner in [1, 2, 3] {
+        register(&mut c, owner, "workers", EndpointKind::Group);
+    }
+    c.run_until(Duration::from_secs(10), |c| {
+        owners(c, 0, "workers").len() == 3
+    })
+    .expect("the group spread");
+    // 300 small datagrams in one batch, as a runtime hands over what its senders queued: each
+    // goes to an owner picked for it, and together they fit the connections' buffers.
+    c.sim.with_node(0, |n, now| {
+        let payloads = (0..300u32).map(|i| Bytes::from(i.to_be_bytes().to_vec()));
+        n.node.send_datagrams(now, "workers", payloads);
+    });
+    c.run_for(Duration::from_secs(2));
+    let sender = c.sim.node(0).node.stats().datagrams;
+    assert_eq!(sender.sent + sender.dropped_sending, 300, "{sender:?}");
+    assert_eq!(sender.sent, 300, "nothing dropped: {sender:?}");
+    let mut seen = Vec::new();
+    for owner in [1, 2, 3] {
+        let mut got = 0;
+        while let Some((from, payload)) = c
+            .sim
+            .with_node(owner, |n, _| n.node.recv_datagram("workers"))
+        {
+            assert_eq!(from, node_name(0));
+            seen.push(u32::from_be_bytes(payload[..].try_into().expect("4 bytes")));
+            got += 1;
+        }
+        // Uniform over three owners: 100 each on average; far from 0 or 300 for any seed.
+        assert!(
+            (40..=160).contains(&got),
+            "owner {owner} got {got} (seed {seed})"
+        );
+    }
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        (0..300).collect::<Vec<u32>>(),
+        "each exactly once (seed {seed})"
+    );
+}
+
+#[test]
 fn bursts_of_datagrams_never_starve_membership() {
     let (seed, _g) = seed(10);
     let n = 5;
