@@ -39,6 +39,17 @@ pub const DATAGRAM_QUEUE_BYTES: usize = 1 << 20;
 /// is dropped rather than use them.
 pub const APP_DATAGRAM_HEADROOM: usize = 64 * 1024;
 
+/// `FlowError::MessageTooLarge` for a payload of `len` bytes beyond [`MAX_DATAGRAM_SIZE`].
+pub fn check_size(len: usize) -> Result<(), crate::flow::FlowError> {
+    if len > MAX_DATAGRAM_SIZE {
+        return Err(crate::flow::FlowError::MessageTooLarge {
+            size: len as u64,
+            limit: MAX_DATAGRAM_SIZE as u64,
+        });
+    }
+    Ok(())
+}
+
 /// Frames a datagram for `endpoint`: the tag, then the `AppDatagram` fields written in place
 /// (the bytes prost writes, without first copying the name into a message).
 pub fn encode(endpoint: &str, payload: Bytes) -> Bytes {

@@ -576,13 +576,7 @@ impl Node {
         endpoint: &str,
         payload: Bytes,
     ) -> Result<bool, FlowError> {
-        use crate::datagram::MAX_DATAGRAM_SIZE;
-        if payload.len() > MAX_DATAGRAM_SIZE {
-            return Err(FlowError::MessageTooLarge {
-                size: payload.len() as u64,
-                limit: MAX_DATAGRAM_SIZE as u64,
-            });
-        }
+        crate::datagram::check_size(payload.len())?;
         if self.flows.is_shutting_down() {
             return Err(FlowError::ShuttingDown);
         }
@@ -627,7 +621,6 @@ impl Node {
         endpoint: &str,
         payloads: impl IntoIterator<Item = Bytes>,
     ) {
-        use crate::datagram::MAX_DATAGRAM_SIZE;
         let route = if self.flows.is_shutting_down() {
             DatagramRoute::Nowhere
         } else {
@@ -649,7 +642,7 @@ impl Node {
         };
         let too_large = std::cell::Cell::new(0u64);
         let mut payloads = payloads.into_iter().filter(|payload| {
-            let fits = payload.len() <= MAX_DATAGRAM_SIZE;
+            let fits = crate::datagram::check_size(payload.len()).is_ok();
             if !fits {
                 too_large.set(too_large.get() + 1);
             }

@@ -32,8 +32,6 @@ const RECV_BATCH: usize = 64;
 const OPEN: u8 = 0;
 const FINISHED: u8 = 1;
 const RESET: u8 = 2;
-/// Finished and released by the handle itself: dropping it has nothing left to do.
-const RELEASED: u8 = 3;
 
 pub(crate) enum Route<R: Runtime> {
     /// Over QUIC, through the node; messages pass through the flow's mailbox while it is plainly
@@ -80,16 +78,13 @@ fn poll_mailbox(
 /// [`Flow`].
 pub(crate) struct FlowCore<R: Runtime> {
     route: Route<R>,
-    /// OPEN, FINISHED (our sending side), RESET or RELEASED.
+    /// OPEN, FINISHED (our sending side) or RESET.
     state: AtomicU8,
 }
 
 impl<R: Runtime> Drop for FlowCore<R> {
     fn drop(&mut self) {
         let state = self.state.load(Ordering::Acquire);
-        if state == RELEASED {
-            return;
-        }
         match &self.route {
             Route::Remote { fabric, id, .. } => {
                 let id = *id;
@@ -260,40 +255,6 @@ impl<R: Runtime> FlowCore<R> {
             let _ =
                 self.state
                     .compare_exchange(OPEN, FINISHED, Ordering::AcqRel, Ordering::Acquire);
-        }
-        r
-    }
-
-    /// Finishes the sending side and releases the flow, as dropping a finished handle would,
-    /// under one lock of the node rather than two (a request's answer: the handle is done with
-    /// the flow).
-    fn finish_and_release(&self) -> Result<(), Error> {
-        let Route::Remote {
-            fabric,
-            id,
-            mailbox,
-        } = &self.route
-        else {
-            return self.finish();
-        };
-        let id = *id;
-        let r = fabric.with(|inner, now| {
-            if inner.shutdown {
-                return Err(Error::Shutdown);
-            }
-            // Everything sent before, then the end.
-            if let Some(mailbox) = mailbox {
-                mailbox.hand_over(&mut inner.node, now);
-                mailbox.close_outbox();
-            }
-            inner.node.finish(id)?;
-            inner.mailboxes.remove(&id);
-            inner.forget_flow_waiters(id);
-            inner.node.release_flow(now, id);
-            Ok(())
-        });
-        if r.is_ok() {
-            self.state.store(RELEASED, Ordering::Release);
         }
         r
     }
@@ -492,12 +453,6 @@ impl<R: Runtime> Flow<R> {
     /// message a cancelled `Sink` send left behind may have been sent); call it again.
     pub async fn finish(&mut self) -> Result<(), Error> {
         self.tx.finish().await
-    }
-
-    /// Finishes the sending side and lets the flow go: what dropping it after `finish` does,
-    /// under one lock of the node rather than two.
-    pub(crate) async fn finish_and_release(self) -> Result<(), Error> {
-        self.tx.finish_and_release().await
     }
 
     /// Aborts the flow both ways with an application `code`; the other side sees
@@ -704,17 +659,6 @@ impl<R: Runtime> FlowSender<R> {
     pub async fn finish(&mut self) -> Result<(), Error> {
         self.flush_pending().await?;
         self.core.finish()
-    }
-
-    /// Finishes the sending side and lets the flow go (see `FlowCore::finish_and_release`).
-    /// With the receiving half still alive (a split flow), only finishes: the flow is released
-    /// when that half drops too.
-    pub(crate) async fn finish_and_release(mut self) -> Result<(), Error> {
-        self.flush_pending().await?;
-        if Arc::strong_count(&self.core) > 1 {
-            return self.core.finish();
-        }
-        self.core.finish_and_release()
     }
 
     /// Aborts the flow both ways (see [`Flow::reset`]).

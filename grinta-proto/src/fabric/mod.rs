@@ -1257,13 +1257,7 @@ impl<R: Runtime> Fabric<R> {
         crate::registry::validate_endpoint_name(name)?;
         refuse_reserved(name)?;
         let message = message.into();
-        if message.len() > crate::datagram::MAX_DATAGRAM_SIZE {
-            return Err(FlowError::MessageTooLarge {
-                size: message.len() as u64,
-                limit: crate::datagram::MAX_DATAGRAM_SIZE as u64,
-            }
-            .into());
-        }
+        crate::datagram::check_size(message.len())?;
         // A name known to lead to another node: queued for the driver without the node's lock
         // (see `datagram_outbox`).
         let message = match self.shared.datagram_outbox.push(name, message) {

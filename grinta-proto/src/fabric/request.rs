@@ -63,7 +63,7 @@ impl<R: Runtime> Request<R> {
     /// its `max_message_size`).
     pub async fn respond(mut self, reply: impl Into<Bytes>) -> Result<(), Error> {
         self.flow.send(reply).await?;
-        self.flow.finish_and_release().await
+        self.flow.finish().await
     }
 
     /// Answers with `reply` encoded by `codec`.

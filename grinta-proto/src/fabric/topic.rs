@@ -670,17 +670,17 @@ impl<R: Runtime> Fabric<R> {
     pub async fn publish(&self, topic: &str, message: impl Into<Bytes>) -> Result<(), Error> {
         let endpoint = super::topic_endpoint(TOPIC_ENDPOINT_PREFIX, topic)?;
         let message = message.into();
+        let limit = self.shared.flow_limits.max_message_size;
+        if message.len() > limit {
+            return Err(Error::Flow(FlowError::MessageTooLarge {
+                size: message.len() as u64,
+                limit: limit as u64,
+            }));
+        }
         std::future::poll_fn(|cx| {
             let mut inner = self.shared.lock();
             if !inner.accepting() {
                 return Poll::Ready(Err(Error::Shutdown));
-            }
-            let limit = inner.node.flow_limits().max_message_size;
-            if message.len() > limit {
-                return Poll::Ready(Err(Error::Flow(FlowError::MessageTooLarge {
-                    size: message.len() as u64,
-                    limit: limit as u64,
-                })));
             }
             // The driver is woken only when this message gives it work it did not have yet: a
             // burst of publishes costs one wake, not one per message.
