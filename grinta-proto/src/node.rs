@@ -1433,9 +1433,17 @@ impl Node {
         self.transport.stream_stats()
     }
 
-    /// Open QUIC connections (in any state).
+    /// QUIC connections this node holds, in any state: in their handshake, established, or
+    /// closed and draining for a few round trips.
     pub fn connection_count(&self) -> usize {
         self.transport.connection_count()
+    }
+
+    /// QUIC connections closed and draining: freed within a few round trips, and not counted
+    /// against `TransportLimits::max_connections`. It walks every connection: not for a hot
+    /// path.
+    pub fn closing_connection_count(&self) -> usize {
+        self.transport.closing_connection_count()
     }
 
     /// Joins the cluster through the configured seeds plus `extra_seeds`.

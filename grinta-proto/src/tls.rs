@@ -470,6 +470,8 @@ pub mod dev {
         cert: CertificateDer<'static>,
         cert_pem: String,
         issuer: Issuer<'static, KeyPair>,
+        /// Set by [`DevCa::from_seed`]: every key is derived from it.
+        seed: Option<u64>,
     }
 
     impl std::fmt::Debug for DevCa {
@@ -481,7 +483,29 @@ pub mod dev {
     impl DevCa {
         /// Makes a new CA with a fresh Ed25519 key.
         pub fn new() -> Result<Self, DevCertError> {
-            let key = KeyPair::generate_for(&PKCS_ED25519)?;
+            Self::with_key(KeyPair::generate_for(&PKCS_ED25519)?, None)
+        }
+
+        /// Makes a CA whose key, and the key of every certificate it issues, is a pure function of
+        /// `seed` (and of the node name): two runs with one seed get byte-identical certificates.
+        ///
+        /// This is for reproducible tests and simulations, where certificate sizes must not vary
+        /// from run to run. **Never use it for a deployment**: anyone who knows the seed holds
+        /// every private key.
+        ///
+        /// ```
+        /// use grinta_proto::tls::dev::DevCa;
+        ///
+        /// let a = DevCa::from_seed(7)?.issue("node-a")?;
+        /// let b = DevCa::from_seed(7)?.issue("node-a")?;
+        /// assert_eq!(a.cert_chain, b.cert_chain);
+        /// # Ok::<(), Box<dyn std::error::Error>>(())
+        /// ```
+        pub fn from_seed(seed: u64) -> Result<Self, DevCertError> {
+            Self::with_key(seeded_key(seed, "grinta development CA")?, Some(seed))
+        }
+
+        fn with_key(key: KeyPair, seed: Option<u64>) -> Result<Self, DevCertError> {
             let mut params = CertificateParams::new(Vec::<String>::new())?;
             params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
             params
@@ -493,6 +517,7 @@ pub mod dev {
                 cert_pem: cert.pem(),
                 cert: cert.der().clone(),
                 issuer: Issuer::new(params, key),
+                seed,
             })
         }
 
@@ -512,7 +537,10 @@ pub mod dev {
         }
 
         fn issue_raw(&self, name: &str) -> Result<(rcgen::Certificate, KeyPair), DevCertError> {
-            let key = KeyPair::generate_for(&PKCS_ED25519)?;
+            let key = match self.seed {
+                Some(seed) => seeded_key(seed, name)?,
+                None => KeyPair::generate_for(&PKCS_ED25519)?,
+            };
             let mut params = CertificateParams::new(vec![name.to_owned()])?;
             params.distinguished_name.push(DnType::CommonName, name);
             let cert = params.signed_by(&key, &self.issuer)?;
@@ -537,9 +565,47 @@ pub mod dev {
         }
     }
 
+    /// An Ed25519 key whose 32-byte secret is `SHA-256(seed_le || label)`.
+    fn seeded_key(seed: u64, label: &str) -> Result<KeyPair, DevCertError> {
+        // PKCS#8 v1 for Ed25519 (RFC 8410): a fixed header, then the 32-byte secret.
+        const PKCS8_ED25519_HEADER: [u8; 16] = [
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        digest.update(&seed.to_le_bytes());
+        digest.update(label.as_bytes());
+        let mut der = PKCS8_ED25519_HEADER.to_vec();
+        der.extend_from_slice(digest.finish().as_ref());
+        let der = PrivatePkcs8KeyDer::from(der);
+        Ok(KeyPair::from_pkcs8_der_and_sign_algo(&der, &PKCS_ED25519)?)
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        #[test]
+        fn a_seeded_ca_issues_the_same_material_for_one_seed_and_different_for_another() {
+            let a = DevCa::from_seed(1).unwrap();
+            let b = DevCa::from_seed(1).unwrap();
+            let c = DevCa::from_seed(2).unwrap();
+            assert_eq!(a.certificate(), b.certificate());
+            assert_ne!(a.certificate(), c.certificate());
+            let (x, y) = (a.issue("node-a").unwrap(), b.issue("node-a").unwrap());
+            assert_eq!(x.cert_chain, y.cert_chain);
+            assert_eq!(x.key.secret_der(), y.key.secret_der());
+            assert_ne!(x.cert_chain, a.issue("node-b").unwrap().cert_chain);
+            assert!(
+                super::super::build(
+                    &x,
+                    "node-a",
+                    super::super::crypto_provider(),
+                    super::super::system_time()
+                )
+                .is_ok()
+            );
+        }
 
         #[test]
         fn issued_material_builds_and_names_match() {

@@ -82,10 +82,11 @@ fn unindex_peer(
 /// Transport limits and timers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransportLimits {
-    /// Most QUIC connections open at once. At the limit, a new connection (dialled or
-    /// accepted) closes the least recently used idle one (no flows, exchanges or holds); with
-    /// none idle, dials fail and incoming connections are refused. Closed connections are freed
-    /// within a few round trips.
+    /// Most QUIC connections open at once (in their handshake or established). At the limit, a
+    /// new connection (dialled or accepted) closes the least recently used idle one (no flows,
+    /// exchanges or holds); with none idle, dials fail and incoming connections are refused.
+    /// A closed connection drains for a few round trips (it answers what the peer still sends
+    /// with its close) and does not count against the limit.
     pub max_connections: usize,
     /// Datagrams queued per connection while its handshake runs; beyond it they are dropped.
     pub max_queued_datagrams: usize,
@@ -1554,9 +1555,15 @@ impl Transport {
         stats
     }
 
-    /// Number of connections open (in any state).
+    /// Number of connections held (in any state, closing ones included).
     pub(crate) fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Number of connections closed and draining: held for a few round trips, outside
+    /// `max_connections`. Walks every connection.
+    pub(crate) fn closing_connection_count(&self) -> usize {
+        self.conns.values().filter(|c| c.conn.is_closed()).count()
     }
 
     /// Whether some connection was touched since the last [`flush`](Self::flush).
@@ -1703,6 +1710,11 @@ impl Transport {
     /// connections happens only at the limit, once per new connection.
     fn room_for_connection(&mut self, now: Instant) -> bool {
         if self.conns.len() < self.limits.max_connections {
+            return true;
+        }
+        // Closed connections drain for a few round trips and hold no room: counting them would
+        // refuse handshakes while a churning budget frees itself.
+        if self.conns.len() - self.closing_connection_count() < self.limits.max_connections {
             return true;
         }
         let idle = self

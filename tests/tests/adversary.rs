@@ -262,7 +262,7 @@ fn forgeries(c: &mut Cluster<SimulatedNode>, x: usize, round: usize) -> Vec<Byte
 #[test]
 fn a_liar_member_cannot_speak_for_anyone_else() {
     let (seed, _g) = seed(150);
-    let ca = DevCa::new().expect("dev CA");
+    let ca = DevCa::from_seed(seed).expect("dev CA");
     let mut c = Cluster::nodes(seed, lan(), node_membership_config(), certificates(&ca, N));
     c.form(Duration::from_millis(50 * N as u64));
     for i in honest() {

@@ -307,7 +307,7 @@ impl Chaos {
 }
 
 fn run_seed(seed: u64) {
-    let ca = DevCa::new().expect("dev CA");
+    let ca = DevCa::from_seed(seed).expect("dev CA");
     let mut rng_setup = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
     let loss = rng_setup.random_range(0.0..0.20);
     let net = NetConfig {

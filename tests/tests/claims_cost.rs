@@ -167,7 +167,7 @@ fn bytes_and_cpu_per_claim() {
 fn dissemination_at_n100_with_signed_claims() {
     let (seed, _g) = seed(7);
     let n = 100;
-    let ca = tls::dev::DevCa::new().expect("dev CA");
+    let ca = tls::dev::DevCa::from_seed(seed).expect("dev CA");
     let mut c: Cluster<SimulatedNode> =
         Cluster::nodes(seed, lan(), node_membership_config(), certificates(&ca, n));
     c.form(Duration::from_secs(10));

@@ -11,7 +11,7 @@ use grinta_tests::{lan, seed};
 use rand::Rng;
 
 fn formed(seed: u64, n: usize) -> Cluster<SimulatedNode> {
-    let ca = DevCa::new().expect("dev CA");
+    let ca = DevCa::from_seed(seed).expect("dev CA");
     let mut c = Cluster::nodes(seed, lan(), node_membership_config(), certificates(&ca, n));
     c.form(Duration::from_millis(50 * n as u64));
     c
@@ -82,7 +82,7 @@ fn a_name_registered_on_one_node_of_20_resolves_everywhere_within_3s() {
 fn a_joiner_has_the_full_directory_when_its_join_completes() {
     let (seed, _g) = seed(2);
     let n = 8;
-    let ca = DevCa::new().unwrap();
+    let ca = DevCa::from_seed(seed).unwrap();
     let mut c = Cluster::nodes(seed, lan(), node_membership_config(), certificates(&ca, n));
     // Nodes 0..7 form; node 7 stays out until the directory is populated.
     for i in 1..n - 1 {
@@ -653,7 +653,7 @@ fn a_flow_whose_peer_is_killed_fails_within_the_detection_bound() {
 #[test]
 fn dial_errors_are_clear() {
     let (seed, _g) = seed(15);
-    let ca = DevCa::new().unwrap();
+    let ca = DevCa::from_seed(seed).unwrap();
     let mut c = Cluster::nodes_with(
         seed,
         lan(),
@@ -1005,7 +1005,7 @@ fn a_request_costs_one_round_trip_on_an_open_connection() {
         jitter: Duration::ZERO,
         ..NetConfig::default()
     };
-    let ca = DevCa::new().expect("dev CA");
+    let ca = DevCa::from_seed(seed).expect("dev CA");
     let mut c = Cluster::nodes(seed, net, node_membership_config(), certificates(&ca, 2));
     c.form(Duration::from_millis(100));
     c.run_until(Duration::from_secs(30), |c| c.converged())

@@ -12,7 +12,7 @@ use grinta_tests::{lan, seed};
 use rand::Rng;
 
 fn formed(seed: u64, n: usize) -> Cluster<SimulatedNode> {
-    let ca = DevCa::new().expect("dev CA");
+    let ca = DevCa::from_seed(seed).expect("dev CA");
     let mut c = Cluster::nodes(seed, lan(), node_membership_config(), certificates(&ca, n));
     c.form(Duration::from_millis(50 * n as u64));
     c.run_until(Duration::from_secs(120), |c| c.converged())

@@ -20,7 +20,7 @@ use prost::Message;
 use rand::Rng;
 
 fn cluster(seed: u64, n: usize) -> Cluster<SimulatedNode> {
-    let ca = DevCa::new().expect("dev CA");
+    let ca = DevCa::from_seed(seed).expect("dev CA");
     Cluster::nodes(seed, lan(), node_membership_config(), certificates(&ca, n))
 }
 
@@ -116,8 +116,8 @@ fn five_five_partition_heals() {
 fn node_with_a_certificate_from_another_ca_cannot_join() {
     let (seed, _g) = seed(4);
     let n = 6;
-    let ca = DevCa::new().unwrap();
-    let rogue_ca = DevCa::new().unwrap();
+    let ca = DevCa::from_seed(seed).unwrap();
+    let rogue_ca = DevCa::from_seed(!seed).unwrap();
     let mut certs: Vec<_> = certificates(&ca, n).as_ref().clone();
     let rogue = n - 1;
     certs[rogue] = rogue_ca.issue(&node_name(rogue)).unwrap();
@@ -254,7 +254,7 @@ fn garbage_and_mangled_quic_packets_change_nothing() {
     let mut c = formed(seed, n);
     c.run_for(Duration::from_secs(2));
     // Real QUIC Initial packets from a node that is not in the cluster, to mangle.
-    let ca = DevCa::new().unwrap();
+    let ca = DevCa::from_seed(seed).unwrap();
     let now = c.sim.now();
     let stranger_addr = node_addr(900);
     let config = sim_node_config(
@@ -355,7 +355,7 @@ fn graceful_leave_is_left_everywhere() {
 #[test]
 fn same_seed_gives_byte_identical_transmit_logs() {
     let (seed, _g) = seed(8);
-    let ca = DevCa::new().unwrap();
+    let ca = DevCa::from_seed(seed).unwrap();
     let certs = certificates(&ca, 8);
     let run = |seed: u64| {
         let mut c = Cluster::nodes(
@@ -432,7 +432,7 @@ fn simultaneous_dials_between_two_nodes_are_handled() {
 fn a_flood_of_spoofed_initials_cuts_no_one_off() {
     let (seed, _g) = seed(8);
     let n = 6; // node 5 joins after the flood
-    let ca = DevCa::new().unwrap();
+    let ca = DevCa::from_seed(seed).unwrap();
     let mut c = Cluster::nodes(seed, lan(), node_membership_config(), certificates(&ca, n));
     for i in 1..n - 1 {
         c.sim

@@ -112,7 +112,7 @@ impl FlowApp for PingerApp {
 #[test]
 fn a_peer_flooding_every_flow_it_may_stays_within_the_per_peer_bound() {
     let (seed, _g) = seed(31);
-    let ca = DevCa::new().expect("dev CA");
+    let ca = DevCa::from_seed(seed).expect("dev CA");
     let mut c = Cluster::nodes_with(
         seed,
         lan(),

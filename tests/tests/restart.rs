@@ -43,7 +43,7 @@ fn joined_at(c: &Cluster<SimulatedNode>) -> Option<Instant> {
 /// Kills the victim, waits `downtime`, restarts it (at `new_addr` if given) and returns how long
 /// after its join completed its endpoint was resolvable everywhere.
 fn restart_after(seed: u64, downtime: Duration, move_to: Option<u16>) -> Duration {
-    let ca = DevCa::new().expect("dev CA");
+    let ca = DevCa::from_seed(seed).expect("dev CA");
     let mut c = Cluster::nodes(seed, lan(), node_membership_config(), certificates(&ca, N));
     c.form(Duration::from_millis(50 * N as u64));
     c.run_for(Duration::from_secs(3));

@@ -36,7 +36,7 @@ struct Cost {
 }
 
 fn measure(seed: u64, n: usize, window: Duration) -> Cost {
-    let ca = DevCa::new().expect("dev CA");
+    let ca = DevCa::from_seed(seed).expect("dev CA");
     let lossless = NetConfig::default();
     // `IDLE_S` overrides the transport's idle timeout, to see what holding connections longer
     // costs and saves.
@@ -182,7 +182,7 @@ fn no_probe_fails_in_ten_minutes_at_n200_on_a_lossless_network() {
 #[test]
 fn reconnections_resume_their_tls_session() {
     let (seed, _g) = seed(33);
-    let ca = DevCa::new().expect("dev CA");
+    let ca = DevCa::from_seed(seed).expect("dev CA");
     let mut c: Cluster<SimulatedNode> = Cluster::nodes_with(
         seed,
         NetConfig::default(),
@@ -225,7 +225,7 @@ fn a_push_pull_of_1000_members_and_10000_names_fits_and_completes_a_joiner() {
     use prost::Message;
 
     let (n, names) = (1000usize, 10_000usize);
-    let ca = DevCa::new().expect("dev CA");
+    let ca = DevCa::from_seed(1000).expect("dev CA");
     // Node n is the joiner.
     let certs = certificates(&ca, n + 1);
     let keys = |i: usize, capacity: usize| {

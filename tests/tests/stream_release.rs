@@ -146,7 +146,7 @@ fn streams(c: &mut Cluster<SimulatedNode>, i: usize) -> StreamStats {
 
 fn run(total: usize) {
     let (seed, _g) = seed(77);
-    let ca = DevCa::new().expect("dev CA");
+    let ca = DevCa::from_seed(seed).expect("dev CA");
     let mut c = Cluster::nodes_with(
         seed,
         lan(),

@@ -118,7 +118,7 @@ fn every_event_carries_its_node_and_flow() {
         .without_time()
         .finish();
     tracing::subscriber::with_default(subscriber, || {
-        let ca = DevCa::new().expect("dev CA");
+        let ca = DevCa::from_seed(seed).expect("dev CA");
         let mut c: Cluster<SimulatedNode> =
             Cluster::nodes(seed, lan(), node_membership_config(), certificates(&ca, 2));
         c.form(Duration::from_millis(100));
