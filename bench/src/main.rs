@@ -128,6 +128,9 @@ fn main() {
         scale::child(n);
         return;
     }
+    // Throughput is measured without the allocator's shared counter (see
+    // `grinta_tests::alloc::set_counting`); the memory measurements turn it on around themselves.
+    grinta_tests::alloc::set_counting(false);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -136,8 +136,9 @@ fn spawn_child(n: usize) -> Option<ScaleReport> {
 
 /// Heap bytes, view entries and connections of a formed whole-node cluster of `n`.
 fn node_cluster_heap(n: usize) -> (f64, f64, f64) {
-    let ca = DevCa::new().expect("dev CA");
+    let ca = DevCa::from_seed(3).expect("dev CA");
     let certs = certificates(&ca, n);
+    alloc::set_counting(true);
     let before = alloc::live_bytes();
     let mut c = Cluster::nodes(3, lan(), node_membership_config(), certs);
     c.form(Duration::from_millis(50 * n as u64));
@@ -146,15 +147,14 @@ fn node_cluster_heap(n: usize) -> (f64, f64, f64) {
     let members: usize = (0..n)
         .map(|i| c.sim.node(i).node.membership().members().count())
         .sum();
-    (
-        (alloc::live_bytes() - before) as f64,
-        members as f64,
-        connections as f64,
-    )
+    let heap = alloc::live_bytes().wrapping_sub(before);
+    alloc::set_counting(false);
+    (heap as f64, members as f64, connections as f64)
 }
 
 /// Heap bytes of a formed membership-only cluster of `n`.
 fn member_cluster_heap(n: usize) -> usize {
+    alloc::set_counting(true);
     let before = alloc::live_bytes();
     let mut c = Cluster::formed(
         3,
@@ -164,7 +164,9 @@ fn member_cluster_heap(n: usize) -> usize {
         Duration::from_millis(50 * n as u64),
     );
     c.run_for(Duration::from_secs(10));
-    alloc::live_bytes() - before
+    let heap = alloc::live_bytes().wrapping_sub(before);
+    alloc::set_counting(false);
+    heap
 }
 
 pub(crate) fn run() -> Vec<Measurement> {

@@ -12,7 +12,7 @@
 //! bytes wait for the application, so a slow reader slows its writer through QUIC flow control.
 //! Flows to a peer that membership declares Dead or Left fail at once.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 use tracing::debug;
 
@@ -508,16 +508,51 @@ impl SendQueue {
     /// Queues a length-prefixed control message, in a chunk of its own: a flow that only ever
     /// sends its open or its answer holds no batch buffer.
     fn push_control(&mut self, message: &impl Message) {
-        let mut framed = Vec::with_capacity(framing::MAX_VARINT_LEN + message.encoded_len());
+        self.push_control_then(message, None);
+    }
+
+    /// Like [`push_control`](Self::push_control), followed by application message `first`
+    /// (a request's, sent with the open), in the same chunk if it is small.
+    fn push_control_then(&mut self, message: &impl Message, first: Option<Bytes>) {
+        let first_len = first
+            .as_ref()
+            .filter(|m| m.len() <= COALESCE_MAX)
+            .map_or(0, |m| framing::MAX_VARINT_LEN + m.len());
+        let mut framed =
+            Vec::with_capacity(framing::MAX_VARINT_LEN + message.encoded_len() + first_len);
         framing::encode_message(message, &mut framed);
+        let mut large = None;
+        if let Some(first) = first {
+            if first_len > 0 {
+                prost::encoding::encode_varint(first.len() as u64, &mut framed);
+                framed.extend_from_slice(&first);
+            } else {
+                large = Some(first);
+            }
+        }
         self.seal();
         self.len += framed.len();
         self.chunks.push_back(framed.into());
+        if let Some(first) = large {
+            self.push_message(first);
+        }
     }
 
     /// Queues an application message with its length prefix.
     pub(crate) fn push_message(&mut self, message: Bytes) {
         let small = message.len() <= COALESCE_MAX;
+        if small && self.batch.capacity() == 0 && self.next_batch == 0 {
+            // A flow's first message is a chunk of its own, sized to it: a flow that sends one
+            // message (a request's reply) holds no batch buffer, and its bytes reach the stream
+            // without a split of one.
+            let mut framed = Vec::with_capacity(framing::MAX_VARINT_LEN + message.len());
+            prost::encoding::encode_varint(message.len() as u64, &mut framed);
+            framed.extend_from_slice(&message);
+            self.len += framed.len();
+            self.chunks.push_back(framed.into());
+            self.next_batch = FIRST_BATCH_CAPACITY;
+            return;
+        }
         self.reserve(framing::MAX_VARINT_LEN + if small { message.len() } else { 0 });
         let before = self.batch.len();
         prost::encoding::encode_varint(message.len() as u64, &mut self.batch);
@@ -728,7 +763,10 @@ pub(crate) struct Flows {
     limits: FlowLimits,
     local_name: String,
     next_id: u64,
-    flows: BTreeMap<FlowId, Flow>,
+    /// The flows by id: a hash map, as a node opens and ends a flow per request (a `BTreeMap`
+    /// moved whole `Flow`s around its nodes on every insert and removal). Nothing iterates it
+    /// in an order that shows.
+    flows: HashMap<FlowId, Flow>,
     by_stream: HashMap<(ConnectionHandle, StreamId), FlowId>,
     backlogs: HashMap<String, VecDeque<FlowId>>,
     ended: VecDeque<(FlowId, Result<(), FlowError>)>,
@@ -751,7 +789,7 @@ impl Flows {
             limits,
             local_name: local_name.to_owned(),
             next_id: 1,
-            flows: BTreeMap::new(),
+            flows: HashMap::new(),
             by_stream: HashMap::new(),
             backlogs: HashMap::new(),
             ended: VecDeque::new(),
@@ -993,10 +1031,8 @@ impl Flows {
             source_node: self.local_name.clone(),
             max_message_size: self.limits.max_message_size as u64,
         };
-        flow.send_queue.push_control(&open);
-        if let Some(message) = flow.early.take() {
-            flow.send_queue.push_message(message);
-        }
+        let early = flow.early.take();
+        flow.send_queue.push_control_then(&open, early);
         self.flush(transport, id);
     }
 
@@ -1202,7 +1238,7 @@ impl Flows {
                         });
                     }
                 },
-                (Phase::AwaitOpen { .. }, FlowFrame::Open(open)) => {
+                (Phase::AwaitOpen { .. }, FlowFrame::Open(mut open)) => {
                     let (conn, _) = flow.stream.ok_or(FlowError::UnknownFlow)?;
                     if !transport.authenticate(conn, &open.source_node) {
                         return Err(FlowError::Reset {
@@ -1227,8 +1263,8 @@ impl Flows {
                     };
                     self.count_peer(&open.source_node);
                     let flow = self.flows.get_mut(&id).ok_or(FlowError::UnknownFlow)?;
-                    flow.endpoint = open.endpoint.clone();
-                    flow.peer = open.source_node.clone();
+                    flow.endpoint = std::mem::take(&mut open.endpoint);
+                    flow.peer = std::mem::take(&mut open.source_node);
                     flow.span
                         .record("endpoint", tracing::field::display(&flow.endpoint));
                     flow.span
@@ -1270,10 +1306,12 @@ impl Flows {
                     debug!(parent: &flow.span, "incoming flow queued for accept");
                     let (endpoint, peer) = (flow.endpoint.clone(), flow.peer.clone());
                     self.flush(transport, id);
-                    self.backlogs
-                        .entry(endpoint.clone())
-                        .or_default()
-                        .push_back(id);
+                    match self.backlogs.get_mut(&endpoint) {
+                        Some(backlog) => backlog.push_back(id),
+                        None => {
+                            self.backlogs.insert(endpoint.clone(), VecDeque::from([id]));
+                        }
+                    }
                     self.events.push_back(FlowEvent::Incoming {
                         flow: id,
                         endpoint,
@@ -1685,7 +1723,9 @@ impl Flows {
     /// Refuses new flows from now on and resets the open ones.
     pub(crate) fn shut_down(&mut self, transport: &mut impl FlowStreams) {
         self.shutting_down = true;
-        let ids: Vec<FlowId> = self.flows.keys().copied().collect();
+        let mut ids: Vec<FlowId> = self.flows.keys().copied().collect();
+        // In id order, so that a simulated shutdown replays exactly.
+        ids.sort_unstable();
         for id in ids {
             self.close(
                 transport,
