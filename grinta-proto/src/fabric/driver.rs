@@ -19,8 +19,9 @@ use bytes::BytesMut;
 use tracing::debug;
 
 use super::datagram_outbox::Run;
-use super::mailbox::Mailbox;
+use super::mailbox::{HandlesGone, Mailbox};
 use super::{DRIVER_BUDGET, RecvMeta, Runtime, Shared};
+use crate::flow::FlowId;
 use crate::node::{Node, Transmit};
 
 /// Datagrams per GSO send at most, whatever the socket allows: 64 KiB is the most one UDP send
@@ -72,6 +73,8 @@ pub(crate) struct Driver<R: Runtime> {
     blocked: Vec<Arc<Mailbox>>,
     /// Datagrams taken from the fabric's datagram outbox this round.
     datagrams: Vec<Run>,
+    /// Scratch space for the flows whose handles are gone.
+    gone: Vec<(FlowId, HandlesGone)>,
     /// When the metrics are published next.
     #[cfg(feature = "metrics")]
     next_metrics: Option<Instant>,
@@ -90,6 +93,7 @@ impl<R: Runtime> Driver<R> {
             scheduled: Vec::new(),
             blocked: Vec::new(),
             datagrams: Vec::new(),
+            gone: Vec::new(),
             #[cfg(feature = "metrics")]
             next_metrics: None,
             stats: SocketStats {
@@ -167,8 +171,10 @@ impl<R: Runtime> Driver<R> {
         for mailbox in &self.scheduled {
             mailbox.hand_over(&mut inner.node, now);
         }
-        // And so do the datagrams senders queued outside the lock.
+        // And so do the datagrams senders queued outside the lock, and the flows whose handles
+        // were dropped.
         inner.hand_over_datagrams(now, &mut self.datagrams);
+        inner.hand_over_gone_flows(now, &mut self.gone);
         self.take_transmits(&mut inner.node, now);
         // After the transmits: building more packets may have driven connections that raised
         // events.

@@ -18,7 +18,7 @@ use crate::codec::{Codec, CodecError};
 use crate::flow::{FlowError, FlowId, FlowStats, Recv, ResetCode};
 
 use super::local::{ErasedEncode, LocalEnd, Message};
-use super::mailbox::{Mailbox, Staged, Taken, Wakeup};
+use super::mailbox::{HandlesGone, Mailbox, Staged, Taken, Wakeup};
 use super::{Error, Fabric, Runtime};
 
 /// Messages `send_many` takes from its caller's iterator before queueing them under the mailbox's
@@ -87,17 +87,13 @@ impl<R: Runtime> Drop for FlowCore<R> {
         let state = self.state.load(Ordering::Acquire);
         match &self.route {
             Route::Remote { fabric, id, .. } => {
-                let id = *id;
-                fabric.with(|inner, now| {
-                    inner.mailboxes.remove(&id);
-                    // Nothing waits on a flow without handles.
-                    inner.forget_flow_waiters(id);
-                    match state {
-                        OPEN => inner.node.drop_flow(id),
-                        FINISHED => inner.node.release_flow(now, id),
-                        _ => {}
-                    }
-                });
+                let gone = match state {
+                    OPEN => HandlesGone::Open,
+                    FINISHED => HandlesGone::Finished,
+                    _ => HandlesGone::Reset,
+                };
+                // The driver tells the node in its next round (see `Inner::handles_gone`).
+                fabric.shared.wakeup.handles_gone(*id, gone);
             }
             Route::Local(end, _) => match state {
                 OPEN => {

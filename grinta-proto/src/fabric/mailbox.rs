@@ -14,6 +14,10 @@
 //!   node's receive buffer the next time the driver looks, or at once (by scheduling the
 //!   mailbox) if the node had stopped reading for lack of room.
 //!
+//! - **dropped handles**: the last handle of a flow queues what the node must do with it (reset
+//!   or release) on the driver's wake-up lock and wakes the driver, which tells the node in its
+//!   next round: dropping a flow never waits for the node's lock.
+//!
 //! Whatever is not plain data (the flow finished, failed, was reset, the fabric shut down) sets
 //! `closed` on a side, and that side's next call goes through the node, under its lock, where the
 //! flow's state decides the answer. Before any such call the mailbox is handed over, so the order
@@ -47,6 +51,19 @@ pub(crate) struct Wakeup {
 struct WakeState {
     driver: Option<Waker>,
     scheduled: Vec<Arc<Mailbox>>,
+    /// Remote flows whose last handle is gone, for the driver to tell the node.
+    gone: Vec<(FlowId, HandlesGone)>,
+}
+
+/// How a remote flow's last handle left it: what the node must do with the flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HandlesGone {
+    /// Dropped while the flow could still send: the node resets it.
+    Open,
+    /// Dropped after `finish`: the node releases it (reads and discards what still arrives).
+    Finished,
+    /// Dropped after a reset: the node has nothing left to do.
+    Reset,
 }
 
 impl Wakeup {
@@ -80,6 +97,26 @@ impl Wakeup {
         if let Some(w) = waker {
             w.wake();
         }
+    }
+
+    /// Queues what the node must do now that remote flow `id` has no handle left, and wakes the
+    /// driver: a dropped handle does not wait for the node's lock (a request's flow is dropped
+    /// once per request, on both nodes).
+    pub(crate) fn handles_gone(&self, id: FlowId, gone: HandlesGone) {
+        let waker = {
+            let mut state = lock(&self.state);
+            state.gone.push((id, gone));
+            state.driver.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Moves the flows whose handles are gone to `into` (the driver once per round, and
+    /// whatever reads the node's flows for the application).
+    pub(crate) fn take_gone(&self, into: &mut Vec<(FlowId, HandlesGone)>) {
+        into.append(&mut lock(&self.state).gone);
     }
 
     /// Moves the scheduled mailboxes to `into` (the driver, once per round).

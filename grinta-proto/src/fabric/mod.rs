@@ -577,6 +577,28 @@ impl Inner {
         self.dials.remove(&flow);
     }
 
+    /// Tells the node about the remote flows whose last handle was dropped since the last call
+    /// (queued by the handles outside the lock, see [`mailbox::Wakeup::handles_gone`]); `gone`
+    /// is scratch space. Whatever the handles sent before was handed over when they finished,
+    /// and a flow dropped open is reset, so the order against the mailboxes does not matter.
+    pub(crate) fn hand_over_gone_flows(
+        &mut self,
+        now: Instant,
+        gone: &mut Vec<(FlowId, mailbox::HandlesGone)>,
+    ) {
+        self.wakeup.take_gone(gone);
+        for (id, how) in gone.drain(..) {
+            self.mailboxes.remove(&id);
+            // Nothing waits on a flow without handles.
+            self.forget_flow_waiters(id);
+            match how {
+                mailbox::HandlesGone::Open => self.node.drop_flow(id),
+                mailbox::HandlesGone::Finished => self.node.release_flow(now, id),
+                mailbox::HandlesGone::Reset => {}
+            }
+        }
+    }
+
     /// Stops at once, as a crash would: the driver ends, the cluster sees the node fail.
     fn abandon(&mut self) {
         self.abandoned = true;
@@ -1474,6 +1496,8 @@ impl<R: Runtime> Fabric<R> {
         if inner.hand_over_datagrams(now, &mut Vec::new()) {
             inner.wake_driver();
         }
+        // And the flows whose handles are gone no longer count as open.
+        inner.hand_over_gone_flows(now, &mut Vec::new());
         FabricStats {
             open_flows: inner.node.flow_count(),
             pending_dials: inner.dials.len(),
