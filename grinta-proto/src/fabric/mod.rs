@@ -95,25 +95,80 @@ impl Default for RecvMeta {
     }
 }
 
-/// Abandons a remote dial whose future was dropped before the owner answered: the flow is reset
-/// (the owner, if it already accepted, sees it end), and its dial entry and wakers go.
+/// Where the driver answers a remote dial, under a lock of its own: the dialling task learns the
+/// answer, and gets the open flow's mailbox, without taking the node's lock a second time.
+#[derive(Default)]
+struct DialSlot {
+    state: Mutex<DialState>,
+}
+
+#[derive(Default)]
+struct DialState {
+    answer: Option<DialAnswer>,
+    waker: Option<Waker>,
+}
+
+/// The owner's answer to a remote dial, as the driver saw it.
+enum DialAnswer {
+    /// Accepted: the flow's mailbox (made under the driver's lock, so what arrived with the
+    /// answer is in it) and the peer's name.
+    Open {
+        mailbox: Option<Arc<Mailbox>>,
+        peer: String,
+    },
+    Failed(FlowError),
+    Shutdown,
+}
+
+impl DialSlot {
+    fn lock(&self) -> MutexGuard<'_, DialState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Gives the answer and wakes the dialling task.
+    fn answer(&self, answer: DialAnswer) {
+        let waker = {
+            let mut state = self.lock();
+            state.answer = Some(answer);
+            state.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// The answer, if there is one; otherwise the task is woken when it comes.
+    fn poll(&self, cx: &Context<'_>) -> Poll<DialAnswer> {
+        let mut state = self.lock();
+        if let Some(answer) = state.answer.take() {
+            return Poll::Ready(answer);
+        }
+        match &state.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => state.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+/// Abandons a remote dial whose future was dropped before it took the owner's answer: the flow is
+/// reset (the owner, if it already accepted, sees it end), and its dial entry and mailbox go.
+/// Like a dropped flow handle, it does not wait for the node's lock.
 struct DialGuard<'a, R: Runtime> {
     fabric: &'a Fabric<R>,
     flow: FlowId,
+    slot: Arc<DialSlot>,
     answered: bool,
 }
 
 impl<R: Runtime> Drop for DialGuard<'_, R> {
     fn drop(&mut self) {
-        if self.answered {
-            return;
+        if !self.answered {
+            self.fabric
+                .shared
+                .wakeup
+                .handles_gone(self.flow, mailbox::HandlesGone::Open);
         }
-        let flow = self.flow;
-        self.fabric.with(|inner, _| {
-            inner.dials.remove(&flow);
-            inner.waiters.flows.remove(&flow);
-            inner.node.drop_flow(flow);
-        });
     }
 }
 
@@ -456,7 +511,8 @@ struct Waiters {
 pub(crate) struct Inner {
     pub(crate) node: Node,
     waiters: Waiters,
-    dials: HashMap<FlowId, Option<Result<(), FlowError>>>,
+    /// Remote dials waiting for the owner's answer.
+    dials: HashMap<FlowId, Arc<DialSlot>>,
     conflicts: HashMap<String, String>,
     /// The last member events; each `Fabric` handle reads them with its own cursor.
     member_events: EventLog<crate::membership::Event>,
@@ -677,6 +733,9 @@ impl Inner {
     /// Wakes every task waiting on this fabric (it is shut down).
     fn wake_all(&mut self) {
         self.wake_driver();
+        for (_, slot) in self.dials.drain() {
+            slot.answer(DialAnswer::Shutdown);
+        }
         for mailbox in self.mailboxes.values() {
             mailbox.close();
         }
@@ -708,17 +767,28 @@ impl Inner {
                     self.topics.on_flow_event(&mut self.node, now, e);
                 }
                 Event::Flow(e) => match e {
-                    FlowEvent::Opened { flow, .. } => match self.dials.get_mut(&flow) {
+                    FlowEvent::Opened { flow, endpoint, .. } => match self.dials.remove(&flow) {
                         Some(slot) => {
-                            *slot = Some(Ok(()));
-                            self.wake_flow(flow);
+                            self.count_endpoint(&endpoint, |s| s.dials_opened += 1);
+                            let now = (self.clock)();
+                            let mailbox = Mailbox::open(&mut self.node, now, flow);
+                            if let Some(mailbox) = &mailbox {
+                                self.mailboxes.insert(flow, mailbox.clone());
+                            }
+                            let peer = self.node.flow_peer(flow).unwrap_or_default().to_owned();
+                            slot.answer(DialAnswer::Open { mailbox, peer });
                         }
                         // Nobody waits for it any more: end it at once.
                         None => self.node.drop_flow(flow),
                     },
-                    FlowEvent::DialFailed { flow, error, .. } => {
-                        if let Some(slot) = self.dials.get_mut(&flow) {
-                            *slot = Some(Err(error));
+                    FlowEvent::DialFailed {
+                        flow,
+                        endpoint,
+                        error,
+                    } => {
+                        if let Some(slot) = self.dials.remove(&flow) {
+                            self.count_endpoint(&endpoint, |s| s.dials_failed += 1);
+                            slot.answer(DialAnswer::Failed(error));
                         }
                         self.wake_flow(flow);
                     }
@@ -1406,13 +1476,14 @@ impl<R: Runtime> Fabric<R> {
             });
         };
         // The first poll dials and, for a remote owner, registers for the answer under the same
-        // lock; later polls look for the answer. Dropped before it (a timeout, a `select!`), the
-        // guard abandons the dial.
+        // lock; the driver answers in the dial's slot (see `DialSlot`), which later polls read
+        // without the node's lock. Dropped before it (a timeout, a `select!`), the guard abandons
+        // the dial.
         let mut dial = Some(dial);
         let mut guard: Option<DialGuard<'_, R>> = None;
         std::future::poll_fn(|cx| {
-            let mut inner = self.shared.lock();
             if let Some(dial) = dial.take() {
+                let mut inner = self.shared.lock();
                 let inner = &mut *inner;
                 if !inner.accepting() {
                     count(inner, false);
@@ -1421,11 +1492,13 @@ impl<R: Runtime> Fabric<R> {
                 let now = inner.now();
                 let dialled = match dial(&mut inner.node, now) {
                     Ok(flow) => {
-                        inner.dials.insert(flow, None);
-                        inner.wait_flow(flow, cx);
+                        let slot = Arc::new(DialSlot::default());
+                        slot.lock().waker = Some(cx.waker().clone());
+                        inner.dials.insert(flow, slot.clone());
                         guard = Some(DialGuard {
                             fabric: self,
                             flow,
+                            slot,
                             answered: false,
                         });
                         None
@@ -1452,27 +1525,24 @@ impl<R: Runtime> Fabric<R> {
                 // not polled again; answered as a dial that cannot go on would be.
                 return Poll::Ready(Err(Error::Shutdown));
             };
-            let flow = g.flow;
-            match inner.dials.get(&flow) {
-                Some(Some(_)) => {
-                    g.answered = true;
-                    let result = inner.dials.remove(&flow).flatten().unwrap_or(Ok(()));
-                    count(&mut inner, result.is_ok());
-                    Poll::Ready(
-                        result
-                            .map(|()| inner.open_remote(self, flow))
-                            .map_err(Error::from),
-                    )
+            let answer = std::task::ready!(g.slot.poll(cx));
+            g.answered = true;
+            Poll::Ready(match answer {
+                // Counted by the driver, which gave the answer.
+                DialAnswer::Open { mailbox, peer } => Ok(Flow::new(
+                    Route::Remote {
+                        fabric: self.clone(),
+                        id: g.flow,
+                        mailbox,
+                    },
+                    peer,
+                )),
+                DialAnswer::Failed(e) => Err(e.into()),
+                DialAnswer::Shutdown => {
+                    count(&mut self.shared.lock(), false);
+                    Err(Error::Shutdown)
                 }
-                _ if inner.shutdown => {
-                    count(&mut inner, false);
-                    Poll::Ready(Err(Error::Shutdown))
-                }
-                _ => {
-                    inner.wait_flow(flow, cx);
-                    Poll::Pending
-                }
-            }
+            })
         })
         .await
     }
