@@ -12,10 +12,8 @@ use std::collections::VecDeque;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use hashbrown::HashMap;
-use prost::Message;
 
 use crate::registry::validate_endpoint_name;
-use crate::wire;
 
 /// The first byte of an application datagram; a membership packet never starts with it.
 pub const APP_DATAGRAM_TAG: u8 = 0xFF;
@@ -80,18 +78,32 @@ pub fn encoded_len(endpoint: &str, payload_len: usize) -> usize {
     1 + field(endpoint.len()) + field(payload_len)
 }
 
-/// Reads a datagram framed by [`encode`]: `None` if it is not one, or not valid.
-pub fn decode(mut data: Bytes) -> Option<(String, Bytes)> {
-    if data.first() != Some(&APP_DATAGRAM_TAG) {
+/// Reads a datagram framed by [`encode`]: its endpoint name (read in place) and payload (a
+/// slice of `data`); `None` if it is not one, or not valid.
+pub fn decode(data: &Bytes) -> Option<(&str, Bytes)> {
+    use crate::wire::FieldInPlace;
+    let body = data.strip_prefix(&[APP_DATAGRAM_TAG])?;
+    let (mut endpoint, mut payload): (&str, &[u8]) = ("", &[]);
+    // What fails a full decode fails here: a field of another wire type under either tag, a
+    // name (any occurrence of it) that is not UTF-8.
+    let mut valid = true;
+    crate::wire::fields_in_place(body, |tag, field| match (tag, field) {
+        (1, FieldInPlace::Bytes(bytes)) => match std::str::from_utf8(bytes) {
+            Ok(name) => endpoint = name,
+            Err(_) => valid = false,
+        },
+        (2, FieldInPlace::Bytes(bytes)) => payload = bytes,
+        (1 | 2, _) => valid = false,
+        _ => {}
+    })?;
+    if !valid {
         return None;
     }
-    let _ = data.split_to(1);
-    let message = wire::AppDatagram::decode(data).ok()?;
-    validate_endpoint_name(&message.endpoint).ok()?;
-    if message.payload.len() > MAX_DATAGRAM_SIZE {
+    validate_endpoint_name(endpoint).ok()?;
+    if payload.len() > MAX_DATAGRAM_SIZE {
         return None;
     }
-    Some((message.endpoint, message.payload))
+    Some((endpoint, data.slice_ref(payload)))
 }
 
 /// Whether `data` is an application datagram (rather than a membership packet).
@@ -251,16 +263,16 @@ impl Datagrams {
 
 #[cfg(test)]
 mod tests {
+    use prost::Message;
+
     use super::*;
+    use crate::wire;
 
     #[test]
     fn datagrams_round_trip_and_other_bytes_are_refused() {
         let framed = encode("svc", Bytes::from_static(b"hi"));
         assert!(is_app_datagram(&framed));
-        assert_eq!(
-            decode(framed),
-            Some(("svc".to_owned(), Bytes::from_static(b"hi")))
-        );
+        assert_eq!(decode(&framed), Some(("svc", Bytes::from_static(b"hi"))));
         // A membership packet is never taken for one.
         let packet = wire::Packet {
             sender: "node-a".into(),
@@ -268,17 +280,77 @@ mod tests {
         }
         .encode_to_vec();
         assert!(!is_app_datagram(&packet));
-        assert_eq!(decode(Bytes::from(packet)), None);
+        assert_eq!(decode(&Bytes::from(packet)), None);
         assert_eq!(
-            decode(Bytes::from_static(&[APP_DATAGRAM_TAG, 0xff, 0xff])),
+            decode(&Bytes::from_static(&[APP_DATAGRAM_TAG, 0xff, 0xff])),
             None
         );
-        assert_eq!(decode(encode("bad name", Bytes::new())), None);
+        assert_eq!(decode(&encode("bad name", Bytes::new())), None);
         assert_eq!(
-            decode(encode("svc", Bytes::from(vec![0u8; MAX_DATAGRAM_SIZE + 1]))),
+            decode(&encode(
+                "svc",
+                Bytes::from(vec![0u8; MAX_DATAGRAM_SIZE + 1])
+            )),
             None
         );
-        assert_eq!(decode(Bytes::new()), None);
+        assert_eq!(decode(&Bytes::new()), None);
+    }
+
+    /// What a full decode with prost makes of `data`: the reference `decode` must agree with.
+    fn decode_with_prost(data: &Bytes) -> Option<(String, Bytes)> {
+        let body = data.strip_prefix(&[APP_DATAGRAM_TAG])?;
+        let message = wire::AppDatagram::decode(body).ok()?;
+        validate_endpoint_name(&message.endpoint).ok()?;
+        (message.payload.len() <= MAX_DATAGRAM_SIZE).then_some((message.endpoint, message.payload))
+    }
+
+    proptest::proptest! {
+        /// Any bytes at all: the in-place read accepts exactly what prost accepts, and reads the
+        /// same name and payload.
+        #[test]
+        fn decode_agrees_with_prost_on_any_bytes(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            let mut data = vec![APP_DATAGRAM_TAG];
+            data.extend_from_slice(&body);
+            let data = Bytes::from(data);
+            let ours = decode(&data).map(|(e, p)| (e.to_owned(), p));
+            proptest::prop_assert_eq!(ours, decode_with_prost(&data));
+        }
+
+        /// Datagrams with fields repeated, reordered, of the wrong type, not UTF-8, and unknown
+        /// ones mixed in (as a newer peer may send).
+        #[test]
+        fn decode_agrees_with_prost_on_unusual_encodings(
+            fields in proptest::collection::vec(
+                (0u32..7, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..8)),
+                0..6,
+            ),
+        ) {
+            use prost::encoding::{WireType, encode_key, encode_varint};
+            let mut data = vec![APP_DATAGRAM_TAG];
+            for (tag, bytes) in &fields {
+                match tag {
+                    0 => {
+                        encode_key(9, WireType::Varint, &mut data);
+                        encode_varint(bytes.len() as u64, &mut data);
+                    }
+                    // A fixed-width field under the name's or the payload's tag.
+                    5 | 6 => {
+                        encode_key(tag - 4, WireType::SixtyFourBit, &mut data);
+                        data.extend_from_slice(&[0; 8]);
+                    }
+                    tag => {
+                        encode_key(*tag, WireType::LengthDelimited, &mut data);
+                        encode_varint(bytes.len() as u64, &mut data);
+                        data.extend_from_slice(bytes);
+                    }
+                }
+            }
+            let data = Bytes::from(data);
+            let ours = decode(&data).map(|(e, p)| (e.to_owned(), p));
+            proptest::prop_assert_eq!(ours, decode_with_prost(&data));
+        }
     }
 
     #[test]

@@ -718,7 +718,7 @@ impl Node {
 
     /// A datagram arrived on connection `conn`: queued for its endpoint if this node serves it.
     fn deliver_datagram(&mut self, conn: quinn_proto::ConnectionHandle, data: Bytes) {
-        let Some((endpoint, payload)) = crate::datagram::decode(data) else {
+        let Some((endpoint, payload)) = crate::datagram::decode(&data) else {
             self.datagrams.count_dropped();
             return;
         };
@@ -726,13 +726,15 @@ impl Node {
             self.datagrams.count_dropped();
             return;
         };
-        if !self.registry.is_local(&endpoint) || crate::registry::is_reserved_name(&endpoint) {
+        if !self.registry.is_local(endpoint) || crate::registry::is_reserved_name(endpoint) {
             self.datagrams.count_dropped();
             return;
         }
         // The reader is told when its queue fills from empty; it drains it before waiting again.
-        if self.datagrams.deliver(&endpoint, from, payload) == crate::datagram::Delivery::First {
-            self.events.push_back(Event::Datagram { endpoint });
+        if self.datagrams.deliver(endpoint, from, payload) == crate::datagram::Delivery::First {
+            self.events.push_back(Event::Datagram {
+                endpoint: endpoint.to_owned(),
+            });
         }
     }
 

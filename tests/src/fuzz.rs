@@ -46,12 +46,11 @@ pub fn wire_messages(data: &[u8]) {
     }
     // Every input is also an application datagram as a peer might send it: it decodes (and
     // re-encodes) or is refused, never a panic.
-    if let Some((endpoint, payload)) =
-        grinta_proto::datagram::decode(bytes::Bytes::copy_from_slice(data))
-    {
-        let again = grinta_proto::datagram::encode(&endpoint, payload.clone());
+    let datagram = bytes::Bytes::copy_from_slice(data);
+    if let Some((endpoint, payload)) = grinta_proto::datagram::decode(&datagram) {
+        let again = grinta_proto::datagram::encode(endpoint, payload.clone());
         assert_eq!(
-            grinta_proto::datagram::decode(again),
+            grinta_proto::datagram::decode(&again),
             Some((endpoint, payload)),
             "decode(encode(d)) == d"
         );

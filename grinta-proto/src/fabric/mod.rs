@@ -1346,12 +1346,11 @@ impl<R: Runtime> Fabric<R> {
     /// # }
     /// ```
     pub fn send_datagram(&self, name: &str, message: impl Into<Bytes>) -> Result<(), Error> {
-        crate::registry::validate_endpoint_name(name)?;
-        refuse_reserved(name)?;
         let message = message.into();
         crate::datagram::check_size(message.len())?;
         // A name known to lead to another node: queued for the driver without the node's lock
-        // (see `datagram_outbox`).
+        // (see `datagram_outbox`). Only a valid name, not reserved, was ever learnt there, so
+        // the name is checked on the way through the node.
         let message = match self.shared.datagram_outbox.push(name, message) {
             datagram_outbox::Push::Queued { wake } => {
                 if wake {
@@ -1362,6 +1361,8 @@ impl<R: Runtime> Fabric<R> {
             datagram_outbox::Push::Dropped => return Ok(()),
             datagram_outbox::Push::ThroughNode(message) => message,
         };
+        crate::registry::validate_endpoint_name(name)?;
+        refuse_reserved(name)?;
         let mut inner = self.shared.lock();
         if !inner.accepting() {
             return Err(Error::Shutdown);

@@ -632,21 +632,12 @@ mod tests;
 /// The name and incarnation an encoded `Alive` carries, read in place; `None` if it does not
 /// parse that far (the full decode then rejects it).
 fn peek_alive(body: &[u8]) -> Option<(&str, u64)> {
-    use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
-    let mut buf = body;
+    use crate::wire::FieldInPlace;
     let (mut node, mut incarnation) = (None, 0u64);
-    while !buf.is_empty() {
-        let (tag, wire_type) = decode_key(&mut buf).ok()?;
-        match (tag, wire_type) {
-            (1, WireType::LengthDelimited) => {
-                let len = usize::try_from(decode_varint(&mut buf).ok()?).ok()?;
-                let bytes = buf.get(..len)?;
-                node = Some(std::str::from_utf8(bytes).ok()?);
-                buf = &buf[len..];
-            }
-            (2, WireType::Varint) => incarnation = decode_varint(&mut buf).ok()?,
-            _ => skip_field(wire_type, tag, &mut buf, DecodeContext::default()).ok()?,
-        }
-    }
-    Some((node?, incarnation))
+    crate::wire::fields_in_place(body, |tag, field| match (tag, field) {
+        (1, FieldInPlace::Bytes(bytes)) => node = Some(bytes),
+        (2, FieldInPlace::Varint(value)) => incarnation = value,
+        _ => {}
+    })?;
+    Some((std::str::from_utf8(node?).ok()?, incarnation))
 }

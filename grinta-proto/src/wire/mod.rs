@@ -29,6 +29,62 @@
 
 pub mod framing;
 
+/// A field of an encoded message, read in place by [`fields_in_place`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldInPlace<'a> {
+    /// A length-delimited field (bytes, string, message): its bytes, not copied.
+    Bytes(&'a [u8]),
+    /// A varint field.
+    Varint(u64),
+    /// A fixed-width or group field, skipped.
+    Skipped,
+}
+
+/// Walks the fields of encoded message `body` without decoding it into a message (no allocation):
+/// `on_field` gets each length-delimited or varint field with its tag, in order (a repeated field
+/// once per occurrence; for a singular field the last occurrence is the one prost keeps);
+/// fixed-width and group fields are skipped (and reported as such, so a reader can refuse a field
+/// of the wrong type as prost does). `None` if `body` does not parse as a message.
+///
+/// ```
+/// use grinta_proto::wire::{self, FieldInPlace};
+/// use prost::Message;
+///
+/// let open = wire::FlowOpen { endpoint: "billing".into(), ..Default::default() };
+/// let encoded = open.encode_to_vec();
+/// let mut endpoint = None;
+/// wire::fields_in_place(&encoded, |tag, field| {
+///     if let (2, FieldInPlace::Bytes(bytes)) = (tag, field) {
+///         endpoint = Some(bytes);
+///     }
+/// });
+/// assert_eq!(endpoint, Some(&b"billing"[..]));
+/// ```
+pub fn fields_in_place<'a>(
+    body: &'a [u8],
+    mut on_field: impl FnMut(u32, FieldInPlace<'a>),
+) -> Option<()> {
+    use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
+    let mut buf = body;
+    while !buf.is_empty() {
+        let (tag, wire_type) = decode_key(&mut buf).ok()?;
+        match wire_type {
+            WireType::LengthDelimited => {
+                let len = usize::try_from(decode_varint(&mut buf).ok()?).ok()?;
+                let bytes = buf.get(..len)?;
+                buf = &buf[len..];
+                on_field(tag, FieldInPlace::Bytes(bytes));
+            }
+            WireType::Varint => on_field(tag, FieldInPlace::Varint(decode_varint(&mut buf).ok()?)),
+            _ => {
+                skip_field(wire_type, tag, &mut buf, DecodeContext::default()).ok()?;
+                on_field(tag, FieldInPlace::Skipped);
+            }
+        }
+    }
+    Some(())
+}
+
 #[allow(
     missing_docs,
     unreachable_pub,
