@@ -62,8 +62,7 @@ impl<R: Runtime> Request<R> {
     /// (the requester gave up, its node failed; `FlowError::MessageTooLarge` for a reply beyond
     /// its `max_message_size`).
     pub async fn respond(mut self, reply: impl Into<Bytes>) -> Result<(), Error> {
-        self.flow.send(reply).await?;
-        self.flow.finish().await
+        self.flow.send_and_finish(reply.into()).await
     }
 
     /// Answers with `reply` encoded by `codec`.
