@@ -764,8 +764,8 @@ pub(crate) struct Flows {
     local_name: String,
     next_id: u64,
     /// The flows by id: a hash map, as a node opens and ends a flow per request (a `BTreeMap`
-    /// moved whole `Flow`s around its nodes on every insert and removal). Nothing iterates it
-    /// in an order that shows.
+    /// moved whole `Flow`s around its nodes on every insert and removal). Its order is random:
+    /// whatever walks it sorts the ids first, so that a simulation replays exactly.
     flows: HashMap<FlowId, Flow>,
     by_stream: HashMap<(ConnectionHandle, StreamId), FlowId>,
     backlogs: HashMap<String, VecDeque<FlowId>>,
@@ -1644,12 +1644,14 @@ impl Flows {
 
     /// Every flow with `peer` fails: membership declared it Dead or Left.
     pub(crate) fn on_peer_gone(&mut self, transport: &mut impl FlowStreams, peer: &str) {
-        let ids: Vec<FlowId> = self
+        let mut ids: Vec<FlowId> = self
             .flows
             .iter()
             .filter(|(_, f)| f.peer == peer)
             .map(|(id, _)| *id)
             .collect();
+        // In id order, so that a simulation replays exactly.
+        ids.sort_unstable();
         for id in ids {
             self.fail(
                 transport,

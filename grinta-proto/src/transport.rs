@@ -86,7 +86,8 @@ pub struct TransportLimits {
     /// new connection (dialled or accepted) closes the least recently used idle one (no flows,
     /// exchanges or holds); with none idle, dials fail and incoming connections are refused.
     /// A closed connection drains for a few round trips (it answers what the peer still sends
-    /// with its close) and does not count against the limit.
+    /// with its close) and does not count against the limit; while as many as the limit (or
+    /// `max_handshaking`, if more) are draining, new connections wait as at the limit.
     pub max_connections: usize,
     /// Datagrams queued per connection while its handshake runs; beyond it they are dropped.
     pub max_queued_datagrams: usize,
@@ -1712,27 +1713,33 @@ impl Transport {
         if self.conns.len() < self.limits.max_connections {
             return true;
         }
-        // Closed connections drain for a few round trips and hold no room: counting them would
-        // refuse handshakes while a churning budget frees itself.
-        if self.conns.len() - self.closing_connection_count() < self.limits.max_connections {
+        // One walk: the closed connections, and the least recently used idle one. Closed
+        // connections drain for a few round trips outside the budget (counting them would refuse
+        // handshakes while a churning budget frees itself), up to as many again as the budget or
+        // as `max_handshaking`, whichever is more (a small budget churns in bursts).
+        let (mut closing, mut idle) = (0usize, None::<(Instant, ConnectionHandle)>);
+        for (&ch, c) in &self.conns {
+            if c.conn.is_closed() {
+                closing += 1;
+            } else if c.established
+                && c.holds == 0
+                && c.flow_streams.is_empty()
+                && c.inbound.is_empty()
+                && c.outbound.is_empty()
+                && c.draining.is_empty()
+                && c.pending_flow_opens.is_empty()
+                && idle.is_none_or(|(used, _)| c.last_used < used)
+            {
+                idle = Some((c.last_used, ch));
+            }
+        }
+        if closing >= self.limits.max_connections.max(self.limits.max_handshaking) {
+            return false;
+        }
+        if self.conns.len() - closing < self.limits.max_connections {
             return true;
         }
-        let idle = self
-            .conns
-            .iter_mut()
-            .filter(|(_, c)| {
-                c.established
-                    && c.holds == 0
-                    && c.flow_streams.is_empty()
-                    && c.inbound.is_empty()
-                    && c.outbound.is_empty()
-                    && c.draining.is_empty()
-                    && c.pending_flow_opens.is_empty()
-                    && !c.conn.is_closed()
-            })
-            .map(|(&ch, c)| (ch, c.last_used))
-            .min_by_key(|&(_, used)| used)
-            .map(|(ch, _)| ch);
+        let idle = idle.map(|(_, ch)| ch);
         let Some(ch) = idle else {
             return false;
         };

@@ -266,3 +266,43 @@ fn started_outside_a_tokio_runtime() {
     assert!(matches!(err, Error::Bind { .. }), "{err:?}");
     assert!(err.to_string().contains("no tokio runtime"), "{err}");
 }
+
+/// At the flow limit, dropping a flow makes room for the very next dial: the drop is handed to the
+/// node by the driver, and a dial hands over what was dropped before it counts the flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_flow_frees_its_room_for_the_next_dial() {
+    let ca = DevCa::new().unwrap();
+    // Only the dialling node is limited; the owner holds every flow it accepts.
+    let a = builder(&ca, "node-a")
+        .flow_limits(FlowLimits {
+            max_flows: 4,
+            ..FlowLimits::default()
+        })
+        .start()
+        .unwrap();
+    let b = builder(&ca, "node-b").seed(a.local_addr()).start().unwrap();
+    let endpoint = b.endpoint("echo").unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok(flow) = endpoint.accept().await {
+            held.push(flow);
+        }
+    });
+    until(|| a.endpoints("echo").len() == 1).await;
+    let mut flows = Vec::new();
+    for _ in 0..4 {
+        flows.push(a.dial("echo").await.expect("dial under the limit"));
+    }
+    let err = a
+        .dial("echo")
+        .await
+        .expect_err("a fifth flow is over the limit");
+    assert!(
+        matches!(err.flow_error(), Some(FlowError::LimitReached { .. })),
+        "{err:?}"
+    );
+    for _ in 0..100 {
+        drop(flows.pop());
+        flows.push(a.dial("echo").await.expect("the dropped flow's room"));
+    }
+}

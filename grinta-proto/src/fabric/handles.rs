@@ -92,7 +92,7 @@ impl<R: Runtime> Drop for FlowCore<R> {
                     FINISHED => HandlesGone::Finished,
                     _ => HandlesGone::Reset,
                 };
-                // The driver tells the node in its next round (see `Inner::handles_gone`).
+                // The driver tells the node in its next round (see `Inner::hand_over_gone_flows`).
                 fabric.shared.wakeup.handles_gone(*id, gone);
             }
             Route::Local(end, _) => match state {

@@ -736,7 +736,8 @@ impl Inner {
         for (_, slot) in self.dials.drain() {
             slot.answer(DialAnswer::Shutdown);
         }
-        for mailbox in self.mailboxes.values() {
+        // The handles keep their own; what the driver no longer reads is freed now.
+        for (_, mailbox) in self.mailboxes.drain() {
             mailbox.close();
         }
         for (_, ws) in self.waiters.flows.drain() {
@@ -1346,23 +1347,25 @@ impl<R: Runtime> Fabric<R> {
     /// # }
     /// ```
     pub fn send_datagram(&self, name: &str, message: impl Into<Bytes>) -> Result<(), Error> {
-        let message = message.into();
-        crate::datagram::check_size(message.len())?;
+        let mut message = message.into();
         // A name known to lead to another node: queued for the driver without the node's lock
         // (see `datagram_outbox`). Only a valid name, not reserved, was ever learnt there, so
-        // the name is checked on the way through the node.
-        let message = match self.shared.datagram_outbox.push(name, message) {
-            datagram_outbox::Push::Queued { wake } => {
-                if wake {
-                    self.shared.wakeup.wake_driver();
+        // the name is checked on the way through the node (in the same order as there).
+        if crate::datagram::check_size(message.len()).is_ok() {
+            message = match self.shared.datagram_outbox.push(name, message) {
+                datagram_outbox::Push::Queued { wake } => {
+                    if wake {
+                        self.shared.wakeup.wake_driver();
+                    }
+                    return Ok(());
                 }
-                return Ok(());
-            }
-            datagram_outbox::Push::Dropped => return Ok(()),
-            datagram_outbox::Push::ThroughNode(message) => message,
-        };
+                datagram_outbox::Push::Dropped => return Ok(()),
+                datagram_outbox::Push::ThroughNode(message) => message,
+            };
+        }
         crate::registry::validate_endpoint_name(name)?;
         refuse_reserved(name)?;
+        crate::datagram::check_size(message.len())?;
         let mut inner = self.shared.lock();
         if !inner.accepting() {
             return Err(Error::Shutdown);
@@ -1491,6 +1494,9 @@ impl<R: Runtime> Fabric<R> {
                     return Poll::Ready(Err(Error::Shutdown));
                 }
                 let now = inner.now();
+                // Flows whose handles were dropped end first: they must not hold the room
+                // (`max_flows`, per peer, pending dials) this dial may need.
+                inner.hand_over_gone_flows(now, &mut Vec::new());
                 let dialled = match dial(&mut inner.node, now) {
                     Ok(flow) => {
                         let slot = Arc::new(DialSlot::default());
