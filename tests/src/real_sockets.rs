@@ -1219,9 +1219,10 @@ fn serve_upper<R: Runtime>(endpoint: grinta_proto::fabric::Endpoint<R>) {
     }));
 }
 
-/// Requests get their reply, remote and in-process, typed or not, a burst of 1,000 at once;
-/// and every way one can fail gives a typed error: no such endpoint, no reply, dropped, too
-/// large, too slow.
+/// Requests get their reply, remote and in-process, typed or not, a burst of 1,000 at once, with
+/// a slow requester (a flow whose message comes late) and a silent one (ended without a message)
+/// among them; and every way one can fail gives a typed error: no such endpoint, no reply,
+/// dropped, too large, too slow.
 pub async fn requests_get_one_reply_each<R: Runtime>() {
     use futures::StreamExt;
     use grinta_proto::codec::ProstCodec;
@@ -1269,6 +1270,37 @@ pub async fn requests_get_one_reply_each<R: Runtime>() {
             .expect("task ran");
         assert_eq!(reply.expect("reply"), format!("R{i}").into_bytes());
     }
+
+    // A flow dialled to the endpoint that sends nothing yet waits for its message without
+    // holding up the requests behind it, and is answered once its message comes; one that ends
+    // without a message is skipped.
+    let mut slow = client.dial("upper").await.expect("dial");
+    let mut silent = client.dial("upper").await.expect("dial");
+    for i in 0..20 {
+        let reply = within::<R, _>(
+            Duration::from_secs(20),
+            client.request("upper", format!("q{i}")),
+        )
+        .await
+        .expect("not held up by a slow requester")
+        .expect("reply");
+        assert_eq!(reply, format!("Q{i}").into_bytes());
+    }
+    silent.finish().await.expect("finish");
+    slow.send("late").await.expect("send");
+    slow.finish().await.expect("finish");
+    assert_eq!(
+        within::<R, _>(Duration::from_secs(20), slow.recv())
+            .await
+            .expect("the slow request is answered")
+            .expect("recv")
+            .as_deref(),
+        Some(&b"LATE"[..])
+    );
+    assert_eq!(
+        &client.request("upper", "after").await.expect("reply")[..],
+        b"AFTER"
+    );
 
     // Failures, each typed.
     let err = client.request("nobody", "x").await.expect_err("no owner");
