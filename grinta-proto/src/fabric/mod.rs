@@ -691,12 +691,7 @@ impl Inner {
 
     /// The handle of open remote flow `id`, with its mailbox (see [`mailbox`]).
     fn open_remote<R: Runtime>(&mut self, fabric: &Fabric<R>, id: FlowId) -> Flow<R> {
-        let now = self.now();
-        let mailbox = Mailbox::open(&mut self.node, now, id);
-        if let Some(mailbox) = &mailbox {
-            self.mailboxes.insert(id, mailbox.clone());
-        }
-        let peer = self.node.flow_peer(id).unwrap_or_default().to_owned();
+        let (mailbox, peer) = self.open_mailbox(id);
         Flow::new(
             Route::Remote {
                 fabric: fabric.clone(),
@@ -705,6 +700,18 @@ impl Inner {
             },
             peer,
         )
+    }
+
+    /// The mailbox of open remote flow `id` (kept for the driver) and the peer's name: what a
+    /// flow handle is made of.
+    fn open_mailbox(&mut self, id: FlowId) -> (Option<Arc<Mailbox>>, String) {
+        let now = self.now();
+        let mailbox = Mailbox::open(&mut self.node, now, id);
+        if let Some(mailbox) = &mailbox {
+            self.mailboxes.insert(id, mailbox.clone());
+        }
+        let peer = self.node.flow_peer(id).unwrap_or_default().to_owned();
+        (mailbox, peer)
     }
 
     /// Registers the task to wake when something happens to remote flow `flow`.
@@ -771,12 +778,7 @@ impl Inner {
                     FlowEvent::Opened { flow, endpoint, .. } => match self.dials.remove(&flow) {
                         Some(slot) => {
                             self.count_endpoint(&endpoint, |s| s.dials_opened += 1);
-                            let now = (self.clock)();
-                            let mailbox = Mailbox::open(&mut self.node, now, flow);
-                            if let Some(mailbox) = &mailbox {
-                                self.mailboxes.insert(flow, mailbox.clone());
-                            }
-                            let peer = self.node.flow_peer(flow).unwrap_or_default().to_owned();
+                            let (mailbox, peer) = self.open_mailbox(flow);
                             slot.answer(DialAnswer::Open { mailbox, peer });
                         }
                         // Nobody waits for it any more: end it at once.
