@@ -177,7 +177,7 @@ impl TlsConfig {
 pub const TLS_SESSION_CACHE: usize = 4096;
 
 /// At most one value per key for up to `capacity` keys; past that, the key first inserted is
-/// forgotten.
+/// forgotten. Grows as keys come: an empty map holds no room for `capacity` of them.
 #[derive(Debug)]
 struct OnePerKey<K, V> {
     values: HashMap<K, V>,
@@ -198,7 +198,7 @@ impl<K: Hash + Eq + Clone, V: Default> OnePerKey<K, V> {
     /// The value of `key`, made (with its default) if it has none.
     fn get_or_insert(&mut self, key: K) -> &mut V {
         if !self.values.contains_key(&key) {
-            if self.values.len() >= self.capacity {
+            if self.order.len() >= self.capacity {
                 if let Some(oldest) = self.order.pop_front() {
                     self.values.remove(&oldest);
                 }
@@ -210,6 +210,56 @@ impl<K: Hash + Eq + Clone, V: Default> OnePerKey<K, V> {
 
     fn get_mut(&mut self, key: &K) -> Option<&mut V> {
         self.values.get_mut(key)
+    }
+
+    /// Forgets `key` and returns its value.
+    fn remove(&mut self, key: &K) -> Option<V> {
+        let value = self.values.remove(key)?;
+        if let Some(at) = self.order.iter().position(|k| k == key) {
+            self.order.remove(at);
+        }
+        Some(value)
+    }
+}
+
+/// The server's resumption store: the sessions behind the tickets it issued, the
+/// [`TLS_SESSION_CACHE`] most recent, each used once. It grows with the tickets issued
+/// (rustls's `ServerSessionMemoryCache` reserves room for all of them when made: 490 KiB per
+/// node for 4,096, whatever the cluster's size).
+#[derive(Debug)]
+struct ServerSessions(Mutex<OnePerKey<Vec<u8>, Vec<u8>>>);
+
+impl ServerSessions {
+    fn new(sessions: usize) -> Self {
+        Self(Mutex::new(OnePerKey::new(sessions)))
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut OnePerKey<Vec<u8>, Vec<u8>>) -> T) -> T {
+        // A panic while holding the lock leaves nothing half-done worth refusing.
+        let mut sessions = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut sessions)
+    }
+}
+
+impl rustls::server::StoresServerSessions for ServerSessions {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        self.with(|s| *s.get_or_insert(key) = value);
+        true
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.with(|s| s.values.get(key).cloned())
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.with(|s| s.remove(&key.to_vec()))
+    }
+
+    fn can_cache(&self) -> bool {
+        true
     }
 }
 
@@ -340,7 +390,7 @@ pub(crate) fn build(
     // Session resumption: a member reconnecting (a probe after the idle timeout closed the
     // connection) skips the certificate exchange and its signatures. One ticket per handshake,
     // sessions for as many peers as a large cluster holds.
-    server.session_storage = rustls::server::ServerSessionMemoryCache::new(TLS_SESSION_CACHE);
+    server.session_storage = Arc::new(ServerSessions::new(TLS_SESSION_CACHE));
     server.send_tls13_tickets = 1;
 
     let mut client = rustls::ClientConfig::builder_with_details(provider.clone(), time_provider)
@@ -684,6 +734,45 @@ mod session_tests {
         // Taken once: nothing left to take, and the key stays known.
         assert_eq!(m.get_mut(&9_999).and_then(|v| v.take()), None);
         assert_eq!(m.values.len(), 4096);
+    }
+
+    #[test]
+    fn the_server_keeps_the_4096_latest_sessions_each_taken_once() {
+        use rustls::server::StoresServerSessions;
+        let store = ServerSessions::new(TLS_SESSION_CACHE);
+        let key = |i: u32| i.to_be_bytes().to_vec();
+        // Nothing reserved up front.
+        assert_eq!(store.with(|s| s.values.capacity()), 0);
+        for i in 0..10_000u32 {
+            assert!(store.put(key(i), key(i + 1)));
+        }
+        assert_eq!(
+            store.with(|s| (s.values.len(), s.order.len())),
+            (4096, 4096)
+        );
+        for i in 0..10_000u32 {
+            let kept = (i >= 10_000 - 4096).then(|| key(i + 1));
+            assert_eq!(store.get(&key(i)), kept, "{i}");
+            assert_eq!(store.take(&key(i)), kept, "{i}");
+            assert_eq!(store.take(&key(i)), None, "taken once: {i}");
+        }
+        assert_eq!(store.with(|s| (s.values.len(), s.order.len())), (0, 0));
+        // Sessions taken as fast as they are issued (every reconnection resumes) hold nothing.
+        for i in 0..10_000u32 {
+            store.put(key(i), key(i));
+            assert_eq!(store.take(&key(i)), Some(key(i)));
+        }
+        assert_eq!(store.with(|s| (s.values.len(), s.order.len())), (0, 0));
+        // A key stored again after it was taken is forgotten only when its turn comes again.
+        store.put(key(1), key(1));
+        store.take(&key(1));
+        for i in 1..=4096u32 {
+            store.put(key(i), key(i));
+        }
+        assert_eq!(store.get(&key(1)), Some(key(1)));
+        store.put(key(5000), key(5000));
+        assert_eq!(store.get(&key(1)), None);
+        assert_eq!(store.get(&key(2)), Some(key(2)));
     }
 
     #[test]
