@@ -1727,7 +1727,7 @@ impl Node {
                 if crate::datagram::is_app_datagram(&data) {
                     return self.deliver_datagram(conn, data);
                 }
-                let Ok(packet) = wire::Packet::decode(data) else {
+                let Ok(packet) = self.membership.decode_packet(data) else {
                     self.undecodable += 1;
                     return;
                 };

@@ -52,7 +52,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use prost::Message;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -450,6 +450,9 @@ pub struct Membership {
     stats: Stats,
     /// Corrections for the sender of the packet being processed (see `correct_stale_sender`).
     corrections: Vec<Bytes>,
+    /// Receive buffers reused from packet to packet (see [`decode_packet`](Self::decode_packet)).
+    packet_buf: BytesMut,
+    broadcasts_buf: Vec<wire::Broadcast>,
     /// Senders this node did not know, asked for their state, and when (see
     /// `ask_unknown_sender`); at most [`MAX_ASKED`].
     asked: VecDeque<(String, Instant)>,
@@ -530,6 +533,10 @@ const MAX_CORRECTIONS: usize = 8;
 /// Largest datagram accepted from the network, whatever the local budget.
 const MAX_RECEIVED_PACKET: usize = 64 * 1024;
 
+/// A list of decoded broadcasts longer than this is not kept for the next packet (a packet within
+/// the datagram budget holds fewer).
+const MAX_REUSED_BROADCASTS: usize = 64;
+
 impl Membership {
     /// Creates the state machine of node `name`, reachable at `addr`, with all randomness drawn from
     /// `seed`, signing its claims and checking others' with `keys` (a node uses
@@ -591,6 +598,8 @@ impl Membership {
             events: VecDeque::new(),
             stats: Stats::default(),
             corrections: Vec::new(),
+            packet_buf: BytesMut::new(),
+            broadcasts_buf: Vec::new(),
             asked: VecDeque::new(),
             asked_at_address: VecDeque::new(),
             exchanges_sent: VecDeque::new(),
@@ -990,7 +999,12 @@ impl Membership {
             self.stats.packets_invalid += 1;
             return;
         }
-        match wire::Packet::decode(data) {
+        // Copied once into a buffer of this node's: the decoded fields are slices of it, not one
+        // allocation each.
+        self.packet_buf.clear();
+        self.packet_buf.extend_from_slice(data);
+        let data = self.packet_buf.split().freeze();
+        match self.decode_packet(data) {
             Ok(packet) => self.handle_packet(now, from, packet),
             Err(_) => {
                 self.stats.packets_received += 1;
@@ -1000,9 +1014,21 @@ impl Membership {
         }
     }
 
+    /// Decodes a membership packet, its broadcasts into a list reused from the previous packet
+    /// handled (a packet holds up to about 30: decoded afresh, the list would grow five times).
+    /// Bytes fields are slices of `data`.
+    pub fn decode_packet(&mut self, data: Bytes) -> Result<wire::Packet, prost::DecodeError> {
+        let mut packet = wire::Packet {
+            broadcasts: std::mem::take(&mut self.broadcasts_buf),
+            ..Default::default()
+        };
+        packet.merge(data)?;
+        Ok(packet)
+    }
+
     /// Processes an already decoded membership packet from `from` (a transport that had to read the
     /// sender name to authenticate it uses this to avoid decoding twice).
-    pub fn handle_packet(&mut self, now: Instant, from: SocketAddr, packet: wire::Packet) {
+    pub fn handle_packet(&mut self, now: Instant, from: SocketAddr, mut packet: wire::Packet) {
         self.stats.packets_received += 1;
         if matches!(self.lifecycle, Lifecycle::Left) {
             return;
@@ -1014,10 +1040,14 @@ impl Membership {
         }
         // Broadcasts first: a refutation they trigger then rides on the ack to this very packet's
         // ping, which is how a suspected member answers the buddy system at once.
-        for b in packet.broadcasts {
+        let mut broadcasts = std::mem::take(&mut packet.broadcasts);
+        for b in broadcasts.drain(..) {
             if let Some(kind) = b.kind {
                 self.handle_broadcast(now, kind, Some(from));
             }
+        }
+        if broadcasts.capacity() <= MAX_REUSED_BROADCASTS {
+            self.broadcasts_buf = broadcasts;
         }
         self.correct_dead_sender(&packet.sender);
         self.ask_unknown_sender(now, from, &packet.sender);
