@@ -438,7 +438,8 @@ impl ClaimKeys for CertificateKeys {
             .verify_signature(*algorithm, message, signature)
             .map_err(|_| bad())?;
         if learnt {
-            self.remember(signer, leaf);
+            // A copy: `leaf` may be a slice of a received packet, which it would keep alive.
+            self.remember(signer, Bytes::copy_from_slice(&leaf));
         }
         Ok(())
     }

@@ -200,9 +200,11 @@ impl Membership {
                     self.stats.packets_invalid += 1;
                     return;
                 }
+                // Copies: the fields are slices of the received packet, which the application
+                // would otherwise keep alive for as long as it keeps them.
                 self.events.push_back(Event::AppBroadcast {
-                    key: app.key,
-                    payload: app.payload,
+                    key: bytes::Bytes::copy_from_slice(&app.key),
+                    payload: bytes::Bytes::copy_from_slice(&app.payload),
                 });
             }
         }
