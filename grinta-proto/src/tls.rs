@@ -213,9 +213,13 @@ impl<K: Hash + Eq + Clone, V: Default> OnePerKey<K, V> {
     }
 
     /// Forgets `key` and returns its value.
-    fn remove(&mut self, key: &K) -> Option<V> {
+    fn remove<Q>(&mut self, key: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let value = self.values.remove(key)?;
-        if let Some(at) = self.order.iter().position(|k| k == key) {
+        if let Some(at) = self.order.iter().position(|k| k.borrow() == key) {
             self.order.remove(at);
         }
         Some(value)
@@ -235,13 +239,16 @@ impl ServerSessions {
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut OnePerKey<Vec<u8>, Vec<u8>>) -> T) -> T {
-        // A panic while holding the lock leaves nothing half-done worth refusing.
-        let mut sessions = self
-            .0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(&mut sessions)
+        with_locked(&self.0, f)
     }
+}
+
+/// Runs `f` on what `store` guards. A panic while holding the lock leaves nothing half-done
+/// worth refusing, so a poisoned lock is used as is.
+fn with_locked<S, T>(store: &Mutex<S>, f: impl FnOnce(&mut S) -> T) -> T {
+    f(&mut store
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner()))
 }
 
 impl rustls::server::StoresServerSessions for ServerSessions {
@@ -255,7 +262,7 @@ impl rustls::server::StoresServerSessions for ServerSessions {
     }
 
     fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.with(|s| s.remove(&key.to_vec()))
+        self.with(|s| s.remove(key))
     }
 
     fn can_cache(&self) -> bool {
@@ -287,12 +294,7 @@ impl SessionTickets {
         &self,
         f: impl FnOnce(&mut OnePerKey<ServerName<'static>, ServerSession>) -> T,
     ) -> T {
-        // A panic while holding the lock leaves nothing half-done worth refusing.
-        let mut sessions = self
-            .0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(&mut sessions)
+        with_locked(&self.0, f)
     }
 }
 
