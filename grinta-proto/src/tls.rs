@@ -745,22 +745,22 @@ mod session_tests {
         let key = |i: u32| i.to_be_bytes().to_vec();
         // Nothing reserved up front.
         assert_eq!(store.with(|s| s.values.capacity()), 0);
-        for i in 0..10_000u32 {
+        for i in 0..50_000u32 {
             assert!(store.put(key(i), key(i + 1)));
         }
         assert_eq!(
             store.with(|s| (s.values.len(), s.order.len())),
             (4096, 4096)
         );
-        for i in 0..10_000u32 {
-            let kept = (i >= 10_000 - 4096).then(|| key(i + 1));
+        for i in 0..50_000u32 {
+            let kept = (i >= 50_000 - 4096).then(|| key(i + 1));
             assert_eq!(store.get(&key(i)), kept, "{i}");
             assert_eq!(store.take(&key(i)), kept, "{i}");
             assert_eq!(store.take(&key(i)), None, "taken once: {i}");
         }
         assert_eq!(store.with(|s| (s.values.len(), s.order.len())), (0, 0));
         // Sessions taken as fast as they are issued (every reconnection resumes) hold nothing.
-        for i in 0..10_000u32 {
+        for i in 0..50_000u32 {
             store.put(key(i), key(i));
             assert_eq!(store.take(&key(i)), Some(key(i)));
         }
