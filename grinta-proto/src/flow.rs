@@ -1848,7 +1848,10 @@ impl Flows {
     ) {
         if let Some(flow) = self.remove_flow(id) {
             if let Some((conn, stream)) = flow.stream {
-                self.by_stream.remove(&(conn, stream));
+                // Only this flow's own entry (never another flow's on the same key).
+                if self.by_stream.get(&(conn, stream)) == Some(&id) {
+                    self.by_stream.remove(&(conn, stream));
+                }
                 match abort {
                     Some(code) => transport.abort_stream(conn, stream, code.to_quic()),
                     None if flow.fin_sent => transport.flow_release(conn, stream),

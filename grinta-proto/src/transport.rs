@@ -1943,7 +1943,11 @@ impl Transport {
                     let _ = chunks.finalize();
                     kind
                 }
-                Err(_) => Err(()),
+                // Its receiving half is gone: this node read it to its end or stopped it, so
+                // it was classified long ago (a flow released in the round that read its end,
+                // say) and this is a stale readable event, not a new stream. Resetting it would
+                // throw away what the flow still sends (a reply and its end).
+                Err(_) => return,
             };
             let kind = match kind {
                 Ok(kind) => kind,
