@@ -84,12 +84,18 @@ impl ClaimKind {
 
 /// What a signature covers: a domain tag, the claim's kind, then the encoded claim.
 pub fn signed_message(kind: ClaimKind, body: &[u8]) -> Vec<u8> {
-    const DOMAIN: &[u8] = b"grinta/1 claim\0";
-    let mut message = Vec::with_capacity(DOMAIN.len() + 1 + body.len());
-    message.extend_from_slice(DOMAIN);
-    message.push(kind.code());
-    message.extend_from_slice(body);
+    let mut message = Vec::with_capacity(SIGNED_DOMAIN.len() + 1 + body.len());
+    put_signed_message(kind, body, &mut message);
     message
+}
+
+const SIGNED_DOMAIN: &[u8] = b"grinta/1 claim\0";
+
+/// Appends what a signature covers to `out` (see [`signed_message`]).
+fn put_signed_message(kind: ClaimKind, body: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(SIGNED_DOMAIN);
+    out.push(kind.code());
+    out.extend_from_slice(body);
 }
 
 /// Why a claim was not signed or not accepted.
@@ -192,14 +198,28 @@ pub fn verify(
     kind: ClaimKind,
     signed: &wire::Signed,
 ) -> Result<(), ClaimError> {
+    verify_with(keys, signer, kind, signed, &mut Vec::new())
+}
+
+/// [`verify`], building the signed message in `message` (a buffer the caller keeps from claim
+/// to claim: a node checks one per member it learns of).
+pub(crate) fn verify_with(
+    keys: &mut dyn ClaimKeys,
+    signer: &str,
+    kind: ClaimKind,
+    signed: &wire::Signed,
+    message: &mut Vec<u8>,
+) -> Result<(), ClaimError> {
     let scheme = u16::try_from(signed.scheme)
         .map(SignatureScheme::from)
         .map_err(|_| ClaimError::UnsupportedScheme {
             scheme: signed.scheme,
         })?;
+    message.clear();
+    put_signed_message(kind, &signed.body, message);
     keys.verify(
         signer,
-        &signed_message(kind, &signed.body),
+        message,
         scheme,
         &signed.signature,
         &signed.certificates,

@@ -108,7 +108,7 @@ impl Observations {
     /// The compact slot of member `name`, if it has one.
     fn compact_slot(&mut self, name: &str) -> Option<&mut u32> {
         // Only names exactly as `node_name` writes them, below a bound, take the compact slots.
-        let i = name_index(name).filter(|&i| i < 1 << 20 && name == node_name(i))?;
+        let i = canonical_name_index(name).filter(|&i| i < 1 << 20)?;
         if self.incarnations.len() <= i {
             // Grow by an eighth, not by doubling: a 10,000-node run holds 10,000 of these.
             let len = (i + 1).max(self.incarnations.len() + self.incarnations.len() / 8);
@@ -526,6 +526,17 @@ pub fn name_index(name: &str) -> Option<usize> {
     name.strip_prefix("node-")?.parse().ok()
 }
 
+/// The number `i` of a name exactly as [`node_name`] writes it (`node-<i>`, decimal digits, no
+/// leading zero, no sign), without building the name to compare: the observations look it up
+/// for every event of every node.
+fn canonical_name_index(name: &str) -> Option<usize> {
+    let digits = name.strip_prefix("node-")?;
+    let canonical = !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits.len() == 1 || !digits.starts_with('0'));
+    canonical.then(|| digits.parse().ok()).flatten()
+}
+
 /// The seed of node `i` in its `generation`-th start, derived from the run's seed.
 pub fn node_seed(seed: u64, i: usize, generation: u64) -> u64 {
     seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -542,4 +553,26 @@ pub fn quantile(values: &[Duration], q: f64) -> Option<Duration> {
     v.sort_unstable();
     let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
     Some(v[rank - 1])
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    #[test]
+    fn only_names_as_node_name_writes_them_have_a_compact_index() {
+        for i in [0, 7, 10, 999, 10_000, (1 << 20) - 1] {
+            assert_eq!(canonical_name_index(&node_name(i)), Some(i));
+        }
+        for other in [
+            "node-", "node-01", "node-+1", "node--1", "node-1a", "node- 1", "nod-1", "node-00",
+        ] {
+            assert_eq!(canonical_name_index(other), None, "{other}");
+        }
+        assert_eq!(
+            canonical_name_index("node-99999999999999999999999"),
+            None,
+            "beyond usize"
+        );
+    }
 }

@@ -453,6 +453,12 @@ pub struct Membership {
     /// Receive buffers reused from packet to packet (see [`decode_packet`](Self::decode_packet)).
     packet_buf: BytesMut,
     broadcasts_buf: Vec<wire::Broadcast>,
+    /// The packet being built by `send_packet`, kept between packets.
+    packet_out: Vec<u8>,
+    /// A broadcast being encoded for the dissemination queue (which copies it).
+    broadcast_out: Vec<u8>,
+    /// What a claim's signature covers, built for each claim checked.
+    signed_buf: Vec<u8>,
     /// Senders this node did not know, asked for their state, and when (see
     /// `ask_unknown_sender`); at most [`MAX_ASKED`].
     asked: VecDeque<(String, Instant)>,
@@ -600,6 +606,9 @@ impl Membership {
             corrections: Vec::new(),
             packet_buf: BytesMut::new(),
             broadcasts_buf: Vec::new(),
+            packet_out: Vec::new(),
+            broadcast_out: Vec::new(),
+            signed_buf: Vec::new(),
             asked: VecDeque::new(),
             asked_at_address: VecDeque::new(),
             exchanges_sent: VecDeque::new(),
@@ -1067,6 +1076,11 @@ impl Membership {
             self.stats.packets_invalid += 1;
             return;
         }
+        // Copied once and decoded from the copy: bytes fields (claims, addresses, the
+        // application state) are slices of it, not an allocation each. What outlives the
+        // exchange is copied out where it is kept (claims, metadata). Not into the buffer kept
+        // for datagrams: a join's state can be a megabyte, which that buffer would keep.
+        let data = Bytes::copy_from_slice(data);
         match wire::PushPull::decode(data) {
             Ok(pp) => self.handle_push_pull(now, from, pp),
             Err(_) => self.stats.packets_invalid += 1,
@@ -1114,6 +1128,63 @@ impl Membership {
         } else {
             self.answer_push_pull(from, &pp);
         }
+    }
+}
+
+/// Appends the encoding of a `grinta.v1.Alive` with these fields to `out`, byte for byte as
+/// prost encodes one, without building it (its name and address would each be an allocation).
+pub(crate) fn encode_alive_fields(
+    node: &str,
+    incarnation: u64,
+    addr: SocketAddr,
+    meta: &[u8],
+    out: &mut impl bytes::BufMut,
+) {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+    if !node.is_empty() {
+        encode_key(1, WireType::LengthDelimited, out);
+        encode_varint(node.len() as u64, out);
+        out.put_slice(node.as_bytes());
+    }
+    if incarnation != 0 {
+        prost::encoding::uint64::encode(2, &incarnation, out);
+    }
+    // `addr` (field 3): a `SocketAddress` of `ip` (1) and `port` (2), each left out at zero.
+    let (octets, len) = ip_octets(addr);
+    let ip = &octets[..len];
+    let port = u64::from(addr.port());
+    let addr_len = (1 + encoded_len_varint(ip.len() as u64) + ip.len())
+        + if port != 0 {
+            1 + encoded_len_varint(port)
+        } else {
+            0
+        };
+    encode_key(3, WireType::LengthDelimited, out);
+    encode_varint(addr_len as u64, out);
+    encode_key(1, WireType::LengthDelimited, out);
+    encode_varint(ip.len() as u64, out);
+    out.put_slice(ip);
+    if port != 0 {
+        encode_key(2, WireType::Varint, out);
+        encode_varint(port, out);
+    }
+    if !meta.is_empty() {
+        encode_key(4, WireType::LengthDelimited, out);
+        encode_varint(meta.len() as u64, out);
+        out.put_slice(meta);
+    }
+}
+
+/// The IP address's bytes in network order, in an array of 16 of which the first 4 (IPv4) or
+/// all 16 (IPv6) count.
+pub(crate) fn ip_octets(addr: SocketAddr) -> ([u8; 16], usize) {
+    let mut octets = [0; 16];
+    match addr.ip() {
+        IpAddr::V4(ip) => {
+            octets[..4].copy_from_slice(&ip.octets());
+            (octets, 4)
+        }
+        IpAddr::V6(ip) => (ip.octets(), 16),
     }
 }
 

@@ -27,17 +27,8 @@ impl Version {
 /// The fingerprint of a member's address and metadata in a push-pull digest: the first four
 /// bytes of the SHA-256 of the IP address's bytes, the port (big-endian) and the metadata.
 pub(super) fn fingerprint(addr: SocketAddr, meta: &[u8]) -> u32 {
-    let (v4, v6);
-    let ip: &[u8] = match addr.ip() {
-        IpAddr::V4(ip) => {
-            v4 = ip.octets();
-            &v4
-        }
-        IpAddr::V6(ip) => {
-            v6 = ip.octets();
-            &v6
-        }
-    };
+    let (octets, len) = ip_octets(addr);
+    let ip = &octets[..len];
     u32::from_be_bytes(sha256_prefix(&[ip, &addr.port().to_be_bytes(), meta]))
 }
 

@@ -67,7 +67,7 @@ impl Membership {
 
     /// Checks that `signer` signed `claim`; a claim that fails is dropped and counted.
     pub(super) fn verified(&mut self, signer: &str, kind: ClaimKind, claim: &wire::Signed) -> bool {
-        match claims::verify(&mut *self.keys, signer, kind, claim) {
+        match claims::verify_with(&mut *self.keys, signer, kind, claim, &mut self.signed_buf) {
             Ok(()) => {
                 self.stats.claims_verified += 1;
                 true
@@ -271,17 +271,28 @@ impl Membership {
 
     /// Queues what a member says of itself (its alive or its leave) for gossip.
     pub(super) fn queue_member_broadcast(&mut self, name: String, kind: wire::broadcast::Kind) {
-        let encoded = wire::Broadcast { kind: Some(kind) }.encode_to_vec();
+        let encoded = self.encode_broadcast(kind);
         // Not to the member itself: it knows what it says (an accusation, below, does go to it).
         let key = BroadcastKey::Member(name.as_str().into());
         self.member_queue.push_about(key, &encoded, Some(&name));
+        self.broadcast_out = encoded;
     }
 
     /// Queues an accusation of member `name` for gossip.
     pub(super) fn queue_accusation(&mut self, name: String, kind: wire::broadcast::Kind) {
-        let encoded = wire::Broadcast { kind: Some(kind) }.encode_to_vec();
+        let encoded = self.encode_broadcast(kind);
         self.member_queue
             .push(BroadcastKey::Accusation(name.as_str().into()), &encoded);
+        self.broadcast_out = encoded;
+    }
+
+    /// `kind` encoded as a `grinta.v1.Broadcast` in the buffer the node keeps for it (the queue
+    /// copies the bytes; the caller puts the buffer back in `broadcast_out`).
+    fn encode_broadcast(&mut self, kind: wire::broadcast::Kind) -> Vec<u8> {
+        let mut encoded = std::mem::take(&mut self.broadcast_out);
+        encoded.clear();
+        wire::Broadcast { kind: Some(kind) }.encode_raw(&mut encoded);
+        encoded
     }
 
     /// A member's own alive: it is up at an incarnation, with an address and metadata. Checked
@@ -302,7 +313,9 @@ impl Membership {
                 }
             }
         }
-        let Ok(a) = wire::Alive::decode(&claim.body[..]) else {
+        // Decoded from the body's own buffer: the address and metadata are slices of it, not
+        // copies (metadata kept by the member table is copied out in `accept_alive`).
+        let Ok(a) = wire::Alive::decode(claim.body.clone()) else {
             self.stats.packets_invalid += 1;
             return;
         };
@@ -373,11 +386,16 @@ impl Membership {
         &mut self,
         now: Instant,
         known: Option<usize>,
-        a: wire::Alive,
+        mut a: wire::Alive,
         addr: SocketAddr,
         claim: wire::Signed,
     ) {
-        let relay = wire::broadcast::Kind::Alive(claims::compact(&claim));
+        // Kept by the member table: out of the received packet it is a slice of.
+        if !a.meta.is_empty() {
+            a.meta = Bytes::copy_from_slice(&a.meta);
+        }
+        // Encoded into the queue and dropped: no copy out of the received packet needed.
+        let relay = wire::broadcast::Kind::Alive(claim.clone());
         let Some(i) = known else {
             let i = self
                 .members
