@@ -1140,7 +1140,7 @@ pub(crate) fn encode_alive_fields(
     meta: &[u8],
     out: &mut impl bytes::BufMut,
 ) {
-    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+    use prost::encoding::{WireType, encode_key, encode_varint};
     if !node.is_empty() {
         encode_key(1, WireType::LengthDelimited, out);
         encode_varint(node.len() as u64, out);
@@ -1149,7 +1149,18 @@ pub(crate) fn encode_alive_fields(
     if incarnation != 0 {
         prost::encoding::uint64::encode(2, &incarnation, out);
     }
-    // `addr` (field 3): a `SocketAddress` of `ip` (1) and `port` (2), each left out at zero.
+    put_socket_address(3, addr, out);
+    if !meta.is_empty() {
+        encode_key(4, WireType::LengthDelimited, out);
+        encode_varint(meta.len() as u64, out);
+        out.put_slice(meta);
+    }
+}
+
+/// Appends `addr` as field `tag`, a `grinta.v1.SocketAddress` of `ip` (1) and `port` (2, left
+/// out at zero), as prost encodes `Some(encode_addr(addr))`.
+pub(crate) fn put_socket_address(tag: u32, addr: SocketAddr, out: &mut impl bytes::BufMut) {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
     let (octets, len) = ip_octets(addr);
     let ip = &octets[..len];
     let port = u64::from(addr.port());
@@ -1159,7 +1170,7 @@ pub(crate) fn encode_alive_fields(
         } else {
             0
         };
-    encode_key(3, WireType::LengthDelimited, out);
+    encode_key(tag, WireType::LengthDelimited, out);
     encode_varint(addr_len as u64, out);
     encode_key(1, WireType::LengthDelimited, out);
     encode_varint(ip.len() as u64, out);
@@ -1167,11 +1178,6 @@ pub(crate) fn encode_alive_fields(
     if port != 0 {
         encode_key(2, WireType::Varint, out);
         encode_varint(port, out);
-    }
-    if !meta.is_empty() {
-        encode_key(4, WireType::LengthDelimited, out);
-        encode_varint(meta.len() as u64, out);
-        out.put_slice(meta);
     }
 }
 

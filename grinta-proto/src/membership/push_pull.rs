@@ -156,16 +156,7 @@ impl Membership {
     }
 
     fn member_entry(&self, i: usize) -> wire::MemberEntry {
-        let e = &self.members[i];
-        wire::MemberEntry {
-            node: e.name().to_owned(),
-            addr: Some(encode_addr(e.addr())),
-            incarnation: e.incarnation,
-            state: e.state.to_wire() as i32,
-            meta: e.meta(),
-            alive: Some(e.alive()),
-            leave: e.leave().cloned(),
-        }
+        self.members[i].to_wire()
     }
 
     fn own_version(&self) -> Version {
@@ -215,17 +206,58 @@ impl Membership {
         }
     }
 
-    /// The whole state: every member in full, and the application state.
-    pub(super) fn local_state(&self, join: bool, reply: bool) -> wire::PushPull {
-        let mut members = Vec::with_capacity(self.members.len() + 1);
-        members.push(self.own_entry());
-        members.extend((0..self.members.len()).map(|i| self.member_entry(i)));
-        wire::PushPull {
+    /// Sends the whole state (every member in full, and the application state): a join, the
+    /// answer to one, or a push. Encoded straight from the member table, byte for byte as
+    /// prost encodes the `PushPull` (fields in order: the header, the members, the rest).
+    fn send_local_state(
+        &mut self,
+        dst: SocketAddr,
+        dst_name: Option<String>,
+        channel: Channel,
+        (join, reply, push): (bool, bool, bool),
+    ) {
+        let base = self.message(reply);
+        let head = wire::PushPull {
+            protocol_version: base.protocol_version,
+            sender: base.sender,
             join,
-            members,
+            reply,
+            ..Default::default()
+        };
+        let mut tail = wire::PushPull {
             app_state: self.app_state.clone(),
-            ..self.message(reply)
+            app_state_digest: base.app_state_digest,
+            push,
+            ..Default::default()
+        };
+        let mut payload = Vec::new();
+        head.encode_raw(&mut payload);
+        prost::encoding::message::encode(5, &self.own_entry(), &mut payload);
+        let (mut entry, mut body) = (Vec::new(), Vec::new());
+        for i in 0..self.members.len() {
+            entry.clear();
+            self.members[i].put_wire(&mut entry, &mut body);
+            prost::encoding::encode_key(
+                5,
+                prost::encoding::WireType::LengthDelimited,
+                &mut payload,
+            );
+            prost::encoding::encode_varint(entry.len() as u64, &mut payload);
+            payload.extend_from_slice(&entry);
         }
+        let members_end = payload.len();
+        tail.encode_raw(&mut payload);
+        if payload.len() > self.config.max_push_pull_size {
+            // As `send_message` does: the members without the application state.
+            payload.truncate(members_end);
+            tail.app_state = Bytes::new();
+            tail.encode_raw(&mut payload);
+            self.stats.dropped_for_limits += 1;
+            if payload.len() > self.config.max_push_pull_size {
+                return;
+            }
+        }
+        self.queue_push_pull(dst, dst_name, channel, payload, self.members.len() + 1);
     }
 
     /// Every member by name, incarnation, state and fingerprint, this node first.
@@ -390,7 +422,9 @@ impl Membership {
         exchange: Exchange,
     ) {
         let message = match exchange {
-            Exchange::Join => self.local_state(true, false),
+            Exchange::Join => {
+                return self.send_local_state(dst, dst_name, Channel::Stream, (true, false, false));
+            }
             Exchange::Sum | Exchange::Digest => {
                 if self.exchanges_sent.len() >= MAX_EXCHANGES_AWAITING_REPLY {
                     self.exchanges_sent.pop_front();
@@ -426,7 +460,8 @@ impl Membership {
             self.sum_reply(request)
         } else {
             // A join (or a peer that sends its whole state): the whole state back.
-            self.local_state(false, true)
+            let to = Some(request.sender.clone());
+            return self.send_local_state(from, to, Channel::StreamReply, (false, true, false));
         };
         self.send_message(
             from,
@@ -470,10 +505,8 @@ impl Membership {
             if reply.app_state_digest == 0 || (sent == Exchange::Sum && reply.members_sum == 0) {
                 // A peer that reads neither sums nor digests (an older version): it took nothing
                 // from the request, so it gets the whole state (and answers it with its own).
-                wire::PushPull {
-                    push: true,
-                    ..self.local_state(false, false)
-                }
+                let to = Some(reply.sender.clone());
+                return self.send_local_state(from, to, Channel::Stream, (false, false, true));
             } else if sent == Exchange::Sum && !reply.digest.is_empty() {
                 // The sums differ: answer the other side's digest.
                 let push = self.push_against(reply);
@@ -511,9 +544,21 @@ impl Membership {
                 return;
             }
         }
+        let members = message.members.len();
+        self.queue_push_pull(dst, dst_name, channel, payload, members);
+    }
+
+    fn queue_push_pull(
+        &mut self,
+        dst: SocketAddr,
+        dst_name: Option<String>,
+        channel: Channel,
+        payload: Vec<u8>,
+        members: usize,
+    ) {
         self.stats.push_pulls_sent += 1;
         self.stats.push_pull_bytes_sent += payload.len() as u64;
-        self.stats.push_pull_members_sent += message.members.len() as u64;
+        self.stats.push_pull_members_sent += members as u64;
         self.transmits.push_back(Outgoing {
             dst,
             dst_name,

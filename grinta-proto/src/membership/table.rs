@@ -212,6 +212,93 @@ impl Entry {
         );
     }
 
+    /// The entry as a push-pull carries it in full.
+    pub(super) fn to_wire(&self) -> wire::MemberEntry {
+        wire::MemberEntry {
+            node: self.name().to_owned(),
+            addr: Some(super::encode_addr(self.addr())),
+            incarnation: self.incarnation,
+            state: self.state.to_wire() as i32,
+            meta: self.meta(),
+            alive: Some(self.alive()),
+            leave: self.leave().cloned(),
+        }
+    }
+
+    /// Appends [`to_wire`](Self::to_wire) encoded, byte for byte as prost encodes it, without
+    /// building it (in a whole state of 10,000 members that was seven allocations per member).
+    /// `body` is a buffer the caller keeps, for the alive's body.
+    pub(super) fn put_wire(&self, out: &mut Vec<u8>, body: &mut Vec<u8>) {
+        use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+        let name = self.name();
+        if !name.is_empty() {
+            encode_key(1, WireType::LengthDelimited, out);
+            encode_varint(name.len() as u64, out);
+            out.extend_from_slice(name.as_bytes());
+        }
+        super::put_socket_address(2, self.addr(), out);
+        if self.incarnation != 0 {
+            prost::encoding::uint64::encode(3, &self.incarnation, out);
+        }
+        let state = self.state.to_wire() as i32;
+        if state != 0 {
+            prost::encoding::int32::encode(4, &state, out);
+        }
+        let meta = self.meta_bytes();
+        if !meta.is_empty() {
+            encode_key(5, WireType::LengthDelimited, out);
+            encode_varint(meta.len() as u64, out);
+            out.extend_from_slice(meta);
+        }
+        match &self.extra {
+            Some(x) if !x.alive.body.is_empty() => {
+                prost::encoding::message::encode(6, &x.alive, out);
+            }
+            extra => {
+                // The alive's body comes back from the entry; the rest of the envelope (if
+                // signed) is kept. `Signed`: body (1), scheme (2), signature (3),
+                // certificates (4), each left out when empty.
+                body.clear();
+                self.encode_alive_body_into(body);
+                let envelope = extra.as_ref().map(|x| &x.alive);
+                let scheme = envelope.map_or(0, |a| a.scheme);
+                let signature = envelope.map_or(&[][..], |a| &a.signature[..]);
+                let certificates = envelope.map_or(&[][..], |a| &a.certificates[..]);
+                let field = |len: usize| 1 + encoded_len_varint(len as u64) + len;
+                let mut len = certificates.iter().map(|c| field(c.len())).sum::<usize>();
+                if !body.is_empty() {
+                    len += field(body.len());
+                }
+                if scheme != 0 {
+                    len += 1 + encoded_len_varint(u64::from(scheme));
+                }
+                if !signature.is_empty() {
+                    len += field(signature.len());
+                }
+                encode_key(6, WireType::LengthDelimited, out);
+                encode_varint(len as u64, out);
+                for (tag, bytes) in [(1, &body[..]), (3, signature)] {
+                    if tag == 3 && scheme != 0 {
+                        prost::encoding::uint32::encode(2, &scheme, out);
+                    }
+                    if !bytes.is_empty() {
+                        encode_key(tag, WireType::LengthDelimited, out);
+                        encode_varint(bytes.len() as u64, out);
+                        out.extend_from_slice(bytes);
+                    }
+                }
+                for certificate in certificates {
+                    encode_key(4, WireType::LengthDelimited, out);
+                    encode_varint(certificate.len() as u64, out);
+                    out.extend_from_slice(certificate);
+                }
+            }
+        }
+        if let Some(leave) = self.leave() {
+            prost::encoding::message::encode(7, leave, out);
+        }
+    }
+
     /// The member's latest alive, as it signed it.
     pub(super) fn alive(&self) -> wire::Signed {
         match &self.extra {
@@ -673,6 +760,58 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn an_entry_encodes_for_push_pull_byte_for_byte_as_prost_does() {
+        let now = Instant::now();
+        let mut table = MemberTable::new(now);
+        let alive_body = |name: &str, incarnation: u64, addr: SocketAddr, meta: &[u8]| {
+            let mut body = Vec::new();
+            crate::membership::encode_alive_fields(name, incarnation, addr, meta, &mut body);
+            Bytes::from(body)
+        };
+        let signed = |body: Bytes| wire::Signed {
+            body,
+            scheme: 0x0807,
+            signature: Bytes::from_static(&[9; 64]),
+            certificates: vec![Bytes::from_static(&[1; 300]), Bytes::new()],
+        };
+        let v4: SocketAddr = "10.0.0.1:7946".parse().unwrap();
+        let v6: SocketAddr = "[fe80::1]:0".parse().unwrap();
+        let long = "a-member-name-longer-than-fifteen-bytes";
+        let cases: Vec<(&str, u64, SocketAddr, &[u8], wire::Signed)> = vec![
+            ("a", 1, v4, b"", claim()),
+            ("b", 0, v6, b"meta", claim()),
+            (long, u64::MAX, v4, b"", claim()),
+            ("c", 7, v4, b"m", signed(alive_body("c", 7, v4, b"m"))),
+            // A body the entry does not encode the same (an unknown field): kept as it came.
+            (
+                "d",
+                3,
+                v6,
+                b"",
+                signed({
+                    let mut b = alive_body("d", 3, v6, b"").to_vec();
+                    b.extend_from_slice(&[0x28, 0x01]);
+                    Bytes::from(b)
+                }),
+            ),
+        ];
+        for (name, incarnation, addr, meta, claim) in &cases {
+            let meta = Bytes::copy_from_slice(meta);
+            table.insert(now, name, *incarnation, *addr, meta, claim);
+        }
+        let leave = signed(Bytes::from_static(b"leave"));
+        table.set_suspect(1);
+        table.set_gone(2, u64::MAX, None);
+        table.set_gone(3, 8, Some(leave));
+        let (mut out, mut body) = (Vec::new(), Vec::new());
+        for i in 0..table.len() {
+            out.clear();
+            table[i].put_wire(&mut out, &mut body);
+            assert_eq!(out, table[i].to_wire().encode_to_vec(), "entry {i}");
         }
     }
 }
