@@ -266,7 +266,9 @@ impl BroadcastQueue {
         out: &mut Vec<u8>,
     ) -> usize {
         let mut used = 0;
-        let mut taken: smallvec::SmallVec<[(Rank, u32); 16]> = smallvec::SmallVec::new();
+        // A packet of 1,200 bytes holds about 33 unsigned member items: room for them all on the
+        // stack (16 spilled to the heap once per full packet).
+        let mut taken: smallvec::SmallVec<[(Rank, u32); 64]> = smallvec::SmallVec::new();
         let mut misses = 0;
         for &(rank, slot) in &self.order {
             let Some(item) = &self.slots[slot as usize] else {

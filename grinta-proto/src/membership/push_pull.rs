@@ -47,6 +47,42 @@ fn sha256_prefix<const N: usize>(parts: &[&[u8]]) -> [u8; N] {
 /// A member's version as a push-pull sum counts it: the first eight bytes of the SHA-256 of
 /// its name, a zero byte, its incarnation (big-endian), its state (the wire enum's value, one
 /// byte) and its fingerprint (big-endian).
+/// Appends a `MemberDigest` of `node` at `v` as `PushPull.digest` (field 7): node (1),
+/// incarnation (2), state (3), fingerprint (4, fixed32), each left out at zero, as prost does.
+fn put_digest(node: &str, v: Version, out: &mut Vec<u8>) {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+    let state = v.state as i32;
+    let mut len = 0;
+    if !node.is_empty() {
+        len += 1 + encoded_len_varint(node.len() as u64) + node.len();
+    }
+    if v.incarnation != 0 {
+        len += prost::encoding::uint64::encoded_len(2, &v.incarnation);
+    }
+    if state != 0 {
+        len += prost::encoding::int32::encoded_len(3, &state);
+    }
+    if v.fingerprint != 0 {
+        len += prost::encoding::fixed32::encoded_len(4, &v.fingerprint);
+    }
+    encode_key(7, WireType::LengthDelimited, out);
+    encode_varint(len as u64, out);
+    if !node.is_empty() {
+        encode_key(1, WireType::LengthDelimited, out);
+        encode_varint(node.len() as u64, out);
+        out.extend_from_slice(node.as_bytes());
+    }
+    if v.incarnation != 0 {
+        prost::encoding::uint64::encode(2, &v.incarnation, out);
+    }
+    if state != 0 {
+        prost::encoding::int32::encode(3, &state, out);
+    }
+    if v.fingerprint != 0 {
+        prost::encoding::fixed32::encode(4, &v.fingerprint, out);
+    }
+}
+
 pub(super) fn version_hash(
     name: &str,
     incarnation: u64,
@@ -261,6 +297,7 @@ impl Membership {
     }
 
     /// Every member by name, incarnation, state and fingerprint, this node first.
+    #[cfg(test)]
     fn full_digest(&self) -> Vec<wire::MemberDigest> {
         let mut digest = Vec::with_capacity(self.members.len() + 1);
         digest.push(Self::digest_of(&self.name, self.own_version()));
@@ -271,19 +308,60 @@ impl Membership {
         digest
     }
 
+    /// Appends `full_digest()` as `PushPull.digest` entries (field 7), byte for byte as prost
+    /// encodes them, without building them (a name copied per member).
+    fn put_full_digest(&self, out: &mut Vec<u8>) {
+        put_digest(&self.name, self.own_version(), out);
+        for i in 0..self.members.len() {
+            put_digest(self.members[i].name(), self.member_version(i), out);
+        }
+    }
+
+    /// `message` encoded with this node's full digest after its own digest entries, in
+    /// prost's field order (the fields before the digest, the digest, the fields after).
+    fn encode_with_full_digest(&self, message: &mut wire::PushPull) -> Vec<u8> {
+        let tail = wire::PushPull {
+            want: std::mem::take(&mut message.want),
+            want_app_state: message.want_app_state,
+            app_state_digest: message.app_state_digest,
+            push: message.push,
+            members_sum: message.members_sum,
+            ..Default::default()
+        };
+        let head = wire::PushPull {
+            want_app_state: false,
+            app_state_digest: 0,
+            push: false,
+            members_sum: 0,
+            ..std::mem::take(message)
+        };
+        let mut out = Vec::with_capacity(head.encoded_len() + tail.encoded_len());
+        head.encode_raw(&mut out);
+        self.put_full_digest(&mut out);
+        tail.encode_raw(&mut out);
+        *message = wire::PushPull {
+            want: tail.want,
+            want_app_state: tail.want_app_state,
+            app_state_digest: tail.app_state_digest,
+            push: tail.push,
+            members_sum: tail.members_sum,
+            ..head
+        };
+        out
+    }
+
     /// The answer to a sum request: nothing if the sums agree, this node's digest otherwise;
     /// and the application state if the two differ.
-    fn sum_reply(&self, request: &wire::PushPull) -> wire::PushPull {
+    /// Also says whether the reply carries this node's full digest (added as it is encoded).
+    fn sum_reply(&self, request: &wire::PushPull) -> (wire::PushPull, bool) {
         let mut reply = self.message(true);
         reply.members_sum = self.members_sum();
-        if request.members_sum != reply.members_sum {
-            reply.digest = self.full_digest();
-        }
+        let with_digest = request.members_sum != reply.members_sum;
         if request.app_state_digest != self.app_state_digest {
             reply.app_state = self.app_state.clone();
             reply.want_app_state = true;
         }
-        reply
+        (reply, with_digest)
     }
 
     /// The answer to a digest request: the members the requester lacks or holds older, this
@@ -436,10 +514,8 @@ impl Membership {
                         ..self.message(false)
                     }
                 } else {
-                    wire::PushPull {
-                        digest: self.full_digest(),
-                        ..self.message(false)
-                    }
+                    let message = self.message(false);
+                    return self.send_encoded(dst, dst_name, message, Channel::Stream, true);
                 }
             }
         };
@@ -457,7 +533,9 @@ impl Membership {
         } else if !request.digest.is_empty() {
             self.digest_reply(request)
         } else if request.members.is_empty() && request.members_sum != 0 {
-            self.sum_reply(request)
+            let (reply, with_digest) = self.sum_reply(request);
+            let to = Some(request.sender.clone());
+            return self.send_encoded(from, to, reply, Channel::StreamReply, with_digest);
         } else {
             // A join (or a peer that sends its whole state): the whole state back.
             let to = Some(request.sender.clone());
@@ -530,15 +608,35 @@ impl Membership {
         &mut self,
         dst: SocketAddr,
         dst_name: Option<String>,
-        mut message: wire::PushPull,
+        message: wire::PushPull,
         channel: Channel,
     ) {
-        let mut payload = message.encode_to_vec();
+        self.send_encoded(dst, dst_name, message, channel, false);
+    }
+
+    /// Sends `message`, with `full_digest` this node's whole digest added to it as it is
+    /// encoded.
+    fn send_encoded(
+        &mut self,
+        dst: SocketAddr,
+        dst_name: Option<String>,
+        mut message: wire::PushPull,
+        channel: Channel,
+        full_digest: bool,
+    ) {
+        let encode = |this: &Self, message: &mut wire::PushPull| {
+            if full_digest {
+                this.encode_with_full_digest(message)
+            } else {
+                message.encode_to_vec()
+            }
+        };
+        let mut payload = encode(self, &mut message);
         if payload.len() > self.config.max_push_pull_size {
             // Too large for one exchange: send the members without the application state rather than
             // nothing; the application state is repaired by gossip.
             message.app_state = Bytes::new();
-            payload = message.encode_to_vec();
+            payload = encode(self, &mut message);
             self.stats.dropped_for_limits += 1;
             if payload.len() > self.config.max_push_pull_size {
                 return;
@@ -715,5 +813,60 @@ mod tests {
             app_state_digest(b"state").to_be_bytes()[..],
             sha256(b"state")[..8]
         );
+    }
+
+    #[test]
+    fn a_full_digest_encodes_byte_for_byte_as_prost_does() {
+        let now = Instant::now();
+        let addr = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        let mut m = Membership::new(
+            Config::lan(),
+            "me",
+            addr(7001),
+            1,
+            now,
+            Box::new(crate::claims::TrustAll),
+        )
+        .unwrap();
+        let mut others: Vec<Membership> = (0..20)
+            .map(|i| {
+                let name = format!("member-{i}");
+                Membership::new(
+                    Config::lan(),
+                    &name,
+                    addr(8000 + i),
+                    i.into(),
+                    now,
+                    Box::new(crate::claims::TrustAll),
+                )
+                .unwrap()
+            })
+            .collect();
+        // Every member's whole state, merged in: members at several incarnations.
+        for other in &mut others {
+            let state = wire::PushPull {
+                members: vec![other.own_entry()],
+                ..other.message(false)
+            };
+            m.merge_remote_state(now, &state);
+        }
+        assert_eq!(m.members.len(), 20);
+        m.members.set_suspect(3);
+        let mut message = wire::PushPull {
+            digest: vec![Membership::digest_of("first", m.own_version())],
+            want: vec!["x".into()],
+            app_state: Bytes::from_static(b"state"),
+            want_app_state: true,
+            members_sum: 5,
+            ..m.message(true)
+        };
+        let expected = {
+            let mut full = message.clone();
+            full.digest.extend(m.full_digest());
+            full.encode_to_vec()
+        };
+        let before = message.clone();
+        assert_eq!(m.encode_with_full_digest(&mut message), expected);
+        assert_eq!(message, before, "the message is given back whole");
     }
 }
