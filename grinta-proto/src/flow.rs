@@ -1847,11 +1847,12 @@ impl Flows {
         abort: Option<ResetCode>,
     ) {
         if let Some(flow) = self.remove_flow(id) {
-            if let Some((conn, stream)) = flow.stream {
-                // Only this flow's own entry (never another flow's on the same key).
-                if self.by_stream.get(&(conn, stream)) == Some(&id) {
-                    self.by_stream.remove(&(conn, stream));
-                }
+            // A stream another flow now holds (never expected) is that flow's to end.
+            let stream = flow
+                .stream
+                .filter(|key| !matches!(self.by_stream.get(key), Some(&other) if other != id));
+            if let Some((conn, stream)) = stream {
+                self.by_stream.remove(&(conn, stream));
                 match abort {
                     Some(code) => transport.abort_stream(conn, stream, code.to_quic()),
                     None if flow.fin_sent => transport.flow_release(conn, stream),

@@ -1082,7 +1082,14 @@ impl Membership {
         // for datagrams: a join's state can be a megabyte, which that buffer would keep.
         let data = Bytes::copy_from_slice(data);
         match wire::PushPull::decode(data) {
-            Ok(pp) => self.handle_push_pull(now, from, pp),
+            Ok(mut pp) => {
+                // Handed to the application (`Event::AppState`), which may keep it: in a buffer
+                // of its own, not a slice that keeps the whole message alive.
+                if !pp.app_state.is_empty() {
+                    pp.app_state = Bytes::copy_from_slice(&pp.app_state);
+                }
+                self.handle_push_pull(now, from, pp)
+            }
             Err(_) => self.stats.packets_invalid += 1,
         }
     }
@@ -1128,6 +1135,17 @@ impl Membership {
         } else {
             self.answer_push_pull(from, &pp);
         }
+    }
+}
+
+/// Scratch buffers kept from use to use hold at most this much: one large input (a claim padded
+/// to megabytes) must not leave its size behind for good.
+const MAX_KEPT_SCRATCH: usize = 64 * 1024;
+
+/// Gives `buffer` back to `slot` for the next use, unless it grew past [`MAX_KEPT_SCRATCH`].
+fn keep_scratch(slot: &mut Vec<u8>, buffer: Vec<u8>) {
+    if buffer.capacity() <= MAX_KEPT_SCRATCH {
+        *slot = buffer;
     }
 }
 

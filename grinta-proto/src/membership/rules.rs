@@ -67,7 +67,10 @@ impl Membership {
 
     /// Checks that `signer` signed `claim`; a claim that fails is dropped and counted.
     pub(super) fn verified(&mut self, signer: &str, kind: ClaimKind, claim: &wire::Signed) -> bool {
-        match claims::verify_with(&mut *self.keys, signer, kind, claim, &mut self.signed_buf) {
+        let mut message = std::mem::take(&mut self.signed_buf);
+        let verified = claims::verify_with(&mut *self.keys, signer, kind, claim, &mut message);
+        super::keep_scratch(&mut self.signed_buf, message);
+        match verified {
             Ok(()) => {
                 self.stats.claims_verified += 1;
                 true
@@ -275,7 +278,7 @@ impl Membership {
         // Not to the member itself: it knows what it says (an accusation, below, does go to it).
         let key = BroadcastKey::Member(name.as_str().into());
         self.member_queue.push_about(key, &encoded, Some(&name));
-        self.broadcast_out = encoded;
+        super::keep_scratch(&mut self.broadcast_out, encoded);
     }
 
     /// Queues an accusation of member `name` for gossip.
@@ -283,7 +286,7 @@ impl Membership {
         let encoded = self.encode_broadcast(kind);
         self.member_queue
             .push(BroadcastKey::Accusation(name.as_str().into()), &encoded);
-        self.broadcast_out = encoded;
+        super::keep_scratch(&mut self.broadcast_out, encoded);
     }
 
     /// `kind` encoded as a `grinta.v1.Broadcast` in the buffer the node keeps for it (the queue

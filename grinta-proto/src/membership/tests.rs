@@ -1316,3 +1316,13 @@ proptest::proptest! {
         proptest::prop_assert_eq!(incarnations(view(&x)), incarnations(view(&y)));
     }
 }
+
+#[test]
+fn scratch_buffers_past_64_kib_are_not_kept() {
+    let mut slot = Vec::new();
+    super::keep_scratch(&mut slot, Vec::with_capacity(1024));
+    assert!(slot.capacity() >= 1024);
+    let mut slot = Vec::new();
+    super::keep_scratch(&mut slot, Vec::with_capacity(8 << 20));
+    assert_eq!(slot.capacity(), 0, "a padded claim's size is not kept");
+}
