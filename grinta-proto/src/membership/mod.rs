@@ -459,6 +459,8 @@ pub struct Membership {
     broadcast_out: Vec<u8>,
     /// What a claim's signature covers, built for each claim checked.
     signed_buf: Vec<u8>,
+    /// A received alive, decoded (see `handle_alive`).
+    alive_buf: wire::Alive,
     /// Senders this node did not know, asked for their state, and when (see
     /// `ask_unknown_sender`); at most [`MAX_ASKED`].
     asked: VecDeque<(String, Instant)>,
@@ -609,6 +611,7 @@ impl Membership {
             packet_out: Vec::new(),
             broadcast_out: Vec::new(),
             signed_buf: Vec::new(),
+            alive_buf: wire::Alive::default(),
             asked: VecDeque::new(),
             asked_at_address: VecDeque::new(),
             exchanges_sent: VecDeque::new(),

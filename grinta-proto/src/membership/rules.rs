@@ -249,7 +249,8 @@ impl Membership {
     pub(super) fn broadcast_self_alive(&mut self) {
         self.sign_own_alive();
         if let Some(claim) = self.own_alive.clone() {
-            self.queue_member_broadcast(self.name.clone(), wire::broadcast::Kind::Alive(claim));
+            let name = self.name.clone();
+            self.queue_member_broadcast(&name, wire::broadcast::Kind::Alive(claim));
         }
     }
 
@@ -273,11 +274,11 @@ impl Membership {
     }
 
     /// Queues what a member says of itself (its alive or its leave) for gossip.
-    pub(super) fn queue_member_broadcast(&mut self, name: String, kind: wire::broadcast::Kind) {
+    pub(super) fn queue_member_broadcast(&mut self, name: &str, kind: wire::broadcast::Kind) {
         let encoded = self.encode_broadcast(kind);
         // Not to the member itself: it knows what it says (an accusation, below, does go to it).
-        let key = BroadcastKey::Member(name.as_str().into());
-        self.member_queue.push_about(key, &encoded, Some(&name));
+        let key = BroadcastKey::Member(name.into());
+        self.member_queue.push_about(key, &encoded, Some(name));
         super::keep_scratch(&mut self.broadcast_out, encoded);
     }
 
@@ -316,12 +317,28 @@ impl Membership {
                 }
             }
         }
-        // Decoded from the body's own buffer: the address and metadata are slices of it, not
-        // copies (metadata kept by the member table is copied out in `accept_alive`).
-        let Ok(a) = wire::Alive::decode(claim.body.clone()) else {
+        // Decoded from the body's own buffer (the address and metadata are slices of it, not
+        // copies; metadata kept by the member table is copied out in `accept_alive`) into an
+        // `Alive` the node keeps, whose name keeps its room: no allocation per claim.
+        let mut a = std::mem::take(&mut self.alive_buf);
+        a.clear();
+        if a.merge(claim.body.clone()).is_ok() {
+            self.handle_decoded_alive(now, &a, claim);
+        } else {
             self.stats.packets_invalid += 1;
-            return;
-        };
+        }
+        // Its slices of the claim go; the name's room stays (unless a hostile name made it
+        // large: a valid one is far shorter).
+        a.addr = None;
+        a.meta = Bytes::new();
+        if a.node.capacity() > 1024 {
+            a.node = String::new();
+        }
+        self.alive_buf = a;
+    }
+
+    /// [`handle_alive`](Self::handle_alive) once the claim's body is decoded into `a`.
+    fn handle_decoded_alive(&mut self, now: Instant, a: &wire::Alive, claim: wire::Signed) {
         if validate_node_name(&a.node).is_err()
             || a.meta.len() > self.config.max_meta_size
             || a.incarnation > MAX_INCARNATION
@@ -389,32 +406,33 @@ impl Membership {
         &mut self,
         now: Instant,
         known: Option<usize>,
-        mut a: wire::Alive,
+        a: &wire::Alive,
         addr: SocketAddr,
         claim: wire::Signed,
     ) {
         // Kept by the member table: out of the received packet it is a slice of.
-        if !a.meta.is_empty() {
-            a.meta = Bytes::copy_from_slice(&a.meta);
-        }
+        let meta = if a.meta.is_empty() {
+            Bytes::new()
+        } else {
+            Bytes::copy_from_slice(&a.meta)
+        };
         // Encoded into the queue and dropped: no copy out of the received packet needed.
         let relay = wire::broadcast::Kind::Alive(claim.clone());
         let Some(i) = known else {
             let i = self
                 .members
-                .insert(now, &a.node, a.incarnation, addr, a.meta, &claim);
+                .insert(now, &a.node, a.incarnation, addr, meta, &claim);
             self.place_in_probe_walk(i);
             self.failed.retain(|f| f.name != a.node);
             self.events
                 .push_back(Event::MemberJoined(self.members[i].member()));
-            self.queue_member_broadcast(a.node, relay);
+            self.queue_member_broadcast(&a.node, relay);
             return;
         };
         let entry = &self.members[i];
         let old = entry.state;
         let meta_changed = !entry.meta_eq(&a.meta) || entry.addr() != addr;
-        self.members
-            .set_alive(i, a.incarnation, addr, a.meta, &claim);
+        self.members.set_alive(i, a.incarnation, addr, meta, &claim);
         if old != MemberState::Alive {
             self.members.touch(i, now);
         }
@@ -434,7 +452,7 @@ impl Membership {
                 self.events.push_back(Event::MemberJoined(member))
             }
         }
-        self.queue_member_broadcast(a.node, relay);
+        self.queue_member_broadcast(&a.node, relay);
     }
 
     /// This node suspects member `i` after its own failed probe: a signed accusation.
@@ -607,7 +625,7 @@ impl Membership {
         }
         let claim = claims::compact(&claim);
         self.mark_gone(now, i, d.incarnation, Some(claim.clone()));
-        self.queue_member_broadcast(d.node, wire::broadcast::Kind::Dead(claim));
+        self.queue_member_broadcast(&d.node, wire::broadcast::Kind::Dead(claim));
     }
 
     /// Member `i` is gone at `incarnation`: left, with its signed `leave`, or declared dead by
