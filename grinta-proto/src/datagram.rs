@@ -51,15 +51,12 @@ pub fn check_size(len: usize) -> Result<(), crate::flow::FlowError> {
 /// Frames a datagram for `endpoint`: the tag, then the `AppDatagram` fields written in place
 /// (the bytes prost writes, without first copying the name into a message).
 pub fn encode(endpoint: &str, payload: Bytes) -> Bytes {
-    use prost::encoding::{WireType, encode_key, encode_varint};
     let mut out = BytesMut::with_capacity(encoded_len(endpoint, payload.len()));
     out.put_u8(APP_DATAGRAM_TAG);
     for (tag, bytes) in [(1, endpoint.as_bytes()), (2, &payload[..])] {
         // proto3: empty fields are not written.
         if !bytes.is_empty() {
-            encode_key(tag, WireType::LengthDelimited, &mut out);
-            encode_varint(bytes.len() as u64, &mut out);
-            out.put_slice(bytes);
+            crate::wire::put_delimited(tag, bytes, &mut out);
         }
     }
     out.freeze()
@@ -67,15 +64,14 @@ pub fn encode(endpoint: &str, payload: Bytes) -> Bytes {
 
 /// The length of what [`encode`] makes of `endpoint` and a payload of `payload_len` bytes.
 pub fn encoded_len(endpoint: &str, payload_len: usize) -> usize {
-    use prost::encoding::encoded_len_varint;
-    let field = |len: usize| {
+    let field = |tag, len: usize| {
         if len == 0 {
             0
         } else {
-            1 + encoded_len_varint(len as u64) + len
+            crate::wire::delimited_len(tag, len)
         }
     };
-    1 + field(endpoint.len()) + field(payload_len)
+    1 + field(1, endpoint.len()) + field(2, payload_len)
 }
 
 /// Reads a datagram framed by [`encode`]: its endpoint name (read in place) and payload (a

@@ -103,15 +103,13 @@ pub(crate) struct BroadcastQueue {
 
 /// Bytes a broadcast of `len` encoded bytes takes inside a `Packet` (`repeated Broadcast broadcasts = 6`).
 pub(crate) fn framed_broadcast_len(len: usize) -> usize {
-    1 + prost::encoding::encoded_len_varint(len as u64) + len
+    crate::wire::delimited_len(6, len)
 }
 
 /// Appends `broadcast` (an encoded `grinta.v1.Broadcast`) to `out` as a `Packet`'s field 6
 /// (`broadcasts`, length-delimited).
 pub(crate) fn put_framed_broadcast(broadcast: &[u8], out: &mut Vec<u8>) {
-    prost::encoding::encode_key(6, prost::encoding::WireType::LengthDelimited, out);
-    prost::encoding::encode_varint(broadcast.len() as u64, out);
-    out.extend_from_slice(broadcast);
+    crate::wire::put_delimited(6, broadcast, out);
 }
 
 impl BroadcastQueue {

@@ -39,7 +39,7 @@ impl Membership {
         // The fields of a `grinta.v1.Packet` as prost encodes them, without building one (and
         // copying the sender's name into it).
         if !self.name.is_empty() {
-            prost::encoding::string::encode(1, &self.name, &mut payload);
+            wire::put_delimited(1, self.name.as_bytes(), &mut payload);
         }
         if let Some(message) = &message {
             message.encode(&mut payload);
@@ -69,9 +69,10 @@ impl Membership {
             return false;
         }
         debug_assert!(payload.len() <= self.config.max_packet_size.max(header_len));
-        let built = payload;
-        let payload = built.clone();
-        self.packet_out = built;
+        // The copy goes out at its exact size; the buffer stays for the next packet.
+        let packet = payload.clone();
+        self.packet_out = payload;
+        let payload = packet;
         self.stats.packets_sent += 1;
         self.stats.packet_bytes_sent += payload.len() as u64;
         self.transmits.push_back(Outgoing {

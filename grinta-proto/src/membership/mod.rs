@@ -1161,44 +1161,35 @@ pub(crate) fn encode_alive_fields(
     meta: &[u8],
     out: &mut impl bytes::BufMut,
 ) {
-    use prost::encoding::{WireType, encode_key, encode_varint};
     if !node.is_empty() {
-        encode_key(1, WireType::LengthDelimited, out);
-        encode_varint(node.len() as u64, out);
-        out.put_slice(node.as_bytes());
+        wire::put_delimited(1, node.as_bytes(), out);
     }
     if incarnation != 0 {
         prost::encoding::uint64::encode(2, &incarnation, out);
     }
     put_socket_address(3, addr, out);
     if !meta.is_empty() {
-        encode_key(4, WireType::LengthDelimited, out);
-        encode_varint(meta.len() as u64, out);
-        out.put_slice(meta);
+        wire::put_delimited(4, meta, out);
     }
 }
 
 /// Appends `addr` as field `tag`, a `grinta.v1.SocketAddress` of `ip` (1) and `port` (2, left
 /// out at zero), as prost encodes `Some(encode_addr(addr))`.
 pub(crate) fn put_socket_address(tag: u32, addr: SocketAddr, out: &mut impl bytes::BufMut) {
-    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+    use prost::encoding::{WireType, encode_key, encode_varint};
     let (octets, len) = ip_octets(addr);
     let ip = &octets[..len];
-    let port = u64::from(addr.port());
-    let addr_len = (1 + encoded_len_varint(ip.len() as u64) + ip.len())
-        + if port != 0 {
-            1 + encoded_len_varint(port)
-        } else {
-            0
-        };
+    let port = addr.port();
+    let port_len = if port != 0 {
+        prost::encoding::uint32::encoded_len(2, &u32::from(port))
+    } else {
+        0
+    };
     encode_key(tag, WireType::LengthDelimited, out);
-    encode_varint(addr_len as u64, out);
-    encode_key(1, WireType::LengthDelimited, out);
-    encode_varint(ip.len() as u64, out);
-    out.put_slice(ip);
+    encode_varint((wire::delimited_len(1, ip.len()) + port_len) as u64, out);
+    wire::put_delimited(1, ip, out);
     if port != 0 {
-        encode_key(2, WireType::Varint, out);
-        encode_varint(port, out);
+        prost::encoding::uint32::encode(2, &u32::from(port), out);
     }
 }
 

@@ -50,11 +50,11 @@ fn sha256_prefix<const N: usize>(parts: &[&[u8]]) -> [u8; N] {
 /// Appends a `MemberDigest` of `node` at `v` as `PushPull.digest` (field 7): node (1),
 /// incarnation (2), state (3), fingerprint (4, fixed32), each left out at zero, as prost does.
 fn put_digest(node: &str, v: Version, out: &mut Vec<u8>) {
-    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+    use prost::encoding::{WireType, encode_key, encode_varint};
     let state = v.state as i32;
     let mut len = 0;
     if !node.is_empty() {
-        len += 1 + encoded_len_varint(node.len() as u64) + node.len();
+        len += wire::delimited_len(1, node.len());
     }
     if v.incarnation != 0 {
         len += prost::encoding::uint64::encoded_len(2, &v.incarnation);
@@ -68,9 +68,7 @@ fn put_digest(node: &str, v: Version, out: &mut Vec<u8>) {
     encode_key(7, WireType::LengthDelimited, out);
     encode_varint(len as u64, out);
     if !node.is_empty() {
-        encode_key(1, WireType::LengthDelimited, out);
-        encode_varint(node.len() as u64, out);
-        out.extend_from_slice(node.as_bytes());
+        wire::put_delimited(1, node.as_bytes(), out);
     }
     if v.incarnation != 0 {
         prost::encoding::uint64::encode(2, &v.incarnation, out);
@@ -273,13 +271,7 @@ impl Membership {
         for i in 0..self.members.len() {
             entry.clear();
             self.members[i].put_wire(&mut entry, &mut body);
-            prost::encoding::encode_key(
-                5,
-                prost::encoding::WireType::LengthDelimited,
-                &mut payload,
-            );
-            prost::encoding::encode_varint(entry.len() as u64, &mut payload);
-            payload.extend_from_slice(&entry);
+            wire::put_delimited(5, &entry, &mut payload);
         }
         let members_end = payload.len();
         tail.encode_raw(&mut payload);

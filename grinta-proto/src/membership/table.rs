@@ -229,12 +229,11 @@ impl Entry {
     /// building it (in a whole state of 10,000 members that was seven allocations per member).
     /// `body` is a buffer the caller keeps, for the alive's body.
     pub(super) fn put_wire(&self, out: &mut Vec<u8>, body: &mut Vec<u8>) {
-        use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+        use crate::wire::{delimited_len, put_delimited};
+        use prost::encoding::{WireType, encode_key, encode_varint, uint32};
         let name = self.name();
         if !name.is_empty() {
-            encode_key(1, WireType::LengthDelimited, out);
-            encode_varint(name.len() as u64, out);
-            out.extend_from_slice(name.as_bytes());
+            put_delimited(1, name.as_bytes(), out);
         }
         super::put_socket_address(2, self.addr(), out);
         if self.incarnation != 0 {
@@ -246,9 +245,7 @@ impl Entry {
         }
         let meta = self.meta_bytes();
         if !meta.is_empty() {
-            encode_key(5, WireType::LengthDelimited, out);
-            encode_varint(meta.len() as u64, out);
-            out.extend_from_slice(meta);
+            put_delimited(5, meta, out);
         }
         match &self.extra {
             Some(x) if !x.alive.body.is_empty() => {
@@ -264,33 +261,34 @@ impl Entry {
                 let scheme = envelope.map_or(0, |a| a.scheme);
                 let signature = envelope.map_or(&[][..], |a| &a.signature[..]);
                 let certificates = envelope.map_or(&[][..], |a| &a.certificates[..]);
-                let field = |len: usize| 1 + encoded_len_varint(len as u64) + len;
-                let mut len = certificates.iter().map(|c| field(c.len())).sum::<usize>();
-                if !body.is_empty() {
-                    len += field(body.len());
-                }
+                let optional = |tag, bytes: &[u8]| {
+                    if bytes.is_empty() {
+                        0
+                    } else {
+                        delimited_len(tag, bytes.len())
+                    }
+                };
+                let mut len = optional(1, body) + optional(3, signature);
                 if scheme != 0 {
-                    len += 1 + encoded_len_varint(u64::from(scheme));
+                    len += uint32::encoded_len(2, &scheme);
                 }
-                if !signature.is_empty() {
-                    len += field(signature.len());
-                }
+                len += certificates
+                    .iter()
+                    .map(|c| delimited_len(4, c.len()))
+                    .sum::<usize>();
                 encode_key(6, WireType::LengthDelimited, out);
                 encode_varint(len as u64, out);
-                for (tag, bytes) in [(1, &body[..]), (3, signature)] {
-                    if tag == 3 && scheme != 0 {
-                        prost::encoding::uint32::encode(2, &scheme, out);
-                    }
-                    if !bytes.is_empty() {
-                        encode_key(tag, WireType::LengthDelimited, out);
-                        encode_varint(bytes.len() as u64, out);
-                        out.extend_from_slice(bytes);
-                    }
+                if !body.is_empty() {
+                    put_delimited(1, body, out);
+                }
+                if scheme != 0 {
+                    uint32::encode(2, &scheme, out);
+                }
+                if !signature.is_empty() {
+                    put_delimited(3, signature, out);
                 }
                 for certificate in certificates {
-                    encode_key(4, WireType::LengthDelimited, out);
-                    encode_varint(certificate.len() as u64, out);
-                    out.extend_from_slice(certificate);
+                    put_delimited(4, certificate, out);
                 }
             }
         }

@@ -85,6 +85,21 @@ pub fn fields_in_place<'a>(
     Some(())
 }
 
+/// Appends a length-delimited field `tag` (`bytes`, `string` or an encoded message) holding
+/// `bytes`, as prost writes one: key, length, bytes. Proto3 callers leave out empty `bytes` and
+/// `string` fields themselves, as prost does.
+pub(crate) fn put_delimited(tag: u32, bytes: &[u8], out: &mut impl bytes::BufMut) {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    encode_key(tag, WireType::LengthDelimited, out);
+    encode_varint(bytes.len() as u64, out);
+    out.put_slice(bytes);
+}
+
+/// Bytes [`put_delimited`] writes for field `tag` holding `len` bytes.
+pub(crate) fn delimited_len(tag: u32, len: usize) -> usize {
+    prost::encoding::key_len(tag) + prost::encoding::encoded_len_varint(len as u64) + len
+}
+
 #[allow(
     missing_docs,
     unreachable_pub,
