@@ -12,7 +12,7 @@ use grinta_proto::claims::{self, ClaimKind, TrustAll};
 use grinta_proto::membership::{Config, MemberState};
 use grinta_proto::wire;
 use grinta_tests::engine::{NetConfig, env_u64};
-use grinta_tests::membership_sim::{Cluster, node_addr, node_name, quantile};
+use grinta_tests::membership_sim::{Cluster, ClusterNode, node_addr, node_name, quantile};
 use grinta_tests::{lan, seed};
 use prost::Message;
 use rand::Rng;
@@ -719,4 +719,40 @@ fn simulator_speed_1000_nodes_60s() {
         stats.reliable_sent,
         c.converged()
     );
+}
+
+/// A crashed member stays dead: once nodes forget its Dead entry (at a probe walk's wrap-around
+/// past `gossip_to_the_dead_time`), a push-pull with a peer that still holds the entry must not
+/// bring it back Alive, to be suspected and declared Dead a second time. Every survivor sees
+/// exactly one Dead event for it over three minutes, and none holds it in any other state.
+#[test]
+fn a_crashed_member_is_declared_dead_once_and_never_comes_back() {
+    let (seed, _g) = seed(120);
+    for s in seed..seed + 3 {
+        let n = 24;
+        let mut c = Cluster::formed(s, n, Config::lan(), lan(), Duration::from_secs(1));
+        c.run_for(Duration::from_secs(5));
+        let victim = c.sim.rng().random_range(1..n);
+        c.kill(victim);
+        c.run_for(Duration::from_secs(180));
+        let name = node_name(victim);
+        for i in (0..n).filter(|&i| i != victim) {
+            let node = c.sim.node(i);
+            let deaths = node
+                .observations()
+                .dead_events
+                .iter()
+                .filter(|(_, m)| *m == name)
+                .count();
+            assert_eq!(
+                deaths, 1,
+                "seed {s}: node {i} declared {name} Dead {deaths} times"
+            );
+            let state = node.membership().member(&name).map(|m| m.state);
+            assert!(
+                matches!(state, None | Some(MemberState::Dead)),
+                "seed {s}: node {i} holds {name} as {state:?}"
+            );
+        }
+    }
 }

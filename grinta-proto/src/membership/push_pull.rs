@@ -119,13 +119,22 @@ impl Membership {
     /// Merges a peer's state: each member's own signed alive and leave, then the peer's
     /// accusations (its Suspect and Dead entries, in full or in its digest), which count as its
     /// suspicions: the stream authenticates the peer, so they need no signature of their own.
+    ///
+    /// A Dead or Left entry never brings in a member this node does not hold: its alive goes
+    /// through the alive rule only for a member already in the table. Otherwise a member this
+    /// node has forgotten (its Dead or Left entry reaped after `gossip_to_the_dead_time`) would
+    /// come back Alive from any peer that has not reaped it yet, be suspected, and be declared
+    /// Dead a second time a suspicion timeout later.
     pub(super) fn merge_remote_state(&mut self, now: Instant, pp: &wire::PushPull) {
         for e in &pp.members {
-            if let Some(alive) = &e.alive {
-                self.handle_alive(now, alive.clone());
-            }
             let state =
                 wire::MemberState::try_from(e.state).unwrap_or(wire::MemberState::Unspecified);
+            if let Some(alive) = &e.alive {
+                let gone = matches!(state, wire::MemberState::Dead | wire::MemberState::Left);
+                if !gone || e.node == self.name || self.members.find(&e.node).is_some() {
+                    self.handle_alive(now, alive.clone());
+                }
+            }
             match state {
                 wire::MemberState::Left => {
                     if let Some(leave) = &e.leave {

@@ -1070,6 +1070,81 @@ fn a_peer_that_does_not_read_digests_gets_the_whole_state() {
     );
 }
 
+/// A member entry as a peer sends it in a push-pull: its own alive, and a leave if it left.
+fn entry(name: &str, port: u16, incarnation: u64, state: wire::MemberState) -> wire::MemberEntry {
+    let alive = wire::Alive {
+        node: name.into(),
+        incarnation,
+        addr: Some(encode_addr(addr(port))),
+        meta: Bytes::new(),
+    };
+    let leave = wire::Dead {
+        node: name.into(),
+        incarnation,
+        from: name.into(),
+    };
+    wire::MemberEntry {
+        node: name.into(),
+        addr: Some(encode_addr(addr(port))),
+        incarnation,
+        state: state as i32,
+        meta: Bytes::new(),
+        alive: Some(unsigned(ClaimKind::Alive, &alive)),
+        leave: (state == wire::MemberState::Left).then(|| unsigned(ClaimKind::Dead, &leave)),
+    }
+}
+
+#[test]
+fn a_push_pull_never_brings_back_a_dead_or_left_member_this_node_does_not_hold() {
+    let t0 = Instant::now();
+    let mut x = node("x", 1, t0);
+    // Known here at incarnation 1; the peer holds it Dead at 2.
+    learn(&mut x, "known", 10, 1, t0);
+    events(&mut x);
+    x.send_push_pull(t0, addr(2), Some("y".into()), push_pull::Exchange::Digest);
+    drain(&mut x);
+    let reply = wire::PushPull {
+        protocol_version: wire::PROTOCOL_VERSION,
+        sender: "y".into(),
+        reply: true,
+        members: vec![
+            entry("y", 2, 1, wire::MemberState::Alive),
+            // Forgotten here (or never known): reaped Dead and Left entries elsewhere.
+            entry("dead", 11, 1, wire::MemberState::Dead),
+            entry("left", 12, 1, wire::MemberState::Left),
+            // A suspect is probably alive: learnt, and suspected here too.
+            entry("suspect", 13, 1, wire::MemberState::Suspect),
+            entry("known", 10, 2, wire::MemberState::Dead),
+        ],
+        ..Default::default()
+    };
+    x.handle_stream(t0, addr(2), &reply.encode_to_vec());
+    assert!(
+        x.member("dead").is_none(),
+        "a forgotten Dead member came back"
+    );
+    assert!(
+        x.member("left").is_none(),
+        "a forgotten Left member came back"
+    );
+    let joined: Vec<String> = events(&mut x)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::MemberJoined(m) => Some(m.name),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(joined, ["y", "suspect"]);
+    assert_eq!(x.member("y").map(|m| m.state), Some(MemberState::Alive));
+    assert_eq!(
+        x.member("suspect").map(|m| m.state),
+        Some(MemberState::Suspect)
+    );
+    // A member this node holds takes the newer alive, then the peer's accusation.
+    let known = x.member("known").expect("still held");
+    assert_eq!((known.state, known.incarnation), (MemberState::Suspect, 2));
+}
+
 /// Runs a periodic (sum) exchange from `x` to `y` by hand: the messages, in order.
 fn sum_exchange(x: &mut Membership, y: &mut Membership, now: Instant) -> Vec<wire::PushPull> {
     drain(x);
