@@ -4,8 +4,10 @@
 //! `cargo run --release -p grinta-bench` runs everything, prints a table and writes
 //! `target/bench/results.json`. `-- <filter>` runs only the measurements whose name contains
 //! the filter. `-- --profile bulk|small|quinn-bulk|quinn-small|requests` runs one side of a remote
-//! throughput measurement for about ten seconds and prints socket counters, for `perf record`. The scale measurements run in child processes (the same binary, `--scale N`) so
-//! each reports its own peak memory.
+//! throughput measurement for about ten seconds and prints socket counters, for `perf record`. The
+//! membership-simulator scale measurements run in child processes (the same binary, `--scale N`)
+//! so each reports its own peak memory; `-- whole` runs the whole-node cost per node alone
+//! (`GRINTA_BENCH_WHOLE_NODES=100,500` for other sizes).
 
 mod core_cost;
 mod local;
@@ -185,6 +187,9 @@ fn main() {
     } else if filter == "state" {
         eprintln!("state per member and per connection...");
         push(scale::state());
+    } else if filter == "whole" {
+        eprintln!("whole nodes in the simulator...");
+        push(scale::whole_nodes());
     }
 
     println!(

@@ -1,6 +1,6 @@
-//! The membership simulator at 1000 and 10000 nodes, and the bytes of state per member and per
-//! connection. Each size runs in a child process (this binary with `--scale N`) so that its peak
-//! memory is its own.
+//! The membership simulator at 1000 and 10000 nodes, whole nodes' CPU per node as the cluster
+//! grows, and the bytes of state per member and per connection. Each membership-simulator size
+//! runs in a child process (this binary with `--scale N`) so that its peak memory is its own.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use grinta_proto::membership::Config;
 use grinta_proto::tls::dev::DevCa;
 use grinta_tests::membership_sim::{Cluster, MemberNode, node_addr};
-use grinta_tests::node_sim::{certificates, node_membership_config};
+use grinta_tests::node_sim::{certificates, node_membership_config, steady_state_cost};
 use grinta_tests::{alloc, lan};
 use serde::{Deserialize, Serialize};
 
@@ -201,7 +201,56 @@ pub(crate) fn run() -> Vec<Measurement> {
             &note,
         ));
     }
+    out.extend(whole_nodes());
     out.extend(state());
+    out
+}
+
+/// Whole-node cluster sizes the suite measures, the first one the reference:
+/// `GRINTA_BENCH_WHOLE_NODES=100,500` overrides the default `100,300`. Each size holds a QUIC
+/// connection per pair of nodes (about 23 KiB with its TLS state): N=500 needs about 6 GiB and
+/// 4 minutes, N=1,000 about 23 GiB.
+fn whole_node_sizes() -> Vec<usize> {
+    std::env::var("GRINTA_BENCH_WHOLE_NODES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .filter(|v: &Vec<usize>| !v.is_empty())
+        .unwrap_or_else(|| vec![100, 300])
+}
+
+/// CPU per node per simulated second of whole nodes (QUIC, mutual TLS) over a 60 s steady-state
+/// window, the sizes one after another in this process; every size past the first is compared
+/// with the first (the scale issue's target: within 1.5x).
+pub(crate) fn whole_nodes() -> Vec<Measurement> {
+    let mut out = Vec::new();
+    let mut reference: Option<(usize, f64)> = None;
+    for n in whole_node_sizes() {
+        alloc::set_counting(true);
+        let cost = steady_state_cost(31, n, Duration::from_secs(60), None);
+        alloc::set_counting(false);
+        eprintln!("  whole nodes {n}: {cost:?}");
+        let note = format!(
+            "whole nodes (QUIC, mutual TLS) in the simulator, lossless 1 ms LAN, 60 s window after formation and two probe rounds: {:.1} handshakes per node per min, {:.0} connections and {:.1} MiB of heap per node, {} failed probes",
+            cost.handshakes_per_node_min,
+            cost.connections_per_node,
+            cost.heap_per_node / (1024.0 * 1024.0),
+            cost.probes_failed
+        );
+        let name = format!("sim_whole_node_{n}_cpu_per_node_s");
+        out.push(match reference {
+            Some((base_n, base)) => Measurement::lower(
+                &name,
+                cost.cpu_us_per_node_s,
+                "us",
+                &format!("N={base_n} in the same run ({note})"),
+                base,
+            ),
+            None => {
+                reference = Some((n, cost.cpu_us_per_node_s));
+                Measurement::alone(&name, cost.cpu_us_per_node_s, "us", &note)
+            }
+        });
+    }
     out
 }
 

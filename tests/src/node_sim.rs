@@ -227,3 +227,97 @@ impl Cluster<SimulatedNode> {
 pub fn node_membership_config() -> Config {
     Config::lan()
 }
+
+/// What a formed cluster of whole nodes cost per node over a steady-state window
+/// ([`steady_state_cost`]).
+#[derive(Debug, Clone)]
+pub struct SteadyCost {
+    /// Cluster size.
+    pub n: usize,
+    /// Wall-clock CPU of the whole simulation over the window, per node and simulated second.
+    pub cpu_us_per_node_s: f64,
+    /// Handshakes per node per minute (each counted once for each of its two nodes).
+    pub handshakes_per_node_min: f64,
+    /// Of those handshakes, the share that resumed a TLS session (no signatures).
+    pub resumed: f64,
+    /// Open connections per node at the end.
+    pub connections_per_node: f64,
+    /// Growth of the live heap from before the cluster was made, divided by N (nodes and the
+    /// simulator's own records; counted by [`crate::alloc::Counting`], which must be the
+    /// global allocator).
+    pub heap_per_node: f64,
+    /// Probes that failed over the window, all nodes together.
+    pub probes_failed: u64,
+    /// Whether every view was exact at the end.
+    pub converged: bool,
+}
+
+/// Forms a cluster of `n` whole nodes on a lossless 1 ms LAN (joins spread over 50 ms per
+/// node), runs 30 s plus two rounds of the probe walk (so that every pair has had the chance to
+/// keep a TLS session ticket each way), then measures `window` of simulated time. `idle`
+/// overrides the transport's idle timeout.
+///
+/// The process id is printed when the window starts, for a profiler to attach to the window
+/// alone (`perf record -p`).
+pub fn steady_state_cost(
+    seed: u64,
+    n: usize,
+    window: std::time::Duration,
+    idle: Option<std::time::Duration>,
+) -> SteadyCost {
+    use std::time::Duration;
+
+    let heap_before = crate::alloc::live_bytes();
+    let ca = DevCa::from_seed(seed).expect("dev CA");
+    let mut c: Cluster<SimulatedNode> = Cluster::nodes_with(
+        seed,
+        NetConfig::default(),
+        node_membership_config(),
+        certificates(&ca, n),
+        move |config| {
+            if let Some(idle) = idle {
+                config.transport.idle_timeout = idle;
+            }
+        },
+    );
+    c.form(Duration::from_millis(50 * n as u64));
+    c.run_for(Duration::from_secs(30) + 2 * n as u32 * node_membership_config().probe_interval);
+    let totals = |c: &Cluster<SimulatedNode>| {
+        (0..n).fold((0u64, 0u64), |(h, f), i| {
+            let s = c.sim.node(i).node.stats();
+            (
+                h + s.transport.connections_dialled,
+                f + s.membership.probes_failed,
+            )
+        })
+    };
+    let (h0, f0) = totals(&c);
+    let s0 = crate::det_crypto::signatures();
+    eprintln!(
+        "N={n}: formed; measuring {} simulated s (process {})",
+        window.as_secs(),
+        std::process::id()
+    );
+    let wall = std::time::Instant::now();
+    c.run_for(window);
+    let took = wall.elapsed();
+    let (h1, f1) = totals(&c);
+    // A full handshake makes two signatures (one per certificate); a resumed one none.
+    let full = (crate::det_crypto::signatures() - s0) as f64 / 2.0;
+    let connections: usize = (0..n).map(|i| c.sim.node(i).node.connection_count()).sum();
+    let heap = crate::alloc::live_bytes().wrapping_sub(heap_before);
+    SteadyCost {
+        n,
+        cpu_us_per_node_s: took.as_secs_f64() * 1e6 / n as f64 / window.as_secs_f64(),
+        handshakes_per_node_min: 2.0 * (h1 - h0) as f64 / n as f64 / (window.as_secs_f64() / 60.0),
+        resumed: if h1 > h0 {
+            (1.0 - full / (h1 - h0) as f64).clamp(0.0, 1.0)
+        } else {
+            0.0
+        },
+        connections_per_node: connections as f64 / n as f64,
+        heap_per_node: heap as f64 / n as f64,
+        probes_failed: f1 - f0,
+        converged: c.converged(),
+    }
+}
