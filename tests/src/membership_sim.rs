@@ -207,8 +207,22 @@ impl MemberNode {
     /// A node named `name` at `addr`. Every member of the membership simulation is honest, so
     /// claims go unsigned ([`TrustAll`]); signatures are exercised by the whole-node simulation.
     pub fn new(config: Config, name: &str, addr: SocketAddr, seed: u64, now: Instant) -> Self {
+        Self::with_keys(config, name, addr, seed, now, Box::new(TrustAll))
+    }
+
+    /// A node like [`MemberNode::new`] whose claims are signed and checked with `keys` (for
+    /// example [`grinta_proto::claims::CertificateKeys`]): each alive then carries its
+    /// certificate, as between whole nodes.
+    pub fn with_keys(
+        config: Config,
+        name: &str,
+        addr: SocketAddr,
+        seed: u64,
+        now: Instant,
+        keys: Box<dyn grinta_proto::claims::ClaimKeys>,
+    ) -> Self {
         Self {
-            membership: Membership::new(config, name, addr, seed, now, Box::new(TrustAll))
+            membership: Membership::new(config, name, addr, seed, now, keys)
                 .expect("simulation configs are valid"),
             seen: Observations::default(),
             kv: VersionedKv::default(),

@@ -355,6 +355,66 @@ fn whole_nodes_form_detect_crashes_and_spread_names() {
     );
 }
 
+/// Formation of N members joining over 60 s with signed claims (each alive carries its node
+/// certificate, about 400 bytes, as between whole nodes), on the membership simulator: the
+/// dissemination of a whole-node formation at sizes whose QUIC connections would not fit in
+/// memory. Prints when every view became exact; fails if not within 120 s of the last join.
+///
+/// `NODES=1000 cargo test --release -p grinta-tests --test scale -- --ignored --nocapture signed_formation`
+#[test]
+#[ignore = "minutes in release; run with --release --ignored --nocapture (NODES)"]
+fn signed_formation_converges() {
+    use grinta_proto::claims::CertificateKeys;
+    use grinta_proto::membership::Config;
+    use grinta_tests::membership_sim::{MemberNode, NodeFactory, node_name, node_seed};
+
+    let (seed, _g) = seed(35);
+    let n = env_u64("NODES", 1000) as usize;
+    let ca = DevCa::from_seed(seed).expect("dev CA");
+    let certs = certificates(&ca, n);
+    let config = Config::lan();
+    let c2 = config.clone();
+    let factory: NodeFactory<MemberNode> = Box::new(move |i, generation, addr, now| {
+        let keys = CertificateKeys::new(
+            &certs[i],
+            &node_name(i),
+            grinta_proto::tls::crypto_provider(),
+            grinta_proto::tls::system_time(),
+            n + 1,
+        )
+        .expect("keys");
+        MemberNode::with_keys(
+            c2.clone(),
+            &node_name(i),
+            addr,
+            node_seed(seed, i, generation),
+            now,
+            Box::new(keys),
+        )
+    });
+    let mut c = Cluster::with_factory(seed, n, config, NetConfig::default(), factory);
+    let wall = Instant::now();
+    let start = c.sim.now();
+    let spread = Duration::from_secs(60);
+    c.form(spread);
+    let formed = c.sim.now() - start;
+    let (packets, bytes, push_pulls) = (0..n).fold((0u64, 0u64, 0u64), |(p, b, q), i| {
+        let s = c.sim.node(i).membership.stats();
+        (
+            p + s.packets_sent,
+            b + s.packet_bytes_sent,
+            q + s.push_pulls_sent,
+        )
+    });
+    println!(
+        "N={n}, signed claims: formed {:.1} simulated s after the last join ({:.0} s of wall time); \
+         {packets} packets, {:.0} bytes each on average, {push_pulls} push-pulls",
+        formed.saturating_sub(spread).as_secs_f64(),
+        wall.elapsed().as_secs_f64(),
+        bytes as f64 / packets.max(1) as f64,
+    );
+}
+
 /// A member reconnecting after its connection idled out resumes its TLS session: no
 /// certificate signatures.
 #[test]
