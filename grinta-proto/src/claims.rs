@@ -16,6 +16,13 @@
 //! the chain's size in each `Alive` (about 300 bytes with the development certificates' Ed25519
 //! keys); an `Alive` is sent only when a member joins, refutes or changes its metadata.
 //!
+//! **Chains larger than a packet.** The signature covers the claim's body alone, so a chain can
+//! be left out without breaking it. Gossip does so when an `Alive` with its chain would not fit
+//! in a membership packet (a leaf and an intermediate with RSA keys already do not): nodes that
+//! learnt the member's certificate check it against that, and a node that has not asks the
+//! relay for the member in full, over a stream. Push-pulls always carry whole claims, and a
+//! node keeps the chain of a member whose newer `Alive` came without it.
+//!
 //! [`ClaimKeys`] is the seam: [`CertificateKeys`] signs and checks with the node's TLS material
 //! (what every [`Node`](crate::node::Node) uses), [`TrustAll`] signs nothing and accepts
 //! everything (for a membership run alone, in simulations where every member is honest).

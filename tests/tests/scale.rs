@@ -146,6 +146,22 @@ fn whole_nodes_form_detect_crashes_and_spread_names() {
     // Joins spread over 60 s; panics unless every view is exact within 120 s after the last.
     c.form(spread);
     let formed = c.sim.now() - start;
+    let sum = |f: &dyn Fn(&grinta_proto::node::NodeStats) -> u64| -> u64 {
+        (0..n).map(|i| f(&c.sim.node(i).node.stats())).sum()
+    };
+    println!(
+        "formation: {} membership packets, {} push-pulls; transport: {} handshakes, {} failed, \
+         {} timed out, {} refused, {} retries; {} datagrams and {} stream messages dropped",
+        sum(&|s| s.membership.packets_sent),
+        sum(&|s| s.membership.push_pulls_sent),
+        sum(&|s| s.transport.connections_accepted),
+        sum(&|s| s.transport.handshakes_failed),
+        sum(&|s| s.transport.handshakes_timed_out),
+        sum(&|s| s.transport.connections_refused),
+        sum(&|s| s.transport.retries_sent),
+        sum(&|s| s.transport.datagrams_dropped),
+        sum(&|s| s.transport.stream_messages_dropped),
+    );
     println!(
         "N={n}: formed {:.1} simulated s after the first join ({:.1} s after the last), {:.0} s of wall time",
         formed.as_secs_f64(),

@@ -354,6 +354,10 @@ pub struct Stats {
     pub claims_refused: u64,
     /// Claims of this node that could not be signed (a broken key), and so were not sent.
     pub claims_unsigned: u64,
+    /// Members asked in full of the node that relayed their alive, because it came without the
+    /// certificate chain (too large for a packet) and this node had not learnt their
+    /// certificate yet.
+    pub members_fetched: u64,
 }
 
 #[derive(Debug)]
@@ -450,6 +454,11 @@ pub struct Membership {
     stats: Stats,
     /// Corrections for the sender of the packet being processed (see `correct_stale_sender`).
     corrections: Vec<Bytes>,
+    /// Unknown members whose alive in the packet being handled came without its certificate
+    /// chain and could not be checked: asked of the packet's sender once it is handled.
+    to_fetch: Vec<String>,
+    /// When each member was last asked for that way (bounded by [`MAX_FETCHES_REMEMBERED`]).
+    fetched: hashbrown::HashMap<String, Instant>,
     /// Receive buffers reused from packet to packet (see [`decode_packet`](Self::decode_packet)).
     packet_buf: BytesMut,
     broadcasts_buf: Vec<wire::Broadcast>,
@@ -494,6 +503,15 @@ const ASK_FULL_ALLOWANCE_UP_TO: usize = 32;
 
 /// Most (member, address) pairs remembered as asked for their state.
 const MAX_ASKED_AT_ADDRESS: usize = 1024;
+
+/// Most members asked of one relay per packet (see [`Membership::fetch_unchecked_members`]).
+const MAX_FETCHES_PER_PACKET: usize = 8;
+
+/// Most members remembered as fetched; past it, no member is fetched until older ones expire.
+const MAX_FETCHES_REMEMBERED: usize = 1024;
+
+/// How long before a member fetched of a relay may be fetched again.
+const FETCH_AGAIN_AFTER: Duration = Duration::from_secs(5);
 
 /// The membership's timers, in the order [`Membership::handle_timeout`] runs those due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -606,6 +624,8 @@ impl Membership {
             events: VecDeque::new(),
             stats: Stats::default(),
             corrections: Vec::new(),
+            to_fetch: Vec::new(),
+            fetched: hashbrown::HashMap::new(),
             packet_buf: BytesMut::new(),
             broadcasts_buf: Vec::new(),
             packet_out: Vec::new(),
@@ -1046,6 +1066,7 @@ impl Membership {
             return;
         }
         self.refuted_in_input = false;
+        self.to_fetch.clear();
         if validate_node_name(&packet.sender).is_err() {
             self.stats.packets_invalid += 1;
             return;
@@ -1062,6 +1083,7 @@ impl Membership {
             self.broadcasts_buf = broadcasts;
         }
         self.correct_dead_sender(&packet.sender);
+        self.fetch_unchecked_members(now, from, &packet.sender);
         self.ask_unknown_sender(now, from, &packet.sender);
         if !self.corrections.is_empty() {
             let corrections = std::mem::take(&mut self.corrections);
@@ -1111,6 +1133,8 @@ impl Membership {
         self.stats.push_pulls_received += 1;
         self.refuted_in_input = false;
         self.merge_remote_state(now, &pp);
+        // A push-pull carries whole claims: what it could not check, a fetch would not either.
+        self.to_fetch.clear();
         if !pp.app_state.is_empty() {
             self.events.push_back(Event::AppState {
                 from: pp.sender.clone(),

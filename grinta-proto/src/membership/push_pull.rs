@@ -714,6 +714,49 @@ impl Membership {
         self.next_reconnect = now + spacing;
     }
 
+    /// Asks `sender`, the relay of the packet just handled, for the members whose alive came
+    /// without its certificate chain and could not be checked here (a node that never learnt
+    /// their certificate: a chain too large for a packet travels only in push-pulls). One push
+    /// request names them in `want`; its answer carries those members in full, chains
+    /// included, and nothing else. Each member is asked at most once per [`FETCH_AGAIN_AFTER`]
+    /// and [`MAX_FETCHES_PER_PACKET`] per packet, so a relay cannot make this node ask much.
+    pub(super) fn fetch_unchecked_members(&mut self, now: Instant, from: SocketAddr, sender: &str) {
+        if self.to_fetch.is_empty() {
+            return;
+        }
+        let mut names = std::mem::take(&mut self.to_fetch);
+        if self.fetched.len() >= MAX_FETCHES_REMEMBERED {
+            self.fetched
+                .retain(|_, at| now.saturating_duration_since(*at) < FETCH_AGAIN_AFTER);
+        }
+        let mut want = Vec::new();
+        for name in names.drain(..) {
+            if want.len() >= MAX_FETCHES_PER_PACKET || self.fetched.len() >= MAX_FETCHES_REMEMBERED
+            {
+                break;
+            }
+            let due = self
+                .fetched
+                .get(&name)
+                .is_none_or(|at| now.saturating_duration_since(*at) >= FETCH_AGAIN_AFTER);
+            if due && !want.contains(&name) {
+                self.fetched.insert(name.clone(), now);
+                want.push(name);
+            }
+        }
+        self.to_fetch = names;
+        if want.is_empty() || sender == self.name {
+            return;
+        }
+        self.stats.members_fetched += want.len() as u64;
+        let request = wire::PushPull {
+            push: true,
+            want,
+            ..self.message(false)
+        };
+        self.send_message(from, Some(sender.to_owned()), request, Channel::Stream);
+    }
+
     /// A packet came from `sender`, which this node does not know, holds gone, or knows at
     /// another address: it missed the sender's latest alive (gossip that died out before
     /// reaching it, a restart elsewhere, news from before a partition healed). The transport

@@ -274,12 +274,33 @@ impl Membership {
     }
 
     /// Queues what a member says of itself (its alive or its leave) for gossip.
-    pub(super) fn queue_member_broadcast(&mut self, name: &str, kind: wire::broadcast::Kind) {
+    ///
+    /// An alive whose certificate chain would not fit in a packet goes without it: the signature
+    /// covers the claim's body alone, so the claim still holds, and a node that learnt the
+    /// member's certificate (from an earlier alive or a push-pull, which carries whole claims
+    /// over a stream) checks it against that. Refutations and updates of known members then
+    /// spread by gossip whatever the chain's size; a node that never learnt the member's
+    /// certificate drops the alive and learns the member in full from a push-pull.
+    pub(super) fn queue_member_broadcast(&mut self, name: &str, mut kind: wire::broadcast::Kind) {
+        let too_large = framed_broadcast_len(kind.encoded_len()) > self.max_broadcast_len();
+        if let wire::broadcast::Kind::Alive(claim) = &mut kind {
+            if too_large {
+                claim.certificates = Vec::new();
+            }
+        }
         let encoded = self.encode_broadcast(kind);
         // Not to the member itself: it knows what it says (an accusation, below, does go to it).
         let key = BroadcastKey::Member(name.into());
         self.member_queue.push_about(key, &encoded, Some(name));
         super::keep_scratch(&mut self.broadcast_out, encoded);
+    }
+
+    /// The largest framed broadcast a gossip packet of this node can carry: the packet size
+    /// less its header (the sender's name).
+    fn max_broadcast_len(&self) -> usize {
+        self.config
+            .max_packet_size
+            .saturating_sub(crate::wire::delimited_len(1, self.name.len()))
     }
 
     /// Queues an accusation of member `name` for gossip.
@@ -396,6 +417,14 @@ impl Membership {
             }
         }
         if !self.verified(&a.node, ClaimKind::Alive, &claim) {
+            // Relayed without its chain to a node that never learnt the signer's certificate:
+            // ask the relay for the member in full once the packet is handled.
+            if known.is_none()
+                && claim.certificates.is_empty()
+                && self.to_fetch.len() < MAX_FETCHES_PER_PACKET
+            {
+                self.to_fetch.push(a.node.clone());
+            }
             return;
         }
         self.accept_alive(now, known, a, addr, claim);

@@ -323,19 +323,35 @@ impl Entry {
         self.state = MemberState::Alive;
         self.fingerprint = super::push_pull::fingerprint(addr, &meta);
         let long_name = self.extra.as_mut().and_then(|x| x.long_name.take());
-        let signed =
-            claim.scheme != 0 || !claim.signature.is_empty() || !claim.certificates.is_empty();
+        // An alive that came by gossip without its certificate chain (too large for a packet)
+        // was checked against the certificate learnt before: the chain kept from the member's
+        // previous alive stays, so that a push-pull still hands the member's claim over whole.
+        let kept_chain = if claim.certificates.is_empty() {
+            self.extra
+                .as_mut()
+                .map(|x| std::mem::take(&mut x.alive.certificates))
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let signed = claim.scheme != 0
+            || !claim.signature.is_empty()
+            || !claim.certificates.is_empty()
+            || !kept_chain.is_empty();
         self.extra = (long_name.is_some() || !meta.is_empty() || signed).then(|| {
+            // Copied out of the received packet, without the body (kept below only if needed).
+            let mut alive = crate::claims::compact(&wire::Signed {
+                body: Bytes::new(),
+                ..claim.clone()
+            });
+            if alive.certificates.is_empty() {
+                alive.certificates = kept_chain;
+            }
             Box::new(Extra {
                 long_name,
                 addr6: None,
                 meta,
-                // Copied out of the received packet, without the body (kept below only if
-                // needed).
-                alive: crate::claims::compact(&wire::Signed {
-                    body: Bytes::new(),
-                    ..claim.clone()
-                }),
+                alive,
                 alive_incarnation: None,
                 leave: None,
             })

@@ -1145,6 +1145,85 @@ fn a_push_pull_never_brings_back_a_dead_or_left_member_this_node_does_not_hold()
     assert_eq!((known.state, known.incarnation), (MemberState::Suspect, 2));
 }
 
+#[test]
+fn an_alive_whose_chain_does_not_fit_a_packet_is_gossiped_without_it_and_kept_whole() {
+    let t0 = Instant::now();
+    let mut x = node("x", 1, t0);
+    let mut y = node("y", 2, t0);
+    join_pair(&mut x, &mut y, t0);
+    // A chain of 2,000 bytes (a leaf and an intermediate with RSA keys are about as large).
+    let chain = vec![Bytes::from(vec![7u8; 1200]), Bytes::from(vec![8u8; 800])];
+    let alive_of_m = |incarnation: u64, certificates: Vec<Bytes>| wire::Signed {
+        certificates,
+        ..unsigned(
+            ClaimKind::Alive,
+            &wire::Alive {
+                node: "m".into(),
+                incarnation,
+                addr: Some(encode_addr(addr(9))),
+                meta: Bytes::new(),
+            },
+        )
+    };
+    let gossiped_alives_of_m = |x: &mut Membership| -> Vec<wire::Signed> {
+        drain(x);
+        let now = x.next_gossip;
+        x.handle_timeout(now);
+        drain(x)
+            .iter()
+            .filter(|t| t.channel == Channel::Datagram)
+            .flat_map(|t| decode_packet(t).broadcasts)
+            .filter_map(|b| match b.kind {
+                Some(wire::broadcast::Kind::Alive(claim))
+                    if wire::Alive::decode(&claim.body[..]).is_ok_and(|a| a.node == "m") =>
+                {
+                    Some(claim)
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let pushed_chain_of_m = |x: &mut Membership| -> Vec<Bytes> {
+        drain(x);
+        x.send_push_pull(t0, addr(2), Some("y".into()), push_pull::Exchange::Join);
+        let request = drain(x);
+        decode_push_pull(&request[0])
+            .members
+            .into_iter()
+            .find(|e| e.node == "m")
+            .and_then(|e| e.alive)
+            .map(|a| a.certificates)
+            .unwrap_or_default()
+    };
+
+    x.handle_alive(t0, alive_of_m(1, chain.clone()));
+    assert!(x.member("m").is_some());
+    let gossiped = gossiped_alives_of_m(&mut x);
+    assert!(!gossiped.is_empty(), "the alive is gossiped");
+    assert!(
+        gossiped.iter().all(|c| c.certificates.is_empty()),
+        "without the chain, which does not fit"
+    );
+    assert_eq!(
+        pushed_chain_of_m(&mut x),
+        chain,
+        "a push-pull carries it whole"
+    );
+
+    // A newer alive that came without its chain keeps the one learnt.
+    x.handle_alive(t0, alive_of_m(2, Vec::new()));
+    assert_eq!(x.member("m").map(|m| m.incarnation), Some(2));
+    assert_eq!(pushed_chain_of_m(&mut x), chain);
+
+    // A chain that fits travels with the alive.
+    let small = vec![Bytes::from(vec![9u8; 300])];
+    x.handle_alive(t0, alive_of_m(3, small.clone()));
+    let gossiped = gossiped_alives_of_m(&mut x);
+    assert!(!gossiped.is_empty());
+    assert!(gossiped.iter().all(|c| c.certificates == small));
+    assert_eq!(pushed_chain_of_m(&mut x), small);
+}
+
 /// Runs a periodic (sum) exchange from `x` to `y` by hand: the messages, in order.
 fn sum_exchange(x: &mut Membership, y: &mut Membership, now: Instant) -> Vec<wire::PushPull> {
     drain(x);
