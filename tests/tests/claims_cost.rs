@@ -50,6 +50,55 @@ fn keys(tls: &TlsConfig, name: &str) -> CertificateKeys {
     CertificateKeys::new(tls, name, tls::crypto_provider(), tls::system_time(), 16).expect("keys")
 }
 
+/// Makes `accuser` suspect `victim` at the incarnation node 0 holds, with a suspicion it signs
+/// itself, sent straight to `targets`; returns that incarnation.
+fn raise_false_suspicion(
+    c: &mut Cluster<SimulatedNode>,
+    victim: usize,
+    accuser: usize,
+    targets: &[usize],
+) -> u64 {
+    let inc = c
+        .sim
+        .node(0)
+        .node
+        .membership()
+        .member(&node_name(victim))
+        .unwrap()
+        .incarnation;
+    let suspect = wire::Suspect {
+        node: node_name(victim),
+        incarnation: inc,
+        from: node_name(accuser),
+    };
+    let claim = c
+        .sim
+        .with_node(accuser, |node, _| {
+            node.node.sign_claim(ClaimKind::Suspect, &suspect)
+        })
+        .unwrap();
+    let packet: bytes::Bytes = wire::Packet {
+        sender: node_name(accuser),
+        message: None,
+        broadcasts: vec![wire::Broadcast {
+            kind: Some(wire::broadcast::Kind::Suspect(claim)),
+        }],
+    }
+    .encode_to_vec()
+    .into();
+    c.sim.with_node(accuser, |node, now| {
+        for &target in targets {
+            node.node.send_raw_membership_datagram(
+                now,
+                &node_name(target),
+                node_addr(target),
+                packet.clone(),
+            );
+        }
+    });
+    inc
+}
+
 /// Encoded size of one piggybacked broadcast carrying `claim`.
 fn broadcast_len(kind: wire::broadcast::Kind) -> usize {
     wire::Broadcast { kind: Some(kind) }.encoded_len() + 2
@@ -214,44 +263,7 @@ fn dissemination_at_n100_with_signed_claims() {
 
     // A false suspicion, raised by a member and signed by it, refuted everywhere.
     let (victim, accuser) = (42usize, 17usize);
-    let inc = c
-        .sim
-        .node(0)
-        .node
-        .membership()
-        .member(&node_name(victim))
-        .unwrap()
-        .incarnation;
-    let suspect = wire::Suspect {
-        node: node_name(victim),
-        incarnation: inc,
-        from: node_name(accuser),
-    };
-    let claim = c
-        .sim
-        .with_node(accuser, |node, _| {
-            node.node.sign_claim(ClaimKind::Suspect, &suspect)
-        })
-        .unwrap();
-    let packet: bytes::Bytes = wire::Packet {
-        sender: node_name(accuser),
-        message: None,
-        broadcasts: vec![wire::Broadcast {
-            kind: Some(wire::broadcast::Kind::Suspect(claim)),
-        }],
-    }
-    .encode_to_vec()
-    .into();
-    c.sim.with_node(accuser, |node, now| {
-        for target in [1usize, 2, 3] {
-            node.node.send_raw_membership_datagram(
-                now,
-                &node_name(target),
-                grinta_tests::membership_sim::node_addr(target),
-                packet.clone(),
-            );
-        }
-    });
+    let inc = raise_false_suspicion(&mut c, victim, accuser, &[1, 2, 3]);
     let refuted = c
         .run_until(Duration::from_secs(30), |c| {
             (0..n).filter(|&i| i != victim).all(|i| {
@@ -367,44 +379,7 @@ fn a_chain_longer_than_a_packet_still_refutes_a_false_suspicion() {
         c.form(Duration::from_secs(2));
         c.run_for(Duration::from_secs(5));
         let (victim, accuser) = (5usize, 2usize);
-        let inc = c
-            .sim
-            .node(0)
-            .node
-            .membership()
-            .member(&node_name(victim))
-            .unwrap()
-            .incarnation;
-        let suspect = wire::Suspect {
-            node: node_name(victim),
-            incarnation: inc,
-            from: node_name(accuser),
-        };
-        let claim = c
-            .sim
-            .with_node(accuser, |node, _| {
-                node.node.sign_claim(ClaimKind::Suspect, &suspect)
-            })
-            .unwrap();
-        let packet: bytes::Bytes = wire::Packet {
-            sender: node_name(accuser),
-            message: None,
-            broadcasts: vec![wire::Broadcast {
-                kind: Some(wire::broadcast::Kind::Suspect(claim)),
-            }],
-        }
-        .encode_to_vec()
-        .into();
-        c.sim.with_node(accuser, |node, now| {
-            for target in [1usize, 3] {
-                node.node.send_raw_membership_datagram(
-                    now,
-                    &node_name(target),
-                    node_addr(target),
-                    packet.clone(),
-                );
-            }
-        });
+        let inc = raise_false_suspicion(&mut c, victim, accuser, &[1, 3]);
         let refuted = c.run_until(Duration::from_secs(30), |c| {
             (0..n).filter(|&i| i != victim).all(|i| {
                 c.sim
