@@ -217,6 +217,15 @@ impl NodeConfig {
     }
 }
 
+/// How a peer's signed record reached this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Merge {
+    /// Gossip (or a record held until its owner's alive came): news as it spreads.
+    Gossip,
+    /// A push-pull: the peer's whole table, tombstones included.
+    PushPull,
+}
+
 /// The largest membership packet a node sends: what a QUIC DATAGRAM frame holds on a 1200-byte
 /// path (the QUIC minimum) with room for the packet header and frame overhead. A larger
 /// `membership::Config::max_packet_size` is fitted down to it (see
@@ -1248,6 +1257,7 @@ impl Node {
         &mut self,
         now: Instant,
         signed: &wire::Signed,
+        via: Merge,
     ) -> Option<(Record, wire::Signed)> {
         let Some(record) = wire::EndpointRecord::decode(&signed.body[..])
             .ok()
@@ -1257,6 +1267,18 @@ impl Node {
             self.undecodable += 1;
             return None;
         };
+        // A tombstone only ever removes a claim: from a push-pull, one whose claim this node
+        // does not hold is left out. Taken, it came back to every node that had collected it
+        // from any peer that had not yet (each push-pull carries every tombstone), and went
+        // round for ever. Fresh withdrawals reach every node by gossip; a stale claim that
+        // arrives later is withdrawn again by a node that still holds the tombstone, or by its
+        // owner.
+        if via == Merge::PushPull
+            && !record.claimed
+            && !self.table(record.kind).holds(&record.name, &record.owner)
+        {
+            return None;
+        }
         if record.owner == self.name() {
             // A record of ours we did not write (a previous life's, signed with the same key):
             // the directory out-writes it with the current state. Only our own signature counts,
@@ -1323,7 +1345,7 @@ impl Node {
                 self.records_held_dropped += 1;
                 continue;
             }
-            if let Some((record, signed)) = self.merge_signed_record(now, &signed) {
+            if let Some((record, signed)) = self.merge_signed_record(now, &signed, Merge::Gossip) {
                 self.gossip_record(&record, signed);
             }
         }
@@ -1340,7 +1362,7 @@ impl Node {
         for signed in &delta.records {
             // Epidemic spread: pass on what was news here, rebuilt from the checked record
             // (never the sender's key or the rest of its payload), to nodes other than its owner.
-            if let Some((record, signed)) = self.merge_signed_record(now, signed) {
+            if let Some((record, signed)) = self.merge_signed_record(now, signed, Merge::Gossip) {
                 self.gossip_record(&record, signed);
             }
         }
@@ -1356,7 +1378,7 @@ impl Node {
             return;
         };
         for signed in &state.records {
-            if let Some((record, signed)) = self.merge_signed_record(now, signed) {
+            if let Some((record, signed)) = self.merge_signed_record(now, signed, Merge::PushPull) {
                 if record.owner == from {
                     self.gossip_record(&record, signed);
                 }

@@ -762,6 +762,12 @@ impl Registry {
             .is_none_or(|e| record.supersedes(&e.record))
     }
 
+    /// Whether a record (claim or tombstone) of `name` by `owner` is held.
+    pub fn holds(&self, name: &str, owner: &str) -> bool {
+        let key: &dyn RecordKey = &(name, owner);
+        self.records.contains_key(key)
+    }
+
     /// Merges a record from a peer with its owner's signature (checked by the caller), kept to
     /// pass the record on in push-pull. Returns whether the table changed.
     pub fn merge_signed(&mut self, record: Record, signed: wire::Signed, now: Instant) -> bool {
@@ -835,6 +841,13 @@ impl Registry {
                     self.apply(corrected.clone(), now);
                     self.outbox.push_back(corrected);
                 }
+                return false;
+            }
+            // A withdrawal of a name this life does not claim says what is already so: nothing
+            // to out-write. (Out-writing it with a fresh tombstone made a withdrawal immortal:
+            // each time the old tombstone came back after this node had collected its own, a new
+            // one went round, and every node kept it another `tombstone_ttl`.)
+            if !record.claimed && current.is_none_or(|c| !c.record.claimed) {
                 return false;
             }
             if current.is_none_or(|c| record.supersedes(&c.record)) {
