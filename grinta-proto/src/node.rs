@@ -1267,15 +1267,13 @@ impl Node {
             self.undecodable += 1;
             return None;
         };
-        // A tombstone only ever removes a claim: from a push-pull, one whose claim this node
-        // does not hold is left out. Taken, it came back to every node that had collected it
-        // from any peer that had not yet (each push-pull carries every tombstone), and went
-        // round for ever. Fresh withdrawals reach every node by gossip; a stale claim that
-        // arrives later is withdrawn again by a node that still holds the tombstone, or by its
-        // owner.
+        // From a push-pull, a tombstone that withdraws nothing held here is left out (see
+        // `Registry::tombstone_applies`). Fresh withdrawals reach every node by gossip; a stale
+        // claim that arrives later is withdrawn again by a node that still holds the tombstone,
+        // or by its owner.
         if via == Merge::PushPull
             && !record.claimed
-            && !self.table(record.kind).holds(&record.name, &record.owner)
+            && !self.table(record.kind).tombstone_applies(&record)
         {
             return None;
         }

@@ -131,7 +131,13 @@ impl Membership {
                 wire::MemberState::try_from(e.state).unwrap_or(wire::MemberState::Unspecified);
             if let Some(alive) = &e.alive {
                 let gone = matches!(state, wire::MemberState::Dead | wire::MemberState::Left);
-                if !gone || e.node == self.name || self.members.find(&e.node).is_some() {
+                // The member the alive itself names, whatever the entry says.
+                let held = || {
+                    rules::peek_alive(&alive.body).is_some_and(|(node, _)| {
+                        node == self.name || self.members.find(node).is_some()
+                    })
+                };
+                if !gone || held() {
                     self.handle_alive(now, alive.clone());
                 }
             }
@@ -396,7 +402,14 @@ impl Membership {
                 }
                 (self.member_version(i), Some(i))
             } else {
-                if unknown.len() < self.config.max_members
+                // A member the requester holds gone is not asked for: its entry would not be
+                // taken (see `merge_remote_state`).
+                let gone = matches!(
+                    theirs.state,
+                    wire::MemberState::Dead | wire::MemberState::Left
+                );
+                if !gone
+                    && unknown.len() < self.config.max_members
                     && validate_node_name(&d.node).is_ok()
                     && unknown.insert(d.node.as_str())
                 {
@@ -728,6 +741,11 @@ impl Membership {
         if self.fetched.len() >= MAX_FETCHES_REMEMBERED {
             self.fetched
                 .retain(|_, at| now.saturating_duration_since(*at) < FETCH_AGAIN_AFTER);
+            if self.fetched.len() >= MAX_FETCHES_REMEMBERED {
+                // Filled by one relay's made-up names, it would stop every fetch: start afresh
+                // (the requests stay bounded by one per packet received).
+                self.fetched.clear();
+            }
         }
         let mut want = Vec::new();
         for name in names.drain(..) {

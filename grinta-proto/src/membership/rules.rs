@@ -416,18 +416,32 @@ impl Membership {
                 }
             }
         }
+        // A signed alive relayed without its certificate chain (too large for a packet): a
+        // member this node does not hold is asked of the relay in full rather than taken, even
+        // when a certificate remembered from an earlier life checks it, so that the member
+        // table holds every member's chain and hands it on in push-pulls.
+        let chainless = claim.certificates.is_empty() && !claim.signature.is_empty();
+        if chainless && known.is_none() {
+            self.want_in_full(&a.node);
+            return;
+        }
         if !self.verified(&a.node, ClaimKind::Alive, &claim) {
-            // Relayed without its chain to a node that never learnt the signer's certificate:
-            // ask the relay for the member in full once the packet is handled.
-            if known.is_none()
-                && claim.certificates.is_empty()
-                && self.to_fetch.len() < MAX_FETCHES_PER_PACKET
-            {
-                self.to_fetch.push(a.node.clone());
+            // Relayed without its chain, and checked against no certificate this node knows
+            // (a member back with a new key): asked of the relay in full too.
+            if chainless {
+                self.want_in_full(&a.node);
             }
             return;
         }
         self.accept_alive(now, known, a, addr, claim);
+    }
+
+    /// Asks for member `name` in full of the sender of the packet being handled, once it is
+    /// handled (see [`Membership::fetch_unchecked_members`]).
+    fn want_in_full(&mut self, name: &str) {
+        if self.to_fetch.len() < MAX_FETCHES_PER_PACKET {
+            self.to_fetch.push(name.to_owned());
+        }
     }
 
     /// Applies a checked alive of a member (`i`, if already known).
@@ -701,7 +715,7 @@ mod tests;
 
 /// The name and incarnation an encoded `Alive` carries, read in place; `None` if it does not
 /// parse that far (the full decode then rejects it).
-fn peek_alive(body: &[u8]) -> Option<(&str, u64)> {
+pub(super) fn peek_alive(body: &[u8]) -> Option<(&str, u64)> {
     use crate::wire::FieldInPlace;
     let (mut node, mut incarnation) = (None, 0u64);
     crate::wire::fields_in_place(body, |tag, field| match (tag, field) {

@@ -762,10 +762,20 @@ impl Registry {
             .is_none_or(|e| record.supersedes(&e.record))
     }
 
-    /// Whether a record (claim or tombstone) of `name` by `owner` is held.
-    pub fn holds(&self, name: &str, owner: &str) -> bool {
-        let key: &dyn RecordKey = &(name, owner);
-        self.records.contains_key(key)
+    /// Whether `tombstone` withdraws anything this table holds: a record of its own key (an
+    /// endpoint's tombstone withdraws its owner's claim alone), or, for a key/value entry, a
+    /// write of its key that it outranks (a delete hides every older write of the key, whoever
+    /// wrote it). A node takes a tombstone from a peer's whole table only then: taken
+    /// regardless, a tombstone came back to the nodes that had collected it, from any peer that
+    /// had not yet, and went round for ever.
+    pub fn tombstone_applies(&self, tombstone: &Record) -> bool {
+        if self.record_of(&tombstone.name, &tombstone.owner).is_some() {
+            return true;
+        }
+        tombstone.kind == EndpointKind::Value
+            && self
+                .claims(&tombstone.name)
+                .any(|c| (c.version, &c.owner) < (tombstone.version, &tombstone.owner))
     }
 
     /// Merges a record from a peer with its owner's signature (checked by the caller), kept to

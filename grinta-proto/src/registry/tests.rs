@@ -756,3 +756,29 @@ fn versions_bytes_and_reserved_names_are_bounded() {
     assert!(Record::from_wire(&hijack).is_none());
     assert!(Record::from_wire(&group.to_wire()).is_some());
 }
+
+#[test]
+fn a_tombstone_applies_where_it_withdraws_something() {
+    let now = Instant::now();
+    // Endpoints: a tombstone withdraws its owner's record of the name, nothing else.
+    let mut a = reg("a");
+    let mut b = reg("b");
+    let claim = a.register("svc", EndpointKind::Exclusive, now).unwrap();
+    let tomb = a.unregister("svc", now).unwrap();
+    assert!(!b.tombstone_applies(&tomb), "nothing held");
+    assert!(b.merge(claim, now));
+    assert!(b.tombstone_applies(&tomb), "the claim it withdraws");
+    // Key/value: a delete, whoever makes it, hides every older write of the key.
+    let mut w = reg("w");
+    let mut d = reg("d");
+    let mut x = reg("x");
+    let write = w.put("k", "v".into(), now).unwrap();
+    assert!(d.merge(write.clone(), now));
+    let delete = d.delete("k", now).unwrap().unwrap();
+    assert!(!delete.claimed);
+    assert!(!x.tombstone_applies(&delete), "nothing held");
+    assert!(x.merge(write, now));
+    assert!(x.tombstone_applies(&delete), "the write it hides");
+    assert!(x.merge(delete, now));
+    assert!(x.get("k").is_none());
+}
