@@ -420,7 +420,8 @@ impl Membership {
         // member this node does not hold is asked of the relay in full rather than taken, even
         // when a certificate remembered from an earlier life checks it, so that the member
         // table holds every member's chain and hands it on in push-pulls.
-        let chainless = claim.certificates.is_empty() && !claim.signature.is_empty();
+        // (Only where claims carry chains at all: this node's own alives do.)
+        let chainless = claim.certificates.is_empty() && !self.keys.certificates().is_empty();
         if chainless && known.is_none() {
             self.want_in_full(&a.node);
             return;

@@ -946,6 +946,13 @@ fn hostile_digests_and_want_lists_cost_each_member_once() {
     digest.extend((0..10_000).map(|k| wire::MemberDigest {
         node: format!("ghost{k}"),
         incarnation: u64::MAX,
+        state: wire::MemberState::Alive as i32,
+        fingerprint: 0,
+    }));
+    // Members the requester holds gone are not asked for: their entries would not be taken.
+    digest.extend((0..10).map(|k| wire::MemberDigest {
+        node: format!("gone{k}"),
+        incarnation: 1,
         state: wire::MemberState::Dead as i32,
         fingerprint: 0,
     }));
@@ -965,6 +972,7 @@ fn hostile_digests_and_want_lists_cost_each_member_once() {
     // Fingerprint 0 differs from every real one: each member once, in full and wanted.
     assert_eq!(reply.members.len(), 50 + 2, "m0..m49, x and y");
     assert_eq!(reply.want.len(), 50 + 10_000);
+    assert!(!reply.want.iter().any(|w| w.starts_with("gone")));
     assert!(x.member("ghost0").is_none());
 
     // A reply that wants every member 1,000 times: the push sends each once.
