@@ -453,3 +453,67 @@ fn a_joiner_whose_chain_is_longer_than_a_packet_is_known_everywhere_as_fast_as_g
     );
     assert!(fetched > 0, "the joiner was fetched of relays");
 }
+
+/// Churn with certificate chains longer than a packet: 12 nodes for 20 simulated minutes, a
+/// node crashing every minute and the one before it coming back as a new process (its alive
+/// travels without its chain, and nodes that reaped it ask for it in full). Every crash is seen
+/// as Dead, no live node ever is, and the cluster is whole at the end.
+#[test]
+fn churn_with_chains_longer_than_a_packet_keeps_the_cluster_whole() {
+    let (seed, _g) = seed(12);
+    let n = 12;
+    let names: Vec<String> = (0..n).map(node_name).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let certs = chained_material(&rcgen::PKCS_ED25519, 4, &names);
+    let mut c: Cluster<SimulatedNode> = Cluster::nodes(
+        seed,
+        lan(),
+        node_membership_config(),
+        std::sync::Arc::new(certs),
+    );
+    c.form(Duration::from_secs(2));
+    let mut down: Option<(usize, Instant)> = None;
+    let mut crashes: Vec<(usize, Instant, Option<Instant>)> = Vec::new();
+    for minute in 0..20u64 {
+        c.run_for(Duration::from_secs(30));
+        if let Some((back, _)) = down.take() {
+            c.restart(back, minute + 1, None, 0);
+            if let Some(last) = crashes.last_mut() {
+                last.2 = Some(c.sim.now());
+            }
+        }
+        let victim = c.sim.rng().random_range(1..n);
+        c.kill(victim);
+        down = Some((victim, c.sim.now()));
+        crashes.push((victim, c.sim.now(), None));
+        c.run_for(Duration::from_secs(30));
+    }
+    if let Some((back, _)) = down.take() {
+        c.restart(back, 99, None, 0);
+        if let Some(last) = crashes.last_mut() {
+            last.2 = Some(c.sim.now());
+        }
+    }
+    let settled = c.run_until(Duration::from_secs(60), |c| c.converged());
+    // A Dead event is false unless its member was down then.
+    let mut false_dead = 0;
+    for i in 0..n {
+        for (t, member) in &c.sim.node(i).seen.dead_events {
+            let was_down = crashes.iter().any(|&(v, from, to)| {
+                node_name(v) == *member && *t >= from && to.is_none_or(|to| *t <= to)
+            });
+            if !was_down {
+                false_dead += 1;
+            }
+        }
+    }
+    let fetched: u64 = (0..n)
+        .map(|i| c.sim.node(i).node.stats().membership.members_fetched)
+        .sum();
+    println!(
+        "{} crashes; whole again after {settled:?}; {false_dead} false Dead; {fetched} members fetched",
+        crashes.len()
+    );
+    assert_eq!(false_dead, 0, "seed {seed}");
+    assert!(settled.is_some(), "seed {seed}: the cluster is not whole");
+}
