@@ -50,6 +50,21 @@ fn keys(tls: &TlsConfig, name: &str) -> CertificateKeys {
     CertificateKeys::new(tls, name, tls::crypto_provider(), tls::system_time(), 16).expect("keys")
 }
 
+/// `n` whole nodes, not joined, each with a chain longer than a membership packet: a leaf and
+/// four intermediate CAs, Ed25519 throughout (the simulator signs deterministically), about
+/// 1.6 KB, the size of a leaf and one intermediate with RSA keys.
+fn long_chain_cluster(seed: u64, n: usize) -> Cluster<SimulatedNode> {
+    let names: Vec<String> = (0..n).map(node_name).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let certs = chained_material(&rcgen::PKCS_ED25519, 4, &names);
+    Cluster::nodes(
+        seed,
+        lan(),
+        node_membership_config(),
+        std::sync::Arc::new(certs),
+    )
+}
+
 /// Makes `accuser` suspect `victim` at the incarnation node 0 holds, with a suspicion it signs
 /// itself, sent straight to `targets`; returns that incarnation.
 fn raise_false_suspicion(
@@ -413,15 +428,7 @@ fn a_chain_longer_than_a_packet_still_refutes_a_false_suspicion() {
 fn a_joiner_whose_chain_is_longer_than_a_packet_is_known_everywhere_as_fast_as_gossip() {
     let (seed, _g) = seed(10);
     let n = 12;
-    let names: Vec<String> = (0..n).map(node_name).collect();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let certs = chained_material(&rcgen::PKCS_ED25519, 4, &names);
-    let mut c: Cluster<SimulatedNode> = Cluster::nodes(
-        seed,
-        lan(),
-        node_membership_config(),
-        std::sync::Arc::new(certs),
-    );
+    let mut c = long_chain_cluster(seed, n);
     let joiner = n - 1;
     // Never started before: nobody has seen its certificate.
     c.kill(joiner);
@@ -462,15 +469,7 @@ fn a_joiner_whose_chain_is_longer_than_a_packet_is_known_everywhere_as_fast_as_g
 fn churn_with_chains_longer_than_a_packet_keeps_the_cluster_whole() {
     let (seed, _g) = seed(12);
     let n = 12;
-    let names: Vec<String> = (0..n).map(node_name).collect();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let certs = chained_material(&rcgen::PKCS_ED25519, 4, &names);
-    let mut c: Cluster<SimulatedNode> = Cluster::nodes(
-        seed,
-        lan(),
-        node_membership_config(),
-        std::sync::Arc::new(certs),
-    );
+    let mut c = long_chain_cluster(seed, n);
     c.form(Duration::from_secs(2));
     let mut down: Option<(usize, Instant)> = None;
     let mut crashes: Vec<(usize, Instant, Option<Instant>)> = Vec::new();
