@@ -193,6 +193,13 @@ impl Cluster<SimulatedNode> {
         Self::nodes_with(seed, net, membership, certs, |_| {})
     }
 
+    /// `n` real nodes on `net`, with the whole-node membership settings and certificates from
+    /// a development CA made from `seed`, not yet joined.
+    pub fn dev_nodes(seed: u64, net: NetConfig, n: usize) -> Self {
+        let ca = DevCa::from_seed(seed).expect("dev CA");
+        Self::nodes(seed, net, node_membership_config(), certificates(&ca, n))
+    }
+
     /// Like [`nodes`](Self::nodes), with `tweak` applied to every node's configuration.
     pub fn nodes_with(
         seed: u64,

@@ -65,6 +65,19 @@ fn long_chain_cluster(seed: u64, n: usize) -> Cluster<SimulatedNode> {
     )
 }
 
+/// Whether every node but `victim` holds it Alive above incarnation `inc`: its refutation of a
+/// suspicion at `inc` reached them all.
+fn refuted_everywhere(c: &Cluster<SimulatedNode>, victim: usize, inc: u64) -> bool {
+    (0..c.sim.len()).filter(|&i| i != victim).all(|i| {
+        c.sim
+            .node(i)
+            .node
+            .membership()
+            .member(&node_name(victim))
+            .is_some_and(|m| m.state == MemberState::Alive && m.incarnation > inc)
+    })
+}
+
 /// Makes `accuser` suspect `victim` at the incarnation node 0 holds, with a suspicion it signs
 /// itself, sent straight to `targets`; returns that incarnation.
 fn raise_false_suspicion(
@@ -281,14 +294,7 @@ fn dissemination_at_n100_with_signed_claims() {
     let inc = raise_false_suspicion(&mut c, victim, accuser, &[1, 2, 3]);
     let refuted = c
         .run_until(Duration::from_secs(30), |c| {
-            (0..n).filter(|&i| i != victim).all(|i| {
-                c.sim
-                    .node(i)
-                    .node
-                    .membership()
-                    .member(&node_name(victim))
-                    .is_some_and(|m| m.state == MemberState::Alive && m.incarnation > inc)
-            })
+            refuted_everywhere(c, victim, inc)
         })
         .expect("refuted");
     println!("false suspicion refuted everywhere after {refuted:?} (bound 2 s)");
@@ -396,14 +402,7 @@ fn a_chain_longer_than_a_packet_still_refutes_a_false_suspicion() {
         let (victim, accuser) = (5usize, 2usize);
         let inc = raise_false_suspicion(&mut c, victim, accuser, &[1, 3]);
         let refuted = c.run_until(Duration::from_secs(30), |c| {
-            (0..n).filter(|&i| i != victim).all(|i| {
-                c.sim
-                    .node(i)
-                    .node
-                    .membership()
-                    .member(&node_name(victim))
-                    .is_some_and(|m| m.state == MemberState::Alive && m.incarnation > inc)
-            })
+            refuted_everywhere(c, victim, inc)
         });
         c.run_for(Duration::from_secs(30));
         let dead = (0..n)

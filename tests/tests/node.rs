@@ -20,8 +20,7 @@ use prost::Message;
 use rand::Rng;
 
 fn cluster(seed: u64, n: usize) -> Cluster<SimulatedNode> {
-    let ca = DevCa::from_seed(seed).expect("dev CA");
-    Cluster::nodes(seed, lan(), node_membership_config(), certificates(&ca, n))
+    Cluster::dev_nodes(seed, lan(), n)
 }
 
 fn formed(seed: u64, n: usize) -> Cluster<SimulatedNode> {
@@ -631,13 +630,7 @@ fn whole_nodes_on_a_lossy_network_never_declare_the_living_dead() {
     let (seed, _g) = seed(11);
     let n = env_u64("NODES", 50) as usize;
     let loss = env_u64("LOSS", 10) as f64 / 100.0;
-    let ca = DevCa::from_seed(seed).expect("dev CA");
-    let mut c = Cluster::nodes(
-        seed,
-        NetConfig { loss, ..lan() },
-        node_membership_config(),
-        certificates(&ca, n),
-    );
+    let mut c = Cluster::dev_nodes(seed, NetConfig { loss, ..lan() }, n);
     c.form(Duration::from_millis(50 * n as u64));
     let wall = Instant::now();
     c.run_for(Duration::from_secs(30 * 60));

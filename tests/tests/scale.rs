@@ -133,13 +133,7 @@ fn whole_nodes_form_detect_crashes_and_spread_names() {
     let n = env_u64("NODES", 1000) as usize;
     let minutes = env_u64("MINUTES", 10);
     assert!(n >= 8, "NODES must be at least 8");
-    let ca = DevCa::from_seed(seed).expect("dev CA");
-    let mut c: Cluster<SimulatedNode> = Cluster::nodes(
-        seed,
-        NetConfig::default(),
-        node_membership_config(),
-        certificates(&ca, n),
-    );
+    let mut c = Cluster::dev_nodes(seed, NetConfig::default(), n);
     let wall = Instant::now();
     let spread = Duration::from_secs(60);
     let start = c.sim.now();
@@ -446,15 +440,8 @@ fn churn(seed: u64, n: usize, minutes: u64) -> Churned {
     use grinta_proto::registry::EndpointKind;
     use rand::Rng;
 
-    let ca = DevCa::from_seed(seed).expect("dev CA");
-    let mut c: Cluster<SimulatedNode> = Cluster::nodes(
-        seed,
-        NetConfig::default(),
-        node_membership_config(),
-        certificates(&ca, n),
-    );
+    let mut c = Cluster::dev_nodes(seed, NetConfig::default(), n);
     c.form(Duration::from_secs(2));
-    let start = c.sim.now();
     let mut down: Option<usize> = None;
     let mut generation = 0u64;
     let mut names: std::collections::VecDeque<(String, usize)> = Default::default();
@@ -549,7 +536,6 @@ fn churn(seed: u64, n: usize, minutes: u64) -> Churned {
             );
         }
     }
-    let _ = start;
     out
 }
 
