@@ -1232,6 +1232,137 @@ fn an_alive_whose_chain_does_not_fit_a_packet_is_gossiped_without_it_and_kept_wh
     assert_eq!(pushed_chain_of_m(&mut x), small);
 }
 
+/// Keys whose claims carry a (one-byte) certificate chain, and which check a claim only with
+/// its chain: a chainless claim is from a signer this node never learnt.
+#[derive(Debug)]
+struct ChainKeys(Vec<Bytes>);
+
+impl ClaimKeys for ChainKeys {
+    fn sign(
+        &self,
+        _message: &[u8],
+    ) -> Result<(rustls::SignatureScheme, Vec<u8>), claims::ClaimError> {
+        Ok((rustls::SignatureScheme::ED25519, vec![1]))
+    }
+
+    fn certificates(&self) -> &[Bytes] {
+        &self.0
+    }
+
+    fn verify(
+        &mut self,
+        signer: &str,
+        _message: &[u8],
+        _scheme: rustls::SignatureScheme,
+        _signature: &[u8],
+        carried: &[Bytes],
+    ) -> Result<(), claims::ClaimError> {
+        if carried.is_empty() {
+            Err(claims::ClaimError::UnknownSigner {
+                signer: signer.to_owned(),
+            })
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[test]
+fn a_relay_of_ten_thousand_made_up_chainless_alives_gets_one_bounded_request_per_packet() {
+    let t0 = Instant::now();
+    let keys = ChainKeys(vec![Bytes::from_static(b"c")]);
+    let mut x = Membership::new(Config::lan(), "x", addr(1), 1, t0, Box::new(keys)).unwrap();
+    let chainless = |name: &str| wire::Broadcast {
+        kind: Some(wire::broadcast::Kind::Alive(wire::Signed {
+            body: wire::Alive {
+                node: name.into(),
+                incarnation: 1,
+                addr: Some(encode_addr(addr(9))),
+                meta: Bytes::new(),
+            }
+            .encode_to_vec()
+            .into(),
+            scheme: u32::from(u16::from(rustls::SignatureScheme::ED25519)),
+            signature: Bytes::from_static(&[1]),
+            certificates: Vec::new(),
+        })),
+    };
+    let requests = |x: &mut Membership| -> Vec<wire::PushPull> {
+        drain(x)
+            .iter()
+            .filter(|t| t.channel == Channel::Stream)
+            .map(decode_push_pull)
+            .filter(|pp| pp.push)
+            .collect()
+    };
+    // 10,000 made-up members, 50 per packet, 200 packets: at most one request per packet,
+    // naming at most 8 (the memory of members asked, 1,024, fills and starts afresh).
+    let mut asked = 0u64;
+    for p in 0..200 {
+        let packet = wire::Packet {
+            sender: "r".into(),
+            message: None,
+            broadcasts: (0..50).map(|k| chainless(&format!("m{p}-{k}"))).collect(),
+        };
+        x.handle_datagram(t0, addr(2), &packet.encode_to_vec());
+        let sent = requests(&mut x);
+        assert!(sent.len() <= 1, "packet {p}: {} requests", sent.len());
+        for pp in &sent {
+            assert!(pp.want.len() <= MAX_FETCHES_PER_PACKET);
+            asked += pp.want.len() as u64;
+        }
+    }
+    assert_eq!(asked, x.stats().members_fetched);
+    assert_eq!(asked, 200 * MAX_FETCHES_PER_PACKET as u64);
+    assert_eq!(x.members().count(), 0, "none taken unchecked");
+    // The same members again within FETCH_AGAIN_AFTER: still at most 8 per packet.
+    let packet = wire::Packet {
+        sender: "r".into(),
+        message: None,
+        broadcasts: (0..50).map(|k| chainless(&format!("m199-{k}"))).collect(),
+    };
+    x.handle_datagram(t0, addr(2), &packet.encode_to_vec());
+    assert!(
+        requests(&mut x)
+            .iter()
+            .all(|pp| pp.want.len() <= MAX_FETCHES_PER_PACKET)
+    );
+    // One member, again and again within FETCH_AGAIN_AFTER: asked once.
+    let mut y = Membership::new(
+        Config::lan(),
+        "y",
+        addr(3),
+        3,
+        t0,
+        Box::new(ChainKeys(vec![Bytes::from_static(b"c")])),
+    )
+    .unwrap();
+    let mut once = 0;
+    for k in 0..1000u64 {
+        let packet = wire::Packet {
+            sender: "r".into(),
+            message: None,
+            broadcasts: vec![chainless("joiner")],
+        };
+        let now = t0 + Duration::from_millis(k);
+        y.handle_datagram(now, addr(2), &packet.encode_to_vec());
+        once += requests(&mut y).len();
+    }
+    assert_eq!(once, 1, "within 5 s a member is asked for once");
+    let later = t0 + FETCH_AGAIN_AFTER;
+    let packet = wire::Packet {
+        sender: "r".into(),
+        message: None,
+        broadcasts: vec![chainless("joiner")],
+    };
+    y.handle_datagram(later, addr(2), &packet.encode_to_vec());
+    assert_eq!(
+        requests(&mut y).len(),
+        1,
+        "and again after FETCH_AGAIN_AFTER"
+    );
+}
+
 /// Runs a periodic (sum) exchange from `x` to `y` by hand: the messages, in order.
 fn sum_exchange(x: &mut Membership, y: &mut Membership, now: Instant) -> Vec<wire::PushPull> {
     drain(x);
