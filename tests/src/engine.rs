@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use hashbrown::HashMap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::iter::{IntoParallelRefMutIterator, ParallelIterator};
 
 /// One simulated node: a sans-IO state machine.
 pub trait SimNode {
@@ -222,6 +223,37 @@ enum DropReason {
     Unknown,
 }
 
+impl<N: SimNode> Slot<N> {
+    /// Hands delivery `d` to the node.
+    fn receive(&mut self, now: Instant, d: &Delivery) {
+        if d.reliable {
+            self.stats.reliable_received += 1;
+            self.node.handle_stream(now, d.from, &d.payload);
+        } else {
+            self.stats.datagrams_received += 1;
+            self.node.handle_datagram(now, d.from, &d.payload);
+        }
+    }
+
+    /// Drains what an input left: the node's transmits into `out` and its events, again until it
+    /// is quiet (reacting to events is more input).
+    fn react(&mut self, now: Instant, out: &mut Vec<SimTransmit>) {
+        self.flush(now, out);
+        self.node.drain_events(now);
+        while self.flush(now, out) > 0 || self.node.has_pending_work() {
+            self.node.drain_events(now);
+        }
+    }
+
+    fn flush(&mut self, now: Instant, out: &mut Vec<SimTransmit>) -> usize {
+        let before = out.len();
+        while let Some(t) = self.node.poll_transmit(now) {
+            out.push(t);
+        }
+        out.len() - before
+    }
+}
+
 struct Slot<N> {
     node: N,
     addr: SocketAddr,
@@ -256,6 +288,10 @@ pub struct Sim<N: SimNode> {
     scenario_rng: ChaCha8Rng,
     stats: NetStats,
     log: Option<Vec<TransmitRecord>>,
+    /// Transmits drained from a node, kept between inputs for its room.
+    transmits: Vec<SimTransmit>,
+    /// The threads of [`Sim::run_until_parallel`], and how many.
+    pool: Option<(usize, rayon::ThreadPool)>,
 }
 
 impl<N: SimNode> Sim<N> {
@@ -277,6 +313,8 @@ impl<N: SimNode> Sim<N> {
             scenario_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5eed),
             stats: NetStats::default(),
             log: None,
+            transmits: Vec::new(),
+            pool: None,
         }
     }
 
@@ -577,22 +615,15 @@ impl<N: SimNode> Sim<N> {
 
     /// Drains transmits and events after an input, then reschedules the timer.
     fn after_input(&mut self, i: usize) {
-        self.flush_transmits(i);
-        self.nodes[i].node.drain_events(self.now);
-        // Reacting to events is more input: drain again until the node is quiet.
-        while self.flush_transmits(i) > 0 || self.nodes[i].node.has_pending_work() {
-            self.nodes[i].node.drain_events(self.now);
-        }
-        self.reschedule(i);
-    }
-
-    fn flush_transmits(&mut self, i: usize) -> usize {
-        let mut n = 0;
-        while let Some(t) = self.nodes[i].node.poll_transmit(self.now) {
+        let mut out = std::mem::take(&mut self.transmits);
+        self.nodes[i].react(self.now, &mut out);
+        // The node never sees its sends, so sending them after it has gone quiet is the same
+        // as sending each as it comes.
+        for t in out.drain(..) {
             self.send(i, t);
-            n += 1;
         }
-        n
+        self.transmits = out;
+        self.reschedule(i);
     }
 
     fn reschedule(&mut self, i: usize) {
@@ -689,7 +720,9 @@ impl<N: SimNode> Sim<N> {
         self.push(at, Event::Deliver(d));
     }
 
-    fn deliver(&mut self, mut d: Delivery) {
+    /// Where delivery `d` goes now: `None` when it is dropped (counted) or deferred for a
+    /// starved node.
+    fn admit(&mut self, mut d: Delivery) -> Option<Delivery> {
         let target = if d.reliable {
             Some(d.dst).filter(|&j| self.nodes[j].generation == d.dst_gen)
         } else {
@@ -701,35 +734,40 @@ impl<N: SimNode> Sim<N> {
             } else {
                 DropReason::Unknown
             };
-            return self.count_drop(d.reliable, why);
+            self.count_drop(d.reliable, why);
+            return None;
         };
         d.dst = dst;
         if self.is_starved(dst) {
             if !d.reliable && self.nodes[dst].starve_drops_datagrams {
                 self.stats.datagrams_dropped_starved += 1;
-                return;
+                return None;
             }
             self.nodes[dst].deferred.push_back(d);
-            return;
+            return None;
         }
         if !self.nodes[dst].up {
-            return self.count_drop(d.reliable, DropReason::Down);
+            self.count_drop(d.reliable, DropReason::Down);
+            return None;
         }
         if self.nodes[d.src].group != self.nodes[dst].group {
-            return self.count_drop(d.reliable, DropReason::Partition);
+            self.count_drop(d.reliable, DropReason::Partition);
+            return None;
         }
-        let now = self.now;
-        let slot = &mut self.nodes[dst];
         if d.reliable {
             self.stats.reliable_delivered += 1;
-            slot.stats.reliable_received += 1;
-            slot.node.handle_stream(now, d.from, &d.payload);
         } else {
             self.stats.datagrams_delivered += 1;
-            slot.stats.datagrams_received += 1;
-            slot.node.handle_datagram(now, d.from, &d.payload);
         }
-        self.after_input(dst);
+        Some(d)
+    }
+
+    fn deliver(&mut self, d: Delivery) {
+        let Some(d) = self.admit(d) else {
+            return;
+        };
+        self.nodes[d.dst].receive(self.now, &d);
+        self.after_input(d.dst);
     }
 
     fn fire_timer(&mut self, i: usize, generation: u64, seq: u64) {
@@ -764,6 +802,216 @@ impl<N: SimNode> Sim<N> {
         // Keep the queue's allocation for the next starvation.
         self.nodes[i].deferred = queue;
     }
+}
+
+/// One node's share of a window in [`Sim::run_until_parallel`]: its deliveries, in arrival order,
+/// and what it sent.
+struct WindowJob<'a, N> {
+    index: usize,
+    slot: &'a mut Slot<N>,
+    deliveries: Vec<(Instant, Delivery)>,
+    /// Everything the node sent in the window, with the virtual time it sent it.
+    sent: Vec<(Instant, SimTransmit)>,
+    /// The node's deadline after the window, and whether its timer must be queued again.
+    deadline: Option<Instant>,
+    timer_changed: bool,
+    /// The time of the node's last input in the window.
+    last: Instant,
+}
+
+impl<N: SimNode> WindowJob<'_, N> {
+    /// Runs the node's inputs up to and including `limit`: its deliveries and its timer (also one
+    /// set within the window), earliest first, the timer first on a tie.
+    fn run(&mut self, limit: Instant, scratch: &mut Vec<SimTransmit>) {
+        let old = self.slot.timer.map(|(d, _)| d);
+        let mut deadline = old;
+        let mut fired = false;
+        let mut deliveries = std::mem::take(&mut self.deliveries).into_iter().peekable();
+        loop {
+            let next_delivery = deliveries.peek().map(|(at, _)| *at);
+            let timer_due = deadline.filter(|&d| d <= limit);
+            let timer_first = match (timer_due, next_delivery) {
+                (Some(d), Some(at)) => d <= at,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => break,
+            };
+            let now = if let (true, Some(d)) = (timer_first, timer_due) {
+                fired = true;
+                let now = self.last.max(d);
+                self.slot.node.handle_timeout(now);
+                now
+            } else {
+                let Some((at, d)) = deliveries.next() else {
+                    break;
+                };
+                let now = self.last.max(at);
+                self.slot.receive(now, &d);
+                now
+            };
+            self.last = now;
+            self.slot.react(now, scratch);
+            self.sent.extend(scratch.drain(..).map(|t| (now, t)));
+            deadline = self.slot.node.poll_timeout();
+        }
+        self.deadline = deadline;
+        self.timer_changed = fired || deadline != old;
+    }
+}
+
+impl<N: SimNode + Send> Sim<N> {
+    /// Like [`run_until`](Self::run_until), with the nodes' work spread over `threads` threads.
+    ///
+    /// Time advances in windows as long as the network's least latency: nothing a node sends in
+    /// a window arrives before the next, so within a window every node runs its own inputs
+    /// (deliveries and timer, earliest first) apart from the others, and what they sent enters
+    /// the network after, node by node in index order. The outcome is a function of the seed
+    /// alone, the same whatever `threads` is, though not the same as `run_until`'s, which
+    /// interleaves nodes event by event.
+    ///
+    /// Runs as `run_until` does when a window cannot be used: a zero latency, per-link
+    /// overrides (a link may be faster than the network), or a starved node.
+    pub fn run_until_parallel(&mut self, t: Instant, threads: usize) {
+        let lookahead = self.net.latency;
+        if lookahead.is_zero()
+            || !self.links.is_empty()
+            || self.nodes.iter().any(|s| s.starved_until.is_some())
+        {
+            return self.run_until(t);
+        }
+        let threads = threads.max(1);
+        let mut batch: Vec<(usize, Instant, u64, Option<Delivery>)> = Vec::new();
+        while let Some(Reverse(first)) = self.heap.peek()
+            && first.at <= t
+        {
+            // Inputs at or before `limit` form the window.
+            let limit = (first.at + lookahead - Duration::from_nanos(1)).min(t);
+            while let Some(Reverse(e)) = self.heap.peek()
+                && e.at <= limit
+            {
+                let Some(Reverse(Entry { at, seq, ev })) = self.heap.pop() else {
+                    break;
+                };
+                match ev {
+                    Event::Timer { node, generation } => {
+                        let slot = &self.nodes[node];
+                        let live = slot.timer.is_some_and(|(_, s)| s == seq);
+                        if slot.up && slot.generation == generation && live {
+                            batch.push((node, at, seq, None));
+                        }
+                    }
+                    Event::Deliver(d) => {
+                        if let Some(d) = self.admit(d) {
+                            batch.push((d.dst, at, seq, Some(d)));
+                        }
+                    }
+                    // No node is starved, so the event is stale.
+                    Event::StarveEnd { .. } => {}
+                }
+            }
+            batch.sort_unstable_by_key(|&(node, at, seq, _)| (node, at, seq));
+            let window_start = self.now.max(first_at(&batch).unwrap_or(limit));
+            let before = self.now;
+            let done = self.run_window(&mut batch, limit, window_start, threads);
+            // Sending set the clock to each send's time; the window ends at its last input.
+            self.now = before.max(done);
+        }
+        self.now = self.now.max(t);
+    }
+
+    /// Runs one window's inputs (`batch`, sorted by node, time and sequence) and sends what
+    /// the nodes sent. Returns the time of the window's last input.
+    fn run_window(
+        &mut self,
+        batch: &mut Vec<(usize, Instant, u64, Option<Delivery>)>,
+        limit: Instant,
+        start: Instant,
+        threads: usize,
+    ) -> Instant {
+        let mut jobs: Vec<WindowJob<'_, N>> = Vec::new();
+        let mut inputs = batch.drain(..).peekable();
+        for (index, slot) in self.nodes.iter_mut().enumerate() {
+            let Some(&(next, ..)) = inputs.peek() else {
+                break;
+            };
+            if next != index {
+                continue;
+            }
+            let mut deliveries = Vec::new();
+            while let Some((_, at, _, d)) = inputs.next_if(|&(node, ..)| node == index) {
+                if let Some(d) = d {
+                    deliveries.push((at, d));
+                }
+            }
+            jobs.push(WindowJob {
+                index,
+                slot,
+                deliveries,
+                sent: Vec::new(),
+                deadline: None,
+                timer_changed: false,
+                last: start,
+            });
+        }
+        drop(inputs);
+        // A small window runs here; a larger one on the pool, whose threads stay up between
+        // windows (a window is often under 100 us of work).
+        if threads == 1 || jobs.len() < 4 {
+            let mut scratch = Vec::new();
+            for job in &mut jobs {
+                job.run(limit, &mut scratch);
+            }
+        } else {
+            let pool = match &self.pool {
+                Some((n, pool)) if *n == threads => pool,
+                _ => {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .thread_name(|i| format!("sim-{i}"))
+                        .build()
+                        .expect("the simulator's thread pool starts");
+                    &self.pool.insert((threads, pool)).1
+                }
+            };
+            pool.install(|| {
+                jobs.par_iter_mut()
+                    .for_each_init(Vec::new, |scratch, job| job.run(limit, scratch));
+            });
+        }
+        let results: Vec<_> = jobs
+            .into_iter()
+            .map(|j| (j.index, j.sent, j.deadline, j.timer_changed, j.last))
+            .collect();
+        let mut done = start;
+        for (index, sent, deadline, timer_changed, last) in results {
+            for (at, t) in sent {
+                self.now = at;
+                self.send(index, t);
+            }
+            done = done.max(last);
+            if timer_changed {
+                self.now = last;
+                self.nodes[index].timer = None;
+                if let Some(deadline) = deadline {
+                    let generation = self.nodes[index].generation;
+                    let seq = self.push(
+                        deadline.max(last),
+                        Event::Timer {
+                            node: index,
+                            generation,
+                        },
+                    );
+                    self.nodes[index].timer = Some((deadline, seq));
+                }
+            }
+        }
+        done
+    }
+}
+
+/// The earliest input time of a window's batch.
+fn first_at(batch: &[(usize, Instant, u64, Option<Delivery>)]) -> Option<Instant> {
+    batch.iter().map(|&(_, at, ..)| at).min()
 }
 
 #[cfg(test)]
@@ -878,6 +1126,70 @@ mod tests {
             s.add_node(addr(i), node);
         }
         s
+    }
+
+    #[test]
+    fn parallel_windows_give_the_same_run_on_any_number_of_threads() {
+        let _guard = SeedGuard(env_u64("SEED", 7));
+        let run = |seed, threads| {
+            let mut s = mesh(seed, net(2, 3, 0.1, 0.05), 40, ms(10));
+            // In steps, as a scenario runs, with one more node's send between them.
+            for step in 1..=10 {
+                send(&mut s, 0, addr(1), true, b"step");
+                s.run_until_parallel(s.base() + ms(100 * step), threads);
+                assert_eq!(s.now(), s.base() + ms(100 * step));
+            }
+            let logs: Vec<_> = (0..40).map(|i| times(&s, i)).collect();
+            (s.transmit_log().to_vec(), s.stats().clone(), logs)
+        };
+        let (one, stats, logs) = run(1, 1);
+        assert!(one.len() > 10_000, "{} sends", one.len());
+        assert!(stats.datagrams_lost > 0 && stats.datagrams_duplicated > 0);
+        for threads in [2, 3, 8] {
+            let (log, st, node_logs) = run(1, threads);
+            assert_eq!(log, one, "{threads} threads");
+            assert_eq!(st, stats);
+            assert_eq!(node_logs, logs);
+        }
+        assert_ne!(run(2, 2).0, one);
+        // The windowed run does the same work as the event-by-event one: every node timed
+        // out every 10 ms and answered every ping that reached it.
+        let mut serial = mesh(1, net(2, 3, 0.1, 0.05), 40, ms(10));
+        for step in 1..=10 {
+            send(&mut serial, 0, addr(1), true, b"step");
+            serial.run_until(serial.base() + ms(100 * step));
+        }
+        for (i, log) in logs.iter().enumerate() {
+            let timers = |l: &[(Duration, char)]| l.iter().filter(|(_, k)| *k == 'T').count();
+            assert_eq!(timers(log), timers(&times(&serial, i)), "node {i}");
+            // Timers fire at their deadlines, in order, as in the serial run.
+            assert!(
+                log.windows(2).all(|w| w[0].0 <= w[1].0),
+                "node {i} went back in time"
+            );
+        }
+        let sent = |s: &NetStats| s.datagrams_sent + s.reliable_sent;
+        let ratio = sent(&stats) as f64 / sent(serial.stats()) as f64;
+        assert!(
+            (0.95..1.05).contains(&ratio),
+            "sends: windowed/serial = {ratio}"
+        );
+    }
+
+    #[test]
+    fn parallel_windows_fall_back_to_serial_where_a_window_cannot_hold() {
+        // A link override may be faster than the network: the run is the serial one.
+        let run = |parallel: bool| {
+            let mut s = mesh(3, net(2, 0, 0.0, 0.0), 10, ms(10));
+            s.set_link(0, 1, net(0, 0, 0.0, 0.0));
+            let end = s.base() + ms(500);
+            match parallel {
+                true => s.run_until_parallel(end, 2),
+                false => s.run_until(end),
+            }
+            s.transmit_log().to_vec()
+        };
+        assert_eq!(run(true), run(false));
     }
 
     #[test]
