@@ -21,7 +21,7 @@ use grinta_tests::node_sim::{FlowApp, certificates, node_membership_config};
 use grinta_tests::{lan, seed};
 
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: Counting = Counting::system();
 
 const ATTACKER: usize = 0;
 const TARGET: usize = 1;

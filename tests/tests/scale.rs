@@ -20,7 +20,7 @@ use grinta_tests::node_sim::{
 use grinta_tests::seed;
 
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: Counting = Counting::system();
 
 #[test]
 #[ignore = "minutes in release; run with --release --ignored --nocapture (NODES, WINDOW in seconds)"]
