@@ -51,8 +51,9 @@ pub struct Observations {
     pub leave_complete_at: Option<Instant>,
     /// Highest incarnation seen per member while it is known, by node number (`node-<i>`): a
     /// 10,000-node run holds a hundred million of them, so no name is stored, and incarnations
-    /// from `u32::MAX` up are kept in `other_incarnations` ([`Self::IN_MAP`] here).
-    incarnations: Vec<u32>,
+    /// from `u16::MAX` up (rare: a member refutes a suspicion, or restarts, that many times) are
+    /// kept in `other_incarnations` ([`Self::IN_MAP`] here).
+    incarnations: Vec<u16>,
     /// The same for members named otherwise, and for large incarnations.
     other_incarnations: HashMap<String, u64>,
 }
@@ -103,10 +104,10 @@ impl Observations {
     }
 
     /// In `incarnations`: the member's incarnation is in `other_incarnations`.
-    const IN_MAP: u32 = u32::MAX;
+    const IN_MAP: u16 = u16::MAX;
 
     /// The compact slot of member `name`, if it has one.
-    fn compact_slot(&mut self, name: &str) -> Option<&mut u32> {
+    fn compact_slot(&mut self, name: &str) -> Option<&mut u16> {
         // Only names exactly as `node_name` writes them, below a bound, take the compact slots.
         let i = canonical_name_index(name).filter(|&i| i < 1 << 20)?;
         if self.incarnations.len() <= i {
@@ -127,7 +128,7 @@ impl Observations {
     }
 
     fn set_incarnation(&mut self, name: &str, incarnation: u64) {
-        let compact = u32::try_from(incarnation)
+        let compact = u16::try_from(incarnation)
             .ok()
             .filter(|&i| i != Self::IN_MAP);
         match (self.compact_slot(name), compact) {
@@ -572,6 +573,40 @@ pub fn quantile(values: &[Duration], q: f64) -> Option<Duration> {
 #[cfg(test)]
 mod name_tests {
     use super::*;
+    use grinta_proto::membership::Member;
+
+    #[test]
+    fn incarnations_past_a_compact_slot_are_checked_as_well() {
+        let now = Instant::now();
+        let member = |name: &str, incarnation: u64| Member {
+            name: name.to_owned(),
+            addr: node_addr(0),
+            incarnation,
+            state: MemberState::Alive,
+            meta: Bytes::new(),
+        };
+        let mut seen = Observations::default();
+        for name in [node_name(3), "someone-else".to_owned()] {
+            seen.record(now, &Event::MemberJoined(member(&name, 7)))
+                .unwrap();
+            for incarnation in [65_534, 65_535, 70_000, u64::from(u32::MAX) + 1, u64::MAX] {
+                seen.record(now, &Event::MemberUpdated(member(&name, incarnation)))
+                    .unwrap();
+                assert_eq!(seen.last_incarnation(&name), incarnation);
+                let back = Event::MemberUpdated(member(&name, incarnation - 1));
+                assert!(seen.record(now, &back).is_err(), "{name} {incarnation}");
+            }
+            // Back in a compact slot after a rejoin at a small incarnation.
+            seen.record(now, &Event::MemberJoined(member(&name, 2)))
+                .unwrap();
+            assert_eq!(seen.last_incarnation(&name), 2);
+            let back = Event::MemberUpdated(member(&name, 1));
+            assert!(seen.record(now, &back).is_err());
+        }
+        // Only the name without a compact slot stays in the map.
+        let in_map: Vec<&String> = seen.other_incarnations.keys().collect();
+        assert_eq!(in_map, ["someone-else"]);
+    }
 
     #[test]
     fn only_names_as_node_name_writes_them_have_a_compact_index() {
