@@ -43,10 +43,20 @@ impl From<&str> for MemberName {
     }
 }
 
-/// Position in the queue: fewest transmits, then largest, then newest, packed into one integer
-/// (transmits in the top 32 bits, then the length and the push number, each inverted so that
-/// larger comes first): one comparison per step of the ordered set, where a tuple took three.
+/// Position in the queue: fewest transmits, then largest, then newest, and the item's slot,
+/// packed into one integer that is the ordered set's whole element (16 bytes, where a
+/// `(rank, slot)` pair took 32 with its padding): transmits (up to 255; more rank as 255) in the
+/// top 8 bits, then the length (up to 65,535) and the push number, each inverted so that larger
+/// comes first, then the slot in the low 32 bits.
 type Rank = u128;
+
+/// The slot a [`Rank`] names.
+fn slot_of(rank: Rank) -> u32 {
+    rank as u32
+}
+
+/// Slots a drained queue keeps; past this, a queue that empties frees them.
+const KEPT_SLOTS: usize = 64;
 
 /// Encoded bytes kept in the item itself: an unsigned member's alive fits, so a queue of member
 /// news in an unsigned cluster allocates nothing per item.
@@ -75,23 +85,26 @@ impl Item {
             || self.about.as_deref() == Some(node)
     }
 
-    fn rank(&self) -> Rank {
-        let len = u32::try_from(self.encoded.len()).unwrap_or(u32::MAX);
-        (u128::from(self.transmits) << 96)
-            | (u128::from(u32::MAX - len) << 64)
-            | u128::from(u64::MAX - self.id)
+    fn rank(&self, slot: u32) -> Rank {
+        let transmits = u8::try_from(self.transmits).unwrap_or(u8::MAX);
+        let len = u16::try_from(self.encoded.len()).unwrap_or(u16::MAX);
+        (u128::from(transmits) << 112)
+            | (u128::from(u16::MAX - len) << 96)
+            | (u128::from(u64::MAX - self.id) << 32)
+            | u128::from(slot)
     }
 }
 
 /// One queue of broadcasts (the membership keeps one for member news, one for application items).
 ///
-/// Items live in slots; the order is a set of (rank, slot) and the key index holds slots, so
+/// Items live in slots; the order is a set of ranks (which name their slots) and the key index
+/// holds slots, so
 /// counting a transmission moves an item in the order without hashing its key.
 #[derive(Debug)]
 pub(crate) struct BroadcastQueue {
     slots: Vec<Option<Item>>,
     free: Vec<u32>,
-    order: BTreeSet<(Rank, u32)>,
+    order: BTreeSet<Rank>,
     by_key: HashTable<u32>,
     hasher: DefaultHashBuilder,
     next_id: u64,
@@ -157,7 +170,6 @@ impl BroadcastQueue {
             pinned,
         };
         self.next_id += 1;
-        let rank = item.rank();
         let hash = self.hasher.hash_one(&item.key);
         let slot = match self.free.pop() {
             Some(slot) => {
@@ -182,19 +194,21 @@ impl BroadcastQueue {
                 .as_ref()
                 .map_or(0, |item| hasher.hash_one(&item.key))
         });
-        self.order.insert((rank, slot));
+        if let Some(item) = &self.slots[slot as usize] {
+            self.order.insert(item.rank(slot));
+        }
         while self.order.len() > self.capacity {
             // The last item is the most sent, smallest and oldest: the least valuable, unless
             // pinned (a queue holds at most one pinned item, so the walk stops at the next).
             let slots = &self.slots;
-            let victim = self.order.iter().rev().copied().find(|&(_, slot)| {
-                !slots[slot as usize]
+            let victim = self.order.iter().rev().copied().find(|&rank| {
+                !slots[slot_of(rank) as usize]
                     .as_ref()
                     .is_some_and(|item| item.pinned)
             });
             let Some(victim) = victim else { break };
             self.order.remove(&victim);
-            self.release(victim.1);
+            self.release(slot_of(victim));
             self.dropped += 1;
         }
     }
@@ -210,6 +224,13 @@ impl BroadcastQueue {
         }
         self.framed_bytes -= framed_broadcast_len(item.encoded.len());
         self.free.push(slot);
+        // A drained queue gives back the room a burst of news took (slots are 112 bytes, a
+        // thousand of them after a mass join); a small one keeps it.
+        if self.order.is_empty() && self.by_key.is_empty() && self.slots.capacity() > KEPT_SLOTS {
+            self.slots = Vec::new();
+            self.free = Vec::new();
+            self.by_key = HashTable::new();
+        }
     }
 
     fn find(&self, key: &BroadcastKey) -> Option<u32> {
@@ -244,7 +265,7 @@ impl BroadcastQueue {
     pub(crate) fn remove(&mut self, key: &BroadcastKey) {
         if let Some(slot) = self.find(key) {
             if let Some(item) = &self.slots[slot as usize] {
-                self.order.remove(&(item.rank(), slot));
+                self.order.remove(&item.rank(slot));
             }
             self.release(slot);
         }
@@ -269,9 +290,10 @@ impl BroadcastQueue {
         let mut used = 0;
         // A packet of 1,200 bytes holds about 33 unsigned member items: room for them all on the
         // stack (16 spilled to the heap once per full packet).
-        let mut taken: smallvec::SmallVec<[(Rank, u32); 64]> = smallvec::SmallVec::new();
+        let mut taken: smallvec::SmallVec<[Rank; 64]> = smallvec::SmallVec::new();
         let mut misses = 0;
-        for &(rank, slot) in &self.order {
+        for &rank in &self.order {
+            let slot = slot_of(rank);
             let Some(item) = &self.slots[slot as usize] else {
                 continue;
             };
@@ -281,7 +303,7 @@ impl BroadcastQueue {
             let need = framed_broadcast_len(item.encoded.len());
             if used + need <= budget {
                 used += need;
-                taken.push((rank, slot));
+                taken.push(rank);
                 put_framed_broadcast(&item.encoded, out);
             } else {
                 misses += 1;
@@ -292,8 +314,9 @@ impl BroadcastQueue {
                 }
             }
         }
-        for (rank, slot) in taken {
-            self.order.remove(&(rank, slot));
+        for rank in taken {
+            self.order.remove(&rank);
+            let slot = slot_of(rank);
             let Some(item) = self.slots[slot as usize].as_mut() else {
                 continue;
             };
@@ -301,7 +324,7 @@ impl BroadcastQueue {
             if item.transmits >= limit {
                 self.release(slot);
             } else {
-                self.order.insert((item.rank(), slot));
+                self.order.insert(item.rank(slot));
             }
         }
         used
@@ -456,5 +479,66 @@ mod tests {
             "slots grow to the capacity and one more, not past it: {}",
             q.slots.capacity()
         );
+    }
+
+    #[test]
+    fn a_drained_queue_gives_back_its_room() {
+        let mut q = BroadcastQueue::new(1024);
+        for round in 0..3 {
+            for i in 0..1000u32 {
+                q.push(app(&format!("k{i}")), b"item");
+            }
+            assert_eq!(q.len(), 1000);
+            assert!(q.slots.capacity() >= 1000);
+            // Sent twice each, then gone: the queue's room goes with the last of them.
+            let mut sent = 0;
+            while !q.is_empty() {
+                sent += fill(&mut q, 1100, 2, None).len();
+            }
+            assert_eq!(sent, 2000, "round {round}");
+            assert_eq!(q.slots.capacity(), 0, "round {round}");
+            assert_eq!(q.free.capacity(), 0);
+            assert_eq!(q.framed_bytes(), 0);
+        }
+        // A small queue keeps its few slots as items come and go.
+        q.push(app("a"), b"x");
+        fill(&mut q, 100, 1, None);
+        assert!(q.is_empty());
+        assert!(q.slots.capacity() > 0 && q.slots.capacity() <= KEPT_SLOTS);
+        // Removing the last item frees the room too.
+        for i in 0..100u32 {
+            q.push(app(&format!("k{i}")), b"item");
+        }
+        for i in 0..100u32 {
+            q.remove(&app(&format!("k{i}")));
+        }
+        assert!(q.is_empty());
+        assert_eq!(q.slots.capacity(), 0);
+    }
+
+    #[test]
+    fn ranks_keep_the_order_at_the_edges_of_their_fields() {
+        let item = |len: usize, transmits: u32, id: u64| Item {
+            key: app("k"),
+            encoded: SmallVec::from_vec(vec![0; len]),
+            about: None,
+            id,
+            transmits,
+            about_key_member: false,
+            pinned: false,
+        };
+        // Fewer transmits first, whatever the rest; past 255 they rank as 255.
+        assert!(item(1, 0, 0).rank(u32::MAX) < item(70_000, 1, u64::MAX).rank(0));
+        assert!(item(1, 254, 0).rank(0) < item(1, 255, 0).rank(0));
+        assert_eq!(item(1, 255, 0).rank(7), item(1, u32::MAX, 0).rank(7));
+        // Then larger first (past 65,535 bytes as 65,535), then newer first, then the slot.
+        assert!(item(2, 3, 0).rank(9) < item(1, 3, u64::MAX).rank(0));
+        assert_eq!(item(65_535, 3, 5).rank(1), item(1 << 20, 3, 5).rank(1));
+        assert!(item(8, 3, 6).rank(u32::MAX) < item(8, 3, 5).rank(0));
+        assert!(item(8, 3, 6).rank(1) < item(8, 3, 6).rank(2));
+        for slot in [0, 1, 12345, u32::MAX] {
+            assert_eq!(slot_of(item(40, 17, u64::MAX).rank(slot)), slot);
+            assert_eq!(slot_of(item(1 << 20, u32::MAX, 0).rank(slot)), slot);
+        }
     }
 }
