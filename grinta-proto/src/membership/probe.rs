@@ -85,6 +85,7 @@ impl Membership {
     pub(super) fn place_in_probe_walk(&mut self, i: usize) {
         let i = i as u32;
         let pos = self.rng.random_range(0..=self.probe_order.len());
+        table::make_room_for_one(&mut self.probe_order);
         if pos >= self.probe_cursor || self.probe_cursor >= self.probe_order.len() {
             // Not walked yet (or the round is over): swap with the end.
             self.probe_order.push(i);

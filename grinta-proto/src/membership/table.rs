@@ -400,6 +400,15 @@ impl Entry {
     }
 }
 
+/// Makes room in `v` for one more element. Past a thousand, it grows by an eighth rather than
+/// doubling: a vector held per known member (the member table, the probe walk) wastes at most
+/// an eighth of its room, and growth stays geometric.
+pub(super) fn make_room_for_one<T>(v: &mut Vec<T>) {
+    if v.len() == v.capacity() && v.len() >= 1024 {
+        v.reserve_exact(v.len() / 8);
+    }
+}
+
 /// Every member this node knows, found by name in constant time.
 #[derive(Debug)]
 pub(super) struct MemberTable {
@@ -493,11 +502,7 @@ impl MemberTable {
         let mut entry = Entry::new(name);
         entry.set_alive(incarnation, addr, meta, claim);
         entry.since = self.since(now);
-        // Past a thousand entries, grow by an eighth rather than doubling: a large table wastes
-        // at most an eighth of its room, and growth stays geometric.
-        if self.entries.len() == self.entries.capacity() && self.entries.len() >= 1024 {
-            self.entries.reserve_exact(self.entries.len() / 8);
-        }
+        make_room_for_one(&mut self.entries);
         self.sum ^= entry.version_hash();
         self.entries.push(entry);
         let hash = self.hasher.hash_one(name);
