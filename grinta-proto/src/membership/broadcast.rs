@@ -68,21 +68,22 @@ const INLINE_ENCODED: usize = 40;
 struct Item {
     key: BroadcastKey,
     encoded: SmallVec<[u8; INLINE_ENCODED]>,
-    /// A node this item is never sent to, as it knows it already.
-    about: Option<Box<str>>,
     /// Which push this was (newer pushes rank first among equals).
     id: u64,
     transmits: u32,
     /// Never sent to the member the key names either (a member's own word).
     about_key_member: bool,
+    /// Never sent to another node either, the queue's `abouts` says which (it knows it already):
+    /// rare (an application item names its origin), so kept apart from the item.
+    about_other: bool,
     /// Never dropped to make room (the node's own leave, which the node waits for).
     pinned: bool,
 }
 
 impl Item {
-    fn is_about(&self, node: &str) -> bool {
-        (self.about_key_member && self.key.member() == Some(node.as_bytes()))
-            || self.about.as_deref() == Some(node)
+    /// Whether the item is about `node` through its key (see also `BroadcastQueue::is_about`).
+    fn is_about_key_member(&self, node: &str) -> bool {
+        self.about_key_member && self.key.member() == Some(node.as_bytes())
     }
 
     fn rank(&self, slot: u32) -> Rank {
@@ -106,6 +107,8 @@ pub(crate) struct BroadcastQueue {
     free: Vec<u32>,
     order: BTreeSet<Rank>,
     by_key: HashTable<u32>,
+    /// The node each item with `about_other` is never sent to, by slot.
+    abouts: hashbrown::HashMap<u32, Box<str>>,
     hasher: DefaultHashBuilder,
     next_id: u64,
     capacity: usize,
@@ -132,6 +135,7 @@ impl BroadcastQueue {
             free: Vec::new(),
             order: BTreeSet::new(),
             by_key: HashTable::new(),
+            abouts: hashbrown::HashMap::new(),
             hasher: DefaultHashBuilder::default(),
             next_id: 0,
             capacity: capacity.max(1),
@@ -160,9 +164,10 @@ impl BroadcastQueue {
         self.remove(&key);
         self.framed_bytes += framed_broadcast_len(encoded.len());
         let about_key_member = about.is_some() && key.member() == about.map(str::as_bytes);
+        let about_other = about.filter(|_| !about_key_member);
         let item = Item {
-            about: about.filter(|_| !about_key_member).map(Into::into),
             about_key_member,
+            about_other: about_other.is_some(),
             encoded: SmallVec::from_slice(encoded),
             key,
             id: self.next_id,
@@ -188,6 +193,9 @@ impl BroadcastQueue {
                 (self.slots.len() - 1) as u32
             }
         };
+        if let Some(about) = about_other {
+            self.abouts.insert(slot, about.into());
+        }
         let (slots, hasher) = (&self.slots, &self.hasher);
         self.by_key.insert_unique(hash, slot, |&s| {
             slots[s as usize]
@@ -222,6 +230,9 @@ impl BroadcastQueue {
         if let Ok(entry) = self.by_key.find_entry(hash, |&s| s == slot) {
             entry.remove();
         }
+        if item.about_other {
+            self.abouts.remove(&slot);
+        }
         self.framed_bytes -= framed_broadcast_len(item.encoded.len());
         self.free.push(slot);
         // A drained queue gives back the room a burst of news took (slots are 112 bytes, a
@@ -230,7 +241,14 @@ impl BroadcastQueue {
             self.slots = Vec::new();
             self.free = Vec::new();
             self.by_key = HashTable::new();
+            self.abouts = hashbrown::HashMap::new();
         }
+    }
+
+    /// Whether `item` (in `slot`) is about `node`, which knows it already.
+    fn is_about(&self, item: &Item, slot: u32, node: &str) -> bool {
+        item.is_about_key_member(node)
+            || (item.about_other && self.abouts.get(&slot).is_some_and(|a| **a == *node))
     }
 
     fn find(&self, key: &BroadcastKey) -> Option<u32> {
@@ -297,7 +315,7 @@ impl BroadcastQueue {
             let Some(item) = &self.slots[slot as usize] else {
                 continue;
             };
-            if dst.is_some_and(|dst| item.is_about(dst)) {
+            if dst.is_some_and(|dst| self.is_about(item, slot, dst)) {
                 continue;
             }
             let need = framed_broadcast_len(item.encoded.len());
@@ -473,6 +491,7 @@ mod tests {
         );
         assert_eq!(q.framed_bytes(), 0);
         assert_eq!(q.by_key.len(), 0);
+        assert!(q.abouts.is_empty());
         assert_eq!(q.free.len(), q.slots.len(), "every slot is free again");
         assert!(
             q.slots.capacity() <= 1001,
@@ -517,14 +536,20 @@ mod tests {
     }
 
     #[test]
+    fn an_item_fits_in_96_bytes() {
+        // A node of a 10,000-member cluster holds a thousand during a mass join.
+        assert!(std::mem::size_of::<Option<Item>>() <= 96);
+    }
+
+    #[test]
     fn ranks_keep_the_order_at_the_edges_of_their_fields() {
         let item = |len: usize, transmits: u32, id: u64| Item {
             key: app("k"),
             encoded: SmallVec::from_vec(vec![0; len]),
-            about: None,
             id,
             transmits,
             about_key_member: false,
+            about_other: false,
             pinned: false,
         };
         // Fewer transmits first, whatever the rest; past 255 they rank as 255.
