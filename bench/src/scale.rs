@@ -25,6 +25,9 @@ struct ScaleReport {
     messages_per_node_per_s: f64,
     converged: bool,
     live_heap_bytes: usize,
+    /// The largest live heap the run's budget checks saw.
+    #[serde(default)]
+    peak_heap_bytes: usize,
     view_entries: usize,
     /// Simulated seconds reached: less than 60 when the run stopped at the memory budget.
     simulated_s: f64,
@@ -156,8 +159,14 @@ pub(crate) fn child(n: usize) {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let over_budget =
-        || alloc::live_bytes() - heap_before > MEMORY_BUDGET || wall.elapsed() > wall_budget;
+    // The largest live heap seen where the budget is checked (every 64 joins, then every
+    // 250 simulated ms).
+    let peak_heap = std::cell::Cell::new(0usize);
+    let over_budget = || {
+        let live = alloc::live_bytes() - heap_before;
+        peak_heap.set(peak_heap.get().max(live));
+        live > MEMORY_BUDGET || wall.elapsed() > wall_budget
+    };
     // Progress on stderr, once per simulated 5 s: where the time and the memory go.
     let mut next_report = start;
     let mut report = |c: &Cluster<MemberNode>| {
@@ -213,6 +222,7 @@ pub(crate) fn child(n: usize) {
         messages_per_node_per_s: messages / n as f64 / simulated_s.max(1e-9),
         converged,
         live_heap_bytes: alloc::live_bytes() - heap_before,
+        peak_heap_bytes: peak_heap.get(),
         view_entries,
         simulated_s,
         converged_s: None,
