@@ -76,7 +76,7 @@ struct AfterFormation {
 }
 
 /// How long past the window a run waits for every view to be exact.
-const CONVERGE_WAIT: Duration = Duration::from_secs(300);
+const CONVERGE_WAIT: Duration = Duration::from_secs(600);
 
 /// Broadcasts this many items, one after the other, after formation.
 const BROADCASTS: usize = 3;
@@ -185,7 +185,7 @@ pub(crate) fn child(n: usize) {
     // 250 simulated ms).
     let peak_heap = std::cell::Cell::new(0usize);
     let over_budget = || {
-        let live = alloc::live_bytes() - heap_before;
+        let live = alloc::live_bytes().wrapping_sub(heap_before);
         peak_heap.set(peak_heap.get().max(live));
         live > MEMORY_BUDGET || wall.elapsed() > wall_budget
     };
@@ -199,7 +199,7 @@ pub(crate) fn child(n: usize) {
                 "  {n} nodes: {:.0} simulated s, {:.0} s wall, {} MiB live heap, peak RSS {} MiB",
                 (now - start).as_secs_f64(),
                 wall.elapsed().as_secs_f64(),
-                (alloc::live_bytes() - heap_before) >> 20,
+                (alloc::live_bytes().wrapping_sub(heap_before)) >> 20,
                 alloc::peak_rss_bytes() >> 20,
             );
         }
@@ -243,7 +243,7 @@ pub(crate) fn child(n: usize) {
         peak_rss_mib: alloc::peak_rss_bytes() as f64 / (1 << 20) as f64,
         messages_per_node_per_s: messages / n as f64 / simulated_s.max(1e-9),
         converged,
-        live_heap_bytes: alloc::live_bytes() - heap_before,
+        live_heap_bytes: alloc::live_bytes().wrapping_sub(heap_before),
         peak_heap_bytes: peak_heap.get(),
         view_entries,
         simulated_s,

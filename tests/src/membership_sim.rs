@@ -51,8 +51,10 @@ pub struct Observations {
     pub leave_complete_at: Option<Instant>,
     /// Highest incarnation seen per member while it is known, by node number (`node-<i>`): a
     /// 10,000-node run holds a hundred million of them, so no name is stored, and incarnations
-    /// from `u16::MAX` up (rare: a member refutes a suspicion, or restarts, that many times) are
-    /// kept in `other_incarnations` ([`Self::IN_MAP`] here).
+    /// from `u16::MAX` up are kept in `other_incarnations` ([`Self::IN_MAP`] here): in the
+    /// membership simulator members start at 1, so that takes 65,535 refutations or restarts;
+    /// whole nodes restarted past 65 simulated seconds start there (their first incarnation
+    /// is the milliseconds since the cluster's start).
     incarnations: Vec<u16>,
     /// The same for members named otherwise, and for large incarnations.
     other_incarnations: HashMap<String, u64>,

@@ -235,7 +235,7 @@ impl BroadcastQueue {
         }
         self.framed_bytes -= framed_broadcast_len(item.encoded.len());
         self.free.push(slot);
-        // A drained queue gives back the room a burst of news took (slots are 112 bytes, a
+        // A drained queue gives back the room a burst of news took (slots are 96 bytes, a
         // thousand of them after a mass join); a small one keeps it.
         if self.order.is_empty() && self.by_key.is_empty() && self.slots.capacity() > KEPT_SLOTS {
             self.slots = Vec::new();
