@@ -3,277 +3,40 @@
 //! runs in a child process (this binary with `--scale N`) so that its peak memory is its own.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use grinta_proto::membership::Config;
-use grinta_proto::membership::MemberState;
 use grinta_proto::tls::dev::DevCa;
-use grinta_tests::engine::NetConfig;
-use grinta_tests::membership_sim::{Cluster, MemberNode, node_addr, node_name, quantile};
+use grinta_tests::mass_join::{self, BROADCASTS, CONVERGE_WAIT, Report, WINDOW};
+use grinta_tests::membership_sim::Cluster;
 use grinta_tests::node_sim::{certificates, node_membership_config, steady_state_cost};
 use grinta_tests::{alloc, lan};
-use serde::{Deserialize, Serialize};
 
 use crate::Measurement;
 
-const WINDOW: Duration = Duration::from_secs(60);
-
-#[derive(Debug, Serialize, Deserialize)]
-struct ScaleReport {
-    nodes: usize,
-    wall_s: f64,
-    peak_rss_mib: f64,
-    messages_per_node_per_s: f64,
-    converged: bool,
-    live_heap_bytes: usize,
-    /// The largest live heap the run's budget checks saw.
-    #[serde(default)]
-    peak_heap_bytes: usize,
-    view_entries: usize,
-    /// Simulated seconds reached: less than 60 when the run stopped at the memory budget.
-    simulated_s: f64,
-    /// Push-pull messages sent by all nodes (requests and replies), and their bytes.
-    push_pulls: u64,
-    push_pull_bytes: u64,
-    /// Membership datagrams sent by all nodes.
-    packets: u64,
-    /// Suspicions raised and deaths declared by all nodes (a lossless run should have none).
-    suspicions: u64,
-    deaths: u64,
-    /// Threads the nodes' work ran on.
-    #[serde(default)]
-    threads: usize,
-    /// When every view was exact, in simulated seconds from the start (checked at the end of
-    /// the window, then every 5 s for up to `CONVERGE_WAIT`).
-    #[serde(default)]
-    converged_s: Option<f64>,
-    /// What a formed cluster does next (absent when the run did not form in its budget).
-    #[serde(default)]
-    after: Option<AfterFormation>,
-}
-
-/// After formation (the window and the wait for exact views): broadcasts spreading at 10% loss,
-/// then a crash detected on a lossless network.
-#[derive(Debug, Serialize, Deserialize)]
-struct AfterFormation {
-    /// Every node's delay to first see each of the broadcasts, in seconds: 99th and 99.99th
-    /// percentiles and the largest.
-    dissemination_p99_s: f64,
-    dissemination_p9999_s: f64,
-    dissemination_max_s: f64,
-    /// Node-broadcast pairs still missing 5 s after the broadcast.
-    dissemination_missing: usize,
-    /// Every survivor's time to declare the crashed node Dead: median and 99th percentile.
-    detection_median_s: f64,
-    detection_p99_s: f64,
-    /// Survivors that held it alive at the crash and had not declared it Dead 60 s after.
-    detection_missing: usize,
-    /// How many survivors held it alive at the crash.
-    detection_watchers: usize,
-    /// Simulated and wall seconds this phase took.
-    simulated_s: f64,
-    wall_s: f64,
-}
-
-/// How long past the window a run waits for every view to be exact.
-const CONVERGE_WAIT: Duration = Duration::from_secs(600);
-
-/// Broadcasts this many items, one after the other, after formation.
-const BROADCASTS: usize = 3;
-
-/// Runs the after-formation phase on a formed cluster (see [`AfterFormation`]).
-fn after_formation(c: &mut Cluster<MemberNode>, threads: usize) -> AfterFormation {
-    let wall = Instant::now();
-    let start = c.sim.now();
-    let n = c.sim.len();
-    // Runs in steps of 100 ms while `pending` holds, for at most `limit`.
-    let run_while = |c: &mut Cluster<MemberNode>,
-                     limit: Duration,
-                     pending: &dyn Fn(&Cluster<MemberNode>) -> bool| {
-        let end = c.sim.now() + limit;
-        while c.sim.now() < end && pending(c) {
-            let step = (end - c.sim.now()).min(Duration::from_millis(100));
-            c.sim.run_until_parallel(c.sim.now() + step, threads);
-        }
-    };
-    let lan = *c.sim.net();
-    c.sim.set_net(NetConfig { loss: 0.10, ..lan });
-    let (mut delays, mut dissemination_missing) = (Vec::new(), 0);
-    for item in 0..BROADCASTS {
-        // Origins spread over the cluster, the same in every run.
-        let origin = (item * 7919 + 13) % n;
-        let key = format!("item-{item}");
-        let t0 = c.sim.now();
-        c.sim
-            .with_node(origin, |node, now| node.publish(key.as_bytes(), 1, now));
-        run_while(c, Duration::from_secs(5), &|c| {
-            (0..n).any(|i| !c.sim.node(i).kv.entries.contains_key(key.as_bytes()))
-        });
-        for i in 0..n {
-            match c.sim.node(i).kv.entries.get(key.as_bytes()) {
-                Some((_, seen)) => delays.push(seen.saturating_duration_since(t0)),
-                None => dissemination_missing += 1,
-            }
-        }
-    }
-    c.sim.set_net(lan);
-    let victim = n / 3 + 1;
-    // Detected by the survivors that held it alive (all of them once the views are exact).
-    let name = node_name(victim);
-    let watchers: Vec<usize> = (0..n)
-        .filter(|&i| {
-            i != victim && c.sim.node(i).membership.member_state(&name) == Some(MemberState::Alive)
-        })
-        .collect();
-    c.kill(victim);
-    let t0 = c.sim.now();
-    let detected_by = |c: &Cluster<MemberNode>, i: usize| {
-        c.sim
-            .node(i)
-            .seen
-            .dead
-            .get(&name)
-            .map(|t| t.saturating_duration_since(t0))
-    };
-    run_while(c, Duration::from_secs(60), &|c| {
-        watchers.iter().any(|&i| detected_by(c, i).is_none())
-    });
-    let times: Vec<Option<Duration>> = watchers.iter().map(|&i| detected_by(c, i)).collect();
-    let detection_missing = times.iter().filter(|t| t.is_none()).count();
-    let detected: Vec<Duration> = times.into_iter().flatten().collect();
-    let q = |v: &[Duration], p: f64| quantile(v, p).map_or(f64::NAN, |d| d.as_secs_f64());
-    AfterFormation {
-        dissemination_p99_s: q(&delays, 0.99),
-        dissemination_p9999_s: q(&delays, 0.9999),
-        dissemination_max_s: delays.iter().max().map_or(f64::NAN, Duration::as_secs_f64),
-        dissemination_missing,
-        detection_median_s: q(&detected, 0.5),
-        detection_p99_s: q(&detected, 0.99),
-        detection_missing,
-        detection_watchers: watchers.len(),
-        simulated_s: (c.sim.now() - start).as_secs_f64(),
-        wall_s: wall.elapsed().as_secs_f64(),
-    }
-}
-
-/// The scale runs stop when the heap passes this, the target for 10,000 members...
-const MEMORY_BUDGET: usize = 8 << 30;
-
-/// ... or when a run has taken this much wall time, the target for the same run
-/// (`GRINTA_SCALE_WALL_S` overrides it).
-const WALL_BUDGET: Duration = Duration::from_secs(300);
-
-/// Child process: `n` nodes join over the first 30 simulated seconds (each through a node that
-/// joined before it), and the whole run lasts 60 simulated seconds.
+/// Child process: the mass join of [`mass_join::run`] at `n` members, printed as one JSON line.
+/// `GRINTA_SCALE_WALL_S` overrides the 5-minute wall budget; the nodes run on every core
+/// (`GRINTA_SCALE_THREADS` overrides; the outcome is the same for any number).
 pub(crate) fn child(n: usize) {
-    let heap_before = alloc::live_bytes();
-    let wall = Instant::now();
-    let mut c = Cluster::new(7, n, Config::lan(), lan());
-    let start = c.sim.now();
-    let spread = Duration::from_secs(30);
     let wall_budget = std::env::var("GRINTA_SCALE_WALL_S")
         .ok()
         .and_then(|s| s.parse().ok())
-        .map_or(WALL_BUDGET, Duration::from_secs);
-    // The nodes' work runs on every core (`GRINTA_SCALE_THREADS` overrides): the run is the
-    // same whatever the number of threads.
+        .map_or(mass_join::WALL_BUDGET, Duration::from_secs);
     let threads = std::env::var("GRINTA_SCALE_THREADS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    // The largest live heap seen where the budget is checked (every 64 joins, then every
-    // 250 simulated ms).
-    let peak_heap = std::cell::Cell::new(0usize);
-    let over_budget = || {
-        let live = alloc::live_bytes().wrapping_sub(heap_before);
-        peak_heap.set(peak_heap.get().max(live));
-        live > MEMORY_BUDGET || wall.elapsed() > wall_budget
-    };
-    // Progress on stderr, once per simulated 5 s: where the time and the memory go.
-    let mut next_report = start;
-    let mut report = |c: &Cluster<MemberNode>| {
-        let now = c.sim.now();
-        if now >= next_report {
-            next_report = now + Duration::from_secs(5);
-            eprintln!(
-                "  {n} nodes: {:.0} simulated s, {:.0} s wall, {} MiB live heap, peak RSS {} MiB",
-                (now - start).as_secs_f64(),
-                wall.elapsed().as_secs_f64(),
-                (alloc::live_bytes().wrapping_sub(heap_before)) >> 20,
-                alloc::peak_rss_bytes() >> 20,
-            );
-        }
-    };
-    for i in 1..n {
-        if i % 64 == 0 && over_budget() {
-            break;
-        }
-        report(&c);
-        let at = start + spread.mul_f64(i as f64 / n as f64);
-        c.sim.run_until_parallel(at, threads);
-        let seed = node_addr((i - 1) / 2);
-        c.sim
-            .with_node(i, |node, now| node.membership.join(now, &[seed]));
-    }
-    while c.sim.now() < start + WINDOW && !over_budget() {
-        let step = (start + WINDOW - c.sim.now()).min(Duration::from_millis(250));
-        c.sim.run_until_parallel(c.sim.now() + step, threads);
-        report(&c);
-    }
-    let simulated_s = (c.sim.now() - start).as_secs_f64();
-    let wall_s = wall.elapsed().as_secs_f64();
-    let converged = c.converged();
-    let stats = c.sim.stats();
-    let messages = (stats.datagrams_sent + stats.reliable_sent) as f64;
-    let view_entries = (0..n)
-        .map(|i| c.sim.node(i).membership.member_states().count())
-        .sum();
-    let total = |f: fn(&grinta_proto::membership::Stats) -> u64| -> u64 {
-        (0..n).map(|i| f(&c.sim.node(i).membership.stats())).sum()
-    };
-    let report = ScaleReport {
-        push_pulls: total(|s| s.push_pulls_sent),
-        push_pull_bytes: total(|s| s.push_pull_bytes_sent),
-        packets: total(|s| s.packets_sent),
-        suspicions: total(|s| s.suspicions_raised),
-        deaths: total(|s| s.deaths_declared),
-        nodes: n,
+    let report = mass_join::run(
+        n,
         threads,
-        wall_s,
-        peak_rss_mib: alloc::peak_rss_bytes() as f64 / (1 << 20) as f64,
-        messages_per_node_per_s: messages / n as f64 / simulated_s.max(1e-9),
-        converged,
-        live_heap_bytes: alloc::live_bytes().wrapping_sub(heap_before),
-        peak_heap_bytes: peak_heap.get(),
-        view_entries,
-        simulated_s,
-        converged_s: None,
-        after: None,
-    };
-    // Measured after the figures above: the formation's wall time and heap are the targets.
-    // Past the window, the run goes on until every view is exact (periodic push-pulls repair
-    // what gossip dropped in the mass join; at 10,000 members each node starts one every
-    // 300 s), for up to `CONVERGE_WAIT`; then the after-formation phase.
-    let formed = simulated_s + 0.01 >= WINDOW.as_secs_f64();
-    let mut converged_s = converged.then_some(simulated_s);
-    if formed {
-        while converged_s.is_none() && c.sim.now() < start + WINDOW + CONVERGE_WAIT {
-            c.sim
-                .run_until_parallel(c.sim.now() + Duration::from_secs(5), threads);
-            if c.converged() {
-                converged_s = Some((c.sim.now() - start).as_secs_f64());
-            }
-        }
-    }
-    let report = ScaleReport {
-        converged_s,
-        after: formed.then(|| after_formation(&mut c, threads)),
-        ..report
-    };
+        mass_join::HEAP_BUDGET,
+        wall_budget,
+        mass_join::CONVERGE_WAIT,
+    );
     println!("{}", serde_json::to_string(&report).expect("report"));
 }
 
-fn spawn_child(n: usize) -> Option<ScaleReport> {
+fn spawn_child(n: usize) -> Option<Report> {
     let exe = std::env::current_exe().ok()?;
     let out = Command::new(exe)
         .args(["--scale", &n.to_string()])

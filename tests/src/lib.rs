@@ -16,6 +16,7 @@ pub mod alloc;
 pub mod det_crypto;
 pub mod engine;
 pub mod fuzz;
+pub mod mass_join;
 pub mod membership_sim;
 pub mod node_sim;
 pub mod processes;
