@@ -140,18 +140,15 @@ fn after_formation(c: &mut Cluster<MemberNode>, threads: usize) -> AfterFormatio
         .collect();
     c.kill(victim);
     let t0 = c.sim.now();
-    let detected_by = |c: &Cluster<MemberNode>, i: usize| {
-        c.sim
-            .node(i)
-            .seen
-            .dead
-            .get(&name)
-            .map(|t| t.saturating_duration_since(t0))
-    };
     run_while(c, Duration::from_secs(60), &|c| {
-        watchers.iter().any(|&i| detected_by(c, i).is_none())
+        watchers
+            .iter()
+            .any(|&i| c.detection_time(i, victim, t0).is_none())
     });
-    let times: Vec<Option<Duration>> = watchers.iter().map(|&i| detected_by(c, i)).collect();
+    let times: Vec<Option<Duration>> = watchers
+        .iter()
+        .map(|&i| c.detection_time(i, victim, t0))
+        .collect();
     let detection_missing = times.iter().filter(|t| t.is_none()).count();
     let detected: Vec<Duration> = times.into_iter().flatten().collect();
     let q = |v: &[Duration], p: f64| quantile(v, p).map_or(f64::NAN, |d| d.as_secs_f64());

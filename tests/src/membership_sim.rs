@@ -526,15 +526,36 @@ impl<N: ClusterNode> Cluster<N> {
         let name = node_name(victim);
         (0..self.sim.len())
             .filter(|&i| i != victim && self.sim.is_up(i))
-            .map(|i| {
-                self.sim
-                    .node(i)
-                    .observations()
-                    .dead
-                    .get(&name)
-                    .map(|t| t.saturating_duration_since(since))
-            })
+            .map(|i| self.seen_dead_after(i, &name, since))
             .collect()
+    }
+
+    /// How long after `since` node `observer` first saw `victim` Dead (`None` if it has not).
+    pub fn detection_time(
+        &self,
+        observer: usize,
+        victim: usize,
+        since: Instant,
+    ) -> Option<Duration> {
+        self.seen_dead_after(observer, &node_name(victim), since)
+    }
+
+    fn seen_dead_after(&self, observer: usize, name: &str, since: Instant) -> Option<Duration> {
+        self.sim
+            .node(observer)
+            .observations()
+            .dead
+            .get(name)
+            .map(|t| t.saturating_duration_since(since))
+    }
+
+    /// The incarnation node `observer` holds for node `member`, if it knows it.
+    pub fn incarnation_seen(&self, observer: usize, member: usize) -> Option<u64> {
+        self.sim
+            .node(observer)
+            .membership()
+            .member(&node_name(member))
+            .map(|m| m.incarnation)
     }
 }
 

@@ -20,32 +20,6 @@ use prost::Message;
 use rand::Rng;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-/// TLS material for `names` under one CA, with keys of `alg`.
-fn material(alg: &'static rcgen::SignatureAlgorithm, names: &[&str]) -> Vec<TlsConfig> {
-    let ca_key = rcgen::KeyPair::generate_for(alg).expect("CA key");
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-    ];
-    let ca = params.self_signed(&ca_key).expect("CA");
-    let issuer = rcgen::Issuer::new(params, ca_key);
-    names
-        .iter()
-        .map(|name| {
-            let key = rcgen::KeyPair::generate_for(alg).expect("node key");
-            let params = rcgen::CertificateParams::new(vec![(*name).to_owned()]).expect("params");
-            let cert = params.signed_by(&key, &issuer).expect("node certificate");
-            TlsConfig {
-                ca_certs: vec![CertificateDer::from(ca.der().to_vec())],
-                cert_chain: vec![CertificateDer::from(cert.der().to_vec())],
-                key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            }
-        })
-        .collect()
-}
-
 fn keys(tls: &TlsConfig, name: &str) -> CertificateKeys {
     CertificateKeys::new(tls, name, tls::crypto_provider(), tls::system_time(), 16).expect("keys")
 }
@@ -87,13 +61,8 @@ fn raise_false_suspicion(
     targets: &[usize],
 ) -> u64 {
     let inc = c
-        .sim
-        .node(0)
-        .node
-        .membership()
-        .member(&node_name(victim))
-        .unwrap()
-        .incarnation;
+        .incarnation_seen(0, victim)
+        .expect("node 0 knows the victim");
     let suspect = wire::Suspect {
         node: node_name(victim),
         incarnation: inc,
@@ -169,7 +138,8 @@ fn bytes_and_cpu_per_claim() {
         ("Ed25519", &rcgen::PKCS_ED25519),
         ("ECDSA P-256", &rcgen::PKCS_ECDSA_P256_SHA256),
     ] {
-        let tls = material(alg, &["node-042", "node-007"]);
+        // Issued by the root CA itself: no intermediate.
+        let tls = chained_material(alg, 0, &["node-042", "node-007"]);
         let signer = keys(&tls[0], "node-042");
         let mut checker = keys(&tls[1], "node-007");
         let cert_len = tls[0].cert_chain[0].len();

@@ -411,12 +411,8 @@ fn false_suspicion_is_refuted_everywhere_within_2s() {
     c.run_for(Duration::from_secs(5));
     let (victim, accuser) = (42usize, 17usize);
     let inc = c
-        .sim
-        .node(0)
-        .membership
-        .member(&node_name(victim))
-        .unwrap()
-        .incarnation;
+        .incarnation_seen(0, victim)
+        .expect("node 0 knows the victim");
     let packet = wire::Packet {
         sender: node_name(accuser),
         message: None,

@@ -162,13 +162,8 @@ fn claims_made_in_another_nodes_name_are_ignored() {
     c.run_for(Duration::from_secs(3));
     let (liar, victim) = (4usize, 2usize);
     let victim_inc = c
-        .sim
-        .node(0)
-        .node
-        .membership()
-        .member(&node_name(victim))
-        .unwrap()
-        .incarnation;
+        .incarnation_seen(0, victim)
+        .expect("node 0 knows the victim");
     // The liar, with a valid certificate of its own, speaks as the victim: it says the victim left,
     // announces the victim at the liar's address with a higher incarnation, and suspects node 1.
     // Even signed by the liar: its signature does not speak for the victim either.
