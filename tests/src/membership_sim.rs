@@ -410,6 +410,12 @@ impl<N: ClusterNode> Cluster<N> {
     /// Joins every node through node 0, spread over `spread`, then runs until every view holds every
     /// node (at most 120 s); panics otherwise.
     pub fn form(&mut self, spread: Duration) {
+        self.form_within(spread, Duration::from_secs(120));
+    }
+
+    /// Like [`form`](Self::form), waiting at most `limit` after the last join; the panic says
+    /// how far from exact the views were.
+    pub fn form_within(&mut self, spread: Duration, limit: Duration) {
         let n = self.sim.len();
         let start = self.sim.now();
         for i in 1..n {
@@ -418,13 +424,31 @@ impl<N: ClusterNode> Cluster<N> {
             self.sim
                 .with_node(i, |node, now| node.join(now, &[node_addr(0)]));
         }
-        let limit = Duration::from_secs(120);
         let formed_at = self.run_until(limit, |c| c.converged());
-        assert!(
-            formed_at.is_some(),
-            "cluster of {n} did not converge within {limit:?} (seed {})",
-            self.seed
-        );
+        if formed_at.is_none() {
+            let up: Vec<bool> = (0..n).map(|i| self.sim.is_up(i)).collect();
+            let count = up.iter().filter(|&&u| u).count();
+            let inexact = (0..n)
+                .filter(|&i| up[i] && !self.view_is_exact(i, &up, count))
+                .count();
+            let alive: usize = (0..n)
+                .filter(|&i| up[i])
+                .map(|i| {
+                    self.sim
+                        .node(i)
+                        .membership()
+                        .member_states()
+                        .filter(|&(_, s)| s == MemberState::Alive)
+                        .count()
+                })
+                .sum();
+            panic!(
+                "cluster of {n} did not converge within {limit:?} (seed {}): {inexact} views \
+                 not exact, {alive} of {} Alive entries",
+                self.seed,
+                count * (count - 1)
+            );
+        }
     }
 
     /// Runs until `done` holds (checked every 50 ms of virtual time) or `limit` passes; checks the

@@ -120,8 +120,14 @@ fn no_probe_fails_in_ten_minutes_at_n200_on_a_lossless_network() {
 /// connection to every other member (docs/scale.md: about 23 KiB each with its TLS state), so
 /// N nodes in one process need about N x N x 23 KiB of heap: N=500 holds 5.5 GiB and takes
 /// about 4 minutes of wall time (2.5 of them forming); the default N=1,000 needs about 23 GiB.
+/// `MAX_CONNECTIONS` gives every node a smaller connection budget (memory for handshakes: a
+/// probe to a member whose connection was evicted reconnects), and `FORM_LIMIT_S` (default
+/// 120) how long formation may take after the last join.
 ///
 /// `NODES=500 cargo test --release -p grinta-tests --test scale -- --ignored --nocapture whole_nodes`
+///
+/// N=1,000 within about 14 GiB (docs/scale.md):
+/// `NODES=1000 MAX_CONNECTIONS=512 FORM_LIMIT_S=480 cargo test --release -p grinta-tests --test scale -- --ignored --nocapture whole_nodes`
 #[test]
 #[ignore = "N=1,000 needs about 23 GiB; run with --release --ignored --nocapture (NODES, MINUTES)"]
 fn whole_nodes_form_detect_crashes_and_spread_names() {
@@ -133,12 +139,27 @@ fn whole_nodes_form_detect_crashes_and_spread_names() {
     let n = env_u64("NODES", 1000) as usize;
     let minutes = env_u64("MINUTES", 10);
     assert!(n >= 8, "NODES must be at least 8");
-    let mut c = Cluster::dev_nodes(seed, NetConfig::default(), n);
+    // `MAX_CONNECTIONS` sets every node's connection budget (default 4,096: a connection per
+    // member up to 4,096 members).
+    let budget = env_u64("MAX_CONNECTIONS", 0) as usize;
+    let mut c = if budget == 0 {
+        Cluster::dev_nodes(seed, NetConfig::default(), n)
+    } else {
+        let ca = DevCa::from_seed(seed).expect("dev CA");
+        Cluster::nodes_with(
+            seed,
+            NetConfig::default(),
+            grinta_tests::node_sim::node_membership_config(),
+            grinta_tests::node_sim::certificates(&ca, n),
+            move |config| config.transport.max_connections = budget,
+        )
+    };
     let wall = Instant::now();
     let spread = Duration::from_secs(60);
     let start = c.sim.now();
-    // Joins spread over 60 s; panics unless every view is exact within 120 s after the last.
-    c.form(spread);
+    // Joins spread over 60 s; panics unless every view is exact within `FORM_LIMIT_S` (120)
+    // after the last.
+    c.form_within(spread, Duration::from_secs(env_u64("FORM_LIMIT_S", 120)));
     let formed = c.sim.now() - start;
     let sum = |f: &dyn Fn(&grinta_proto::node::NodeStats) -> u64| -> u64 {
         (0..n).map(|i| f(&c.sim.node(i).node.stats())).sum()
@@ -177,6 +198,18 @@ fn whole_nodes_form_detect_crashes_and_spread_names() {
     // per `reconnect_interval`) reach nobody. The window starts at formation, so it also holds
     // the first contacts of pairs that had not spoken yet (a probe round is N seconds).
     let (h0, f0) = totals(&c);
+    let kinds = |c: &Cluster<SimulatedNode>| {
+        (0..n).fold([0u64; 4], |k, i| {
+            let m = c.sim.node(i).node.stats().membership;
+            [
+                k[0] + m.pings_sent,
+                k[1] + m.indirect_pings_sent,
+                k[2] + m.gossip_packets_sent,
+                k[3] + m.push_pulls_sent,
+            ]
+        })
+    };
+    let k0 = kinds(&c);
     let window_start = c.sim.now();
     let wall = Instant::now();
     // One crash a minute, 30 s into it (victims from the upper half), and one name every 20 s,
@@ -225,6 +258,17 @@ fn whole_nodes_form_detect_crashes_and_spread_names() {
         2.0 * per_node((h1 - h0) as f64) / (window.as_secs_f64() / 60.0),
         per_node(connections as f64),
         per_node(live_bytes() as f64) / (1024.0 * 1024.0),
+    );
+
+    let k1 = kinds(&c);
+    let rate = |i: usize| per_node((k1[i] - k0[i]) as f64) / window.as_secs_f64();
+    println!(
+        "per node per simulated s: {:.2} pings, {:.2} indirect pings, {:.2} gossip packets, \
+         {:.3} push-pulls",
+        rate(0),
+        rate(1),
+        rate(2),
+        rate(3)
     );
 
     // Crash detection, over every (crash, live observer) pair.
