@@ -419,14 +419,98 @@ impl Conn {
     }
 }
 
+/// Values by connection handle. quinn hands out dense handles (the indices of its own table of
+/// connections, reused once free), so a vector indexed by them finds a connection without a
+/// tree walk, and iterates in handle order like an ordered map.
+struct ByHandle<T> {
+    slots: Vec<Option<(ConnectionHandle, T)>>,
+    len: usize,
+}
+
+/// The transport's connections (boxed: a connection's state is several KiB, and a free slot
+/// holds nothing).
+type Conns = ByHandle<Box<Conn>>;
+
+impl<T> Default for ByHandle<T> {
+    fn default() -> Self {
+        Self {
+            slots: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<T> ByHandle<T> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn get(&self, ch: &ConnectionHandle) -> Option<&T> {
+        match self.slots.get(ch.0) {
+            Some(Some((_, v))) => Some(v),
+            _ => None,
+        }
+    }
+
+    fn get_mut(&mut self, ch: &ConnectionHandle) -> Option<&mut T> {
+        match self.slots.get_mut(ch.0) {
+            Some(Some((_, v))) => Some(v),
+            _ => None,
+        }
+    }
+
+    fn contains_key(&self, ch: &ConnectionHandle) -> bool {
+        self.get(ch).is_some()
+    }
+
+    fn insert(&mut self, ch: ConnectionHandle, value: T) {
+        if self.slots.len() <= ch.0 {
+            self.slots.resize_with(ch.0 + 1, || None);
+        }
+        if self.slots[ch.0].replace((ch, value)).is_none() {
+            self.len += 1;
+        }
+    }
+
+    /// Takes `ch`'s value out; the vector shrinks past the last handle in use.
+    fn remove(&mut self, ch: &ConnectionHandle) -> Option<T> {
+        let (_, value) = self.slots.get_mut(ch.0)?.take()?;
+        self.len -= 1;
+        while self.slots.last().is_some_and(Option::is_none) {
+            self.slots.pop();
+        }
+        Some(value)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&ConnectionHandle, &T)> {
+        self.slots
+            .iter()
+            .filter_map(|slot| slot.as_ref().map(|(ch, v)| (ch, v)))
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = (&ConnectionHandle, &mut T)> {
+        self.slots
+            .iter_mut()
+            .filter_map(|slot| slot.as_mut().map(|(ch, v)| (&*ch, v)))
+    }
+
+    fn values(&self) -> impl Iterator<Item = &T> {
+        self.iter().map(|(_, v)| v)
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.iter_mut().map(|(_, v)| v)
+    }
+}
+
 /// One node's QUIC endpoint and connections.
 pub(crate) struct Transport {
     endpoint: Endpoint,
     client: ClientConfig,
     /// Client configuration for dialling seeds known only by address (name checked on first message).
     client_any_name: ClientConfig,
-    /// Boxed: a connection's state is several KiB, and the map's nodes hold eleven values each.
-    conns: BTreeMap<ConnectionHandle, Box<Conn>>,
+    /// Boxed: a connection's state is several KiB, and a slot of a free handle holds nothing.
+    conns: Conns,
     /// Each connection's next deadline (QUIC timers, handshake timeout, exchange timeouts,
     /// keep-alive), ordered: `poll_timeout` reads the first, `handle_timeout` takes those due,
     /// so no input costs a walk over every connection. Updated whenever a connection is driven.
@@ -698,7 +782,7 @@ impl Transport {
             endpoint,
             client: client_config,
             client_any_name,
-            conns: BTreeMap::new(),
+            conns: Conns::default(),
             deadlines: Deadlines::default(),
             by_name: HashMap::new(),
             by_peer: HashMap::new(),
@@ -1718,7 +1802,7 @@ impl Transport {
         // handshakes while a churning budget frees itself), up to as many again as the budget or
         // as `max_handshaking`, whichever is more (a small budget churns in bursts).
         let (mut closing, mut idle) = (0usize, None::<(Instant, ConnectionHandle)>);
-        for (&ch, c) in &self.conns {
+        for (&ch, c) in self.conns.iter() {
             if c.conn.is_closed() {
                 closing += 1;
             } else if c.established
@@ -2060,5 +2144,42 @@ impl Transport {
                 let _ = c.conn.send_stream(id).reset(code);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_by_handle_keep_handle_order_and_shrink_when_freed() {
+        let mut by = ByHandle::default();
+        // Handles as quinn reuses them: taken, freed, taken again, 10,000 of them.
+        for i in (0..10_000).rev() {
+            by.insert(ConnectionHandle(i), i);
+        }
+        assert_eq!(by.len(), 10_000);
+        by.insert(ConnectionHandle(9), 90);
+        assert_eq!(by.len(), 10_000, "a replaced value is not counted twice");
+        assert_eq!(by.get(&ConnectionHandle(9)), Some(&90));
+        for i in (0..10_000).filter(|i| i % 3 != 0) {
+            assert_eq!(by.remove(&ConnectionHandle(i)), Some(i));
+        }
+        assert_eq!(by.remove(&ConnectionHandle(1)), None);
+        assert_eq!(by.remove(&ConnectionHandle(usize::MAX)), None);
+        assert!(!by.contains_key(&ConnectionHandle(usize::MAX)));
+        let kept: Vec<usize> = by.iter().map(|(ch, _)| ch.0).collect();
+        assert_eq!(kept, (0..10_000).filter(|i| i % 3 == 0).collect::<Vec<_>>());
+        assert_eq!(by.len(), kept.len());
+        for v in by.values_mut() {
+            *v += 1;
+        }
+        assert_eq!(by.values().next(), Some(&1));
+        // Freeing the highest handles gives the vector's tail back.
+        for i in (5_000..10_000).filter(|i| i % 3 == 0) {
+            by.remove(&ConnectionHandle(i));
+        }
+        assert!(by.slots.len() <= 5_000);
+        assert_eq!(by.iter().last().map(|(ch, _)| ch.0), Some(4_998));
     }
 }
