@@ -196,8 +196,24 @@ impl Cluster<SimulatedNode> {
     /// `n` real nodes on `net`, with the whole-node membership settings and certificates from
     /// a development CA made from `seed`, not yet joined.
     pub fn dev_nodes(seed: u64, net: NetConfig, n: usize) -> Self {
+        Self::dev_nodes_with(seed, net, n, |_| {})
+    }
+
+    /// Like [`dev_nodes`](Self::dev_nodes), with `tweak` applied to every node's configuration.
+    pub fn dev_nodes_with(
+        seed: u64,
+        net: NetConfig,
+        n: usize,
+        tweak: impl Fn(&mut NodeConfig) + 'static,
+    ) -> Self {
         let ca = DevCa::from_seed(seed).expect("dev CA");
-        Self::nodes(seed, net, node_membership_config(), certificates(&ca, n))
+        Self::nodes_with(
+            seed,
+            net,
+            node_membership_config(),
+            certificates(&ca, n),
+            tweak,
+        )
     }
 
     /// Like [`nodes`](Self::nodes), with `tweak` applied to every node's configuration.
@@ -275,18 +291,12 @@ pub fn steady_state_cost(
     use std::time::Duration;
 
     let heap_before = crate::alloc::live_bytes();
-    let ca = DevCa::from_seed(seed).expect("dev CA");
-    let mut c: Cluster<SimulatedNode> = Cluster::nodes_with(
-        seed,
-        NetConfig::default(),
-        node_membership_config(),
-        certificates(&ca, n),
-        move |config| {
+    let mut c: Cluster<SimulatedNode> =
+        Cluster::dev_nodes_with(seed, NetConfig::default(), n, move |config| {
             if let Some(idle) = idle {
                 config.transport.idle_timeout = idle;
             }
-        },
-    );
+        });
     c.form(Duration::from_millis(50 * n as u64));
     c.run_for(Duration::from_secs(30) + 2 * n as u32 * node_membership_config().probe_interval);
     let totals = |c: &Cluster<SimulatedNode>| {
