@@ -752,3 +752,82 @@ fn a_crashed_member_is_declared_dead_once_and_never_comes_back() {
         }
     }
 }
+
+/// Crashed members are declared Dead once by every survivor, and nobody else is: at N=1,000 a
+/// probe walk lasts about 1,000 s, so a Dead entry is reaped at very different times on
+/// different nodes while suspicions of the same member last up to 72 s elsewhere. One crash
+/// every 30 s for `MINUTES` (default 20) on a lossless LAN, then 3 minutes without crashes.
+///
+/// `NODES=1000 MINUTES=20 cargo test --release -p grinta-tests --test membership -- --ignored
+/// --nocapture crashed_members` (about 5 minutes).
+#[test]
+#[ignore = "N=1000 for 23 simulated minutes: minutes in release; run with --release --ignored"]
+fn crashed_members_are_declared_dead_once_at_n1000() {
+    let (seed, _g) = seed(35);
+    let n = env_u64("NODES", 1000) as usize;
+    let minutes = env_u64("MINUTES", 20);
+    let wall = Instant::now();
+    let mut c = Cluster::formed(
+        seed,
+        n,
+        Config::lan(),
+        lan(),
+        Duration::from_millis(20 * n as u64),
+    );
+    let mut crashes = Vec::new();
+    for _ in 0..minutes * 2 {
+        let victim = loop {
+            let v = c.sim.rng().random_range(1..n);
+            if c.sim.is_up(v) {
+                break v;
+            }
+        };
+        c.kill(victim);
+        crashes.push((node_name(victim), c.sim.now()));
+        c.run_for(Duration::from_secs(30));
+    }
+    c.run_for(Duration::from_secs(180));
+    let (mut repeated, mut false_dead, mut missed) = (0usize, 0usize, 0usize);
+    let mut detections = Vec::new();
+    for i in (0..n).filter(|&i| c.sim.is_up(i)) {
+        let events = &c.sim.node(i).seen.dead_events;
+        for (victim, at) in &crashes {
+            let times: Vec<Duration> = events
+                .iter()
+                .filter(|(_, m)| m == victim)
+                .map(|(t, _)| t.saturating_duration_since(*at))
+                .collect();
+            match times.first() {
+                Some(&t) => detections.push(t),
+                None => missed += 1,
+            }
+            repeated += times.len().saturating_sub(1);
+        }
+        false_dead += events
+            .iter()
+            .filter(|(_, m)| !crashes.iter().any(|(v, _)| v == m))
+            .count();
+    }
+    let dropped: u64 = (0..n)
+        .filter(|&i| c.sim.is_up(i))
+        .map(|i| c.sim.node(i).membership().stats().forgotten_alives_dropped)
+        .sum();
+    let q = |p: f64| quantile(&detections, p).map_or(0.0, secs);
+    println!(
+        "N={n}: {} crashes, {} detections: median {:.2} s, p99 {:.2} s, max {:.2} s; missed \
+         {missed}, declared Dead again {repeated}, false Dead {false_dead}; old alives of \
+         forgotten members dropped {dropped}; {:.0} s of wall time",
+        crashes.len(),
+        detections.len(),
+        q(0.5),
+        q(0.99),
+        q(1.0),
+        wall.elapsed().as_secs_f64()
+    );
+    assert_eq!(missed, 0, "seed {seed}: survivors never saw a crash");
+    assert_eq!(
+        repeated, 0,
+        "seed {seed}: crashed members declared Dead again"
+    );
+    assert_eq!(false_dead, 0, "seed {seed}: live members declared Dead");
+}

@@ -349,12 +349,22 @@ fn whole_nodes_form_detect_crashes_and_spread_names() {
     let q = |v: &[Duration], p: f64| quantile(v, p).unwrap_or_default().as_secs_f64();
     println!(
         "crashes: {} ({} observations): detection median {:.2} s, p99 {:.2} s, max {:.2} s; \
-         undetected {undetected}; false Dead {false_dead}; declared Dead again {repeated_dead}",
+         undetected {undetected}; false Dead {false_dead}; declared Dead again {repeated_dead}; \
+         old alives of forgotten members dropped {}",
         crashes.len(),
         detections.len(),
         q(&detections, 0.5),
         q(&detections, 0.99),
         q(&detections, 1.0),
+        up.iter()
+            .map(|&i| c
+                .sim
+                .node(i)
+                .node
+                .stats()
+                .membership
+                .forgotten_alives_dropped)
+            .sum::<u64>(),
     );
     println!(
         "names: {}: visible everywhere median {:.2} s, p99 {:.2} s; per observer p99 {:.2} s; \

@@ -358,6 +358,10 @@ pub struct Stats {
     /// certificate chain (too large for a packet) and this node had not learnt their
     /// certificate yet.
     pub members_fetched: u64,
+    /// Alives of a member this node declared Dead and has since forgotten, at or below the
+    /// incarnation it died at, relayed by another node: dropped. Such a member comes back with a
+    /// newer incarnation, or by speaking for itself.
+    pub forgotten_alives_dropped: u64,
 }
 
 #[derive(Debug)]
@@ -389,10 +393,14 @@ struct IndirectProbe {
     nack_sent: bool,
 }
 
+/// A member declared Dead, kept after its entry is reaped: retried for partitions to heal, and
+/// remembered with the incarnation it died at so that its old alive, still relayed by nodes that
+/// hold it Suspect, does not bring it back.
 #[derive(Debug, Clone)]
 struct FailedMember {
     name: String,
     addr: SocketAddr,
+    incarnation: u64,
 }
 
 #[derive(Debug)]
@@ -454,6 +462,9 @@ pub struct Membership {
     stats: Stats,
     /// Corrections for the sender of the packet being processed (see `correct_stale_sender`).
     corrections: Vec<Bytes>,
+    /// The authenticated sender of the packet or push-pull being handled (empty between
+    /// inputs): a forgotten member's alive at its old incarnation is taken only from itself.
+    input_sender: String,
     /// Unknown members whose alive in the packet being handled came without its certificate
     /// chain and could not be checked: asked of the packet's sender once it is handled.
     to_fetch: Vec<String>,
@@ -624,6 +635,7 @@ impl Membership {
             events: VecDeque::new(),
             stats: Stats::default(),
             corrections: Vec::new(),
+            input_sender: String::new(),
             to_fetch: Vec::new(),
             fetched: hashbrown::HashMap::new(),
             packet_buf: BytesMut::new(),
@@ -1071,6 +1083,8 @@ impl Membership {
             self.stats.packets_invalid += 1;
             return;
         }
+        self.input_sender.clear();
+        self.input_sender.push_str(&packet.sender);
         // Broadcasts first: a refutation they trigger then rides on the ack to this very packet's
         // ping, which is how a suspected member answers the buddy system at once.
         let mut broadcasts = std::mem::take(&mut packet.broadcasts);
@@ -1082,14 +1096,11 @@ impl Membership {
         if broadcasts.capacity() <= MAX_REUSED_BROADCASTS {
             self.broadcasts_buf = broadcasts;
         }
+        self.input_sender.clear();
         self.correct_dead_sender(&packet.sender);
         self.fetch_unchecked_members(now, from, &packet.sender);
         self.ask_unknown_sender(now, from, &packet.sender);
-        if !self.corrections.is_empty() {
-            let corrections = std::mem::take(&mut self.corrections);
-            self.stats.corrections_sent += 1;
-            self.send_packet(from, Some(packet.sender.clone()), None, &corrections);
-        }
+        self.send_corrections(from, &packet.sender);
         if let Some(message) = packet.message {
             self.handle_message(now, from, &packet.sender, message);
         }
@@ -1132,7 +1143,12 @@ impl Membership {
         }
         self.stats.push_pulls_received += 1;
         self.refuted_in_input = false;
+        self.input_sender.clear();
+        self.input_sender.push_str(&pp.sender);
         self.merge_remote_state(now, &pp);
+        self.input_sender.clear();
+        // A forgotten member that spoke for itself is told it died, in a packet of its own.
+        self.send_corrections(from, &pp.sender);
         // A push-pull carries whole claims: what it could not check, a fetch would not either.
         self.to_fetch.clear();
         if !pp.app_state.is_empty() {

@@ -403,12 +403,19 @@ impl Membership {
                 (self.member_version(i), Some(i))
             } else {
                 // A member the requester holds gone is not asked for: its entry would not be
-                // taken (see `merge_remote_state`).
+                // taken (see `merge_remote_state`); nor one this node forgot after declaring it
+                // Dead at that incarnation or later, unless it is the requester itself (see
+                // `handle_decoded_alive`).
                 let gone = matches!(
                     theirs.state,
                     wire::MemberState::Dead | wire::MemberState::Left
                 );
+                let forgotten = d.node != request.sender
+                    && self
+                        .forgotten(&d.node)
+                        .is_some_and(|f| d.incarnation <= f.incarnation);
                 if !gone
+                    && !forgotten
                     && unknown.len() < self.config.max_members
                     && validate_node_name(&d.node).is_ok()
                     && unknown.insert(d.node.as_str())

@@ -110,6 +110,16 @@ impl Membership {
         self.corrections.push(alive.encode_to_vec().into());
     }
 
+    /// Sends the corrections the input just handled produced (if any) to its sender.
+    pub(super) fn send_corrections(&mut self, to: SocketAddr, name: &str) {
+        if self.corrections.is_empty() {
+            return;
+        }
+        let corrections = std::mem::take(&mut self.corrections);
+        self.stats.corrections_sent += 1;
+        self.send_packet(to, Some(name.to_owned()), None, &corrections);
+    }
+
     /// A packet from a member we hold Dead: it is running but missed its own death (a
     /// partition, or gossip that died out before reaching it). Tell it, so that it refutes;
     /// otherwise it would go on probing a cluster that ignores it.
@@ -118,15 +128,20 @@ impl Membership {
             return;
         };
         let m = &self.members[i];
-        if m.state != MemberState::Dead
-            || m.incarnation >= MAX_INCARNATION
-            || self.corrections.len() >= MAX_CORRECTIONS
-        {
+        if m.state == MemberState::Dead {
+            self.correct_with_death(sender, m.incarnation);
+        }
+    }
+
+    /// Tells the sender of the input being handled that this node declared member `node` (the
+    /// sender itself) Dead at `incarnation`, so that it refutes.
+    pub(super) fn correct_with_death(&mut self, node: &str, incarnation: u64) {
+        if incarnation >= MAX_INCARNATION || self.corrections.len() >= MAX_CORRECTIONS {
             return;
         }
         let dead = wire::Dead {
-            node: m.name().to_owned(),
-            incarnation: m.incarnation,
+            node: node.to_owned(),
+            incarnation,
             from: self.name.clone(),
         };
         if let Some(claim) = self.sign_claim(ClaimKind::Dead, &dead) {
@@ -392,7 +407,27 @@ impl Membership {
                 self.stats.dropped_for_limits += 1;
                 return;
             }
-            None => {}
+            None => {
+                // A member declared Dead here and forgotten since: its alive of that life, still
+                // relayed by nodes that hold it Suspect or have not reaped it, would bring it back
+                // to be declared Dead a second time. Taken only from the member itself (it is
+                // running: it is then told it died, and refutes); a restart at the same
+                // incarnation elsewhere is a reclaim (the entry is reaped long after
+                // `dead_node_reclaim_time`).
+                if let Some(f) = self.forgotten(&a.node) {
+                    let died_at = f.incarnation;
+                    let stale =
+                        a.incarnation < died_at || (a.incarnation == died_at && addr == f.addr);
+                    if stale && self.input_sender != a.node {
+                        self.stats.forgotten_alives_dropped += 1;
+                        return;
+                    }
+                    if stale {
+                        // Its newer incarnation then reaches the nodes that drop this one.
+                        self.correct_with_death(&a.node, died_at);
+                    }
+                }
+            }
             Some(i) => {
                 let entry = &self.members[i];
                 let known_incarnation = entry.incarnation;
@@ -696,17 +731,30 @@ impl Membership {
                 name: name.clone(),
                 incarnation,
             });
-            self.remember_failed(name, addr);
+            self.remember_failed(name, addr, incarnation);
         }
     }
 
-    pub(super) fn remember_failed(&mut self, name: String, addr: SocketAddr) {
+    pub(super) fn remember_failed(&mut self, name: String, addr: SocketAddr, incarnation: u64) {
         self.failed.retain(|f| f.name != name);
         if self.failed.len() >= self.config.max_failed_members {
             self.failed.pop_front();
             self.stats.dropped_for_limits += 1;
         }
-        self.failed.push_back(FailedMember { name, addr });
+        self.failed.push_back(FailedMember {
+            name,
+            addr,
+            incarnation,
+        });
+    }
+
+    /// Member `name` if this node declared it Dead and has since forgotten it (its entry reaped),
+    /// with what it died at. O(`max_failed_members`), only for members the table does not hold.
+    pub(super) fn forgotten(&self, name: &str) -> Option<&FailedMember> {
+        if self.members.find(name).is_some() {
+            return None;
+        }
+        self.failed.iter().find(|f| f.name == name)
     }
 }
 

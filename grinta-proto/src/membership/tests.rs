@@ -1619,3 +1619,146 @@ fn scratch_buffers_past_64_kib_are_not_kept() {
     super::keep_scratch(&mut slot, Vec::with_capacity(8 << 20));
     assert_eq!(slot.capacity(), 0, "a padded claim's size is not kept");
 }
+
+/// A packet from `sender` carrying `kind` as its one broadcast.
+fn packet_with(sender: &str, kind: wire::broadcast::Kind) -> Vec<u8> {
+    wire::Packet {
+        sender: sender.into(),
+        message: None,
+        broadcasts: vec![wire::Broadcast { kind: Some(kind) }],
+    }
+    .encode_to_vec()
+}
+
+fn alive_claim(node: &str, port: u16, incarnation: u64) -> wire::broadcast::Kind {
+    wire::broadcast::Kind::Alive(unsigned(
+        ClaimKind::Alive,
+        &wire::Alive {
+            node: node.into(),
+            incarnation,
+            addr: Some(encode_addr(addr(port))),
+            meta: Bytes::new(),
+        },
+    ))
+}
+
+/// Node "x" that knew "v" (port 20) at incarnation 5, declared it Dead on "w"'s word and has
+/// reaped its entry since; "w" (port 21) is a member.
+fn x_that_forgot_v(t0: Instant) -> (Membership, Instant) {
+    let mut x = node("x", 1, t0);
+    learn(&mut x, "v", 20, 5, t0);
+    learn(&mut x, "w", 21, 1, t0);
+    let dead = wire::broadcast::Kind::Dead(unsigned(
+        ClaimKind::Dead,
+        &wire::Dead {
+            node: "v".into(),
+            incarnation: 5,
+            from: "w".into(),
+        },
+    ));
+    // A remote death is a suspicion here, Dead once it times out.
+    x.handle_datagram(t0, addr(21), &packet_with("w", dead));
+    let mut now = t0;
+    while x.member("v").is_some_and(|m| m.state != MemberState::Dead) {
+        now = x.poll_timeout().expect("timers run");
+        assert!(now < t0 + Duration::from_secs(60), "v never died");
+        x.handle_timeout(now);
+        drain(&mut x);
+    }
+    let later = now + x.config().gossip_to_the_dead_time + Duration::from_secs(1);
+    x.reshuffle_probe_order(later);
+    assert!(x.member("v").is_none(), "reaped at the walk's wrap-around");
+    drain(&mut x);
+    events(&mut x);
+    (x, later)
+}
+
+#[test]
+fn a_forgotten_dead_member_is_not_brought_back_by_its_old_alive() {
+    let t0 = Instant::now();
+    let (mut x, now) = x_that_forgot_v(t0);
+    // Relayed in a packet, at the incarnation it died at and below.
+    for incarnation in [5, 4, 0] {
+        x.handle_datagram(
+            now,
+            addr(21),
+            &packet_with("w", alive_claim("v", 20, incarnation)),
+        );
+    }
+    assert!(x.member("v").is_none(), "an old alive brought v back");
+    assert_eq!(x.stats().forgotten_alives_dropped, 3);
+    // In a push-pull from a peer that still holds it Suspect.
+    let pp = wire::PushPull {
+        protocol_version: wire::PROTOCOL_VERSION,
+        sender: "w".into(),
+        reply: false,
+        members: vec![
+            entry("w", 21, 1, wire::MemberState::Alive),
+            entry("v", 20, 5, wire::MemberState::Suspect),
+        ],
+        ..Default::default()
+    };
+    x.handle_stream(now, addr(21), &pp.encode_to_vec());
+    assert!(x.member("v").is_none(), "a push-pull brought v back");
+    // Nor asked for in a digest exchange with such a peer.
+    let mut w = node("w", 21, t0);
+    learn(&mut w, "x", 1, x.incarnation(), t0);
+    learn(&mut w, "v", 20, 5, t0);
+    w.handle_datagram(t0, addr(1), &suspect_broadcast("v", 5, "x"));
+    assert_eq!(w.member("v").map(|m| m.state), Some(MemberState::Suspect));
+    let ex = digest_exchange(&mut w, &mut x, now);
+    assert!(!ex.reply.want.contains(&"v".to_owned()), "v was asked for");
+    assert!(x.member("v").is_none(), "a digest exchange brought v back");
+    assert!(
+        !events(&mut x)
+            .iter()
+            .any(|e| matches!(e, Event::MemberJoined(m) if m.name == "v")),
+        "v joined again"
+    );
+}
+
+#[test]
+fn a_forgotten_member_comes_back_newer_elsewhere_or_by_speaking_for_itself() {
+    let t0 = Instant::now();
+    // A newer life, relayed.
+    let (mut x, now) = x_that_forgot_v(t0);
+    x.handle_datagram(now, addr(21), &packet_with("w", alive_claim("v", 20, 6)));
+    let v = x.member("v").expect("a newer incarnation comes back");
+    assert_eq!((v.state, v.incarnation), (MemberState::Alive, 6));
+    // The same incarnation at a new address (a restart elsewhere), relayed.
+    let (mut x, now) = x_that_forgot_v(t0);
+    x.handle_datagram(now, addr(21), &packet_with("w", alive_claim("v", 30, 5)));
+    assert_eq!(x.member("v").map(|m| m.addr), Some(addr(30)));
+    // The old life itself, speaking for itself (a partition healed, or a restart at the same
+    // incarnation): taken, and told it died so that its refutation reaches every node.
+    let (mut x, now) = x_that_forgot_v(t0);
+    x.handle_datagram(now, addr(20), &packet_with("v", alive_claim("v", 20, 5)));
+    assert_eq!(x.member("v").map(|m| m.state), Some(MemberState::Alive));
+    let corrections: Vec<wire::Packet> = drain(&mut x)
+        .iter()
+        .filter(|t| t.dst == addr(20))
+        .map(decode_packet)
+        .collect();
+    let told = corrections.iter().flat_map(|p| &p.broadcasts).any(|b| {
+        matches!(&b.kind, Some(wire::broadcast::Kind::Dead(c))
+            if wire::Dead::decode(&c.body[..]).is_ok_and(|d| d.node == "v" && d.incarnation == 5))
+    });
+    assert!(told, "v was not told it died: {corrections:?}");
+    // The same over a push-pull from v itself.
+    let (mut x, now) = x_that_forgot_v(t0);
+    let pp = wire::PushPull {
+        protocol_version: wire::PROTOCOL_VERSION,
+        sender: "v".into(),
+        reply: false,
+        members: vec![entry("v", 20, 5, wire::MemberState::Alive)],
+        ..Default::default()
+    };
+    x.handle_stream(now, addr(20), &pp.encode_to_vec());
+    assert_eq!(x.member("v").map(|m| m.state), Some(MemberState::Alive));
+    assert!(
+        drain(&mut x)
+            .iter()
+            .any(|t| t.dst == addr(20) && t.channel == Channel::Datagram),
+        "v was not told it died after its push-pull"
+    );
+}
