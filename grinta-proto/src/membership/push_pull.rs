@@ -701,37 +701,48 @@ impl Membership {
         }
     }
 
-    /// One attempt towards the next failed member or unanswered seed, so partitions heal.
+    /// Retries unanswered seeds and failed members, so partitions heal. Each seed no live member
+    /// answers for is retried once per `reconnect_interval` by this node (nobody else knows
+    /// it). Failed members are retried about once each per `reconnect_interval` across the
+    /// whole cluster, not by every node: once per interval this node tries one, picked at
+    /// random, with probability failed / live (certain when it has at least as many failed
+    /// members as live ones, as across a partition). Every node trying every failed member would
+    /// cost each node a dial per crashed member per interval, a cost per node that grows with
+    /// the cluster.
     pub(super) fn reconnect(&mut self, now: Instant) {
+        let mut live = 1usize;
+        let mut live_addrs = hashbrown::HashSet::new();
+        for e in self.members.iter().filter(|e| !e.state.is_gone()) {
+            live += 1;
+            if !self.seeds.is_empty() {
+                live_addrs.insert(e.addr());
+            }
+        }
         let seeds: Vec<SocketAddr> = self
             .seeds
             .iter()
             .copied()
-            .filter(|s| {
-                !self
-                    .members
-                    .iter()
-                    .any(|e| e.addr() == *s && !e.state.is_gone())
-            })
+            .filter(|s| !live_addrs.contains(s))
             .collect();
-        let total = self.failed.len() + seeds.len();
-        if total == 0 {
-            self.next_reconnect = now + self.config.reconnect_interval;
-            return;
-        }
-        let slot = self.reconnect_cursor % total;
+        // One slot per unanswered seed and one for the failed members, spread over the interval.
+        let slots = seeds.len() + 1;
+        let slot = self.reconnect_cursor % slots;
         self.reconnect_cursor = self.reconnect_cursor.wrapping_add(1);
-        let (addr, name) = if slot < self.failed.len() {
-            let f = &self.failed[slot];
-            (f.addr, Some(f.name.clone()))
+        let spacing =
+            (self.config.reconnect_interval / slots as u32).max(self.config.gossip_interval);
+        self.next_reconnect = now + spacing;
+        let (addr, name) = if let Some(&seed) = seeds.get(slot) {
+            (seed, None)
         } else {
-            (seeds[slot - self.failed.len()], None)
+            let failed = self.failed.len();
+            if failed == 0 || self.rng.random::<f64>() >= failed as f64 / live as f64 {
+                return;
+            }
+            let f = &self.failed[self.rng.random_range(0..failed)];
+            (f.addr, Some(f.name.clone()))
         };
         self.stats.reconnect_attempts += 1;
         self.send_push_pull(now, addr, name, Exchange::Digest);
-        let spacing =
-            (self.config.reconnect_interval / total as u32).max(self.config.gossip_interval);
-        self.next_reconnect = now + spacing;
     }
 
     /// Asks `sender`, the relay of the packet just handled, for the members whose alive came

@@ -1762,3 +1762,60 @@ fn a_forgotten_member_comes_back_newer_elsewhere_or_by_speaking_for_itself() {
         "v was not told it died after its push-pull"
     );
 }
+
+/// The push-pull requests of `sent` to ports in `ports`.
+fn requests_to(sent: &[Outgoing], ports: std::ops::Range<u16>) -> usize {
+    sent.iter()
+        .filter(|t| t.channel == Channel::Stream && ports.contains(&t.dst.port()))
+        .count()
+}
+
+#[test]
+fn failed_members_are_retried_about_once_each_per_interval_across_the_cluster() {
+    let t0 = Instant::now();
+    let mut x = node("x", 1, t0);
+    let interval = x.config().reconnect_interval;
+    for k in 0..99 {
+        learn(&mut x, &format!("m{k}"), 100 + k, 1, t0);
+    }
+    for k in 0..10 {
+        x.remember_failed(format!("f{k}"), addr(300 + k), 1);
+    }
+    drain(&mut x);
+    // 10 failed and 100 live: a try per interval with probability 1/10, so that the cluster's
+    // 100 nodes try each failed member about once per interval between them.
+    let (rounds, mut attempts) = (2000, 0);
+    let mut now = t0;
+    for _ in 0..rounds {
+        x.reconnect(now);
+        attempts += requests_to(&drain(&mut x), 300..310);
+        assert_eq!(x.next_reconnect, now + interval);
+        now = x.next_reconnect;
+    }
+    assert!(
+        (150..=250).contains(&attempts),
+        "{attempts} tries in {rounds} intervals, 200 expected"
+    );
+    // Across a partition (as many failed as live members): one try every interval.
+    for k in 10..100 {
+        x.remember_failed(format!("f{k}"), addr(300 + k), 1);
+    }
+    for _ in 0..100 {
+        x.reconnect(now);
+        assert_eq!(requests_to(&drain(&mut x), 300..400), 1);
+        now = x.next_reconnect;
+    }
+    // A seed that never answered is retried by this node once per interval, besides.
+    x.join(now, &[addr(500)]);
+    drain(&mut x);
+    let (mut seed_tries, mut failed_tries) = (0, 0);
+    let start = now;
+    while now < start + interval * 10 {
+        x.reconnect(now);
+        let sent = drain(&mut x);
+        seed_tries += requests_to(&sent, 500..501);
+        failed_tries += requests_to(&sent, 300..400);
+        now = x.next_reconnect;
+    }
+    assert_eq!((seed_tries, failed_tries), (10, 10));
+}
