@@ -1759,6 +1759,8 @@ impl Node {
                 let Some((_, addr)) = self.transport.peer_of(conn) else {
                     return;
                 };
+                // Gossip leans towards members with an open connection.
+                self.membership.set_connected(&packet.sender, true);
                 self.membership.handle_packet(now, addr, packet);
             }
             TransportEvent::StreamRequest { conn, stream, data } => {
@@ -1824,6 +1826,11 @@ impl Node {
                 handshake_failed,
             } => {
                 self.flows.on_connection_lost(&mut self.transport, conn);
+                if let Some(name) = name.as_deref() {
+                    if !self.transport.is_connected_to(name) {
+                        self.membership.set_connected(name, false);
+                    }
+                }
                 self.events.push_back(Event::ConnectionLost {
                     name,
                     addr,

@@ -802,6 +802,11 @@ impl Transport {
         })
     }
 
+    /// Whether a connection bound to peer `name` is open (its connection for new messages).
+    pub(crate) fn is_connected_to(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+
     pub(crate) fn peer_of(&self, conn: ConnectionHandle) -> Option<(&str, SocketAddr)> {
         let c = self.conns.get(&conn)?;
         Some((c.peer.as_deref()?, c.addr))

@@ -10,9 +10,22 @@ impl Membership {
         }
         let dead_time = self.config.gossip_to_the_dead_time;
         let epoch = self.members.epoch();
-        let targets = self.random_members_with(self.config.gossip_nodes, |e| {
-            !e.state.is_gone() || e.in_state_for(epoch, now) < dead_time
-        });
+        let k = self.config.gossip_nodes;
+        let eligible = |e: &Entry| !e.state.is_gone() || e.in_state_for(epoch, now) < dead_time;
+        let targets = if self.connection_hints {
+            // Three random draws per target, connected members first (in the order drawn):
+            // still random targets, but a node with fewer connections than members does not
+            // open one for most of its gossip packets.
+            let mut drawn = self.random_members_with(3 * k, eligible);
+            let mut targets: Vec<usize> = Vec::with_capacity(k);
+            targets.extend(drawn.iter().filter(|&&i| self.members[i].connected).take(k));
+            drawn.retain(|i| !targets.contains(i));
+            let missing = k.saturating_sub(targets.len());
+            targets.extend(drawn.into_iter().take(missing));
+            targets
+        } else {
+            self.random_members_with(k, eligible)
+        };
         for i in targets {
             let (addr, name) = (self.members[i].addr(), self.members[i].name().to_owned());
             if self.send_packet(addr, Some(name), None, &[]) {

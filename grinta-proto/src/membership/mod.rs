@@ -455,6 +455,9 @@ pub struct Membership {
     reconnect_cursor: usize,
     join_retry: Option<(Instant, Duration)>,
     joined: bool,
+    /// Whether the node driving this state machine reports its connections
+    /// ([`set_connected`](Self::set_connected)): gossip then prefers connected members.
+    connection_hints: bool,
     lifecycle: Lifecycle,
 
     transmits: VecDeque<Outgoing>,
@@ -630,6 +633,7 @@ impl Membership {
             reconnect_cursor: 0,
             join_retry: None,
             joined: false,
+            connection_hints: false,
             lifecycle: Lifecycle::Running,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -673,6 +677,26 @@ impl Membership {
     /// This node's current incarnation.
     pub fn incarnation(&self) -> u64 {
         self.incarnation
+    }
+
+    /// Tells membership whether the node holds an open connection to member `name` (unknown
+    /// names are ignored). Optional: a node that reports its connections has its gossip
+    /// targets, still drawn at random, lean towards connected members (three draws per target,
+    /// the first connected one taken), so that a node whose connection budget is smaller than
+    /// the cluster does not open a connection for half of its gossip packets.
+    ///
+    /// ```
+    /// # use grinta_proto::membership::{Config, Membership};
+    /// # use grinta_proto::claims::TrustAll;
+    /// # let now = std::time::Instant::now();
+    /// let mut m = Membership::new(Config::lan(), "a", "127.0.0.1:7000".parse().unwrap(), 1, now, Box::new(TrustAll)).unwrap();
+    /// m.set_connected("b", true); // not a member yet: ignored
+    /// ```
+    pub fn set_connected(&mut self, name: &str, connected: bool) {
+        self.connection_hints = true;
+        if let Some(i) = self.members.find(name) {
+            self.members.set_connected(i, connected);
+        }
     }
 
     /// Lifeguard local health score, `0..awareness_max_multiplier` (0 is healthy).

@@ -54,8 +54,9 @@ pub(super) struct Entry {
     port: u16,
     /// Changed only through the table, which keeps its sum.
     pub(super) state: MemberState,
-    /// The address is IPv6, in `extra`.
-    addr_in_box: bool,
+    /// A hint from the node driving this state machine: it holds an open connection to the
+    /// member (see [`Membership::set_connected`](super::Membership::set_connected)).
+    pub(super) connected: bool,
 }
 
 /// What only some entries need.
@@ -86,7 +87,7 @@ impl Entry {
             ip4: [0; 4],
             port: 0,
             state: MemberState::Alive,
-            addr_in_box: false,
+            connected: false,
         };
         if name.len() <= INLINE_NAME {
             entry.name[0] = name.len() as u8;
@@ -116,9 +117,10 @@ impl Entry {
 
     /// The member's address.
     pub(super) fn addr(&self) -> SocketAddr {
+        // An IPv6 address is kept in `extra` (and only then).
         match self.extra.as_ref().and_then(|x| x.addr6) {
-            Some(addr) if self.addr_in_box => addr,
-            _ => SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(self.ip4), self.port)),
+            Some(addr) => addr,
+            None => SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(self.ip4), self.port)),
         }
     }
 
@@ -127,7 +129,6 @@ impl Entry {
             SocketAddr::V4(v4) => {
                 self.ip4 = v4.ip().octets();
                 self.port = v4.port();
-                self.addr_in_box = false;
                 if let Some(x) = self.extra.as_mut() {
                     x.addr6 = None;
                 }
@@ -135,7 +136,6 @@ impl Entry {
             SocketAddr::V6(_) => {
                 self.ip4 = [0; 4];
                 self.port = addr.port();
-                self.addr_in_box = true;
                 self.extra_mut().addr6 = Some(addr);
             }
         }
@@ -550,6 +550,12 @@ impl MemberTable {
     }
 
     /// Records that entry `i`'s state changed at `now`.
+    /// Records whether the node holds an open connection to member `i` (a hint for picking
+    /// gossip targets; not part of the table's sum).
+    pub(super) fn set_connected(&mut self, i: usize, connected: bool) {
+        self.entries[i].connected = connected;
+    }
+
     pub(super) fn touch(&mut self, i: usize, now: Instant) {
         self.entries[i].since = self.since(now);
     }

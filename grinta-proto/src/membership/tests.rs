@@ -1819,3 +1819,57 @@ fn failed_members_are_retried_about_once_each_per_interval_across_the_cluster() 
     }
     assert_eq!((seed_tries, failed_tries), (10, 10));
 }
+
+/// Gossip targets of `rounds` gossip rounds of `m`: how many of them are members `m0`..`m49`.
+fn gossip_to_first_half(m: &mut Membership, rounds: usize, now: Instant) -> (usize, usize) {
+    let (mut first_half, mut all) = (0, 0);
+    for round in 0..rounds {
+        // Something to gossip every round.
+        m.broadcast_app(
+            Bytes::from(format!("key-{round}")),
+            Bytes::from_static(b"v"),
+        )
+        .expect("a small broadcast");
+        m.gossip(now);
+        for t in drain(m) {
+            all += 1;
+            let name = t.dst_name.unwrap_or_default();
+            let k: usize = name[1..].parse().unwrap_or(usize::MAX);
+            first_half += usize::from(k < 50);
+        }
+    }
+    (first_half, all)
+}
+
+#[test]
+fn gossip_leans_towards_connected_members_when_the_node_reports_them() {
+    let t0 = Instant::now();
+    let members = |m: &mut Membership| {
+        for k in 0..100u16 {
+            learn(m, &format!("m{k}"), 100 + k, 1, t0);
+        }
+        drain(m);
+    };
+    // Without hints: uniform targets, half of them in the first half.
+    let mut plain = node("x", 1, t0);
+    members(&mut plain);
+    let (first, all) = gossip_to_first_half(&mut plain, 30, t0);
+    assert_eq!(all, 90);
+    assert!((30..=60).contains(&first), "{first} of {all}");
+    // Connected to the first half only: most targets are there, the rest still reach others.
+    let mut hinted = node("x", 1, t0);
+    members(&mut hinted);
+    for k in 0..50 {
+        hinted.set_connected(&format!("m{k}"), true);
+    }
+    hinted.set_connected("not-a-member", true);
+    let (first, all) = gossip_to_first_half(&mut hinted, 30, t0);
+    assert_eq!(all, 90);
+    assert!((78..90).contains(&first), "{first} of {all}");
+    // A connection lost: that member is no longer preferred.
+    for k in 0..50 {
+        hinted.set_connected(&format!("m{k}"), false);
+    }
+    let (first, _) = gossip_to_first_half(&mut hinted, 30, t0);
+    assert!((30..=60).contains(&first), "{first} of 90");
+}
