@@ -88,8 +88,10 @@ pub struct Config {
     pub lifeguard: bool,
     /// The incarnation this node starts at (1 ..= 2^61). A process that restarts under the same
     /// name must start above every incarnation of its previous life, or the cluster takes its
-    /// announcements for stale news until it learns what to refute: the fabric starts at the
-    /// wall clock in milliseconds since the UNIX epoch, which grows across restarts.
+    /// announcements for stale news until it learns what to refute (and a node below the
+    /// incarnation it was declared Dead at cannot refute it; nodes remember that incarnation after
+    /// forgetting the member, up to `max_failed_members`): the fabric starts at the wall clock
+    /// in milliseconds since the UNIX epoch, which grows across restarts.
     pub initial_incarnation: u64,
 }
 

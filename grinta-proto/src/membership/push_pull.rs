@@ -410,14 +410,18 @@ impl Membership {
                     theirs.state,
                     wire::MemberState::Dead | wire::MemberState::Left
                 );
-                let forgotten = d.node != request.sender
-                    && self
-                        .forgotten(&d.node)
-                        .is_some_and(|f| d.incarnation <= f.incarnation);
+                // (A member back at the same incarnation at another address is not asked for
+                // either: gossip, which carries its address, brings it in.)
+                let forgotten = || {
+                    d.node != request.sender
+                        && self
+                            .forgotten(&d.node)
+                            .is_some_and(|f| d.incarnation <= f.incarnation)
+                };
                 if !gone
-                    && !forgotten
                     && unknown.len() < self.config.max_members
                     && validate_node_name(&d.node).is_ok()
+                    && !forgotten()
                     && unknown.insert(d.node.as_str())
                 {
                     reply.want.push(d.node.clone());

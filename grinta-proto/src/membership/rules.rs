@@ -402,6 +402,7 @@ impl Membership {
             return;
         }
         let known = self.members.find(&a.node);
+        let mut tell_died_at = None;
         match known {
             None if self.members.len() >= self.config.max_members => {
                 self.stats.dropped_for_limits += 1;
@@ -423,8 +424,9 @@ impl Membership {
                         return;
                     }
                     if stale {
-                        // Its newer incarnation then reaches the nodes that drop this one.
-                        self.correct_with_death(&a.node, died_at);
+                        // Once the claim checks: its newer incarnation then reaches the nodes
+                        // that drop this one.
+                        tell_died_at = Some(died_at);
                     }
                 }
             }
@@ -469,6 +471,9 @@ impl Membership {
             }
             return;
         }
+        if let Some(died_at) = tell_died_at {
+            self.correct_with_death(&a.node, died_at);
+        }
         self.accept_alive(now, known, a, addr, claim);
     }
 
@@ -510,8 +515,13 @@ impl Membership {
         };
         let entry = &self.members[i];
         let old = entry.state;
-        let meta_changed = !entry.meta_eq(&a.meta) || entry.addr() != addr;
+        let moved = entry.addr() != addr;
+        let meta_changed = moved || !entry.meta_eq(&a.meta);
         self.members.set_alive(i, a.incarnation, addr, meta, &claim);
+        if moved {
+            // A connection to the old address says nothing about the new one.
+            self.members.set_connected(i, false);
+        }
         if old != MemberState::Alive {
             self.members.touch(i, now);
         }
@@ -713,6 +723,8 @@ impl Membership {
         let left = leave.is_some();
         self.members.set_gone(i, incarnation, leave);
         self.members.touch(i, now);
+        // The node closes its connections to a gone member: gossip must not prefer it.
+        self.members.set_connected(i, false);
         let entry = &self.members[i];
         let (name, addr) = (entry.name().to_owned(), entry.addr());
         self.suspicions.remove(&name);

@@ -549,13 +549,13 @@ impl MemberTable {
         self.epoch
     }
 
-    /// Records that entry `i`'s state changed at `now`.
     /// Records whether the node holds an open connection to member `i` (a hint for picking
     /// gossip targets; not part of the table's sum).
     pub(super) fn set_connected(&mut self, i: usize, connected: bool) {
         self.entries[i].connected = connected;
     }
 
+    /// Records that entry `i`'s state changed at `now`.
     pub(super) fn touch(&mut self, i: usize, now: Instant) {
         self.entries[i].since = self.since(now);
     }

@@ -1866,6 +1866,19 @@ fn gossip_leans_towards_connected_members_when_the_node_reports_them() {
     let (first, all) = gossip_to_first_half(&mut hinted, 30, t0);
     assert_eq!(all, 90);
     assert!((78..90).contains(&first), "{first} of {all}");
+    // A member gone (here: left) is no longer preferred: the node closes its connections.
+    let leave = wire::broadcast::Kind::Dead(unsigned(
+        ClaimKind::Dead,
+        &wire::Dead {
+            node: "m0".into(),
+            incarnation: 1,
+            from: "m0".into(),
+        },
+    ));
+    hinted.handle_datagram(t0, addr(100), &packet_with("m0", leave));
+    let m0 = hinted.members.find("m0").expect("held Left");
+    assert_eq!(hinted.members[m0].state, MemberState::Left);
+    assert!(!hinted.members[m0].connected);
     // A connection lost: that member is no longer preferred.
     for k in 0..50 {
         hinted.set_connected(&format!("m{k}"), false);
