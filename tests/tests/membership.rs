@@ -831,3 +831,43 @@ fn crashed_members_are_declared_dead_once_at_n1000() {
     );
     assert_eq!(false_dead, 0, "seed {seed}: live members declared Dead");
 }
+
+/// A long partition of a larger cluster heals: both sides have declared the other Dead and
+/// forgotten it (a probe walk of 100 lasts 100 s), so each member comes back only once it speaks
+/// for itself to the other side (a reconnection, a probe) and refutes. `NODES` (default 200)
+/// split in halves for `MINUTES` (default 10).
+///
+/// `cargo test --release -p grinta-tests --test membership -- --ignored --nocapture long_split`
+#[test]
+#[ignore = "seconds in release, minutes in debug: run with --release --ignored"]
+fn a_long_split_of_halves_heals_after_both_sides_forgot_each_other() {
+    let (seed, _g) = seed(36);
+    let n = env_u64("NODES", 200) as usize;
+    let minutes = env_u64("MINUTES", 10);
+    let mut c = Cluster::formed(
+        seed,
+        n,
+        Config::lan(),
+        lan(),
+        Duration::from_millis(20 * n as u64),
+    );
+    c.run_for(Duration::from_secs(5));
+    c.sim
+        .partition(&[(0..n / 2).collect(), (n / 2..n).collect()]);
+    c.run_for(Duration::from_secs(60 * minutes));
+    let held: usize = (0..n)
+        .map(|i| c.sim.node(i).membership.members().count())
+        .sum();
+    c.sim.heal();
+    let healed = c.run_until(Duration::from_secs(1200), |c| c.converged());
+    println!(
+        "{n} nodes split in halves for {minutes} min (member entries held at the end: {held}, \
+         {} each): healed after {healed:?}",
+        held / n
+    );
+    let healed = healed.unwrap_or_else(|| panic!("seed {seed}: not healed within 20 minutes"));
+    assert!(
+        healed <= Duration::from_secs(300),
+        "seed {seed}: healed after {healed:?}"
+    );
+}
