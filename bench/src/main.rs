@@ -7,7 +7,8 @@
 //! throughput measurement for about ten seconds and prints socket counters, for `perf record`. The
 //! membership-simulator scale measurements run in child processes (the same binary, `--scale N`)
 //! so each reports its own peak memory; `-- whole` runs the whole-node cost per node alone
-//! (`GRINTA_BENCH_WHOLE_NODES=100,500` for other sizes).
+//! (`GRINTA_BENCH_WHOLE_NODES=100,500` for other sizes, `GRINTA_BENCH_MAX_CONNECTIONS=512` for a
+//! connection budget: N=1,000 fits this machine only with one).
 
 mod core_cost;
 mod local;

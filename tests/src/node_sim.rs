@@ -280,6 +280,11 @@ pub struct SteadyCost {
 /// keep a TLS session ticket each way), then measures `window` of simulated time. `idle`
 /// overrides the transport's idle timeout.
 ///
+/// `max_connections` sets every node's connection budget. Below `n - 1` connections never
+/// settle (every probe reconnects), so the warm-up is 30 s instead: two probe rounds would buy
+/// nothing and take an hour of wall time at N=1,000. Formation may then take up to 480 s after
+/// the last join.
+///
 /// The process id is printed when the window starts, for a profiler to attach to the window
 /// alone (`perf record -p`).
 pub fn steady_state_cost(
@@ -287,6 +292,7 @@ pub fn steady_state_cost(
     n: usize,
     window: std::time::Duration,
     idle: Option<std::time::Duration>,
+    max_connections: Option<usize>,
 ) -> SteadyCost {
     use std::time::Duration;
 
@@ -296,9 +302,19 @@ pub fn steady_state_cost(
             if let Some(idle) = idle {
                 config.transport.idle_timeout = idle;
             }
+            if let Some(budget) = max_connections {
+                config.transport.max_connections = budget;
+            }
         });
-    c.form(Duration::from_millis(50 * n as u64));
-    c.run_for(Duration::from_secs(30) + 2 * n as u32 * node_membership_config().probe_interval);
+    let budgeted = max_connections.is_some_and(|budget| budget + 1 < n);
+    let spread = Duration::from_millis(50 * n as u64);
+    if budgeted {
+        c.form_within(spread, Duration::from_secs(480));
+        c.run_for(Duration::from_secs(30));
+    } else {
+        c.form(spread);
+        c.run_for(Duration::from_secs(30) + 2 * n as u32 * node_membership_config().probe_interval);
+    }
     let totals = |c: &Cluster<SimulatedNode>| {
         (0..n).fold((0u64, 0u64), |(h, f), i| {
             let s = c.sim.node(i).node.stats();

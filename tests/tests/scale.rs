@@ -40,7 +40,7 @@ fn cost_per_node_as_the_cluster_grows() {
         .map(Duration::from_secs);
     let costs: Vec<SteadyCost> = sizes
         .iter()
-        .map(|&n| steady_state_cost(seed, n, window, idle))
+        .map(|&n| steady_state_cost(seed, n, window, idle, None))
         .collect();
     println!(
         "| N | CPU per node per simulated s | handshakes per node per min | resumed | connections per node | heap per node | failed probes |"
@@ -102,7 +102,7 @@ fn cost_per_node_as_the_cluster_grows() {
 #[ignore = "about two minutes in release; run with --release --ignored"]
 fn no_probe_fails_in_ten_minutes_at_n200_on_a_lossless_network() {
     let (seed, _g) = seed(32);
-    let cost = steady_state_cost(seed, 200, Duration::from_secs(600), None);
+    let cost = steady_state_cost(seed, 200, Duration::from_secs(600), None, None);
     println!("{cost:?}");
     assert!(cost.converged, "seed {seed}");
     assert_eq!(cost.probes_failed, 0, "seed {seed}: {cost:?}");
