@@ -760,12 +760,11 @@ impl Membership {
         });
     }
 
-    /// Member `name` if this node declared it Dead and has since forgotten it (its entry reaped),
-    /// with what it died at. O(`max_failed_members`), only for members the table does not hold.
+    /// What member `name`, which the table does not hold (callers have looked it up), died at if
+    /// this node declared it Dead and has since forgotten it (its entry reaped).
+    /// O(`max_failed_members`).
     pub(super) fn forgotten(&self, name: &str) -> Option<&FailedMember> {
-        if self.members.find(name).is_some() {
-            return None;
-        }
+        debug_assert!(self.members.find(name).is_none());
         self.failed.iter().find(|f| f.name == name)
     }
 }

@@ -68,21 +68,35 @@ fn alive_of_a_from_b(incarnation: u64) -> wire::Packet {
 }
 
 fn suspect_broadcast(node: &str, incarnation: u64, from: &str) -> Vec<u8> {
+    let suspect = wire::Suspect {
+        node: node.into(),
+        incarnation,
+        from: from.into(),
+    };
+    packet_with(
+        from,
+        wire::broadcast::Kind::Suspect(unsigned(ClaimKind::Suspect, &suspect)),
+    )
+}
+
+/// A packet from `sender` carrying `kind` as its one broadcast.
+fn packet_with(sender: &str, kind: wire::broadcast::Kind) -> Vec<u8> {
     wire::Packet {
-        sender: from.into(),
+        sender: sender.into(),
         message: None,
-        broadcasts: vec![wire::Broadcast {
-            kind: Some(wire::broadcast::Kind::Suspect(unsigned(
-                ClaimKind::Suspect,
-                &wire::Suspect {
-                    node: node.into(),
-                    incarnation,
-                    from: from.into(),
-                },
-            ))),
-        }],
+        broadcasts: vec![wire::Broadcast { kind: Some(kind) }],
     }
     .encode_to_vec()
+}
+
+/// `from`'s claim that `node` is dead at `incarnation` (a leave when `from == node`).
+fn dead_claim(node: &str, incarnation: u64, from: &str) -> wire::broadcast::Kind {
+    let dead = wire::Dead {
+        node: node.into(),
+        incarnation,
+        from: from.into(),
+    };
+    wire::broadcast::Kind::Dead(unsigned(ClaimKind::Dead, &dead))
 }
 
 #[test]
@@ -1620,16 +1634,6 @@ fn scratch_buffers_past_64_kib_are_not_kept() {
     assert_eq!(slot.capacity(), 0, "a padded claim's size is not kept");
 }
 
-/// A packet from `sender` carrying `kind` as its one broadcast.
-fn packet_with(sender: &str, kind: wire::broadcast::Kind) -> Vec<u8> {
-    wire::Packet {
-        sender: sender.into(),
-        message: None,
-        broadcasts: vec![wire::Broadcast { kind: Some(kind) }],
-    }
-    .encode_to_vec()
-}
-
 fn alive_claim(node: &str, port: u16, incarnation: u64) -> wire::broadcast::Kind {
     wire::broadcast::Kind::Alive(unsigned(
         ClaimKind::Alive,
@@ -1648,14 +1652,7 @@ fn x_that_forgot_v(t0: Instant) -> (Membership, Instant) {
     let mut x = node("x", 1, t0);
     learn(&mut x, "v", 20, 5, t0);
     learn(&mut x, "w", 21, 1, t0);
-    let dead = wire::broadcast::Kind::Dead(unsigned(
-        ClaimKind::Dead,
-        &wire::Dead {
-            node: "v".into(),
-            incarnation: 5,
-            from: "w".into(),
-        },
-    ));
+    let dead = dead_claim("v", 5, "w");
     // A remote death is a suspicion here, Dead once it times out.
     x.handle_datagram(t0, addr(21), &packet_with("w", dead));
     let mut now = t0;
@@ -1867,14 +1864,7 @@ fn gossip_leans_towards_connected_members_when_the_node_reports_them() {
     assert_eq!(all, 90);
     assert!((78..90).contains(&first), "{first} of {all}");
     // A member gone (here: left) is no longer preferred: the node closes its connections.
-    let leave = wire::broadcast::Kind::Dead(unsigned(
-        ClaimKind::Dead,
-        &wire::Dead {
-            node: "m0".into(),
-            incarnation: 1,
-            from: "m0".into(),
-        },
-    ));
+    let leave = dead_claim("m0", 1, "m0");
     hinted.handle_datagram(t0, addr(100), &packet_with("m0", leave));
     let m0 = hinted.members.find("m0").expect("held Left");
     assert_eq!(hinted.members[m0].state, MemberState::Left);
