@@ -3,8 +3,10 @@
 //!
 //! `cargo run --release -p grinta-bench` runs everything, prints a table and writes
 //! `target/bench/results.json`. `-- <filter>` runs only the measurements whose name contains
-//! the filter. `-- --profile bulk|small|quinn-bulk|quinn-small|requests` runs one side of a remote
-//! throughput measurement for about ten seconds and prints socket counters, for `perf record`. The
+//! the filter. `-- --profile bulk|small|quinn-bulk|quinn-small|requests|datagrams|quinn-datagrams`
+//! runs one side of a remote throughput measurement for about ten seconds and prints its rates,
+//! for `perf record`. `GRINTA_BENCH_QUINN_MAX_UDP_PAYLOAD=8952` gives the raw quinn baseline the
+//! path MTU bound grinta uses (quinn's default is 1452). The
 //! membership-simulator scale measurements run in child processes (the same binary, `--scale N`)
 //! so each reports its own peak memory; `-- whole` runs the whole-node cost per node alone
 //! (`GRINTA_BENCH_WHOLE_NODES=100,500` for other sizes, `GRINTA_BENCH_MAX_CONNECTIONS=512` for a
@@ -147,6 +149,10 @@ fn main() {
     if args.first().map(String::as_str) == Some("--profile") {
         // Only grinta's side of one remote measurement, in a loop: a target for `perf record`.
         let kind = args.get(1).map(String::as_str).unwrap_or("bulk");
+        if kind.contains("datagrams") {
+            runtime.block_on(patterns::profile(kind.contains("quinn")));
+            return;
+        }
         if kind == "requests" {
             runtime.block_on(remote::profile_requests());
             return;

@@ -168,14 +168,19 @@ async fn until(mut ok: impl FnMut() -> bool) {
     }
 }
 
-pub(crate) async fn run() -> Vec<Measurement> {
-    let ca = DevCa::new().expect("dev CA");
-    let epoch = Instant::now();
-    let mut out = Vec::new();
+/// Two fabrics with an endpoint `dgram` on the second that counts datagrams, the same for raw
+/// quinn, both connected.
+struct DatagramPairs {
+    a: Fabric,
+    b: Fabric,
+    grinta_counter: Arc<Counter>,
+    quinn: raw::QuinnPair,
+    quinn_counter: Arc<Counter>,
+}
 
-    // Datagrams: grinta a -> b, quinn client -> server.
-    let a = fabric("bench-pub", &ca, None);
-    let b = fabric("bench-sub-0", &ca, Some(a.local_addr()));
+async fn datagram_pairs(ca: &DevCa, epoch: Instant) -> DatagramPairs {
+    let a = fabric("bench-pub", ca, None);
+    let b = fabric("bench-sub-0", ca, Some(a.local_addr()));
     let grinta_counter = Arc::new(Counter::default());
     let endpoint = b.endpoint("dgram").expect("endpoint");
     let counter = grinta_counter.clone();
@@ -189,7 +194,7 @@ pub(crate) async fn run() -> Vec<Measurement> {
     a.wait_for("dgram", Duration::from_secs(10))
         .await
         .expect("dgram known");
-    let quinn = raw::pair(&ca).await;
+    let quinn = raw::pair(ca).await;
     let quinn_counter = Arc::new(Counter::default());
     let (server_conn, counter) = (quinn.server_conn.clone(), quinn_counter.clone());
     tokio::spawn(async move {
@@ -197,6 +202,46 @@ pub(crate) async fn run() -> Vec<Measurement> {
             counter.hit(epoch);
         }
     });
+    DatagramPairs {
+        a,
+        b,
+        grinta_counter,
+        quinn,
+        quinn_counter,
+    }
+}
+
+/// Runs grinta's (or with `baseline` raw quinn's) datagram measurement for about ten seconds:
+/// a target for `perf record`.
+pub(crate) async fn profile(baseline: bool) {
+    let ca = DevCa::new().expect("dev CA");
+    let epoch = Instant::now();
+    let pairs = datagram_pairs(&ca, epoch).await;
+    let start = Instant::now();
+    let mut rates = Vec::new();
+    while start.elapsed() < Duration::from_secs(10) {
+        rates.push(if baseline {
+            quinn_datagrams(&pairs.quinn.conn, &pairs.quinn_counter, epoch).await
+        } else {
+            grinta_datagrams(&pairs.a, &pairs.grinta_counter, epoch).await
+        });
+    }
+    eprintln!("datagrams delivered per second per run: {rates:.0?}");
+}
+
+pub(crate) async fn run() -> Vec<Measurement> {
+    let ca = DevCa::new().expect("dev CA");
+    let epoch = Instant::now();
+    let mut out = Vec::new();
+
+    // Datagrams: grinta a -> b, quinn client -> server.
+    let DatagramPairs {
+        a,
+        b,
+        grinta_counter,
+        quinn,
+        quinn_counter,
+    } = datagram_pairs(&ca, epoch).await;
     let mut g = Vec::new();
     let mut q = Vec::new();
     for _ in 0..5 {

@@ -206,16 +206,44 @@ pub(crate) mod raw {
         pub(crate) server_conn: quinn::Connection,
     }
 
+    /// The largest UDP payload the baseline's path MTU discovery looks for: quinn's default
+    /// (1452), or `GRINTA_BENCH_QUINN_MAX_UDP_PAYLOAD` to measure raw quinn configured as grinta
+    /// configures its connections.
+    fn max_udp_payload() -> Option<u16> {
+        std::env::var("GRINTA_BENCH_QUINN_MAX_UDP_PAYLOAD")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    }
+
     fn configs(ca: &DevCa) -> (quinn::ServerConfig, quinn::ClientConfig) {
         let (server_tls, client_tls) = tls_configs(ca, b"bench");
-        (
-            quinn::ServerConfig::with_crypto(Arc::new(
-                QuicServerConfig::try_from(server_tls).expect("quic server"),
-            )),
-            quinn::ClientConfig::new(Arc::new(
-                QuicClientConfig::try_from(client_tls).expect("quic client"),
-            )),
-        )
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(
+            QuicServerConfig::try_from(server_tls).expect("quic server"),
+        ));
+        let mut client = quinn::ClientConfig::new(Arc::new(
+            QuicClientConfig::try_from(client_tls).expect("quic client"),
+        ));
+        if let Some(max) = max_udp_payload() {
+            let mut mtu = quinn::MtuDiscoveryConfig::default();
+            mtu.upper_bound(max);
+            let mut transport = quinn::TransportConfig::default();
+            transport.mtu_discovery_config(Some(mtu));
+            let transport = Arc::new(transport);
+            server.transport_config(transport.clone());
+            client.transport_config(transport);
+        }
+        (server, client)
+    }
+
+    /// A quinn endpoint on a fresh loopback port, a server if `server` is given.
+    fn endpoint(server: Option<quinn::ServerConfig>) -> quinn::Endpoint {
+        let mut config = quinn::EndpointConfig::default();
+        if let Some(max) = max_udp_payload() {
+            config.max_udp_payload_size(max).expect("payload size");
+        }
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let runtime = quinn::default_runtime().expect("runtime");
+        quinn::Endpoint::new(config, server, socket, runtime).expect("endpoint")
     }
 
     /// Mutual TLS 1.3 with ring, as grinta uses it: the server `quinn-server`, the client
@@ -256,8 +284,7 @@ pub(crate) mod raw {
     /// A server that, per bidi stream, either echoes length-prefixed messages or counts them.
     pub(crate) async fn pair(ca: &DevCa) -> QuinnPair {
         let (server_config, client_config) = configs(ca);
-        let server = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().expect("addr"))
-            .expect("server");
+        let server = endpoint(Some(server_config));
         let accept = server.clone();
         let (first_tx, first_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
@@ -287,8 +314,7 @@ pub(crate) mod raw {
     }
 
     pub(super) fn new_client(config: quinn::ClientConfig) -> quinn::Endpoint {
-        let mut client =
-            quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
+        let mut client = endpoint(None);
         client.set_default_client_config(config);
         client
     }

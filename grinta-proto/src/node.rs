@@ -204,6 +204,11 @@ impl NodeConfig {
         {
             return Err(NodeConfigError::Seed { addr: *seed });
         }
+        if !crate::transport::UDP_PAYLOAD_RANGE.contains(&self.transport.max_udp_payload) {
+            return Err(NodeConfigError::UdpPayload {
+                value: self.transport.max_udp_payload,
+            });
+        }
         let needed = u64::try_from(self.flows.max_flows_per_peer)
             .unwrap_or(u64::MAX)
             .saturating_add(u64::from(STREAMS_FOR_EXCHANGES));
@@ -276,6 +281,14 @@ pub enum NodeConfigError {
         max_concurrent_streams: u32,
         /// The least that works with the flow limit.
         needed: u64,
+    },
+    /// The largest UDP payload is outside what QUIC allows.
+    #[error(
+        "transport max_udp_payload {value} must be from 1200 (QUIC's minimum) to 65527 bytes (the largest UDP payload)"
+    )]
+    UdpPayload {
+        /// The configured size.
+        value: u16,
     },
 }
 
@@ -2065,6 +2078,26 @@ mod tests {
         let mut c = config("node-a", "127.0.0.1:7000");
         c.transport.exchange_timeout = membership::MAX_SETTING_DURATION;
         c.validate().unwrap();
+
+        // The largest UDP payload: QUIC's 1200 bytes up to what IPv6 carries, over the whole
+        // range of a u16.
+        for value in 0..=u16::MAX {
+            let mut c = config("node-a", "127.0.0.1:7000");
+            c.transport.max_udp_payload = value;
+            let valid = (1200..=65527).contains(&value);
+            match c.validate() {
+                Ok(()) => assert!(valid, "{value} accepted"),
+                Err(NodeConfigError::UdpPayload { value: v }) => {
+                    assert!(!valid && v == value, "{value} refused")
+                }
+                Err(e) => panic!("{value}: {e}"),
+            }
+        }
+        for value in [1200, 8952, 65527] {
+            let mut c = config("node-a", "127.0.0.1:7000");
+            c.transport.max_udp_payload = value;
+            Node::new(c, 1, now).expect("a node with any valid payload bound");
+        }
 
         let mut c = config("node-a", "[::1]:7000");
         c.name = "node-b".into();

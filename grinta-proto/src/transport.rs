@@ -106,10 +106,18 @@ pub struct TransportLimits {
     /// this node plus its push-pull exchanges, so at least `FlowLimits::max_flows_per_peer` +
     /// [`STREAMS_FOR_EXCHANGES`] (checked by `NodeConfig::validate`). Default 1088.
     pub max_concurrent_streams: u32,
-    /// Path MTU discovery: probes for packets larger than 1200 bytes (up to 1452) once a
-    /// connection is up, so bulk flows need fewer packets. Only correct when the socket forbids IP
-    /// fragmentation, which the fabric's adapters check; the fabric turns it off otherwise.
+    /// Path MTU discovery: probes for packets larger than 1200 bytes (up to `max_udp_payload`)
+    /// once a connection is up, so flows need fewer packets. Only correct when the socket forbids
+    /// IP fragmentation, which the fabric's adapters check; the fabric turns it off otherwise.
     pub mtu_discovery: bool,
+    /// The largest UDP payload path MTU discovery looks for, and the largest this node accepts
+    /// (announced to peers), from 1200 to 65527 bytes. The default,
+    /// [`DEFAULT_MAX_UDP_PAYLOAD`] (8952), fits 9000-byte jumbo frames under IPv6 and IPv4, as
+    /// cloud networks and many data-centre LANs carry them, and the loopback interface; on a
+    /// 1500-byte Ethernet path discovery settles at 1452-1472 bytes. Probes larger than the
+    /// path are lost (or refused by the local interface) and never resent as data, so a bound
+    /// above the path costs a few probes per connection every ten minutes, not throughput.
+    pub max_udp_payload: u16,
     /// Most connections in their handshake at once (dialled and accepted), counted apart from
     /// established ones: a flood of handshakes cannot take the room of the members' connections.
     /// Further incoming handshakes are refused.
@@ -142,6 +150,7 @@ impl Default for TransportLimits {
             idle_timeout: Duration::from_secs(30 * 60),
             max_concurrent_streams: 1024 + STREAMS_FOR_EXCHANGES,
             mtu_discovery: true,
+            max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
             max_handshaking: 1024,
             retry_above_handshaking: 64,
             handshake_timeout: Duration::from_secs(5),
@@ -152,6 +161,18 @@ impl Default for TransportLimits {
         }
     }
 }
+
+/// The default [`TransportLimits::max_udp_payload`]: a 9000-byte jumbo frame less the IPv6
+/// and UDP headers.
+pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 8952;
+
+/// The range [`TransportLimits::max_udp_payload`] may take: QUIC's minimum and the largest UDP
+/// payload IPv6 carries.
+pub const UDP_PAYLOAD_RANGE: std::ops::RangeInclusive<u16> = 1200..=65527;
+
+/// The most bytes one segmented send (GSO) carries: the kernel refuses a batch beyond 64 KiB,
+/// so large packets leave fewer of them per send.
+const MAX_SEGMENTED_SEND: usize = 65_000;
 
 /// Transport counters; they only grow.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -667,6 +688,9 @@ pub enum TransportError {
     /// The stateless-reset key could not be derived from the node's private key.
     #[error("cannot derive the stateless reset key from the node's private key")]
     ResetKey,
+    /// [`TransportLimits::max_udp_payload`] is outside [`UDP_PAYLOAD_RANGE`].
+    #[error("transport max_udp_payload {0} must be from 1200 to 65527 bytes")]
+    UdpPayload(u16),
 }
 
 impl Transport {
@@ -700,9 +724,11 @@ impl Transport {
             .max_concurrent_uni_streams(VarInt::from_u32(0))
             .datagram_receive_buffer_size(Some(256 * 1024))
             .datagram_send_buffer_size(256 * 1024);
-        // With MTU discovery (up to 1452-byte packets), bulk flows fill larger packets.
-        // Membership datagrams keep their fixed budget, which fits the 1200-byte minimum every
-        // QUIC path guarantees.
+        let mut mtu = quinn_proto::MtuDiscoveryConfig::default();
+        mtu.upper_bound(limits.max_udp_payload);
+        transport.mtu_discovery_config(Some(mtu));
+        // With MTU discovery, flows fill larger packets. Membership datagrams keep their fixed
+        // budget, which fits the 1200-byte minimum every QUIC path guarantees.
         let transport = Arc::new(transport);
 
         let quic_server = quinn_proto::crypto::rustls::QuicServerConfig::try_from(server)?;
@@ -757,6 +783,10 @@ impl Transport {
             .map_err(|_| TransportError::ResetKey)?;
         let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset_bytes);
         let mut endpoint_config = EndpointConfig::new(Arc::new(reset_key));
+        // `NodeConfig::validate` keeps the bound within what quinn accepts.
+        endpoint_config
+            .max_udp_payload_size(limits.max_udp_payload)
+            .map_err(|_| TransportError::UdpPayload(limits.max_udp_payload))?;
         let cid_seed = random_bytes::<32>(&provider).map_err(random)?;
         let cid_rng = Mutex::new(ChaCha8Rng::from_seed(cid_seed));
         endpoint_config.cid_generator(move || {
@@ -1717,10 +1747,11 @@ impl Transport {
                     queue_full = true;
                     break;
                 }
-                let Some(t) = c
-                    .conn
-                    .poll_transmit(now, self.max_transmit_segments, &mut buf)
-                else {
+                let segments = self
+                    .max_transmit_segments
+                    .min(MAX_SEGMENTED_SEND / usize::from(c.conn.current_mtu().max(1200)))
+                    .max(1);
+                let Some(t) = c.conn.poll_transmit(now, segments, &mut buf) else {
                     break;
                 };
                 progressed = true;

@@ -57,6 +57,10 @@ pub struct NetConfig {
     pub loss: f64,
     /// Probability in `[0, 1]` that a datagram is delivered twice.
     pub duplicate: f64,
+    /// The largest datagram (UDP payload) the network carries: a larger one is dropped and
+    /// counted, as a link refuses a packet beyond its MTU. 1472 bytes by default: Ethernet's
+    /// 1500-byte frame less the IPv4 and UDP headers.
+    pub max_datagram: usize,
 }
 
 impl Default for NetConfig {
@@ -66,9 +70,14 @@ impl Default for NetConfig {
             jitter: Duration::ZERO,
             loss: 0.0,
             duplicate: 0.0,
+            max_datagram: ETHERNET_MAX_DATAGRAM,
         }
     }
 }
+
+/// The default [`NetConfig::max_datagram`]: a 1500-byte Ethernet frame less the IPv4 and UDP
+/// headers.
+pub const ETHERNET_MAX_DATAGRAM: usize = 1472;
 
 /// Per-link (directional) override of the network model.
 pub type LinkConfig = NetConfig;
@@ -90,6 +99,8 @@ pub struct NetStats {
     pub datagrams_dropped_down: u64,
     /// Datagrams addressed to an address owned by no node.
     pub datagrams_dropped_unknown: u64,
+    /// Datagrams larger than the link's [`NetConfig::max_datagram`] (path MTU probes beyond it).
+    pub datagrams_dropped_too_large: u64,
     /// Datagrams dropped because the destination was starved (see `starve_dropping_datagrams`).
     pub datagrams_dropped_starved: u64,
     /// Reliable messages handed to the network.
@@ -688,6 +699,10 @@ impl<N: SimNode> Sim<N> {
             true => self.net,
             false => self.links.get(&(src, dst)).copied().unwrap_or(self.net),
         };
+        if !t.reliable && t.payload.len() > cfg.max_datagram {
+            self.stats.datagrams_dropped_too_large += 1;
+            return;
+        }
         let d = Delivery {
             src,
             dst,
@@ -1081,6 +1096,7 @@ mod tests {
             jitter,
             loss,
             duplicate,
+            ..NetConfig::default()
         }
     }
 

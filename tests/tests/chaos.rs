@@ -315,6 +315,7 @@ fn run_seed(seed: u64) {
         jitter: Duration::from_millis(rng_setup.random_range(0..5)),
         loss,
         duplicate: rng_setup.random_range(0.0..0.05),
+        ..NetConfig::default()
     };
     let mut c = Cluster::nodes_with(
         seed,

@@ -433,6 +433,7 @@ fn ten_megabytes_arrive_exact_and_in_order_over_a_lossy_reordering_link() {
         jitter: Duration::from_millis(4),
         loss: 0.05,
         duplicate: 0.0,
+        ..NetConfig::default()
     };
     c.sim.set_link(0, 2, lossy);
     c.sim.set_link(2, 0, lossy);
@@ -452,6 +453,57 @@ fn ten_megabytes_arrive_exact_and_in_order_over_a_lossy_reordering_link() {
     assert_eq!(got.len(), messages.len(), "seed {seed}");
     assert!(got == &messages, "byte-exact and in order (seed {seed})");
     assert!(log.closed.is_empty(), "{:?}", log.closed);
+}
+
+/// Sends 4 MiB from node 0 to node 1 on a network that carries datagrams up to `max_datagram`
+/// bytes; returns (datagrams node 0 sent for it, datagrams the network refused as too large
+/// since the cluster formed).
+fn bulk_over(seed: u64, max_datagram: usize) -> (u64, u64) {
+    let ca = DevCa::from_seed(seed).expect("dev CA");
+    let net = NetConfig {
+        max_datagram,
+        ..lan()
+    };
+    let mut c = Cluster::nodes(seed, net, node_membership_config(), certificates(&ca, 2));
+    c.form(Duration::from_millis(100));
+    let received = sink(&mut c, 1, "store", true);
+    let sent = sender(&mut c, 0, true);
+    // Path MTU discovery runs once the connection is up.
+    c.run_for(Duration::from_secs(5));
+    let messages: Vec<Bytes> = (0..64u8).map(|i| Bytes::from(vec![i; 64 << 10])).collect();
+    let before = c.sim.node_stats(0).datagrams_sent;
+    dial_with(&mut c, 0, &sent, "store", messages.clone());
+    c.run_until(Duration::from_secs(60), |_| {
+        received.borrow().finished.len() == 1
+    })
+    .expect("the flow finished");
+    let log = received.borrow();
+    assert!(
+        log.messages.values().next() == Some(&messages),
+        "byte-exact and in order (seed {seed}, max datagram {max_datagram})"
+    );
+    (
+        c.sim.node_stats(0).datagrams_sent - before,
+        c.sim.stats().datagrams_dropped_too_large,
+    )
+}
+
+#[test]
+fn flows_fill_the_largest_packets_the_path_carries() {
+    let (seed, _g) = seed(23);
+    // Ethernet: probes beyond 1472 bytes are refused, and the transfer goes on in packets that
+    // fit. Jumbo frames: the same bytes take far fewer packets.
+    let (ethernet, refused) = bulk_over(seed, 1472);
+    let (jumbo, refused_jumbo) = bulk_over(seed, 9000);
+    println!(
+        "4 MiB: {ethernet} datagrams on Ethernet ({refused} probes refused), {jumbo} with jumbo frames ({refused_jumbo} refused)"
+    );
+    assert!(refused > 0, "discovery looked beyond 1472 bytes");
+    assert_eq!(refused_jumbo, 0, "8952 bytes fit a 9000-byte path");
+    assert!(
+        jumbo * 4 < ethernet,
+        "jumbo frames carry the flow in under a quarter of the packets: {jumbo} against {ethernet}"
+    );
 }
 
 #[test]
