@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use grinta_proto::tls::dev::DevCa;
 use grinta_proto::tls::{TlsConfig, crypto_provider};
+use grinta_proto::transport::{JUMBO_MAX_UDP_PAYLOAD, TransportLimits};
 use grinta_tokio::{Fabric, Profile};
 
 use crate::tcp_tls::TcpTls;
@@ -39,15 +40,22 @@ struct GrintaPair {
 }
 
 async fn grinta_pair() -> GrintaPair {
+    grinta_pair_with(TransportLimits::default()).await
+}
+
+/// The same with other transport limits on both nodes.
+async fn grinta_pair_with(limits: TransportLimits) -> GrintaPair {
     let ca = DevCa::new().expect("dev CA");
     let a = Fabric::builder("bench-a")
         .dev_certificates(&ca)
         .profile(Profile::Lan)
+        .transport_limits(limits.clone())
         .start()
         .expect("a");
     let b = Fabric::builder("bench-b")
         .dev_certificates(&ca)
         .profile(Profile::Lan)
+        .transport_limits(limits)
         .seed(a.local_addr())
         .start()
         .expect("b");
@@ -510,12 +518,22 @@ pub(crate) async fn run() -> Vec<Measurement> {
     // Bulk: 1 MiB messages.
     let mb = |msgs_per_s: f64| msgs_per_s * BULK_MESSAGE as f64 / 1e6;
     let tcp = TcpTls::start(&pair.ca).await;
+    // The same nodes with jumbo-sized packets, as on a network that carries them.
+    let jumbo = grinta_pair_with(TransportLimits {
+        max_udp_payload: JUMBO_MAX_UDP_PAYLOAD,
+        ..TransportLimits::default()
+    })
+    .await;
     let mut g = Vec::new();
+    let mut j = Vec::new();
     let mut b = Vec::new();
     let mut t = Vec::new();
     for _ in 0..3 {
         g.push(mb(
             grinta_stream(&pair.a, BULK_MESSAGE, BULK_MESSAGES, 1).await
+        ));
+        j.push(mb(
+            grinta_stream(&jumbo.a, BULK_MESSAGE, BULK_MESSAGES, 1).await
         ));
         b.push(mb(
             raw::stream(&quinn.conn, BULK_MESSAGE, BULK_MESSAGES, 1).await
@@ -523,12 +541,20 @@ pub(crate) async fn run() -> Vec<Measurement> {
         t.push(mb(tcp.stream(BULK_MESSAGE, BULK_MESSAGES, 1).await));
     }
     let bulk = middle(g);
+    let baseline_bulk = middle(b);
     out.push(Measurement::higher(
         "remote_flow_bulk",
         bulk,
         "MB/s",
         "raw quinn, one bidi stream, length-prefixed 1 MiB writes",
-        middle(b),
+        baseline_bulk,
+    ));
+    out.push(Measurement::higher(
+        "remote_flow_bulk_jumbo",
+        middle(j),
+        "MB/s",
+        "raw quinn as above (its default bound); grinta with max_udp_payload 8952",
+        baseline_bulk,
     ));
     out.push(Measurement::higher(
         "tcp_tls_flow_bulk",
@@ -540,11 +566,13 @@ pub(crate) async fn run() -> Vec<Measurement> {
 
     // Small messages, five interleaved runs: both sides hand over 1000 messages at a time.
     let mut g = Vec::new();
+    let mut j = Vec::new();
     let mut one_by_one = Vec::new();
     let mut b = Vec::new();
     let mut t = Vec::new();
     for _ in 0..5 {
         g.push(grinta_stream(&pair.a, SMALL, SMALL_MESSAGES, SMALL_BATCH).await);
+        j.push(grinta_stream(&jumbo.a, SMALL, SMALL_MESSAGES, SMALL_BATCH).await);
         one_by_one.push(grinta_stream(&pair.a, SMALL, SMALL_MESSAGES, 1).await);
         b.push(raw::stream(&quinn.conn, SMALL, SMALL_MESSAGES, SMALL_BATCH).await);
         t.push(tcp.stream(SMALL, SMALL_MESSAGES, SMALL_BATCH).await);
@@ -557,6 +585,13 @@ pub(crate) async fn run() -> Vec<Measurement> {
         "msg/s",
         "raw quinn, the same frames batched 1000 per write (grinta: send_many of 1000)",
         middle(b),
+    ));
+    out.push(Measurement::higher(
+        "remote_flow_64b_jumbo",
+        middle(j),
+        "msg/s",
+        "raw quinn as above (its default bound); grinta with max_udp_payload 8952",
+        baseline_small,
     ));
     out.push(Measurement::higher(
         "remote_flow_64b_send",

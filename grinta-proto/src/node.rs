@@ -2081,8 +2081,9 @@ mod tests {
 
         // The largest UDP payload: QUIC's 1200 bytes up to what IPv6 carries, over the whole
         // range of a u16.
+        let base = config("node-a", "127.0.0.1:7000");
         for value in 0..=u16::MAX {
-            let mut c = config("node-a", "127.0.0.1:7000");
+            let mut c = base.clone();
             c.transport.max_udp_payload = value;
             let valid = (1200..=65527).contains(&value);
             match c.validate() {
@@ -2094,7 +2095,7 @@ mod tests {
             }
         }
         for value in [1200, 8952, 65527] {
-            let mut c = config("node-a", "127.0.0.1:7000");
+            let mut c = base.clone();
             c.transport.max_udp_payload = value;
             Node::new(c, 1, now).expect("a node with any valid payload bound");
         }

@@ -112,11 +112,26 @@ pub struct TransportLimits {
     pub mtu_discovery: bool,
     /// The largest UDP payload path MTU discovery looks for, and the largest this node accepts
     /// (announced to peers), from 1200 to 65527 bytes. The default,
-    /// [`DEFAULT_MAX_UDP_PAYLOAD`] (8952), fits 9000-byte jumbo frames under IPv6 and IPv4, as
-    /// cloud networks and many data-centre LANs carry them, and the loopback interface; on a
-    /// 1500-byte Ethernet path discovery settles at 1452-1472 bytes. Probes larger than the
-    /// path are lost (or refused by the local interface) and never resent as data, so a bound
-    /// above the path costs a few probes per connection every ten minutes, not throughput.
+    /// [`DEFAULT_MAX_UDP_PAYLOAD`] (1452), fits a 1500-byte Ethernet frame under IPv6 and IPv4.
+    ///
+    /// Where every node's path carries jumbo frames (cloud networks such as an AWS VPC, many
+    /// data-centre LANs) or the nodes share a host (loopback), [`JUMBO_MAX_UDP_PAYLOAD`]
+    /// (8952) lets flows use packets six times larger: fewer packets, less CPU per byte (see
+    /// BENCHMARKS.md). Do not raise it where paths are Ethernet: discovery probes beyond the
+    /// path are lost (or refused by the local interface), three times per size tried, so a
+    /// search from 1452 to 8952 costs about 24 lost probes per connection, repeated every ten
+    /// minutes, which for a node holding a connection per member is more packets than
+    /// membership itself sends.
+    ///
+    /// ```
+    /// use grinta_proto::transport::{JUMBO_MAX_UDP_PAYLOAD, TransportLimits};
+    ///
+    /// let limits = TransportLimits {
+    ///     max_udp_payload: JUMBO_MAX_UDP_PAYLOAD,
+    ///     ..TransportLimits::default()
+    /// };
+    /// # assert_eq!(limits.max_udp_payload, 8952);
+    /// ```
     pub max_udp_payload: u16,
     /// Most connections in their handshake at once (dialled and accepted), counted apart from
     /// established ones: a flood of handshakes cannot take the room of the members' connections.
@@ -162,9 +177,13 @@ impl Default for TransportLimits {
     }
 }
 
-/// The default [`TransportLimits::max_udp_payload`]: a 9000-byte jumbo frame less the IPv6
-/// and UDP headers.
-pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 8952;
+/// The default [`TransportLimits::max_udp_payload`]: a 1500-byte Ethernet frame less the IPv6
+/// and UDP headers (quinn's default too).
+pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 1452;
+
+/// [`TransportLimits::max_udp_payload`] for paths that carry 9000-byte jumbo frames: such a
+/// frame less the IPv6 and UDP headers.
+pub const JUMBO_MAX_UDP_PAYLOAD: u16 = 8952;
 
 /// The range [`TransportLimits::max_udp_payload`] may take: QUIC's minimum and the largest UDP
 /// payload IPv6 carries.

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use grinta_proto::registry::{EndpointKind, RegistryEvent};
 use grinta_proto::tls::dev::DevCa;
+use grinta_proto::transport::{DEFAULT_MAX_UDP_PAYLOAD, JUMBO_MAX_UDP_PAYLOAD};
 use grinta_tests::engine::NetConfig;
 use grinta_tests::membership_sim::{Cluster, node_addr, node_name, quantile};
 use grinta_tests::node_sim::{SimulatedNode, certificates, node_membership_config};
@@ -456,15 +457,22 @@ fn ten_megabytes_arrive_exact_and_in_order_over_a_lossy_reordering_link() {
 }
 
 /// Sends 4 MiB from node 0 to node 1 on a network that carries datagrams up to `max_datagram`
-/// bytes; returns (datagrams node 0 sent for it, datagrams the network refused as too large
-/// since the cluster formed).
-fn bulk_over(seed: u64, max_datagram: usize) -> (u64, u64) {
+/// bytes, with nodes whose path MTU discovery looks for up to `max_udp_payload`; returns
+/// (datagrams node 0 sent for it, datagrams the network refused as too large since the
+/// cluster formed).
+fn bulk_over(seed: u64, max_datagram: usize, max_udp_payload: u16) -> (u64, u64) {
     let ca = DevCa::from_seed(seed).expect("dev CA");
     let net = NetConfig {
         max_datagram,
         ..lan()
     };
-    let mut c = Cluster::nodes(seed, net, node_membership_config(), certificates(&ca, 2));
+    let mut c = Cluster::nodes_with(
+        seed,
+        net,
+        node_membership_config(),
+        certificates(&ca, 2),
+        move |config| config.transport.max_udp_payload = max_udp_payload,
+    );
     c.form(Duration::from_millis(100));
     let received = sink(&mut c, 1, "store", true);
     let sent = sender(&mut c, 0, true);
@@ -491,14 +499,21 @@ fn bulk_over(seed: u64, max_datagram: usize) -> (u64, u64) {
 #[test]
 fn flows_fill_the_largest_packets_the_path_carries() {
     let (seed, _g) = seed(23);
-    // Ethernet: probes beyond 1472 bytes are refused, and the transfer goes on in packets that
-    // fit. Jumbo frames: the same bytes take far fewer packets.
-    let (ethernet, refused) = bulk_over(seed, 1472);
-    let (jumbo, refused_jumbo) = bulk_over(seed, 9000);
+    // The default bound on Ethernet: discovery never looks beyond the path.
+    let (default, refused_default) = bulk_over(seed, 1472, DEFAULT_MAX_UDP_PAYLOAD);
+    // The jumbo bound on Ethernet: probes beyond 1472 bytes are refused, and the transfer goes
+    // on in packets that fit. On jumbo frames the same bytes take far fewer packets.
+    let (ethernet, refused) = bulk_over(seed, 1472, JUMBO_MAX_UDP_PAYLOAD);
+    let (jumbo, refused_jumbo) = bulk_over(seed, 9000, JUMBO_MAX_UDP_PAYLOAD);
     println!(
-        "4 MiB: {ethernet} datagrams on Ethernet ({refused} probes refused), {jumbo} with jumbo frames ({refused_jumbo} refused)"
+        "4 MiB: {default} datagrams at the default bound, {ethernet} with the jumbo bound on Ethernet ({refused} probes refused), {jumbo} on jumbo frames ({refused_jumbo} refused)"
     );
+    assert_eq!(refused_default, 0, "the default bound fits Ethernet");
     assert!(refused > 0, "discovery looked beyond 1472 bytes");
+    assert!(
+        ethernet <= default + default / 50,
+        "lost probes cost the flow no packets: {ethernet} against {default}"
+    );
     assert_eq!(refused_jumbo, 0, "8952 bytes fit a 9000-byte path");
     assert!(
         jumbo * 4 < ethernet,
