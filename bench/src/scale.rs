@@ -175,6 +175,16 @@ fn whole_node_budget() -> Option<usize> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// The steady-state window of the whole-node runs: 60 simulated seconds, or
+/// `GRINTA_BENCH_WHOLE_WINDOW_S` (a longer one gives `perf record -p <process>` something to
+/// sample: the run prints its process id when the window starts).
+fn whole_node_window() -> Duration {
+    std::env::var("GRINTA_BENCH_WHOLE_WINDOW_S")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .map_or(Duration::from_secs(60), Duration::from_secs)
+}
+
 /// CPU per node per simulated second of whole nodes (QUIC, mutual TLS) over a 60 s steady-state
 /// window, the sizes one after another in this process; every size past the first is compared
 /// with the first (the scale issue's target: within 1.5x).
@@ -184,7 +194,7 @@ pub(crate) fn whole_nodes() -> Vec<Measurement> {
     let budget = whole_node_budget();
     for n in whole_node_sizes() {
         alloc::set_counting(true);
-        let cost = steady_state_cost(31, n, Duration::from_secs(60), None, budget);
+        let cost = steady_state_cost(31, n, whole_node_window(), None, budget);
         alloc::set_counting(false);
         eprintln!("  whole nodes {n}: {cost:?}");
         let warm_up = match budget {
@@ -194,7 +204,8 @@ pub(crate) fn whole_nodes() -> Vec<Measurement> {
             _ => "after formation and two probe rounds".to_owned(),
         };
         let note = format!(
-            "whole nodes (QUIC, mutual TLS) in the simulator, lossless 1 ms LAN, 60 s window, {warm_up}: {:.1} handshakes per node per min, {:.0} connections and {:.1} MiB of heap per node, {} failed probes",
+            "whole nodes (QUIC, mutual TLS) in the simulator, lossless 1 ms LAN, {} s window, {warm_up}: {:.1} handshakes per node per min, {:.0} connections and {:.1} MiB of heap per node, {} failed probes",
+            whole_node_window().as_secs(),
             cost.handshakes_per_node_min,
             cost.connections_per_node,
             cost.heap_per_node / (1024.0 * 1024.0),

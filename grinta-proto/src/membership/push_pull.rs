@@ -714,20 +714,18 @@ impl Membership {
     /// cost each node a dial per crashed member per interval, a cost per node that grows with
     /// the cluster.
     pub(super) fn reconnect(&mut self, now: Instant) {
-        let mut live = 1usize;
-        let mut live_addrs = hashbrown::HashSet::new();
-        for e in self.members.iter().filter(|e| !e.state.is_gone()) {
-            live += 1;
-            if !self.seeds.is_empty() {
-                live_addrs.insert(e.addr());
+        // Seeds no live member is reached at. Seeds are few: one pass over the table, with no
+        // set of every member's address built (and dropped) each time.
+        let mut seeds: Vec<SocketAddr> = self.seeds.clone();
+        if !seeds.is_empty() {
+            for e in self.members.iter().filter(|e| !e.state.is_gone()) {
+                let addr = e.addr();
+                seeds.retain(|s| *s != addr);
+                if seeds.is_empty() {
+                    break;
+                }
             }
         }
-        let seeds: Vec<SocketAddr> = self
-            .seeds
-            .iter()
-            .copied()
-            .filter(|s| !live_addrs.contains(s))
-            .collect();
         // One slot per unanswered seed and one for the failed members, spread over the interval.
         let slots = seeds.len() + 1;
         let slot = self.reconnect_cursor % slots;
@@ -739,7 +737,12 @@ impl Membership {
             (seed, None)
         } else {
             let failed = self.failed.len();
-            if failed == 0 || self.rng.random::<f64>() >= failed as f64 / live as f64 {
+            if failed == 0 {
+                return;
+            }
+            // This node and the members not declared gone.
+            let live = 1 + self.live_members();
+            if self.rng.random::<f64>() >= failed as f64 / live as f64 {
                 return;
             }
             let f = &self.failed[self.rng.random_range(0..failed)];
