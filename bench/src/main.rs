@@ -6,11 +6,12 @@
 //! the filter. `-- --profile bulk|small|quinn-bulk|quinn-small|requests|datagrams|quinn-datagrams`
 //! runs one side of a remote throughput measurement for about ten seconds and prints its rates,
 //! for `perf record`. `GRINTA_BENCH_QUINN_MAX_UDP_PAYLOAD=8952` gives the raw quinn baseline the
-//! path MTU bound grinta uses (quinn's default is 1452). The
+//! jumbo bound of grinta's `_jumbo` rows (quinn's default is 1452). The
 //! membership-simulator scale measurements run in child processes (the same binary, `--scale N`)
 //! so each reports its own peak memory; `-- whole` runs the whole-node cost per node alone
 //! (`GRINTA_BENCH_WHOLE_NODES=100,500` for other sizes, `GRINTA_BENCH_MAX_CONNECTIONS=512` for a
-//! connection budget: N=1,000 fits this machine only with one).
+//! connection budget: N=1,000 fits this machine only with one; `GRINTA_BENCH_WHOLE_WINDOW_S=600`
+//! for a longer window than 60 simulated seconds).
 
 mod core_cost;
 mod local;

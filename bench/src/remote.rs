@@ -215,8 +215,8 @@ pub(crate) mod raw {
     }
 
     /// The largest UDP payload the baseline's path MTU discovery looks for: quinn's default
-    /// (1452), or `GRINTA_BENCH_QUINN_MAX_UDP_PAYLOAD` to measure raw quinn configured as grinta
-    /// configures its connections.
+    /// (1452), or `GRINTA_BENCH_QUINN_MAX_UDP_PAYLOAD` to measure raw quinn with the jumbo bound
+    /// of grinta's `_jumbo` rows (their notes then still say "its default bound").
     fn max_udp_payload() -> Option<u16> {
         std::env::var("GRINTA_BENCH_QUINN_MAX_UDP_PAYLOAD")
             .ok()

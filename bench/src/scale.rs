@@ -185,8 +185,8 @@ fn whole_node_window() -> Duration {
         .map_or(Duration::from_secs(60), Duration::from_secs)
 }
 
-/// CPU per node per simulated second of whole nodes (QUIC, mutual TLS) over a 60 s steady-state
-/// window, the sizes one after another in this process; every size past the first is compared
+/// CPU per node per simulated second of whole nodes (QUIC, mutual TLS) over a steady-state
+/// window (60 s, see [`whole_node_window`]), the sizes one after another in this process; every size past the first is compared
 /// with the first (the scale issue's target: within 1.5x).
 pub(crate) fn whole_nodes() -> Vec<Measurement> {
     let mut out = Vec::new();

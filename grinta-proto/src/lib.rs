@@ -48,7 +48,9 @@ pub mod api {
     #[cfg(feature = "dev-certs")]
     pub use crate::tls::dev::{DevCa, DevCertError};
     pub use crate::tls::{TlsConfig, TlsError};
-    pub use crate::transport::{TransportError, TransportLimits};
+    pub use crate::transport::{
+        DEFAULT_MAX_UDP_PAYLOAD, JUMBO_MAX_UDP_PAYLOAD, TransportError, TransportLimits,
+    };
 }
 
 #[cfg(feature = "adapter")]

@@ -1568,7 +1568,9 @@ impl Node {
     }
 
     /// Lets one [`Transmit`] carry up to `segments` datagrams to the same destination, for a
-    /// socket with segmentation offload (GSO). The default, 1, suits a plain `send_to`.
+    /// socket with segmentation offload (GSO). The default, 1, suits a plain `send_to`. A
+    /// transmit also stays within 65,000 bytes, which the kernel requires of one segmented send
+    /// (7 packets once discovery reached 8952 bytes).
     pub fn set_max_transmit_segments(&mut self, segments: usize) {
         self.transport.set_max_transmit_segments(segments);
     }

@@ -111,17 +111,19 @@ pub struct TransportLimits {
     /// IP fragmentation, which the fabric's adapters check; the fabric turns it off otherwise.
     pub mtu_discovery: bool,
     /// The largest UDP payload path MTU discovery looks for, and the largest this node accepts
-    /// (announced to peers), from 1200 to 65527 bytes. The default,
-    /// [`DEFAULT_MAX_UDP_PAYLOAD`] (1452), fits a 1500-byte Ethernet frame under IPv6 and IPv4.
+    /// (announced to peers), from 1200 to 65527 bytes (65507 is the most IPv4 carries). The
+    /// default, [`DEFAULT_MAX_UDP_PAYLOAD`] (1452), fits a 1500-byte Ethernet frame under IPv6
+    /// and IPv4. A connection's discovery looks no further than the smaller of its two nodes'
+    /// values, so raise it on every node; it does nothing while `mtu_discovery` is off.
     ///
     /// Where every node's path carries jumbo frames (cloud networks such as an AWS VPC, many
     /// data-centre LANs) or the nodes share a host (loopback), [`JUMBO_MAX_UDP_PAYLOAD`]
-    /// (8952) lets flows use packets six times larger: fewer packets, less CPU per byte (see
-    /// BENCHMARKS.md). Do not raise it where paths are Ethernet: discovery probes beyond the
-    /// path are lost (or refused by the local interface), three times per size tried, so a
-    /// search from 1452 to 8952 costs about 24 lost probes per connection, repeated every ten
-    /// minutes, which for a node holding a connection per member is more packets than
-    /// membership itself sends.
+    /// (8952) lets flows use packets six times larger: fewer packets, less CPU per message
+    /// (see BENCHMARKS.md). Do not raise it where paths are Ethernet: discovery probes beyond
+    /// the path are lost (or refused by the local interface), three times per size tried, so a
+    /// search up to 8952 on a 1500-byte path loses about 21 probes on each side of every
+    /// connection, again every ten minutes, which for a node holding a connection per member
+    /// is more packets than membership itself sends.
     ///
     /// ```
     /// use grinta_proto::transport::{JUMBO_MAX_UDP_PAYLOAD, TransportLimits};

@@ -459,7 +459,7 @@ fn ten_megabytes_arrive_exact_and_in_order_over_a_lossy_reordering_link() {
 /// Sends 4 MiB from node 0 to node 1 on a network that carries datagrams up to `max_datagram`
 /// bytes, with nodes whose path MTU discovery looks for up to `max_udp_payload`; returns
 /// (datagrams node 0 sent for it, datagrams the network refused as too large since the
-/// cluster formed).
+/// simulation started).
 fn bulk_over(seed: u64, max_datagram: usize, max_udp_payload: u16) -> (u64, u64) {
     let ca = DevCa::from_seed(seed).expect("dev CA");
     let net = NetConfig {

@@ -44,4 +44,5 @@ on_both_runtimes!(
     datagrams_arrive_and_never_block,
     topics_reach_every_subscriber,
     send_many_delivers_batches_in_order,
+    jumbo_packets_carry_a_bulk_flow_over_loopback,
 );

@@ -196,7 +196,9 @@ impl<R: Runtime> FabricBuilder<R> {
         self
     }
 
-    /// Transport limits (connections, idle timeout).
+    /// Transport limits: connections, idle timeout, and the largest packets path MTU discovery
+    /// looks for (`TransportLimits::max_udp_payload`: raise it to `JUMBO_MAX_UDP_PAYLOAD` on
+    /// every node where paths carry jumbo frames or the nodes share a host; no profile does).
     pub fn transport_limits(mut self, limits: TransportLimits) -> Self {
         self.transport = limits;
         self

@@ -24,8 +24,9 @@ use super::{DRIVER_BUDGET, RecvMeta, Runtime, Shared};
 use crate::flow::FlowId;
 use crate::node::{Node, Transmit};
 
-/// Datagrams per GSO send at most, whatever the socket allows: 64 KiB is the most one UDP send
-/// can carry (44 full-size QUIC packets), and smaller batches keep the pacing of a flow smooth.
+/// Datagrams per GSO send at most, whatever the socket allows: smaller batches keep the pacing
+/// of a flow smooth. The transport also keeps one send within 65,000 bytes, the most one UDP
+/// send can carry (44 packets of 1452 bytes, 7 of 8952).
 const MAX_TRANSMIT_SEGMENTS: usize = 10;
 /// Datagrams taken from the node per round before they are sent.
 const OUTBOX_DATAGRAMS: usize = 64;
