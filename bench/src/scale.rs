@@ -186,15 +186,17 @@ fn whole_node_window() -> Duration {
 }
 
 /// CPU per node per simulated second of whole nodes (QUIC, mutual TLS) over a steady-state
-/// window (60 s, see [`whole_node_window`]), the sizes one after another in this process; every size past the first is compared
-/// with the first (the scale issue's target: within 1.5x).
+/// window (60 s, see [`whole_node_window`]), the sizes one after another in this process;
+/// every size past the first is compared with the first (the scale issue's target: within
+/// 1.5x).
 pub(crate) fn whole_nodes() -> Vec<Measurement> {
     let mut out = Vec::new();
+    let window = whole_node_window();
     let mut reference: Option<(usize, f64)> = None;
     let budget = whole_node_budget();
     for n in whole_node_sizes() {
         alloc::set_counting(true);
-        let cost = steady_state_cost(31, n, whole_node_window(), None, budget);
+        let cost = steady_state_cost(31, n, window, None, budget);
         alloc::set_counting(false);
         eprintln!("  whole nodes {n}: {cost:?}");
         let warm_up = match budget {
@@ -205,7 +207,7 @@ pub(crate) fn whole_nodes() -> Vec<Measurement> {
         };
         let note = format!(
             "whole nodes (QUIC, mutual TLS) in the simulator, lossless 1 ms LAN, {} s window, {warm_up}: {:.1} handshakes per node per min, {:.0} connections and {:.1} MiB of heap per node, {} failed probes",
-            whole_node_window().as_secs(),
+            window.as_secs(),
             cost.handshakes_per_node_min,
             cost.connections_per_node,
             cost.heap_per_node / (1024.0 * 1024.0),
