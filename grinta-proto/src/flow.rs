@@ -497,6 +497,26 @@ impl SendQueue {
         self.len == 0
     }
 
+    /// An empty queue for a sender to frame a batch of messages in before it hands them over
+    /// with [`append`](Self::append): its first message goes into a batch buffer too.
+    pub(crate) fn for_staging() -> Self {
+        Self {
+            next_batch: FIRST_BATCH_CAPACITY,
+            ..Self::default()
+        }
+    }
+
+    /// The messages of a queue that holds only messages (a staging queue), cut back out of
+    /// their frames, in order.
+    pub(crate) fn into_messages(mut self) -> VecDeque<Bytes> {
+        self.seal();
+        let mut decoder = FrameDecoder::new(usize::MAX);
+        for chunk in self.chunks {
+            decoder.push(chunk);
+        }
+        std::iter::from_fn(|| decoder.next_frame().ok().flatten()).collect()
+    }
+
     /// Moves everything `other` holds to the end of this queue, without copying bytes.
     pub(crate) fn append(&mut self, other: &mut SendQueue) {
         self.seal();

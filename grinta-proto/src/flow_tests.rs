@@ -439,3 +439,27 @@ fn pending_dial_and_per_peer_counts_follow_flows_in_and_out() {
         assert_eq!(flows.poll_timeout(), None);
     }
 }
+
+/// A staging queue gives back the messages it framed, in order, whatever their sizes: the
+/// sender's way back when the flow closed before the batch was handed over.
+#[test]
+fn a_staging_queue_gives_back_its_messages() {
+    let sizes = [
+        0usize, 1, 64, 4095, 4096, 4097, 70_000, 3, 0, 16_384, 127, 128,
+    ];
+    let messages: Vec<Bytes> = sizes
+        .iter()
+        .cycle()
+        .take(200)
+        .enumerate()
+        .map(|(i, &n)| Bytes::from(vec![(i % 251) as u8; n]))
+        .collect();
+    let mut staged = SendQueue::for_staging();
+    for m in &messages {
+        staged.push_message(m.clone());
+    }
+    let framed: usize = messages.iter().map(|m| framing::framed_len(m.len())).sum();
+    assert_eq!(staged.len(), framed);
+    assert_eq!(Vec::from(staged.into_messages()), messages);
+    assert!(SendQueue::for_staging().into_messages().is_empty());
+}

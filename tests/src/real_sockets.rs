@@ -1677,6 +1677,10 @@ fn serve_sequence_checker<R: Runtime>(endpoint: grinta_proto::fabric::Endpoint<R
                 while let Ok(Some(m)) = flow.recv().await {
                     let index = u32::from_be_bytes(m[..4].try_into().expect("index"));
                     assert_eq!(index, next, "messages arrive once each and in order");
+                    assert!(
+                        m[4..].iter().all(|&b| b == (index % 251) as u8),
+                        "message {index} arrives intact"
+                    );
                     next += 1;
                 }
                 let _ = flow.send(next.to_be_bytes().to_vec()).await;
@@ -1684,6 +1688,13 @@ fn serve_sequence_checker<R: Runtime>(endpoint: grinta_proto::fabric::Endpoint<R
             }));
         }
     }));
+}
+
+/// A small message `i` of a sequence: its index, then up to 63 bytes of filler.
+fn small_sequence_message(i: u32) -> bytes::Bytes {
+    let mut m = i.to_be_bytes().to_vec();
+    m.resize(4 + (i as usize * 31) % 64, (i % 251) as u8);
+    m.into()
 }
 
 /// Message `i` of a sequence: its index, then up to 4 KiB of filler.
@@ -1694,7 +1705,8 @@ fn sequence_message(i: u32) -> bytes::Bytes {
 }
 
 /// `send_many` over QUIC and in-process: 20,000 messages (about 40 MiB, forty times the send
-/// buffer) in batches of every size from 1 to 5,000 arrive once each and in order; a message
+/// buffer) in batches of every size from 1 to 9,000, then 300,000 small ones in batches of up
+/// to 100,000, arrive once each, intact and in order; a message
 /// over the receiver's limit in a batch fails with `MessageTooLarge` after the ones before it
 /// were sent, none after it, and the flow stays usable.
 pub async fn send_many_delivers_batches_in_order<R: Runtime>() {
@@ -1725,6 +1737,20 @@ pub async fn send_many_delivers_batches_in_order<R: Runtime>() {
             .await
             .expect("send_many of Vec<u8>");
         i += 1000;
+        // Small messages, as a busy sender has them: 300,000 of 4 to 67 bytes (about 11 MiB,
+        // ten times the send buffer) in batches of 1 to 100,000, and sent one by one between.
+        for batch in [100_000u32, 1, 64, 257, 50_000, 99_678, 50_000] {
+            let messages: Vec<Bytes> = (i..i + batch).map(small_sequence_message).collect();
+            within::<R, _>(Duration::from_secs(30), flow.send_many(messages))
+                .await
+                .expect("no hang")
+                .expect("send_many of small messages");
+            i += batch;
+            for _ in 0..3 {
+                flow.send(small_sequence_message(i)).await.expect("send");
+                i += 1;
+            }
+        }
         // The 4th message is over the 4 MiB limit: 3 sent, the error, none after.
         let mut batch: Vec<Bytes> = (i..i + 3).map(sequence_message).collect();
         batch.push(Bytes::from(vec![0u8; (4 << 20) + 1]));

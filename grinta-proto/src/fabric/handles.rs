@@ -15,15 +15,22 @@ use futures_core::Stream;
 use futures_sink::Sink;
 
 use crate::codec::{Codec, CodecError};
-use crate::flow::{FlowError, FlowId, FlowStats, Recv, ResetCode};
+use crate::flow::{FlowError, FlowId, FlowStats, Recv, ResetCode, SendQueue};
+use crate::wire::framing;
 
 use super::local::{ErasedEncode, LocalEnd, Message};
-use super::mailbox::{HandlesGone, Mailbox, Staged, Taken, Wakeup};
+use super::mailbox::{Committed, HandlesGone, Mailbox, Staged, Taken, Wakeup};
 use super::{Error, Fabric, Runtime};
 
-/// Messages `send_many` takes from its caller's iterator before queueing them under the mailbox's
-/// lock.
-const STAGE_CHUNK: usize = 256;
+/// Bytes `send_many` frames outside any lock before handing them to the mailbox under its lock.
+const STAGE_BYTES: usize = 16 * 1024;
+
+/// How a message `send_many` sent alone fared.
+enum Alone {
+    Queued { room: usize },
+    Refused(Error),
+    AskNode(Bytes),
+}
 
 /// Messages a receiving half takes from the node at once (beyond the one it returns), so that a
 /// reader of a busy flow locks the node once per batch rather than once per message.
@@ -62,7 +69,7 @@ fn poll_mailbox(
         return Poll::Ready(None);
     };
     match mailbox.stage_many(cx, wakeup, message, rest) {
-        Staged::Queued => Poll::Ready(None),
+        Staged::Queued { .. } => Poll::Ready(None),
         Staged::Full(message) => {
             *slot = Some(message);
             Poll::Pending
@@ -636,7 +643,7 @@ impl<R: Runtime> FlowSender<R> {
         I::Item: Into<Bytes>,
     {
         let mut rest = messages.into_iter().map(Into::into);
-        let mut chunk = VecDeque::new();
+        let mut left = VecDeque::new();
         if let (
             None,
             Route::Remote {
@@ -646,36 +653,79 @@ impl<R: Runtime> FlowSender<R> {
             },
         ) = (&self.pending, &self.core.route)
         {
-            // The data path of an open remote flow: straight into its mailbox, as many messages
-            // per lock as fit. The caller's iterator runs here, never under the mailbox's lock
-            // (it may call into the fabric).
+            // The data path of an open remote flow: straight into its mailbox. Messages are
+            // framed into `staged` outside any lock, as many as fit the room the mailbox last
+            // reported (only this sender adds, so that room is still there), then handed over
+            // under the mailbox's lock in a few chunks: the lock is held for a moment, so the
+            // driver taking the queue rarely waits for it. The caller's iterator never runs
+            // under the lock (it may call into the fabric). A message that does not fit the
+            // room known goes alone, waiting for room if need be, which also learns the room:
+            // a lone message (`send`) takes that path and allocates nothing.
             let wakeup = &fabric.shared.wakeup;
+            let limit = mailbox.peer_max_message();
+            let mut staged = SendQueue::for_staging();
+            let mut room = 0;
+            let mut next = None;
             loop {
-                // Every message of the previous chunk was queued: the next ones. A lone message
-                // (`send`) stays in `slot` and the chunk allocates nothing.
-                let mut slot = rest.next();
-                if slot.is_none() {
-                    return Ok(());
+                let budget = room.min(STAGE_BYTES);
+                let (mut messages, mut bytes) = (0u64, 0u64);
+                while let Some(message) = next.take().or_else(|| rest.next()) {
+                    if message.len() as u64 > limit
+                        || staged.len() + framing::framed_len(message.len()) > budget
+                    {
+                        next = Some(message);
+                        break;
+                    }
+                    messages += 1;
+                    bytes += message.len() as u64;
+                    staged.push_message(message);
                 }
-                chunk.extend(rest.by_ref().take(STAGE_CHUNK - 1));
+                if messages > 0 {
+                    match mailbox.commit(wakeup, &mut staged, messages, bytes) {
+                        Committed::Queued { room: r } => room = r,
+                        Committed::Closed => {
+                            // Not plainly open: the node decides, for these and the rest.
+                            left = std::mem::take(&mut staged).into_messages();
+                            left.extend(next);
+                            break;
+                        }
+                    }
+                    continue;
+                }
+                let Some(message) = next.take() else {
+                    return Ok(());
+                };
+                let mut one = Some(message);
                 let stopped = poll_fn(|cx| {
-                    let mut queued = std::iter::from_fn(|| chunk.pop_front());
-                    poll_mailbox(mailbox, wakeup, cx, &mut slot, &mut queued)
+                    let Some(message) = one.take() else {
+                        return Poll::Ready(Alone::Queued { room: 0 });
+                    };
+                    match mailbox.stage_many(cx, wakeup, message, &mut std::iter::empty()) {
+                        Staged::Queued { room } => Poll::Ready(Alone::Queued { room }),
+                        Staged::Full(message) => {
+                            one = Some(message);
+                            Poll::Pending
+                        }
+                        Staged::TooLarge { size, limit } => Poll::Ready(Alone::Refused(
+                            FlowError::MessageTooLarge { size, limit }.into(),
+                        )),
+                        Staged::AskNode(message) => Poll::Ready(Alone::AskNode(message)),
+                    }
                 })
                 .await;
                 match stopped {
-                    None => {}
-                    Some(Err(e)) => return Err(e),
+                    Alone::Queued { room: r } => room = r,
+                    Alone::Refused(e) => return Err(e),
                     // Not plainly open: the general path asks the node, for this one and the
                     // rest.
-                    Some(Ok(message)) => {
-                        chunk.push_front(message);
+                    Alone::AskNode(message) => {
+                        left.push_back(message);
                         break;
                     }
                 }
             }
         }
-        for message in chunk.into_iter().chain(rest) {
+        for message in left.into_iter().chain(rest) {
             self.send_message(Message::Bytes(message)).await?;
         }
         Ok(())

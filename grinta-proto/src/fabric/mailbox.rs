@@ -152,6 +152,11 @@ impl Outbox {
         queued == 0 || queued + len <= send_buffer
     }
 
+    /// Bytes that fit beyond what is queued.
+    fn room(&self, send_buffer: usize) -> usize {
+        send_buffer.saturating_sub(self.queue.len() + self.node_queued)
+    }
+
     fn wake(&mut self) {
         self.wanted = None;
         if let Some(w) = self.waker.take() {
@@ -184,10 +189,10 @@ impl Inbox {
     }
 }
 
-/// What [`Mailbox::stage`] did with a message.
+/// What [`Mailbox::stage_many`] did with a message.
 pub(crate) enum Staged {
-    /// Queued.
-    Queued,
+    /// Queued, with `room` bytes left for the sender (see [`Mailbox::commit`]).
+    Queued { room: usize },
     /// No room: the task is woken when there is.
     Full(Bytes),
     /// The flow is not plainly open: the node decides.
@@ -199,6 +204,14 @@ pub(crate) enum Staged {
         /// The other side's limit.
         limit: u64,
     },
+}
+
+/// What [`Mailbox::commit`] did with a batch.
+pub(crate) enum Committed {
+    /// Queued, with `room` bytes left for the sender.
+    Queued { room: usize },
+    /// The flow is not plainly open: nothing was taken, and the node decides.
+    Closed,
 }
 
 /// What [`Mailbox::take`] found.
@@ -254,7 +267,9 @@ impl Mailbox {
         let mut next = Some(first);
         let staged = loop {
             let Some(message) = next.take() else {
-                break Staged::Queued;
+                break Staged::Queued {
+                    room: out.room(self.send_buffer),
+                };
             };
             let len = message.len();
             if len as u64 > self.peer_max_message {
@@ -287,6 +302,39 @@ impl Mailbox {
             wakeup.schedule(self);
         }
         staged
+    }
+
+    /// The largest message the other side accepts.
+    pub(crate) fn peer_max_message(&self) -> u64 {
+        self.peer_max_message
+    }
+
+    /// The sending half, without the node's lock: appends `staged`, `messages` messages of
+    /// `bytes` payload bytes that the sender framed outside any lock, in a few chunks, so the
+    /// lock is held for a moment whatever the batch. The batch must fit the room the sender's
+    /// previous call reported: the sender is the only one that adds, so that room has only grown
+    /// since. Returns the room left; `Closed` leaves `staged` untouched.
+    pub(crate) fn commit(
+        self: &Arc<Self>,
+        wakeup: &Wakeup,
+        staged: &mut SendQueue,
+        messages: u64,
+        bytes: u64,
+    ) -> Committed {
+        let mut out = lock(&self.outbox);
+        if out.closed {
+            return Committed::Closed;
+        }
+        let was_empty = out.queue.is_empty();
+        out.messages += messages;
+        out.bytes += bytes;
+        out.queue.append(staged);
+        let room = out.room(self.send_buffer);
+        drop(out);
+        if was_empty {
+            wakeup.schedule(self);
+        }
+        Committed::Queued { room }
     }
 
     /// The receiving half: the next message, taking everything the inbox holds into `received`.
