@@ -157,11 +157,18 @@ impl Outbox {
         send_buffer.saturating_sub(self.queue.len() + self.node_queued)
     }
 
-    fn wake(&mut self) {
+    /// The waiting sender's waker, to wake once the lock is released (a sender woken under
+    /// it would wait for it at once).
+    fn take_waker(&mut self) -> Option<Waker> {
         self.wanted = None;
-        if let Some(w) = self.waker.take() {
-            w.wake();
-        }
+        self.waker.take()
+    }
+}
+
+/// Wakes `waker`, if any: called with no mailbox lock held.
+fn wake(waker: Option<Waker>) {
+    if let Some(w) = waker {
+        w.wake();
     }
 }
 
@@ -179,14 +186,6 @@ struct Inbox {
     /// Once `messages` is empty, receives go through the node (the other side finished, the flow
     /// failed or was reset, the fabric shut down).
     closed: bool,
-}
-
-impl Inbox {
-    fn wake(&mut self) {
-        if let Some(w) = self.waker.take() {
-            w.wake();
-        }
-    }
 }
 
 /// What [`Mailbox::stage_many`] did with a message.
@@ -373,6 +372,7 @@ impl Mailbox {
     /// the reader freed. Done before anything that goes through the node, so the order of
     /// messages is kept.
     pub(crate) fn hand_over(&self, node: &mut Node, now: Instant) {
+        let mut waker = None;
         {
             let mut out = lock(&self.outbox);
             if !out.queue.is_empty() {
@@ -387,11 +387,12 @@ impl Mailbox {
                     // the next send asks the node why.
                     out.queue = SendQueue::default();
                     out.closed = true;
-                    out.wake();
+                    waker = out.take_waker();
                 }
             }
             out.node_queued = node.flow_send_queued(self.id).unwrap_or(0);
         }
+        wake(waker);
         let consumed = std::mem::take(&mut lock(&self.inbox).consumed);
         if consumed > 0 {
             node.release_received(now, self.id, consumed);
@@ -402,23 +403,24 @@ impl Mailbox {
     /// sender waiting for that room. Returns whether a sender still waits.
     pub(crate) fn refresh_room(&self, node: &Node) -> bool {
         let mut out = lock(&self.outbox);
-        match node.flow_send_queued(self.id) {
-            Some(queued) => out.node_queued = queued,
+        let (waker, waits) = match node.flow_send_queued(self.id) {
+            Some(queued) => {
+                out.node_queued = queued;
+                match out.wanted {
+                    Some(len) if out.has_room(len, self.send_buffer) => (out.take_waker(), false),
+                    Some(_) => (None, true),
+                    None => (None, false),
+                }
+            }
             None => {
                 // Ended: the sender learns why from the node.
                 out.closed = true;
-                out.wake();
-                return false;
+                (out.take_waker(), false)
             }
-        }
-        match out.wanted {
-            Some(len) if out.has_room(len, self.send_buffer) => {
-                out.wake();
-                false
-            }
-            Some(_) => true,
-            None => false,
-        }
+        };
+        drop(out);
+        wake(waker);
+        waits
     }
 
     /// Under the node's lock, when the flow became readable: moves its received messages to the
@@ -434,23 +436,31 @@ impl Mailbox {
         } = &mut *inbox;
         *bytes += node.take_received(self.id, messages);
         inbox.node_full = node.flow_recv_full(self.id);
-        if !inbox.messages.is_empty() {
-            inbox.wake();
-        }
+        let waker = if inbox.messages.is_empty() {
+            None
+        } else {
+            inbox.waker.take()
+        };
+        drop(inbox);
+        wake(waker);
     }
 
     /// The other side finished: once the inbox is empty, the reader asks the node.
     pub(crate) fn close_inbox(&self) {
         let mut inbox = lock(&self.inbox);
         inbox.closed = true;
-        inbox.wake();
+        let waker = inbox.waker.take();
+        drop(inbox);
+        wake(waker);
     }
 
     /// This side finished: further sends ask the node (which refuses them).
     pub(crate) fn close_outbox(&self) {
         let mut out = lock(&self.outbox);
         out.closed = true;
-        out.wake();
+        let waker = out.take_waker();
+        drop(out);
+        wake(waker);
     }
 
     /// The flow ended or the fabric shut down: both halves ask the node from now on.
