@@ -158,6 +158,10 @@ fn main() {
             runtime.block_on(remote::profile_requests());
             return;
         }
+        if kind.contains("request-rtt") {
+            runtime.block_on(remote::profile_request_rtt(kind.contains("quinn")));
+            return;
+        }
         runtime.block_on(remote::profile(
             kind.contains("small"),
             kind.contains("quinn"),

@@ -485,6 +485,32 @@ pub(crate) async fn profile_requests() {
     eprintln!("requests per second per run: {rates:.0?}");
 }
 
+/// Sequential requests (as `request_rtt` makes them) for about ten seconds, then the median.
+pub(crate) async fn profile_request_rtt(baseline: bool) {
+    let pair = grinta_pair().await;
+    let quinn = raw::pair(&pair.ca).await;
+    let message = vec![5u8; SMALL];
+    let start = Instant::now();
+    let mut rtts = Vec::new();
+    while start.elapsed() < Duration::from_secs(10) {
+        let t = Instant::now();
+        if baseline {
+            raw::request(&quinn.conn, &message).await;
+        } else {
+            let reply = pair.a.request("req", Bytes::from(message.clone())).await;
+            assert_eq!(reply.expect("reply").len(), SMALL);
+        }
+        rtts.push(t.elapsed());
+    }
+    rtts.sort();
+    eprintln!(
+        "{} requests, p50 {:?}, p99 {:?}",
+        rtts.len(),
+        rtts[rtts.len() / 2],
+        rtts[rtts.len() * 99 / 100]
+    );
+}
+
 /// Runs grinta's (or with `baseline` raw quinn's) bulk or small-message stream for about ten
 /// seconds, then prints the rate and grinta's socket counters.
 pub(crate) async fn profile(small: bool, baseline: bool) {

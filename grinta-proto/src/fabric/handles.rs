@@ -455,9 +455,10 @@ impl<R: Runtime> Flow<R> {
     }
 
     /// Sends a batch of messages, in order, as if by [`send`](Self::send) one after the other,
-    /// but cheaper: over QUIC the batch is queued under one lock per buffer's worth instead of
-    /// one per message. Use it when messages come in batches (a drained queue, a page of rows);
-    /// small messages sent one by one are still packed into shared packets.
+    /// but cheaper: over QUIC, small messages are framed into 16 KiB chunks by the calling task,
+    /// outside any lock, and each chunk is queued at once, rather than one message at a time.
+    /// Use it when messages come in batches (a drained queue, a page of rows); small messages
+    /// sent one by one are still packed into shared packets.
     ///
     /// Cancel safety: dropping the future may leave a prefix of the batch sent and the rest not.
     /// On an error, the messages before the failing one were sent and none after it; the error
