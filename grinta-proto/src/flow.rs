@@ -23,7 +23,7 @@ use quinn_proto::{ConnectionHandle, StreamId};
 
 use crate::registry::Registry;
 use crate::transport::FlowRead;
-use crate::wire::framing::{self, FrameDecoder, FrameError};
+use crate::wire::framing::{self, FrameDecoder, FrameError, FrameRun};
 use crate::wire::{self, StreamErrorCode};
 
 /// Identifies a flow on one node.
@@ -435,7 +435,11 @@ struct Flow {
     stream: Option<(ConnectionHandle, StreamId)>,
     phase: Phase,
     parser: FlowStreamParser,
-    recv_queue: VecDeque<Bytes>,
+    recv_queue: RecvQueue,
+    /// The reader takes messages in batches and cuts them out of their frames itself
+    /// ([`Flows::let_reader_cut`]): received chunks are queued as runs of frames, not message
+    /// by message.
+    reader_cuts: bool,
     recv_bytes: usize,
     remote_finished: bool,
     send_queue: SendQueue,
@@ -615,6 +619,212 @@ impl SendQueue {
     }
 }
 
+/// Received messages not yet taken by the application, in order: whole messages, or runs of
+/// complete length-prefixed frames cut from one received chunk. The node checks a run's frames
+/// when it cuts it (each complete and within the limit) and cuts the messages out only as they
+/// are taken, so a busy flow costs the driver one slice per packet, and the per-message
+/// reference counting happens on the reader's thread, on the reader's cache lines.
+#[derive(Debug, Default)]
+pub(crate) struct RecvQueue {
+    items: VecDeque<RecvItem>,
+    /// Messages in `items`.
+    messages: usize,
+    /// Their payload bytes (length prefixes not counted).
+    bytes: usize,
+}
+
+/// The messages of one [`RecvItem`], borrowed.
+enum ItemMessages<'a> {
+    One(Option<&'a [u8]>),
+    Frames { rest: &'a [u8], left: usize },
+}
+
+impl<'a> Iterator for ItemMessages<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        match self {
+            ItemMessages::One(m) => m.take(),
+            ItemMessages::Frames { rest, left } => {
+                if *left == 0 {
+                    return None;
+                }
+                let Ok(framing::FrameHeader::Complete { header_len, len }) =
+                    framing::peek_frame(rest, usize::MAX)
+                else {
+                    // Unreachable: runs are checked when cut.
+                    *left = 0;
+                    return None;
+                };
+                let message = rest.get(header_len..header_len + len)?;
+                *rest = rest.get(header_len + len..)?;
+                *left -= 1;
+                Some(message)
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+enum RecvItem {
+    Message(Bytes),
+    /// `count` complete frames, prefixes included, holding `body` payload bytes.
+    Frames {
+        frames: Bytes,
+        count: usize,
+        body: usize,
+    },
+}
+
+impl RecvQueue {
+    /// Messages queued.
+    pub(crate) fn len(&self) -> usize {
+        self.messages
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.messages == 0
+    }
+
+    /// Payload bytes queued.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Puts one message back in front (the one a reader took first).
+    pub(crate) fn push_front(&mut self, message: Bytes) {
+        self.messages += 1;
+        self.bytes += message.len();
+        self.items.push_front(RecvItem::Message(message));
+    }
+
+    /// Every message, in order, borrowed: runs are walked, not cut.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.items.iter().flat_map(|item| match item {
+            RecvItem::Message(m) => ItemMessages::One(Some(&m[..])),
+            RecvItem::Frames { frames, count, .. } => ItemMessages::Frames {
+                rest: &frames[..],
+                left: *count,
+            },
+        })
+    }
+
+    /// Queues one message.
+    pub(crate) fn push_back(&mut self, message: Bytes) {
+        self.messages += 1;
+        self.bytes += message.len();
+        self.items.push_back(RecvItem::Message(message));
+    }
+
+    fn push_run(&mut self, run: FrameRun) {
+        match run {
+            FrameRun::One(message) => self.push_back(message),
+            FrameRun::Frames {
+                frames,
+                count,
+                body,
+            } => {
+                self.messages += count;
+                self.bytes += body;
+                self.items.push_back(RecvItem::Frames {
+                    frames,
+                    count,
+                    body,
+                });
+            }
+        }
+    }
+
+    /// Takes the next message.
+    pub(crate) fn pop_front(&mut self) -> Option<Bytes> {
+        let message = match self.items.front_mut()? {
+            RecvItem::Message(_) => match self.items.pop_front() {
+                Some(RecvItem::Message(m)) => m,
+                _ => return None,
+            },
+            RecvItem::Frames {
+                frames,
+                count,
+                body,
+            } => match FrameRun::split_next(frames) {
+                Some(m) => {
+                    *count -= 1;
+                    *body -= m.len().min(*body);
+                    if *count == 0 {
+                        self.items.pop_front();
+                    }
+                    m
+                }
+                None => {
+                    // Unreachable: the run was checked when it was cut. Drop it whole rather
+                    // than panic, keeping the counts.
+                    if let Some(RecvItem::Frames { count, body, .. }) = self.items.pop_front() {
+                        self.messages = self.messages.saturating_sub(count);
+                        self.bytes = self.bytes.saturating_sub(body);
+                    }
+                    return self.pop_front();
+                }
+            },
+        };
+        self.messages -= 1;
+        self.bytes -= message.len();
+        Some(message)
+    }
+
+    /// Moves messages from the front to `into` until it holds `max` (or nothing is left): whole
+    /// items while they fit, then single messages cut from the run that does not. Returns the
+    /// messages and bytes moved.
+    fn move_to(&mut self, into: &mut RecvQueue, max: usize) -> (usize, usize) {
+        let (mut messages, mut bytes) = (0, 0);
+        while into.messages < max {
+            let (m, b) = match self.items.front() {
+                None => break,
+                Some(RecvItem::Message(message)) => (1, message.len()),
+                Some(RecvItem::Frames { count, body, .. }) => (*count, *body),
+            };
+            if into.messages + m > max {
+                // Part of a run: message by message.
+                while into.messages < max {
+                    let Some(message) = self.pop_front() else {
+                        break;
+                    };
+                    messages += 1;
+                    bytes += message.len();
+                    into.push_back(message);
+                }
+                break;
+            }
+            if let Some(item) = self.items.pop_front() {
+                self.messages -= m;
+                self.bytes -= b;
+                into.messages += m;
+                into.bytes += b;
+                into.items.push_back(item);
+                messages += m;
+                bytes += b;
+            }
+        }
+        (messages, bytes)
+    }
+
+    /// Moves everything to the end of `into`.
+    pub(crate) fn append_to(&mut self, into: &mut RecvQueue) {
+        if into.items.is_empty() {
+            std::mem::swap(self, into);
+        } else {
+            into.messages += std::mem::take(&mut self.messages);
+            into.bytes += std::mem::take(&mut self.bytes);
+            into.items.append(&mut self.items);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.items.clear();
+        self.messages = 0;
+        self.bytes = 0;
+    }
+}
+
 /// One item of a flow stream.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FlowFrame {
@@ -718,16 +928,28 @@ impl FlowStreamParser {
         self.next_raw_frame()
     }
 
+    /// Like [`next_message`](Self::next_message), but every complete message of the next
+    /// chunk at once, left in their frames (see [`FrameDecoder::next_run`]).
+    fn next_run(&mut self) -> Result<Option<FrameRun>, FlowError> {
+        if self.expect_open.is_some() {
+            return Ok(None);
+        }
+        self.decoder.next_run().map_err(Self::frame_error)
+    }
+
     fn next_raw_frame(&mut self) -> Result<Option<Bytes>, FlowError> {
-        match self.decoder.next_frame() {
-            Ok(frame) => Ok(frame),
-            Err(FrameError::TooLarge { size, limit }) => Err(FlowError::MessageTooLarge {
+        self.decoder.next_frame().map_err(Self::frame_error)
+    }
+
+    fn frame_error(error: FrameError) -> FlowError {
+        match error {
+            FrameError::TooLarge { size, limit } => FlowError::MessageTooLarge {
                 size,
                 limit: limit as u64,
-            }),
-            Err(_) => Err(FlowError::Reset {
+            },
+            _ => FlowError::Reset {
                 code: ResetCode::ProtocolViolation,
-            }),
+            },
         }
     }
 }
@@ -934,7 +1156,8 @@ impl Flows {
                 stream: None,
                 phase,
                 parser,
-                recv_queue: VecDeque::new(),
+                recv_queue: RecvQueue::default(),
+                reader_cuts: false,
                 recv_bytes: 0,
                 remote_finished: false,
                 early: None,
@@ -1205,12 +1428,21 @@ impl Flows {
             if flow.phase == Phase::Open {
                 // The data path: every complete message, in one loop.
                 let was_empty = flow.recv_queue.is_empty();
-                while let Some(message) = flow.parser.next_message()? {
-                    if !flow.released {
-                        flow.recv_bytes += message.len();
-                        flow.recv_queue.push_back(message);
+                let before = flow.recv_queue.bytes();
+                if flow.reader_cuts {
+                    while let Some(run) = flow.parser.next_run()? {
+                        if !flow.released {
+                            flow.recv_queue.push_run(run);
+                        }
+                    }
+                } else {
+                    while let Some(message) = flow.parser.next_message()? {
+                        if !flow.released {
+                            flow.recv_queue.push_back(message);
+                        }
                     }
                 }
+                flow.recv_bytes += flow.recv_queue.bytes() - before;
                 if was_empty && !flow.recv_queue.is_empty() {
                     self.events.push_back(FlowEvent::Readable { flow: id });
                 }
@@ -1446,19 +1678,24 @@ impl Flows {
     /// Moves every received message of a flow, in order, to the end of `into`; returns their
     /// bytes. They are counted as received but still count against the flow's receive buffer
     /// until [`release_received`](Self::release_received) gives their bytes back.
-    pub(crate) fn take_received(&mut self, id: FlowId, into: &mut VecDeque<Bytes>) -> usize {
+    pub(crate) fn take_received(&mut self, id: FlowId, into: &mut RecvQueue) -> usize {
         let Some(flow) = self.flows.get_mut(&id) else {
             return 0;
         };
-        let bytes: usize = flow.recv_queue.iter().map(Bytes::len).sum();
+        let bytes = flow.recv_queue.bytes();
         flow.messages_received += flow.recv_queue.len() as u64;
         flow.bytes_received += bytes as u64;
-        if into.is_empty() {
-            std::mem::swap(into, &mut flow.recv_queue);
-        } else {
-            into.extend(flow.recv_queue.drain(..));
-        }
+        flow.recv_queue.append_to(into);
         bytes
+    }
+
+    /// From now on, flow `id` queues what it receives as runs of whole frames, which whoever
+    /// takes them cuts into messages: one slice per received chunk here instead of one per
+    /// message, for a reader that takes messages in batches (`Flow::recv_many`).
+    pub(crate) fn let_reader_cut(&mut self, id: FlowId) {
+        if let Some(flow) = self.flows.get_mut(&id) {
+            flow.reader_cuts = true;
+        }
     }
 
     /// Whether a flow holds as many received bytes as its receive buffer allows (it reads no
@@ -1516,7 +1753,7 @@ impl Flows {
         transport: &mut impl FlowStreams,
         registry: &Registry,
         id: FlowId,
-        more: &mut VecDeque<Bytes>,
+        more: &mut RecvQueue,
         max_more: usize,
     ) -> Result<Recv, FlowError> {
         let Some(flow) = self.flows.get_mut(&id) else {
@@ -1531,15 +1768,10 @@ impl Flows {
             flow.recv_bytes -= message.len();
             flow.messages_received += 1;
             flow.bytes_received += message.len() as u64;
-            while more.len() < max_more {
-                let Some(next) = flow.recv_queue.pop_front() else {
-                    break;
-                };
-                flow.recv_bytes -= next.len();
-                flow.messages_received += 1;
-                flow.bytes_received += next.len() as u64;
-                more.push_back(next);
-            }
+            let (messages, bytes) = flow.recv_queue.move_to(more, max_more);
+            flow.recv_bytes -= bytes;
+            flow.messages_received += messages as u64;
+            flow.bytes_received += bytes as u64;
             if was_full || flow.recv_queue.is_empty() {
                 // Room again: pull more from QUIC (which reopens the peer's flow-control window).
                 self.read(now, transport, registry, id);

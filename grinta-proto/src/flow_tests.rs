@@ -227,7 +227,7 @@ fn a_dialled_flow_opens_carries_messages_and_ends() {
     t.deliver(stream(0), b"world");
     t.peer_finishes(stream(0));
     flows.on_readable(now, &mut t, &registry, CONN, stream(0));
-    let mut more = VecDeque::new();
+    let mut more = RecvQueue::default();
     assert_eq!(
         flows.recv(now, &mut t, &registry, id, &mut more, 0),
         Ok(Recv::Message(Bytes::from_static(b"world")))
@@ -295,7 +295,7 @@ fn a_full_backlog_refuses_and_an_accepted_flow_reads_only_once_accepted() {
     let id = flows
         .accept(now, &mut t, &registry, "svc")
         .expect("the queued flow");
-    let mut more = VecDeque::new();
+    let mut more = RecvQueue::default();
     assert_eq!(
         flows.recv(now, &mut t, &registry, id, &mut more, 0),
         Ok(Recv::Message(Bytes::from_static(b"payload")))
@@ -378,7 +378,7 @@ fn a_reset_from_the_peer_ends_the_flow_and_resets_our_half_too() {
     );
     assert_eq!(t.aborted.len(), 1, "our sending half is reset as well");
     assert_eq!(t.holds, 0);
-    let mut more = VecDeque::new();
+    let mut more = RecvQueue::default();
     assert_eq!(
         flows.recv(now, &mut t, &registry, id, &mut more, 0),
         Err(error)
@@ -462,4 +462,67 @@ fn a_staging_queue_gives_back_its_messages() {
     assert_eq!(staged.len(), framed);
     assert_eq!(Vec::from(staged.into_messages()), messages);
     assert!(SendQueue::for_staging().into_messages().is_empty());
+}
+
+/// A receive queue hands out the messages of whole messages and runs in order, counts messages
+/// and payload bytes exactly, and moves exactly as many messages as asked, cutting a run where
+/// the count falls inside it.
+#[test]
+fn a_receive_queue_keeps_order_counts_and_batch_sizes() {
+    // Runs of 0 to 40 frames of 0 to 200 bytes, with whole messages between them.
+    let mut next = 0u32;
+    let mut expected = Vec::new();
+    let mut queue = RecvQueue::default();
+    for round in 0..50usize {
+        let count = (round * 7) % 41;
+        let mut wire = Vec::new();
+        let mut body = 0;
+        for k in 0..count {
+            let len = (round * 31 + k * 17) % 201;
+            let mut m = next.to_be_bytes().to_vec();
+            m.resize(len.max(4), (next % 251) as u8);
+            next += 1;
+            framing::encode_frame(&m, &mut wire);
+            body += m.len();
+            expected.push(m);
+        }
+        if count > 0 {
+            queue.push_run(FrameRun::Frames {
+                frames: wire.into(),
+                count,
+                body,
+            });
+        }
+        let lone = next.to_be_bytes().to_vec();
+        next += 1;
+        queue.push_back(lone.clone().into());
+        expected.push(lone);
+    }
+    let total_bytes: usize = expected.iter().map(Vec::len).sum();
+    assert_eq!(queue.len(), expected.len());
+    assert_eq!(queue.bytes(), total_bytes);
+    // Read in place, every message in order.
+    assert!(queue.iter().eq(expected.iter().map(Vec::as_slice)));
+    // Take in batches of every size from 1 to 64, through `move_to`, as a reader does.
+    let mut got = Vec::new();
+    let mut batch = 1;
+    while !queue.is_empty() {
+        let before = (queue.len(), queue.bytes());
+        let mut into = RecvQueue::default();
+        let (messages, bytes) = queue.move_to(&mut into, batch);
+        assert_eq!(messages, batch.min(before.0), "exactly the batch asked for");
+        assert_eq!(into.len(), messages);
+        assert_eq!(into.bytes(), bytes);
+        assert_eq!(
+            (queue.len(), queue.bytes()),
+            (before.0 - messages, before.1 - bytes)
+        );
+        while let Some(m) = into.pop_front() {
+            got.push(m.to_vec());
+        }
+        assert_eq!((into.len(), into.bytes()), (0, 0));
+        batch = batch % 64 + 1;
+    }
+    assert_eq!(queue.bytes(), 0);
+    assert_eq!(got, expected);
 }

@@ -34,8 +34,9 @@ pub mod api {
     pub use crate::codec::{BytesCodec, Codec, CodecAction, CodecError, ProstCodec};
     pub use crate::fabric::{
         DownReason, EndpointStats, KvEntry, KvEvent, MAX_KEY_LEN, MAX_NAMES_COUNTED,
-        MAX_REQUESTS_READING, MAX_TOPIC_LEN, MAX_VALUE_LEN, MEMBER_EVENT_CAPACITY, NameEvent,
-        OTHER_NAMES, PUBLISH_BUFFER, QueryOptions, QueryStats, SUBSCRIPTION_QUEUE, TopicStats,
+        MAX_REQUESTS_READING, MAX_TOPIC_LEN, MAX_VALUE_LEN, MEMBER_EVENT_CAPACITY, Messages,
+        MessagesIntoIter, NameEvent, OTHER_NAMES, PUBLISH_BUFFER, QueryOptions, QueryStats,
+        SUBSCRIPTION_QUEUE, TopicStats,
     };
     pub use crate::flow::{FlowError, FlowLimits, FlowStats, RejectReason, ResetCode};
     pub use crate::membership::{

@@ -64,7 +64,8 @@ use tracing::{debug, trace};
 
 use crate::claims::{self, CertificateKeys, ClaimKind};
 use crate::flow::{
-    FlowError, FlowEvent, FlowId, FlowLimits, FlowStats, Flows, Recv, ResetCode, SendQueue,
+    FlowError, FlowEvent, FlowId, FlowLimits, FlowStats, Flows, Recv, RecvQueue, ResetCode,
+    SendQueue,
 };
 use crate::membership::{self, Channel, MemberState, Membership};
 use crate::registry::{
@@ -1080,8 +1081,13 @@ impl Node {
 
     /// Moves a flow's received messages to `into` (see
     /// [`Flows::take_received`](crate::flow::Flows::take_received)); returns their bytes.
-    pub(crate) fn take_received(&mut self, flow: FlowId, into: &mut VecDeque<Bytes>) -> usize {
+    pub(crate) fn take_received(&mut self, flow: FlowId, into: &mut RecvQueue) -> usize {
         self.flows.take_received(flow, into)
+    }
+
+    /// See [`Flows::let_reader_cut`](crate::flow::Flows::let_reader_cut).
+    pub(crate) fn flow_let_reader_cut(&mut self, flow: FlowId) {
+        self.flows.let_reader_cut(flow);
     }
 
     /// Whether a flow's receive buffer is full (it reads on after a release).
@@ -1120,6 +1126,21 @@ impl Node {
         now: Instant,
         flow: FlowId,
         more: &mut VecDeque<Bytes>,
+        max_more: usize,
+    ) -> Result<Recv, FlowError> {
+        let mut queued = RecvQueue::default();
+        let r = self.recv_queued(now, flow, &mut queued, max_more);
+        more.extend(std::iter::from_fn(|| queued.pop_front()));
+        r
+    }
+
+    /// Like [`recv_batch`](Self::recv_batch), but moves further messages as they are queued
+    /// (runs of frames, cut into messages by whoever takes them): the fabric's readers.
+    pub(crate) fn recv_queued(
+        &mut self,
+        now: Instant,
+        flow: FlowId,
+        more: &mut RecvQueue,
         max_more: usize,
     ) -> Result<Recv, FlowError> {
         let r = self.flows.recv(

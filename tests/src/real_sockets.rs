@@ -1668,20 +1668,44 @@ pub async fn topics_reach_every_subscriber<R: Runtime>() {
 }
 
 /// Serves `name`: every flow's messages are checked to be `index (u32) + filler` in order from
-/// 0; at the end the count goes back as one message, then the end.
-fn serve_sequence_checker<R: Runtime>(endpoint: grinta_proto::fabric::Endpoint<R>) {
+/// 0; at the end the count goes back as one message, then the end. With `batches`, the flow
+/// is read with `recv` and `recv_many` in turn (the batches read in place, and every other one
+/// by value).
+fn serve_sequence_checker<R: Runtime>(endpoint: grinta_proto::fabric::Endpoint<R>, batches: bool) {
+    fn check(m: &[u8], next: &mut u32) {
+        let index = u32::from_be_bytes(m[..4].try_into().expect("index"));
+        assert_eq!(index, *next, "messages arrive once each and in order");
+        assert!(
+            m[4..].iter().all(|&b| b == (index % 251) as u8),
+            "message {index} arrives intact"
+        );
+        *next += 1;
+    }
     drop(spawn::<R, _>(async move {
         while let Ok(mut flow) = endpoint.accept().await {
             drop(spawn::<R, _>(async move {
                 let mut next = 0u32;
-                while let Ok(Some(m)) = flow.recv().await {
-                    let index = u32::from_be_bytes(m[..4].try_into().expect("index"));
-                    assert_eq!(index, next, "messages arrive once each and in order");
-                    assert!(
-                        m[4..].iter().all(|&b| b == (index % 251) as u8),
-                        "message {index} arrives intact"
-                    );
-                    next += 1;
+                for turn in 0u64.. {
+                    if !batches || turn % 2 == 0 {
+                        match flow.recv().await {
+                            Ok(Some(m)) => check(&m, &mut next),
+                            _ => break,
+                        }
+                        continue;
+                    }
+                    let Ok(Some(batch)) = flow.recv_many().await else {
+                        break;
+                    };
+                    assert!(!batch.is_empty());
+                    let (len, bytes) = (batch.len(), batch.bytes());
+                    let before = next;
+                    if turn % 4 == 1 {
+                        assert_eq!(batch.iter().map(<[u8]>::len).sum::<usize>(), bytes);
+                        batch.iter().for_each(|m| check(m, &mut next));
+                    } else {
+                        batch.into_iter().for_each(|m| check(&m, &mut next));
+                    }
+                    assert_eq!((next - before) as usize, len);
                 }
                 let _ = flow.send(next.to_be_bytes().to_vec()).await;
                 let _ = flow.finish().await;
@@ -1706,7 +1730,8 @@ fn sequence_message(i: u32) -> bytes::Bytes {
 
 /// `send_many` over QUIC and in-process: 20,000 messages (about 40 MiB, forty times the send
 /// buffer) in batches of every size from 1 to 9,000, then 300,000 small ones in batches of up
-/// to 100,000, arrive once each, intact and in order; a message
+/// to 100,000, arrive once each, intact and in order, read with `recv` or with `recv` and
+/// `recv_many` in turn; a message
 /// over the receiver's limit in a batch fails with `MessageTooLarge` after the ones before it
 /// were sent, none after it, and the flow stays usable.
 pub async fn send_many_delivers_batches_in_order<R: Runtime>() {
@@ -1714,13 +1739,33 @@ pub async fn send_many_delivers_batches_in_order<R: Runtime>() {
     use grinta_proto::flow::FlowError;
     let ca = DevCa::new().expect("dev CA");
     let fabrics = cluster::<R>(&ca, 2).await;
-    serve_sequence_checker(fabrics[1].endpoint("checker").expect("endpoint"));
-    serve_sequence_checker(fabrics[0].endpoint("local-checker").expect("endpoint"));
-    fabrics[0]
-        .wait_for("checker", Duration::from_secs(10))
-        .await
-        .expect("name spread");
-    for (name, local) in [("checker", false), ("local-checker", true)] {
+    serve_sequence_checker(fabrics[1].endpoint("checker").expect("endpoint"), false);
+    serve_sequence_checker(
+        fabrics[0].endpoint("local-checker").expect("endpoint"),
+        false,
+    );
+    serve_sequence_checker(
+        fabrics[1].endpoint("batch-checker").expect("endpoint"),
+        true,
+    );
+    serve_sequence_checker(
+        fabrics[0]
+            .endpoint("local-batch-checker")
+            .expect("endpoint"),
+        true,
+    );
+    for name in ["checker", "batch-checker"] {
+        fabrics[0]
+            .wait_for(name, Duration::from_secs(10))
+            .await
+            .expect("name spread");
+    }
+    for (name, local) in [
+        ("checker", false),
+        ("local-checker", true),
+        ("batch-checker", false),
+        ("local-batch-checker", true),
+    ] {
         let mut flow = fabrics[0].dial(name).await.expect("dial");
         assert_eq!(flow.is_local(), local);
         let mut i = 0u32;

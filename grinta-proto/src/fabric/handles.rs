@@ -7,7 +7,7 @@ use std::future::poll_fn;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -15,7 +15,7 @@ use futures_core::Stream;
 use futures_sink::Sink;
 
 use crate::codec::{Codec, CodecError};
-use crate::flow::{FlowError, FlowId, FlowStats, Recv, ResetCode, SendQueue};
+use crate::flow::{FlowError, FlowId, FlowStats, Recv, RecvQueue, ResetCode, SendQueue};
 use crate::wire::framing;
 
 use super::local::{ErasedEncode, LocalEnd, Message};
@@ -87,6 +87,8 @@ pub(crate) struct FlowCore<R: Runtime> {
     route: Route<R>,
     /// OPEN, FINISHED (our sending side) or RESET.
     state: AtomicU8,
+    /// The node was told that the reader takes batches (`recv_many`).
+    batched: AtomicBool,
 }
 
 impl<R: Runtime> Drop for FlowCore<R> {
@@ -118,7 +120,20 @@ impl<R: Runtime> FlowCore<R> {
         Arc::new(Self {
             route,
             state: AtomicU8::new(OPEN),
+            batched: AtomicBool::new(false),
         })
+    }
+
+    /// Tells the node, once, that this flow's reader takes its messages in batches: it then
+    /// queues received chunks as runs of frames, which the batch cuts into messages.
+    fn read_in_batches(&self) {
+        if self.batched.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Route::Remote { fabric, id, .. } = &self.route {
+            let id = *id;
+            fabric.with(|inner, _| inner.node.flow_let_reader_cut(id));
+        }
     }
 
     fn is_local(&self) -> bool {
@@ -185,7 +200,7 @@ impl<R: Runtime> FlowCore<R> {
     fn poll_recv(
         &self,
         cx: &mut Context<'_>,
-        received: &mut VecDeque<Bytes>,
+        received: &mut RecvQueue,
     ) -> Poll<Result<Option<Message>, Error>> {
         if let Some(m) = received.pop_front() {
             return Poll::Ready(Ok(Some(Message::Bytes(m))));
@@ -212,7 +227,7 @@ impl<R: Runtime> FlowCore<R> {
                 if let Some(mailbox) = mailbox {
                     mailbox.hand_over(&mut inner.node, now);
                 }
-                let r = inner.node.recv_batch(now, *id, received, RECV_BATCH);
+                let r = inner.node.recv_queued(now, *id, received, RECV_BATCH);
                 if inner.node.has_pending_work() {
                     inner.wake_driver();
                 }
@@ -378,7 +393,7 @@ pub struct Flow<R: Runtime> {
     /// The node at the other end.
     peer: String,
     /// Messages taken from the node, not yet returned.
-    received: VecDeque<Bytes>,
+    received: RecvQueue,
 }
 
 impl<R: Runtime> std::fmt::Debug for Flow<R> {
@@ -393,10 +408,96 @@ fn message_bytes(m: Option<Message>) -> Result<Option<Bytes>, Error> {
     Ok(m.map(Message::into_bytes).transpose()?)
 }
 
+/// Every message received so far (waiting for one if there is none), for both a whole flow and
+/// its receiving half.
+async fn recv_messages<R: Runtime>(
+    core: &FlowCore<R>,
+    received: &mut RecvQueue,
+) -> Result<Option<Messages>, Error> {
+    core.read_in_batches();
+    if received.is_empty() {
+        match message_bytes(poll_fn(|cx| core.poll_recv(cx, received)).await?)? {
+            None => return Ok(None),
+            Some(first) => received.push_front(first),
+        }
+    }
+    Ok(Some(Messages {
+        queue: std::mem::take(received),
+    }))
+}
+
+/// A batch of received messages, in order (see [`Flow::recv_many`]). [`iter`](Self::iter)
+/// reads them in place, as borrowed slices; iterating the batch by value gives each as
+/// `Bytes` (a reference into the received data, not a copy).
+///
+/// ```
+/// # fn demo(batch: grinta_proto::fabric::Messages) {
+/// let total: usize = batch.iter().map(<[u8]>::len).sum();
+/// for message in batch {
+///     let _owned: bytes::Bytes = message;
+/// }
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Messages {
+    queue: RecvQueue,
+}
+
+impl Messages {
+    /// How many messages the batch holds (at least one).
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether the batch is empty (a batch from `recv_many` never is).
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Their payload bytes, length prefixes not counted.
+    pub fn bytes(&self) -> usize {
+        self.queue.bytes()
+    }
+
+    /// The messages in order, borrowed: no reference counting and no allocation per message.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.queue.iter()
+    }
+}
+
+impl IntoIterator for Messages {
+    type Item = Bytes;
+    type IntoIter = MessagesIntoIter;
+
+    fn into_iter(self) -> MessagesIntoIter {
+        MessagesIntoIter { queue: self.queue }
+    }
+}
+
+/// The messages of a [`Messages`] batch by value, as `Bytes`.
+#[derive(Debug)]
+pub struct MessagesIntoIter {
+    queue: RecvQueue,
+}
+
+impl Iterator for MessagesIntoIter {
+    type Item = Bytes;
+
+    fn next(&mut self) -> Option<Bytes> {
+        self.queue.pop_front()
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.queue.len(), Some(self.queue.len()))
+    }
+}
+
+impl ExactSizeIterator for MessagesIntoIter {}
+
 /// The next message as bytes, for both a whole flow and its receiving half.
 async fn recv_bytes<R: Runtime>(
     core: &FlowCore<R>,
-    received: &mut VecDeque<Bytes>,
+    received: &mut RecvQueue,
 ) -> Result<Option<Bytes>, Error> {
     // Messages already taken from the mailbox are plain bytes.
     if let Some(m) = received.pop_front() {
@@ -413,7 +514,7 @@ impl<R: Runtime> Flow<R> {
                 core: FlowCore::new(route),
                 pending: None,
             },
-            received: VecDeque::new(),
+            received: RecvQueue::default(),
         }
     }
 
@@ -487,6 +588,34 @@ impl<R: Runtime> Flow<R> {
     /// in the flow for the next `recv`), so it can sit in a `select!` loop.
     pub async fn recv(&mut self) -> Result<Option<Bytes>, Error> {
         recv_bytes(&self.tx.core, &mut self.received).await
+    }
+
+    /// Receives every message that arrived and was not read yet, at least one (waiting for it
+    /// as [`recv`](Self::recv) does); `Ok(None)` once the other side finished and everything
+    /// was read. Mixes freely with `recv`, and keeps the order.
+    ///
+    /// For a reader of many small messages: once a flow was read with `recv_many`, the node
+    /// keeps received data as it arrived and the batch cuts it into messages as they are read
+    /// ([`Messages::iter`] borrows them, without a reference count or allocation each), rather
+    /// than the node cutting each message on arrival. A reader that takes one message at a
+    /// time is better served by `recv`.
+    ///
+    /// Cancel safety: as `recv`, no message is lost if the future is dropped.
+    ///
+    /// ```no_run
+    /// # async fn demo<R: grinta_proto::fabric::Runtime>(fabric: grinta_proto::fabric::Fabric<R>) -> Result<(), grinta_proto::fabric::Error> {
+    /// let mut flow = fabric.dial("metrics-source").await?;
+    /// let mut bytes = 0;
+    /// while let Some(batch) = flow.recv_many().await? {
+    ///     for message in batch.iter() {
+    ///         bytes += message.len();
+    ///     }
+    /// }
+    /// println!("{bytes} bytes received");
+    /// # Ok(()) }
+    /// ```
+    pub async fn recv_many(&mut self) -> Result<Option<Messages>, Error> {
+        recv_messages(&self.tx.core, &mut self.received).await
     }
 
     /// Finishes the sending direction: everything sent is delivered, then the other side reads
@@ -566,7 +695,7 @@ impl<R: Runtime> Flow<R> {
 
 fn poll_stream<R: Runtime>(
     core: &FlowCore<R>,
-    received: &mut VecDeque<Bytes>,
+    received: &mut RecvQueue,
     cx: &mut Context<'_>,
 ) -> Poll<Option<Result<Bytes, Error>>> {
     core.poll_recv(cx, received).map(|r| match r {
@@ -815,7 +944,7 @@ impl<R: Runtime> Sink<Bytes> for FlowSender<R> {
 pub struct FlowReceiver<R: Runtime> {
     core: Arc<FlowCore<R>>,
     /// Messages taken from the node, not yet returned.
-    received: VecDeque<Bytes>,
+    received: RecvQueue,
 }
 
 impl<R: Runtime> std::fmt::Debug for FlowReceiver<R> {
@@ -839,6 +968,12 @@ impl<R: Runtime> FlowReceiver<R> {
     /// Receives the next message (see [`Flow::recv`]; cancel safe the same way).
     pub async fn recv(&mut self) -> Result<Option<Bytes>, Error> {
         recv_bytes(&self.core, &mut self.received).await
+    }
+
+    /// Receives every message not read yet, at least one (see [`Flow::recv_many`]; cancel safe
+    /// the same way).
+    pub async fn recv_many(&mut self) -> Result<Option<Messages>, Error> {
+        recv_messages(&self.core, &mut self.received).await
     }
 
     /// Counters and buffer levels of the whole flow.

@@ -14,7 +14,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 
 use crate::codec::CodecError;
-use crate::flow::{FlowError, FlowStats, ResetCode};
+use crate::flow::{FlowError, FlowStats, RecvQueue, ResetCode};
 
 use super::Error;
 
@@ -225,7 +225,7 @@ impl LocalEnd {
     pub(crate) fn poll_recv(
         &self,
         cx: &mut Context<'_>,
-        received: &mut VecDeque<Bytes>,
+        received: &mut RecvQueue,
         batch: usize,
     ) -> Poll<Result<Option<Message>, Error>> {
         let mut state = self.flow.lock();
@@ -331,10 +331,11 @@ mod tests {
 
     fn recv(end: &LocalEnd) -> Poll<Result<Option<Bytes>, String>> {
         // One at a time: these tests are about the flow's queue.
-        end.poll_recv(&mut cx(), &mut VecDeque::new(), 0).map(|r| {
-            r.map(|m| m.map(|m| m.into_bytes().unwrap()))
-                .map_err(|e| e.to_string())
-        })
+        end.poll_recv(&mut cx(), &mut RecvQueue::default(), 0)
+            .map(|r| {
+                r.map(|m| m.map(|m| m.into_bytes().unwrap()))
+                    .map_err(|e| e.to_string())
+            })
     }
 
     struct NoEncoder;
@@ -357,15 +358,15 @@ mod tests {
         });
         assert!(a.poll_send(&mut cx(), &mut value).is_ready());
         assert!(a.poll_send(&mut cx(), &mut bytes("4")).is_ready());
-        let mut received = VecDeque::new();
+        let mut received = RecvQueue::default();
+        let taken = |q: &mut RecvQueue| std::iter::from_fn(|| q.pop_front()).collect::<Vec<_>>();
         let first = b.poll_recv(&mut cx(), &mut received, 64);
         assert!(matches!(first, Poll::Ready(Ok(Some(Message::Bytes(ref m)))) if m == "1"));
         assert_eq!(
-            received,
+            taken(&mut received),
             ["2", "3"],
             "the plain messages behind it, in order"
         );
-        received.clear();
         // The value is not turned into bytes: it comes alone, as a value.
         let second = b.poll_recv(&mut cx(), &mut received, 64);
         match second {
@@ -374,7 +375,11 @@ mod tests {
             }
             _ => panic!("the value comes next"),
         }
-        assert_eq!(received, ["4"], "what follows the value comes behind it");
+        assert_eq!(
+            taken(&mut received),
+            ["4"],
+            "what follows the value comes behind it"
+        );
         assert!(recv(&b).is_pending());
     }
 

@@ -23,7 +23,6 @@
 //! flow's state decides the answer. Before any such call the mailbox is handed over, so the order
 //! of messages never changes.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Waker};
@@ -31,7 +30,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::flow::{FlowId, FlowStats, SendQueue};
+use crate::flow::{FlowId, FlowStats, RecvQueue, SendQueue};
 use crate::node::Node;
 
 /// Locks a mailbox mutex; a panic while holding it is a bug in grinta, and the state is still
@@ -175,9 +174,7 @@ fn wake(waker: Option<Waker>) {
 /// Received messages the driver moved out of the node for the receiving half.
 #[derive(Default)]
 struct Inbox {
-    messages: VecDeque<Bytes>,
-    /// Bytes of `messages`.
-    bytes: usize,
+    messages: RecvQueue,
     /// Bytes the reader took that the node still counts against the flow's receive buffer.
     consumed: usize,
     /// The node stopped reading the stream for lack of room.
@@ -341,7 +338,7 @@ impl Mailbox {
         self: &Arc<Self>,
         cx: &Context<'_>,
         wakeup: &Wakeup,
-        received: &mut VecDeque<Bytes>,
+        received: &mut RecvQueue,
     ) -> Taken {
         let mut inbox = lock(&self.inbox);
         if inbox.messages.is_empty() {
@@ -354,8 +351,8 @@ impl Mailbox {
             }
             return Taken::Pending;
         }
-        std::mem::swap(received, &mut inbox.messages);
-        inbox.consumed += std::mem::take(&mut inbox.bytes);
+        inbox.consumed += inbox.messages.bytes();
+        inbox.messages.append_to(received);
         let node_waits = std::mem::take(&mut inbox.node_full);
         drop(inbox);
         if node_waits {
@@ -431,10 +428,7 @@ impl Mailbox {
             let consumed = std::mem::take(&mut inbox.consumed);
             node.release_received(now, self.id, consumed);
         }
-        let Inbox {
-            messages, bytes, ..
-        } = &mut *inbox;
-        *bytes += node.take_received(self.id, messages);
+        node.take_received(self.id, &mut inbox.messages);
         inbox.node_full = node.flow_recv_full(self.id);
         let waker = if inbox.messages.is_empty() {
             None
@@ -476,6 +470,6 @@ impl Mailbox {
         let waiting = inbox.messages.len();
         stats.recv_queued_messages += waiting;
         stats.messages_received -= (waiting as u64).min(stats.messages_received);
-        stats.bytes_received -= (inbox.bytes as u64).min(stats.bytes_received);
+        stats.bytes_received -= (inbox.messages.bytes() as u64).min(stats.bytes_received);
     }
 }

@@ -50,7 +50,10 @@ pub use crate::node::DownReason;
 pub use builder::{FabricBuilder, Profile};
 pub use datagram_outbox::DATAGRAM_OUTBOX;
 pub use driver::SocketStats;
-pub use handles::{Flow, FlowReceiver, FlowSender, TypedFlow, TypedReceiver, TypedSender};
+pub use handles::{
+    Flow, FlowReceiver, FlowSender, Messages, MessagesIntoIter, TypedFlow, TypedReceiver,
+    TypedSender,
+};
 pub use kv::{Kv, KvEntry, KvEvent, KvWatch, MAX_KEY_LEN, MAX_VALUE_LEN};
 #[cfg(feature = "metrics")]
 pub use metrics::METRICS_INTERVAL;

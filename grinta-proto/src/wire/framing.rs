@@ -114,6 +114,38 @@ pub fn framed_len(payload_len: usize) -> usize {
     prost::encoding::encoded_len_varint(payload_len as u64) + payload_len
 }
 
+/// Complete frames taken at once from a [`FrameDecoder`] (see [`FrameDecoder::next_run`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum FrameRun {
+    /// One frame's payload.
+    One(Bytes),
+    /// `count` complete frames, length prefixes included, holding `body` payload bytes.
+    Frames {
+        frames: Bytes,
+        count: usize,
+        body: usize,
+    },
+}
+
+impl FrameRun {
+    /// Cuts the first frame's payload off `frames` (the bytes of a `Frames` run): `None` if
+    /// `frames` does not start with a complete frame, which a run never lacks. The last frame
+    /// takes the buffer itself (no new reference).
+    pub(crate) fn split_next(frames: &mut Bytes) -> Option<Bytes> {
+        match peek_frame(frames, usize::MAX) {
+            Ok(FrameHeader::Complete { header_len, len }) => {
+                frames.advance(header_len);
+                Some(if len == frames.len() {
+                    std::mem::take(frames)
+                } else {
+                    frames.split_to(len)
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Incremental frame decoder for one byte stream.
 ///
 /// Feed bytes with [`extend`](Self::extend) as they arrive, then call [`next_frame`](Self::next_frame)
@@ -212,6 +244,56 @@ impl FrameDecoder {
                 }
             }
         }
+    }
+
+    /// Takes the next complete frames: every complete frame at the front of the next chunk as
+    /// one [`FrameRun::Frames`] (one slice of the chunk, however many frames it holds), or a
+    /// frame that straddles chunks as [`FrameRun::One`]; `Ok(None)` if more bytes are needed.
+    /// Each frame of a run is checked (complete, within the limit) but not cut out: a reader
+    /// does that with [`FrameRun::split_next`], on its own thread. Errors as
+    /// [`next_frame`](Self::next_frame), after the complete frames before the faulty one.
+    pub(crate) fn next_run(&mut self) -> Result<Option<FrameRun>, FrameError> {
+        if self.buf.is_empty() {
+            let Some(chunk) = self.chunks.front() else {
+                return Ok(None);
+            };
+            let (mut end, mut count, mut body) = (0usize, 0usize, 0usize);
+            let mut error = None;
+            while end < chunk.len() {
+                match peek_frame(&chunk[end..], self.max_frame_len) {
+                    Ok(FrameHeader::Complete { header_len, len }) => {
+                        end += header_len + len;
+                        count += 1;
+                        body += len;
+                    }
+                    Ok(FrameHeader::NeedMore { .. }) => break,
+                    Err(e) => {
+                        error = Some(e);
+                        break;
+                    }
+                }
+            }
+            if count > 0 {
+                let frames = if end == chunk.len() {
+                    // The whole chunk: moved, not sliced.
+                    self.chunks.pop_front().unwrap_or_default()
+                } else {
+                    match self.chunks.front_mut() {
+                        Some(chunk) => chunk.split_to(end),
+                        None => Bytes::new(),
+                    }
+                };
+                return Ok(Some(FrameRun::Frames {
+                    frames,
+                    count,
+                    body,
+                }));
+            }
+            if let Some(e) = error {
+                return Err(e);
+            }
+        }
+        Ok(self.next_frame()?.map(FrameRun::One))
     }
 
     /// Takes and decodes the next complete frame as a `M`, `Ok(None)` if more bytes are needed.
@@ -358,6 +440,61 @@ mod tests {
             }
             proptest::prop_assert_eq!(decoder.buffered(), 0);
             proptest::prop_assert_eq!(out, frames);
+        }
+
+        /// Runs of frames, cut into messages by their reader, give the frames `next_frame`
+        /// gives, whatever the chunking and the frame sizes (up to over the limit): the same
+        /// messages in the same order, then the same error at the same point.
+        #[test]
+        fn runs_yield_what_frames_yield(
+            frames in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..300), 0..40),
+            cuts in proptest::collection::vec(1usize..2000, 1..50),
+            limit in 0usize..400,
+        ) {
+            let mut wire = Vec::new();
+            for f in &frames {
+                encode_frame(f, &mut wire);
+            }
+            let decode = |runs: bool| {
+                let mut decoder = FrameDecoder::new(limit);
+                let mut out = Vec::new();
+                let mut rest = &wire[..];
+                let mut cut = cuts.iter().cycle();
+                while !rest.is_empty() {
+                    let &len = cut.next().unwrap();
+                    let (piece, tail) = rest.split_at(len.min(rest.len()));
+                    rest = tail;
+                    decoder.push(Bytes::copy_from_slice(piece));
+                    loop {
+                        let next = if runs {
+                            decoder.next_run()
+                        } else {
+                            decoder.next_frame().map(|f| f.map(FrameRun::One))
+                        };
+                        match next {
+                            Ok(Some(FrameRun::One(m))) => out.push(Ok(m.to_vec())),
+                            Ok(Some(FrameRun::Frames { mut frames, count, body })) => {
+                                let mut got = 0;
+                                let mut bytes = 0;
+                                while let Some(m) = FrameRun::split_next(&mut frames) {
+                                    got += 1;
+                                    bytes += m.len();
+                                    out.push(Ok(m.to_vec()));
+                                }
+                                assert!(frames.is_empty(), "a run holds whole frames only");
+                                assert_eq!((got, bytes), (count, body));
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                out.push(Err(e));
+                                return out;
+                            }
+                        }
+                    }
+                }
+                out
+            };
+            proptest::prop_assert_eq!(decode(true), decode(false));
         }
     }
 }
