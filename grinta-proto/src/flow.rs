@@ -564,29 +564,52 @@ impl SendQueue {
 
     /// Queues an application message with its length prefix.
     pub(crate) fn push_message(&mut self, message: Bytes) {
-        let small = message.len() <= COALESCE_MAX;
-        if small && self.batch.capacity() == 0 && self.next_batch == 0 {
+        if message.len() <= COALESCE_MAX {
+            self.push_small(&message);
+        } else {
+            self.push_large(message);
+        }
+    }
+
+    /// Queues an application message the caller keeps, with its length prefix: copied, into
+    /// the batch buffer if it is small, into a chunk of its own if not.
+    pub(crate) fn push_copy(&mut self, message: &[u8]) {
+        if message.len() <= COALESCE_MAX {
+            self.push_small(message);
+        } else {
+            self.push_large(Bytes::copy_from_slice(message));
+        }
+    }
+
+    /// A message of at most [`COALESCE_MAX`] bytes, copied with its prefix.
+    fn push_small(&mut self, message: &[u8]) {
+        if self.batch.capacity() == 0 && self.next_batch == 0 {
             // A flow's first message is a chunk of its own, sized to it: a flow that sends one
             // message (a request's reply) holds no batch buffer, and its bytes reach the stream
             // without a split of one.
             let mut framed = Vec::with_capacity(framing::MAX_VARINT_LEN + message.len());
             prost::encoding::encode_varint(message.len() as u64, &mut framed);
-            framed.extend_from_slice(&message);
+            framed.extend_from_slice(message);
             self.len += framed.len();
             self.chunks.push_back(framed.into());
             self.next_batch = FIRST_BATCH_CAPACITY;
             return;
         }
-        self.reserve(framing::MAX_VARINT_LEN + if small { message.len() } else { 0 });
+        self.reserve(framing::MAX_VARINT_LEN + message.len());
+        let before = self.batch.len();
+        prost::encoding::encode_varint(message.len() as u64, &mut self.batch);
+        self.batch.extend_from_slice(message);
+        self.len += self.batch.len() - before;
+    }
+
+    /// A larger message: its prefix in the batch buffer, its bytes a chunk of their own.
+    fn push_large(&mut self, message: Bytes) {
+        self.reserve(framing::MAX_VARINT_LEN);
         let before = self.batch.len();
         prost::encoding::encode_varint(message.len() as u64, &mut self.batch);
         self.len += self.batch.len() - before + message.len();
-        if small {
-            self.batch.extend_from_slice(&message);
-        } else {
-            self.seal();
-            self.chunks.push_back(message);
-        }
+        self.seal();
+        self.chunks.push_back(message);
     }
 
     fn reserve(&mut self, additional: usize) {

@@ -440,8 +440,8 @@ fn pending_dial_and_per_peer_counts_follow_flows_in_and_out() {
     }
 }
 
-/// A staging queue gives back the messages it framed, in order, whatever their sizes: the
-/// sender's way back when the flow closed before the batch was handed over.
+/// A staging queue gives back the messages it framed, owned or copied, in order, whatever
+/// their sizes: the sender's way back when the flow closed before the batch was handed over.
 #[test]
 fn a_staging_queue_gives_back_its_messages() {
     let sizes = [
@@ -461,6 +461,13 @@ fn a_staging_queue_gives_back_its_messages() {
     let framed: usize = messages.iter().map(|m| framing::framed_len(m.len())).sum();
     assert_eq!(staged.len(), framed);
     assert_eq!(Vec::from(staged.into_messages()), messages);
+    // Copied from borrowed messages, the same bytes.
+    let mut copied = SendQueue::for_staging();
+    for m in &messages {
+        copied.push_copy(m);
+    }
+    assert_eq!(copied.len(), framed);
+    assert_eq!(Vec::from(copied.into_messages()), messages);
     assert!(SendQueue::for_staging().into_messages().is_empty());
 }
 

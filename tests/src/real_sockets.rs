@@ -1782,25 +1782,59 @@ pub async fn send_many_delivers_batches_in_order<R: Runtime>() {
             .await
             .expect("send_many of Vec<u8>");
         i += 1000;
+        // Borrowed messages, copied: from a slice of owned ones (up to 4 KiB, some over the
+        // size copied into the flow's buffer), and from one reused buffer.
+        for batch in [1u32, 5000, 77] {
+            let owned: Vec<Bytes> = (i..i + batch).map(sequence_message).collect();
+            within::<R, _>(Duration::from_secs(30), flow.send_many_copied(&owned))
+                .await
+                .expect("no hang")
+                .expect("send_many_copied");
+            i += batch;
+        }
+        let mut buffer = Vec::new();
+        for k in i..i + 2000 {
+            buffer.clear();
+            buffer.extend_from_slice(&small_sequence_message(k));
+            flow.send_many_copied([&buffer]).await.expect("one copied");
+        }
+        i += 2000;
         // Small messages, as a busy sender has them: 300,000 of 4 to 67 bytes (about 11 MiB,
         // ten times the send buffer) in batches of 1 to 100,000, and sent one by one between.
         for batch in [100_000u32, 1, 64, 257, 50_000, 99_678, 50_000] {
             let messages: Vec<Bytes> = (i..i + batch).map(small_sequence_message).collect();
-            within::<R, _>(Duration::from_secs(30), flow.send_many(messages))
-                .await
-                .expect("no hang")
-                .expect("send_many of small messages");
+            if batch % 2 == 0 {
+                within::<R, _>(Duration::from_secs(30), flow.send_many(messages))
+                    .await
+                    .expect("no hang")
+                    .expect("send_many of small messages");
+            } else {
+                within::<R, _>(Duration::from_secs(30), flow.send_many_copied(&messages))
+                    .await
+                    .expect("no hang")
+                    .expect("send_many_copied of small messages");
+            }
             i += batch;
             for _ in 0..3 {
                 flow.send(small_sequence_message(i)).await.expect("send");
                 i += 1;
             }
         }
-        // The 4th message is over the 4 MiB limit: 3 sent, the error, none after.
+        // The 4th message is over the 4 MiB limit: 3 sent, the error, none after; the same
+        // copied.
         let mut batch: Vec<Bytes> = (i..i + 3).map(sequence_message).collect();
         batch.push(Bytes::from(vec![0u8; (4 << 20) + 1]));
         batch.push(sequence_message(999_999));
         let refused = flow.send_many(batch).await;
+        assert!(
+            matches!(refused, Err(Error::Flow(FlowError::MessageTooLarge { .. }))),
+            "{refused:?}"
+        );
+        i += 3;
+        let mut batch: Vec<Bytes> = (i..i + 3).map(sequence_message).collect();
+        batch.push(Bytes::from(vec![0u8; (4 << 20) + 1]));
+        batch.push(sequence_message(999_999));
+        let refused = flow.send_many_copied(&batch).await;
         assert!(
             matches!(refused, Err(Error::Flow(FlowError::MessageTooLarge { .. }))),
             "{refused:?}"

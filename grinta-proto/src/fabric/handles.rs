@@ -25,6 +25,46 @@ use super::{Error, Fabric, Runtime};
 /// Bytes `send_many` frames outside any lock before handing them to the mailbox under its lock.
 const STAGE_BYTES: usize = 16 * 1024;
 
+/// A message on its way through `send_many`: owned (`Bytes`, handed over without a copy when
+/// large) or borrowed ([`Copied`], copied).
+trait Outgoing {
+    fn len(&self) -> usize;
+    /// Frames the message into `queue`.
+    fn stage(self, queue: &mut SendQueue);
+    fn into_bytes(self) -> Bytes;
+}
+
+impl Outgoing for Bytes {
+    fn len(&self) -> usize {
+        Bytes::len(self)
+    }
+
+    fn stage(self, queue: &mut SendQueue) {
+        queue.push_message(self);
+    }
+
+    fn into_bytes(self) -> Bytes {
+        self
+    }
+}
+
+/// A message `send_many_copied` copies: the caller keeps it.
+struct Copied<T>(T);
+
+impl<T: AsRef<[u8]>> Outgoing for Copied<T> {
+    fn len(&self) -> usize {
+        self.0.as_ref().len()
+    }
+
+    fn stage(self, queue: &mut SendQueue) {
+        queue.push_copy(self.0.as_ref());
+    }
+
+    fn into_bytes(self) -> Bytes {
+        Bytes::copy_from_slice(self.0.as_ref())
+    }
+}
+
 /// How a message `send_many` sent alone fared.
 enum Alone {
     Queued { room: usize },
@@ -581,6 +621,28 @@ impl<R: Runtime> Flow<R> {
         self.tx.send_many(messages).await
     }
 
+    /// Sends copies of a batch of messages the caller keeps, in order, as
+    /// [`send_many`](Self::send_many) does (same cancel safety, same errors): for messages
+    /// written into a buffer the caller reuses, or held in a batch it still needs. Each message
+    /// is copied, into the flow's buffer if it is small, so no `Bytes` is made or dropped per
+    /// message; a large message the caller owns costs no copy through `send_many`.
+    ///
+    /// ```no_run
+    /// # async fn demo<R: grinta_proto::fabric::Runtime>(fabric: grinta_proto::fabric::Fabric<R>) -> Result<(), grinta_proto::fabric::Error> {
+    /// let mut flow = fabric.dial("metrics-sink").await?;
+    /// let rows: Vec<[u8; 16]> = (0..1000u128).map(u128::to_be_bytes).collect();
+    /// flow.send_many_copied(&rows).await?;
+    /// flow.finish().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn send_many_copied<I>(&mut self, messages: I) -> Result<(), Error>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<[u8]>,
+    {
+        self.tx.send_many_copied(messages).await
+    }
+
     /// Receives the next message; `Ok(None)` once the other side finished and everything it sent
     /// was read.
     ///
@@ -772,7 +834,23 @@ impl<R: Runtime> FlowSender<R> {
         I: IntoIterator,
         I::Item: Into<Bytes>,
     {
-        let mut rest = messages.into_iter().map(Into::into);
+        self.send_outgoing(messages.into_iter().map(Into::into))
+            .await
+    }
+
+    /// Sends copies of a batch of borrowed messages in order (see [`Flow::send_many_copied`]).
+    pub async fn send_many_copied<I>(&mut self, messages: I) -> Result<(), Error>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<[u8]>,
+    {
+        self.send_outgoing(messages.into_iter().map(Copied)).await
+    }
+
+    async fn send_outgoing<M: Outgoing>(
+        &mut self,
+        mut rest: impl Iterator<Item = M>,
+    ) -> Result<(), Error> {
         let mut left = VecDeque::new();
         if let (
             None,
@@ -800,15 +878,14 @@ impl<R: Runtime> FlowSender<R> {
                 let budget = room.min(STAGE_BYTES);
                 let (mut messages, mut bytes) = (0u64, 0u64);
                 while let Some(message) = next.take().or_else(|| rest.next()) {
-                    if message.len() as u64 > limit
-                        || staged.len() + framing::framed_len(message.len()) > budget
-                    {
+                    let len = message.len();
+                    if len as u64 > limit || staged.len() + framing::framed_len(len) > budget {
                         next = Some(message);
                         break;
                     }
                     messages += 1;
-                    bytes += message.len() as u64;
-                    staged.push_message(message);
+                    bytes += len as u64;
+                    message.stage(&mut staged);
                 }
                 if messages > 0 {
                     match mailbox.commit(wakeup, &mut staged, messages, bytes) {
@@ -816,7 +893,7 @@ impl<R: Runtime> FlowSender<R> {
                         Committed::Closed => {
                             // Not plainly open: the node decides, for these and the rest.
                             left = std::mem::take(&mut staged).into_messages();
-                            left.extend(next);
+                            left.extend(next.map(Outgoing::into_bytes));
                             break;
                         }
                     }
@@ -825,7 +902,7 @@ impl<R: Runtime> FlowSender<R> {
                 let Some(message) = next.take() else {
                     return Ok(());
                 };
-                let mut one = Some(message);
+                let mut one = Some(message.into_bytes());
                 let stopped = poll_fn(|cx| {
                     let Some(message) = one.take() else {
                         return Poll::Ready(Alone::Queued { room: 0 });
@@ -855,7 +932,7 @@ impl<R: Runtime> FlowSender<R> {
                 }
             }
         }
-        for message in left.into_iter().chain(rest) {
+        for message in left.into_iter().chain(rest.map(Outgoing::into_bytes)) {
             self.send_message(Message::Bytes(message)).await?;
         }
         Ok(())
