@@ -57,7 +57,9 @@ pub fn wire_messages(data: &[u8]) {
     }
 }
 
-/// The stream framing decoder, fed in pieces whose size the first byte picks.
+/// The stream framing decoder, fed in pieces whose size the first byte picks; taken frame by
+/// frame, and in runs (`next_run`, as a flow read with `recv_many` takes them), which must give
+/// the same frames and the same error.
 pub fn wire_framing(data: &[u8]) {
     let Some((&split, rest)) = data.split_first() else {
         return;
@@ -66,6 +68,7 @@ pub fn wire_framing(data: &[u8]) {
     let mut decoder = framing::FrameDecoder::new(max);
     let mut whole = framing::FrameDecoder::new(max);
     whole.extend(rest);
+    let mut by_frame = Vec::new();
     for piece in rest.chunks(usize::from(split).max(1)) {
         decoder.extend(piece);
         loop {
@@ -73,13 +76,51 @@ pub fn wire_framing(data: &[u8]) {
                 Ok(Some(frame)) => {
                     assert!(frame.len() <= max);
                     // Splitting the input never changes what decodes.
-                    assert_eq!(whole.next_frame(), Ok(Some(frame)));
+                    assert_eq!(whole.next_frame(), Ok(Some(frame.clone())));
+                    by_frame.push(Ok(frame));
                 }
                 Ok(None) => break,
-                Err(_) => return,
+                Err(e) => {
+                    by_frame.push(Err(e));
+                    break;
+                }
+            }
+        }
+        if by_frame.last().is_some_and(Result::is_err) {
+            break;
+        }
+    }
+    let mut runs = framing::FrameDecoder::new(max);
+    let mut by_run = Vec::new();
+    'pieces: for piece in rest.chunks(usize::from(split).max(1)) {
+        runs.push(Bytes::copy_from_slice(piece));
+        loop {
+            match runs.next_run() {
+                Ok(Some(framing::FrameRun::One(frame))) => by_run.push(Ok(frame)),
+                Ok(Some(framing::FrameRun::Frames {
+                    mut frames,
+                    count,
+                    body,
+                })) => {
+                    let (mut got, mut bytes) = (0, 0);
+                    while let Some(frame) = framing::FrameRun::split_next(&mut frames) {
+                        assert!(frame.len() <= max);
+                        got += 1;
+                        bytes += frame.len();
+                        by_run.push(Ok(frame));
+                    }
+                    assert!(frames.is_empty(), "a run holds whole frames only");
+                    assert_eq!((got, bytes), (count, body), "a run counts what it holds");
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    by_run.push(Err(e));
+                    break 'pieces;
+                }
             }
         }
     }
+    assert_eq!(by_run, by_frame, "runs give the frames next_frame gives");
 }
 
 /// The flow stream parser, fed in pieces: never panics, never yields a message above its limit,

@@ -115,14 +115,34 @@ pub fn framed_len(payload_len: usize) -> usize {
 }
 
 /// Complete frames taken at once from a [`FrameDecoder`] (see [`FrameDecoder::next_run`]).
+///
+/// ```
+/// use grinta_proto::wire::framing::{self, FrameDecoder, FrameRun};
+///
+/// let mut wire = Vec::new();
+/// framing::encode_frame(b"one", &mut wire);
+/// framing::encode_frame(b"two", &mut wire);
+/// let mut decoder = FrameDecoder::new(1024);
+/// decoder.push(wire.into());
+/// let Ok(Some(FrameRun::Frames { mut frames, count, body })) = decoder.next_run() else {
+///     panic!("both frames in one run");
+/// };
+/// assert_eq!((count, body), (2, 6));
+/// assert_eq!(FrameRun::split_next(&mut frames).as_deref(), Some(&b"one"[..]));
+/// assert_eq!(FrameRun::split_next(&mut frames).as_deref(), Some(&b"two"[..]));
+/// assert_eq!(FrameRun::split_next(&mut frames), None);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum FrameRun {
-    /// One frame's payload.
+pub enum FrameRun {
+    /// One frame's payload (a frame that straddled chunks, copied together).
     One(Bytes),
-    /// `count` complete frames, length prefixes included, holding `body` payload bytes.
+    /// Complete frames cut from one chunk, length prefixes included.
     Frames {
+        /// The frames' bytes.
         frames: Bytes,
+        /// How many frames.
         count: usize,
+        /// Their payload bytes, prefixes not counted.
         body: usize,
     },
 }
@@ -131,7 +151,7 @@ impl FrameRun {
     /// Cuts the first frame's payload off `frames` (the bytes of a `Frames` run): `None` if
     /// `frames` does not start with a complete frame, which a run never lacks. The last frame
     /// takes the buffer itself (no new reference).
-    pub(crate) fn split_next(frames: &mut Bytes) -> Option<Bytes> {
+    pub fn split_next(frames: &mut Bytes) -> Option<Bytes> {
         match peek_frame(frames, usize::MAX) {
             Ok(FrameHeader::Complete { header_len, len }) => {
                 frames.advance(header_len);
@@ -252,7 +272,7 @@ impl FrameDecoder {
     /// Each frame of a run is checked (complete, within the limit) but not cut out: a reader
     /// does that with [`FrameRun::split_next`], on its own thread. Errors as
     /// [`next_frame`](Self::next_frame), after the complete frames before the faulty one.
-    pub(crate) fn next_run(&mut self) -> Result<Option<FrameRun>, FrameError> {
+    pub fn next_run(&mut self) -> Result<Option<FrameRun>, FrameError> {
         if self.buf.is_empty() {
             let Some(chunk) = self.chunks.front() else {
                 return Ok(None);
