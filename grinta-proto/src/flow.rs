@@ -1698,18 +1698,16 @@ impl Flows {
             .map(|f| f.peer_max_message)
     }
 
-    /// Moves every received message of a flow, in order, to the end of `into`; returns their
-    /// bytes. They are counted as received but still count against the flow's receive buffer
-    /// until [`release_received`](Self::release_received) gives their bytes back.
-    pub(crate) fn take_received(&mut self, id: FlowId, into: &mut RecvQueue) -> usize {
+    /// Moves every received message of a flow, in order, to the end of `into`. They are
+    /// counted as received but still count against the flow's receive buffer until
+    /// [`release_received`](Self::release_received) gives their bytes back.
+    pub(crate) fn take_received(&mut self, id: FlowId, into: &mut RecvQueue) {
         let Some(flow) = self.flows.get_mut(&id) else {
-            return 0;
+            return;
         };
-        let bytes = flow.recv_queue.bytes();
         flow.messages_received += flow.recv_queue.len() as u64;
-        flow.bytes_received += bytes as u64;
+        flow.bytes_received += flow.recv_queue.bytes() as u64;
         flow.recv_queue.append_to(into);
-        bytes
     }
 
     /// From now on, flow `id` queues what it receives as runs of whole frames, which whoever

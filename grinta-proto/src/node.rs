@@ -1080,9 +1080,9 @@ impl Node {
     }
 
     /// Moves a flow's received messages to `into` (see
-    /// [`Flows::take_received`](crate::flow::Flows::take_received)); returns their bytes.
-    pub(crate) fn take_received(&mut self, flow: FlowId, into: &mut RecvQueue) -> usize {
-        self.flows.take_received(flow, into)
+    /// [`Flows::take_received`](crate::flow::Flows::take_received)).
+    pub(crate) fn take_received(&mut self, flow: FlowId, into: &mut RecvQueue) {
+        self.flows.take_received(flow, into);
     }
 
     /// See [`Flows::let_reader_cut`](crate::flow::Flows::let_reader_cut).

@@ -65,7 +65,8 @@ impl<T: AsRef<[u8]>> Outgoing for Copied<T> {
     }
 }
 
-/// How a message `send_many` sent alone fared.
+/// How a message queued alone in a mailbox fared (`send`, and `send_many` past the room it
+/// knows of).
 enum Alone {
     Queued { room: usize },
     Refused(Error),
@@ -93,32 +94,29 @@ pub(crate) enum Route<R: Runtime> {
     Local(LocalEnd, #[allow(dead_code)] Fabric<R>),
 }
 
-/// One attempt to queue the message in `slot`, then those of `rest`, in a remote flow's mailbox:
-/// `Ready(None)` once all are queued, `Pending` while the flow's buffer is full (the message it
-/// stopped at is in `slot`), `Ready(Some(Err(_)))` if a message is refused,
-/// `Ready(Some(Ok(message)))` if the flow is not plainly open and the node must decide.
+/// One attempt to queue the message in `slot` in a remote flow's mailbox: `Pending` while the
+/// flow's buffer is full (the message stays in `slot`), else how it went.
 #[inline]
 fn poll_mailbox(
     mailbox: &Arc<Mailbox>,
     wakeup: &Wakeup,
     cx: &mut Context<'_>,
     slot: &mut Option<Bytes>,
-    rest: &mut dyn Iterator<Item = Bytes>,
-) -> Poll<Option<Result<Bytes, Error>>> {
+) -> Poll<Alone> {
     let Some(message) = slot.take() else {
-        return Poll::Ready(None);
+        return Poll::Ready(Alone::Queued { room: 0 });
     };
-    match mailbox.stage_many(cx, wakeup, message, rest) {
-        Staged::Queued { .. } => Poll::Ready(None),
+    Poll::Ready(match mailbox.stage(cx, wakeup, message) {
+        Staged::Queued { room } => Alone::Queued { room },
         Staged::Full(message) => {
             *slot = Some(message);
-            Poll::Pending
+            return Poll::Pending;
         }
         Staged::TooLarge { size, limit } => {
-            Poll::Ready(Some(Err(FlowError::MessageTooLarge { size, limit }.into())))
+            Alone::Refused(FlowError::MessageTooLarge { size, limit }.into())
         }
-        Staged::AskNode(message) => Poll::Ready(Some(Ok(message))),
-    }
+        Staged::AskNode(message) => Alone::AskNode(message),
+    })
 }
 
 /// What both halves of a flow share; dropping the last half ends the flow as documented on
@@ -199,10 +197,10 @@ impl<R: Runtime> FlowCore<R> {
                 };
                 if let Some(mailbox) = mailbox {
                     let wakeup = &fabric.shared.wakeup;
-                    match poll_mailbox(mailbox, wakeup, cx, &mut slot, &mut std::iter::empty()) {
-                        Poll::Ready(None) => return Poll::Ready(Ok(())),
-                        Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
-                        Poll::Ready(Some(Ok(m))) => slot = Some(m),
+                    match poll_mailbox(mailbox, wakeup, cx, &mut slot) {
+                        Poll::Ready(Alone::Queued { .. }) => return Poll::Ready(Ok(())),
+                        Poll::Ready(Alone::Refused(e)) => return Poll::Ready(Err(e)),
+                        Poll::Ready(Alone::AskNode(m)) => slot = Some(m),
                         Poll::Pending => {
                             *message = slot.map(Message::Bytes);
                             return Poll::Pending;
@@ -903,23 +901,7 @@ impl<R: Runtime> FlowSender<R> {
                     return Ok(());
                 };
                 let mut one = Some(message.into_bytes());
-                let stopped = poll_fn(|cx| {
-                    let Some(message) = one.take() else {
-                        return Poll::Ready(Alone::Queued { room: 0 });
-                    };
-                    match mailbox.stage_many(cx, wakeup, message, &mut std::iter::empty()) {
-                        Staged::Queued { room } => Poll::Ready(Alone::Queued { room }),
-                        Staged::Full(message) => {
-                            one = Some(message);
-                            Poll::Pending
-                        }
-                        Staged::TooLarge { size, limit } => Poll::Ready(Alone::Refused(
-                            FlowError::MessageTooLarge { size, limit }.into(),
-                        )),
-                        Staged::AskNode(message) => Poll::Ready(Alone::AskNode(message)),
-                    }
-                })
-                .await;
+                let stopped = poll_fn(|cx| poll_mailbox(mailbox, wakeup, cx, &mut one)).await;
                 match stopped {
                     Alone::Queued { room: r } => room = r,
                     Alone::Refused(e) => return Err(e),

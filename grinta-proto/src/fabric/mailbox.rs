@@ -69,9 +69,7 @@ impl Wakeup {
     /// Wakes the driver (if it waits).
     pub(crate) fn wake_driver(&self) {
         let waker = lock(&self.state).driver.take();
-        if let Some(w) = waker {
-            w.wake();
-        }
+        wake(waker);
     }
 
     /// Registers the driver's waker.
@@ -93,9 +91,7 @@ impl Wakeup {
             state.scheduled.push(mailbox.clone());
             state.driver.take()
         };
-        if let Some(w) = waker {
-            w.wake();
-        }
+        wake(waker);
     }
 
     /// Queues what the node must do now that remote flow `id` has no handle left, and wakes the
@@ -107,9 +103,7 @@ impl Wakeup {
             state.gone.push((id, gone));
             state.driver.take()
         };
-        if let Some(w) = waker {
-            w.wake();
-        }
+        wake(waker);
     }
 
     /// Moves the flows whose handles are gone to `into` (the driver once per round, and
@@ -185,7 +179,7 @@ struct Inbox {
     closed: bool,
 }
 
-/// What [`Mailbox::stage_many`] did with a message.
+/// What [`Mailbox::stage`] did with a message.
 pub(crate) enum Staged {
     /// Queued, with `room` bytes left for the sender (see [`Mailbox::commit`]).
     Queued { room: usize },
@@ -247,57 +241,48 @@ impl Mailbox {
         Some(mailbox)
     }
 
-    /// The sending half, without the node's lock: queues `first`, then the messages of `rest` in order, under
-    /// one lock, until one does not fit. `Staged::Queued` means all of them were queued; any other
-    /// answer is about the message it stopped at (the ones before it are queued, the rest of
-    /// `rest` is untouched).
-    pub(crate) fn stage_many(
+    /// The sending half, without the node's lock: queues one message if it fits (see
+    /// [`commit`](Self::commit) for a batch framed beforehand).
+    pub(crate) fn stage(
         self: &Arc<Self>,
         cx: &Context<'_>,
         wakeup: &Wakeup,
-        first: Bytes,
-        rest: &mut dyn Iterator<Item = Bytes>,
+        message: Bytes,
     ) -> Staged {
-        let mut out = lock(&self.outbox);
-        let was_empty = out.queue.is_empty();
-        let mut next = Some(first);
-        let staged = loop {
-            let Some(message) = next.take() else {
-                break Staged::Queued {
-                    room: out.room(self.send_buffer),
-                };
+        let len = message.len();
+        if len as u64 > self.peer_max_message {
+            return Staged::TooLarge {
+                size: len as u64,
+                limit: self.peer_max_message,
             };
-            let len = message.len();
-            if len as u64 > self.peer_max_message {
-                break Staged::TooLarge {
-                    size: len as u64,
-                    limit: self.peer_max_message,
-                };
-            }
-            if out.closed {
-                break Staged::AskNode(message);
-            }
-            if !out.has_room(len, self.send_buffer) {
-                out.wanted = Some(len);
-                match &out.waker {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    _ => out.waker = Some(cx.waker().clone()),
-                }
-                break Staged::Full(message);
-            }
+        }
+        let mut out = lock(&self.outbox);
+        if out.closed {
+            return Staged::AskNode(message);
+        }
+        if out.has_room(len, self.send_buffer) {
+            let was_empty = out.queue.is_empty();
             out.messages += 1;
             out.bytes += len as u64;
             out.queue.push_message(message);
-            next = rest.next();
-        };
-        let filled = was_empty && !out.queue.is_empty();
-        drop(out);
-        // The first message since the last hand-over asks the driver to come (the following ones
-        // join it); a sender waiting for room asks it to make some.
-        if filled || matches!(staged, Staged::Full(_)) {
-            wakeup.schedule(self);
+            let room = out.room(self.send_buffer);
+            drop(out);
+            // The first message since the last hand-over asks the driver to come (the following
+            // ones join it).
+            if was_empty {
+                wakeup.schedule(self);
+            }
+            return Staged::Queued { room };
         }
-        staged
+        out.wanted = Some(len);
+        match &out.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => out.waker = Some(cx.waker().clone()),
+        }
+        drop(out);
+        // A sender waiting for room asks the driver to make some.
+        wakeup.schedule(self);
+        Staged::Full(message)
     }
 
     /// The largest message the other side accepts.
