@@ -227,6 +227,11 @@ pub(crate) async fn profile(baseline: bool) {
         });
     }
     eprintln!("datagrams delivered per second per run: {rates:.0?}");
+    if !baseline {
+        let (sa, sb) = (pairs.a.stats(), pairs.b.stats());
+        eprintln!("sender: {:?} {:?}", sa.node.datagrams, sa.socket);
+        eprintln!("receiver: {:?} {:?}", sb.node.datagrams, sb.socket);
+    }
 }
 
 pub(crate) async fn run() -> Vec<Measurement> {

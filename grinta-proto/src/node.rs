@@ -715,6 +715,28 @@ impl Node {
         self.datagrams.count_dropped_sending(too_large.get());
     }
 
+    /// Bytes of framed application datagrams ([`encoded_len`](crate::datagram::encoded_len))
+    /// the connections to `endpoint`'s owners take now, rather than drop for want of room (the
+    /// sum over its owners when there are several): how much a runtime may queue for
+    /// [`send_datagrams`](Self::send_datagrams) without queuing datagrams bound to be dropped.
+    /// 0 for a name with no owner; `usize::MAX` for one of this node's endpoints.
+    pub fn datagram_room(&mut self, endpoint: &str) -> usize {
+        match owners_to_use(
+            &self.registry,
+            &self.membership,
+            endpoint,
+            &TagFilter::new(),
+        ) {
+            Err(_) => 0,
+            Ok(Owners::Local) => usize::MAX,
+            Ok(Owners::Remote(owners)) => owners
+                .iter()
+                .filter_map(|o| Some((*o, self.membership.member_addr(o)?)))
+                .map(|(o, addr)| self.transport.app_datagram_room(o, addr))
+                .fold(0, usize::saturating_add),
+        }
+    }
+
     /// Counts `n` application datagrams the runtime dropped before handing them to the node
     /// (its queue for [`send_datagrams`](Self::send_datagrams) was full), in
     /// [`NodeStats::datagrams`].

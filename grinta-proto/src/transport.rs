@@ -1113,6 +1113,29 @@ impl Transport {
         (sent, offered)
     }
 
+    /// Bytes of framed application datagrams ([`encoded_len`](crate::datagram::encoded_len))
+    /// that [`send_app_datagrams`](Self::send_app_datagrams) to peer `name` at `addr` would take
+    /// now rather than drop for want of room. A connection not yet ready for datagrams (or not
+    /// yet opened) holds a few of any size until it is.
+    pub(crate) fn app_datagram_room(&mut self, name: &str, addr: SocketAddr) -> usize {
+        use crate::datagram::{APP_DATAGRAM_HEADROOM, MAX_ENCODED_LEN};
+        let waiting = self.limits.max_queued_datagrams / 2;
+        let connection = self
+            .by_name
+            .get(name)
+            .and_then(|ch| self.conns.get_mut(ch))
+            .filter(|c| c.addr == addr);
+        match connection {
+            Some(c) if c.datagrams_ready => c
+                .conn
+                .datagrams()
+                .send_buffer_space()
+                .saturating_sub(APP_DATAGRAM_HEADROOM),
+            Some(c) => waiting.saturating_sub(c.queued_datagrams.len()) * MAX_ENCODED_LEN,
+            None => waiting * MAX_ENCODED_LEN,
+        }
+    }
+
     /// Opens a stream to the peer and sends `data` as one framed message on it.
     pub(crate) fn send_request(
         &mut self,

@@ -1469,6 +1469,32 @@ pub async fn datagrams_arrive_and_never_block<R: Runtime>() {
         assert_eq!(f.alive_members().len(), 1, "membership kept its priority");
         assert_eq!(f.stats().node.membership.suspicions_raised, 0);
     }
+    // A burst of the largest datagrams fills the room the sender has in the server's connection
+    // (and is mostly dropped at once); once it left, every datagram has room again, however
+    // slowly they are sent.
+    for _ in 0..20_000 {
+        client
+            .send_datagram("inbox", vec![9u8; max])
+            .expect("never an error");
+    }
+    while let Some(Ok(_)) = within::<R, _>(Duration::from_millis(200), inbox.recv_datagram()).await
+    {
+    }
+    let before = client.stats().node.datagrams;
+    for i in 0..20u32 {
+        client
+            .send_datagram("inbox", format!("after {i}"))
+            .expect("sent");
+        let (_, payload) = within::<R, _>(Duration::from_secs(5), inbox.recv_datagram())
+            .await
+            .expect("in time")
+            .expect("datagram");
+        assert_eq!(payload, format!("after {i}").as_bytes());
+        sleep::<R>(Duration::from_millis(if i % 5 == 0 { 300 } else { 5 })).await;
+    }
+    let after = client.stats().node.datagrams;
+    assert_eq!(after.sent - before.sent, 20, "{before:?} {after:?}");
+    assert_eq!(after.dropped_sending, before.dropped_sending);
     // Closing the endpoint: datagrams for it are dropped. The sender had queued them outside its
     // node's lock, the name being known to lead to the server; once the withdrawal reaches it,
     // sending answers `NoSuchEndpoint` again. Shutting down ends the wait.

@@ -187,6 +187,8 @@ impl<R: Runtime> Driver<R> {
             self.take_transmits(&mut inner.node, now);
             inner.dispatch();
         }
+        // The transmits freed room for datagrams: senders may queue that much again.
+        inner.refresh_datagram_rooms();
         // The streams took what they could: senders waiting for room learn how much is left.
         for mailbox in self.scheduled.drain(..) {
             if !self.blocked.iter().any(|b| Arc::ptr_eq(b, &mailbox)) {

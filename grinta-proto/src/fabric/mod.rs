@@ -620,6 +620,14 @@ impl Inner {
         any
     }
 
+    /// After the driver's transmits freed room in the connections: the datagram outbox looks
+    /// up the room of the names it queued to, or ran short of room for.
+    pub(crate) fn refresh_datagram_rooms(&mut self) {
+        let node = &mut self.node;
+        self.datagram_outbox
+            .refresh_rooms(|name| node.datagram_room(name));
+    }
+
     /// The runtime's current time.
     pub(crate) fn now(&self) -> Instant {
         (self.clock)()
@@ -1337,8 +1345,10 @@ impl<R: Runtime> Fabric<R> {
     /// wait for the connection (a few of them).
     ///
     /// Once a name is known to lead to another node, its datagrams are queued for the node's
-    /// driver without taking the node's lock (at most [`DATAGRAM_OUTBOX`]; beyond that they are
-    /// dropped and counted), so a tight sending loop does not contend with the driver.
+    /// driver without taking the node's lock (at most [`DATAGRAM_OUTBOX`], and no more than its
+    /// connection has room for; beyond that they are dropped and counted at once), so a tight
+    /// sending loop does not contend with the driver, nor make it work for datagrams that will
+    /// be dropped.
     ///
     /// Errors: [`Error::Registry`] for an invalid name; `FlowError::MessageTooLarge` beyond
     /// [`max_datagram_size`](Self::max_datagram_size); `FlowError::NoSuchEndpoint` (for a name
@@ -1383,7 +1393,8 @@ impl<R: Runtime> Fabric<R> {
         if !inner.node.registry().is_local(name) {
             // It went to another node: the next ones may skip the node's lock until the
             // directory changes.
-            inner.datagram_outbox.learn_remote(name);
+            let room = inner.node.datagram_room(name);
+            inner.datagram_outbox.learn_remote(name, room);
         }
         // An in-process delivery wakes the endpoint's reader.
         inner.dispatch();
