@@ -57,15 +57,29 @@ pub fn check_size(len: usize) -> Result<(), crate::flow::FlowError> {
 /// Frames a datagram for `endpoint`: the tag, then the `AppDatagram` fields written in place
 /// (the bytes prost writes, without first copying the name into a message).
 pub fn encode(endpoint: &str, payload: Bytes) -> Bytes {
-    let mut out = BytesMut::with_capacity(encoded_len(endpoint, payload.len()));
-    out.put_u8(APP_DATAGRAM_TAG);
-    for (tag, bytes) in [(1, endpoint.as_bytes()), (2, &payload[..])] {
+    encode_in(endpoint, &payload, &mut BytesMut::new())
+}
+
+/// Bytes a datagram framing chunk holds: datagrams framed one after another share it, one
+/// allocation for many small ones.
+const FRAMING_CHUNK: usize = 16 * 1024;
+
+/// [`encode`], framed in `chunk` (and split from it) while it has room, else in a new chunk:
+/// a sender framing many small datagrams allocates once per [`FRAMING_CHUNK`] bytes, not once
+/// per datagram.
+pub fn encode_in(endpoint: &str, payload: &[u8], chunk: &mut BytesMut) -> Bytes {
+    let len = encoded_len(endpoint, payload.len());
+    if chunk.capacity() < len {
+        *chunk = BytesMut::with_capacity(len.max(FRAMING_CHUNK));
+    }
+    chunk.put_u8(APP_DATAGRAM_TAG);
+    for (tag, bytes) in [(1, endpoint.as_bytes()), (2, payload)] {
         // proto3: empty fields are not written.
         if !bytes.is_empty() {
-            crate::wire::put_delimited(tag, bytes, &mut out);
+            crate::wire::put_delimited(tag, bytes, chunk);
         }
     }
-    out.freeze()
+    chunk.split().freeze()
 }
 
 /// The length of what [`encode`] makes of `endpoint` and a payload of `payload_len` bytes.
