@@ -388,6 +388,8 @@ pub struct Node {
     kv: Registry,
     /// Application datagrams waiting for this node's endpoints.
     datagrams: crate::datagram::Datagrams,
+    /// The endpoint the last datagram arrived for, and whether this node serves it.
+    last_datagram_endpoint: LastDatagramEndpoint,
     /// The directory or the key/value table changed since the push-pull state was last encoded.
     registry_dirty: bool,
     /// When the push-pull state was last encoded (see [`APP_STATE_INTERVAL`]).
@@ -464,6 +466,7 @@ impl Node {
             registry,
             kv,
             datagrams: crate::datagram::Datagrams::default(),
+            last_datagram_endpoint: LastDatagramEndpoint::default(),
             app_state_encoded_at: now,
             flows: Flows::new(&config.name, config.flows.clone()),
             rng: ChaCha8Rng::seed_from_u64(seed ^ 0x666c_6f77),
@@ -771,7 +774,22 @@ impl Node {
             self.datagrams.count_dropped();
             return;
         };
-        if !self.registry.is_local(endpoint) || crate::registry::is_reserved_name(endpoint) {
+        // A stream of datagrams to one endpoint looks it up in the directory once per change of
+        // the directory, not once per datagram.
+        let generation = self.registry.generation();
+        let cache = &mut self.last_datagram_endpoint;
+        let served = if cache.generation == Some(generation) && cache.name == endpoint {
+            cache.served
+        } else {
+            let served =
+                self.registry.is_local(endpoint) && !crate::registry::is_reserved_name(endpoint);
+            cache.generation = Some(generation);
+            cache.name.clear();
+            cache.name.push_str(endpoint);
+            cache.served = served;
+            served
+        };
+        if !served {
             self.datagrams.count_dropped();
             return;
         }
@@ -2025,6 +2043,16 @@ enum DatagramRoute {
 }
 
 /// The owners a dial may go to (see [`owners_to_use`]).
+/// Whether this node serves the endpoint the last datagram arrived for, as of a generation of
+/// the directory ([`Registry::generation`]).
+#[derive(Debug, Default)]
+struct LastDatagramEndpoint {
+    /// `None`: nothing known yet.
+    generation: Option<u64>,
+    name: String,
+    served: bool,
+}
+
 enum Owners<'a> {
     Local,
     /// At least one.
