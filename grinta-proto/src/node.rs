@@ -1703,6 +1703,12 @@ impl Node {
     fn pump(&mut self, now: Instant) {
         // Messages queued by `send_deferred` go to their streams, one write per flow.
         self.flows.flush_sends(&mut self.transport);
+        // Events raised since the last pump (a dial's stream opened) are handled before any
+        // packet is built: a request's open, message and end then leave in one packet with the
+        // stream's first byte, not after a packet carrying that byte alone.
+        while let Some(event) = self.transport.poll_event() {
+            self.handle_transport_event(now, event);
+        }
         loop {
             // Connections first: deferred datagrams and sends become events and packets here.
             self.transport.flush(now);

@@ -1084,9 +1084,11 @@ fn a_request_costs_one_round_trip_on_an_open_connection() {
     })
     .expect("name spread");
     let (mut requests, mut exchanges) = (Vec::new(), Vec::new());
+    c.sim.enable_transmit_log();
     for k in 0..10 {
         // A request: open, message and end together.
         let t0 = c.sim.now();
+        let membership_before = c.sim.node(0).node.stats().membership.packets_sent;
         let message = Bytes::from(format!("hello {k}"));
         let flow = c
             .sim
@@ -1101,6 +1103,19 @@ fn a_request_costs_one_round_trip_on_an_open_connection() {
         let reply = c.sim.with_node(0, |n, now| n.node.recv(now, flow));
         assert_eq!(reply, Ok(Recv::Message(Bytes::from(format!("HELLO {k}")))));
         requests.push(replied - t0);
+        // Until the reply, the requester sent one packet: the request (besides membership's).
+        let (from, to) = (t0 - c.sim.base(), replied - c.sim.base());
+        let sent = c
+            .sim
+            .transmit_log()
+            .iter()
+            .filter(|r| r.src == 0 && r.at >= from && r.at < to)
+            .count() as u64;
+        let membership = c.sim.node(0).node.stats().membership.packets_sent - membership_before;
+        assert!(
+            sent <= 1 + membership,
+            "request {k}: {sent} packets sent before the reply, {membership} of them membership's"
+        );
         c.sim.with_node(0, |n, _| n.node.drop_flow(flow));
         c.run_for(Duration::from_millis(50));
 
