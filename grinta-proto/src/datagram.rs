@@ -62,7 +62,7 @@ pub fn encode(endpoint: &str, payload: Bytes) -> Bytes {
 
 /// Bytes a datagram framing chunk holds: datagrams framed one after another share it, one
 /// allocation for many small ones.
-const FRAMING_CHUNK: usize = 16 * 1024;
+pub const FRAMING_CHUNK: usize = 16 * 1024;
 
 /// [`encode`], framed in `chunk` (and split from it) while it has room, else in a new chunk:
 /// a sender framing many small datagrams allocates once per [`FRAMING_CHUNK`] bytes, not once
