@@ -36,7 +36,8 @@ pub const DATAGRAM_QUEUE: usize = 32768;
 
 /// Bytes of payload queued per local endpoint for the application; beyond it datagrams are
 /// dropped (2,184 of the largest datagrams; 32,768 of 64 bytes). With each datagram's sender
-/// name and bookkeeping (about 90 bytes), a full queue holds at most about 5 MiB.
+/// name and bookkeeping (about 90 bytes), a full queue holds at most about 5 MiB, and the
+/// endpoint's reader at most 4,096 more datagrams it took from it.
 pub const DATAGRAM_QUEUE_BYTES: usize = 2 << 20;
 
 /// Bytes of a connection's datagram send buffer kept for membership: an application datagram
@@ -57,29 +58,15 @@ pub fn check_size(len: usize) -> Result<(), crate::flow::FlowError> {
 /// Frames a datagram for `endpoint`: the tag, then the `AppDatagram` fields written in place
 /// (the bytes prost writes, without first copying the name into a message).
 pub fn encode(endpoint: &str, payload: Bytes) -> Bytes {
-    encode_in(endpoint, &payload, &mut BytesMut::new())
-}
-
-/// Bytes a datagram framing chunk holds: datagrams framed one after another share it, one
-/// allocation for many small ones.
-pub const FRAMING_CHUNK: usize = 16 * 1024;
-
-/// [`encode`], framed in `chunk` (and split from it) while it has room, else in a new chunk:
-/// a sender framing many small datagrams allocates once per [`FRAMING_CHUNK`] bytes, not once
-/// per datagram.
-pub fn encode_in(endpoint: &str, payload: &[u8], chunk: &mut BytesMut) -> Bytes {
-    let len = encoded_len(endpoint, payload.len());
-    if chunk.capacity() < len {
-        *chunk = BytesMut::with_capacity(len.max(FRAMING_CHUNK));
-    }
-    chunk.put_u8(APP_DATAGRAM_TAG);
-    for (tag, bytes) in [(1, endpoint.as_bytes()), (2, payload)] {
+    let mut out = BytesMut::with_capacity(encoded_len(endpoint, payload.len()));
+    out.put_u8(APP_DATAGRAM_TAG);
+    for (tag, bytes) in [(1, endpoint.as_bytes()), (2, &payload[..])] {
         // proto3: empty fields are not written.
         if !bytes.is_empty() {
-            crate::wire::put_delimited(tag, bytes, chunk);
+            crate::wire::put_delimited(tag, bytes, &mut out);
         }
     }
-    chunk.split().freeze()
+    out.freeze()
 }
 
 /// The length of what [`encode`] makes of `endpoint` and a payload of `payload_len` bytes.

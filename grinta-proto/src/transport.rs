@@ -569,9 +569,6 @@ pub(crate) struct Transport {
     events: VecDeque<TransportEvent>,
     dirty: std::collections::BTreeSet<ConnectionHandle>,
     buf: Vec<u8>,
-    /// Where application datagrams are framed, many to one allocation
-    /// ([`encode_in`](crate::datagram::encode_in)).
-    framing: bytes::BytesMut,
     /// How many datagrams one [`Transmit`] may hold (1 = no segmentation offload).
     max_transmit_segments: usize,
     /// False once the node has left: incoming connections are refused.
@@ -847,7 +844,6 @@ impl Transport {
             events: VecDeque::new(),
             dirty: Default::default(),
             buf: Vec::with_capacity(1500),
-            framing: bytes::BytesMut::new(),
             max_transmit_segments: 1,
             accepting: true,
             handshaking: 0,
@@ -1086,7 +1082,7 @@ impl Transport {
         endpoint: &str,
         payloads: impl IntoIterator<Item = Bytes>,
     ) -> (usize, usize) {
-        use crate::datagram::{APP_DATAGRAM_HEADROOM, encode_in, encoded_len};
+        use crate::datagram::{APP_DATAGRAM_HEADROOM, encode, encoded_len};
         let payloads = payloads.into_iter();
         let Some(ch) = self.connection_for(now, Some(name), addr) else {
             return (0, payloads.count());
@@ -1103,11 +1099,10 @@ impl Transport {
                 c.conn.datagrams().send_buffer_space() >= APP_DATAGRAM_HEADROOM + len
                     && c.conn
                         .datagrams()
-                        .send(encode_in(endpoint, &payload, &mut self.framing), false)
+                        .send(encode(endpoint, payload), false)
                         .is_ok()
             } else if c.queued_datagrams.len() < limit {
-                c.queued_datagrams
-                    .push_back(encode_in(endpoint, &payload, &mut self.framing));
+                c.queued_datagrams.push_back(encode(endpoint, payload));
                 true
             } else {
                 false

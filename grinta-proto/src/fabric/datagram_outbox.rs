@@ -30,6 +30,15 @@ use hashbrown::{HashMap, HashSet};
 
 use crate::datagram::{MAX_ENCODED_LEN, encoded_len};
 
+/// What a queued datagram costs a connection's datagram buffer besides its framed bytes (quinn
+/// counts each queued datagram's handle, a `Bytes`), so the room is spent as the node spends it.
+const QUEUED_OVERHEAD: usize = std::mem::size_of::<Bytes>();
+
+/// What a datagram of `payload_len` bytes to `endpoint` takes of its connection's room.
+fn room_taken(endpoint: &str, payload_len: usize) -> usize {
+    encoded_len(endpoint, payload_len) + QUEUED_OVERHEAD
+}
+
 /// Datagrams the outbox holds for the driver; beyond it a datagram is dropped (and counted), as
 /// a full connection drops it, so a sender is never blocked.
 pub const DATAGRAM_OUTBOX: usize = 1024;
@@ -105,7 +114,7 @@ impl State {
 pub(crate) struct Run {
     pub(crate) endpoint: Box<str>,
     pub(crate) payloads: Vec<Bytes>,
-    /// Their framed size.
+    /// The room they take ([`room_taken`]).
     bytes: usize,
 }
 
@@ -130,7 +139,7 @@ pub(crate) struct DatagramOutbox {
 impl DatagramOutbox {
     /// Queues a datagram for `endpoint` if the name is known to lead to another node.
     pub(crate) fn push(&self, endpoint: &str, payload: Bytes) -> Push {
-        let len = encoded_len(endpoint, payload.len());
+        let len = room_taken(endpoint, payload.len());
         let mut state = lock(&self.state);
         let state = &mut *state;
         let same_run = state.last_run_known
@@ -198,7 +207,15 @@ impl DatagramOutbox {
     /// many were dropped since the last call.
     pub(crate) fn take(&self, into: &mut Vec<Run>) -> u64 {
         let mut state = lock(&self.state);
+        let state = &mut *state;
         state.save_last_room();
+        // The driver looks again at the room of every name it hands over, even one it looked at
+        // since the run began: the run may have used that room up since.
+        for run in &state.runs {
+            if !state.stale.contains(&*run.endpoint) {
+                state.stale.insert(run.endpoint.clone());
+            }
+        }
         into.extend(state.runs.drain(..).filter(|run| !run.payloads.is_empty()));
         state.queued = 0;
         state.last_run_known = false;
@@ -209,18 +226,29 @@ impl DatagramOutbox {
     /// (the driver, under the node's lock, after its transmits freed room): `room` gives a name's
     /// room in the node.
     pub(crate) fn refresh_rooms(&self, mut room: impl FnMut(&str) -> usize) {
+        // The rooms are looked up without the outbox's lock, which senders take.
+        let stale = {
+            let mut state = lock(&self.state);
+            if state.stale.is_empty() {
+                return;
+            }
+            std::mem::take(&mut state.stale)
+        };
+        let rooms: Vec<(Box<str>, usize)> = stale
+            .into_iter()
+            .map(|endpoint| {
+                let room = room(&endpoint);
+                (endpoint, room)
+            })
+            .collect();
         let mut state = lock(&self.state);
-        let state = &mut *state;
-        if state.stale.is_empty() {
-            return;
-        }
-        let stale = std::mem::take(&mut state.stale);
-        for endpoint in stale {
+        for (endpoint, room) in rooms {
+            // Forgotten meanwhile (the directory changed): learnt afresh when next sent to.
             if !state.remote.contains_key(&*endpoint) {
                 continue;
             }
-            let left = state.set_room(&endpoint, room(&endpoint));
-            if left < LOW_ROOM {
+            let left = state.set_room(&endpoint, room);
+            if left < LOW_ROOM && !state.stale.contains(&*endpoint) {
                 state.stale.insert(endpoint);
             }
         }
@@ -353,7 +381,7 @@ mod tests {
 
     /// The framed size of a datagram of `n` bytes to `name`.
     fn framed(name: &str, n: usize) -> usize {
-        encoded_len(name, n)
+        room_taken(name, n)
     }
 
     #[test]
@@ -417,6 +445,43 @@ mod tests {
             Push::Queued { .. }
         ));
         assert!(matches!(outbox.push("a", payload.clone()), Push::Dropped));
+    }
+
+    #[test]
+    fn a_name_whose_run_used_up_its_room_is_looked_up_after_the_take() {
+        let outbox = DatagramOutbox::default();
+        let payload = Bytes::from_static(&[1u8; 900]);
+        let each = framed("a", 900);
+        outbox.learn_remote("a", 2 * LOW_ROOM);
+        assert!(matches!(
+            outbox.push("a", payload.clone()),
+            Push::Queued { wake: true }
+        ));
+        // The driver looks while the run is young: plenty of room, so `a` is not short of it.
+        let mut looked = 0;
+        outbox.refresh_rooms(|_| {
+            looked += 1;
+            2 * LOW_ROOM
+        });
+        assert_eq!(looked, 1);
+        // The same run then uses the room up.
+        let mut queued = 1;
+        while matches!(outbox.push("a", payload.clone()), Push::Queued { .. }) {
+            queued += 1;
+        }
+        assert_eq!(queued, 2 * LOW_ROOM / each);
+        let mut runs = Vec::new();
+        outbox.take(&mut runs);
+        // The connection sent them: the driver looks again, and `a` has room.
+        outbox.refresh_rooms(|_| {
+            looked += 1;
+            2 * LOW_ROOM
+        });
+        assert_eq!(looked, 2, "a name handed over is looked at after the take");
+        assert!(matches!(
+            outbox.push("a", payload.clone()),
+            Push::Queued { wake: true }
+        ));
     }
 
     #[test]

@@ -1700,8 +1700,10 @@ pub struct Endpoint<R: Runtime> {
     datagrams: Mutex<VecDeque<(String, Bytes)>>,
 }
 
-/// Datagrams an endpoint takes from the node at once: all it holds for it.
-const DATAGRAM_BATCH: usize = crate::datagram::DATAGRAM_QUEUE;
+/// Datagrams an endpoint takes from the node at once (once it has read the last batch): a
+/// reader takes the lock once per few thousand datagrams, and holds at most this many besides
+/// the node's queue.
+const DATAGRAM_BATCH: usize = 4096;
 
 impl<R: Runtime> std::fmt::Debug for Endpoint<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
