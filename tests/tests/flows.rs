@@ -1164,6 +1164,59 @@ fn a_request_costs_one_round_trip_on_an_open_connection() {
 
 // ----- datagrams ---------------------------------------------------------------------------------
 
+/// A receiving node remembers whether it serves the endpoint the last datagram came for until
+/// its directory changes: a datagram for an endpoint closed a moment ago is dropped (its sender
+/// had not heard yet), and one for the endpoint registered again is delivered.
+#[test]
+fn datagrams_follow_an_endpoint_closed_and_registered_again() {
+    let (seed, _g) = seed(12);
+    let mut c = formed(seed, 2);
+    register(&mut c, 1, "inbox", EndpointKind::Exclusive);
+    c.run_until(Duration::from_secs(10), |c| {
+        owners(c, 0, "inbox").len() == 1
+    })
+    .expect("the name spread");
+    let send = |c: &mut Cluster<SimulatedNode>, payload: &'static str| {
+        c.sim.with_node(0, |n, now| {
+            n.node
+                .send_datagram(now, "inbox", Bytes::from_static(payload.as_bytes()))
+                .expect("sent")
+        })
+    };
+    let recv = |c: &mut Cluster<SimulatedNode>| {
+        c.sim
+            .with_node(1, |n, _| n.node.recv_datagram("inbox"))
+            .map(|(_, payload)| payload)
+    };
+    assert!(send(&mut c, "before"));
+    c.run_for(Duration::from_millis(100));
+    assert_eq!(recv(&mut c), Some(Bytes::from_static(b"before")));
+    // Closed on node 1; node 0 has not heard and sends once more.
+    c.sim
+        .with_node(1, |n, now| n.node.unregister_endpoint(now, "inbox"))
+        .expect("unregistered");
+    let dropped = c.sim.node(1).node.stats().datagrams.dropped_receiving;
+    assert!(send(&mut c, "closed"));
+    c.run_for(Duration::from_millis(100));
+    assert_eq!(recv(&mut c), None, "no endpoint serves it any more");
+    assert_eq!(
+        c.sim.node(1).node.stats().datagrams.dropped_receiving,
+        dropped + 1
+    );
+    c.run_until(Duration::from_secs(10), |c| {
+        owners(c, 0, "inbox").is_empty()
+    })
+    .expect("the withdrawal spread");
+    register(&mut c, 1, "inbox", EndpointKind::Exclusive);
+    c.run_until(Duration::from_secs(10), |c| {
+        owners(c, 0, "inbox").len() == 1
+    })
+    .expect("the name spread again");
+    assert!(send(&mut c, "again"));
+    c.run_for(Duration::from_millis(100));
+    assert_eq!(recv(&mut c), Some(Bytes::from_static(b"again")));
+}
+
 #[test]
 fn a_batch_of_datagrams_to_a_group_spreads_over_its_owners() {
     let (seed, _g) = seed(11);
