@@ -3,8 +3,9 @@
 //!
 //! `cargo run --release -p grinta-bench` runs everything, prints a table and writes
 //! `target/bench/results.json`. `-- <filter>` runs only the measurements whose name contains
-//! the filter. `-- --profile bulk|small|quinn-bulk|quinn-small|requests|datagrams|quinn-datagrams`
-//! runs one side of a remote throughput measurement for about ten seconds and prints its rates,
+//! the filter. `-- --profile bulk|small|quinn-bulk|quinn-small|requests|request-rtt|quinn-request-rtt|datagrams|quinn-datagrams`
+//! runs one side of a remote throughput measurement for about ten seconds and prints its rates
+//! (`datagrams` also both nodes' datagram and socket counters: where datagrams were dropped),
 //! for `perf record`. `GRINTA_BENCH_QUINN_MAX_UDP_PAYLOAD=8952` gives the raw quinn baseline the
 //! jumbo bound of grinta's `_jumbo` rows (quinn's default is 1452). The
 //! membership-simulator scale measurements run in child processes (the same binary, `--scale N`)
