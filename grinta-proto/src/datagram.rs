@@ -30,8 +30,8 @@ pub const MAX_ENCODED_LEN: usize = crate::node::MEMBERSHIP_PACKET_BUDGET;
 /// Datagrams queued per local endpoint for the application; beyond it they are dropped. One
 /// round of the node's driver may bring several thousand (GRO batches of a busy sender), and a
 /// reader sharing its threads with the driver may run only every few milliseconds, so the queue
-/// holds about ten milliseconds of 64-byte datagrams at three million a second. The queue also holds at most
-/// [`DATAGRAM_QUEUE_BYTES`] of payload.
+/// holds about ten milliseconds of 64-byte datagrams at three million a second. The queue also
+/// holds at most [`DATAGRAM_QUEUE_BYTES`] of payload.
 pub const DATAGRAM_QUEUE: usize = 32768;
 
 /// Bytes of payload queued per local endpoint for the application; beyond it datagrams are

@@ -1706,17 +1706,11 @@ impl Node {
         // Events raised since the last pump (a dial's stream opened) are handled before any
         // packet is built: a request's open, message and end then leave in one packet with the
         // stream's first byte, not after a packet carrying that byte alone.
-        while let Some(event) = self.transport.poll_event() {
-            self.handle_transport_event(now, event);
-        }
+        self.handle_transport_events(now);
         loop {
             // Connections first: deferred datagrams and sends become events and packets here.
             self.transport.flush(now);
-            let mut progressed = false;
-            while let Some(event) = self.transport.poll_event() {
-                progressed = true;
-                self.handle_transport_event(now, event);
-            }
+            let mut progressed = self.handle_transport_events(now);
             while let Some(t) = self.membership.poll_outgoing() {
                 progressed = true;
                 self.route(now, t);
@@ -1756,6 +1750,16 @@ impl Node {
                 break;
             }
         }
+    }
+
+    /// Handles the transport's events; returns whether there were any.
+    fn handle_transport_events(&mut self, now: Instant) -> bool {
+        let mut any = false;
+        while let Some(event) = self.transport.poll_event() {
+            any = true;
+            self.handle_transport_event(now, event);
+        }
+        any
     }
 
     fn route(&mut self, now: Instant, t: membership::Outgoing) {
@@ -2048,7 +2052,6 @@ enum DatagramRoute {
     Remote(Vec<(String, SocketAddr)>),
 }
 
-/// The owners a dial may go to (see [`owners_to_use`]).
 /// Whether this node serves the endpoint the last datagram arrived for, as of a generation of
 /// the directory ([`Registry::generation`]).
 #[derive(Debug, Default)]
@@ -2059,6 +2062,7 @@ struct LastDatagramEndpoint {
     served: bool,
 }
 
+/// The owners a dial may go to (see [`owners_to_use`]).
 enum Owners<'a> {
     Local,
     /// At least one.

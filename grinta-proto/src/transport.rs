@@ -410,6 +410,16 @@ struct Inbound {
 }
 
 impl Conn {
+    /// Bytes of framed application datagrams this ready connection's datagram buffer takes
+    /// before it would eat into the headroom kept for membership
+    /// ([`APP_DATAGRAM_HEADROOM`](crate::datagram::APP_DATAGRAM_HEADROOM)).
+    fn app_datagram_room(&mut self) -> usize {
+        self.conn
+            .datagrams()
+            .send_buffer_space()
+            .saturating_sub(crate::datagram::APP_DATAGRAM_HEADROOM)
+    }
+
     /// Aborts stream `id` both ways with `code` (reset our sending half, stop the peer's) and
     /// forgets everything this connection held for it.
     fn abort(&mut self, id: StreamId, code: u64) {
@@ -1082,12 +1092,12 @@ impl Transport {
         endpoint: &str,
         payloads: impl IntoIterator<Item = Bytes>,
     ) -> (usize, usize) {
-        use crate::datagram::{APP_DATAGRAM_HEADROOM, encode, encoded_len};
+        use crate::datagram::{encode, encoded_len};
         let payloads = payloads.into_iter();
         let Some(ch) = self.connection_for(now, Some(name), addr) else {
             return (0, payloads.count());
         };
-        let limit = self.limits.max_queued_datagrams / 2;
+        let limit = self.app_datagrams_waiting();
         let Some(c) = self.conns.get_mut(&ch) else {
             return (0, payloads.count());
         };
@@ -1095,8 +1105,7 @@ impl Transport {
         for payload in payloads {
             offered += 1;
             let queued = if c.datagrams_ready {
-                let len = encoded_len(endpoint, payload.len());
-                c.conn.datagrams().send_buffer_space() >= APP_DATAGRAM_HEADROOM + len
+                c.app_datagram_room() >= encoded_len(endpoint, payload.len())
                     && c.conn
                         .datagrams()
                         .send(encode(endpoint, payload), false)
@@ -1118,22 +1127,24 @@ impl Transport {
     /// now rather than drop for want of room. A connection not yet ready for datagrams (or not
     /// yet opened) holds a few of any size until it is.
     pub(crate) fn app_datagram_room(&mut self, name: &str, addr: SocketAddr) -> usize {
-        use crate::datagram::{APP_DATAGRAM_HEADROOM, MAX_ENCODED_LEN};
-        let waiting = self.limits.max_queued_datagrams / 2;
+        use crate::datagram::MAX_ENCODED_LEN;
+        let waiting = self.app_datagrams_waiting();
         let connection = self
             .by_name
             .get(name)
             .and_then(|ch| self.conns.get_mut(ch))
             .filter(|c| c.addr == addr);
         match connection {
-            Some(c) if c.datagrams_ready => c
-                .conn
-                .datagrams()
-                .send_buffer_space()
-                .saturating_sub(APP_DATAGRAM_HEADROOM),
+            Some(c) if c.datagrams_ready => c.app_datagram_room(),
             Some(c) => waiting.saturating_sub(c.queued_datagrams.len()) * MAX_ENCODED_LEN,
             None => waiting * MAX_ENCODED_LEN,
         }
+    }
+
+    /// Application datagrams a connection not yet ready for them holds until it is (half of
+    /// `max_queued_datagrams`; membership has the rest).
+    fn app_datagrams_waiting(&self) -> usize {
+        self.limits.max_queued_datagrams / 2
     }
 
     /// Opens a stream to the peer and sends `data` as one framed message on it.

@@ -67,8 +67,8 @@ struct State {
     /// The last run's name is still in `remote`, and `last_room` is its room.
     last_run_known: bool,
     last_room: usize,
-    /// Names whose room the driver looks up again after its next transmits: queued to since its
-    /// last look, or short of room.
+    /// Names whose room the driver looks up again after its next transmits: queued to or handed
+    /// over since its last look, or short of room.
     stale: HashSet<Box<str>>,
     /// Datagrams dropped (queue full, no room), not yet counted by the node.
     dropped: u64,
@@ -89,6 +89,29 @@ impl State {
                 *saved = room;
             }
         }
+    }
+
+    /// Sets `endpoint`'s room to `room` in the node less what is queued here for it; returns
+    /// the room left.
+    fn set_room(&mut self, endpoint: &str, room: usize) -> usize {
+        let queued: usize = self
+            .runs
+            .iter()
+            .filter(|run| &*run.endpoint == endpoint)
+            .map(|run| run.bytes)
+            .sum();
+        let left = room.saturating_sub(queued);
+        let last_is_it = self.last_run_known
+            && self
+                .runs
+                .last()
+                .is_some_and(|run| &*run.endpoint == endpoint);
+        if last_is_it {
+            self.last_room = left;
+        } else if let Some(saved) = self.remote.get_mut(endpoint) {
+            *saved = left;
+        }
+        left
     }
 
     /// Starts a run to `endpoint`, whose room is `room`; the last run, if empty, gives way.
@@ -255,31 +278,6 @@ impl DatagramOutbox {
     }
 }
 
-impl State {
-    /// Sets `endpoint`'s room to `room` in the node less what is queued here for it; returns
-    /// the room left.
-    fn set_room(&mut self, endpoint: &str, room: usize) -> usize {
-        let queued: usize = self
-            .runs
-            .iter()
-            .filter(|run| &*run.endpoint == endpoint)
-            .map(|run| run.bytes)
-            .sum();
-        let left = room.saturating_sub(queued);
-        let last_is_it = self.last_run_known
-            && self
-                .runs
-                .last()
-                .is_some_and(|run| &*run.endpoint == endpoint);
-        if last_is_it {
-            self.last_room = left;
-        } else if let Some(saved) = self.remote.get_mut(endpoint) {
-            *saved = left;
-        }
-        left
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,16 +377,11 @@ mod tests {
         ));
     }
 
-    /// The framed size of a datagram of `n` bytes to `name`.
-    fn framed(name: &str, n: usize) -> usize {
-        room_taken(name, n)
-    }
-
     #[test]
     fn a_name_gets_no_more_than_its_room_until_the_driver_looks_again() {
         let outbox = DatagramOutbox::default();
         let payload = Bytes::from_static(&[1u8; 64]);
-        let each = framed("a", 64);
+        let each = room_taken("a", 64);
         outbox.learn_remote("a", 10 * each + each / 2);
         outbox.learn_remote("b", PLENTY);
         let mut queued = 0;
@@ -451,7 +444,7 @@ mod tests {
     fn a_name_whose_run_used_up_its_room_is_looked_up_after_the_take() {
         let outbox = DatagramOutbox::default();
         let payload = Bytes::from_static(&[1u8; 900]);
-        let each = framed("a", 900);
+        let each = room_taken("a", 900);
         outbox.learn_remote("a", 2 * LOW_ROOM);
         assert!(matches!(
             outbox.push("a", payload.clone()),
